@@ -1,0 +1,41 @@
+"""Developer sessions: `nox -l` lists them, `nox -s NAME` runs one."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.default_venv_backend = "venv"
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite on a real local Ray."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Ruff: lint and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", "runner", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "runner")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the runner package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "runner")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against raw Ray and plain Python, saved as JSON for comparison."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest", "benchmarks", "--benchmark-only", "--benchmark-autosave",
+        "--benchmark-columns=min,median,mean,rounds", "-p", "no:cacheprovider", *session.posargs,
+    )

@@ -1,0 +1,168 @@
+"""The `runner` command: Hydra composes the spec, then validate → plan → run (or plan / status).
+
+Errors a user can cause end as one message and exit code 2 (a bad spec, a plan that cannot
+fit, a run directory in use); `RUNNER_FULL_ERROR=1` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from runner import cluster as clusters
+from runner import procs, report
+from runner.errors import RunnerError
+from runner.execute import execute
+from runner.plan import Plan, StagePlanner, make_plan
+from runner.schema import Mode, register_configs
+from runner.spec import Origins, Spec, load
+from runner.stages import KINDS
+from runner.store import RAY_PIDS, RunStore, read_ledger
+
+log = logging.getLogger("runner")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+SPECS_DIR = ROOT / "specs"
+
+# exit codes of the jobs of this invocation (one, or one per multirun job)
+_codes: list[int] = []
+
+
+def _task(cfg: DictConfig) -> None:
+    code = run_task(cfg)
+    _codes.append(code)
+    if code and HydraConfig.get().mode is not RunMode.MULTIRUN:
+        raise SystemExit(code)
+
+
+def run_task(cfg: DictConfig) -> int:
+    """One composed config: validate, then run, plan or report status. Returns the exit code."""
+    try:
+        spec = load(cfg, {k: v.check for k, v in KINDS.items()}, _origins())
+        if spec.mode is Mode.status:
+            return _status(spec)
+        if spec.mode is Mode.plan:
+            return _plan_only(spec)
+        return _run(spec)
+    except RunnerError as exc:
+        if os.environ.get("RUNNER_FULL_ERROR"):
+            traceback.print_exc()
+        print(f"runner: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _plan_only(spec: Spec) -> int:
+    ledger = read_ledger(Path(spec.run.dir))
+    info = clusters.describe(spec.cluster)
+    plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
+    print(report.format_plan(plan))
+    return 0
+
+
+def _status(spec: Spec) -> int:
+    run_dir = Path(spec.run.dir)
+    ledger = read_ledger(run_dir)
+    if ledger is None:
+        print(f"{run_dir}: no run yet (run `runner pipeline={spec.pipeline.name}` first)")
+        return 0
+    print(report.format_status(ledger, str(run_dir)))
+    return 0
+
+
+def _run(spec: Spec) -> int:
+    store = RunStore(Path(spec.run.dir))
+    ledger = store.open()
+    try:
+        procs.reap_recorded(store.root / RAY_PIDS)
+        plan: Plan | None = None
+        if spec.cluster.kind == "local" and not clusters.ray_running_here():
+            # plan before Ray starts: a plan that cannot fit fails in a second, not after init
+            plan = make_plan(
+                spec.pipeline,
+                _planners(),
+                clusters.describe_local(spec.cluster),
+                ledger,
+                spec.run.fresh,
+            )
+        with clusters.connected(spec.cluster, store.root / RAY_PIDS) as info:
+            if plan is None:
+                plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
+            _announce(plan)
+            code, summary = execute(
+                plan, spec.pipeline, KINDS, store, ledger, spec.run.progress, spec.run.fresh
+            )
+        print(report.format_summary(summary, str(store.root)))
+        return code
+    finally:
+        store.close()
+
+
+def _announce(plan: Plan) -> None:
+    for stage in plan.stages.values():
+        if stage.units is None:
+            log.info("%s: %s", stage.name, stage.pending_reason)
+            continue
+        skipped = len(stage.units) - len(stage.to_run)
+        log.info("%s: %d unit(s) to run, %d skipped (done)", stage.name, len(stage.to_run), skipped)
+
+
+def _planners() -> dict[str, StagePlanner]:
+    return {k: v.plan for k, v in KINDS.items()}
+
+
+def _origins() -> Origins | None:
+    """Which file or override set each key, from Hydra's record of the composition."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    roots = [Path(s.path) for s in hc.runtime.config_sources if s.schema == "file"]
+    files: dict[str, Path] = {"": CONF_DIR / "config.yaml"}
+    for key, choice in hc.runtime.choices.items():
+        if key.startswith("hydra/") or choice is None:
+            continue
+        group, _, package = key.partition("@")
+        for root in roots:
+            path = root / group / f"{choice}.yaml"
+            if path.is_file():
+                files[package or group.replace("/", ".")] = path
+                break
+    overrides = []
+    for text in hc.overrides.task:
+        key = text.split("=", 1)[0].lstrip("+~")
+        if key not in hc.runtime.choices:  # `pipeline=NAME` picks a file; it sets no key
+            overrides.append((key, text))
+    return Origins(files, overrides)
+
+
+OmegaConf.register_new_resolver("runner_specs", lambda: f"file://{SPECS_DIR}", replace=True)
+register_configs()
+_hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `runner` and `python -m runner`; returns the exit code."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    # worker targets in the user's project import as they would with `python -m`
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    _codes.clear()
+    try:
+        _hydra_main()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code:
+            # Hydra exits 1 on a composition error (unknown pipeline, bad override): a usage
+            # error, so exit 2 as for any other bad spec
+            return 2 if exc.code == 1 and not _codes else exc.code
+        return 0 if exc.code is None or exc.code == 0 else 1
+    return max(_codes, default=0)

@@ -1,0 +1,165 @@
+"""Describe the cluster, and start or connect to Ray for a run.
+
+Planning must not need Ray for a local cluster (plan mode starts nothing), so a local
+cluster is described from its declared (or detected) size; the same numbers are then handed
+to `ray.init`, so the plan and Ray agree. A Ray cluster is described from `ray.nodes()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner import gpus, procs
+from runner.errors import ClusterError
+from runner.resources import Resources
+from runner.schema import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """The nodes of a cluster and what each can give."""
+
+    nodes: tuple[Resources, ...]
+    where: str  # a few words for the plan header
+
+    @property
+    def total(self) -> Resources:
+        total = Resources()
+        for node in self.nodes:
+            total = total + node
+        return total
+
+    @property
+    def largest(self) -> Resources:
+        """The most of each resource any single node has (a unit must fit on one node)."""
+        return Resources(
+            cpus=max(n.cpus for n in self.nodes),
+            gpus=max(n.gpus for n in self.nodes),
+            memory=max(n.memory for n in self.nodes),
+        )
+
+
+def describe_local(cfg: ClusterConfig) -> ClusterInfo:
+    """The embedded cluster this config would start: declared sizes, else this machine's."""
+    cpus = cfg.num_cpus if cfg.num_cpus is not None else float(len(os.sched_getaffinity(0)))
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else len(gpus.inventory())
+    memory = cfg.memory_gb * (1 << 30) if cfg.memory_gb else _default_memory()
+    node = Resources(cpus=cpus, gpus=float(num_gpus), memory=memory)
+    return ClusterInfo((node,), f"local Ray: {node.describe()}")
+
+
+def describe_ray() -> ClusterInfo:
+    """The live nodes of the Ray cluster this process is connected to."""
+    import ray
+
+    nodes = []
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        if not node.get("Alive"):
+            continue
+        res: dict[str, Any] = node.get("Resources", {})
+        nodes.append(
+            Resources(
+                cpus=float(res.get("CPU", 0)),
+                gpus=float(res.get("GPU", 0)),
+                memory=float(res.get("memory", 0)),
+            )
+        )
+    if not nodes:
+        raise ClusterError("the Ray cluster has no live nodes")
+    address = ray.get_runtime_context().gcs_address
+    return ClusterInfo(tuple(nodes), f"Ray at {address}: {len(nodes)} node(s)")
+
+
+def _default_memory() -> float:
+    """What Ray would offer tasks by default: about 70% of this machine's available memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 * 0.7
+    except OSError:
+        pass
+    return float(8 << 30)
+
+
+def describe(cfg: ClusterConfig) -> ClusterInfo:
+    """Describe without starting anything where possible (local), else connect and look."""
+    import_ray = cfg.kind == "ray" or ray_running_here()
+    if not import_ray:
+        return describe_local(cfg)
+    with connected(cfg, None) as info:
+        return info
+
+
+def ray_running_here() -> bool:
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+@contextmanager
+def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInfo]:
+    """Ray for the length of a run: reuse one already initialized in this process (tests,
+    notebooks), else start an embedded one or connect to `RAY_ADDRESS` / `cluster.address`."""
+    import ray
+
+    if ray.is_initialized():
+        yield describe_ray()
+        return
+    if cfg.kind == "local":
+        info = describe_local(cfg)
+        _init_local(cfg, info)
+        if pids_file is not None:
+            procs.record_children(pids_file)
+    else:
+        _init_remote(cfg)
+        info = describe_ray()
+    try:
+        yield info if cfg.kind == "local" else describe_ray()
+    finally:
+        ray.shutdown()
+        if pids_file is not None:
+            pids_file.unlink(missing_ok=True)
+
+
+def _init_local(cfg: ClusterConfig, info: ClusterInfo) -> None:
+    import ray
+
+    node = info.nodes[0]
+    try:
+        ray.init(
+            num_cpus=round(node.cpus),
+            num_gpus=int(node.gpus),
+            _memory=int(node.memory),
+            object_store_memory=cfg.object_store_mb << 20,
+            include_dashboard=False,
+            log_to_driver=cfg.log_to_driver,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    except Exception as exc:  # Ray raises many types here; all mean "could not start"
+        raise ClusterError(f"could not start a local Ray: {exc}") from exc
+
+
+def _init_remote(cfg: ClusterConfig) -> None:
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or cfg.address or "auto"
+    try:
+        ray.init(address=address, log_to_driver=cfg.log_to_driver, logging_level=logging.WARNING)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError by Ray version
+        raise ClusterError(
+            f"could not connect to Ray at {address!r}: {exc}\n"
+            "  set RAY_ADDRESS (or cluster.address) to a running cluster, or use cluster=local"
+        ) from exc

@@ -1,0 +1,48 @@
+"""The exceptions a user can meet, each mapped to the exit code the contract gives it."""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """Root of every error that is reported as one plain message, never a traceback."""
+
+    exit_code = 1
+
+
+class SpecError(RunnerError):
+    """The spec is invalid: every problem is listed, and nothing has started."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], header: str = "invalid spec") -> None:
+        self.problems = problems
+        lines = [f"{header} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+class PlanError(SpecError):
+    """The spec is valid but its plan cannot run on this cluster (it can never fit)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems, header="plan cannot run on this cluster")
+
+
+class RunLockedError(RunnerError):
+    """Another runner holds the run directory."""
+
+    exit_code = 2
+
+
+class ClusterError(RunnerError):
+    """Ray could not be started or reached."""
+
+    exit_code = 2
+
+
+class Interrupted(RunnerError):
+    """The run was stopped by a signal; the exit code follows the shell convention."""
+
+    def __init__(self, signum: int) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by signal {signum}: running units were cancelled")

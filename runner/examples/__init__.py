@@ -1,0 +1,1 @@
+"""Example workers shipped with runner, used by the specs in specs/."""

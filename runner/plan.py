@@ -1,0 +1,201 @@
+"""Spec → plan: units with fingerprints and run/skip decisions, resource claims, a fit check.
+
+A unit's fingerprint hashes what changes its result (its stage's config without resource-only
+keys, its input's identity, its upstream units' fingerprints) and never how fast it runs, so
+changing `num_workers` reruns nothing and changing a worker argument reruns exactly the stage
+and everything downstream. Decisions compare fingerprints with the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from runner.cluster import ClusterInfo
+from runner.errors import PlanError
+from runner.resources import Resources
+from runner.schema import StageSpec
+from runner.sizing import fits
+from runner.spec import Pipeline
+from runner.store import Ledger, PriorUnit, UnitState
+
+
+def digest(*parts: str) -> str:
+    """A short stable hash of strings."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass(slots=True)
+class Unit:
+    """One unit of work: what the ledger keys, what runs, and whether (and why) it runs."""
+
+    id: str
+    fingerprint: str
+    payload: Any
+    run: bool = True
+    reason: str = "new"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A group of identical resource requests (pool workers, jobs of one shape, shards)."""
+
+    label: str
+    resources: Resources
+    count: int
+    # how many of them the cluster can hold at once
+    fit: int
+
+
+@dataclass
+class StagePlan:
+    """A stage compiled for one cluster and one ledger."""
+
+    name: str
+    kind: str
+    spec: StageSpec
+    fingerprint: str
+    # the config the fingerprint hashed, kept in the ledger to explain later changes
+    config: dict[str, Any]
+    # None while the units depend on an upstream stage that has not run yet
+    units: list[Unit] | None
+    claims: list[Claim] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # for deferred stages: the reason every unit will get (e.g. "input changed")
+    pending_reason: str = ""
+    # kind-specific settings resolved at plan time (e.g. CPUs per worker)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def to_run(self) -> list[Unit]:
+        return [u for u in self.units or [] if u.run]
+
+    def reasons(self) -> Counter[str]:
+        return Counter(u.reason for u in self.units or [])
+
+
+@dataclass
+class Plan:
+    """Every stage of a pipeline, in dependency order."""
+
+    pipeline: str
+    cluster: ClusterInfo
+    stages: dict[str, StagePlan]
+
+
+@dataclass
+class PlanContext:
+    """What a stage kind needs to plan one stage."""
+
+    cluster: ClusterInfo
+    ledger: Ledger | None
+    fresh: bool
+    upstream: Mapping[str, StagePlan]
+
+
+# how a stage kind plans one stage: (name, spec, raw keys, context) -> StagePlan
+StagePlanner = Callable[[str, StageSpec, dict[str, Any], PlanContext], StagePlan]
+
+
+def result_config(spec: StageSpec, raw: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a stage that change its results: resource-only keys and `needs` left out."""
+    skip = {f.name for f in fields(spec) if f.metadata.get("resource")} | {"needs"}
+    return {k: v for k, v in raw.items() if k not in skip}
+
+
+def stage_fingerprint(config: dict[str, Any], upstream: list[str]) -> tuple[str, str]:
+    """(fingerprint of the config alone, fingerprint of config + upstream stages)."""
+    own = digest(json.dumps(config, sort_keys=True, default=str))
+    return own, digest(own, *upstream)
+
+
+def changed_paths(old: Any, new: Any, prefix: str) -> list[str]:
+    """Dotted key paths whose values differ between two configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        paths = []
+        for key in sorted(set(old) | set(new), key=str):
+            paths += changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")
+        return paths
+    return [] if old == new else [prefix]
+
+
+@dataclass(frozen=True)
+class Decider:
+    """Decides run or skip for the units of one stage against the ledger."""
+
+    prior: Mapping[str, PriorUnit]
+    fresh: bool
+    # why a unit whose fingerprint changed runs again: `changed: <path>` or `input changed`
+    changed: str
+
+    def __call__(self, unit: Unit) -> Unit:
+        if self.fresh:
+            unit.run, unit.reason = True, "fresh run"
+            return unit
+        before = self.prior.get(unit.id)
+        if before is None:
+            unit.run, unit.reason = True, "new"
+        elif before.fingerprint != unit.fingerprint:
+            unit.run, unit.reason = True, self.changed
+        elif before.state is UnitState.done:
+            unit.run, unit.reason = False, "done"
+        elif before.state in (UnitState.failed, UnitState.timeout):
+            unit.run, unit.reason = True, "failed last time"
+        else:
+            unit.run, unit.reason = True, "not finished last time"
+        return unit
+
+
+def decider(name: str, config: dict[str, Any], ctx: PlanContext) -> Decider:
+    """The decider for stage `name`, knowing what changed since the ledger's record of it."""
+    record = ctx.ledger.stage(name) if ctx.ledger else None
+    prior = ctx.ledger.prior_units(name) if ctx.ledger and not ctx.fresh else {}
+    changed = "input changed"
+    if record is not None:
+        paths = changed_paths(record.config, config, f"pipeline.stages.{name}")
+        if paths:
+            changed = "changed: " + ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
+    return Decider(prior, ctx.fresh, changed)
+
+
+def claim(label: str, resources: Resources, count: int, cluster: ClusterInfo) -> Claim:
+    """A claim and how many of it fit at once, node by node."""
+    per_node = 0
+    for node in cluster.nodes:
+        limits = [fits(node.cpus, resources.cpus), fits(node.gpus, resources.gpus)]
+        if resources.memory:
+            limits.append(fits(node.memory, resources.memory))
+        per_node += min(limits)
+    return Claim(label, resources, count, min(count, per_node))
+
+
+def make_plan(
+    pipeline: Pipeline,
+    planners: Mapping[str, StagePlanner],
+    cluster: ClusterInfo,
+    ledger: Ledger | None,
+    fresh: bool,
+) -> Plan:
+    """Plan every stage in dependency order; raise PlanError for claims that can never fit."""
+    plans: dict[str, StagePlan] = {}
+    for name, spec in pipeline.stages.items():
+        ctx = PlanContext(cluster, ledger, fresh, {n: plans[n] for n in spec.needs})
+        plans[name] = planners[spec.kind](name, spec, pipeline.raw[name], ctx)
+    problems = [
+        f"pipeline.stages.{name}: one {c.label} needs {c.resources.describe()}, more than any "
+        f"node has: {c.resources.shortfall(cluster.largest)} on the largest node"
+        for name, sp in plans.items()
+        for c in sp.claims
+        if c.count and c.fit == 0
+    ]
+    if problems:
+        raise PlanError(problems)
+    return Plan(pipeline.name, cluster, plans)

@@ -1,0 +1,129 @@
+"""What a user reads: the plan, the end-of-run summary, and the status of a run directory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from runner.plan import Plan, StagePlan
+from runner.store import Ledger, UnitState
+
+SAMPLE = 5
+
+
+def format_plan(plan: Plan) -> str:
+    """Per stage: units, resources per unit, how many fit at once, and run/skip with why."""
+    lines = [f"plan for pipeline '{plan.pipeline}' on {plan.cluster.where}", ""]
+    for stage in plan.stages.values():
+        lines += _stage_plan(stage)
+    to_run = sum(len(s.to_run) for s in plan.stages.values())
+    deferred = [s.name for s in plan.stages.values() if s.units is None]
+    tail = f"{to_run} unit(s) to run"
+    if deferred:
+        tail += f"; units of {', '.join(deferred)} are known once their inputs have run"
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+def _stage_plan(stage: StagePlan) -> list[str]:
+    needs = f"  needs: {', '.join(stage.spec.needs)}" if stage.spec.needs else ""
+    count = "?" if stage.units is None else str(len(stage.units))
+    lines = [f"stage {stage.name} ({stage.kind}): {count} unit(s){needs}"]
+    for c in stage.claims:
+        lines.append(
+            f"  {c.label}: {c.resources.describe()} each; {c.count} wanted, {c.fit} fit at once"
+        )
+    lines += [f"  {note}" for note in stage.notes]
+    if stage.units is None:
+        lines.append(f"  run all: {stage.pending_reason}")
+    else:
+        groups: dict[tuple[bool, str], list[str]] = {}
+        for u in stage.units:
+            groups.setdefault((u.run, u.reason), []).append(u.id)
+        for (run, reason), ids in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1])):
+            verb = "run " if run else "skip"
+            lines.append(f"  {verb} {len(ids):>6}  {reason:<24} {_sample(ids)}")
+    lines.append("")
+    return lines
+
+
+def _sample(ids: list[str]) -> str:
+    shown = ", ".join(ids[:SAMPLE])
+    return f"[{shown}{', ...' if len(ids) > SAMPLE else ''}]"
+
+
+def format_summary(summary: dict[str, Any], run_dir: str) -> str:
+    """The end-of-run table, one row per stage."""
+    header = ("stage", "kind", "done", "failed", "timeout", "skipped", "wall", "cpu util")
+    rows = []
+    for name, s in summary["stages"].items():
+        util = "-" if s["cpu_utilization"] is None else f"{100 * s['cpu_utilization']:.0f}%"
+        rows.append(
+            (
+                name,
+                s["kind"],
+                s["done"],
+                s["failed"],
+                s["timeout"],
+                s["skipped"],
+                f"{s['wall_s']:.1f}s",
+                util,
+            )
+        )
+    lines = _table(header, rows)
+    for name, s in summary["stages"].items():
+        if s["message"]:
+            lines.append(f"{name}: {s['message']}")
+        for out in s["outputs"]:
+            lines.append(f"{name}: wrote {out}")
+    state = "succeeded" if summary["ok"] else "did not succeed"
+    lines.append(f"run {state} in {summary['wall_s']:.1f}s; run dir {run_dir}")
+    return "\n".join(lines)
+
+
+def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
+    """The ledger of a run directory: per stage its state and counts, then unfinished units."""
+    stages = ledger.stages()
+    if not stages:
+        return f"{run_dir}: no stage has run yet"
+    header = ("stage", "kind", "state", "done", "failed", "timeout", "cancelled", "ended")
+    rows = []
+    for s in stages:
+        counts = ledger.counts(s["stage"])
+        ended = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["ended"])) if s["ended"] else "-"
+        )
+        rows.append(
+            (
+                s["stage"],
+                s["kind"],
+                s["state"],
+                counts.get("done", 0),
+                counts.get("failed", 0),
+                counts.get("timeout", 0),
+                counts.get("cancelled", 0),
+                ended,
+            )
+        )
+    lines = [f"run dir {run_dir}", *_table(header, rows)]
+    bad = [r for s in stages for r in ledger.rows(s["stage"]) if r.state is not UnitState.done]
+    if bad:
+        lines.append("")
+        lines.append(f"units not done ({len(bad)}):")
+        lines += _table(
+            ("stage", "unit", "state", "attempts", "error"),
+            [
+                (r.stage, r.unit, r.state.value, r.attempts, (r.error or "")[:80])
+                for r in bad[:limit]
+            ],
+        )
+        if len(bad) > limit:
+            lines.append(f"... and {len(bad) - limit} more")
+    return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[str]:
+    text = [tuple(str(c) for c in header), *(tuple(str(c) for c in r) for r in rows)]
+    widths = [max(len(r[i]) for r in text) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in text]

@@ -1,0 +1,88 @@
+"""A bundle of resources (CPUs, GPUs, memory, custom) with the arithmetic the scheduler needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one unit asks for, or what a node or a cluster has. Memory is in bytes."""
+
+    cpus: float = 0.0
+    gpus: float = 0.0
+    memory: float = 0.0
+    custom: tuple[tuple[str, float], ...] = field(default=())
+
+    def __add__(self, other: Resources) -> Resources:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return self._combine(other, -1.0)
+
+    def scale(self, factor: float) -> Resources:
+        custom = tuple((k, v * factor) for k, v in self.custom)
+        return Resources(self.cpus * factor, self.gpus * factor, self.memory * factor, custom)
+
+    def fits_in(self, capacity: Resources) -> bool:
+        """True when every amount asked for is available in `capacity`."""
+        have = dict(capacity.custom)
+        return (
+            self.cpus <= capacity.cpus + _EPS
+            and self.gpus <= capacity.gpus + _EPS
+            and self.memory <= capacity.memory + _EPS
+            and all(v <= have.get(k, 0.0) + _EPS for k, v in self.custom)
+        )
+
+    def shortfall(self, capacity: Resources) -> str:
+        """What `capacity` lacks to hold this, in words ('4 CPUs wanted, 2 available')."""
+        parts = []
+        if self.cpus > capacity.cpus + _EPS:
+            parts.append(f"{self.cpus:g} CPUs wanted, {capacity.cpus:g} available")
+        if self.gpus > capacity.gpus + _EPS:
+            parts.append(f"{self.gpus:g} GPUs wanted, {capacity.gpus:g} available")
+        if self.memory > capacity.memory + _EPS:
+            parts.append(f"{gib(self.memory)} memory wanted, {gib(capacity.memory)} available")
+        have = dict(capacity.custom)
+        parts += [
+            f"{v:g} {k} wanted, {have.get(k, 0):g} available" for k, v in self.custom if v > have.get(k, 0)
+        ]
+        return ", ".join(parts)
+
+    def ray_options(self) -> dict[str, object]:
+        """Keyword options for `.options()` of a Ray task or actor."""
+        options: dict[str, object] = {"num_cpus": self.cpus, "num_gpus": self.gpus}
+        if self.memory:
+            options["memory"] = int(self.memory)
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        return options
+
+    def describe(self) -> str:
+        parts = [f"{self.cpus:g} CPU"]
+        if self.gpus:
+            parts.append(f"{self.gpus:g} GPU")
+        if self.memory:
+            parts.append(f"{gib(self.memory)} mem")
+        parts += [f"{v:g} {k}" for k, v in self.custom]
+        return ", ".join(parts)
+
+    def _combine(self, other: Resources, sign: float) -> Resources:
+        custom = dict(self.custom)
+        for k, v in other.custom:
+            custom[k] = custom.get(k, 0.0) + sign * v
+        return Resources(
+            self.cpus + sign * other.cpus,
+            self.gpus + sign * other.gpus,
+            self.memory + sign * other.memory,
+            tuple(sorted(custom.items())),
+        )
+
+
+def gib(nbytes: float) -> str:
+    """Bytes as a short human figure ('1.5G', '512M')."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.3g}G"
+    return f"{nbytes / (1 << 20):.0f}M"

@@ -1,0 +1,7 @@
+"""One scheduler admits every unit of a run: by priority, against what the cluster has."""
+
+from __future__ import annotations
+
+from runner.scheduler.core import Grant, Scheduler
+
+__all__ = ["Grant", "Scheduler"]

@@ -1,0 +1,405 @@
+"""Composed config → validated, typed spec, with every problem reported at once.
+
+OmegaConf's structured-config merge stops at the first bad key and names no file, so the
+dataclasses in `schema.py` are checked here by hand: unknown keys (with a did-you-mean),
+types, limits, stage kinds, `needs` and cycles, plus each kind's own checks. A problem is
+reported against the file (or command-line override) that set the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.errors import SpecError
+from runner.schema import (
+    STAGE_KINDS,
+    ClusterConfig,
+    Mode,
+    PipelineSpec,
+    RunConfig,
+    StageSpec,
+)
+
+
+@dataclass
+class Origins:
+    """Where each key of the composed config came from, for messages that name a file."""
+
+    # YAML files by the config package they were merged into ("pipeline", "pipeline.stages.x")
+    files: dict[str, Path]
+    # command-line overrides as (key, text)
+    overrides: list[tuple[str, str]]
+
+    def of(self, key: str) -> str:
+        """The override or the file that most likely set `key`."""
+        for okey, text in self.overrides:
+            if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
+                return f"command line '{text}'"
+        candidates = [p for p in self.files if key == p or key.startswith(p + ".") or p == ""]
+        # the including file first: its own keys (after `_self_`) win over its templates'
+        for package in sorted(candidates, key=len):
+            path = self.files[package]
+            rel = key[len(package) + 1 :] if package else key
+            if _yaml_has(path, rel):
+                return _display(path)
+        return _display(self.files[candidates[-1]]) if candidates else "config"
+
+
+def _yaml_has(path: Path, dotted: str) -> bool:
+    try:
+        node: Any = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    for part in dotted.split(".") if dotted else []:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class Problems:
+    """Collects problems as (key path, message), then raises them all as one SpecError."""
+
+    def __init__(self, origins: Origins | None) -> None:
+        self.origins = origins
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append((key, message))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        lines = []
+        for key, message in self.items:
+            where = self.origins.of(key) if self.origins else "config"
+            lines.append(f"{where}: {key}: {message}")
+        raise SpecError(lines)
+
+
+@dataclass
+class Pipeline:
+    """A validated pipeline: stages typed by kind, in an order where needs come first."""
+
+    name: str
+    stages: dict[str, StageSpec]
+    # each stage's validated keys as written (defaults filled), for fingerprints and diffs
+    raw: dict[str, dict[str, Any]]
+
+
+@dataclass
+class Spec:
+    """Everything `runner` was asked to do, validated."""
+
+    mode: Mode
+    run: RunConfig
+    cluster: ClusterConfig
+    pipeline: Pipeline
+    # the composed config as plain data, for the run directory's record
+    composed: dict[str, Any]
+
+
+# a stage kind's own checks (importable targets, existing inputs); it may add implied `needs`
+KindCheck = Callable[[str, StageSpec, "Problems", Mapping[str, StageSpec]], None]
+
+
+def did_you_mean(word: str, allowed: Iterable[str]) -> str:
+    """'; did you mean 'x'?' when a close match exists, else ''."""
+    match = difflib.get_close_matches(word, list(allowed), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | None = None) -> Spec:
+    """Validate a composed config; raise one SpecError listing every problem."""
+    problems = Problems(origins)
+    data = _resolve(cfg, problems)
+    problems.raise_if_any()
+    mode = _enum(Mode, data.get("mode", "run"), "mode", problems)
+    run = _build(RunConfig, data.get("run"), "run", problems)
+    cluster = _build(ClusterConfig, data.get("cluster"), "cluster", problems)
+    pipeline = _pipeline(data.get("pipeline"), checks, problems)
+    for key in set(data) - {"mode", "run", "cluster", "pipeline", "hydra"}:
+        top = ["cluster", "mode", "pipeline", "run"]
+        problems.add(key, f"unknown key{did_you_mean(key, top)} (allowed: {', '.join(top)})")
+    problems.raise_if_any()
+    assert mode is not None and run is not None and cluster is not None and pipeline is not None
+    return Spec(mode=mode, run=run, cluster=cluster, pipeline=pipeline, composed=data)
+
+
+def _resolve(cfg: DictConfig, problems: Problems) -> dict[str, Any]:
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or "config"
+        problems.add(str(key), f"cannot resolve: {exc.msg if hasattr(exc, 'msg') else exc}")
+        return {}
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
+def _pipeline(data: Any, checks: Mapping[str, KindCheck], problems: Problems) -> Pipeline | None:
+    if not isinstance(data, dict):
+        problems.add("pipeline", "missing: choose one with pipeline=NAME")
+        return None
+    head = _build(PipelineSpec, {**data, "stages": {}}, "pipeline", problems)
+    stages_data = data.get("stages") or {}
+    if not isinstance(stages_data, dict) or not stages_data:
+        problems.add("pipeline.stages", "a pipeline needs at least one stage")
+        return None
+    stages: dict[str, StageSpec] = {}
+    raw: dict[str, dict[str, Any]] = {}
+    for name, stage_data in stages_data.items():
+        built = _stage(str(name), stage_data, problems)
+        if built is not None:
+            stages[str(name)], raw[str(name)] = built
+    for name, stage in stages.items():
+        if (check := checks.get(stage.kind)) is not None:
+            check(name, stage, problems, stages)
+    _check_needs(stages, problems)
+    if head is None or len(stages) != len(stages_data):
+        return None
+    order = _topological(stages)
+    if order is None:
+        return None
+    return Pipeline(head.name, {n: stages[n] for n in order}, {n: raw[n] for n in order})
+
+
+def _stage(name: str, data: Any, problems: Problems) -> tuple[StageSpec, dict[str, Any]] | None:
+    path = f"pipeline.stages.{name}"
+    if not isinstance(data, dict):
+        problems.add(path, f"= {data!r}: expected a mapping with at least `kind`")
+        return None
+    kind = data.get("kind")
+    if kind not in STAGE_KINDS:
+        allowed = ", ".join(sorted(STAGE_KINDS))
+        hint = did_you_mean(str(kind), STAGE_KINDS) if isinstance(kind, str) else ""
+        what = "missing stage kind" if kind is None else f"= {kind!r}: unknown stage kind"
+        problems.add(f"{path}.kind", f"{what}{hint} (allowed: {allowed})")
+        return None
+    spec_type = STAGE_KINDS[kind]
+    stage = _build(spec_type, data, path, problems)
+    if stage is None:
+        return None
+    assert isinstance(stage, StageSpec)
+    raw = {f.name: getattr(stage, f.name) for f in fields(stage)}
+    return stage, raw
+
+
+def _check_needs(stages: Mapping[str, StageSpec], problems: Problems) -> None:
+    for name, stage in stages.items():
+        for need in stage.needs:
+            if need == name:
+                problems.add(f"pipeline.stages.{name}.needs", "a stage cannot need itself")
+            elif need not in stages:
+                hint = did_you_mean(need, stages)
+                allowed = ", ".join(s for s in stages if s != name)
+                problems.add(
+                    f"pipeline.stages.{name}.needs",
+                    f"= {need!r}: no such stage{hint} (stages: {allowed})",
+                )
+    cycle = find_cycle({n: [d for d in s.needs if d in stages] for n, s in stages.items()})
+    if cycle:
+        first = cycle[0]
+        problems.add(f"pipeline.stages.{first}.needs", f"dependency cycle: {' -> '.join(cycle)}")
+
+
+def find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:
+    """A cycle in `graph` (node → the nodes it needs) as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def _topological(stages: Mapping[str, StageSpec]) -> list[str] | None:
+    order: list[str] = []
+    done: set[str] = set()
+    while len(order) < len(stages):
+        ready = [n for n, s in stages.items() if n not in done and set(s.needs) <= done]
+        if not ready:
+            return None
+        order.extend(ready)
+        done.update(ready)
+    return order
+
+
+T = typing.TypeVar("T")
+
+
+def _build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
+    """Check `data` against dataclass `cls` field by field.
+
+    Bad optional values are reported and replaced by their defaults, so later checks still
+    run and every problem is reported at once; None when a required key is missing or bad."""
+    if not isinstance(data, dict):
+        problems.add(path, f"= {data!r}: expected a mapping")
+        return None
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            hint = did_you_mean(str(key), known)
+            problems.add(f"{path}.{key}", f"unknown key{hint} (allowed: {allowed})")
+    values: dict[str, Any] = {}
+    complete = True
+    for name, f in known.items():
+        required = f.default == "???" or (f.default is MISSING and f.default_factory is MISSING)
+        value = data.get(name, "???")
+        if value == "???":
+            if required:
+                problems.add(f"{path}.{name}", "missing required key")
+                complete = False
+            continue
+        value = _coerce(hints[name], value)
+        error = _check(hints[name], value, dict(f.metadata))
+        if error:
+            problems.add(f"{path}.{name}", f"= {value!r}: {error}")
+            complete = complete and not required
+            continue
+        values[name] = value
+    return cls(**values) if complete else None
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Numbers and booleans written as strings (`${oc.env:N}` gives strings) become typed, as
+    OmegaConf's structured configs would convert them."""
+    if not isinstance(value, str):
+        return value
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if bool in options and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        if kind in options:
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+    return value
+
+
+def _check(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
+    """Why `value` does not fit type `tp` and `limits`, or None when it does."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if value is None:
+        return None if type(None) in options else f"expected {_describe(tp)}, not null"
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        error = _check_one(option, value, limits)
+        if error is None:
+            return None
+        errors.append(error)
+    # a wrong type is reported as such; a right type with a bad value reports the limit
+    limit_errors = [e for e in errors if not e.startswith("expected")]
+    return limit_errors[0] if limit_errors else f"expected {_describe(tp, limits)}"
+
+
+def _check_one(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return None
+    if tp is bool:
+        return None if isinstance(value, bool) else "expected"
+    if tp is int:
+        return _limits(value, limits) if _is_int(value) else "expected"
+    if tp is float:
+        numeric = _is_int(value) or isinstance(value, float)
+        return _limits(value, limits) if numeric else "expected"
+    if tp is str:
+        if not isinstance(value, str):
+            return "expected"
+        choices = limits.get("choices")
+        if choices and value not in choices:
+            hint = did_you_mean(value, choices)
+            return f"not one of {', '.join(choices)}{hint}"
+        return None
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        allowed = [m.value for m in tp]
+        return None if value in allowed else f"not one of {', '.join(allowed)}"
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        ok = isinstance(value, list) and all(_check_one(item_tp, v, {}) is None for v in value)
+        return None if ok else "expected"
+    if origin is dict:
+        return None if isinstance(value, dict) else "expected"
+    raise TypeError(f"schema type {tp!r} is not supported by the validator")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _limits(value: float, limits: dict[str, Any]) -> str | None:
+    if "ge" in limits and value < limits["ge"]:
+        return f"must be >= {limits['ge']}"
+    if "gt" in limits and value <= limits["gt"]:
+        return f"must be > {limits['gt']}"
+    if "le" in limits and value > limits["le"]:
+        return f"must be <= {limits['le']}"
+    return None
+
+
+def _describe(tp: Any, limits: dict[str, Any] | None = None) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    parts = []
+    for option in typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,):
+        if option is type(None):
+            parts.append("null")
+        elif option is str and limits and limits.get("choices"):
+            parts.extend(repr(c) for c in limits["choices"])
+        elif option in names:
+            parts.append(names[option])
+        elif typing.get_origin(option) is list:
+            parts.append("a list")
+        elif typing.get_origin(option) is dict:
+            parts.append("a mapping")
+        elif isinstance(option, type) and issubclass(option, Enum):
+            parts.append(" | ".join(m.value for m in option))
+        else:
+            parts.append(str(option))
+    return " or ".join(parts)
+
+
+def _enum(enum: type[Mode], value: Any, path: str, problems: Problems) -> Mode | None:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = [m.value for m in enum]
+        hint = did_you_mean(str(value), allowed)
+        problems.add(path, f"= {value!r}: not one of {', '.join(allowed)}{hint}")
+        return None

@@ -1,0 +1,8 @@
+"""Stage kinds, one module each; `KINDS` is the registry the rest of runner reads."""
+
+from __future__ import annotations
+
+from runner.stages import pool
+from runner.stages.base import StageKind
+
+KINDS: dict[str, StageKind] = {"pool": pool.KIND}

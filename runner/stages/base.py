@@ -1,0 +1,65 @@
+"""What every stage kind provides, and what it is given to run: the seam between kinds and core."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.cluster import ClusterInfo
+from runner.plan import StagePlan, StagePlanner
+from runner.progress import Progress
+from runner.scheduler import Scheduler
+from runner.schema import StageSpec
+from runner.spec import KindCheck
+from runner.store import Ledger, RunStore
+
+
+@dataclass
+class RunContext:
+    """A run's shared services, handed to each stage as it runs."""
+
+    store: RunStore
+    ledger: Ledger
+    scheduler: Scheduler
+    cluster: ClusterInfo
+    # set on SIGINT/SIGTERM: admit nothing new, cancel what runs, return promptly
+    stop: threading.Event
+    progress: Progress
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.store.stage_dir(stage)
+
+
+@dataclass
+class StageOutcome:
+    """How a stage ended, for the summary and the exit code."""
+
+    name: str
+    kind: str
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    timeout: int = 0
+    cancelled: int = 0
+    skipped: int = 0
+    wall: float = 0.0
+    # CPU seconds the stage's processes used (for utilization)
+    cpu_seconds: float = 0.0
+    ok: bool = True
+    interrupted: bool = False
+    message: str = ""
+    outputs: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A stage kind: its schema, its own spec checks, how it plans, how it runs."""
+
+    spec_type: type[StageSpec]
+    check: KindCheck
+    plan: StagePlanner
+    run: Callable[[StagePlan, RunContext], StageOutcome]

@@ -1,0 +1,554 @@
+"""The `pool` stage: N long-lived Ray actors calling a worker object on a stream of items.
+
+Ray charges about a millisecond per actor call while a checker item can take microseconds, so
+items travel in batches sized from the measured item time (one item per call for slow items,
+hundreds for tiny ones), with a few calls in flight per actor so no actor waits on a round
+trip. The faults of hand-rolled pools are designed out: sizing uses the cluster's total CPUs;
+a timed-out item is recorded and its worker replaced, never held; a crashed worker is replaced
+and the items it held are retried one at a time so only the culprit spends its retries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner import items as itemsrc
+from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.plan import stage_fingerprint as fingerprint_of
+from runner.resources import Resources
+from runner.schema import PoolStage, StageSpec
+from runner.sizing import cpus_per_worker, max_concurrency
+from runner.spec import Problems, did_you_mean
+from runner.stages.base import RunContext, StageKind, StageOutcome
+from runner.stages.results import write_results
+from runner.store import UnitRow, UnitState
+
+log = logging.getLogger(__name__)
+
+# a batch should keep an actor busy about this long: Ray's ~1 ms per call is then ~2%
+TARGET_BATCH_SECONDS = 0.05
+MAX_BATCH = 4096
+# ledger writes are batched: at most this often, or this many rows
+FLUSH_SECONDS, FLUSH_ROWS = 0.5, 5000
+
+
+# --- spec checks and planning ------------------------------------------------------------
+
+
+def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, StageSpec]) -> None:
+    """Worker target importable; items source present; `from` names a stage (implies needs)."""
+    assert isinstance(spec, PoolStage)
+    path = f"pipeline.stages.{name}"
+    target = spec.worker.get("_target_")
+    if not isinstance(target, str) or not target:
+        problems.add(f"{path}.worker._target_", "missing: name the worker class, pkg.mod.Class")
+    elif (error := import_error(target)) is not None:
+        problems.add(f"{path}.worker._target_", f"= {target!r}: cannot import: {error}")
+    for key, message in itemsrc.check(spec.items):
+        problems.add(f"{path}.items{'.' + key if key else ''}", message)
+    upstream = spec.items.get("from")
+    if isinstance(upstream, str):
+        if upstream not in stages or upstream == name:
+            others = [s for s in stages if s != name]
+            hint = did_you_mean(upstream, others)
+            problems.add(
+                f"{path}.items.from",
+                f"= {upstream!r}: no such stage{hint} (stages: {', '.join(others)})",
+            )
+        elif upstream not in spec.needs:
+            spec.needs.append(upstream)
+
+
+def import_error(target: str) -> str | None:
+    """Why `pkg.mod.attr` cannot be imported, or None when it can."""
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as exc:
+            if exc.name and ".".join(parts[:cut]).startswith(exc.name):
+                continue
+            return f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # the module itself fails on import: say how
+            return f"{type(exc).__name__}: {exc}"
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return f"module {'.'.join(parts[:cut])!r} has no attribute {attr!r}"
+            obj = getattr(obj, attr)
+        return None
+    return f"no module named {parts[0]!r}"
+
+
+def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+    """Units from the items (or the upstream outputs), a worker claim sized for the cluster."""
+    assert isinstance(spec, PoolStage)
+    config = result_config(spec, raw)
+    own, fp = fingerprint_of(config, [ctx.upstream[n].fingerprint for n in spec.needs])
+    decide = decider(name, config, ctx)
+    units: list[Unit] | None
+    pending_reason = ""
+    source = spec.items.get("from")
+    if source is None:
+        units = [
+            decide(Unit(i.id, digest(own, i.identity), i.payload)) for i in itemsrc.load(spec.items)
+        ]
+    else:
+        units = _from_upstream(own, source, ctx)
+        units = [decide(u) for u in units] if units is not None else None
+        pending_reason = f"known when '{source}' has run"
+    total = ctx.cluster.total.cpus
+    sizing = cpus_per_worker(spec.cpus_per_worker, spec.num_workers, total)
+    threads = max_concurrency(spec.max_concurrency)
+    worker = claim("worker", Resources(cpus=sizing.cpus), spec.num_workers, ctx.cluster)
+    notes = [sizing.describe(name, total, spec.num_workers)]
+    if worker.fit < worker.count:
+        notes.append(
+            f"{name}: only {worker.fit} of {worker.count} workers fit at once "
+            f"({sizing.cpus:g} CPU each, {total:g} CPUs in the cluster)"
+        )
+    return StagePlan(
+        name,
+        "pool",
+        spec,
+        fp,
+        config,
+        units,
+        [worker],
+        notes,
+        pending_reason,
+        {"cpus_per_worker": sizing.cpus, "max_concurrency": threads},
+    )
+
+
+def _from_upstream(own: str, source: str, ctx: PlanContext) -> list[Unit] | None:
+    """The upstream stage's committed outputs as units, once it has nothing left to run."""
+    upstream = ctx.upstream[source]
+    if upstream.units is None or upstream.to_run or ctx.ledger is None:
+        return None
+    ids = [u.id for u in upstream.units]
+    rows = [r for r in ctx.ledger.rows(source, ids) if r.state is UnitState.done]
+    return [Unit(r.unit, digest(own, r.fingerprint), r.result) for r in rows]
+
+
+# --- the actor ---------------------------------------------------------------------------
+
+
+class PoolActor:
+    """Runs inside a Ray actor: builds the worker once, then runs batches of items."""
+
+    def __init__(self, worker: dict[str, Any], step_timeout: float | None, threads: int) -> None:
+        from hydra.utils import instantiate
+
+        self._fn = instantiate(worker, _convert_="all")
+        self._timeout = step_timeout
+        self._threads = ThreadPoolExecutor(threads) if step_timeout else None
+        # set once an item overran step_timeout: its thread is stuck, so take no more items
+        self._poisoned = False
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def ready(self) -> str:
+        return self.name
+
+    def run(self, batch: list[tuple[str, Any]]) -> dict[str, Any]:
+        """Outcomes as (id, status, value, seconds); ids not started; busy time; CPU so far."""
+        outcomes: list[tuple[str, str, Any, float]] = []
+        started = time.perf_counter()
+        for n, (uid, payload) in enumerate(batch):
+            if self._poisoned:
+                return self._reply(outcomes, [u for u, _ in batch[n:]], started, poisoned=True)
+            t0 = time.perf_counter()
+            status, value = self._one(payload)
+            outcomes.append((uid, status, value, time.perf_counter() - t0))
+            if status == "timeout":
+                self._poisoned = True
+        return self._reply(outcomes, [], started, poisoned=False)
+
+    def _one(self, payload: Any) -> tuple[str, Any]:
+        if self._threads is None:
+            return _call(self._fn, payload)
+        future = self._threads.submit(_call, self._fn, payload)
+        try:
+            return future.result(timeout=self._timeout)
+        except FutureTimeout:
+            # the thread cannot be interrupted: report, and let the driver replace this actor
+            return "timeout", f"step_timeout {self._timeout:g}s exceeded"
+
+    def _reply(
+        self,
+        outcomes: list[tuple[str, str, Any, float]],
+        rest: list[str],
+        t0: float,
+        poisoned: bool,
+    ) -> dict[str, Any]:
+        t = os.times()
+        return {
+            "outcomes": outcomes,
+            "rest": rest,
+            "busy": time.perf_counter() - t0,
+            "cpu": t.user + t.system + t.children_user + t.children_system,
+            "poisoned": poisoned,
+            "worker": self.name,
+        }
+
+
+def _call(fn: Any, payload: Any) -> tuple[str, Any]:
+    try:
+        return "done", fn(payload)
+    except Exception as exc:  # the item's own failure: a recorded outcome, not a crash
+        return "error", f"{type(exc).__name__}: {exc}"
+
+
+_remote_actor: Any = None
+
+
+def _actor_class() -> Any:
+    global _remote_actor
+    if _remote_actor is None:
+        import ray
+
+        _remote_actor = ray.remote(PoolActor)
+    return _remote_actor
+
+
+# --- the driver --------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    unit: Unit
+    attempts: int = 0
+    # held by a worker that crashed: run alone, so only the culprit spends its retries
+    suspect: bool = False
+
+
+@dataclass
+class _Worker:
+    handle: Any
+    grant: Any
+    index: int
+    inflight: dict[Any, list[_Item]] = field(default_factory=dict)
+    draining: bool = False
+    cpu: float = 0.0
+
+
+class PoolRun:
+    """Drives one pool stage: actors, batches, timeouts, crashes, ledger, results."""
+
+    def __init__(self, stage: StagePlan, ctx: RunContext) -> None:
+        assert isinstance(stage.spec, PoolStage)
+        self.stage, self.spec, self.ctx = stage, stage.spec, ctx
+        self.queue: deque[_Item] = deque(_Item(u) for u in stage.to_run)
+        self.workers: list[_Worker] = []
+        self.pending_rows: list[UnitRow] = []
+        self.last_flush = time.monotonic()
+        self.item_seconds: float | None = None
+        self.counts = {"done": 0, "failed": 0, "timeout": 0, "cancelled": 0}
+        self.retired_cpu = 0.0
+        self.depth: int = stage.settings["max_concurrency"] + 1
+        self.next_index = 0
+        self.start_error: str | None = None
+
+    # lifecycle
+
+    def run(self) -> StageOutcome:
+        t0 = time.monotonic()
+        total = len(self.stage.units or [])
+        outcome = StageOutcome(self.stage.name, "pool", total=total)
+        outcome.skipped = total - len(self.queue)
+        self.ctx.progress.start(self.stage.name, len(self.queue))
+        try:
+            if self.queue:
+                self._loop()
+        finally:
+            self._cancel_inflight()
+            self._stop_workers()
+            self._flush(force=True)
+            self.ctx.progress.finish(self.stage.name)
+        outcome.done, outcome.failed = self.counts["done"], self.counts["failed"]
+        outcome.timeout, outcome.cancelled = self.counts["timeout"], self.counts["cancelled"]
+        outcome.wall = time.monotonic() - t0
+        outcome.cpu_seconds = self.retired_cpu + sum(w.cpu for w in self.workers)
+        outcome.interrupted = self.ctx.stop.is_set()
+        return self._conclude(outcome)
+
+    def _conclude(self, outcome: StageOutcome) -> StageOutcome:
+        if self.start_error:
+            outcome.ok, outcome.message = False, self.start_error
+            return outcome
+        if outcome.interrupted:
+            outcome.ok = False
+            return outcome
+        failures = outcome.failed + outcome.timeout
+        allowed = _allowed_failures(self.spec.max_failures, outcome.total)
+        if failures > allowed:
+            outcome.ok = False
+            outcome.message = (
+                f"{failures} item(s) failed or timed out; max_failures allows {allowed}"
+            )
+        path = write_results(self.ctx, self.stage)
+        outcome.outputs.append(str(path))
+        return outcome
+
+    def _loop(self) -> None:
+        import ray
+
+        self._grow(block=True)
+        while (self.queue or self._inflight()) and not self.ctx.stop.is_set():
+            if not self.workers:
+                self._grow(block=True)
+                if not self.workers:
+                    return
+            self._dispatch()
+            refs = [ref for w in self.workers for ref in w.inflight]
+            if not refs:
+                continue
+            ready, rest = ray.wait(refs, num_returns=1, timeout=0.2)
+            if ready and rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            for ref in ready:
+                self._collect(ref)
+            self._retire_drained()
+            self._flush()
+            if self.start_error:
+                return
+            if len(self.workers) < self._wanted():
+                self._grow(block=False)
+
+    def _wanted(self) -> int:
+        return min(self.spec.num_workers, len(self.queue) + self._inflight_items())
+
+    def _grow(self, block: bool) -> None:
+        """Ask the scheduler for worker slots and start an actor for each grant."""
+        cpus = self.stage.settings["cpus_per_worker"]
+        while len(self.workers) < self._wanted() and not self.ctx.stop.is_set():
+            grant = self.ctx.scheduler.acquire(
+                f"{self.stage.name}/worker",
+                Resources(cpus=cpus),
+                self.spec.priority,
+                timeout=None if block and not self.workers else 0,
+                cancelled=self.ctx.stop.is_set,
+            )
+            if grant is None:
+                return
+            self.workers.append(self._start_actor(grant, cpus))
+
+    def _start_actor(self, grant: Any, cpus: float) -> _Worker:
+        threads = self.stage.settings["max_concurrency"]
+        handle = (
+            _actor_class()
+            .options(num_cpus=cpus, max_concurrency=threads, name=None, max_restarts=0)
+            .remote(dict(self.spec.worker), self.spec.step_timeout, threads)
+        )
+        self.next_index += 1
+        return _Worker(handle, grant, self.next_index)
+
+    def _stop_workers(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w.handle, no_restart=True)
+            self.ctx.scheduler.release(w.grant)
+        self.retired_cpu += sum(w.cpu for w in self.workers)
+        self.workers = []
+
+    # dispatch
+
+    def _batch_size(self) -> int:
+        if self.spec.batch_size != "auto":
+            return int(self.spec.batch_size)  # validated: an integer unless 'auto'
+        if self.item_seconds is None:
+            return 1
+        size = TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7)
+        # never so large that the tail leaves actors idle
+        share = math.ceil(len(self.queue) / max(1, len(self.workers) * self.depth))
+        return max(1, min(int(size), MAX_BATCH, share))
+
+    def _dispatch(self) -> None:
+        for w in self.workers:
+            while not w.draining and len(w.inflight) < self.depth and self.queue:
+                batch = self._take()
+                ref = w.handle.run.remote([(i.unit.id, i.unit.payload) for i in batch])
+                w.inflight[ref] = batch
+
+    def _take(self) -> list[_Item]:
+        if self.queue[0].suspect:
+            return [self.queue.popleft()]
+        size = self._batch_size()
+        batch: list[_Item] = []
+        while self.queue and len(batch) < size and not self.queue[0].suspect:
+            batch.append(self.queue.popleft())
+        return batch
+
+    # outcomes
+
+    def _collect(self, ref: Any) -> None:
+        import ray
+
+        worker = next((w for w in self.workers if ref in w.inflight), None)
+        if worker is None:  # already requeued when its worker died
+            return
+        batch = worker.inflight.pop(ref)
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._worker_died(worker, batch, exc)
+            return
+        except ray.exceptions.TaskCancelledError:
+            self.queue.extendleft(reversed(batch))
+            return
+        worker.cpu = reply["cpu"]
+        done = len(reply["outcomes"])
+        if done:
+            per_item = reply["busy"] / done
+            self.item_seconds = (
+                per_item
+                if self.item_seconds is None
+                else (0.7 * self.item_seconds + 0.3 * per_item)
+            )
+        by_id = {i.unit.id: i for i in batch}
+        for uid, status, value, seconds in reply["outcomes"]:
+            self._record(by_id[uid], status, value, seconds, reply["worker"])
+        self.queue.extendleft(reversed([by_id[u] for u in reply["rest"]]))
+        if reply["poisoned"]:
+            worker.draining = True
+
+    def _record(self, item: _Item, status: str, value: Any, seconds: float, worker: str) -> None:
+        item.attempts += 1
+        if status == "error" and item.attempts <= self.spec.retries:
+            self.queue.append(item)
+            return
+        state = {"done": UnitState.done, "error": UnitState.failed}.get(status, UnitState.timeout)
+        self._finish(
+            item,
+            state,
+            worker,
+            seconds,
+            value if state is UnitState.done else None,
+            None if state is UnitState.done else str(value),
+        )
+
+    def _finish(
+        self,
+        item: _Item,
+        state: UnitState,
+        worker: str | None,
+        seconds: float | None,
+        result: Any,
+        error: str | None,
+    ) -> None:
+        now = time.time()
+        self.pending_rows.append(
+            UnitRow(
+                self.stage.name,
+                item.unit.id,
+                item.unit.fingerprint,
+                state,
+                item.attempts,
+                None if seconds is None else now - seconds,
+                now,
+                seconds,
+                worker,
+                error,
+                item.unit.payload,
+                result,
+            )
+        )
+        key = state.value
+        self.counts[key] += 1
+        ok = state is UnitState.done
+        if state is not UnitState.cancelled:
+            self.ctx.progress.advance(self.stage.name, done=int(ok), failed=int(not ok))
+
+    def _worker_died(self, worker: _Worker, batch: list[_Item], exc: Exception) -> None:
+        if _creation_failed(exc):
+            self.start_error = f"worker {self.spec.worker.get('_target_')} failed to start: " + (
+                _first_line(exc)
+            )
+        for item in batch:
+            if item.suspect or len(batch) == 1:
+                item.attempts += 1
+                if item.attempts > self.spec.retries:
+                    self._finish(
+                        item,
+                        UnitState.failed,
+                        None,
+                        None,
+                        None,
+                        "worker process died while running this item",
+                    )
+                    continue
+            item.suspect = True
+            self.queue.appendleft(item)
+        if worker in self.workers:
+            worker.draining = True
+            for other_ref, other in list(worker.inflight.items()):
+                del worker.inflight[other_ref]
+                for item in other:
+                    item.suspect = True
+                    self.queue.appendleft(item)
+
+    def _retire_drained(self) -> None:
+        import ray
+
+        for w in [w for w in self.workers if w.draining and not w.inflight]:
+            ray.kill(w.handle, no_restart=True)
+            self.ctx.scheduler.release(w.grant)
+            self.retired_cpu += w.cpu
+            self.workers.remove(w)
+            log.debug("%s: replaced worker %d", self.stage.name, w.index)
+
+    def _cancel_inflight(self) -> None:
+        for w in self.workers:
+            for batch in w.inflight.values():
+                for item in batch:
+                    self._finish(item, UnitState.cancelled, None, None, None, "cancelled")
+            w.inflight.clear()
+
+    def _inflight(self) -> bool:
+        return any(w.inflight for w in self.workers)
+
+    def _inflight_items(self) -> int:
+        return sum(len(b) for w in self.workers for b in w.inflight.values())
+
+    def _flush(self, force: bool = False) -> None:
+        due = time.monotonic() - self.last_flush > FLUSH_SECONDS
+        if self.pending_rows and (force or due or len(self.pending_rows) >= FLUSH_ROWS):
+            self.ctx.ledger.write(self.pending_rows)
+            self.pending_rows = []
+            self.last_flush = time.monotonic()
+
+
+def _allowed_failures(max_failures: float, total: int) -> int:
+    """A count (>= 1) or a fraction of the stage's items (< 1)."""
+    if max_failures < 1:
+        return math.floor(max_failures * total + 1e-9)
+    return int(max_failures)
+
+
+def _creation_failed(exc: Exception) -> bool:
+    return "creation task" in str(exc)
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln and not ln.startswith(" ")]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__).strip()
+
+
+def run(stage: StagePlan, ctx: RunContext) -> StageOutcome:
+    return PoolRun(stage, ctx).run()
+
+
+KIND = StageKind(PoolStage, check, plan, run)

@@ -1,0 +1,52 @@
+"""A stage's committed results table, written from the ledger (the source of truth).
+
+Results are written once the stage has nothing left to run, from the ledger rows of the
+plan's units: a resumed run's table holds every unit exactly once, old and new alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from runner.plan import StagePlan
+from runner.stages.base import RunContext
+from runner.store import atomic_path
+
+RESULTS = "results.parquet"
+
+
+def write_results(ctx: RunContext, stage: StagePlan) -> Path:
+    """Write `<run.dir>/<stage>/results.parquet` atomically; return its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    order = {u.id: n for n, u in enumerate(stage.units or [])}
+    rows = sorted(ctx.ledger.rows(stage.name, order), key=lambda r: order[r.unit])
+    table = pa.table(
+        {
+            "id": pa.array([r.unit for r in rows], pa.string()),
+            "input": _column([r.input for r in rows]),
+            "result": _column([r.result for r in rows]),
+            "status": pa.array([r.state.value for r in rows], pa.string()),
+            "attempts": pa.array([r.attempts for r in rows], pa.int32()),
+            "duration": pa.array([r.duration for r in rows], pa.float64()),
+            "worker": pa.array([r.worker for r in rows], pa.string()),
+            "error": pa.array([r.error for r in rows], pa.string()),
+        }
+    )
+    path = ctx.stage_dir(stage.name) / RESULTS
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def _column(values: list[Any]) -> Any:
+    """Native Arrow types where the values agree on one (numbers, structs), else JSON text."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        return pa.array([None if v is None else json.dumps(v, default=str) for v in values])

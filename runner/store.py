@@ -1,0 +1,280 @@
+"""The run directory: a lock, a SQLite ledger of units, and atomic outputs.
+
+Everything a resumed run needs is here. The ledger is the truth about what finished: an output
+is written under a temporary name and renamed only when complete, so a crash never leaves a
+half-written file that counts as done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from runner.errors import RunLockedError
+
+LEDGER = "ledger.sqlite"
+SUMMARY = "summary.json"
+RAY_PIDS = "ray-processes.json"
+
+
+class UnitState(Enum):
+    """A unit's state in the ledger; only `done` is skipped on resume."""
+
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    timeout = "timeout"
+    cancelled = "cancelled"
+
+
+@dataclass(slots=True)
+class UnitRow:
+    """One unit's ledger record."""
+
+    stage: str
+    unit: str
+    fingerprint: str
+    state: UnitState
+    attempts: int = 0
+    started: float | None = None
+    ended: float | None = None
+    duration: float | None = None
+    worker: str | None = None
+    error: str | None = None
+    input: Any = None
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PriorUnit:
+    """What the ledger remembers of a unit, enough to decide run or skip."""
+
+    fingerprint: str
+    state: UnitState
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What the ledger remembers of a stage: its fingerprint and the config it hashed."""
+
+    fingerprint: str
+    config: dict[str, Any]
+    state: str
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stages (
+    stage TEXT PRIMARY KEY, kind TEXT, fingerprint TEXT, config TEXT, state TEXT,
+    started REAL, ended REAL, summary TEXT
+);
+CREATE TABLE IF NOT EXISTS units (
+    stage TEXT, unit TEXT, fingerprint TEXT, state TEXT, attempts INTEGER,
+    started REAL, ended REAL, duration REAL, worker TEXT, error TEXT, input TEXT, result TEXT,
+    PRIMARY KEY (stage, unit)
+) WITHOUT ROWID;
+"""
+
+
+class Ledger:
+    """SQLite ledger of stages and units; safe to share between the run's threads."""
+
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def stage(self, stage: str) -> StageRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT fingerprint, config, state FROM stages WHERE stage=?", (stage,)
+            ).fetchone()
+        return StageRecord(row[0], json.loads(row[1]), row[2]) if row else None
+
+    def stages(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT stage, kind, state, started, ended, summary FROM stages ORDER BY started"
+            ).fetchall()
+        keys = ("stage", "kind", "state", "started", "ended", "summary")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def save_stage(
+        self,
+        stage: str,
+        kind: str,
+        fingerprint: str,
+        config: dict[str, Any],
+        state: str,
+        started: float | None = None,
+        ended: float | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    stage,
+                    kind,
+                    fingerprint,
+                    json.dumps(config, sort_keys=True, default=str),
+                    state,
+                    started,
+                    ended,
+                    json.dumps(summary) if summary else None,
+                ),
+            )
+
+    def prior_units(self, stage: str) -> dict[str, PriorUnit]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT unit, fingerprint, state FROM units WHERE stage=?", (stage,)
+            ).fetchall()
+        return {u: PriorUnit(fp, UnitState(s)) for u, fp, s in rows}
+
+    def write(self, rows: Iterable[UnitRow]) -> None:
+        """Upsert unit records in one transaction (callers batch them)."""
+        params = [
+            (
+                r.stage,
+                r.unit,
+                r.fingerprint,
+                r.state.value,
+                r.attempts,
+                r.started,
+                r.ended,
+                r.duration,
+                r.worker,
+                r.error,
+                _dump(r.input),
+                _dump(r.result),
+            )
+            for r in rows
+        ]
+        if not params:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO units VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", params
+            )
+            self._db.execute("COMMIT")
+
+    def rows(self, stage: str, units: Iterable[str] | None = None) -> Iterator[UnitRow]:
+        """Unit records of a stage (all, or those named), in ledger order."""
+        with self._lock:
+            found = self._db.execute("SELECT * FROM units WHERE stage=?", (stage,)).fetchall()
+        wanted = set(units) if units is not None else None
+        for r in found:
+            if wanted is None or r[1] in wanted:
+                yield UnitRow(
+                    r[0],
+                    r[1],
+                    r[2],
+                    UnitState(r[3]),
+                    r[4],
+                    r[5],
+                    r[6],
+                    r[7],
+                    r[8],
+                    r[9],
+                    _load(r[10]),
+                    _load(r[11]),
+                )
+
+    def counts(self, stage: str) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*) FROM units WHERE stage=? GROUP BY state", (stage,)
+            ).fetchall()
+        return {s: n for s, n in rows}
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class RunStore:
+    """One run directory, held by one runner at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock_fd: int | None = None
+        self.ledger: Ledger | None = None
+
+    def open(self) -> Ledger:
+        """Create the directory, take the lock (or fail at once), open the ledger."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory {self.root} is in use by another runner (pid {holder}); "
+                "wait for it to finish or set run.dir to another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        self.ledger = Ledger(self.root / LEDGER)
+        return self.ledger
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.root / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def read_ledger(root: Path) -> Ledger | None:
+    """The ledger of a run directory for reading (status), without taking the lock."""
+    path = root / LEDGER
+    return Ledger(path, readonly=True) if path.exists() else None
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

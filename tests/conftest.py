@@ -1,0 +1,99 @@
+"""Shared fixtures: one local Ray for the whole session, and a way to call the CLI in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SPECS = ROOT / "tests" / "specs"
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """One local Ray for every test that needs it: 2 CPUs, 4 logical GPUs, a small store.
+
+    Yields its address, so subprocess runners can join it with cluster=ray instead of paying
+    for a Ray start of their own."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=4, object_store_memory=128 << 20, include_dashboard=False,
+             log_to_driver=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class Result:
+    """What a user sees of one `runner` invocation."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    """Run `runner ARGS` in this process (sharing the session's Ray when one is up)."""
+    from runner.cli import main
+
+    monkeypatch.chdir(ROOT)
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = main(["--config-dir", str(TEST_SPECS), "run.progress=off", *args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def runner_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `python -m runner ARGS` as a user would, from the repository root."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "--config-dir", str(TEST_SPECS), "run.progress=log", *args],
+        cwd=ROOT, env={**os.environ, **(env or {})}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
+    """Run `python -m runner ARGS` to its end."""
+    proc = runner_process(*args, env=env)
+    out, err = proc.communicate(timeout=timeout)
+    return Result(proc.returncode, out, err)
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `check` until true; fail the test if it never is (a bound, not a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def cpus_free_again() -> bool:
+    """True once every CPU of the session Ray is free (every actor of a run is gone)."""
+    import ray
+
+    return bool(ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"])

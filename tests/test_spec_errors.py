@@ -1,0 +1,134 @@
+"""A bad spec exits 2 with one message naming file, key, value and what is allowed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import run_runner
+
+SPEC = "tests/specs/pipeline"
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "message"),
+    [
+        pytest.param(
+            "bad_kind",
+            f"{SPEC}/bad_kind.yaml: pipeline.stages.check.kind: = 'pol': unknown stage kind; "
+            "did you mean 'pool'? (allowed: ",
+            id="unknown_stage_kind",
+        ),
+        pytest.param(
+            "bad_key",
+            f"{SPEC}/bad_key.yaml: pipeline.stages.check.num_workrs: unknown key; "
+            "did you mean 'num_workers'? (allowed: batch_size, cpus_per_worker,",
+            id="unknown_key",
+        ),
+        pytest.param(
+            "bad_type",
+            f"{SPEC}/bad_type.yaml: pipeline.stages.check.num_workers: = 'many': "
+            "expected an integer",
+            id="wrong_type",
+        ),
+        pytest.param(
+            "bad_count",
+            f"{SPEC}/bad_count.yaml: pipeline.stages.check.num_workers: = 0: must be >= 1",
+            id="zero_count",
+        ),
+        pytest.param(
+            "bad_count",
+            f"{SPEC}/bad_count.yaml: pipeline.stages.check.retries: = -1: must be >= 0",
+            id="negative_count",
+        ),
+        pytest.param(
+            "bad_needs",
+            f"{SPEC}/bad_needs.yaml: pipeline.stages.second.needs: = 'frist': no such stage; "
+            "did you mean 'first'? (stages: first)",
+            id="needs_missing_stage",
+        ),
+        pytest.param(
+            "bad_cycle",
+            f"{SPEC}/bad_cycle.yaml: pipeline.stages.a.needs: dependency cycle: a -> b -> a",
+            id="dependency_cycle",
+        ),
+        pytest.param(
+            "bad_target",
+            f"{SPEC}/bad_target.yaml: pipeline.stages.check.worker._target_: = "
+            "'tests.workers.NoSuchWorker': cannot import: module 'tests.workers' has no "
+            "attribute 'NoSuchWorker'",
+            id="target_not_importable",
+        ),
+        pytest.param(
+            "bad_cpus",
+            f"{SPEC}/bad_cpus.yaml: pipeline.stages.check.cpus_per_worker: = 0: must be >= 0.01",
+            id="cpus_per_worker_out_of_range",
+        ),
+        pytest.param(
+            "bad_items",
+            f"{SPEC}/bad_items.yaml: pipeline.stages.check.items.file: = "
+            "'data/no_such_file.jsonl': no such file",
+            id="items_source_missing",
+        ),
+        pytest.param(
+            "too_big",
+            "plan cannot run on this cluster (1 problem):\n  - pipeline.stages.check: one worker "
+            "needs 64 CPU, more than any node has: 64 CPUs wanted, 2 available on the largest node",
+            id="more_than_the_cluster_can_give",
+        ),
+    ],
+)
+def test_invalid_spec_exits_2_with_its_message(pipeline: str, message: str) -> None:
+    result = run_runner(f"pipeline={pipeline}", "cluster.num_cpus=2")
+    assert result.code == 2, result.text
+    assert message in result.err
+    assert "Traceback" not in result.text
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    result = run_runner("pipeline=many_problems")
+    assert result.code == 2
+    assert "invalid spec (4 problems):" in result.err
+    for key in ("num_workers: = -2", "step_timeout: = 'soon'", "worker._target_: = 'no_such",
+                "items.glob: = 'nothing/*.txt': matches no files"):
+        assert key in result.err
+
+
+def test_a_bad_override_is_named_as_the_command_line() -> None:
+    result = run_runner("pipeline=numbers", "pipeline.stages.scale.num_workers=-3",
+                        "++pipeline.stages.scale.retries=x")
+    assert result.code == 2
+    assert ("command line 'pipeline.stages.scale.num_workers=-3': "
+            "pipeline.stages.scale.num_workers: = -3: must be >= 1") in result.err
+    assert ("command line '++pipeline.stages.scale.retries=x': pipeline.stages.scale.retries: "
+            "= 'x': expected an integer") in result.err
+
+
+def test_a_bad_spec_starts_no_ray() -> None:
+    code = (
+        "import sys; from runner.cli import main; c = main(['--config-dir', 'tests/specs', "
+        "'pipeline=bad_kind']); print('ray started:', 'ray' in sys.modules and "
+        "sys.modules['ray'].is_initialized()); sys.exit(c)"
+    )
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "ray started: False" in proc.stdout
+
+
+def test_full_error_env_shows_the_traceback() -> None:
+    result = run_runner("pipeline=bad_kind", env={"RUNNER_FULL_ERROR": "1"})
+    assert result.code == 2
+    assert "Traceback" in result.err
+    assert "unknown stage kind" in result.err
+
+
+def test_unknown_pipeline_is_a_usage_error() -> None:
+    result = run_runner("pipeline=no_such_pipeline")
+    assert result.code == 2
+    assert re.search(r"Could not find 'pipeline/no_such_pipeline'", result.err)

@@ -1,0 +1,57 @@
+"""The run directory: one runner at a time, atomic outputs, the leftovers of a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import procs
+from runner.errors import RunLockedError
+from runner.store import RunStore, atomic_path
+
+
+def test_the_lock_admits_one_runner_and_names_the_holder(tmp_path: Path) -> None:
+    first = RunStore(tmp_path)
+    first.open()
+    with pytest.raises(RunLockedError, match=f"in use by another runner \\(pid {os.getpid()}\\)"):
+        RunStore(tmp_path).open()
+    first.close()
+    second = RunStore(tmp_path)
+    second.open()
+    second.close()
+
+
+def test_a_failed_write_leaves_no_output(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recorded_leftovers_are_ended_and_nothing_else(tmp_path: Path) -> None:
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = tmp_path / "ray-processes.json"
+        procs.record_children(record)
+        entries = json.loads(record.read_text())
+        # keep only `ours` as if it alone were started by the earlier run
+        record.write_text(json.dumps([e for e in entries if e[0] == ours.pid]))
+        assert procs.reap_recorded(record) == 1
+        ours.wait(timeout=10)
+        time.sleep(0.1)
+        assert bystander.poll() is None
+        assert not record.exists()
+    finally:
+        for p in (ours, bystander):
+            p.kill()
+            p.wait()
