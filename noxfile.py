@@ -36,6 +36,12 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against raw Ray and plain Python, saved as JSON for comparison."""
     session.install("-e", ".[test]")
     session.run(
-        "pytest", "benchmarks", "--benchmark-only", "--benchmark-autosave",
-        "--benchmark-columns=min,median,mean,rounds", "-p", "no:cacheprovider", *session.posargs,
+        "pytest",
+        "benchmarks",
+        "--benchmark-only",
+        "--benchmark-autosave",
+        "--benchmark-columns=min,median,mean,rounds",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
     )

@@ -47,7 +47,9 @@ class Resources:
             parts.append(f"{gib(self.memory)} memory wanted, {gib(capacity.memory)} available")
         have = dict(capacity.custom)
         parts += [
-            f"{v:g} {k} wanted, {have.get(k, 0):g} available" for k, v in self.custom if v > have.get(k, 0)
+            f"{v:g} {k} wanted, {have.get(k, 0):g} available"
+            for k, v in self.custom
+            if v > have.get(k, 0)
         ]
         return ", ".join(parts)
 

@@ -26,8 +26,14 @@ def ray_session() -> Iterator[str]:
     for a Ray start of their own."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=4, object_store_memory=128 << 20, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=2,
+        num_gpus=4,
+        object_store_memory=128 << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -48,7 +54,9 @@ class Result:
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+def cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Result]:
     """Run `runner ARGS` in this process (sharing the session's Ray when one is up)."""
     from runner.cli import main
 
@@ -66,9 +74,20 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
 def runner_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start `python -m runner ARGS` as a user would, from the repository root."""
     return subprocess.Popen(
-        [sys.executable, "-m", "runner", "--config-dir", str(TEST_SPECS), "run.progress=log", *args],
-        cwd=ROOT, env={**os.environ, **(env or {})}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "--config-dir",
+            str(TEST_SPECS),
+            "run.progress=log",
+            *args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 

@@ -17,8 +17,12 @@ def test_help_explains_usage_modes_and_pipelines() -> None:
 
 
 def test_python_dash_m_runner_is_the_same_program() -> None:
-    proc = subprocess.run([sys.executable, "-m", "runner", "pipeline=demo", "--cfg", "job"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "pipeline=demo", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "_target_: runner.examples.pychecker.PyChecker" in proc.stdout
     assert "name: demo" in proc.stdout
@@ -28,8 +32,12 @@ def test_the_console_script_is_installed() -> None:
     from pathlib import Path
 
     script = Path(sys.executable).parent / "runner"
-    proc = subprocess.run([str(script), "pipeline=demo", "mode=plan", "run.dir=/nonexistent/never"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(script), "pipeline=demo", "mode=plan", "run.dir=/nonexistent/never"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "plan for pipeline 'demo'" in proc.stdout
 
@@ -51,9 +59,20 @@ def test_a_users_own_spec_directory_joins_the_search_path(tmp_path) -> None:
         "name: mine\nstages:\n  check:\n    num_workers: ${oc.env:MY_WORKERS,3}\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "runner", "--config-dir", str(tmp_path), "pipeline=mine",
-         "mode=plan", "cluster.num_cpus=6"],
-        cwd=ROOT, capture_output=True, text=True, env={"MY_WORKERS": "4", "PATH": "/usr/bin"},
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "--config-dir",
+            str(tmp_path),
+            "pipeline=mine",
+            "mode=plan",
+            "cluster.num_cpus=6",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"MY_WORKERS": "4", "PATH": "/usr/bin"},
     )
     assert proc.returncode == 0, proc.stderr
     assert "worker: 1.35 CPU each; 4 wanted, 4 fit at once" in proc.stdout

@@ -26,8 +26,12 @@ def done_units(run_dir: Path) -> int:
 
 
 def test_sigkill_mid_pychecker_then_rerun_finishes_the_rest_once(ray_session, tmp_path) -> None:
-    args = ("pipeline=pychecker", "cluster=ray", f"run.dir={tmp_path}",
-            "pipeline.stages.check.num_workers=2")
+    args = (
+        "pipeline=pychecker",
+        "cluster=ray",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.check.num_workers=2",
+    )
     env = {"RAY_ADDRESS": ray_session}
     proc = runner_process(*args, env=env)
     wait_until(lambda: done_units(tmp_path) >= 10, timeout=90, what="10 checked items")
@@ -43,8 +47,9 @@ def test_sigkill_mid_pychecker_then_rerun_finishes_the_rest_once(ray_session, tm
     assert table["id"].is_unique
     loops = table[table["id"].str.endswith("-loop")]
     assert set(loops["status"]) == {"timeout"}
-    assert set(table[table["id"].str.endswith("-correct")]["result"].map(lambda r: r["score"])) \
-        == {1.0}
+    assert set(table[table["id"].str.endswith("-correct")]["result"].map(lambda r: r["score"])) == {
+        1.0
+    }
     assert summary(tmp_path)["stages"]["check"]["skipped"] >= first
 
 
@@ -55,9 +60,13 @@ def test_sigkill_mid_pychecker_then_rerun_finishes_the_rest_once(ray_session, tm
 def test_a_signal_cancels_running_units_and_exits_with_its_code(
     ray_session: str, tmp_path: Path, sig: int, code: int
 ) -> None:
-    args = ("pipeline=misbehave", f"run.dir={tmp_path}",
-            "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
-            "+pipeline.stages.work.worker.seconds=0.5", "pipeline.stages.work.items.range=400")
+    args = (
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
+        "+pipeline.stages.work.worker.seconds=0.5",
+        "pipeline.stages.work.items.range=400",
+    )
     proc = runner_process(*args, "cluster=ray", env={"RAY_ADDRESS": ray_session})
     wait_until(lambda: done_units(tmp_path) >= 2, timeout=60, what="some finished items")
     proc.send_signal(sig)

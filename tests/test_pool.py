@@ -25,8 +25,7 @@ def test_a_pipeline_runs_and_writes_every_result_once(cli, tmp_path: Path) -> No
     assert set(scaled["status"]) == {"done"}
     described = results(tmp_path, "describe")
     assert len(described) == 50
-    assert described.set_index("id").loc["7", "result"] == {"value": 21, "even": False,
-                                                             "digits": 2}
+    assert described.set_index("id").loc["7", "result"] == {"value": 21, "even": False, "digits": 2}
     stages = summary(tmp_path)["stages"]
     assert stages["scale"]["done"] == 50 and stages["describe"]["done"] == 50
     assert "run succeeded" in res.err + res.out
@@ -35,8 +34,12 @@ def test_a_pipeline_runs_and_writes_every_result_once(cli, tmp_path: Path) -> No
 
 def test_a_rerun_skips_finished_work_and_resource_changes_rerun_nothing(cli, tmp_path) -> None:
     assert cli("pipeline=numbers", f"run.dir={tmp_path}").code == 0
-    again = cli("pipeline=numbers", f"run.dir={tmp_path}",
-                "pipeline.stages.scale.num_workers=1", "mode=plan")
+    again = cli(
+        "pipeline=numbers",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.scale.num_workers=1",
+        "mode=plan",
+    )
     assert "skip     50  done" in again.out
     assert "run " not in again.out.split("stage scale")[1].split("stage")[0]
     rerun = cli("pipeline=numbers", f"run.dir={tmp_path}", "pipeline.stages.scale.num_workers=1")
@@ -47,16 +50,26 @@ def test_a_rerun_skips_finished_work_and_resource_changes_rerun_nothing(cli, tmp
 
 def test_changing_a_worker_argument_reruns_the_stage_and_what_needs_it(cli, tmp_path) -> None:
     assert cli("pipeline=numbers", f"run.dir={tmp_path}").code == 0
-    plan = cli("pipeline=numbers", f"run.dir={tmp_path}", "pipeline.stages.scale.worker.factor=4",
-               "mode=plan")
+    plan = cli(
+        "pipeline=numbers",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.scale.worker.factor=4",
+        "mode=plan",
+    )
     assert "run      50  changed: pipeline.stages.scale.worker.factor" in plan.out
     assert "run all: known when 'scale' has run" in plan.out
-    assert cli("pipeline=numbers", f"run.dir={tmp_path}",
-               "pipeline.stages.scale.worker.factor=4").code == 0
+    assert (
+        cli("pipeline=numbers", f"run.dir={tmp_path}", "pipeline.stages.scale.worker.factor=4").code
+        == 0
+    )
     assert (results(tmp_path, "scale")["result"] == results(tmp_path, "scale")["input"] * 4).all()
     assert summary(tmp_path)["stages"]["describe"]["done"] == 50
-    replan = cli("pipeline=numbers", f"run.dir={tmp_path}", "pipeline.stages.scale.worker.factor=4",
-                 "mode=plan")
+    replan = cli(
+        "pipeline=numbers",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.scale.worker.factor=4",
+        "mode=plan",
+    )
     assert "skip     50  done" in replan.out.split("stage describe")[1]
 
 
@@ -67,9 +80,14 @@ def test_fresh_reruns_everything(cli, tmp_path: Path) -> None:
 
 
 def test_an_item_past_step_timeout_is_recorded_and_its_worker_freed(cli, tmp_path) -> None:
-    res = cli("pipeline=misbehave", f"run.dir={tmp_path}", "+pipeline.stages.work.step_timeout=1",
-              "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
-              "+pipeline.stages.work.worker.hang=[3]", "pipeline.stages.work.max_failures=1")
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "+pipeline.stages.work.step_timeout=1",
+        "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
+        "+pipeline.stages.work.worker.hang=[3]",
+        "pipeline.stages.work.max_failures=1",
+    )
     assert res.code == 0, res.text
     table = results(tmp_path, "work").set_index("id")
     assert table.loc["3", "status"] == "timeout"
@@ -80,9 +98,13 @@ def test_an_item_past_step_timeout_is_recorded_and_its_worker_freed(cli, tmp_pat
 
 
 def test_a_crashed_worker_is_replaced_and_only_its_item_spends_retries(cli, tmp_path) -> None:
-    res = cli("pipeline=misbehave", f"run.dir={tmp_path}", "pipeline.stages.work.max_failures=1",
-              "pipeline.stages.work.worker._target_=tests.workers.Crashy",
-              "+pipeline.stages.work.worker.crash=[5]")
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.max_failures=1",
+        "pipeline.stages.work.worker._target_=tests.workers.Crashy",
+        "+pipeline.stages.work.worker.crash=[5]",
+    )
     assert res.code == 0, res.text
     table = results(tmp_path, "work").set_index("id")
     assert table.loc["5", "status"] == "failed"
@@ -94,9 +116,12 @@ def test_a_crashed_worker_is_replaced_and_only_its_item_spends_retries(cli, tmp_
 
 
 def test_failures_beyond_max_failures_exit_1_after_all_other_work(cli, tmp_path) -> None:
-    res = cli("pipeline=misbehave", f"run.dir={tmp_path}",
-              "pipeline.stages.work.worker._target_=tests.workers.Faulty",
-              "+pipeline.stages.work.worker.fail=[2,4]")
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.worker._target_=tests.workers.Faulty",
+        "+pipeline.stages.work.worker.fail=[2,4]",
+    )
     assert res.code == 1
     assert "2 item(s) failed or timed out; max_failures allows 0" in res.text
     table = results(tmp_path, "work").set_index("id")
@@ -109,15 +134,22 @@ def test_failures_beyond_max_failures_exit_1_after_all_other_work(cli, tmp_path)
 
 
 def test_max_failures_as_a_fraction_tolerates_some(cli, tmp_path: Path) -> None:
-    res = cli("pipeline=misbehave", f"run.dir={tmp_path}", "pipeline.stages.work.max_failures=0.2",
-              "pipeline.stages.work.worker._target_=tests.workers.Faulty",
-              "+pipeline.stages.work.worker.fail=[2,4]")
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.max_failures=0.2",
+        "pipeline.stages.work.worker._target_=tests.workers.Faulty",
+        "+pipeline.stages.work.worker.fail=[2,4]",
+    )
     assert res.code == 0, res.text
 
 
 def test_a_worker_that_cannot_start_fails_its_stage_with_the_reason(cli, tmp_path) -> None:
-    res = cli("pipeline=misbehave", f"run.dir={tmp_path}",
-              "pipeline.stages.work.worker._target_=tests.workers.BrokenInit")
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.worker._target_=tests.workers.BrokenInit",
+    )
     assert res.code == 1
     assert "worker tests.workers.BrokenInit failed to start" in res.text
     assert "model.bin not found" in res.text
@@ -147,8 +179,12 @@ def test_items_from_a_list_a_glob_and_a_csv(cli, tmp_path: Path) -> None:
         (f"{{file: '{tmp_path}/rows.csv', id: key}}", ["a", "b"]),
     ):
         run_dir = tmp_path / f"run{len(ids)}{ids[0][-1]}"
-        res = cli("pipeline=misbehave", f"run.dir={run_dir}", "~pipeline.stages.work.items",
-                  f"+pipeline.stages.work.items={items}")
+        res = cli(
+            "pipeline=misbehave",
+            f"run.dir={run_dir}",
+            "~pipeline.stages.work.items",
+            f"+pipeline.stages.work.items={items}",
+        )
         assert res.code == 0, res.text
         assert list(results(run_dir, "work")["id"]) == ids
 
@@ -160,4 +196,4 @@ def test_status_reports_the_ledger(cli, tmp_path: Path) -> None:
     status = cli("pipeline=numbers", f"run.dir={tmp_path}", "mode=status")
     assert status.code == 0
     lines = [ln.split() for ln in status.out.splitlines()]
-    assert ["scale", "pool", "done", "50", "0", "0", "0"] == lines[2][:7]
+    assert lines[2][:7] == ["scale", "pool", "done", "50", "0", "0", "0"]

@@ -63,9 +63,7 @@ def test_ageing_lets_a_long_waiting_low_priority_claim_overtake() -> None:
     s.release(held)
     with s._cond:
         s._admit()
-    granted = [r.owner for r in s._waiting if r.grant] + [
-        "old-low" if s.free().cpus == 0 else ""
-    ]
+    granted = [r.owner for r in s._waiting if r.grant] + ["old-low" if s.free().cpus == 0 else ""]
     assert "old-low" in granted
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from runner.sizing import CONCURRENCY_ENV, CPUS_ENV, auto_cpus, cpus_per_worker, fits, max_concurrency
+from runner.sizing import (
+    CONCURRENCY_ENV,
+    CPUS_ENV,
+    auto_cpus,
+    cpus_per_worker,
+    fits,
+    max_concurrency,
+)
 from tests.conftest import run_runner
 
 
@@ -35,8 +42,12 @@ def test_fixed_0_4_cpus_fit_500_workers_on_200_cpus() -> None:
 
 
 def test_plan_shows_the_200_cpu_sizing_table_without_starting_workers() -> None:
-    base = ("pipeline=pychecker", "mode=plan", "cluster.num_cpus=200",
-            "pipeline.stages.check.num_workers=1800")
+    base = (
+        "pipeline=pychecker",
+        "mode=plan",
+        "cluster.num_cpus=200",
+        "pipeline.stages.check.num_workers=1800",
+    )
     fixed = run_runner(*base, "pipeline.stages.check.cpus_per_worker=0.4")
     assert fixed.code == 0, fixed.text
     assert "worker: 0.4 CPU each; 1800 wanted, 500 fit at once" in fixed.out
@@ -47,10 +58,16 @@ def test_plan_shows_the_200_cpu_sizing_table_without_starting_workers() -> None:
     assert "check: cpus_per_worker=0.1 (auto: total_cpus=200, num_workers=1800)" in auto.out
 
     for workers, cpus in ((512, "0.35"), (100, "1.8")):
-        res = run_runner("pipeline=pychecker", "mode=plan", "cluster.num_cpus=200",
-                         f"pipeline.stages.check.num_workers={workers}")
-        assert f"check: cpus_per_worker={cpus} (auto: total_cpus=200, num_workers={workers})" \
+        res = run_runner(
+            "pipeline=pychecker",
+            "mode=plan",
+            "cluster.num_cpus=200",
+            f"pipeline.stages.check.num_workers={workers}",
+        )
+        assert (
+            f"check: cpus_per_worker={cpus} (auto: total_cpus=200, num_workers={workers})"
             in res.out
+        )
 
 
 def test_a_bad_env_override_is_a_clear_error() -> None:

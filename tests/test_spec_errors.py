@@ -90,19 +90,30 @@ def test_every_problem_is_reported_at_once() -> None:
     result = run_runner("pipeline=many_problems")
     assert result.code == 2
     assert "invalid spec (4 problems):" in result.err
-    for key in ("num_workers: = -2", "step_timeout: = 'soon'", "worker._target_: = 'no_such",
-                "items.glob: = 'nothing/*.txt': matches no files"):
+    for key in (
+        "num_workers: = -2",
+        "step_timeout: = 'soon'",
+        "worker._target_: = 'no_such",
+        "items.glob: = 'nothing/*.txt': matches no files",
+    ):
         assert key in result.err
 
 
 def test_a_bad_override_is_named_as_the_command_line() -> None:
-    result = run_runner("pipeline=numbers", "pipeline.stages.scale.num_workers=-3",
-                        "++pipeline.stages.scale.retries=x")
+    result = run_runner(
+        "pipeline=numbers",
+        "pipeline.stages.scale.num_workers=-3",
+        "++pipeline.stages.scale.retries=x",
+    )
     assert result.code == 2
-    assert ("command line 'pipeline.stages.scale.num_workers=-3': "
-            "pipeline.stages.scale.num_workers: = -3: must be >= 1") in result.err
-    assert ("command line '++pipeline.stages.scale.retries=x': pipeline.stages.scale.retries: "
-            "= 'x': expected an integer") in result.err
+    assert (
+        "command line 'pipeline.stages.scale.num_workers=-3': "
+        "pipeline.stages.scale.num_workers: = -3: must be >= 1"
+    ) in result.err
+    assert (
+        "command line '++pipeline.stages.scale.retries=x': pipeline.stages.scale.retries: "
+        "= 'x': expected an integer"
+    ) in result.err
 
 
 def test_a_bad_spec_starts_no_ray() -> None:

@@ -37,8 +37,9 @@ def test_a_failed_write_leaves_no_output(tmp_path: Path) -> None:
 
 
 def test_recorded_leftovers_are_ended_and_nothing_else(tmp_path: Path) -> None:
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            start_new_session=True)
+    ours = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         record = tmp_path / "ray-processes.json"

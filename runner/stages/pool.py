@@ -378,13 +378,19 @@ class PoolRun:
     def _dispatch(self) -> None:
         for w in self.workers:
             while not w.draining and len(w.inflight) < self.depth and self.queue:
-                batch = self._take()
+                if self.queue[0].suspect:
+                    # a suspect runs alone on its actor: if the actor dies, it was the culprit
+                    if w.inflight:
+                        break
+                    batch = [self.queue.popleft()]
+                else:
+                    batch = self._take()
                 ref = w.handle.run.remote([(i.unit.id, i.unit.payload) for i in batch])
                 w.inflight[ref] = batch
+                if batch[0].suspect:
+                    break
 
     def _take(self) -> list[_Item]:
-        if self.queue[0].suspect:
-            return [self.queue.popleft()]
         size = self._batch_size()
         batch: list[_Item] = []
         while self.queue and len(batch) < size and not self.queue[0].suspect:
@@ -472,32 +478,29 @@ class PoolRun:
             self.ctx.progress.advance(self.stage.name, done=int(ok), failed=int(not ok))
 
     def _worker_died(self, worker: _Worker, batch: list[_Item], exc: Exception) -> None:
+        """Requeue what the dead actor held; only an item that ran alone on it is charged."""
         if _creation_failed(exc):
-            self.start_error = f"worker {self.spec.worker.get('_target_')} failed to start: " + (
-                _first_line(exc)
-            )
-        for item in batch:
-            if item.suspect or len(batch) == 1:
-                item.attempts += 1
-                if item.attempts > self.spec.retries:
-                    self._finish(
-                        item,
-                        UnitState.failed,
-                        None,
-                        None,
-                        None,
-                        "worker process died while running this item",
-                    )
-                    continue
+            target = self.spec.worker.get("_target_")
+            self.start_error = f"worker {target} failed to start: {_first_line(exc)}"
+        held = [batch, *worker.inflight.values()]
+        worker.inflight.clear()
+        worker.draining = True
+        if len(held) == 1 and len(batch) == 1 and batch[0].suspect:
+            item = batch[0]
+            item.attempts += 1
+            if item.attempts > self.spec.retries:
+                self._finish(
+                    item,
+                    UnitState.failed,
+                    None,
+                    None,
+                    None,
+                    "worker process died while running this item",
+                )
+                return
+        for item in reversed([i for b in held for i in b]):
             item.suspect = True
             self.queue.appendleft(item)
-        if worker in self.workers:
-            worker.draining = True
-            for other_ref, other in list(worker.inflight.items()):
-                del worker.inflight[other_ref]
-                for item in other:
-                    item.suspect = True
-                    self.queue.appendleft(item)
 
     def _retire_drained(self) -> None:
         import ray
