@@ -125,7 +125,10 @@ class RootConfig:
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
 
 
-STAGE_KINDS: dict[str, type[StageSpec]] = {"pool": PoolStage}
+# every stage kind's schema, by the name users write as `kind:`
+STAGE_KINDS: dict[str, type[StageSpec]] = {
+    "pool": PoolStage,
+}
 
 
 def register_configs() -> None:

@@ -5,4 +5,6 @@ from __future__ import annotations
 from runner.stages import pool
 from runner.stages.base import StageKind
 
-KINDS: dict[str, StageKind] = {"pool": pool.KIND}
+KINDS: dict[str, StageKind] = {
+    "pool": pool.KIND,
+}
