@@ -94,7 +94,9 @@ def test_an_item_past_step_timeout_is_recorded_and_its_worker_freed(cli, tmp_pat
     assert table.loc["3", "error"] == "step_timeout 1s exceeded"
     assert table.loc["3", "attempts"] == 1
     assert (table.drop("3")["status"] == "done").all()
-    wait_until(cpus_free_again, what="the hung worker to be killed")
+    hung_pid = int(table.loc["3", "worker"].rsplit(":", 1)[1])
+    wait_until(lambda: not Path(f"/proc/{hung_pid}").exists(), what="the hung worker to exit")
+    wait_until(cpus_free_again, what="its CPUs to be free")
 
 
 def test_a_crashed_worker_is_replaced_and_only_its_item_spends_retries(cli, tmp_path) -> None:

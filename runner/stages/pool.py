@@ -14,11 +14,13 @@ import importlib
 import logging
 import math
 import os
+import queue
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +154,7 @@ class PoolActor:
 
         self._fn = instantiate(worker, _convert_="all")
         self._timeout = step_timeout
-        self._threads = ThreadPoolExecutor(threads) if step_timeout else None
+        self._threads = _DaemonThreads(threads) if step_timeout else None
         # set once an item overran step_timeout: its thread is stuck, so take no more items
         self._poisoned = False
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -177,7 +179,7 @@ class PoolActor:
     def _one(self, payload: Any) -> tuple[str, Any]:
         if self._threads is None:
             return _call(self._fn, payload)
-        future = self._threads.submit(_call, self._fn, payload)
+        future = self._threads.submit(self._fn, payload)
         try:
             return future.result(timeout=self._timeout)
         except FutureTimeout:
@@ -200,6 +202,28 @@ class PoolActor:
             "poisoned": poisoned,
             "worker": self.name,
         }
+
+
+class _DaemonThreads:
+    """Runs calls on daemon threads: a stuck item must never keep the actor process alive
+    at exit (ThreadPoolExecutor joins its threads, so a killed actor would linger)."""
+
+    def __init__(self, count: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[tuple[str, Any]], Any, Any]] = (
+            queue.SimpleQueue()
+        )
+        for n in range(count):
+            threading.Thread(target=self._serve, name=f"item-{n}", daemon=True).start()
+
+    def submit(self, fn: Any, payload: Any) -> Future[tuple[str, Any]]:
+        future: Future[tuple[str, Any]] = Future()
+        self._jobs.put((future, fn, payload))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, payload = self._jobs.get()
+            future.set_result(_call(fn, payload))
 
 
 def _call(fn: Any, payload: Any) -> tuple[str, Any]:

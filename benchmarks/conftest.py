@@ -1,0 +1,56 @@
+"""Benchmark plumbing: one local Ray for the session, and a ratio table at the end.
+
+Each benchmark times runner with pytest-benchmark and its baseline (raw Ray or plain Python)
+in the same test, on the same machine, in the same minute, and records both in `extra_info`,
+so the ratio holds on a noisy shared machine where absolute times do not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+_rows: list[tuple[str, float, float]] = []
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=128 << 20, include_dashboard=False,
+             log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def compare(benchmark: Any) -> Callable[..., None]:
+    """compare(runner_fn, baseline_fn, rounds): time both, record the ratio runner/baseline."""
+
+    def run(runner_fn: Callable[[], Any], baseline_fn: Callable[[], Any], rounds: int = 3) -> None:
+        baseline = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            baseline_fn()
+            baseline.append(time.perf_counter() - t0)
+        benchmark.pedantic(runner_fn, rounds=rounds, iterations=1, warmup_rounds=0)
+        ours = benchmark.stats.stats.median
+        base = statistics.median(baseline)
+        benchmark.extra_info.update(baseline_median_s=base, ratio=ours / base)
+        _rows.append((benchmark.name, ours, base))
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _rows:
+        return
+    tr = terminalreporter
+    tr.section("runner vs baseline (median seconds; ratio < 1 means runner is faster)")
+    tr.write_line(f"{'benchmark':<52} {'runner':>10} {'baseline':>10} {'ratio':>7}")
+    for name, ours, base in _rows:
+        tr.write_line(f"{name:<52} {ours:>10.4f} {base:>10.4f} {ours / base:>7.2f}")
