@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner import cluster as clusters
-from runner import procs, report
+from runner import procs, report, sweep, timeline
 from runner.errors import RunnerError
 from runner.execute import execute
 from runner.plan import Plan, StagePlanner, make_plan
@@ -26,6 +26,7 @@ from runner.schema import Mode, register_configs
 from runner.spec import Origins, Spec, load
 from runner.stages import KINDS
 from runner.store import RAY_PIDS, RunStore, read_ledger
+from runner.timeline import PICTURE
 
 log = logging.getLogger("runner")
 
@@ -52,6 +53,8 @@ def run_task(cfg: DictConfig) -> int:
             return _status(spec)
         if spec.mode is Mode.plan:
             return _plan_only(spec)
+        if spec.mode is Mode.report:
+            return _report(spec)
         return _run(spec)
     except RunnerError as exc:
         if os.environ.get("RUNNER_FULL_ERROR"):
@@ -75,6 +78,21 @@ def _status(spec: Spec) -> int:
         print(f"{run_dir}: no run yet (run `runner pipeline={spec.pipeline.name}` first)")
         return 0
     print(report.format_status(ledger, str(run_dir)))
+    return 0
+
+
+def _report(spec: Spec) -> int:
+    run_dir = Path(spec.run.dir)
+    ledger = read_ledger(run_dir)
+    picture = (
+        timeline.draw_run(ledger, f"{spec.pipeline.name} {run_dir}", run_dir / PICTURE)
+        if ledger
+        else None
+    )
+    if picture is None:
+        print(f"{run_dir}: no run to draw yet (run `runner pipeline={spec.pipeline.name}` first)")
+        return 0
+    print(f"wrote {picture}")
     return 0
 
 
@@ -145,6 +163,7 @@ def _origins() -> Origins | None:
 
 
 OmegaConf.register_new_resolver("runner_specs", lambda: f"file://{SPECS_DIR}", replace=True)
+OmegaConf.register_new_resolver("runner_run_dir", sweep.run_dir, replace=True)
 register_configs()
 _hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
 

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
+from runner import timeline
 from runner.errors import Interrupted
 from runner.plan import Plan, PlanContext, StagePlan
 from runner.progress import Progress
@@ -24,6 +25,7 @@ from runner.scheduler import Scheduler
 from runner.spec import Pipeline
 from runner.stages.base import RunContext, StageKind, StageOutcome
 from runner.store import SUMMARY, Ledger, RunStore, write_json
+from runner.timeline import PICTURE
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +170,21 @@ def execute(
     progress = Progress(progress_mode)
     ctx = RunContext(store, ledger, scheduler, plan.cluster, stop, progress)
     started = time.monotonic()
+    run_started = ledger.start_run()
     with stop_on_signals(stop) as caught:
         try:
             outcomes = Executor(plan, pipeline, kinds, ctx, fresh).run()
         finally:
             progress.close()
     summary = make_summary(plan, outcomes, time.monotonic() - started)
+    picture = timeline.draw_run(ledger, f"{plan.pipeline} {store.root}", store.root / PICTURE)
+    summary["timeline"] = str(picture) if picture else None
     write_json(store.root / SUMMARY, summary)
+    code = 128 + caught[0] if caught else 0 if all(o.ok for o in outcomes.values()) else 1
+    ledger.end_run(run_started, code)
     if caught:
         raise Interrupted(caught[0])
-    return (0 if all(o.ok for o in outcomes.values()) else 1), summary
+    return code, summary
 
 
 def make_summary(plan: Plan, outcomes: Mapping[str, StageOutcome], wall: float) -> dict[str, Any]:

@@ -77,6 +77,8 @@ def format_summary(summary: dict[str, Any], run_dir: str) -> str:
             lines.append(f"{name}: {s['message']}")
         for out in s["outputs"]:
             lines.append(f"{name}: wrote {out}")
+    if summary.get("timeline"):
+        lines.append(f"timeline: {summary['timeline']}")
     state = "succeeded" if summary["ok"] else "did not succeed"
     lines.append(f"run {state} in {summary['wall_s']:.1f}s; run dir {run_dir}")
     return "\n".join(lines)

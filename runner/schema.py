@@ -22,6 +22,7 @@ class Mode(Enum):
     run = "run"
     plan = "plan"
     status = "status"
+    report = "report"
 
 
 def resource(default: Any = MISSING, **limits: Any) -> Any:
@@ -118,7 +119,7 @@ class PipelineSpec:
 class RootConfig:
     """The primary config, `conf/config.yaml`."""
 
-    # run | plan | status
+    # run | plan | status | report (redraw the timeline picture of the last run)
     mode: Mode = Mode.run
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

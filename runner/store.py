@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,20 @@ class UnitRow:
     result: Any = None
 
 
+@dataclass(slots=True)
+class Event:
+    """A moment in a unit's life worth drawing: an attempt that ended early (kind `attempt`,
+    from `started` to `time`, outcome in `detail`), a `preempted` or `retry` mark."""
+
+    stage: str
+    unit: str
+    kind: str
+    time: float
+    lane: str | None = None
+    detail: str | None = None
+    started: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class PriorUnit:
     """What the ledger remembers of a unit, enough to decide run or skip."""
@@ -82,6 +97,12 @@ CREATE TABLE IF NOT EXISTS units (
     started REAL, ended REAL, duration REAL, worker TEXT, error TEXT, input TEXT, result TEXT,
     PRIMARY KEY (stage, unit)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, started REAL, ended REAL, exit_code INTEGER, pid INTEGER
+);
+CREATE TABLE IF NOT EXISTS events (
+    stage TEXT, unit TEXT, kind TEXT, time REAL, lane TEXT, detail TEXT, started REAL
+);
 """
 
 
@@ -197,6 +218,47 @@ class Ledger:
                     _load(r[10]),
                     _load(r[11]),
                 )
+
+    def start_run(self) -> float:
+        """Record that a run starts now; return its start time."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("INSERT INTO runs (started, pid) VALUES (?, ?)", (now, os.getpid()))
+        return now
+
+    def end_run(self, started: float, exit_code: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE runs SET ended=?, exit_code=? WHERE started=?",
+                (time.time(), exit_code, started),
+            )
+
+    def last_run(self) -> dict[str, Any] | None:
+        """The latest run's record (started, ended, exit_code, pid), or None."""
+        keys = ("started", "ended", "exit_code", "pid")
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT started, ended, exit_code, pid FROM runs ORDER BY id DESC LIMIT 1"
+                ).fetchone()
+            except sqlite3.OperationalError:
+                return None
+        return dict(zip(keys, row, strict=True)) if row else None
+
+    def add_events(self, events: Iterable[Event]) -> None:
+        params = [(e.stage, e.unit, e.kind, e.time, e.lane, e.detail, e.started) for e in events]
+        if params:
+            with self._lock:
+                self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", params)
+
+    def events(self) -> list[dict[str, Any]]:
+        keys = ("stage", "unit", "kind", "time", "lane", "detail", "started")
+        with self._lock:
+            try:
+                rows = self._db.execute(f"SELECT {', '.join(keys)} FROM events").fetchall()
+            except sqlite3.OperationalError:  # a ledger written before events existed
+                return []
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def counts(self, stage: str) -> dict[str, int]:
         with self._lock:

@@ -64,7 +64,9 @@ def cli(
 
     def run(*args: str) -> Result:
         capsys.readouterr()
-        code = main(["--config-dir", str(TEST_SPECS), "run.progress=off", *args])
+        flags = [a for a in args if a in ("-m", "--multirun")]
+        rest = [a for a in args if a not in flags]
+        code = main([*flags, "--config-dir", str(TEST_SPECS), "run.progress=off", *rest])
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
 

@@ -158,6 +158,8 @@ class PoolActor:
         # set once an item overran step_timeout: its thread is stuck, so take no more items
         self._poisoned = False
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # CPU spent starting up (imports, building the worker) is not the units' CPU time
+        self._cpu0 = _cpu_seconds()
 
     def ready(self) -> str:
         return self.name
@@ -193,15 +195,20 @@ class PoolActor:
         t0: float,
         poisoned: bool,
     ) -> dict[str, Any]:
-        t = os.times()
         return {
             "outcomes": outcomes,
             "rest": rest,
             "busy": time.perf_counter() - t0,
-            "cpu": t.user + t.system + t.children_user + t.children_system,
+            "cpu": _cpu_seconds() - self._cpu0,
             "poisoned": poisoned,
             "worker": self.name,
         }
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and the children it has waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 class _DaemonThreads:

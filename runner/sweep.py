@@ -1,0 +1,113 @@
+"""Resumable Hydra sweeps: a stable directory per job, and a summary table at the end.
+
+Hydra names sweep directories by time, so rerunning a sweep starts over (hydra#3328). Here a
+job's run directory is named by its overrides under a sweep directory named by the pipeline,
+so the same sweep run again resumes every job. At the end, a table (printed, and
+`sweep_summary.csv` in the sweep directory) ranks the jobs best first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+SWEEP_SUMMARY = "sweep_summary.csv"
+COLUMNS = ("overrides", "ok", "wall_s", "items_per_s", "cpu_utilization", "failures", "run_dir")
+
+
+def run_dir(default: str) -> str:
+    """`run.dir`: the job's own directory in a sweep, else `default` (runs/<pipeline>)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return default
+    if hc.mode is RunMode.MULTIRUN and hc.runtime.output_dir:
+        return str(hc.runtime.output_dir)
+    return default
+
+
+class SweepSummary(Callback):
+    """Collects this sweep's jobs and writes their key figures, best first."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, Path]] = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hc = HydraConfig.get()
+        if hc.mode is RunMode.MULTIRUN:
+            hidden = set(hc.job.config.override_dirname.exclude_keys) - {"pipeline"}
+            shown = [o for o in job_return.overrides or [] if o.split("=")[0] not in hidden]
+            overrides = " ".join(shown)
+            self.jobs.append((overrides, Path(HydraConfig.get().runtime.output_dir)))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.jobs:
+            return
+        rows = sorted((figures(o, d) for o, d in self.jobs), key=_rank)
+        out = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(format_table(rows))
+        print(f"sweep summary: {out}")
+        self.jobs = []
+
+
+def figures(overrides: str, job_dir: Path) -> dict[str, Any]:
+    """A job's key figures from its summary.json (a job that never ran shows as not ok)."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(overrides=overrides, ok=False, run_dir=str(job_dir))
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return row
+    stages = summary["stages"].values()
+    done = sum(s["done"] for s in stages)
+    wall = summary["wall_s"] or 0.0
+    row.update(
+        ok=summary["ok"],
+        wall_s=wall,
+        items_per_s=round(done / wall, 2) if wall else None,
+        cpu_utilization=summary["cpu_utilization"],
+        failures=sum(s["failed"] + s["timeout"] for s in stages),
+    )
+    return row
+
+
+def _rank(row: dict[str, Any]) -> tuple[bool, float, float]:
+    return (not row["ok"], -(row["items_per_s"] or 0.0), row["wall_s"] or float("inf"))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ("#", "overrides", "ok", "wall_s", "items/s", "cpu util", "failures")
+    body = [
+        (
+            str(n),
+            r["overrides"],
+            "yes" if r["ok"] else "no",
+            _num(r["wall_s"]),
+            _num(r["items_per_s"]),
+            "-" if r["cpu_utilization"] is None else f"{100 * r['cpu_utilization']:.0f}%",
+            _num(r["failures"]),
+        )
+        for n, r in enumerate(rows, 1)
+    ]
+    widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *body]
+    )
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
