@@ -21,8 +21,13 @@ _rows: list[tuple[str, float, float]] = []
 def ray_session() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=128 << 20, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=128 << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     yield
     ray.shutdown()
 

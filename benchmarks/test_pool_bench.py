@@ -40,14 +40,21 @@ def runner_pool(target: str, n: int, *args: str) -> Callable[[], None]:
     def run() -> None:
         run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
         try:
-            code = main([
-                "--config-dir", str(ROOT / "tests" / "specs"), "pipeline=misbehave",
-                f"run.dir={run_dir}", "run.progress=off", "hydra/job_logging=disabled",
-                f"pipeline.stages.work.num_workers={WORKERS}",
-                f"pipeline.stages.work.cpus_per_worker={CPUS}",
-                f"pipeline.stages.work.worker._target_={target}",
-                f"pipeline.stages.work.items.range={n}", *args,
-            ])
+            code = main(
+                [
+                    "--config-dir",
+                    str(ROOT / "tests" / "specs"),
+                    "pipeline=misbehave",
+                    f"run.dir={run_dir}",
+                    "run.progress=off",
+                    "hydra/job_logging=disabled",
+                    f"pipeline.stages.work.num_workers={WORKERS}",
+                    f"pipeline.stages.work.cpus_per_worker={CPUS}",
+                    f"pipeline.stages.work.worker._target_={target}",
+                    f"pipeline.stages.work.items.range={n}",
+                    *args,
+                ]
+            )
             assert code == 0
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -74,13 +81,15 @@ def raw_actor_pool(cls: type, n: int, *init: object) -> Callable[[], None]:
 @pytest.mark.usefixtures("ray_session")
 def test_pool_trivial_items(compare: Callable[..., None]) -> None:
     n = 5000
-    compare(runner_pool("benchmarks.test_pool_bench.Square", n),
-            raw_actor_pool(Square, n))
+    compare(runner_pool("benchmarks.test_pool_bench.Square", n), raw_actor_pool(Square, n))
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_pool_20ms_items(compare: Callable[..., None]) -> None:
     n = 100
-    compare(runner_pool("benchmarks.test_pool_bench.Nap", n,
-                        "+pipeline.stages.work.worker.seconds=0.02"),
-            raw_actor_pool(Nap, n, 0.02))
+    compare(
+        runner_pool(
+            "benchmarks.test_pool_bench.Nap", n, "+pipeline.stages.work.worker.seconds=0.02"
+        ),
+        raw_actor_pool(Nap, n, 0.02),
+    )
