@@ -18,10 +18,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner import cluster as clusters
-from runner import procs, report, sweep, timeline
+from runner import procs, report, sim, sweep, timeline
 from runner.errors import RunnerError
 from runner.execute import execute
 from runner.plan import Plan, StagePlanner, make_plan
+from runner.scheduler import metrics
 from runner.schema import Mode, register_configs
 from runner.spec import Origins, Spec, load
 from runner.stages import KINDS
@@ -96,7 +97,16 @@ def _report(spec: Spec) -> int:
     return 0
 
 
+def _simulate(spec: Spec) -> int:
+    """cluster=sim: the plan through the scheduler in virtual time; nothing starts."""
+    summary = sim.simulate(spec, _planners(), clusters.describe_sim(spec.cluster))
+    print(sim.format_report(summary))
+    return 0
+
+
 def _run(spec: Spec) -> int:
+    if spec.cluster.kind == "sim":
+        return _simulate(spec)
     store = RunStore(Path(spec.run.dir))
     ledger = store.open()
     try:
@@ -115,9 +125,10 @@ def _run(spec: Spec) -> int:
             if plan is None:
                 plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
             _announce(plan)
-            code, summary = execute(
-                plan, spec.pipeline, KINDS, store, ledger, spec.run.progress, spec.run.fresh
-            )
+            with metrics.serving(spec.cluster.metrics_port):
+                code, summary = execute(
+                    plan, spec.pipeline, KINDS, store, ledger, spec.run.progress, spec.run.fresh
+                )
         print(report.format_summary(summary, str(store.root)))
         return code
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import gpus, procs
-from runner.errors import ClusterError
+from runner.errors import ClusterError, SpecError
 from runner.resources import Resources
 from runner.schema import ClusterConfig
 
@@ -89,8 +89,45 @@ def _default_memory() -> float:
     return float(8 << 30)
 
 
+SIM_NODE_KEYS = ("count", "cpus", "gpus", "gpu_memory_gb", "memory")
+
+
+def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
+    """The declared nodes of a simulated cluster (`cluster.nodes`, memory in GB)."""
+    problems, nodes = [], []
+    if not cfg.nodes:
+        problems.append(
+            "cluster.nodes: missing: a simulated cluster needs nodes, e.g. "
+            "[{count: 4, cpus: 32, gpus: 8, gpu_memory_gb: 80, memory: 512}]"
+        )
+    for i, entry in enumerate(cfg.nodes):
+        for key, value in entry.items():
+            path = f"cluster.nodes[{i}].{key}"
+            if key not in SIM_NODE_KEYS:
+                problems.append(f"{path}: unknown key (allowed: {', '.join(SIM_NODE_KEYS)})")
+            elif not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                problems.append(f"{path}: = {value!r}: expected a number >= 0")
+        if problems:
+            continue
+        node = Resources(
+            cpus=float(entry.get("cpus", 0)),
+            gpus=float(entry.get("gpus", 0)),
+            memory=float(entry.get("memory", 0)) * (1 << 30),
+        )
+        nodes += [node] * int(entry.get("count", 1))
+    if problems:
+        raise SpecError(problems)
+    if not nodes:
+        raise SpecError(["cluster.nodes: every entry has count 0: no node to simulate"])
+    total = ClusterInfo(tuple(nodes), "").total
+    where = f"simulated cluster: {len(nodes)} node(s), {total.describe()}"
+    return ClusterInfo(tuple(nodes), where)
+
+
 def describe(cfg: ClusterConfig) -> ClusterInfo:
-    """Describe without starting anything where possible (local), else connect and look."""
+    """Describe without starting anything where possible (local, sim), else connect and look."""
+    if cfg.kind == "sim":
+        return describe_sim(cfg)
     import_ray = cfg.kind == "ray" or ray_running_here()
     if not import_ray:
         return describe_local(cfg)

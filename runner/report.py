@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from runner.plan import Plan, StagePlan
-from runner.store import Ledger, UnitState
+from runner.store import Ledger, UnitRow, UnitState
 
 SAMPLE = 5
 
@@ -109,6 +111,7 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
             )
         )
     lines = [f"run dir {run_dir}", *_table(header, rows)]
+    lines += _jobs_tables(ledger, [s["stage"] for s in stages if s["kind"] == "jobs"], run_dir)
     bad = [r for s in stages for r in ledger.rows(s["stage"]) if r.state is not UnitState.done]
     if bad:
         lines.append("")
@@ -123,6 +126,50 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
         if len(bad) > limit:
             lines.append(f"... and {len(bad) - limit} more")
     return "\n".join(lines)
+
+
+def _jobs_tables(ledger: Ledger, stages: list[str], run_dir: str, limit: int = 50) -> list[str]:
+    """One table per `jobs` stage, as Slurm users read a queue: state, exit code or signal,
+    start, end, node and where the job's stdout/stderr are (relative to the run directory)."""
+    lines: list[str] = []
+    root = Path(run_dir).resolve()
+    for stage in stages:
+        rows = sorted(ledger.rows(stage), key=lambda r: (r.started is None, r.started or 0, r.unit))
+        lines += ["", f"jobs of stage {stage}:"]
+        lines += _table(
+            ("job", "state", "exit", "start", "end", "node", "stdout", "stderr"),
+            [_job_row(r, root) for r in rows[:limit]],
+        )
+        if len(rows) > limit:
+            lines.append(f"... and {len(rows) - limit} more")
+    return lines
+
+
+def _job_row(row: UnitRow, root: Path) -> tuple[str, ...]:
+    result = row.result if isinstance(row.result, dict) else {}
+    code, sig = result.get("exit_code"), result.get("signal")
+    state = "COMPLETED" if row.state is UnitState.done else row.state.value.upper()
+    return (
+        row.unit,
+        state,
+        str(code) if code is not None else sig or "-",
+        _clock(row.started),
+        _clock(row.ended),
+        row.worker or "-",
+        _under(result.get("stdout"), root),
+        _under(result.get("stderr"), root),
+    )
+
+
+def _clock(stamp: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def _under(path: str | None, root: Path) -> str:
+    """A log path relative to the run directory when it lies inside it."""
+    if not path:
+        return "-"
+    return os.path.relpath(path, root) if Path(path).is_relative_to(root) else path
 
 
 def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[str]:

@@ -37,10 +37,12 @@ def limited(default: Any = MISSING, **limits: Any) -> Any:
 
 @dataclass
 class ClusterConfig:
-    """Where units run: an embedded local Ray (`local`) or an existing Ray cluster (`ray`)."""
+    """Where units run: an embedded local Ray (`local`), an existing Ray cluster (`ray`), or a
+    simulated cluster in virtual time (`sim`)."""
 
-    # local: start (or reuse) an embedded Ray in this process; ray: connect to `address`
-    kind: str = limited("local", choices=["local", "ray"])
+    # local: start (or reuse) an embedded Ray in this process; ray: connect to `address`;
+    # sim: run the plan through the scheduler in virtual time on the declared `nodes`
+    kind: str = limited("local", choices=["local", "ray", "sim"])
     # Ray address for kind=ray (`auto`, `ray://host:10001`, `host:6379`); RAY_ADDRESS wins
     address: str | None = None
     # CPUs the embedded Ray declares (null: the CPUs this process may use)
@@ -53,6 +55,12 @@ class ClusterConfig:
     object_store_mb: int = limited(256, ge=64)
     # forward worker stdout/stderr to this terminal
     log_to_driver: bool = False
+    # sim: nodes as [{count, cpus, gpus, gpu_memory_gb, memory (GB)}]
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    # sim: seconds a unit (a pool item, a role step) takes when its spec declares no duration
+    sim_unit_seconds: float = limited(1.0, gt=0)
+    # serve scheduler metrics for Prometheus on 127.0.0.1:PORT during a run (0: any free port)
+    metrics_port: int | None = limited(None, ge=0, le=65535)
 
 
 @dataclass
@@ -126,9 +134,107 @@ class RootConfig:
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
 
 
+@dataclass
+class ShardStage(StageSpec):
+    """A dataset split into id ranges, each run by a command or a function on its own GPUs."""
+
+    # the dataset: a .csv or .parquet file
+    input: str = MISSING
+    # the column of ids the shards are ranges of (ranges over the sorted unique ids)
+    id_column: str = "id"
+    # how many id ranges to cut the dataset into (a range is in each shard's fingerprint)
+    num_shards: int = resource(4, ge=1)
+    # GPUs per shard, set by Ray in CUDA_VISIBLE_DEVICES (0: CPU; a fraction shares a GPU)
+    gpus_per_shard: float = resource(0, ge=0)
+    # a GPU is eligible when it has at least this much free memory, in GB
+    min_gpu_memory_gb: float = resource(0, ge=0)
+    # CPUs each shard's Ray task holds
+    cpus_per_shard: float = resource(1, ge=0)
+    # at most this many shards at once (null: as many as the resources allow)
+    max_parallel: int | None = resource(None, ge=1)
+    # times a failed shard is tried again
+    retries: int = resource(0, ge=0)
+    # argv (no shell) with {input} {output} {low} {high} {gpus} {shard} {done}
+    command: list[str] | None = None
+    # or a function DataFrame -> DataFrame: {_target_: pkg.mod.fn, **kwargs}, run in a Ray task
+    fn: dict[str, Any] | None = None
+    # {sort_by: COLUMN | [COLUMNS] (default: id_column), format: parquet | csv}
+    merge: dict[str, Any] = field(default_factory=dict)
+    # stream each shard's output lines to the terminal, prefixed [shard LOW-HIGH]
+    show_output: bool = resource(True)
+
+
+@dataclass
+class JobSpec:
+    """One job of a `jobs` stage; a key it leaves unset takes the stage's value."""
+
+    # unique in its stage (letters, digits, `_.-`); an array's jobs are NAME[1], NAME[2], ...
+    name: str = MISSING
+    # a bash script (give this or `command`)
+    script: str | None = None
+    # an argv list run without a shell (give this or `script`)
+    command: list[str] | None = None
+    # CPUs the job holds while it runs
+    cpus_per_task: float | None = limited(None, gt=0)
+    # memory the job holds while it runs: 512M, 8G (a plain number is megabytes)
+    memory: str | int | None = None
+    # GPUs the job holds while it runs; Ray sets CUDA_VISIBLE_DEVICES
+    gpus: float | None = limited(None, ge=0)
+    # killed (whole process group) after this long: 90s, 10m, 2h (a plain number is minutes)
+    time_limit: str | int | float | None = None
+    # environment variables, added to the stage's `env`
+    env: dict[str, Any] = field(default_factory=dict)
+    # working directory (must exist); null: the stage's `cwd`
+    cwd: str | None = None
+    # `1-100`, `0-30:10` or `1,3,5`: one job per index, RUNNER_ARRAY_INDEX and {index} set
+    array: str | int | None = None
+
+
+@dataclass
+class JobsStage(StageSpec):
+    """Heterogeneous shell jobs, each with its own resources and time limit, run as they fit."""
+
+    # the jobs: {name, script | command, cpus_per_task, memory, gpus, time_limit, env, cwd, array}
+    jobs: list[Any] = field(default_factory=list)
+    # more jobs with the same keys, from a YAML/JSON list or a JSONL file
+    jobs_file: str | None = None
+    # defaults for every job: CPUs, memory, GPUs and time limit per job
+    cpus_per_task: float = resource(1.0, gt=0)
+    memory: str | int | None = resource(None)
+    gpus: float = resource(0.0, ge=0)
+    time_limit: str | int | float | None = resource(None)
+    # environment variables of every job
+    env: dict[str, Any] = field(default_factory=dict)
+    # working directory of every job (null: where runner was started)
+    cwd: str | None = None
+    # at most this many jobs of the stage at once (null: as many as resources allow)
+    max_concurrent: int | None = resource(None, ge=1)
+    # times a job whose Ray worker died is started again (a job's own failure is final)
+    retries: int = limited(0, ge=0)
+
+
+@dataclass
+class RolesStage(StageSpec):
+    """Long-running role replicas with priorities, placement-group pools and preemption."""
+
+    # the quota these roles share: {name, resources: {cpus, gpus, memory_gb}}
+    pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
+    # {reserved: [{role: NAME, count} | {resources: {...}, count}], max_dynamic_pgs, reuse}
+    pg_pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
+    # {label_rules, aggressiveness: low|medium|high, cancel_timeout, cross_pool, protected_pools}
+    preemption: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
+    # scale every role's resources down in proportion when the cluster is smaller than the spec
+    autoscale_to_cluster: bool = resource(False)
+    # NAME: {priority, replicas: N | {min, max}, resources, labels, pg, start_after, actor, steps}
+    roles: dict[str, Any] = field(default=MISSING, metadata={"resource": True})
+
+
 # every stage kind's schema, by the name users write as `kind:`
 STAGE_KINDS: dict[str, type[StageSpec]] = {
     "pool": PoolStage,
+    "roles": RolesStage,
+    "shard": ShardStage,
+    "jobs": JobsStage,
 }
 
 

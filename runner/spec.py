@@ -133,8 +133,8 @@ def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | No
     data = _resolve(cfg, problems)
     problems.raise_if_any()
     mode = _enum(Mode, data.get("mode", "run"), "mode", problems)
-    run = _build(RunConfig, data.get("run"), "run", problems)
-    cluster = _build(ClusterConfig, data.get("cluster"), "cluster", problems)
+    run = build(RunConfig, data.get("run"), "run", problems)
+    cluster = build(ClusterConfig, data.get("cluster"), "cluster", problems)
     pipeline = _pipeline(data.get("pipeline"), checks, problems)
     for key in set(data) - {"mode", "run", "cluster", "pipeline", "hydra"}:
         top = ["cluster", "mode", "pipeline", "run"]
@@ -159,7 +159,7 @@ def _pipeline(data: Any, checks: Mapping[str, KindCheck], problems: Problems) ->
     if not isinstance(data, dict):
         problems.add("pipeline", "missing: choose one with pipeline=NAME")
         return None
-    head = _build(PipelineSpec, {**data, "stages": {}}, "pipeline", problems)
+    head = build(PipelineSpec, {**data, "stages": {}}, "pipeline", problems)
     stages_data = data.get("stages") or {}
     if not isinstance(stages_data, dict) or not stages_data:
         problems.add("pipeline.stages", "a pipeline needs at least one stage")
@@ -195,7 +195,7 @@ def _stage(name: str, data: Any, problems: Problems) -> tuple[StageSpec, dict[st
         problems.add(f"{path}.kind", f"{what}{hint} (allowed: {allowed})")
         return None
     spec_type = STAGE_KINDS[kind]
-    stage = _build(spec_type, data, path, problems)
+    stage = build(spec_type, data, path, problems)
     if stage is None:
         return None
     assert isinstance(stage, StageSpec)
@@ -259,7 +259,7 @@ def _topological(stages: Mapping[str, StageSpec]) -> list[str] | None:
 T = typing.TypeVar("T")
 
 
-def _build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
+def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
     """Check `data` against dataclass `cls` field by field.
 
     Bad optional values are reported and replaced by their defaults, so later checks still

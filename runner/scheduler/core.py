@@ -1,45 +1,97 @@
 """Admission by priority against per-node capacity, shared by every stage of a run.
 
 Ray has no priorities: whoever asks first gets the CPUs. Here every resource claim (a pool
-worker, later a job, a shard, a role replica) waits in one queue ordered by priority plus an
-ageing bonus, so low priority cannot starve forever. Requests that do not fit are passed over
-for smaller ones behind them (backfill). The core is pure Python: a simulated cluster can
-drive it in virtual time through `clock`.
+worker, a job, a shard, a role replica) waits in one queue ordered by priority plus an ageing
+bonus, so low priority cannot starve forever. Requests that do not fit are passed over for
+smaller ones behind them (backfill). Pools may have quotas. A request that carries a
+preemption `Policy` may take the resources of preemptible grants (`on_preempt`): the victims
+are told, the request holds its node until they give their resources back. A grant may also be
+parked (an idle placement group kept for reuse): any request may reclaim it, and requests with
+the same `reuse` tag take it over whole, best fit first.
+
+The core is pure Python and never blocks except in `acquire`: a simulated cluster drives it in
+virtual time through `clock`, `submit`, `admit` and `release`.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from runner.resources import Resources
+from runner.scheduler import policy as pol
+from runner.scheduler.metrics import REGISTRY, Metrics
 
 # priority points a waiting request gains per second of waiting
 AGEING_PER_SECOND = 0.01
 
+# called under the scheduler's lock: must only record, never block or call the scheduler
+Notify = Callable[["Grant", str], None]
+
 
 @dataclass(eq=False)
 class Grant:
-    """Resources handed to one claimant on one node, until released."""
+    """Resources handed to one claimant on one node, until released (or parked)."""
 
     owner: str
     resources: Resources
     priority: float
     node: int
     waited: float
+    pool: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # set when the grant may be preempted: told (victim, reason) when it is chosen
+    on_preempt: Notify | None = None
+    saves_state: bool = False
+    elastic: bool = False
+    since: float = 0.0
+    # the reason once it was chosen as a victim, and when
+    preempted: str | None = None
+    preempted_at: float | None = None
+    # the parked grant (an idle placement group) this one took over, if any
+    reused: Grant | None = None
+    # for parked grants: who reuses them, and whom to tell when they are reclaimed
+    tag: str | None = None
+    on_reclaim: Notify | None = None
+    released: bool = False
 
 
 @dataclass(eq=False)
-class _Request:
+class Ticket:
+    """A waiting request; `grant` is set once it is admitted."""
+
     owner: str
     resources: Resources
     priority: float
     since: float
     seq: int
+    pool: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    policy: pol.Policy | None = None
+    on_preempt: Notify | None = None
+    saves_state: bool = False
+    elastic: bool = False
+    reuse: str | None = None
     grant: Grant | None = None
+    # victims told to make room for this request, and the node it holds meanwhile
+    victims: list[Grant] = field(default_factory=list)
+    hold_node: int | None = None
+
+    @property
+    def order(self) -> tuple[float, int]:
+        """Queue order; ageing adds the same bonus per second to all, so this never changes."""
+        return (-(self.priority - AGEING_PER_SECOND * self.since), self.seq)
+
+    def waiting_on_victims(self) -> bool:
+        return any(not v.released and v.tag is None for v in self.victims)
+
+
+# kept for callers of the first version
+_Request = Ticket
 
 
 @dataclass
@@ -48,13 +100,20 @@ class Scheduler:
 
     nodes: list[Resources]
     clock: Callable[[], float] = time.monotonic
+    metrics: Metrics = field(default_factory=lambda: REGISTRY)
     _free: list[Resources] = field(init=False)
-    _waiting: list[_Request] = field(default_factory=list, init=False)
+    _waiting: list[Ticket] = field(default_factory=list, init=False)
+    _running: set[Grant] = field(default_factory=set, init=False)
+    _parked: list[Grant] = field(default_factory=list, init=False)
+    _quota: dict[str, Resources] = field(default_factory=dict, init=False)
+    _used: dict[str, Resources] = field(default_factory=dict, init=False)
     _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
     _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
 
     def __post_init__(self) -> None:
         self._free = list(self.nodes)
+
+    # --- asking and giving back -----------------------------------------------------------
 
     def acquire(
         self,
@@ -63,57 +122,360 @@ class Scheduler:
         priority: float = 0.0,
         timeout: float | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        **claim: object,
     ) -> Grant | None:
-        """Wait for a grant; None on timeout (0 = try once) or when `cancelled()` turns true."""
+        """Wait for a grant; None on timeout (0 = try once) or when `cancelled()` turns true.
+        `claim` takes `submit`'s keywords (pool, labels, policy, on_preempt, ...)."""
+        ticket = self.submit(owner, resources, priority, **claim)  # type: ignore[arg-type]
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            request = _Request(owner, resources, priority, self.clock(), next(self._seq))
-            self._waiting.append(request)
-            deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 self._admit()
-                if request.grant is not None:
-                    return request.grant
+                if ticket.grant is not None:
+                    return ticket.grant
                 left = None if deadline is None else deadline - time.monotonic()
                 if cancelled() or (left is not None and left <= 0):
-                    self._waiting.remove(request)
+                    self._drop(ticket)
                     return None
                 self._cond.wait(0.2 if left is None else min(left, 0.2))
 
-    def release(self, grant: Grant) -> None:
-        """Give a grant's resources back and wake the waiters."""
+    def submit(
+        self,
+        owner: str,
+        resources: Resources,
+        priority: float = 0.0,
+        *,
+        pool: str = "",
+        labels: Mapping[str, str] | None = None,
+        policy: pol.Policy | None = None,
+        on_preempt: Notify | None = None,
+        saves_state: bool = False,
+        elastic: bool = False,
+        reuse: str | None = None,
+    ) -> Ticket:
+        """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
         with self._cond:
-            self._free[grant.node] = self._free[grant.node] + grant.resources
+            ticket = Ticket(
+                owner,
+                resources,
+                priority,
+                self.clock(),
+                next(self._seq),
+                pool,
+                dict(labels or {}),
+                policy,
+                on_preempt,
+                saves_state,
+                elastic,
+                reuse,
+            )
+            bisect.insort(self._waiting, ticket, key=lambda t: t.order)
+            return ticket
+
+    def admit(self) -> list[Ticket]:
+        """Grant what can be granted now; the tickets admitted by this call."""
+        with self._cond:
+            return self._admit()
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """Stop waiting (or give back what the ticket was granted)."""
+        with self._cond:
+            if ticket.grant is not None:
+                self._release(ticket.grant)
+            else:
+                self._drop(ticket)
+
+    def release(self, grant: Grant) -> None:
+        """Give a grant's resources back and wake the waiters; a second release is a no-op."""
+        with self._cond:
+            self._release(grant)
+
+    def park(self, grant: Grant, tag: str, on_reclaim: Notify) -> None:
+        """Keep a grant's resources as an idle placement group: requests with `reuse=tag`
+        take it over, any other request may reclaim it (then `on_reclaim` is told)."""
+        with self._cond:
+            if grant.released:
+                return
+            self._running.discard(grant)
+            self._victim_done(grant)
+            grant.tag, grant.on_reclaim = tag, on_reclaim
+            self._parked.append(grant)
             self._cond.notify_all()
 
+    def set_quota(self, pool: str, resources: Resources) -> None:
+        """At most `resources` may be granted to requests of `pool` at once."""
+        with self._cond:
+            self._quota[pool] = resources
+
+    # --- looking --------------------------------------------------------------------------
+
     def free(self) -> Resources:
-        """What is not granted now, summed over nodes."""
+        """What is not granted now, summed over nodes (parked groups count as granted)."""
         with self._cond:
             total = Resources()
             for node in self._free:
                 total = total + node
             return total
 
-    def _admit(self) -> None:
-        now = self.clock()
-        order = sorted(
-            self._waiting,
-            key=lambda r: (-(r.priority + AGEING_PER_SECOND * (now - r.since)), r.seq),
-        )
-        for request in order:
-            node = self._place(request.resources)
-            if node is None:
-                continue
-            self._free[node] = self._free[node] - request.resources
-            request.grant = Grant(
-                request.owner, request.resources, request.priority, node, now - request.since
-            )
-            self._waiting.remove(request)
-            self._cond.notify_all()
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
 
-    def _place(self, resources: Resources) -> int | None:
+    def running(self) -> list[Grant]:
+        with self._cond:
+            return list(self._running)
+
+    # --- admission ------------------------------------------------------------------------
+
+    def _admit(self) -> list[Ticket]:
+        now = self.clock()
+        view = list(self._free)  # free resources less what preemptors hold for themselves
+        granted: list[Ticket] = []
+        failed: set[tuple[Resources, str, str | None]] = set()
+        hopeless: set[tuple[object, ...]] = set()
+        for ticket in list(self._waiting):
+            shape = (ticket.resources, ticket.pool, ticket.reuse)
+            if shape not in failed or ticket.hold_node is not None:
+                grant = self._place(ticket, view, now)
+                if grant is not None:
+                    if grant.reused is None:
+                        view[grant.node] = view[grant.node] - grant.resources
+                    self._grant(ticket, grant, now)
+                    granted.append(ticket)
+                    continue
+                failed.add(shape)
+            if ticket.waiting_on_victims():
+                self._hold(ticket, view)
+                continue
+            if ticket.policy is None:
+                continue
+            key = (ticket.resources, ticket.pool, ticket.priority, tuple(ticket.labels.items()))
+            if key in hopeless or not self._preempt(ticket, view, now):
+                hopeless.add(key)
+            else:
+                self._hold(ticket, view)
+        if granted:
+            self._cond.notify_all()
+        return granted
+
+    def _place(self, ticket: Ticket, view: list[Resources], now: float) -> Grant | None:
+        need = ticket.resources
+        room = self._quota_room(ticket.pool)
+        if ticket.reuse is not None and (taken := self._reuse(ticket, view, room)) is not None:
+            return taken
+        if room is None or need.fits_in(room):
+            node = self._roomiest(need, view)
+            if node is not None:
+                return self._new_grant(ticket, node, need, now)
+        return self._reclaim_for(ticket, view, room, now)
+
+    def _reuse(self, ticket: Ticket, view: list[Resources], room: Resources | None) -> Grant | None:
+        """Best fit among parked groups of the same tag: the exact shape, else fresh resources
+        when they are free, else the smallest parked group that holds the request."""
+        fitting = [
+            g
+            for g in self._parked
+            if g.tag == ticket.reuse and ticket.resources.fits_in(g.resources)
+        ]
+        if not fitting:
+            return None
+        best = min(fitting, key=lambda g: _size(g.resources))
+        fresh_ok = room is None or ticket.resources.fits_in(room)
+        if (
+            best.resources != ticket.resources
+            and fresh_ok
+            and self._roomiest(ticket.resources, view) is not None
+        ):
+            return None
+        self._parked.remove(best)
+        best.released = True  # taken over whole: its resources stay granted
+        grant = self._new_grant(ticket, best.node, best.resources, self.clock(), take=False)
+        grant.reused = best
+        return grant
+
+    def _reclaim_for(
+        self, ticket: Ticket, view: list[Resources], room: Resources | None, now: float
+    ) -> Grant | None:
+        """Free parked groups (on one node, and of the same pool when the quota is short)."""
+        need = ticket.resources
+        if not self._parked:
+            return None
+        pool_parked = [g for g in self._parked if g.pool == ticket.pool]
+        if room is not None and not need.fits_in(_sum([room, *(g.resources for g in pool_parked)])):
+            return None
+        for node in range(len(self.nodes)):
+            here = [g for g in self._parked if g.node == node]
+            if not here or not need.fits_in(_sum([view[node], *(g.resources for g in here)])):
+                continue
+            taken: list[Grant] = []
+            for g in sorted(here, key=lambda g: -_size(g.resources)):
+                quota_ok = room is None or need.fits_in(
+                    _sum([room, *(t.resources for t in taken if t.pool == ticket.pool)])
+                )
+                if need.fits_in(_sum([view[node], *(t.resources for t in taken)])) and quota_ok:
+                    break
+                taken.append(g)
+            for g in taken:
+                self._parked.remove(g)
+                self._release(g)
+                view[node] = view[node] + g.resources
+                if g.on_reclaim is not None:
+                    g.on_reclaim(g, "reclaimed")
+            room = self._quota_room(ticket.pool)
+            if need.fits_in(view[node]) and (room is None or need.fits_in(room)):
+                return self._new_grant(ticket, node, need, now)
+        return None
+
+    def _preempt(self, ticket: Ticket, view: list[Resources], now: float) -> bool:
+        """Choose victims by the ticket's policy and tell them; False when none would do."""
+        assert ticket.policy is not None
+        me = pol.Party(ticket.priority, ticket.pool, ticket.labels)
+        reasons: dict[Grant, str] = {}
+        for g in self._running:
+            if g.on_preempt is None or g.preempted is not None:
+                continue
+            reason = pol.preemption_reason(
+                me, pol.Party(g.priority, g.pool, g.labels), ticket.policy
+            )
+            if reason is not None:
+                reasons[g] = reason
+        if not reasons:
+            return False
+        room = self._quota_room(ticket.pool)
+        pool_mates = room is not None and not ticket.resources.fits_in(room)
+        nodes = range(len(self.nodes)) if pool_mates else sorted({g.node for g in reasons})
+        best: tuple[tuple[object, ...], int, list[pol.Candidate]] | None = None
+        for node in nodes:
+            cands = [
+                _candidate(g, now)
+                for g in reasons
+                if g.node == node or (pool_mates and g.pool == ticket.pool)
+            ]
+            base = _sum([view[node], *(g.resources for g in self._parked if g.node == node)])
+            enough = _enough(ticket.resources, node, base, room, ticket.pool)
+            chosen = pol.choose_victims(cands, enough)
+            if chosen is not None:
+                rank = (len(chosen), *pol.set_cost(chosen))
+                if best is None or rank < best[0]:
+                    best = (rank, node, chosen)
+        if best is None:
+            return False
+        _, node, chosen = best
+        victims = [c.key for c in chosen if isinstance(c.key, Grant)]
+        for g in victims:
+            g.preempted, g.preempted_at = reasons[g], now
+            self.metrics.preempted(g.pool, reasons[g])
+            assert g.on_preempt is not None
+            g.on_preempt(g, reasons[g])
+        ticket.victims = victims
+        ticket.hold_node = node
+        return True
+
+    def _hold(self, ticket: Ticket, view: list[Resources]) -> None:
+        """Keep what is free on the ticket's node for it while its victims stop."""
+        if ticket.hold_node is not None:
+            left = view[ticket.hold_node] - ticket.resources
+            view[ticket.hold_node] = _floor(left)
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def _new_grant(
+        self, ticket: Ticket, node: int, resources: Resources, now: float, take: bool = True
+    ) -> Grant:
+        if take:
+            self._free[node] = self._free[node] - resources
+            self._used[ticket.pool] = self._used.get(ticket.pool, Resources()) + resources
+        return Grant(
+            ticket.owner,
+            resources,
+            ticket.priority,
+            node,
+            now - ticket.since,
+            ticket.pool,
+            ticket.labels,
+            ticket.on_preempt,
+            ticket.saves_state,
+            ticket.elastic,
+            now,
+        )
+
+    def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
+        ticket.grant = grant
+        ticket.victims, ticket.hold_node = [], None
+        self._drop(ticket)
+        self._running.add(grant)
+        self.metrics.admitted(ticket.priority, grant.waited)
+
+    def _drop(self, ticket: Ticket) -> None:
+        i = bisect.bisect_left(self._waiting, ticket.order, key=lambda t: t.order)
+        if i < len(self._waiting) and self._waiting[i] is ticket:
+            del self._waiting[i]
+
+    def _release(self, grant: Grant) -> None:
+        if grant.released:
+            return
+        grant.released = True
+        self._running.discard(grant)
+        if grant in self._parked:
+            self._parked.remove(grant)
+        self._free[grant.node] = self._free[grant.node] + grant.resources
+        self._used[grant.pool] = self._used.get(grant.pool, Resources()) - grant.resources
+        self._victim_done(grant)
+        self._cond.notify_all()
+
+    def _victim_done(self, grant: Grant) -> None:
+        if grant.preempted_at is not None:
+            self.metrics.preempt_done(self.clock() - grant.preempted_at)
+            grant.preempted_at = None
+
+    def _quota_room(self, pool: str) -> Resources | None:
+        quota = self._quota.get(pool)
+        if quota is None:
+            return None
+        return quota - self._used.get(pool, Resources())
+
+    def _roomiest(self, resources: Resources, view: list[Resources]) -> int | None:
         """The node with the most free CPUs that holds `resources` (spreads load), or None."""
         best = None
-        for i, free in enumerate(self._free):
-            if resources.fits_in(free) and (best is None or free.cpus > self._free[best].cpus):
+        for i, free in enumerate(view):
+            if resources.fits_in(free) and (best is None or free.cpus > view[best].cpus):
                 best = i
         return best
+
+
+def _candidate(g: Grant, now: float) -> pol.Candidate:
+    lost = 0.0 if g.saves_state else now - g.since
+    return pol.Candidate(g, g.node, g.resources, g.priority, g.pool, lost, g.elastic)
+
+
+def _enough(
+    need: Resources, node: int, base: Resources, room: Resources | None, pool: str
+) -> Callable[[object], bool]:
+    """Whether a victim set frees enough on `node` (and in the pool's quota, when it has one)."""
+
+    def enough(victims: object) -> bool:
+        chosen = list(victims)  # type: ignore[call-overload]
+        on_node = _sum([base, *(c.resources for c in chosen if c.node == node)])
+        if not need.fits_in(on_node):
+            return False
+        if room is None:
+            return True
+        return need.fits_in(_sum([room, *(c.resources for c in chosen if c.pool == pool)]))
+
+    return enough
+
+
+def _sum(parts: list[Resources]) -> Resources:
+    total = Resources()
+    for p in parts:
+        total = total + p
+    return total
+
+
+def _floor(r: Resources) -> Resources:
+    return Resources(max(r.cpus, 0.0), max(r.gpus, 0.0), max(r.memory, 0.0), r.custom)
+
+
+def _size(r: Resources) -> float:
+    """One number to order shapes by (a GPU weighs like 8 CPUs; memory by the GB)."""
+    return r.cpus + 8 * r.gpus + r.memory / (1 << 30) / 4

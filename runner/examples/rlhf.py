@@ -1,0 +1,60 @@
+"""Toy RLHF role actors for the `roles` stage: train, reward and rollout.
+
+Each runs `ctx.steps` steps of `step_seconds`, checks `ctx.cancelled` between steps, and keeps
+its progress in `state()` so a preempted replica resumes where it stopped (`restore`). The
+result records the steps done and where each restore resumed from.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+
+class Context(Protocol):
+    """What the runner hands to `run`."""
+
+    role: str
+    replica: int
+    steps: int
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+class RoleActor:
+    """A role replica that works in steps. `ignore_cancel` makes it a badly behaved one that
+    never looks at `ctx.cancelled` (the runner then kills it after `cancel_timeout`)."""
+
+    def __init__(self, step_seconds: float = 0.1, ignore_cancel: bool = False) -> None:
+        self.step_seconds = step_seconds
+        self.ignore_cancel = ignore_cancel
+        self.step = 0
+        self.restored_from: list[int] = []
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        while self.step < ctx.steps:
+            if ctx.cancelled and not self.ignore_cancel:
+                break
+            time.sleep(self.step_seconds)
+            self.step += 1
+        return {"steps": self.step, "restored_from": list(self.restored_from)}
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "restored_from": list(self.restored_from)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.restored_from = [*state["restored_from"], self.step]
+
+
+class Train(RoleActor):
+    """The policy update: highest priority."""
+
+
+class Reward(RoleActor):
+    """The reward model: scores rollouts."""
+
+
+class Rollout(RoleActor):
+    """Generation: lowest priority, elastic, first to give way."""

@@ -1,0 +1,122 @@
+"""Merging a shard stage's committed outputs into one table, with a summary of what is missing.
+
+The merge starts from the plan's list of shards, never from a listing of the directory: a
+shard counts only when its manifest exists and carries this plan's fingerprint for it, so a
+stale output of an earlier plan, or a stray file a user dropped there, is never picked up.
+Ranges without a committed output are named in `merge_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.plan import digest
+from runner.store import atomic_path, write_json
+
+SUMMARY = "merge_summary.json"
+# duplicate ids listed in the summary (the count is always complete)
+DUPLICATE_SAMPLE = 20
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Where one shard of the plan keeps its committed output and manifest."""
+
+    label: str
+    fingerprint: str
+    output: Path
+    manifest: Path
+
+
+def manifest_of(shard: Committed) -> dict[str, Any] | None:
+    """The shard's manifest when it commits this plan's output, else None."""
+    try:
+        data: dict[str, Any] = json.loads(shard.manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("fingerprint") != shard.fingerprint or not shard.output.is_file():
+        return None
+    return data
+
+
+def read_table(path: Path) -> Any:
+    """A shard output or input as a DataFrame; its suffix tells the format."""
+    import pandas as pd
+
+    return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+
+
+def write_table(frame: Any, path: Path) -> None:
+    """Write a DataFrame atomically in the format its suffix names."""
+    with atomic_path(path) as tmp:
+        if path.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+
+
+def merge_key(shards: list[Committed], sort_by: list[str], target: Path) -> str:
+    """What a merged output depends on: the order, the format, and each shard's commit (its
+    fingerprint and commit time, from its manifest), so a recommitted shard merges again."""
+    commits = [json.dumps([s.fingerprint, (manifest_of(s) or {}).get("committed")]) for s in shards]
+    return digest(target.name, *sort_by, *commits)
+
+
+def up_to_date(shards: list[Committed], sort_by: list[str], target: Path) -> dict[str, Any] | None:
+    """The summary of an earlier merge of exactly these shards, when it is complete and its
+    output is still there: a resumed run with nothing left to do then reads no data."""
+    try:
+        summary: dict[str, Any] = json.loads((target.parent / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    fresh = summary.get("merge_key") == merge_key(shards, sort_by, target)
+    complete = not summary.get("missing_ranges")
+    return summary if fresh and complete and target.is_file() else None
+
+
+def merge(
+    shards: list[Committed], id_column: str, sort_by: list[str], target: Path
+) -> dict[str, Any]:
+    """Write the committed shards of the plan, sorted, to `target`; return the summary."""
+    import pandas as pd
+
+    if (summary := up_to_date(shards, sort_by, target)) is not None:
+        return summary
+
+    frames, per_shard, missing = [], [], []
+    for shard in shards:
+        manifest = manifest_of(shard)
+        if manifest is None:
+            missing.append(shard.label)
+            continue
+        frame = read_table(shard.output)
+        frames.append(frame)
+        per_shard.append({"shard": shard.label, "rows": len(frame), "output": str(shard.output)})
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({id_column: []})
+    keys = [k for k in sort_by if k in merged.columns]
+    if keys and len(merged):
+        merged = merged.sort_values(keys, kind="stable", ignore_index=True)
+    write_table(merged, target)
+    ids = merged[id_column] if id_column in merged.columns else pd.Series([], dtype=object)
+    duplicated = ids[ids.duplicated(keep="first")].unique().tolist()
+    summary = {
+        "merge_key": merge_key(shards, sort_by, target),
+        "output": str(target),
+        "total_rows": len(merged),
+        "shards": per_shard,
+        "committed_shards": len(per_shard),
+        "planned_shards": len(shards),
+        "missing_ranges": missing,
+        "duplicate_ids": len(duplicated),
+        "duplicate_id_sample": [_plain(v) for v in duplicated[:DUPLICATE_SAMPLE]],
+    }
+    write_json(target.parent / SUMMARY, summary)
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python values, for JSON."""
+    return value.item() if hasattr(value, "item") else value

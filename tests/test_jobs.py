@@ -1,0 +1,399 @@
+"""The jobs stage on a real Ray with real processes: concurrency within resources, time limits,
+crashes, dead workers, interrupts and resume, the status table, and bad specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runner.quantities import duration_seconds, memory_bytes
+from runner.store import UnitRow, UnitState, read_ledger
+from tests.conftest import Result, cpus_free_again, run_runner, runner_process, summary, wait_until
+
+SPEC = "tests/specs/pipeline"
+Cli = Callable[..., Result]
+
+
+def rows(run_dir: Path, stage: str = "work") -> dict[str, UnitRow]:
+    ledger = read_ledger(run_dir)
+    assert ledger is not None
+    try:
+        return {r.unit: r for r in ledger.rows(stage)}
+    finally:
+        ledger.close()
+
+
+def max_overlap(found: dict[str, UnitRow]) -> int:
+    """The most jobs running at one instant, from their own recorded start and end times."""
+    # at equal times an end sorts before a start: touching is not overlapping
+    events = sorted(
+        [(r.ended, -1) for r in found.values()] + [(r.started, 1) for r in found.values()]
+    )
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too: only its parent has not collected it yet
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def pids(*files: Path) -> list[int]:
+    return [int(line) for f in files for line in f.read_text().split()]
+
+
+def marks(scratch: Path, job: str) -> int:
+    return len((scratch / f"{job}.marks").read_text().splitlines())
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    """The jobs' working directory, where they leave marks and pid files."""
+    path = tmp_path / "scratch"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.usefixtures("ray_session")
+class TestOnTheSessionRay:
+    def test_four_one_cpu_jobs_run_two_at_a_time_on_two_cpus(self, cli: Cli, tmp_path, scratch):
+        res = cli(
+            "pipeline=jobs_sleep", f"run.dir={tmp_path}", f"pipeline.stages.work.cwd={scratch}"
+        )
+        assert res.code == 0, res.text
+        found = rows(tmp_path)
+        assert {u: r.state for u, r in found.items()} == dict.fromkeys("abcd", UnitState.done)
+        assert max_overlap(found) == 2
+        assert [marks(scratch, j) for j in "abcd"] == [1, 1, 1, 1]
+        assert (tmp_path / "work" / "a.out").exists() and (tmp_path / "work" / "d.err").exists()
+        wait_until(cpus_free_again, what="every job's CPU to be free")
+
+    def test_resume_skips_completed_jobs_and_resources_are_not_fingerprinted(
+        self, cli: Cli, tmp_path, scratch
+    ):
+        args = ("pipeline=jobs_sleep", f"run.dir={tmp_path}", f"pipeline.stages.work.cwd={scratch}")
+        assert cli(*args).code == 0
+        resized = cli(*args, "pipeline.stages.work.cpus_per_task=0.5", "mode=plan")
+        assert "skip      4  done" in resized.out
+        edited = cli(*args, "pipeline.stages.work.jobs.0.script='echo changed'", "mode=plan")
+        assert "run       1  changed: pipeline.stages.work.jobs" in edited.out
+        assert "skip      3  done" in edited.out
+        again = cli(*args)
+        assert again.code == 0
+        assert summary(tmp_path)["stages"]["work"]["skipped"] == 4
+        assert [marks(scratch, j) for j in "abcd"] == [1, 1, 1, 1]
+
+    def test_a_job_over_its_time_limit_is_timeout_and_its_processes_are_gone(
+        self, cli: Cli, tmp_path, scratch
+    ):
+        res = cli(
+            "pipeline=jobs_faults", f"run.dir={tmp_path}", f"pipeline.stages.work.cwd={scratch}"
+        )
+        assert res.code == 1
+        over = rows(tmp_path)["overtime"]
+        assert over.state is UnitState.timeout
+        assert over.error == "time_limit 1s exceeded"
+        assert over.result["signal"] == "SIGTERM"
+        for pid in pids(scratch / "overtime.pid", scratch / "overtime.child"):
+            wait_until(lambda pid=pid: not alive(pid), what=f"process {pid} of the timed-out job")
+
+    def test_a_job_that_kills_itself_fails_while_its_siblings_complete(
+        self, cli: Cli, tmp_path, scratch
+    ):
+        res = cli(
+            "pipeline=jobs_faults", f"run.dir={tmp_path}", f"pipeline.stages.work.cwd={scratch}"
+        )
+        assert res.code == 1
+        assert "2 job(s) did not complete: crash (killed by SIGKILL), overtime" in res.text
+        found = rows(tmp_path)
+        assert found["crash"].state is UnitState.failed
+        assert found["crash"].result["signal"] == "SIGKILL"
+        assert found["fine"].state is UnitState.done
+        assert found["fine"].result["exit_code"] == 0
+        assert (tmp_path / "work" / "crash.out").read_text() == "about to die\n"
+        assert (tmp_path / "work" / "fine.out").read_text() == "all good\n"
+
+    def test_status_shows_each_job_with_state_exit_times_node_and_logs(
+        self, cli: Cli, tmp_path, scratch
+    ):
+        cli("pipeline=jobs_faults", f"run.dir={tmp_path}", f"pipeline.stages.work.cwd={scratch}")
+        status = cli("pipeline=jobs_faults", f"run.dir={tmp_path}", "mode=status")
+        assert status.code == 0
+        assert "jobs of stage work:" in status.out
+        header = r"^job\s+state\s+exit\s+start\s+end\s+node\s+stdout\s+stderr$"
+        assert re.search(header, status.out, re.M)
+        clock, node = r"\d\d:\d\d:\d\d", re.escape(os.uname().nodename)
+        for job, state, code in (
+            ("fine", "COMPLETED", "0"),
+            ("crash", "FAILED", "SIGKILL"),
+            ("overtime", "TIMEOUT", "SIGTERM"),
+        ):
+            times = rf"{clock}\s+{clock}\s+{node}"
+            line = rf"^{job}\s+{state}\s+{code}\s+{times}\s+work/{job}\.out\s+work/{job}\.err$"
+            assert re.search(line, status.out, re.M), status.out
+
+    def test_a_job_whose_ray_worker_dies_is_retried_then_failed_never_left_running(
+        self, cli: Cli, tmp_path, scratch
+    ):
+        res = cli(
+            "pipeline=jobs_worker_dies",
+            f"run.dir={tmp_path}",
+            f"pipeline.stages.work.cwd={scratch}",
+        )
+        assert res.code == 1
+        found = rows(tmp_path)
+        doomed = found["doomed"]
+        assert doomed.state is UnitState.failed
+        assert doomed.attempts == 2
+        assert doomed.error.startswith("its Ray worker died")
+        assert marks(scratch, "doomed") == 2
+        assert found["bystander"].state is UnitState.done
+        for pid in pids(scratch / "doomed.children"):
+            wait_until(lambda pid=pid: not alive(pid), what=f"child {pid} of the dead worker's job")
+
+    def test_jobs_from_a_file_arrays_env_and_gpus(self, cli: Cli, tmp_path, scratch):
+        jobs = [
+            {"name": "gpu", "command": ["bash", "-c", "echo $CUDA_VISIBLE_DEVICES"], "gpus": 2},
+            {
+                "name": "part",
+                "array": "1-3",
+                "env": {"GREETING": "hello {index}"},
+                "script": "echo part {index} of $RUNNER_ARRAY_INDEX, $GREETING",
+            },
+        ]
+        file = tmp_path / "jobs.jsonl"
+        file.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+        res = cli(
+            "pipeline=jobs_file",
+            f"run.dir={tmp_path / 'run'}",
+            f"pipeline.stages.work.cwd={scratch}",
+            f"pipeline.stages.work.jobs_file={file}",
+        )
+        assert res.code == 0, res.text
+        logs = tmp_path / "run" / "work"
+        assert (logs / "part[2].out").read_text() == "part 2 of 2, hello 2\n"
+        assert sorted(rows(tmp_path / "run")) == ["gpu", "part[1]", "part[2]", "part[3]"]
+        assert re.fullmatch(r"\d,\d\n", (logs / "gpu.out").read_text())
+
+    def test_a_command_that_cannot_start_fails_with_the_reason(self, cli: Cli, tmp_path, scratch):
+        file = tmp_path / "jobs.yaml"
+        file.write_text("- {name: ghost, command: [no-such-program-here, --now]}\n")
+        res = cli(
+            "pipeline=jobs_file",
+            f"run.dir={tmp_path / 'run'}",
+            f"pipeline.stages.work.cwd={scratch}",
+            f"pipeline.stages.work.jobs_file={file}",
+        )
+        assert res.code == 1
+        ghost = rows(tmp_path / "run")["ghost"]
+        assert ghost.state is UnitState.failed
+        assert ghost.error == (
+            "cannot start: [Errno 2] No such file or directory: 'no-such-program-here'"
+        )
+
+    def test_max_concurrent_caps_the_jobs_running_at_once(self, cli: Cli, tmp_path, scratch):
+        file = tmp_path / "jobs.yaml"
+        file.write_text("- {name: step, array: 1-3, script: sleep 0.3}\n")
+        res = cli(
+            "pipeline=jobs_file",
+            f"run.dir={tmp_path / 'run'}",
+            f"pipeline.stages.work.cwd={scratch}",
+            f"pipeline.stages.work.jobs_file={file}",
+            "pipeline.stages.work.max_concurrent=1",
+        )
+        assert res.code == 0, res.text
+        assert max_overlap(rows(tmp_path / "run")) == 1
+
+    def test_max_concurrent_beyond_the_resources_warns_how_many_can_run(
+        self, cli: Cli, tmp_path, scratch
+    ):
+        res = cli(
+            "pipeline=jobs_sleep",
+            f"run.dir={tmp_path}",
+            f"pipeline.stages.work.cwd={scratch}",
+            "+pipeline.stages.work.max_concurrent=8",
+            "mode=plan",
+        )
+        assert res.code == 0
+        assert (
+            "work: max_concurrent=8, but the cluster holds at most 2 of these jobs at once; "
+            "2 will run at a time" in res.err
+        )
+        assert "job of 'a', 'b', 'c' and 1 more: 1 CPU each; 4 wanted, 2 fit at once" in res.out
+
+    def test_a_job_that_can_never_fit_is_a_plan_error_naming_it(self, cli: Cli, tmp_path):
+        res = cli("pipeline=jobs_too_big", f"run.dir={tmp_path}")
+        assert res.code == 2
+        assert (
+            "plan cannot run on this cluster (1 problem):\n  - pipeline.stages.work: one job "
+            "'huge' needs 64 CPU, more than any node has: 64 CPUs wanted, 2 available on the "
+            "largest node"
+        ) in res.err
+
+
+def start_resume_pipeline(
+    run_dir: Path, scratch: Path, address: str
+) -> tuple[subprocess.Popen[str], tuple[str, ...], list[int]]:
+    """Start the resume pipeline as a user would; return once both slow jobs run."""
+    args = (
+        "pipeline=jobs_resume",
+        "cluster=ray",
+        f"run.dir={run_dir}",
+        f"pipeline.stages.work.cwd={scratch}",
+    )
+    proc = runner_process(*args, env={"RAY_ADDRESS": address})
+    slow = [scratch / f"slow[{n}].{what}" for n in (1, 2) for what in ("pid", "child")]
+    wait_until(
+        lambda: all(p.exists() and p.read_text() for p in slow),
+        timeout=60,
+        what="both slow jobs to start",
+    )
+    return proc, args, pids(*slow)
+
+
+def test_sigkill_of_the_runner_then_the_same_command_finishes_only_the_rest(
+    ray_session: str, tmp_path: Path, scratch: Path
+) -> None:
+    proc, args, started = start_resume_pipeline(tmp_path, scratch, ray_session)
+    proc.kill()
+    proc.communicate()
+    for pid in started:
+        wait_until(lambda pid=pid: not alive(pid), what=f"process {pid} of the killed runner's job")
+    assert rows(tmp_path)["slow[1]"].state is UnitState.running  # as the killed runner left it
+
+    again = run_runner(*args, env={"RAY_ADDRESS": ray_session})
+    assert again.code == 0, again.text
+    assert {r.state for r in rows(tmp_path).values()} == {UnitState.done}
+    assert [marks(scratch, f"quick[{n}]") for n in (1, 2)] == [1, 1]
+    assert [marks(scratch, f"slow[{n}]") for n in (1, 2)] == [2, 2]
+    assert summary(tmp_path)["stages"]["work"]["skipped"] == 2
+    wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+@pytest.mark.parametrize(
+    ("sig", "code"),
+    [pytest.param(signal.SIGINT, 130, id="ctrl_c"), pytest.param(signal.SIGTERM, 143, id="term")],
+)
+def test_a_signal_cancels_running_jobs_and_kills_their_process_groups(
+    ray_session: str, tmp_path: Path, scratch: Path, sig: int, code: int
+) -> None:
+    proc, args, started = start_resume_pipeline(tmp_path, scratch, ray_session)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, out + err
+    assert not [pid for pid in started if alive(pid)]
+    found = rows(tmp_path)
+    assert [found[f"slow[{n}]"].state for n in (1, 2)] == [UnitState.cancelled] * 2
+    status = run_runner("pipeline=jobs_resume", f"run.dir={tmp_path}", "mode=status")
+    assert re.search(r"^slow\[1\]\s+CANCELLED\s", status.out, re.M), status.out
+    plan = run_runner(*args, "mode=plan", env={"RAY_ADDRESS": ray_session})
+    assert "run       2  not finished last time   [slow[1], slow[2]]" in plan.out
+    wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(
+            "pipeline.stages.work.time_limit: = 'soon': expected a duration such as 90s, 10m or "
+            "2h (a plain number is minutes; Slurm's [D-]HH:MM:SS works too)",
+            id="stage_time_limit_malformed",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.0.memory: = '12Q': expected a size such as 512M or 8G "
+            "(K, M, G, T; a plain number is megabytes)",
+            id="memory_malformed",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.1.time_limit: = -5: expected a duration",
+            id="time_limit_negative",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.2.script: = '  ': the script of job 'blank' is empty",
+            id="empty_script",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.3.cwd: = '/no/such/dir': no such directory",
+            id="cwd_missing",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.5.name: = 'twice': duplicate job name (also jobs.4)",
+            id="duplicate_name",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.6.array: = '5-1': the array range is empty: write "
+            "LOW-HIGH with LOW <= HIGH, e.g. 1-100",
+            id="empty_array",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.7: job 'both' sets both of script and command: set "
+            "exactly one",
+            id="script_and_command",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.8: job 'neither' sets neither of script and command: set "
+            "exactly one",
+            id="neither_script_nor_command",
+        ),
+        pytest.param(
+            "pipeline.stages.work.jobs.9.scirpt: unknown key; did you mean 'script'?",
+            id="unknown_job_key",
+        ),
+    ],
+)
+def test_bad_jobs_exit_2_naming_file_key_value_and_what_is_allowed(cli: Cli, message) -> None:
+    res = cli("pipeline=jobs_bad", "run.dir=/nonexistent/never-created")
+    assert res.code == 2
+    assert "invalid spec (11 problems):" in res.err
+    assert f"  - {SPEC}/jobs_bad.yaml: {message}" in res.err
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [
+        ("512M", 512 << 20),
+        ("8G", 8 << 30),
+        ("1.5GiB", 3 << 29),
+        ("64k", 64 << 10),
+        (100, 100 << 20),
+    ],
+)
+def test_memory_takes_sizes_and_plain_megabytes(text, nbytes) -> None:
+    assert memory_bytes(text) == nbytes
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("10m", 600),
+        ("2h", 7200),
+        (30, 1800),
+        ("45", 2700),
+        ("10:30", 630),
+        ("1:00:00", 3600),
+        ("1-12", 129600),
+    ],
+)
+def test_time_limit_takes_units_plain_minutes_and_slurm_clocks(text, seconds) -> None:
+    assert duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "12Q", "-5", "0", "5x"])
+def test_unreadable_time_limits_are_refused(text) -> None:
+    assert duration_seconds(text) is None

@@ -1,0 +1,304 @@
+"""Preemption policy as tables: who may preempt whom, which victims, and what the scheduler
+does with them (several victims at once, counted by reason, groups reused by best fit)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from runner.resources import Resources
+from runner.scheduler import Scheduler
+from runner.scheduler.core import Grant
+from runner.scheduler.metrics import Metrics, serving
+from runner.scheduler.policy import (
+    THRESHOLDS,
+    Candidate,
+    Party,
+    Policy,
+    choose_victims,
+    preemption_reason,
+)
+
+RULES = {"role": {"train": ["reward", "rollout"], "reward": ["rollout"]}}
+
+
+def party(priority: float, pool: str = "a", role: str | None = None) -> Party:
+    return Party(priority, pool, {"role": role} if role else {})
+
+
+@pytest.mark.parametrize(
+    ("preemptor", "victim", "policy", "reason"),
+    [
+        pytest.param(
+            party(1, role="train"),
+            party(1, role="rollout"),
+            Policy(RULES),
+            "label",
+            id="label_rule_ignores_the_priority_gap",
+        ),
+        pytest.param(
+            party(0, role="train"),
+            party(9, role="reward"),
+            Policy(RULES),
+            "label",
+            id="label_rule_even_against_higher_priority",
+        ),
+        pytest.param(
+            party(1, role="rollout"),
+            party(1, role="train"),
+            Policy(RULES),
+            None,
+            id="label_rules_are_one_way",
+        ),
+        pytest.param(
+            party(5, role="reward"),
+            party(4, role="reward"),
+            Policy(RULES),
+            None,
+            id="no_rule_and_a_small_gap",
+        ),
+        pytest.param(
+            party(1, "a", "train"),
+            party(1, "b", "rollout"),
+            Policy(RULES),
+            None,
+            id="label_rule_stops_at_the_pool_without_cross_pool",
+        ),
+        pytest.param(
+            party(1, "a", "train"),
+            party(1, "b", "rollout"),
+            Policy(RULES, cross_pool=True),
+            "label",
+            id="label_rule_across_pools_counts_as_label_not_cross_pool",
+        ),
+        pytest.param(
+            party(10, "a"),
+            party(0, "b"),
+            Policy(),
+            None,
+            id="no_cross_pool_by_default_whatever_the_gap",
+        ),
+        pytest.param(
+            party(10, "a"),
+            party(0, "b"),
+            Policy(cross_pool=True),
+            "cross_pool",
+            id="cross_pool_when_allowed",
+        ),
+        pytest.param(
+            party(3, "a"),
+            party(0, "b"),
+            Policy(cross_pool=True),
+            None,
+            id="cross_pool_needs_the_larger_gap",
+        ),
+        pytest.param(
+            party(9, role="train"),
+            party(0, "b", "rollout"),
+            Policy(RULES, cross_pool=True, protected_pools=frozenset({"b"})),
+            None,
+            id="protected_pool_is_never_preempted_even_by_a_label_rule",
+        ),
+        pytest.param(
+            party(9),
+            party(0),
+            Policy(protected_pools=frozenset({"a"})),
+            None,
+            id="protected_pool_protects_its_own_members_too",
+        ),
+    ],
+)
+def test_who_may_preempt_whom(preemptor: Party, victim: Party, policy: Policy, reason: str | None):
+    assert preemption_reason(preemptor, victim, policy) == reason
+
+
+@pytest.mark.parametrize(
+    ("aggressiveness", "gap", "same_pool", "cross_pool"),
+    [
+        ("low", 3.9, None, None),
+        ("low", 4.0, "same_pool", None),
+        ("low", 8.0, "same_pool", "cross_pool"),
+        ("medium", 1.9, None, None),
+        ("medium", 2.0, "same_pool", None),
+        ("medium", 4.0, "same_pool", "cross_pool"),
+        ("high", 0.5, None, None),
+        ("high", 1.0, "same_pool", None),
+        ("high", 2.0, "same_pool", "cross_pool"),
+    ],
+)
+def test_the_priority_gap_must_reach_the_threshold_of_the_aggressiveness(
+    aggressiveness: str, gap: float, same_pool: str | None, cross_pool: str | None
+) -> None:
+    policy = Policy(aggressiveness=aggressiveness, cross_pool=True)
+    assert preemption_reason(party(gap, "a"), party(0, "a"), policy) == same_pool
+    assert preemption_reason(party(gap, "a"), party(0, "b"), policy) == cross_pool
+    same, across = THRESHOLDS[aggressiveness]
+    assert across > same > 0
+
+
+def cand(name: str, cpus: float, priority: float = 0, lost: float = 0, elastic: bool = False):
+    return Candidate(name, 0, Resources(cpus=cpus), priority, "a", lost, elastic)
+
+
+def frees(cpus: float):  # type: ignore[no-untyped-def]
+    return lambda victims: sum(v.resources.cpus for v in victims) >= cpus - 1e-9
+
+
+@pytest.mark.parametrize(
+    ("candidates", "need", "chosen"),
+    [
+        pytest.param([cand("a", 1), cand("b", 1)], 3, None, id="not_enough_even_with_all"),
+        pytest.param(
+            [cand("small1", 1), cand("small2", 1), cand("big", 2, priority=1)],
+            2,
+            ["big"],
+            id="one_victim_beats_two_smaller",
+        ),
+        pytest.param(
+            [cand("a", 1), cand("b", 1), cand("c", 1)],
+            3,
+            ["a", "b", "c"],
+            id="several_victims_when_one_is_not_enough",
+        ),
+        pytest.param(
+            [cand("high", 2, priority=5), cand("low", 2, priority=1)],
+            2,
+            ["low"],
+            id="lowest_priority_first",
+        ),
+        pytest.param(
+            [cand("long", 2, lost=100), cand("short", 2, lost=5)],
+            2,
+            ["short"],
+            id="least_work_lost_between_equals",
+        ),
+        pytest.param(
+            [cand("fixed", 2), cand("extra", 2, elastic=True)],
+            2,
+            ["extra"],
+            id="elastic_replicas_give_way_first",
+        ),
+        pytest.param(
+            [cand("p3", 2, priority=3), cand("p1a", 1, priority=1), cand("p1b", 1, priority=1)],
+            2,
+            ["p3"],
+            id="fewest_victims_before_lowest_priority",
+        ),
+        pytest.param(
+            [cand(f"r{i}", 0.5) for i in range(40)],
+            8,
+            [f"r{i}" for i in range(16)],
+            id="sixteen_small_victims_for_one_big_claim",
+        ),
+    ],
+)
+def test_the_smallest_victim_set_that_frees_enough(candidates, need, chosen) -> None:  # type: ignore[no-untyped-def]
+    picked = choose_victims(candidates, frees(need))
+    if chosen is None:
+        assert picked is None
+    else:
+        assert picked is not None
+        assert sorted(str(c.key) for c in picked) == sorted(chosen)
+
+
+# --- the scheduler applies the policy ------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.told: list[tuple[str, str]] = []
+
+    def __call__(self, grant: Grant, reason: str) -> None:
+        self.told.append((grant.owner, reason))
+
+
+def test_a_preemptor_takes_several_victims_at_once_and_each_is_counted_by_reason() -> None:
+    metrics, told = Metrics(), Recorder()
+    s = Scheduler([Resources(cpus=4)], metrics=metrics)
+    for i in range(4):
+        t = s.submit(
+            f"rollout{i}",
+            Resources(cpus=1),
+            1,
+            pool="a",
+            labels={"role": "rollout"},
+            on_preempt=told,
+            saves_state=True,
+        )
+        s.admit()
+        assert t.grant is not None
+    train = s.submit(
+        "train", Resources(cpus=3), 1, pool="a", labels={"role": "train"}, policy=Policy(RULES)
+    )
+    assert s.admit() == []
+    assert len(told.told) == 3  # three of the four equal rollouts: no fewer would do
+    assert {r for _, r in told.told} == {"label"}
+    assert metrics.preemptions == {("a", "label"): 3}
+    for g in s.running():
+        if (g.owner, "label") in told.told:
+            s.release(g)
+    assert [t.owner for t in s.admit()] == ["train"]
+    assert train.grant is not None and metrics.preempt_latency[0] == 3
+
+
+def test_grants_without_on_preempt_are_never_victims() -> None:
+    s = Scheduler([Resources(cpus=2)], metrics=Metrics())
+    assert s.acquire("pool-worker", Resources(cpus=2), 0, timeout=0) is not None
+    t = s.submit("train", Resources(cpus=2), 100, policy=Policy(aggressiveness="high"))
+    assert s.admit() == [] and t.victims == []
+
+
+def test_a_waiting_preemptor_keeps_what_its_victims_free_from_lower_requests() -> None:
+    told = Recorder()
+    s = Scheduler([Resources(cpus=2)], metrics=Metrics())
+    victim = s.submit("low", Resources(cpus=2), 0, on_preempt=told)
+    s.admit()
+    s.submit("high", Resources(cpus=2), 5, policy=Policy())
+    s.admit()
+    s.submit("small", Resources(cpus=1), 1)
+    assert victim.grant is not None
+    s.release(victim.grant)
+    assert [t.owner for t in s.admit()] == ["high"]
+
+
+def test_parked_groups_are_reused_by_best_fit_never_big_for_small() -> None:
+    s = Scheduler([Resources(cpus=8)], metrics=Metrics())
+    big = s.acquire("big", Resources(cpus=4), 0, timeout=0)
+    small = s.acquire("small", Resources(cpus=1), 0, timeout=0)
+    filler = s.acquire("filler", Resources(cpus=3), 0, timeout=0)
+    assert big and small and filler
+    s.park(big, "pg:x", Recorder())
+    s.park(small, "pg:x", Recorder())
+    t = s.submit("next", Resources(cpus=1), 0, reuse="pg:x")
+    s.admit()
+    assert t.grant is not None and t.grant.reused is small
+    t2 = s.submit("other-stage", Resources(cpus=2), 0)
+    s.admit()
+    assert t2.grant is not None and s.free().cpus == 2  # the idle big group was reclaimed
+
+
+def test_a_pool_quota_holds_and_preemption_frees_quota_within_the_pool() -> None:
+    told = Recorder()
+    s = Scheduler([Resources(cpus=16)], metrics=Metrics())
+    s.set_quota("rl", Resources(cpus=4))
+    for i in range(2):
+        s.submit(f"r{i}", Resources(cpus=2), 0, pool="rl", on_preempt=told)
+    s.admit()
+    assert s.acquire("over", Resources(cpus=1), 0, timeout=0, pool="rl") is None
+    s.submit("train", Resources(cpus=2), 5, pool="rl", policy=Policy())
+    s.admit()
+    assert [r for _, r in told.told] == ["same_pool"]
+
+
+def test_metrics_are_served_in_prometheus_text_on_localhost() -> None:
+    metrics = Metrics()
+    metrics.preempted("rlhf", "label")
+    metrics.admitted(10.0, 0.5)
+    metrics.set_units("rlhf", {"running": 2})
+    with serving(0, metrics) as port:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    text = body.decode()
+    assert 'runner_preemptions_total{pool="rlhf",reason="label"} 1' in text
+    assert "runner_scheduling_latency_seconds_count 1" in text
+    assert 'runner_units{stage="rlhf",state="running"} 2' in text

@@ -1,0 +1,173 @@
+"""The roles stage on a real Ray (2 CPUs): priorities, preemption, restore, cleanup."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cpus_free_again, run_runner, runner_process, summary, wait_until
+
+
+def events(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    lines = (run_dir / stage / "events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def first(evs: list[dict[str, Any]], unit: str, what: str) -> dict[str, Any]:
+    return next(e for e in evs if e["unit"] == unit and e["event"] == what)
+
+
+def ledger(run_dir: Path, stage: str) -> dict[str, tuple[str, Any]]:
+    db = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    rows = db.execute("SELECT unit, state, result FROM units WHERE stage=?", (stage,)).fetchall()
+    db.close()
+    return {u: (s, json.loads(r) if r else None) for u, s, r in rows}
+
+
+def groups_left() -> list[str]:
+    """Placement groups of the session's Ray that are not removed."""
+    import ray
+
+    table = ray.util.placement_group_table()
+    return [pg for pg, info in table.items() if info["state"] != "REMOVED"]
+
+
+def no_groups_left() -> bool:
+    return not groups_left()
+
+
+def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
+    ray_session: str, cli, tmp_path: Path
+) -> None:
+    res = cli("pipeline=rlhf", f"run.dir={tmp_path}")
+    assert res.code == 0, res.text
+    assert "autoscale_to_cluster: resources scaled by 0.25" in res.err
+    assert "rlhf: preemptions: label 1, same_pool 1, cross_pool 0; requeues 2;" in res.out
+    assert "mean wait by priority 10: " in res.out
+
+    stage = summary(tmp_path)["stages"]["rlhf"]
+    assert stage["done"] == 5
+    assert stage["preemptions"] == {"label": 1, "same_pool": 1, "cross_pool": 0}
+    assert stage["requeues"] == 2
+    assert set(stage["waiting_s_by_priority"]) == {"1", "4", "5", "10"}
+
+    evs = events(tmp_path, "rlhf")
+    train_running = first(evs, "train/0", "running")["t"]
+    rollouts_done = [e["t"] for e in evs if e["role"] == "rollout" and e["event"] == "done"]
+    assert train_running < min(rollouts_done)  # train never waited for rollouts to finish
+    reasons = {e["unit"]: e["reason"] for e in evs if e["event"] == "preempt requested"}
+    assert sorted(reasons.values()) == ["label", "same_pool"]
+    for unit in reasons:
+        stopped = first(evs, unit, "stopped")
+        assert stopped["saved"] is True
+        back = [e for e in evs if e["unit"] == unit and e["event"] == "running"]
+        assert [e["restored"] for e in back] == [False, True]
+        assert stopped["t"] <= back[1]["t"]
+
+    rows = ledger(tmp_path, "rlhf")
+    assert {s for s, _ in rows.values()} == {"done"}
+    for unit in reasons:
+        result = rows[unit][1]
+        assert result["steps"] == 40  # finished every step after its restore
+        assert result["preemptions"] == 1
+        assert len(result["restored_from"]) == 1 and 0 < result["restored_from"][0] < 40
+
+    wait_until(no_groups_left, what="every placement group to be removed")
+    wait_until(cpus_free_again, what="every role actor to be gone")
+    again = cli("pipeline=rlhf", f"run.dir={tmp_path}", "mode=plan")
+    assert "skip      5  done" in again.out
+
+
+def test_a_victim_that_ignores_cancel_is_killed_after_cancel_timeout_and_still_resumes(
+    ray_session: str, cli, tmp_path: Path
+) -> None:
+    res = cli("pipeline=roles_stubborn", f"run.dir={tmp_path}")
+    assert res.code == 0, res.text
+    evs = events(tmp_path, "work")
+    asked = first(evs, "rollout/0", "preempt requested")
+    killed = first(evs, "rollout/0", "killed after cancel_timeout")
+    assert asked["reason"] == "label"
+    assert killed["t"] - asked["t"] >= 1.0  # cancel_timeout: 1, recorded, not timed here
+    assert killed["saved"] is True  # state() was still asked for before the kill
+    assert first(evs, "train/0", "running")["t"] > killed["t"]
+    result = ledger(tmp_path, "work")["rollout/0"]
+    assert result[0] == "done"
+    assert result[1]["steps"] == 25 and result[1]["restored_from"][0] >= 10
+    wait_until(no_groups_left, what="every placement group to be removed")
+
+
+def test_ctrl_c_leaves_no_actor_and_no_placement_group(ray_session: str, tmp_path: Path) -> None:
+    args = (
+        "pipeline=roles_stubborn",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.roles.rollout.steps=100000",
+        "cluster=ray",
+    )
+    proc = runner_process(*args, env={"RAY_ADDRESS": ray_session})
+    wait_until(
+        lambda: "running" in {s for s, _ in ledger_or_empty(tmp_path).values()},
+        timeout=90,
+        what="a running replica",
+    )
+    assert groups_left()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    wait_until(no_groups_left, what="every placement group to be removed")
+    wait_until(cpus_free_again, what="every role actor to be gone")
+    status = run_runner("pipeline=roles_stubborn", f"run.dir={tmp_path}", "mode=status")
+    assert "cancelled" in status.out
+
+
+def ledger_or_empty(run_dir: Path) -> dict[str, tuple[str, Any]]:
+    try:
+        return ledger(run_dir, "work")
+    except sqlite3.Error:
+        return {}
+
+
+def test_a_group_larger_than_any_node_is_a_plan_error(ray_session: str, cli, tmp_path) -> None:
+    res = cli(
+        "pipeline=rlhf",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.rlhf.autoscale_to_cluster=false",
+        "mode=plan",
+    )
+    assert res.code == 2
+    assert "plan cannot run on this cluster" in res.err
+    assert "one train replica needs 4 CPU, more than any node has: 4 CPUs wanted, 2 available" in (
+        res.err
+    )
+
+
+def test_every_mistake_in_a_roles_stage_is_reported_at_once(cli) -> None:
+    res = cli("pipeline=roles_bad", "mode=plan")
+    assert res.code == 2
+    expected = [
+        "pipeline.stages.rl.roles.train.priority: = 'high': expected a number",
+        "pipeline.stages.rl.roles.train.replicas: = {'min': 3, 'max': 2}: min must not exceed max",
+        "pipeline.stages.rl.roles.train.pg: = 'shared': not one of reserved, dynamic",
+        "pipeline.stages.rl.roles.train.start_after: = 'critic': not another role",
+        "pipeline.stages.rl.roles.rollout.step: unknown key; did you mean 'steps'?",
+        "pipeline.stages.rl.roles.rollout.resources.tpus: unknown key",
+        "pipeline.stages.rl.pg_pool.max_dynamic_pgs: = -1: expected an integer >= 0",
+        "pipeline.stages.rl.pg_pool.reserved[0].role: = 'critic': no such role",
+        "pipeline.stages.rl.preemption.aggressiveness: = 'extreme': not one of low, medium, high",
+        "pipeline.stages.rl.preemption.label_rules: = {'role': 'train'}: expected",
+        "module 'runner.examples.rlhf' has no attribute 'Trainer'",
+    ]
+    for line in expected:
+        assert line in res.err
+    assert "invalid spec (11 problems)" in res.err
+    assert "Traceback" not in res.err
+
+
+@pytest.mark.parametrize("spec", ["rlhf", "rlhf_large"])
+def test_the_shipped_role_specs_are_valid(cli, spec: str) -> None:
+    res = cli(f"pipeline={spec}", "cluster=sim", "mode=plan")
+    assert res.code == 0, res.text

@@ -1,0 +1,110 @@
+"""The simulated cluster: the real scheduler core in virtual time, no Ray started."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+SIM_200_CPUS = ("cluster=sim", "cluster.nodes=[{cpus: 200}]")
+
+
+@pytest.mark.parametrize(
+    ("cpus_per_worker", "at_once"),
+    [
+        pytest.param("0.4", "500 ran at once (0.4 CPU each)", id="fixed_0.4_cpu"),
+        pytest.param("auto", "1800 ran at once (0.1 CPU each)", id="auto"),
+    ],
+)
+def test_the_pychecker_sizing_table_on_200_cpus(cli, cpus_per_worker: str, at_once: str) -> None:
+    res = cli(
+        "pipeline=roles_sizing",
+        *SIM_200_CPUS,
+        f"pipeline.stages.check.cpus_per_worker={cpus_per_worker}",
+    )
+    assert res.code == 0, res.text
+    assert "simulated cluster: 1 node(s), 200 CPU" in res.out
+    assert "stage check (pool): 1800 worker(s)" in res.out
+    assert at_once in res.out
+
+
+def test_the_plan_says_the_same_as_the_simulation(cli) -> None:
+    res = cli(
+        "pipeline=roles_sizing",
+        *SIM_200_CPUS,
+        "pipeline.stages.check.cpus_per_worker=0.4",
+        "mode=plan",
+    )
+    assert res.code == 0, res.text
+    assert "only 500 of 1800 workers fit at once" in res.out
+
+
+def test_the_rlhf_demo_simulated_on_two_cpus_preempts_as_the_real_run_does(cli) -> None:
+    res = cli("pipeline=rlhf", "cluster=sim", "cluster.nodes=[{cpus: 2}]")
+    assert res.code == 0, res.text
+    line = next(ln for ln in res.out.splitlines() if ln.startswith("stage rlhf"))
+    assert "5 replica(s)" in line
+    assert "preemptions: label 1, same_pool 1, cross_pool 0; requeues 2" in line
+
+
+def test_64_nodes_of_8_gpus_with_thousands_of_replicas(cli) -> None:
+    res = cli("pipeline=rlhf_large", "cluster=sim")
+    assert res.code == 0, res.text
+    assert "64 node(s), 6144 CPU, 512 GPU" in res.out
+    line = next(ln for ln in res.out.splitlines() if ln.startswith("stage rlhf"))
+    replicas, admitted = map(int, re.findall(r"(\d+) (?:replica\(s\)|admitted)", line))
+    assert replicas > 3000
+    assert admitted > replicas  # preempted replicas were admitted again
+    label = int(re.search(r"label (\d+)", line).group(1))  # type: ignore[union-attr]
+    assert label > 0
+    assert "cross_pool 0" in line
+    assert re.search(r"GPU (9\d|100)%", res.out), res.out  # the GPUs stay busy
+    again = cli("pipeline=rlhf_large", "cluster=sim")
+    assert again.out.split("simulated in")[0] == res.out.split("simulated in")[0]  # deterministic
+
+
+def test_a_group_that_can_never_fit_is_a_plan_error(cli) -> None:
+    res = cli(
+        "pipeline=rlhf_large", "cluster=sim", "pipeline.stages.rlhf.roles.train.resources.gpus=16"
+    )
+    assert res.code == 2
+    assert "plan cannot run on this cluster" in res.err
+    assert "one train replica needs 32 CPU, 16 GPU" in res.err
+
+
+def test_bad_simulated_nodes_name_the_key(cli) -> None:
+    res = cli("pipeline=rlhf", "cluster=sim", "cluster.nodes=[{cpu: 2}]")
+    assert res.code == 2
+    assert (
+        "cluster.nodes[0].cpu: unknown key (allowed: count, cpus, gpus, gpu_memory_gb, memory)"
+        in res.err
+    )
+
+
+def stage_line(out: str, stage: str) -> str:
+    return next(ln for ln in out.splitlines() if ln.startswith(f"stage {stage} "))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "counts"),
+    [
+        pytest.param(
+            (), "label 1, same_pool 0, cross_pool 1", id="label_rule_across_pools_counts_as_label"
+        ),
+        pytest.param(
+            ("pipeline.stages.serve.preemption.cross_pool=false",),
+            "label 0, same_pool 0, cross_pool 0",
+            id="no_cross_pool_preemption_unless_allowed",
+        ),
+        pytest.param(
+            ("+pipeline.stages.serve.preemption.protected_pools=[batch]",),
+            "label 0, same_pool 0, cross_pool 0",
+            id="a_protected_pool_is_never_preempted",
+        ),
+    ],
+)
+def test_preemptions_across_pools_are_counted_by_reason(cli, overrides, counts) -> None:  # type: ignore[no-untyped-def]
+    res = cli("pipeline=roles_two_pools", "cluster=sim", "cluster.nodes=[{cpus: 2}]", *overrides)
+    assert res.code == 0, res.text
+    assert f"preemptions: {counts}" in stage_line(res.out, "batch")
+    assert "preemptions: label 0, same_pool 0, cross_pool 0" in stage_line(res.out, "serve")
