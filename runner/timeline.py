@@ -53,10 +53,12 @@ def from_ledger(ledger: Ledger, since: float = 0.0) -> tuple[list[Bar], list[Mar
     only what started at or after `since` (a run's start: earlier runs' units are not drawn)."""
     bars, marks = [], []
     for stage in ledger.stages():
+        # a pool's lanes are its worker processes; other kinds' units are their own lanes
+        by_worker = stage["kind"] == "pool"
         for row in ledger.rows(stage["stage"]):
             if row.started is None or row.ended is None or row.started < since:
                 continue
-            lane = f"{row.stage}/{row.worker or row.unit}"
+            lane = f"{row.stage}/{(row.worker if by_worker else None) or row.unit}"
             bars.append(Bar(lane, row.started, row.ended, row.state.value))
             if row.attempts > 1:
                 marks.append(Mark(lane, row.started, "retry"))
@@ -87,7 +89,7 @@ def draw(title: str, bars: list[Bar], marks: list[Mark], path: Path) -> Path:
     plot_w = WIDTH - LEFT - 20
     height = TOP + len(lanes) * LANE_H + CURVE_H + 50
     canvas = Canvas(WIDTH, height)
-    canvas.text(10, 10, f"{title}  ({span:.1f}s, {len(bars)} units, {len(lanes)} lanes)")
+    canvas.text(10, 10, f"{title}  ({span:.1f}s, {len(bars)} bars, {len(lanes)} lanes)")
 
     def x(t: float) -> float:
         return LEFT + (t - t0) / span * plot_w

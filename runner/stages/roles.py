@@ -37,7 +37,7 @@ from runner.schema import RolesStage, StageSpec
 from runner.spec import Problems, did_you_mean, find_cycle
 from runner.stages.base import RunContext, StageKind, StageOutcome
 from runner.stages.pool import import_error
-from runner.store import UnitRow, UnitState, atomic_path
+from runner.store import Event, UnitRow, UnitState, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +541,8 @@ class Replica:
     attempts: int = 0
     preemptions: int = 0
     started: float | None = None
+    # when the current attempt began running (a preempted attempt is drawn as its own bar)
+    attempt_started: float | None = None
     worker: str | None = None
     result: Any = None
     error: str | None = None
@@ -557,6 +559,8 @@ class RolesRun:
     pgs: PGPool = field(init=False)
     events: list[dict[str, Any]] = field(default_factory=list)
     rows: list[UnitRow] = field(default_factory=list)
+    # preemptions and preempted attempts, for the timeline picture
+    marks: list[Event] = field(default_factory=list)
     flagged: list[tuple[Grant, str]] = field(default_factory=list)
     flag_lock: threading.Lock = field(default_factory=threading.Lock)
     preempted: Counter[str] = field(default_factory=Counter)
@@ -774,7 +778,8 @@ class RolesRun:
             return
         if r.state == "starting":
             r.worker, r.state = reply, "running"
-            r.started = r.started or time.time()
+            r.attempt_started = time.time()
+            r.started = r.started or r.attempt_started
             self.running_roles.add(r.role.name)
             self._event(r, "running", restored=r.saved is not None)
             r.ref = r.handle.run.remote(r.saved)
@@ -808,6 +813,9 @@ class RolesRun:
             r.preemptions += 1
             self.preempted[reason] += 1
             self._event(r, "preempt requested", reason=reason)
+            self.marks.append(
+                Event(self.stage.name, r.unit.id, "preempted", time.time(), detail=reason)
+            )
             if r.state == "starting":
                 self._stopped(r, killed=True)
                 continue
@@ -836,8 +844,20 @@ class RolesRun:
             "killed after cancel_timeout" if killed and r.state == "stopping" else "stopped",
             saved=r.saved is not None,
         )
+        if r.attempt_started is not None:
+            self.marks.append(
+                Event(
+                    self.stage.name,
+                    r.unit.id,
+                    "attempt",
+                    time.time(),
+                    detail="preempted",
+                    started=r.attempt_started,
+                )
+            )
         self._release(r)
         r.state, r.ref, r.pending_since = "pending", None, 0.0
+        r.attempt_started = None
         self.requeues += 1
         self._row(r, UnitState.pending)
 
@@ -891,6 +911,8 @@ class RolesRun:
 
     def _row(self, r: Replica, state: UnitState) -> None:
         now = time.time()
+        # the row spans the last attempt; earlier, preempted attempts are events
+        started = r.attempt_started or r.started
         ended = now if state in (UnitState.done, UnitState.failed, UnitState.cancelled) else None
         self.rows.append(
             UnitRow(
@@ -899,9 +921,9 @@ class RolesRun:
                 r.unit.fingerprint,
                 state,
                 r.attempts,
-                r.started,
+                started,
                 ended,
-                None if ended is None or r.started is None else ended - r.started,
+                None if ended is None or started is None else ended - started,
                 r.worker,
                 r.error,
                 r.unit.payload,
@@ -913,6 +935,9 @@ class RolesRun:
         if self.rows:
             self.ctx.ledger.write(self.rows)
             self.rows = []
+        if self.marks:
+            self.ctx.ledger.add_events(self.marks)
+            self.marks = []
         REGISTRY.set_units(self.stage.name, Counter(r.state for r in self.replicas))
 
 
