@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from runner.timeline import MARK, OUTCOME
 from tests.conftest import cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.test_timeline import png_pixels
 
 
 def events(run_dir: Path, stage: str) -> list[dict[str, Any]]:
@@ -76,6 +78,9 @@ def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
         assert result["steps"] == 40  # finished every step after its restore
         assert result["preemptions"] == 1
         assert len(result["restored_from"]) == 1 and 0 < result["restored_from"][0] < 40
+
+    _, _, colours = png_pixels(tmp_path / "timeline.png")
+    assert {OUTCOME["preempted"], MARK["preempted"], OUTCOME["done"]} <= colours
 
     wait_until(no_groups_left, what="every placement group to be removed")
     wait_until(cpus_free_again, what="every role actor to be gone")
