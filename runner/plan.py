@@ -21,7 +21,7 @@ from runner.resources import Resources
 from runner.schema import StageSpec
 from runner.sizing import fits
 from runner.spec import Pipeline
-from runner.store import Ledger, PriorUnit, UnitState
+from runner.store import Ledger, PriorUnit, UnitRow, UnitState
 
 
 def digest(*parts: str) -> str:
@@ -42,6 +42,36 @@ class Unit:
     payload: Any
     run: bool = True
     reason: str = "new"
+
+    def row(
+        self,
+        stage: str,
+        state: UnitState,
+        attempts: int,
+        started: float | None = None,
+        ended: float | None = None,
+        worker: str | None = None,
+        error: str | None = None,
+        result: Any = None,
+        record: Any = None,
+    ) -> UnitRow:
+        """This unit's ledger row: its duration is the span once both ends are known, its
+        input the payload unless `record` says how the ledger keeps it."""
+        duration = None if started is None or ended is None else ended - started
+        return UnitRow(
+            stage,
+            self.id,
+            self.fingerprint,
+            state,
+            attempts,
+            started,
+            ended,
+            duration,
+            worker,
+            error,
+            self.payload if record is None else record,
+            result,
+        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,12 @@ def _stat(pid: int) -> tuple[int, int] | None:
     # the command name (field 2) may hold spaces and parentheses: split after its last ')'
     rest = text[text.rindex(")") + 2 :].split()
     return int(rest[1]), int(rest[19])
+
+
+def start_time(pid: int) -> int | None:
+    """A live process's start time in clock ticks (with the pid, it names one process), or None."""
+    st = _stat(pid)
+    return None if st is None else st[1]
 
 
 def descendants(root: int) -> list[int]:
@@ -58,8 +65,7 @@ def reap_recorded(path: Path) -> int:
         return 0
     killed = 0
     for pid, started in entries:
-        st = _stat(pid)
-        if st is not None and st[1] == started:
+        if started is not None and start_time(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
@@ -75,3 +81,28 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     """Signal a whole process group, ignoring one that is already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def record_group(path: Path, pid: int) -> None:
+    """Write the leader of a process group we started (host, pid, start time) to `path`."""
+    path.write_text(json.dumps([socket.gethostname(), pid, start_time(pid)]))
+
+
+def reap_group(path: Path) -> None:
+    """Kill the process group recorded in `path` by `record_group` if it still runs on this
+    host (orphaned by a killed runner, or left by a task that could not clean up)."""
+    try:
+        host, pid, started = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if host == socket.gethostname() and start_time(pid) == started:
+        kill_group(pid)
+    path.unlink(missing_ok=True)
+
+
+def signal_name(number: int) -> str:
+    """`SIGKILL` for 9; `signal 40` for a number Python has no name for (real-time signals)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -9,6 +9,7 @@ reported against the file (or command-line override) that set the key.
 from __future__ import annotations
 
 import difflib
+import importlib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -127,6 +128,32 @@ def did_you_mean(word: str, allowed: Iterable[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+def unknown_key(key: str, allowed: Iterable[str]) -> str:
+    """The message for a key that is not one of `allowed`, with a did-you-mean."""
+    allowed = list(allowed)
+    return f"unknown key{did_you_mean(key, allowed)} (allowed: {', '.join(allowed)})"
+
+
+def import_error(target: str) -> str | None:
+    """Why `pkg.mod.attr` (a spec's `_target_`) cannot be imported, or None when it can."""
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as exc:
+            if exc.name and ".".join(parts[:cut]).startswith(exc.name):
+                continue
+            return f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # the module itself fails on import: say how
+            return f"{type(exc).__name__}: {exc}"
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return f"module {'.'.join(parts[:cut])!r} has no attribute {attr!r}"
+            obj = getattr(obj, attr)
+        return None
+    return f"no module named {parts[0]!r}"
+
+
 def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | None = None) -> Spec:
     """Validate a composed config; raise one SpecError listing every problem."""
     problems = Problems(origins)
@@ -137,8 +164,7 @@ def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | No
     cluster = build(ClusterConfig, data.get("cluster"), "cluster", problems)
     pipeline = _pipeline(data.get("pipeline"), checks, problems)
     for key in set(data) - {"mode", "run", "cluster", "pipeline", "hydra"}:
-        top = ["cluster", "mode", "pipeline", "run"]
-        problems.add(key, f"unknown key{did_you_mean(key, top)} (allowed: {', '.join(top)})")
+        problems.add(key, unknown_key(key, ["cluster", "mode", "pipeline", "run"]))
     problems.raise_if_any()
     assert mode is not None and run is not None and cluster is not None and pipeline is not None
     return Spec(mode=mode, run=run, cluster=cluster, pipeline=pipeline, composed=data)
@@ -271,9 +297,7 @@ def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     for key in data:
         if key not in known:
-            allowed = ", ".join(sorted(known))
-            hint = did_you_mean(str(key), known)
-            problems.add(f"{path}.{key}", f"unknown key{hint} (allowed: {allowed})")
+            problems.add(f"{path}.{key}", unknown_key(str(key), sorted(known)))
     values: dict[str, Any] = {}
     complete = True
     for name, f in known.items():

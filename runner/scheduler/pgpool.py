@@ -79,7 +79,12 @@ class PGPool:
             )
             if grant is None:
                 return
-            self.reserved.append(Reserved(shape, role, grant, _create(shape)))
+            try:
+                pg = _create(shape)
+            except BaseException:  # the scheduler is the run's: never keep what we cannot use
+                self.scheduler.release(grant)
+                raise
+            self.reserved.append(Reserved(shape, role, grant, pg))
             self.created += 1
 
     def take_reserved(self, role: str, need: Resources) -> Reserved | None:

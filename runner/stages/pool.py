@@ -10,7 +10,6 @@ and the items it held are retried one at a time so only the culprit spends its r
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -28,10 +27,11 @@ from typing import Any
 from runner import items as itemsrc
 from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
 from runner.plan import stage_fingerprint as fingerprint_of
+from runner.remote import error_line, remote
 from runner.resources import Resources
 from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
-from runner.spec import Problems, did_you_mean
+from runner.spec import Problems, did_you_mean, import_error
 from runner.stages.base import RunContext, StageKind, StageOutcome
 from runner.stages.results import write_results
 from runner.store import UnitRow, UnitState
@@ -70,26 +70,6 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
             )
         elif upstream not in spec.needs:
             spec.needs.append(upstream)
-
-
-def import_error(target: str) -> str | None:
-    """Why `pkg.mod.attr` cannot be imported, or None when it can."""
-    parts = target.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError as exc:
-            if exc.name and ".".join(parts[:cut]).startswith(exc.name):
-                continue
-            return f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # the module itself fails on import: say how
-            return f"{type(exc).__name__}: {exc}"
-        for attr in parts[cut:]:
-            if not hasattr(obj, attr):
-                return f"module {'.'.join(parts[:cut])!r} has no attribute {attr!r}"
-            obj = getattr(obj, attr)
-        return None
-    return f"no module named {parts[0]!r}"
 
 
 def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
@@ -240,18 +220,6 @@ def _call(fn: Any, payload: Any) -> tuple[str, Any]:
         return "error", f"{type(exc).__name__}: {exc}"
 
 
-_remote_actor: Any = None
-
-
-def _actor_class() -> Any:
-    global _remote_actor
-    if _remote_actor is None:
-        import ray
-
-        _remote_actor = ray.remote(PoolActor)
-    return _remote_actor
-
-
 # --- the driver --------------------------------------------------------------------------
 
 
@@ -373,12 +341,16 @@ class PoolRun:
             )
             if grant is None:
                 return
-            self.workers.append(self._start_actor(grant, cpus))
+            try:
+                self.workers.append(self._start_actor(grant, cpus))
+            except BaseException:  # the scheduler is the run's: never keep what we cannot use
+                self.ctx.scheduler.release(grant)
+                raise
 
     def _start_actor(self, grant: Any, cpus: float) -> _Worker:
         threads = self.stage.settings["max_concurrency"]
         handle = (
-            _actor_class()
+            remote(PoolActor)
             .options(num_cpus=cpus, max_concurrency=threads, name=None, max_restarts=0)
             .remote(dict(self.spec.worker), self.spec.step_timeout, threads)
         )
@@ -486,21 +458,10 @@ class PoolRun:
         error: str | None,
     ) -> None:
         now = time.time()
+        started = None if seconds is None else now - seconds
+        unit, stage = item.unit, self.stage.name
         self.pending_rows.append(
-            UnitRow(
-                self.stage.name,
-                item.unit.id,
-                item.unit.fingerprint,
-                state,
-                item.attempts,
-                None if seconds is None else now - seconds,
-                now,
-                seconds,
-                worker,
-                error,
-                item.unit.payload,
-                result,
-            )
+            unit.row(stage, state, item.attempts, started, now, worker, error, result)
         )
         key = state.value
         self.counts[key] += 1
@@ -512,7 +473,7 @@ class PoolRun:
         """Requeue what the dead actor held; only an item that ran alone on it is charged."""
         if _creation_failed(exc):
             target = self.spec.worker.get("_target_")
-            self.start_error = f"worker {target} failed to start: {_first_line(exc)}"
+            self.start_error = f"worker {target} failed to start: {error_line(exc)}"
         held = [batch, *worker.inflight.values()]
         worker.inflight.clear()
         worker.draining = True
@@ -573,12 +534,6 @@ def _allowed_failures(max_failures: float, total: int) -> int:
 
 def _creation_failed(exc: Exception) -> bool:
     return "creation task" in str(exc)
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error" in ln and not ln.startswith(" ")]
-    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__).strip()
 
 
 def run(stage: StagePlan, ctx: RunContext) -> StageOutcome:

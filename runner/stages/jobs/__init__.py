@@ -1,0 +1,23 @@
+"""The `jobs` stage: heterogeneous shell jobs, each with its own resources, run as far as they fit.
+
+It replaces a home-made Slurm-like service, and is built against that service's faults. Every
+job is a Ray task asking Ray for exactly its CPUs, memory and GPUs, so Ray's own accounting
+holds the limits (no counter of ours can drift), after the run's scheduler has admitted it by
+priority. A job runs in its own process group, killed whole at its time limit, on Ctrl-C and
+when its Ray worker dies (a watcher process outlives the worker and ends the group), so nothing
+a job started is left running. A job whose worker dies is retried or marked failed, never left
+running; a job's own failure is final and its siblings go on.
+"""
+
+from __future__ import annotations
+
+from runner.schema import JobsStage
+from runner.stages.base import StageKind
+from runner.stages.jobs.driver import run
+from runner.stages.jobs.job import Job, array_indices, load_jobs
+from runner.stages.jobs.planning import check, plan
+from runner.stages.jobs.task import run_job
+
+__all__ = ["KIND", "Job", "array_indices", "check", "load_jobs", "plan", "run", "run_job"]
+
+KIND = StageKind(JobsStage, check, plan, run)

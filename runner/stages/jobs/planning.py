@@ -1,0 +1,88 @@
+"""The spec checks and the plan of a jobs stage: one unit per job, fingerprinted from what it
+runs (never its resources), and one claim per resource shape."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from runner.cluster import ClusterInfo
+from runner.plan import Claim, PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.resources import Resources
+from runner.schema import JobsStage, StageSpec
+from runner.spec import Problems
+from runner.stages.jobs.job import Job, load_jobs
+
+log = logging.getLogger(__name__)
+
+# per-job keys that only size the job: left out of the stage config the fingerprints hash
+RESOURCE_KEYS = ("cpus_per_task", "memory", "gpus", "time_limit")
+
+
+def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, StageSpec]) -> None:
+    """Every job readable, named once, runnable (script or command, a cwd that exists)."""
+    assert isinstance(spec, JobsStage)
+    load_jobs(name, spec, problems)
+
+
+def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+    """One unit per job (fingerprint: what it runs, its env and cwd, its upstream stages),
+    one claim per job shape, and a warning when `max_concurrent` asks for more than fits."""
+    assert isinstance(spec, JobsStage)
+    problems = Problems(None)
+    jobs = load_jobs(name, spec, problems)
+    problems.raise_if_any()
+    config = _config(spec, raw)
+    upstream = [ctx.upstream[n].fingerprint for n in spec.needs]
+    decide = decider(name, config, ctx)
+    units = [decide(Unit(j.id, digest(j.identity(), *upstream), j)) for j in jobs]
+    to_run: list[Job] = [u.payload for u in units if u.run]
+    if warning := _concurrency_warning(name, spec.max_concurrent, to_run, ctx.cluster):
+        log.warning(warning)
+    fingerprint = digest("jobs", *(u.fingerprint for u in units))
+    return StagePlan(name, "jobs", spec, fingerprint, config, units, _claims(to_run, ctx.cluster))
+
+
+def _config(spec: JobsStage, raw: dict[str, Any]) -> dict[str, Any]:
+    """The stage's result config, with each inline job's resource keys left out too."""
+    config = result_config(spec, raw)
+    config["jobs"] = [
+        {k: v for k, v in job.items() if k not in RESOURCE_KEYS} if isinstance(job, dict) else job
+        for job in config.get("jobs", [])
+    ]
+    return config
+
+
+def _shapes(jobs: list[Job]) -> dict[Resources, list[str]]:
+    shapes: dict[Resources, list[str]] = {}
+    for job in jobs:
+        shapes.setdefault(job.resources, []).append(job.id)
+    return shapes
+
+
+def _claims(jobs: list[Job], cluster: ClusterInfo) -> list[Claim]:
+    """One claim per resource shape; a shape no node can hold is a plan error naming its jobs."""
+    return [claim(_label(ids), res, len(ids), cluster) for res, ids in _shapes(jobs).items()]
+
+
+def _label(ids: list[str]) -> str:
+    if len(ids) == 1:
+        return f"job '{ids[0]}'"
+    shown = ", ".join(f"'{i}'" for i in ids[:3])
+    return f"job of {shown}" + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+
+
+def _concurrency_warning(
+    name: str, wanted: int | None, jobs: list[Job], cluster: ClusterInfo
+) -> str | None:
+    """Say how many jobs can really run at once when `max_concurrent` asks for more."""
+    if wanted is None or len(jobs) < 2:
+        return None
+    can = max(claim("", res, wanted, cluster).fit for res in _shapes(jobs))
+    if can >= min(wanted, len(jobs)):
+        return None
+    return (
+        f"{name}: max_concurrent={wanted}, but the cluster holds at most {can} of these jobs "
+        f"at once; {can} will run at a time"
+    )

@@ -1,0 +1,202 @@
+"""The spec checks of a roles stage: every role, the pool, the placement-group pool and the
+preemption settings, each problem named by its key path.
+
+Roles, pools and preemption are free-form mappings in the schema (their keys depend on the
+user's role names), so their keys are checked here by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from runner.scheduler.policy import THRESHOLDS
+from runner.schema import RolesStage, StageSpec
+from runner.spec import Problems, find_cycle, import_error, unknown_key
+
+ROLE_KEYS = (
+    "priority",
+    "replicas",
+    "resources",
+    "labels",
+    "pg",
+    "start_after",
+    "actor",
+    "steps",
+    "step_time",
+    "estimated_duration",
+)
+RESOURCE_KEYS = ("cpus", "gpus", "memory_gb")
+PREEMPTION_KEYS = (
+    "label_rules",
+    "aggressiveness",
+    "cancel_timeout",
+    "cross_pool",
+    "protected_pools",
+)
+PG_POOL_KEYS = ("reserved", "max_dynamic_pgs", "reuse")
+
+
+def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, StageSpec]) -> None:
+    """Every role, the pool, the placement-group pool and the preemption settings."""
+    assert isinstance(spec, RolesStage)
+    path = f"pipeline.stages.{name}"
+    if not isinstance(spec.roles, dict) or not spec.roles:
+        problems.add(f"{path}.roles", "a roles stage needs at least one role: NAME: {actor, ...}")
+        return
+    for role, data in spec.roles.items():
+        _check_role(f"{path}.roles.{role}", str(role), data, spec.roles, problems)
+    after = {
+        str(r): [d["start_after"]]
+        for r, d in spec.roles.items()
+        if isinstance(d, dict) and isinstance(d.get("start_after"), str)
+    }
+    if cycle := find_cycle(after):
+        problems.add(f"{path}.roles.{cycle[0]}.start_after", f"a cycle: {' -> '.join(cycle)}")
+    _check_keys(f"{path}.pool", spec.pool, ("name", "resources"), problems)
+    if isinstance(spec.pool.get("resources"), dict):
+        _check_resources(
+            f"{path}.pool.resources", spec.pool["resources"], problems, "the pool's quota"
+        )
+    _check_keys(f"{path}.pg_pool", spec.pg_pool, PG_POOL_KEYS, problems)
+    _check_int(
+        f"{path}.pg_pool.max_dynamic_pgs", spec.pg_pool.get("max_dynamic_pgs", 8), 0, problems
+    )
+    if not isinstance(spec.pg_pool.get("reuse", True), bool):
+        problems.add(
+            f"{path}.pg_pool.reuse", f"= {spec.pg_pool['reuse']!r}: expected true or false"
+        )
+    _check_reserved(
+        f"{path}.pg_pool.reserved", spec.pg_pool.get("reserved", []), spec.roles, problems
+    )
+    _check_preemption(f"{path}.preemption", spec.preemption, problems)
+
+
+def _check_keys(path: str, data: Any, allowed: tuple[str, ...], problems: Problems) -> bool:
+    if not isinstance(data, dict):
+        problems.add(path, f"= {data!r}: expected a mapping with keys {', '.join(allowed)}")
+        return False
+    for key in data:
+        if key not in allowed:
+            problems.add(f"{path}.{key}", unknown_key(str(key), allowed))
+    return True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(path: str, value: Any, low: int, problems: Problems) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        problems.add(path, f"= {value!r}: expected an integer >= {low}")
+
+
+def _check_resources(path: str, data: Any, problems: Problems, what: str = "a replica") -> None:
+    if not _check_keys(path, data, RESOURCE_KEYS, problems):
+        return
+    for key, value in data.items():
+        if key in RESOURCE_KEYS and (not _number(value) or value < 0):
+            problems.add(f"{path}.{key}", f"= {value!r}: expected a number >= 0")
+    if all(_number(v) and v == 0 for v in data.values()):
+        problems.add(path, f"= {data!r}: {what} needs some cpus or gpus")
+
+
+def _check_role(
+    path: str, role: str, data: Any, roles: Mapping[str, Any], problems: Problems
+) -> None:
+    if not _check_keys(path, data, ROLE_KEYS, problems):
+        return
+    target = data.get("actor", {}).get("_target_") if isinstance(data.get("actor"), dict) else None
+    if not isinstance(target, str) or not target:
+        problems.add(
+            f"{path}.actor._target_", "missing: name the role's actor class, pkg.mod.Class"
+        )
+    elif (error := import_error(target)) is not None:
+        problems.add(f"{path}.actor._target_", f"= {target!r}: cannot import: {error}")
+    if "priority" in data and not _number(data["priority"]):
+        problems.add(f"{path}.priority", f"= {data['priority']!r}: expected a number")
+    _check_replicas(f"{path}.replicas", data.get("replicas", 1), problems)
+    _check_resources(f"{path}.resources", data.get("resources", {"cpus": 1}), problems)
+    labels = data.get("labels", {})
+    if not isinstance(labels, dict):
+        problems.add(f"{path}.labels", f"= {labels!r}: expected a mapping of strings")
+    if data.get("pg", "dynamic") not in ("reserved", "dynamic"):
+        problems.add(f"{path}.pg", f"= {data['pg']!r}: not one of reserved, dynamic")
+    after = data.get("start_after", 0)
+    if isinstance(after, str):
+        if after == role or after not in roles:
+            others = ", ".join(r for r in roles if r != role)
+            problems.add(f"{path}.start_after", f"= {after!r}: not another role (roles: {others})")
+    elif not _number(after) or after < 0:
+        problems.add(f"{path}.start_after", f"= {after!r}: expected seconds >= 0 or a role name")
+    _check_int(f"{path}.steps", data.get("steps", 1), 1, problems)
+    for key in ("step_time", "estimated_duration"):
+        value = data.get(key)
+        if value is not None and (not _number(value) or value <= 0):
+            problems.add(f"{path}.{key}", f"= {value!r}: expected seconds > 0")
+
+
+def _check_replicas(path: str, value: Any, problems: Problems) -> None:
+    if isinstance(value, dict):
+        if not _check_keys(path, value, ("min", "max"), problems):
+            return
+        low, high = value.get("min", 1), value.get("max", value.get("min", 1))
+        _check_int(f"{path}.min", low, 0, problems)
+        _check_int(f"{path}.max", high, 1, problems)
+        if isinstance(low, int) and isinstance(high, int) and low > high:
+            problems.add(path, f"= {value!r}: min must not exceed max")
+    else:
+        _check_int(path, value, 1, problems)
+
+
+def _check_reserved(path: str, entries: Any, roles: Mapping[str, Any], problems: Problems) -> None:
+    if not isinstance(entries, list):
+        problems.add(
+            path, f"= {entries!r}: expected a list of {{role: NAME}} or {{resources: ...}}"
+        )
+        return
+    for i, entry in enumerate(entries):
+        where = f"{path}[{i}]"
+        if not _check_keys(where, entry, ("role", "resources", "count"), problems):
+            continue
+        if ("role" in entry) == ("resources" in entry):
+            problems.add(where, "name either a role (its replicas' shape) or resources")
+        elif "role" in entry and entry["role"] not in roles:
+            problems.add(
+                f"{where}.role", f"= {entry['role']!r}: no such role (roles: {', '.join(roles)})"
+            )
+        elif "resources" in entry:
+            _check_resources(f"{where}.resources", entry["resources"], problems, "a reserved group")
+        if "count" in entry:
+            _check_int(f"{where}.count", entry["count"], 1, problems)
+    wanted = {r for r, d in roles.items() if isinstance(d, dict) and d.get("pg") == "reserved"}
+    if wanted and not entries:
+        problems.add(
+            path, f"roles {', '.join(sorted(wanted))} ask for pg: reserved, but none is reserved"
+        )
+
+
+def _check_preemption(path: str, data: Any, problems: Problems) -> None:
+    if not _check_keys(path, data, PREEMPTION_KEYS, problems):
+        return
+    level = data.get("aggressiveness", "medium")
+    if level not in THRESHOLDS:
+        problems.add(f"{path}.aggressiveness", f"= {level!r}: not one of {', '.join(THRESHOLDS)}")
+    timeout = data.get("cancel_timeout", 5.0)
+    if not _number(timeout) or timeout < 0:
+        problems.add(f"{path}.cancel_timeout", f"= {timeout!r}: expected seconds >= 0")
+    if not isinstance(data.get("cross_pool", False), bool):
+        problems.add(f"{path}.cross_pool", f"= {data['cross_pool']!r}: expected true or false")
+    pools = data.get("protected_pools", [])
+    if not isinstance(pools, list) or not all(isinstance(p, str) for p in pools):
+        problems.add(f"{path}.protected_pools", f"= {pools!r}: expected a list of pool names")
+    rules = data.get("label_rules", {})
+    ok = isinstance(rules, dict) and all(
+        isinstance(v, dict) and all(isinstance(t, list) for t in v.values()) for v in rules.values()
+    )
+    if not ok:
+        problems.add(
+            f"{path}.label_rules",
+            f"= {rules!r}: expected {{LABEL: {{VALUE: [VALUES it may preempt]}}}}, "
+            "e.g. {role: {train: [reward, rollout]}}",
+        )

@@ -1,0 +1,127 @@
+"""How a roles stage plans: one unit per replica, claims per role and per reserved group, the
+fit of reserved groups and quota, and the optional scaling of every shape to the cluster."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from runner.errors import PlanError
+from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.plan import stage_fingerprint as fingerprint_of
+from runner.resources import Resources
+from runner.schema import RolesStage, StageSpec
+from runner.stages.roles.settings import RoleSpec, RolesPlan, parse
+
+
+def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+    """One unit per replica (up to `max`); claims per role and per reserved group."""
+    assert isinstance(spec, RolesStage)
+    roles_plan = parse(name, spec)
+    notes: list[str] = []
+    if spec.autoscale_to_cluster:
+        roles_plan, note = autoscale(roles_plan, ctx)
+        if note:
+            notes.append(f"{name}: {note}")
+    config = result_config(spec, raw)
+    config["roles"] = {
+        r: {"actor": d.get("actor"), "steps": d.get("steps", 1)} for r, d in spec.roles.items()
+    }
+    own, fp = fingerprint_of(config, [ctx.upstream[n].fingerprint for n in spec.needs])
+    decide = decider(name, config, ctx)
+    units = []
+    for role in roles_plan.roles.values():
+        role_fp = digest(
+            own, role.name, json.dumps(config["roles"][role.name], sort_keys=True, default=str)
+        )
+        for i in range(role.max):
+            payload = {"role": role.name, "replica": i}
+            units.append(decide(Unit(f"{role.name}/{i}", digest(role_fp, str(i)), payload)))
+    claims = [
+        claim(f"{r.name} replica", r.resources, r.max, ctx.cluster)
+        for r in roles_plan.roles.values()
+    ]
+    claims += [
+        claim(f"reserved group for {role or 'any role'}", shape, 1, ctx.cluster)
+        for shape, role in roles_plan.reserved
+    ]
+    _check_fit(name, roles_plan, ctx)
+    return StagePlan(
+        name, "roles", spec, fp, config, units, claims, notes, "", {"roles": roles_plan}
+    )
+
+
+def _check_fit(name: str, rp: RolesPlan, ctx: PlanContext) -> None:
+    """Reserved groups must fit together; every replica must fit in the pool's quota."""
+    problems = []
+    total = Resources()
+    for shape, _ in rp.reserved:
+        total = total + shape
+    if rp.reserved and not total.fits_in(ctx.cluster.total):
+        problems.append(
+            f"pipeline.stages.{name}.pg_pool.reserved: the reserved groups need "
+            f"{total.describe()} together: {total.shortfall(ctx.cluster.total)} in the cluster"
+        )
+    for role in rp.roles.values():
+        if rp.quota is not None and not role.resources.fits_in(rp.quota):
+            problems.append(
+                f"pipeline.stages.{name}.roles.{role.name}: one replica needs "
+                f"{role.resources.describe()}, more than the pool quota: "
+                f"{role.resources.shortfall(rp.quota)}"
+            )
+    if problems:
+        raise PlanError(problems)
+
+
+def autoscale(rp: RolesPlan, ctx: PlanContext) -> tuple[RolesPlan, str]:
+    """Scale every shape down by one factor so the spec's size fits the cluster (never up).
+
+    The spec's size is the pool quota when it declares one, else every role at its maximum;
+    each replica must also fit on the largest node."""
+    size = rp.quota
+    if size is None:
+        size = Resources()
+        for role in rp.roles.values():
+            size = size + role.resources.scale(role.max)
+    have, largest = ctx.cluster.total, ctx.cluster.largest
+    ratios = [1.0]
+    for need, got in ((size.cpus, have.cpus), (size.gpus, have.gpus), (size.memory, have.memory)):
+        if need > 0 and got > 0:
+            ratios.append(got / need)
+    for role in rp.roles.values():
+        r = role.resources
+        for need, got in (
+            (r.cpus, largest.cpus),
+            (r.gpus, largest.gpus),
+            (r.memory, largest.memory),
+        ):
+            if need > 0 and got > 0:
+                ratios.append(got / need)
+    factor = min(ratios)
+    if factor >= 1.0:
+        return rp, ""
+    roles = {
+        n: RoleSpec(**{**r.__dict__, "resources": _scaled(r.resources, factor)})
+        for n, r in rp.roles.items()
+    }
+    reserved = [(_scaled(s, factor), role) for s, role in rp.reserved]
+    quota = _scaled(rp.quota, factor) if rp.quota is not None else None
+    scaled = RolesPlan(
+        rp.pool, quota, rp.policy, reserved, rp.max_dynamic_pgs, rp.reuse, roles, factor
+    )
+    note = (
+        f"autoscale_to_cluster: resources scaled by {factor:.3g} (the spec asks for "
+        f"{size.describe()}, the cluster has {have.describe()})"
+    )
+    return scaled, note
+
+
+def _scaled(r: Resources, factor: float) -> Resources:
+    """`r` times `factor`, floored to hundredths; GPUs above one stay whole (Ray's rule)."""
+    cpus = max(0.01, math.floor(r.cpus * factor * 100) / 100) if r.cpus else 0.0
+    gpus = r.gpus * factor
+    gpus = float(math.floor(gpus)) if gpus >= 1 else math.floor(gpus * 100) / 100 if gpus else 0.0
+    if r.gpus and not gpus:
+        gpus = 0.01
+    return Resources(cpus, gpus, math.floor(r.memory * factor), r.custom)

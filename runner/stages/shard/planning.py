@@ -1,0 +1,95 @@
+"""How a shard stage plans: one unit per id range, a claim per shard, and a GPU check against
+the cluster (and NVML, on a local cluster) before anything starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from runner import gpus
+from runner.errors import PlanError
+from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.plan import stage_fingerprint as fingerprint_of
+from runner.resources import Resources
+from runner.schema import ShardStage, StageSpec
+from runner.stages.shard.ranges import input_identity, recorded, split
+
+
+def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+    """One unit per id range; a claim of CPUs and GPUs per shard; a GPU check against the
+    cluster (and NVML, on a local cluster)."""
+    assert isinstance(spec, ShardStage)
+    config = result_config(spec, raw)
+    source = input_identity(spec.input)
+    own, fp = fingerprint_of(config, [ctx.upstream[n].fingerprint for n in spec.needs])
+    fp = digest(fp, source)
+    shards = recorded(ctx.ledger, name, spec, source) or split(
+        Path(spec.input), spec.id_column, spec.num_shards
+    )
+    decide = decider(name, config, ctx)
+    base = {"input": source, "id_column": spec.id_column, "num_shards": spec.num_shards}
+    units = [
+        decide(
+            Unit(
+                s.label,
+                digest(own, json.dumps([s.low, s.high, s.rows], default=str), source),
+                {
+                    **base,
+                    "index": s.index,
+                    "low": s.low,
+                    "high": s.high,
+                    "rows": s.rows,
+                    "count": len(shards),
+                },
+            )
+        )
+        for s in shards
+    ]
+    notes = _gpu_notes(name, spec, ctx)
+    if len(shards) < spec.num_shards:
+        notes.append(f"{name}: {len(shards)} shard(s): the input has only {len(shards)} ids")
+    resources = Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard)
+    shard_claim = claim("shard", resources, len(shards), ctx.cluster)
+    if spec.max_parallel is not None and shard_claim.fit > spec.max_parallel:
+        notes.append(f"{name}: max_parallel {spec.max_parallel} of {shard_claim.fit} that fit")
+    return StagePlan(name, "shard", spec, fp, config, units, [shard_claim], notes)
+
+
+def _gpu_notes(name: str, spec: ShardStage, ctx: PlanContext) -> list[str]:
+    """Stop at plan time when the cluster cannot hold one shard's GPUs; say what was found."""
+    need = spec.gpus_per_shard
+    if need <= 0:
+        return []
+    key = f"pipeline.stages.{name}.gpus_per_shard"
+    group_size = max(1, int(need))
+    local = ctx.cluster.where.startswith("local")
+    found = gpus.inventory() if local else []
+    if found:
+        ok = gpus.eligible(found, spec.min_gpu_memory_gb)
+        if len(ok) < group_size:
+            listed = ", ".join(g.describe() for g in found)
+            raise PlanError(
+                [
+                    f"{key}: each shard needs {need:g} GPU(s) with at least "
+                    f"{spec.min_gpu_memory_gb:g} GB free; NVML found {len(ok)} such GPU(s) "
+                    f"of {len(found)}: {listed}"
+                ]
+            )
+        made = gpus.groups(ok, group_size, gpus.topology())
+        shown = " ".join("[" + ",".join(str(g.index) for g in grp) + "]" for grp in made)
+        return [f"{name}: {len(ok)} of {len(found)} GPU(s) eligible; groups by topology: {shown}"]
+    have = ctx.cluster.largest.gpus
+    if have >= need:
+        return []
+    if ctx.cluster.total.gpus == 0:
+        raise PlanError(
+            [
+                f"{key}: each shard needs {need:g} GPU(s) but none were found: NVML reports no "
+                "GPU on this machine and the cluster declares 0 GPUs (run on CPU with "
+                "gpus_per_shard: 0, or declare logical GPUs with cluster.num_gpus)"
+            ]
+        )
+    raise PlanError(
+        [f"{key}: each shard needs {need:g} GPU(s); the largest node has {have:g} GPU(s)"]
+    )

@@ -1,0 +1,124 @@
+"""What runs inside a shard's Ray task, on the node that owns its GPUs: check their free
+memory, then run the command (in its own process group, killed with the task) or the
+function, writing the temporary output and the shard's log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runner import gpus, procs
+from runner.merge import read_table, write_table
+
+
+def run_shard(job: dict[str, Any]) -> dict[str, Any]:
+    """Runs inside a Ray task on the node that owns the shard's GPUs: check their free memory,
+    then run the command (or the function) with its output written to the temporary name."""
+    started = time.time()
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "") if job["gpus"] > 0 else ""
+    reply: dict[str, Any] = {
+        "ok": False,
+        "error": None,
+        "cuda_visible_devices": cuda,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "started": started,
+    }
+    before = os.times()
+    with open(job["log"], "a", buffering=1, errors="replace") as logf:
+        logf.write(
+            f"--- runner: attempt {job['attempt']} of shard {job['label']} "
+            f"on {reply['worker']}, CUDA_VISIBLE_DEVICES={cuda!r}\n"
+        )
+        short = gpus.short_of_memory(cuda, job["min_gpu_memory_gb"]) if cuda else []
+        if short:
+            reply["error"] = (
+                f"assigned GPU(s) have less than {job['min_gpu_memory_gb']:g} GB free: "
+                + ", ".join(g.describe() for g in short)
+            )
+        else:
+            try:
+                reply["error"] = (
+                    _run_command(job, cuda, logf) if job["command"] else _run_fn(job, logf)
+                )
+            except Exception as exc:  # the shard's own failure: reported, never a crash
+                reply["error"] = f"{type(exc).__name__}: {exc}"
+        if reply["error"]:
+            logf.write(f"--- runner: {reply['error']}\n")
+    after = os.times()
+    reply["cpu"] = sum(after[:4]) - sum(before[:4])
+    reply["ok"] = reply["error"] is None
+    reply["ended"] = time.time()
+    return reply
+
+
+def _run_command(job: dict[str, Any], cuda: str, logf: Any) -> str | None:
+    """Run the argv in its own process group; its output goes to the shard's log."""
+    import subprocess
+
+    values = {**job["values"], "gpus": cuda}
+    argv = [arg.format(**values) for arg in job["command"]]
+    if argv[0] in ("python", "python3"):
+        argv[0] = sys.executable  # the interpreter (and environment) running the runner
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": cuda,
+        "RUNNER_SHARD_RANGE": job["label"],
+        "RUNNER_SHARD_INDEX": str(job["values"]["shard"]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        argv,
+        cwd=job["cwd"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    pid_file = Path(job["pid"])
+    try:
+        # recorded for the driver, which kills the group if this task cannot (inside the
+        # try: a cancel that lands while it is written still kills the group)
+        procs.record_group(pid_file, proc.pid)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+        code = proc.wait()
+    finally:
+        # cancelled (KeyboardInterrupt from ray.cancel) or done: leave nothing of the command
+        procs.kill_group(proc.pid)
+        proc.wait()
+        pid_file.unlink(missing_ok=True)
+    if code < 0:
+        return f"command killed by signal {procs.signal_name(-code)}"
+    return f"command exited with code {code}" if code else None
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGKILL when the Ray worker that started it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_fn(job: dict[str, Any], logf: Any) -> str | None:
+    from hydra.utils import get_method
+
+    spec = dict(job["fn"])
+    fn = get_method(spec.pop("_target_"))
+    frame = read_table(Path(job["values"]["input"]))
+    result = fn(frame, **spec)
+    write_table(result, Path(job["values"]["output"]))
+    logf.write(f"--- runner: {job['fn']['_target_']}: {len(frame)} rows in, {len(result)} out\n")
+    return None
