@@ -175,6 +175,11 @@ def _origins() -> Origins | None:
 
 OmegaConf.register_new_resolver("runner_specs", lambda: f"file://{SPECS_DIR}", replace=True)
 OmegaConf.register_new_resolver("runner_run_dir", sweep.run_dir, replace=True)
+OmegaConf.register_new_resolver(
+    "runner_pipelines",
+    lambda: ", ".join(sorted(p.stem for p in (SPECS_DIR / "pipeline").glob("*.yaml"))),
+    replace=True,
+)
 register_configs()
 _hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
 

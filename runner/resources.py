@@ -28,13 +28,16 @@ class Resources:
 
     def fits_in(self, capacity: Resources) -> bool:
         """True when every amount asked for is available in `capacity`."""
+        if (
+            self.cpus > capacity.cpus + _EPS
+            or self.gpus > capacity.gpus + _EPS
+            or self.memory > capacity.memory + _EPS
+        ):
+            return False
+        if not self.custom:  # the common case, on the scheduler's hot path: no dict to build
+            return True
         have = dict(capacity.custom)
-        return (
-            self.cpus <= capacity.cpus + _EPS
-            and self.gpus <= capacity.gpus + _EPS
-            and self.memory <= capacity.memory + _EPS
-            and all(v <= have.get(k, 0.0) + _EPS for k, v in self.custom)
-        )
+        return all(v <= have.get(k, 0.0) + _EPS for k, v in self.custom)
 
     def shortfall(self, capacity: Resources) -> str:
         """What `capacity` lacks to hold this, in words ('4 CPUs wanted, 2 available')."""

@@ -79,7 +79,7 @@ class JobsRun:
         outcome.done, outcome.failed, outcome.timeout = t.done, t.failed, t.timeout
         outcome.cancelled, outcome.cpu_seconds = t.cancelled, t.cpu
         outcome.interrupted = self.ctx.stop.is_set()
-        outcome.outputs.append(str(self.logs))
+        outcome.outputs.append(str(self.ctx.stage_dir(self.stage.name)))  # as the user named it
         if t.problems:
             shown = ", ".join(t.problems[:5]) + (" ..." if len(t.problems) > 5 else "")
             outcome.message = f"{len(t.problems)} job(s) did not complete: {shown}"
