@@ -163,7 +163,7 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
         _init_remote(cfg)
         info = describe_ray()
     try:
-        yield info if cfg.kind == "local" else describe_ray()
+        yield info
     finally:
         ray.shutdown()
         if pids_file is not None:

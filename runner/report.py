@@ -112,7 +112,7 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
         )
     lines = [f"run dir {run_dir}", *_table(header, rows)]
     lines += _jobs_tables(ledger, [s["stage"] for s in stages if s["kind"] == "jobs"], run_dir)
-    bad = [r for s in stages for r in ledger.rows(s["stage"]) if r.state is not UnitState.done]
+    bad = [r for s in stages for r in ledger.rows(s["stage"], unfinished=True)]
     if bad:
         lines.append("")
         lines.append(f"units not done ({len(bad)}):")

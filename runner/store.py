@@ -197,10 +197,13 @@ class Ledger:
             )
             self._db.execute("COMMIT")
 
-    def rows(self, stage: str, units: Iterable[str] | None = None) -> Iterator[UnitRow]:
-        """Unit records of a stage (all, or those named), in ledger order."""
+    def rows(
+        self, stage: str, units: Iterable[str] | None = None, unfinished: bool = False
+    ) -> Iterator[UnitRow]:
+        """Unit records of a stage (all, those named, or those not done), in ledger order."""
+        query = "SELECT * FROM units WHERE stage=?" + (" AND state != 'done'" if unfinished else "")
         with self._lock:
-            found = self._db.execute("SELECT * FROM units WHERE stage=?", (stage,)).fetchall()
+            found = self._db.execute(query, (stage,)).fetchall()
         wanted = set(units) if units is not None else None
         for r in found:
             if wanted is None or r[1] in wanted:
@@ -259,6 +262,16 @@ class Ledger:
             except sqlite3.OperationalError:  # a ledger written before events existed
                 return []
         return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def spans(self, stage: str, since: float) -> list[tuple[str, str, int, float, float, str]]:
+        """(unit, state, attempts, started, ended, worker) of the units that ran since `since`:
+        what a timeline needs, without decoding every unit's input and result."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT unit, state, attempts, started, ended, worker FROM units "
+                "WHERE stage=? AND started >= ? AND ended IS NOT NULL",
+                (stage, since),
+            ).fetchall()
 
     def counts(self, stage: str) -> dict[str, int]:
         with self._lock:

@@ -55,13 +55,11 @@ def from_ledger(ledger: Ledger, since: float = 0.0) -> tuple[list[Bar], list[Mar
     for stage in ledger.stages():
         # a pool's lanes are its worker processes; other kinds' units are their own lanes
         by_worker = stage["kind"] == "pool"
-        for row in ledger.rows(stage["stage"]):
-            if row.started is None or row.ended is None or row.started < since:
-                continue
-            lane = f"{row.stage}/{(row.worker if by_worker else None) or row.unit}"
-            bars.append(Bar(lane, row.started, row.ended, row.state.value))
-            if row.attempts > 1:
-                marks.append(Mark(lane, row.started, "retry"))
+        for unit, state, attempts, started, ended, worker in ledger.spans(stage["stage"], since):
+            lane = f"{stage['stage']}/{(worker if by_worker else None) or unit}"
+            bars.append(Bar(lane, started, ended, state))
+            if attempts > 1:
+                marks.append(Mark(lane, started, "retry"))
     for event in ledger.events():
         if event["time"] < since:
             continue
