@@ -124,6 +124,7 @@ def _run(spec: Spec) -> int:
         with clusters.connected(spec.cluster, store.root / RAY_PIDS) as info:
             if plan is None:
                 plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
+            plan.cluster = info  # the live nodes, with the ids the placements name
             _announce(plan)
             with metrics.serving(spec.cluster.metrics_port):
                 code, summary = execute(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ class ClusterInfo:
 
     nodes: tuple[Resources, ...]
     where: str  # a few words for the plan header
+    # Ray's node ids and IPs, in the order of `nodes` (empty before Ray is up)
+    node_ids: tuple[str, ...] = ()
+    node_ips: tuple[str, ...] = ()
 
     @property
     def total(self) -> Resources:
@@ -56,26 +60,51 @@ def describe_local(cfg: ClusterConfig) -> ClusterInfo:
     return ClusterInfo((node,), f"local Ray: {node.describe()}")
 
 
-def describe_ray() -> ClusterInfo:
-    """The live nodes of the Ray cluster this process is connected to."""
+@dataclass(frozen=True)
+class RayNode:
+    """One live node as Ray reports it."""
+
+    node_id: str
+    ip: str
+    capacity: Resources
+
+
+def live_nodes() -> list[RayNode]:
+    """The live nodes of the Ray cluster this process is connected to, from `ray.nodes()`:
+    membership and totals (what other Ray jobs hold is not in it: a grant Ray cannot honour
+    in time goes back to the queue instead, see executor.py)."""
     import ray
 
-    nodes = []
+    found = []
     for node in ray.nodes():  # type: ignore[no-untyped-call]
         if not node.get("Alive"):
             continue
         res: dict[str, Any] = node.get("Resources", {})
-        nodes.append(
-            Resources(
-                cpus=float(res.get("CPU", 0)),
-                gpus=float(res.get("GPU", 0)),
-                memory=float(res.get("memory", 0)),
-            )
+        capacity = Resources(
+            cpus=float(res.get("CPU", 0)),
+            gpus=float(res.get("GPU", 0)),
+            memory=float(res.get("memory", 0)),
         )
+        found.append(
+            RayNode(str(node["NodeID"]), str(node.get("NodeManagerAddress", "")), capacity)
+        )
+    return found
+
+
+def describe_ray() -> ClusterInfo:
+    """The live nodes of the Ray cluster this process is connected to."""
+    import ray
+
+    nodes = live_nodes()
     if not nodes:
         raise ClusterError("the Ray cluster has no live nodes")
     address = ray.get_runtime_context().gcs_address
-    return ClusterInfo(tuple(nodes), f"Ray at {address}: {len(nodes)} node(s)")
+    return ClusterInfo(
+        tuple(n.capacity for n in nodes),
+        f"Ray at {address}: {len(nodes)} node(s)",
+        tuple(n.node_id for n in nodes),
+        tuple(n.ip for n in nodes),
+    )
 
 
 def _default_memory() -> float:
@@ -155,19 +184,52 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
         yield describe_ray()
         return
     if cfg.kind == "local":
-        info = describe_local(cfg)
-        _init_local(cfg, info)
+        _init_local(cfg, describe_local(cfg))
         if pids_file is not None:
             procs.record_children(pids_file)
+        _core.extend(_core_processes())
     else:
         _init_remote(cfg)
-        info = describe_ray()
+    ended = False
     try:
-        yield info
+        yield describe_ray()
+        ended = True
     finally:
-        ray.shutdown()
+        if not ended and _core:
+            # interrupted: a signal to the whole process group may have left Ray's own
+            # processes half-stopped, and Ray's graceful shutdown then waits on them forever
+            for pid in procs.descendants(os.getpid()):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if ray_alive():
+            ray.shutdown()
+        _core.clear()
         if pids_file is not None:
             pids_file.unlink(missing_ok=True)
+
+
+# the embedded Ray's own GCS server and raylet (pid, start time), while this process runs one
+_core: list[tuple[int, int | None]] = []
+_CORE_NAMES = ("gcs_server", "raylet")
+
+
+def _core_processes() -> list[tuple[int, int | None]]:
+    found = []
+    for pid in procs.descendants(os.getpid()):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name in _CORE_NAMES:
+            found.append((pid, procs.start_time(pid)))
+    return found
+
+
+def ray_alive() -> bool:
+    """False once the embedded Ray's GCS server or raylet is gone (a SIGTERM to the runner's
+    whole process group reaches them too): every Ray call would then hang, so the run ends
+    without them. A Ray this process did not start is taken as alive."""
+    return all(procs.running(pid, started) for pid, started in _core)
 
 
 def _init_local(cfg: ClusterConfig, info: ClusterInfo) -> None:

@@ -1,8 +1,8 @@
-"""Drive a plan: stages in dependency order (independent ones at once), signals, the summary.
+"""Run a plan: the executor under signal handling, then the summary and the timeline.
 
-Each ready stage runs on its own thread and competes for resources through the one scheduler.
-The main thread only waits, so SIGINT/SIGTERM are handled at once: the stop event tells every
-stage to admit nothing new and cancel what runs; the run then exits 130 / 143.
+The executor (executor.py) runs every stage in one loop on this thread and looks at the stop
+event at least every 0.1 s, so SIGINT/SIGTERM are handled at once: admit nothing new, stop
+what runs with its grace, record it, exit 130 / 143.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
 from runner import timeline
 from runner.errors import Interrupted
-from runner.plan import Plan, PlanContext, StagePlan
+from runner.executor import Executor
+from runner.kind import RunContext, StageKind, StageOutcome
+from runner.plan import Plan
 from runner.progress import Progress
 from runner.scheduler import Scheduler
 from runner.spec import Pipeline
-from runner.stages.base import RunContext, StageKind, StageOutcome
 from runner.store import SUMMARY, Ledger, RunStore, write_json
 from runner.timeline import PICTURE
 
@@ -50,109 +50,6 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-class Executor:
-    """Runs the stages of a plan on threads, in dependency order."""
-
-    def __init__(
-        self,
-        plan: Plan,
-        pipeline: Pipeline,
-        kinds: Mapping[str, StageKind],
-        ctx: RunContext,
-        fresh: bool,
-    ) -> None:
-        self.plan, self.pipeline, self.kinds, self.ctx = plan, pipeline, kinds, ctx
-        self.fresh = fresh
-        self.outcomes: dict[str, StageOutcome] = {}
-        self.threads: dict[str, threading.Thread] = {}
-        self.lock = threading.Lock()
-
-    def run(self) -> dict[str, StageOutcome]:
-        pending = list(self.plan.stages)
-        while pending or self.threads:
-            for name in list(pending):
-                if self.ctx.stop.is_set():
-                    pending.remove(name)
-                    continue
-                needs = self.pipeline.stages[name].needs
-                if any(n in pending or n in self.threads for n in needs):
-                    continue
-                pending.remove(name)
-                failed = [n for n in needs if not self.outcomes[n].ok]
-                if failed:
-                    self._blocked(name, failed)
-                else:
-                    self._start(name)
-            for name, thread in list(self.threads.items()):
-                thread.join(timeout=0.05)
-                if not thread.is_alive():
-                    del self.threads[name]
-        return self.outcomes
-
-    def _start(self, name: str) -> None:
-        stage = self.plan.stages[name]
-        if stage.units is None:
-            stage = self._replan(name)
-        thread = threading.Thread(target=self._run_stage, args=(stage,), name=f"stage-{name}")
-        self.threads[name] = thread
-        thread.start()
-
-    def _replan(self, name: str) -> StagePlan:
-        spec = self.pipeline.stages[name]
-        upstream = {n: self.plan.stages[n] for n in spec.needs}
-        ctx = PlanContext(self.plan.cluster, self.ctx.ledger, self.fresh, upstream)
-        stage = self.kinds[spec.kind].plan(name, spec, self.pipeline.raw[name], ctx)
-        self.plan.stages[name] = stage
-        return stage
-
-    def _run_stage(self, stage: StagePlan) -> None:
-        ledger = self.ctx.ledger
-        record = ledger.stage(stage.name)
-        started = time.time()
-        ledger.save_stage(
-            stage.name,
-            stage.kind,
-            stage.fingerprint,
-            record.config if record else stage.config,
-            "running",
-            started,
-        )
-        for note in stage.notes:
-            log.info(note)
-        try:
-            outcome = self.kinds[stage.kind].run(stage, self.ctx)
-        except Exception as exc:
-            log.exception("stage %s crashed", stage.name)
-            outcome = StageOutcome(stage.name, stage.kind, ok=False, message=f"crashed: {exc!r}")
-        state = "interrupted" if outcome.interrupted else "done" if outcome.ok else "failed"
-        # the config is recorded only once the stage has seen all its units through, so an
-        # interrupted run still explains the next plan's reruns as `changed: <key>`
-        config = stage.config if not outcome.interrupted or record is None else record.config
-        ledger.save_stage(
-            stage.name,
-            stage.kind,
-            stage.fingerprint,
-            config,
-            state,
-            started,
-            time.time(),
-            asdict(outcome),
-        )
-        # its units are now upstream data for the stages that need this one
-        for unit in stage.units or []:
-            unit.run = False
-        with self.lock:
-            self.outcomes[stage.name] = outcome
-        if not outcome.ok and not outcome.interrupted:
-            log.error("stage %s failed: %s", stage.name, outcome.message)
-
-    def _blocked(self, name: str, failed: list[str]) -> None:
-        stage = self.plan.stages[name]
-        message = f"not run: needs {', '.join(failed)}, which did not succeed"
-        log.error("stage %s %s", name, message)
-        self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, message=message)
 
 
 def execute(

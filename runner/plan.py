@@ -17,11 +17,12 @@ from typing import Any
 
 from runner.cluster import ClusterInfo
 from runner.errors import PlanError
+from runner.lifecycle import UnitState
 from runner.resources import Resources
 from runner.schema import StageSpec
 from runner.sizing import fits
 from runner.spec import Pipeline
-from runner.store import Ledger, PriorUnit, UnitRow, UnitState
+from runner.store import Ledger, PriorUnit, UnitRow
 
 
 def digest(*parts: str) -> str:

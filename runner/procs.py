@@ -35,6 +35,16 @@ def start_time(pid: int) -> int | None:
     return None if st is None else st[1]
 
 
+def running(pid: int, started: int | None) -> bool:
+    """Whether process `pid`, started at `started`, still runs (not gone, not a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    rest = text[text.rindex(")") + 2 :].split()
+    return rest[0] != "Z" and int(rest[19]) == started
+
+
 def descendants(root: int) -> list[int]:
     """Every live process below `root` in the process tree."""
     children: dict[int, list[int]] = {}

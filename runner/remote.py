@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 _made: dict[Any, Any] = {}
@@ -28,6 +29,17 @@ def remote(target: Any) -> Any:
 
             _made[target] = ray.remote(target)
         return _made[target]
+
+
+def bounded(fn: Callable[[], object], seconds: float) -> bool:
+    """Run `fn` on a daemon thread and wait at most `seconds`; False when it is still running.
+
+    For clean-up on the way out: a Ray call to a GCS that a signal is taking down blocks with
+    no timeout of its own, and must not keep an interrupted run from ending."""
+    worker = threading.Thread(target=fn, name="bounded", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return not worker.is_alive()
 
 
 def error_line(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.plan import Plan, StagePlan
-from runner.store import Ledger, UnitRow, UnitState
+from runner.store import Ledger, UnitRow
 
 SAMPLE = 5
 
@@ -148,14 +148,13 @@ def _jobs_tables(ledger: Ledger, stages: list[str], run_dir: str, limit: int = 5
 def _job_row(row: UnitRow, root: Path) -> tuple[str, ...]:
     result = row.result if isinstance(row.result, dict) else {}
     code, sig = result.get("exit_code"), result.get("signal")
-    state = "COMPLETED" if row.state is UnitState.done else row.state.value.upper()
     return (
         row.unit,
-        state,
+        row.state.label,
         str(code) if code is not None else sig or "-",
         _clock(row.started),
         _clock(row.ended),
-        row.worker or "-",
+        row.node_ip or "-",
         _under(result.get("stdout"), root),
         _under(result.get("stderr"), root),
     )

@@ -16,26 +16,15 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RunLockedError
+from runner.lifecycle import UnitState
 
 LEDGER = "ledger.sqlite"
 SUMMARY = "summary.json"
 RAY_PIDS = "ray-processes.json"
-
-
-class UnitState(Enum):
-    """A unit's state in the ledger; only `done` is skipped on resume."""
-
-    pending = "pending"
-    running = "running"
-    done = "done"
-    failed = "failed"
-    timeout = "timeout"
-    cancelled = "cancelled"
 
 
 @dataclass(slots=True)
@@ -54,6 +43,9 @@ class UnitRow:
     error: str | None = None
     input: Any = None
     result: Any = None
+    # the Ray node the unit ran on (its id) and that node's IP
+    node_id: str | None = None
+    node_ip: str | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +87,7 @@ CREATE TABLE IF NOT EXISTS stages (
 CREATE TABLE IF NOT EXISTS units (
     stage TEXT, unit TEXT, fingerprint TEXT, state TEXT, attempts INTEGER,
     started REAL, ended REAL, duration REAL, worker TEXT, error TEXT, input TEXT, result TEXT,
+    node_id TEXT, node_ip TEXT,
     PRIMARY KEY (stage, unit)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
@@ -117,9 +110,17 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Add the columns a ledger written by an older runner lacks."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(units)")}
+        for column in ("node_id", "node_ip"):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE units ADD COLUMN {column} TEXT")
 
     def stage(self, stage: str) -> StageRecord | None:
         with self._lock:
@@ -185,6 +186,8 @@ class Ledger:
                 r.error,
                 _dump(r.input),
                 _dump(r.result),
+                r.node_id,
+                r.node_ip,
             )
             for r in rows
         ]
@@ -193,7 +196,7 @@ class Ledger:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT OR REPLACE INTO units VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", params
+                "INSERT OR REPLACE INTO units VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", params
             )
             self._db.execute("COMMIT")
 
@@ -220,6 +223,7 @@ class Ledger:
                     r[9],
                     _load(r[10]),
                     _load(r[11]),
+                    *(r[12:14] if len(r) > 12 else (None, None)),  # older ledgers lack nodes
                 )
 
     def start_run(self) -> float:

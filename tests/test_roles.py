@@ -176,3 +176,16 @@ def test_every_mistake_in_a_roles_stage_is_reported_at_once(cli) -> None:
 def test_the_shipped_role_specs_are_valid(cli, spec: str) -> None:
     res = cli(f"pipeline={spec}", "cluster=sim", "mode=plan")
     assert res.code == 0, res.text
+
+
+def test_a_reserved_group_holding_what_the_role_it_waits_on_needs_is_a_plan_error(
+    ray_session: str, cli
+) -> None:
+    result = cli("pipeline=roles_deadlock", "mode=plan")
+    assert result.code == 2
+    assert (
+        "pipeline.stages.work.roles.train.start_after: train waits for rollout to run, but the "
+        "reserved groups (for train) hold 2 CPU from the start and rollout needs 1 CPU: 1 CPUs "
+        "wanted, 0 available; the stage could never finish "
+        "(cycle: train → rollout → reserved groups → train)"
+    ) in result.err

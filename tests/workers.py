@@ -62,3 +62,25 @@ class BrokenInit:
 
     def __call__(self, item: Any) -> Any:
         return item
+
+
+class WhereAmI:
+    """Return the Ray node id the item ran on, after `seconds` of work."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+
+    def __call__(self, item: int) -> str:
+        import ray
+
+        time.sleep(self.seconds)
+        return str(ray.get_runtime_context().get_node_id())
+
+
+def node_of_frame(frame: Any) -> Any:
+    """A shard function: the rows, each marked with the Ray node that ran it."""
+    import ray
+
+    out = frame.copy()
+    out["node"] = ray.get_runtime_context().get_node_id()
+    return out

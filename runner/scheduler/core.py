@@ -111,6 +111,7 @@ class Scheduler:
     _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
 
     def __post_init__(self) -> None:
+        self.nodes = list(self.nodes)
         self._free = list(self.nodes)
 
     # --- asking and giving back -----------------------------------------------------------
@@ -207,6 +208,22 @@ class Scheduler:
         with self._cond:
             self._quota[pool] = resources
 
+    def set_capacity(self, node: int, capacity: Resources) -> None:
+        """A node's capacity changed (zero: it left the cluster); grants on it stay until
+        released, so its free resources may be negative meanwhile."""
+        with self._cond:
+            self._free[node] = self._free[node] + (capacity - self.nodes[node])
+            self.nodes[node] = capacity
+            self._cond.notify_all()
+
+    def add_node(self, capacity: Resources) -> int:
+        """A node joined; its index."""
+        with self._cond:
+            self.nodes.append(capacity)
+            self._free.append(capacity)
+            self._cond.notify_all()
+            return len(self.nodes) - 1
+
     # --- looking --------------------------------------------------------------------------
 
     def free(self) -> Resources:
@@ -229,13 +246,21 @@ class Scheduler:
 
     def _admit(self) -> list[Ticket]:
         now = self.clock()
-        view = list(self._free)  # free resources less what preemptors hold for themselves
+        # what a preemptor holds while its victims stop is kept from everyone else, so the
+        # resources a victim frees go to the request that evicted it and to nobody else
+        view = list(self._free)
+        for t in self._waiting:
+            if t.hold_node is not None:
+                view[t.hold_node] = view[t.hold_node] - t.resources
         granted: list[Ticket] = []
         failed: set[tuple[Resources, str, str | None]] = set()
         hopeless: set[tuple[object, ...]] = set()
         for ticket in list(self._waiting):
+            held = ticket.hold_node
+            if held is not None:
+                view[held] = view[held] + ticket.resources
             shape = (ticket.resources, ticket.pool, ticket.reuse)
-            if shape not in failed or ticket.hold_node is not None:
+            if shape not in failed or held is not None:
                 grant = self._place(ticket, view, now)
                 if grant is not None:
                     if grant.reused is None:
@@ -243,17 +268,21 @@ class Scheduler:
                     self._grant(ticket, grant, now)
                     granted.append(ticket)
                     continue
-                failed.add(shape)
-            if ticket.waiting_on_victims():
-                self._hold(ticket, view)
-                continue
+                if held is None:
+                    failed.add(shape)
+            if held is not None:
+                view[held] = view[held] - ticket.resources
+                if ticket.waiting_on_victims():
+                    continue
             if ticket.policy is None:
                 continue
             key = (ticket.resources, ticket.pool, ticket.priority, tuple(ticket.labels.items()))
             if key in hopeless or not self._preempt(ticket, view, now):
                 hopeless.add(key)
-            else:
-                self._hold(ticket, view)
+            elif ticket.hold_node is not None and ticket.hold_node != held:
+                if held is not None:
+                    view[held] = view[held] + ticket.resources
+                view[ticket.hold_node] = view[ticket.hold_node] - ticket.resources
         if granted:
             self._cond.notify_all()
         return granted
@@ -371,12 +400,6 @@ class Scheduler:
         ticket.hold_node = node
         return True
 
-    def _hold(self, ticket: Ticket, view: list[Resources]) -> None:
-        """Keep what is free on the ticket's node for it while its victims stop."""
-        if ticket.hold_node is not None:
-            left = view[ticket.hold_node] - ticket.resources
-            view[ticket.hold_node] = _floor(left)
-
     # --- bookkeeping ----------------------------------------------------------------------
 
     def _new_grant(
@@ -470,10 +493,6 @@ def _sum(parts: list[Resources]) -> Resources:
     for p in parts:
         total = total + p
     return total
-
-
-def _floor(r: Resources) -> Resources:
-    return Resources(max(r.cpus, 0.0), max(r.gpus, 0.0), max(r.memory, 0.0), r.custom)
 
 
 def _size(r: Resources) -> float:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from runner.kind import StageKind
 from runner.stages import jobs, pool, roles, shard
-from runner.stages.base import StageKind
 
 KINDS: dict[str, StageKind] = {
     "pool": pool.KIND,

@@ -17,32 +17,30 @@ import queue
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import Any
 
 from runner import items as itemsrc
+from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
+from runner.kind import RunContext, StageKind, StageOutcome
+from runner.lifecycle import UnitState
+from runner.placement import Started, here
 from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
 from runner.plan import stage_fingerprint as fingerprint_of
-from runner.remote import error_line, remote
+from runner.remote import remote
 from runner.resources import Resources
 from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
-from runner.stages.base import RunContext, StageKind, StageOutcome
 from runner.stages.results import write_results
-from runner.store import UnitRow, UnitState
 
 log = logging.getLogger(__name__)
 
 # a batch should keep an actor busy about this long: Ray's ~1 ms per call is then ~2%
 TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH = 4096
-# ledger writes are batched: at most this often, or this many rows
-FLUSH_SECONDS, FLUSH_ROWS = 0.5, 5000
 
 
 # --- spec checks and planning ------------------------------------------------------------
@@ -141,8 +139,8 @@ class PoolActor:
         # CPU spent starting up (imports, building the worker) is not the units' CPU time
         self._cpu0 = _cpu_seconds()
 
-    def ready(self) -> str:
-        return self.name
+    def ready(self) -> Started:
+        return here()
 
     def run(self, batch: list[tuple[str, Any]]) -> dict[str, Any]:
         """Outcomes as (id, status, value, seconds); ids not started; busy time; CPU so far."""
@@ -220,76 +218,166 @@ def _call(fn: Any, payload: Any) -> tuple[str, Any]:
         return "error", f"{type(exc).__name__}: {exc}"
 
 
-# --- the driver --------------------------------------------------------------------------
+# --- how it runs under the executor -----------------------------------------------------
 
 
-@dataclass
-class _Item:
-    unit: Unit
-    attempts: int = 0
-    # held by a worker that crashed: run alone, so only the culprit spends its retries
-    suspect: bool = False
+class PoolRun(StageRun):
+    """Worker leases fed with batches of items: the executor grants and places the workers,
+    this sizes batches, reads outcomes, and replaces workers that time out or die."""
 
+    running_rows = False
+    noun = "item"
+    grace = 0.0
 
-@dataclass
-class _Worker:
-    handle: Any
-    grant: Any
-    index: int
-    inflight: dict[Any, list[_Item]] = field(default_factory=dict)
-    draining: bool = False
-    cpu: float = 0.0
-
-
-class PoolRun:
-    """Drives one pool stage: actors, batches, timeouts, crashes, ledger, results."""
-
-    def __init__(self, stage: StagePlan, ctx: RunContext) -> None:
+    def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
+        super().__init__(stage, ctx, ex)
         assert isinstance(stage.spec, PoolStage)
-        self.stage, self.spec, self.ctx = stage, stage.spec, ctx
-        self.queue: deque[_Item] = deque(_Item(u) for u in stage.to_run)
-        self.workers: list[_Worker] = []
-        self.pending_rows: list[UnitRow] = []
-        self.last_flush = time.monotonic()
+        self.spec = stage.spec
+        self.retries = self.spec.retries
+        self.cpus: float = stage.settings["cpus_per_worker"]
+        self.threads: int = stage.settings["max_concurrency"]
+        self.depth: int = self.threads + 1
         self.item_seconds: float | None = None
-        self.counts = {"done": 0, "failed": 0, "timeout": 0, "cancelled": 0}
-        self.retired_cpu = 0.0
-        self.depth: int = stage.settings["max_concurrency"] + 1
-        self.next_index = 0
+        self.cpu: dict[Lease, float] = {}
+        # workers that overran step_timeout: fed nothing more, replaced once drained
+        self.draining: set[Lease] = set()
         self.start_error: str | None = None
 
-    # lifecycle
+    # workers
 
-    def run(self) -> StageOutcome:
-        t0 = time.monotonic()
-        total = len(self.stage.units or [])
-        outcome = StageOutcome(self.stage.name, "pool", total=total)
-        outcome.skipped = total - len(self.queue)
-        self.ctx.progress.start(self.stage.name, len(self.queue))
-        try:
-            if self.queue:
-                self._loop()
-        finally:
-            self._cancel_inflight()
-            self._stop_workers()
-            self._flush(force=True)
-            self.ctx.progress.finish(self.stage.name)
-        outcome.done, outcome.failed = self.counts["done"], self.counts["failed"]
-        outcome.timeout, outcome.cancelled = self.counts["timeout"], self.counts["cancelled"]
-        outcome.wall = time.monotonic() - t0
-        outcome.cpu_seconds = self.retired_cpu + sum(w.cpu for w in self.workers)
-        outcome.interrupted = self.ctx.stop.is_set()
-        return self._conclude(outcome)
+    def _wanted(self) -> int:
+        left = len(self.queue) + sum(len(x.work) for x in self.leases)
+        return min(self.spec.num_workers, left)
 
-    def _conclude(self, outcome: StageOutcome) -> StageOutcome:
+    def asks(self) -> Iterator[Ask]:
+        if self.start_error:
+            return
+        while len(self.leases) - len(self.draining) + self.asked < self._wanted():
+            self.asked += 1
+            yield Ask(Resources(cpus=self.cpus), self.spec.priority)
+
+    def launch(self, lease: Lease) -> None:
+        assert lease.placement is not None
+        self.asked -= 1
+        lease.actor = (
+            remote(PoolActor)
+            .options(**lease.placement.options(max_concurrency=self.threads, max_restarts=0))
+            .remote(dict(self.spec.worker), self.spec.step_timeout, self.threads)
+        )
+        lease.watch(lease.actor.ready.remote(), "ready")
+
+    def lease_ended(self, lease: Lease) -> None:
+        self.draining.discard(lease)
+
+    def on_start(self, lease: Lease) -> None:
+        self._feed(lease)
+
+    def tick(self) -> None:
+        for lease in list(self.leases):
+            if lease.started is not None and lease.stopping is None:
+                self._feed(lease)
+
+    # batches
+
+    def _batch_size(self) -> int:
+        if self.spec.batch_size != "auto":
+            return int(self.spec.batch_size)  # validated: an integer unless 'auto'
+        if self.item_seconds is None:
+            return 1
+        size = TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7)
+        # never so large that the tail leaves workers idle
+        share = math.ceil(len(self.queue) / max(1, len(self.leases) * self.depth))
+        return max(1, min(int(size), MAX_BATCH, share))
+
+    def _feed(self, lease: Lease) -> None:
+        """Keep `depth` batches in flight on a worker; a suspect goes alone to an idle one."""
+        assert lease.started is not None
+        while lease not in self.draining and len(lease.calls) < self.depth and self.queue:
+            if self.queue[0].suspect:
+                if lease.calls:
+                    return
+                batch = [self.queue.popleft()]
+            else:
+                batch = self._take()
+            for work in batch:
+                self.ex.running(work, lease.started, at=time.time())
+            lease.work += batch
+            ref = lease.actor.run.remote([(w.id, w.unit.payload) for w in batch])
+            self.ex.watch(lease, ref, batch)
+            if batch[0].suspect:
+                return
+
+    def _take(self) -> list[Work]:
+        size = self._batch_size()
+        batch: list[Work] = []
+        while self.queue and len(batch) < size and not self.queue[0].suspect:
+            batch.append(self.queue.popleft())
+        return batch
+
+    def requeue(self, work: Work) -> None:
+        if work.suspect:
+            self.queue.appendleft(work)
+        else:
+            self.queue.append(work)
+
+    # outcomes
+
+    def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
+        batch: list[Work] = tag
+        reply: dict[str, Any] = value
+        done_ids = {w.id for w in batch}
+        lease.work = [w for w in lease.work if w.id not in done_ids]
+        self.cpu[lease] = reply["cpu"]
+        if reply["outcomes"]:
+            per_item = reply["busy"] / len(reply["outcomes"])
+            old = self.item_seconds
+            self.item_seconds = per_item if old is None else 0.7 * old + 0.3 * per_item
+        by_id = {w.id: w for w in batch}
+        now = time.time()
+        for uid, status, value_, seconds in reply["outcomes"]:
+            work = by_id[uid]
+            if status == "done":
+                self.ex.finish(work, UnitState.done, value_, None, now - seconds, now)
+            elif status == "error":
+                self.ex.failed(work, str(value_))
+            else:
+                self.ex.finish(work, UnitState.timeout, None, str(value_), now - seconds, now)
+        for uid in reversed(reply["rest"]):
+            self.ex.back(by_id[uid])
+        if reply["poisoned"]:
+            self.draining.add(lease)
+        if lease in self.draining and not lease.calls:
+            log.debug("%s: replacing worker on %s", self.name, lease.node)
+            self.ex.end_lease(lease, kill=True)
+
+    def on_failure(self, lease: Lease, tag: Any, error: str, lost: bool) -> None:
+        """A worker died: requeue what it held as suspects; only an item that ran alone on it
+        spends a retry (it killed its worker)."""
+        held = list(lease.work)
+        lone = len(held) == 1 and held[0].suspect
+        if tag == "ready" and not lease.node_left:
+            target = self.spec.worker.get("_target_")
+            self.start_error = f"worker {target} failed to start: {error}"
+        self.ex.end_lease(lease, kill=True)
+        if lone and not lease.node_left:
+            self.ex.failed(held[0], "worker process died while running this item")
+            return
+        for work in reversed(held):
+            work.suspect = not lease.node_left
+            self.ex.back(work)
+
+    def busy(self) -> bool:
+        if self.start_error:  # the stage fails: wait only for calls still out
+            return any(lease.calls for lease in self.leases)
+        return super().busy()
+
+    def conclude(self, outcome: StageOutcome) -> StageOutcome:
+        outcome.cpu_seconds = sum(self.cpu.values())
         if self.start_error:
             outcome.ok, outcome.message = False, self.start_error
             return outcome
-        if outcome.interrupted:
-            outcome.ok = False
-            return outcome
         failures = outcome.failed + outcome.timeout
-        allowed = _allowed_failures(self.spec.max_failures, outcome.total)
+        allowed = allowed_failures(self.spec.max_failures, outcome.total)
         if failures > allowed:
             outcome.ok = False
             outcome.message = (
@@ -299,245 +387,9 @@ class PoolRun:
         outcome.outputs.append(str(path))
         return outcome
 
-    def _loop(self) -> None:
-        import ray
 
-        self._grow(block=True)
-        while (self.queue or self._inflight()) and not self.ctx.stop.is_set():
-            if not self.workers:
-                self._grow(block=True)
-                if not self.workers:
-                    return
-            self._dispatch()
-            refs = [ref for w in self.workers for ref in w.inflight]
-            if not refs:
-                continue
-            ready, rest = ray.wait(refs, num_returns=1, timeout=0.2)
-            if ready and rest:
-                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-                ready += more
-            for ref in ready:
-                self._collect(ref)
-            self._retire_drained()
-            self._flush()
-            if self.start_error:
-                return
-            if len(self.workers) < self._wanted():
-                self._grow(block=False)
-
-    def _wanted(self) -> int:
-        return min(self.spec.num_workers, len(self.queue) + self._inflight_items())
-
-    def _grow(self, block: bool) -> None:
-        """Ask the scheduler for worker slots and start an actor for each grant."""
-        cpus = self.stage.settings["cpus_per_worker"]
-        while len(self.workers) < self._wanted() and not self.ctx.stop.is_set():
-            grant = self.ctx.scheduler.acquire(
-                f"{self.stage.name}/worker",
-                Resources(cpus=cpus),
-                self.spec.priority,
-                timeout=None if block and not self.workers else 0,
-                cancelled=self.ctx.stop.is_set,
-            )
-            if grant is None:
-                return
-            try:
-                self.workers.append(self._start_actor(grant, cpus))
-            except BaseException:  # the scheduler is the run's: never keep what we cannot use
-                self.ctx.scheduler.release(grant)
-                raise
-
-    def _start_actor(self, grant: Any, cpus: float) -> _Worker:
-        threads = self.stage.settings["max_concurrency"]
-        handle = (
-            remote(PoolActor)
-            .options(num_cpus=cpus, max_concurrency=threads, name=None, max_restarts=0)
-            .remote(dict(self.spec.worker), self.spec.step_timeout, threads)
-        )
-        self.next_index += 1
-        return _Worker(handle, grant, self.next_index)
-
-    def _stop_workers(self) -> None:
-        import ray
-
-        for w in self.workers:
-            ray.kill(w.handle, no_restart=True)
-            self.ctx.scheduler.release(w.grant)
-        self.retired_cpu += sum(w.cpu for w in self.workers)
-        self.workers = []
-
-    # dispatch
-
-    def _batch_size(self) -> int:
-        if self.spec.batch_size != "auto":
-            return int(self.spec.batch_size)  # validated: an integer unless 'auto'
-        if self.item_seconds is None:
-            return 1
-        size = TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7)
-        # never so large that the tail leaves actors idle
-        share = math.ceil(len(self.queue) / max(1, len(self.workers) * self.depth))
-        return max(1, min(int(size), MAX_BATCH, share))
-
-    def _dispatch(self) -> None:
-        for w in self.workers:
-            while not w.draining and len(w.inflight) < self.depth and self.queue:
-                if self.queue[0].suspect:
-                    # a suspect runs alone on its actor: if the actor dies, it was the culprit
-                    if w.inflight:
-                        break
-                    batch = [self.queue.popleft()]
-                else:
-                    batch = self._take()
-                ref = w.handle.run.remote([(i.unit.id, i.unit.payload) for i in batch])
-                w.inflight[ref] = batch
-                if batch[0].suspect:
-                    break
-
-    def _take(self) -> list[_Item]:
-        size = self._batch_size()
-        batch: list[_Item] = []
-        while self.queue and len(batch) < size and not self.queue[0].suspect:
-            batch.append(self.queue.popleft())
-        return batch
-
-    # outcomes
-
-    def _collect(self, ref: Any) -> None:
-        import ray
-
-        worker = next((w for w in self.workers if ref in w.inflight), None)
-        if worker is None:  # already requeued when its worker died
-            return
-        batch = worker.inflight.pop(ref)
-        try:
-            reply = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            self._worker_died(worker, batch, exc)
-            return
-        except ray.exceptions.TaskCancelledError:
-            self.queue.extendleft(reversed(batch))
-            return
-        worker.cpu = reply["cpu"]
-        done = len(reply["outcomes"])
-        if done:
-            per_item = reply["busy"] / done
-            self.item_seconds = (
-                per_item
-                if self.item_seconds is None
-                else (0.7 * self.item_seconds + 0.3 * per_item)
-            )
-        by_id = {i.unit.id: i for i in batch}
-        for uid, status, value, seconds in reply["outcomes"]:
-            self._record(by_id[uid], status, value, seconds, reply["worker"])
-        self.queue.extendleft(reversed([by_id[u] for u in reply["rest"]]))
-        if reply["poisoned"]:
-            worker.draining = True
-
-    def _record(self, item: _Item, status: str, value: Any, seconds: float, worker: str) -> None:
-        item.attempts += 1
-        if status == "error" and item.attempts <= self.spec.retries:
-            self.queue.append(item)
-            return
-        state = {"done": UnitState.done, "error": UnitState.failed}.get(status, UnitState.timeout)
-        self._finish(
-            item,
-            state,
-            worker,
-            seconds,
-            value if state is UnitState.done else None,
-            None if state is UnitState.done else str(value),
-        )
-
-    def _finish(
-        self,
-        item: _Item,
-        state: UnitState,
-        worker: str | None,
-        seconds: float | None,
-        result: Any,
-        error: str | None,
-    ) -> None:
-        now = time.time()
-        started = None if seconds is None else now - seconds
-        unit, stage = item.unit, self.stage.name
-        self.pending_rows.append(
-            unit.row(stage, state, item.attempts, started, now, worker, error, result)
-        )
-        key = state.value
-        self.counts[key] += 1
-        ok = state is UnitState.done
-        if state is not UnitState.cancelled:
-            self.ctx.progress.advance(self.stage.name, done=int(ok), failed=int(not ok))
-
-    def _worker_died(self, worker: _Worker, batch: list[_Item], exc: Exception) -> None:
-        """Requeue what the dead actor held; only an item that ran alone on it is charged."""
-        if _creation_failed(exc):
-            target = self.spec.worker.get("_target_")
-            self.start_error = f"worker {target} failed to start: {error_line(exc)}"
-        held = [batch, *worker.inflight.values()]
-        worker.inflight.clear()
-        worker.draining = True
-        if len(held) == 1 and len(batch) == 1 and batch[0].suspect:
-            item = batch[0]
-            item.attempts += 1
-            if item.attempts > self.spec.retries:
-                self._finish(
-                    item,
-                    UnitState.failed,
-                    None,
-                    None,
-                    None,
-                    "worker process died while running this item",
-                )
-                return
-        for item in reversed([i for b in held for i in b]):
-            item.suspect = True
-            self.queue.appendleft(item)
-
-    def _retire_drained(self) -> None:
-        import ray
-
-        for w in [w for w in self.workers if w.draining and not w.inflight]:
-            ray.kill(w.handle, no_restart=True)
-            self.ctx.scheduler.release(w.grant)
-            self.retired_cpu += w.cpu
-            self.workers.remove(w)
-            log.debug("%s: replaced worker %d", self.stage.name, w.index)
-
-    def _cancel_inflight(self) -> None:
-        for w in self.workers:
-            for batch in w.inflight.values():
-                for item in batch:
-                    self._finish(item, UnitState.cancelled, None, None, None, "cancelled")
-            w.inflight.clear()
-
-    def _inflight(self) -> bool:
-        return any(w.inflight for w in self.workers)
-
-    def _inflight_items(self) -> int:
-        return sum(len(b) for w in self.workers for b in w.inflight.values())
-
-    def _flush(self, force: bool = False) -> None:
-        due = time.monotonic() - self.last_flush > FLUSH_SECONDS
-        if self.pending_rows and (force or due or len(self.pending_rows) >= FLUSH_ROWS):
-            self.ctx.ledger.write(self.pending_rows)
-            self.pending_rows = []
-            self.last_flush = time.monotonic()
+def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> PoolRun:
+    return PoolRun(stage, ctx, ex)
 
 
-def _allowed_failures(max_failures: float, total: int) -> int:
-    """A count (>= 1) or a fraction of the stage's items (< 1)."""
-    if max_failures < 1:
-        return math.floor(max_failures * total + 1e-9)
-    return int(max_failures)
-
-
-def _creation_failed(exc: Exception) -> bool:
-    return "creation task" in str(exc)
-
-
-def run(stage: StagePlan, ctx: RunContext) -> StageOutcome:
-    return PoolRun(stage, ctx).run()
-
-
-KIND = StageKind(PoolStage, check, plan, run)
+KIND = StageKind(PoolStage, check, plan, open_run)

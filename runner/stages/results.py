@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runner.kind import RunContext
 from runner.plan import StagePlan
-from runner.stages.base import RunContext
 from runner.store import atomic_path
 
 RESULTS = "results.parquet"

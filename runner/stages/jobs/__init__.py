@@ -11,13 +11,13 @@ running; a job's own failure is final and its siblings go on.
 
 from __future__ import annotations
 
+from runner.kind import StageKind
 from runner.schema import JobsStage
-from runner.stages.base import StageKind
-from runner.stages.jobs.driver import run
 from runner.stages.jobs.job import Job, array_indices, load_jobs
+from runner.stages.jobs.kind import JobsRun, open_run
 from runner.stages.jobs.planning import check, plan
 from runner.stages.jobs.task import run_job
 
-__all__ = ["KIND", "Job", "array_indices", "check", "load_jobs", "plan", "run", "run_job"]
+__all__ = ["KIND", "Job", "JobsRun", "array_indices", "check", "load_jobs", "plan", "run_job"]
 
-KIND = StageKind(JobsStage, check, plan, run)
+KIND = StageKind(JobsStage, check, plan, open_run)

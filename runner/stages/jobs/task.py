@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from runner.placement import Started, here
 from runner.procs import kill_group, signal_name
 
 # seconds between SIGTERM and SIGKILL when a job's process group is stopped
@@ -22,10 +24,12 @@ KILL_GRACE = 3.0
 _WATCHER = "trap '' TERM INT HUP; read -r _; kill -KILL 0"
 
 
-def run_job(spec: dict[str, Any], out: str, err: str) -> dict[str, Any]:
-    """Run one job to its end in its own process group; what happened, as the ledger keeps it.
+def run_job(spec: dict[str, Any], out: str, err: str) -> Iterator[Started | dict[str, Any]]:
+    """Run one job to its end in its own process group: first say where it runs (`Started`),
+    then what happened, as the ledger keeps it.
 
-    A cancel from the driver arrives as KeyboardInterrupt; the group is stopped either way."""
+    A cancel from the runner arrives as KeyboardInterrupt; the group is stopped either way."""
+    yield here()
     node = socket.gethostname()
     started = time.time()
     cpu_before = _children_cpu()
@@ -43,11 +47,12 @@ def run_job(spec: dict[str, Any], out: str, err: str) -> dict[str, Any]:
         timed_out = _wait(proc, spec["time_limit"], started)
     except OSError as exc:
         error = f"cannot start: {exc}"
-        return {"state": "failed", "error": error, "node": node, "started": started}
+        yield {"state": "failed", "error": error, "node": node, "started": started}
+        return
     finally:
         _stop_group(watcher, proc)
     assert proc is not None
-    return _outcome(proc, timed_out, node, started, _children_cpu() - cpu_before, spec)
+    yield _outcome(proc, timed_out, node, started, _children_cpu() - cpu_before, spec)
 
 
 def _start(spec: dict[str, Any], out: str, err: str, group: int) -> subprocess.Popen[bytes]:

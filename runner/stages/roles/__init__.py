@@ -13,11 +13,11 @@ with a bound.
 
 from __future__ import annotations
 
+from runner.kind import StageKind
 from runner.schema import RolesStage
-from runner.stages.base import StageKind
 from runner.stages.roles.checks import check
-from runner.stages.roles.driver import run
 from runner.stages.roles.host import saves_state
+from runner.stages.roles.kind import RolesRun, open_run
 from runner.stages.roles.planning import autoscale, plan
 from runner.stages.roles.settings import RoleSpec, RolesPlan, parse
 
@@ -25,12 +25,12 @@ __all__ = [
     "KIND",
     "RoleSpec",
     "RolesPlan",
+    "RolesRun",
     "autoscale",
     "check",
     "parse",
     "plan",
-    "run",
     "saves_state",
 ]
 
-KIND = StageKind(RolesStage, check, plan, run)
+KIND = StageKind(RolesStage, check, plan, open_run)

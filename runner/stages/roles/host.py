@@ -7,10 +7,10 @@ The host is a two-thread actor so that `cancel()` and `state()` reach it while `
 from __future__ import annotations
 
 import importlib
-import os
-import socket
 import threading
 from typing import Any
+
+from runner.placement import Started, here
 
 
 class RoleContext:
@@ -36,8 +36,8 @@ class RoleHost:
         self.obj = instantiate(actor, _convert_="all")
         self.ctx = RoleContext(role, replica, steps, self._flag)
 
-    def ready(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
+    def ready(self) -> Started:
+        return here()
 
     def run(self, saved: Any) -> dict[str, Any]:
         if saved is not None and hasattr(self.obj, "restore"):

@@ -70,8 +70,43 @@ def _check_fit(name: str, rp: RolesPlan, ctx: PlanContext) -> None:
                 f"{role.resources.describe()}, more than the pool quota: "
                 f"{role.resources.shortfall(rp.quota)}"
             )
+    problems += _deadlocks(name, rp, ctx)
     if problems:
         raise PlanError(problems)
+
+
+def _deadlocks(name: str, rp: RolesPlan, ctx: PlanContext) -> list[str]:
+    """Specs that can never finish: a role waiting on one that cannot start because the
+    reserved groups, made when the stage starts and kept to its end, hold what it needs.
+    (Roles waiting on each other in a cycle are a spec error: checks.py.)"""
+    problems = []
+    after = {r.name: r.start_after for r in rp.roles.values() if isinstance(r.start_after, str)}
+    reserved = Resources()
+    for shape, _ in rp.reserved:
+        reserved = reserved + shape
+    room = ctx.cluster.total - reserved
+    if rp.quota is not None:
+        room = _least(room, rp.quota - reserved)
+    for role, first in after.items():
+        needed = rp.roles.get(first)
+        if needed is None or not rp.reserved or needed.pg == "reserved":
+            continue
+        if not needed.resources.fits_in(ctx.cluster.largest):
+            continue  # no node holds it at all: the plan's fit check says so
+        if not needed.resources.fits_in(room):
+            holders = sorted({r or "any role" for _, r in rp.reserved})
+            problems.append(
+                f"pipeline.stages.{name}.roles.{role}.start_after: {role} waits for {first} to "
+                f"run, but the reserved groups (for {', '.join(holders)}) hold "
+                f"{reserved.describe()} from the start and {first} needs "
+                f"{needed.resources.describe()}: {needed.resources.shortfall(room)}; the stage "
+                f"could never finish (cycle: {role} → {first} → reserved groups → {role})"
+            )
+    return problems
+
+
+def _least(a: Resources, b: Resources) -> Resources:
+    return Resources(min(a.cpus, b.cpus), min(a.gpus, b.gpus), min(a.memory, b.memory))
 
 
 def autoscale(rp: RolesPlan, ctx: PlanContext) -> tuple[RolesPlan, str]:

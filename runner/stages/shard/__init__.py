@@ -16,14 +16,14 @@ the data. Files of a shard live in `<run.dir>/<stage>/shards/` under `shard-NNNN
 
 from __future__ import annotations
 
+from runner.kind import StageKind
 from runner.schema import ShardStage
-from runner.stages.base import StageKind
 from runner.stages.shard.checks import check
-from runner.stages.shard.driver import run
+from runner.stages.shard.kind import ShardRun, open_run
 from runner.stages.shard.planning import plan
 from runner.stages.shard.ranges import Shard, input_identity, split
 from runner.stages.shard.task import run_shard
 
-__all__ = ["KIND", "Shard", "check", "input_identity", "plan", "run", "run_shard", "split"]
+__all__ = ["KIND", "Shard", "ShardRun", "check", "input_identity", "plan", "run_shard", "split"]
 
-KIND = StageKind(ShardStage, check, plan, run)
+KIND = StageKind(ShardStage, check, plan, open_run)

@@ -9,16 +9,20 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from runner import gpus, procs
 from runner.merge import read_table, write_table
+from runner.placement import Started, here
 
 
-def run_shard(job: dict[str, Any]) -> dict[str, Any]:
-    """Runs inside a Ray task on the node that owns the shard's GPUs: check their free memory,
-    then run the command (or the function) with its output written to the temporary name."""
+def run_shard(job: dict[str, Any]) -> Iterator[Started | dict[str, Any]]:
+    """Runs inside a Ray task on the node that owns the shard's GPUs: say where it runs
+    (`Started`), check the GPUs' free memory, then run the command (or the function) with its
+    output written to the temporary name; last, what happened."""
+    yield here()
     started = time.time()
     cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "") if job["gpus"] > 0 else ""
     reply: dict[str, Any] = {
@@ -53,7 +57,7 @@ def run_shard(job: dict[str, Any]) -> dict[str, Any]:
     reply["cpu"] = sum(after[:4]) - sum(before[:4])
     reply["ok"] = reply["error"] is None
     reply["ended"] = time.time()
-    return reply
+    yield reply
 
 
 def _run_command(job: dict[str, Any], cuda: str, logf: Any) -> str | None:

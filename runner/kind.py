@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.cluster import ClusterInfo
 from runner.plan import StagePlan, StagePlanner
@@ -15,6 +15,9 @@ from runner.scheduler import Scheduler
 from runner.schema import StageSpec
 from runner.spec import KindCheck
 from runner.store import Ledger, RunStore
+
+if TYPE_CHECKING:
+    from runner.executor import Executor, StageRun
 
 
 @dataclass
@@ -55,6 +58,10 @@ class StageOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# how a kind starts running one stage: (plan, context, executor) -> its StageRun
+StageOpener = Callable[[StagePlan, RunContext, "Executor"], "StageRun"]
+
+
 @dataclass(frozen=True)
 class StageKind:
     """A stage kind: its schema, its own spec checks, how it plans, how it runs."""
@@ -62,4 +69,4 @@ class StageKind:
     spec_type: type[StageSpec]
     check: KindCheck
     plan: StagePlanner
-    run: Callable[[StagePlan, RunContext], StageOutcome]
+    open: StageOpener

@@ -1,0 +1,909 @@
+"""The one unit lifecycle: every stage's work, one wait loop, one place for each fault.
+
+Every stage kind used to drive its own loop; now a kind is a `StageRun` that says how to ask
+for resources, launch on a placement, read a reply and conclude, and the `Executor` owns the
+rest for all running stages at once, on one thread:
+
+- **asks → grants → placements**: a kind's `Ask` becomes a scheduler ticket; a grant becomes a
+  `Lease` whose `Placement` names the Ray node the scheduler chose, and the kind launches its
+  actor or task with `placement.options()`, so Ray runs it where the runner decided.
+- **running means running**: a unit is RUNNING when its process says so (a `Started` message:
+  the first reply of an actor's `ready()`, or the first item of a task's stream), with the
+  node it really runs on. A lease that Ray cannot start within `START_BOUND` goes back to
+  the queue with the reason, without spending a retry.
+- **one wait**: `ray.wait` over every in-flight call of every stage; replies go to the kind.
+- **retries, lost workers, nodes that leave**: a unit whose worker died is queued again (a
+  lost node costs no retry); a kind's own failure spends a retry, then fails.
+- **cancel with grace and preemption**: the scheduler flags victims; the kind is asked to stop
+  (`stop`), given its grace, then killed; the unit goes PREEMPTED → PENDING with its saved
+  state. SIGINT/SIGTERM stops every lease the same way and records CANCELLED.
+- **ledger**: rows batched (at most `FLUSH_SECONDS` apart), events for the timeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from runner.cluster import RayNode, live_nodes, ray_alive
+from runner.kind import RunContext, StageKind, StageOutcome
+from runner.lifecycle import UnitState, move
+from runner.placement import Placement, Started
+from runner.plan import PlanContext, StagePlan, Unit
+from runner.remote import bounded, error_line
+from runner.resources import Resources
+from runner.scheduler.core import Grant, Ticket
+from runner.scheduler.metrics import REGISTRY
+from runner.scheduler.policy import Policy
+from runner.store import Event, UnitRow
+
+log = logging.getLogger(__name__)
+
+# ledger rows are written at most this far apart (a SIGKILL loses at most this much work)
+FLUSH_SECONDS, FLUSH_ROWS = 0.2, 5000
+# seconds Ray may take to start a unit on its granted node before the grant goes back
+START_BOUND = 60.0
+# how often Ray's node membership is read again
+NODES_EVERY = 2.0
+# seconds a signal is given to end the embedded Ray's processes too, before Ray is asked anything
+SIGNAL_SETTLE = 0.3
+# seconds an interrupted stage's clean-up may wait on Ray (it may be going down with the run)
+CLOSE_BOUND = 5.0
+# the longest single wait: signals and deadlines are looked at least this often
+WAIT_SECONDS = 0.1
+
+
+@dataclass(eq=False, slots=True)
+class Work:
+    """One unit in the executor's hands: where it is in its life, and what the ledger keeps."""
+
+    stage: str
+    unit: Unit
+    state: UnitState = UnitState.pending
+    attempts: int = 0
+    started: float | None = None
+    ended: float | None = None
+    node_id: str | None = None
+    node_ip: str | None = None
+    worker: str | None = None
+    error: str | None = None
+    result: Any = None
+    # how the ledger keeps the unit's input (None: its payload)
+    record: Any = None
+    # a preempted unit's state, handed back when it runs again
+    saved: Any = None
+    # held by a worker that died: runs alone, so only the culprit spends its retries
+    suspect: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.unit.id
+
+    def go(self, state: UnitState) -> None:
+        self.state = move(self.state, state)
+
+    def row(self) -> UnitRow:
+        row = self.unit.row(
+            self.stage,
+            self.state,
+            self.attempts,
+            self.started,
+            self.ended,
+            self.worker,
+            self.error,
+            self.result,
+            self.record,
+        )
+        row.node_id, row.node_ip = self.node_id, self.node_ip
+        return row
+
+
+@dataclass(eq=False)
+class Ask:
+    """A request for one lease: resources on one node, at a priority, for some work."""
+
+    resources: Resources
+    priority: float
+    # the unit the lease is for; None for a lease that serves many (a pool worker)
+    work: Work | None = None
+    pool: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    policy: Policy | None = None
+    preemptible: bool = False
+    saves_state: bool = False
+    elastic: bool = False
+    reuse: str | None = None
+    # what the kind wants to remember with the lease (e.g. a reserved group)
+    tag: Any = None
+
+
+@dataclass(eq=False)
+class Lease:
+    """A grant in use: its placement, the calls in flight on it, and the units it carries."""
+
+    run: StageRun
+    ask: Ask
+    ticket: Ticket | None = None
+    grant: Grant | None = None
+    placement: Placement | None = None
+    work: list[Work] = field(default_factory=list)
+    # in-flight calls: object ref (or a task's stream) → what its reply is to the kind
+    calls: dict[Any, Any] = field(default_factory=dict)
+    # an actor to kill, a task to cancel, when the lease ends
+    actor: Any = None
+    task: Any = None
+    started: Started | None = None
+    # until when Ray may take to start it, or the stopping unit may take to stop
+    deadline: float | None = None
+    # why it is stopping: "preempted: REASON", "interrupted", "retired"
+    stopping: str | None = None
+    # its node left the cluster: its units go back to the queue without spending a retry
+    node_left: bool = False
+    closed: bool = False
+
+    def watch(self, ref: Any, tag: Any = None) -> None:
+        """Send `ref`'s reply (or each item of a task's stream) to the kind with `tag`."""
+        self.calls[ref] = tag
+
+    @property
+    def node(self) -> str:
+        return self.placement.node_ip if self.placement else "?"
+
+
+class StageRun:
+    """One stage while it runs: a kind subclasses this and fills in the hooks; the executor
+    calls them. The base serves kinds whose every unit gets a lease of its own."""
+
+    # how many times a unit that failed by its own fault runs again
+    retries: int = 0
+    # seconds a unit asked to stop gets before it is killed
+    grace: float = 5.0
+    # write a ledger row when a unit starts (coarse units) or only when it ends (pool items)
+    running_rows: bool = True
+    # what the stage's units are called in messages
+    noun: str = "unit"
+
+    def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
+        self.stage, self.ctx, self.ex = stage, ctx, ex
+        self.name = stage.name
+        self.works = [Work(stage.name, u) for u in stage.to_run]
+        self.queue: deque[Work] = deque(self.works)
+        self.leases: set[Lease] = set()
+        self.asked: int = 0
+        self.cap: int | None = None
+        # units not yet in a final state
+        self.left = len(self.works)
+
+    # --- what a kind fills in ----------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Before the first ask: files to write, groups to reserve."""
+
+    def ask_for(self, work: Work) -> Ask:
+        """The lease one unit needs."""
+        raise NotImplementedError
+
+    def launch(self, lease: Lease) -> None:
+        """Start the lease's work on `lease.placement`; `lease.watch` what to wait for."""
+        raise NotImplementedError
+
+    def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
+        """A call on the lease returned `value` (`Started` messages are handled already)."""
+        raise NotImplementedError
+
+    def on_failure(self, lease: Lease, tag: Any, error: str, lost: bool) -> None:
+        """A call raised (`lost`: its worker or node died, no fault of the unit)."""
+        self.ex.end_lease(lease)
+        for work in lease.work:
+            if lost:
+                self.ex.lost(work, error, lease.node_left)
+            else:
+                self.ex.failed(work, error)
+
+    def stop(self, lease: Lease) -> None:
+        """Ask what runs on the lease to stop (it then replies, or is killed at the deadline)."""
+        import ray
+
+        if lease.task is not None:
+            ray.cancel(lease.task)
+
+    def kill(self, lease: Lease) -> None:
+        """End what runs on the lease now."""
+        import ray
+
+        if lease.actor is not None:
+            ray.kill(lease.actor, no_restart=True)
+        if lease.task is not None:
+            try:
+                ray.cancel(lease.task, force=True)
+            except Exception as exc:  # already finished: nothing to cancel
+                log.debug("cancel: %s", exc)
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease's resources back."""
+        if lease.grant is not None:
+            self.ctx.scheduler.release(lease.grant)
+
+    def saved_state(self, lease: Lease) -> Any:
+        """The state of a preempted lease's unit, when the kind can ask for it."""
+        return None
+
+    def requeue(self, work: Work) -> None:
+        """A unit is pending again (retry, preempted, lost): ask for it again."""
+        self.queue.appendleft(work)
+
+    def on_start(self, lease: Lease) -> None:
+        """Ray started the lease's process (its units are RUNNING now)."""
+
+    def on_preempt(self, lease: Lease, reason: str) -> None:
+        """The scheduler chose the lease as a victim (it is asked to stop next)."""
+
+    def tick(self) -> None:
+        """Once per turn of the loop: output to show, work to hand out."""
+
+    def close(self) -> None:
+        """The stage is over (its leases are gone): remove what it made for itself."""
+
+    def asks(self) -> Iterable[Ask]:
+        """New asks: one per queued unit, as far as `cap` allows."""
+        while self.queue and (self.cap is None or self.asked < self.cap):
+            work = self.queue.popleft()
+            if work.state.final:
+                continue
+            self.asked += 1
+            yield self.ask_for(work)
+
+    def lease_ended(self, lease: Lease) -> None:
+        """Bookkeeping when one of this stage's leases ends."""
+        if lease.ask.work is not None:
+            self.asked -= 1
+
+    def busy(self) -> bool:
+        """Any unit not finished (idle leases left then are closed with the stage)."""
+        return self.left > 0
+
+    def conclude(self, outcome: StageOutcome) -> StageOutcome:
+        """Results, merges, the stage's verdict."""
+        return outcome
+
+    def failure_budget(self) -> str | None:
+        """Why the stage fails, by its units' end states (None: it succeeded)."""
+        bad = [w for w in self.works if w.state in _BAD]
+        if not bad:
+            return None
+        shown = ", ".join(f"{w.id} ({w.error})" for w in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        return f"{len(bad)} {self.noun}(s) did not complete: {shown}"
+
+
+_BAD = (UnitState.failed, UnitState.timeout, UnitState.out_of_memory)
+
+
+@dataclass
+class _Live:
+    """A running stage and its clock."""
+
+    run: StageRun
+    started_wall: float
+    started: float
+    skipped: int
+
+
+class Executor:
+    """Runs a plan's stages in dependency order, all of them in one loop on one thread."""
+
+    def __init__(
+        self,
+        plan: Any,
+        pipeline: Any,
+        kinds: Mapping[str, StageKind],
+        ctx: RunContext,
+        fresh: bool,
+    ) -> None:
+        self.plan, self.pipeline, self.kinds, self.ctx = plan, pipeline, kinds, ctx
+        self.fresh = fresh
+        self.outcomes: dict[str, StageOutcome] = {}
+        self.live: dict[str, _Live] = {}
+        self.pending_stages = list(plan.stages)
+        self.waiting: dict[Ticket, Lease] = {}
+        self.leases: set[Lease] = set()
+        self.calls: dict[Any, Lease] = {}
+        self.flagged: list[tuple[Grant, str]] = []
+        self.rows: dict[tuple[str, str], UnitRow] = {}
+        self.events: list[Event] = []
+        self.last_flush = time.monotonic()
+        self.nodes: list[RayNode] = []
+        self.node_seen = 0.0
+        cluster = plan.cluster
+        for i, node_id in enumerate(cluster.node_ids):
+            self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i]))
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, StageOutcome]:
+        try:
+            while self._start_stages() or self.live:
+                if self.ctx.stop.is_set():
+                    break
+                self._ask()
+                self._admit()
+                self._preemptions()
+                self._wait()
+                for live in list(self.live.values()):
+                    live.run.tick()
+                self._deadlines()
+                self._refresh_nodes()
+                self._conclude_stages()
+                self._flush()
+        finally:
+            self._shutdown()
+        return self.outcomes
+
+    def _start_stages(self) -> bool:
+        """Start every stage whose needs have finished; True while any stage is still to run."""
+        for name in list(self.pending_stages):
+            if self.ctx.stop.is_set():
+                self.pending_stages.remove(name)
+                continue
+            needs = self.pipeline.stages[name].needs
+            if any(n in self.pending_stages or n in self.live for n in needs):
+                continue
+            self.pending_stages.remove(name)
+            failed = [n for n in needs if not self.outcomes[n].ok]
+            if failed:
+                self._blocked(name, failed)
+            else:
+                self._open(name)
+        return bool(self.pending_stages)
+
+    def _open(self, name: str) -> None:
+        stage = self.plan.stages[name]
+        if stage.units is None:
+            stage = self._replan(name)
+        record = self.ctx.ledger.stage(name)
+        started_wall = time.time()
+        self.ctx.ledger.save_stage(
+            name,
+            stage.kind,
+            stage.fingerprint,
+            record.config if record else stage.config,
+            "running",
+            started_wall,
+        )
+        for note in stage.notes:
+            log.info(note)
+        run = self.kinds[stage.kind].open(stage, self.ctx, self)
+        total = len(stage.units or [])
+        self.live[name] = _Live(run, started_wall, time.monotonic(), total - len(run.works))
+        self.ctx.progress.start(name, sum(not w.state.final for w in run.works))
+        try:
+            run.prepare()
+        except Exception as exc:
+            log.exception("stage %s could not start", name)
+            self._close_stage(name, message=f"could not start: {exc}")
+
+    def _replan(self, name: str) -> StagePlan:
+        spec = self.pipeline.stages[name]
+        upstream = {n: self.plan.stages[n] for n in spec.needs}
+        ctx = PlanContext(self.plan.cluster, self.ctx.ledger, self.fresh, upstream)
+        stage: StagePlan = self.kinds[spec.kind].plan(name, spec, self.pipeline.raw[name], ctx)
+        self.plan.stages[name] = stage
+        return stage
+
+    def _blocked(self, name: str, failed: list[str]) -> None:
+        stage = self.plan.stages[name]
+        message = f"not run: needs {', '.join(failed)}, which did not succeed"
+        log.error("stage %s %s", name, message)
+        self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, message=message)
+
+    # --- asking and granting -------------------------------------------------------------
+
+    def _ask(self) -> None:
+        for live in self.live.values():
+            for ask in live.run.asks():
+                self.submit(live.run, ask)
+
+    def submit(self, run: StageRun, ask: Ask) -> Lease:
+        """Queue an ask with the scheduler; the lease starts when it is granted."""
+        lease = Lease(run, ask)
+        if ask.work is not None:
+            lease.work.append(ask.work)
+        lease.ticket = self.ctx.scheduler.submit(
+            f"{run.name}/{ask.work.id if ask.work else 'worker'}",
+            ask.resources,
+            ask.priority,
+            pool=ask.pool,
+            labels=ask.labels,
+            policy=ask.policy,
+            on_preempt=self._flag if ask.preemptible else None,
+            saves_state=ask.saves_state,
+            elastic=ask.elastic,
+            reuse=ask.reuse,
+        )
+        self.waiting[lease.ticket] = lease
+        return lease
+
+    def withdraw(self, lease: Lease) -> None:
+        """An ask no longer wanted (not yet granted)."""
+        if lease.ticket is not None and lease.ticket in self.waiting:
+            del self.waiting[lease.ticket]
+            self.ctx.scheduler.withdraw(lease.ticket)
+
+    def _flag(self, grant: Grant, reason: str) -> None:
+        """Told by the scheduler, under its lock, that a grant is a victim: only note it."""
+        self.flagged.append((grant, reason))
+
+    def _admit(self) -> None:
+        for ticket in self.ctx.scheduler.admit():
+            lease = self.waiting.pop(ticket, None)
+            if lease is None:
+                continue
+            assert ticket.grant is not None
+            self.place(lease, ticket.grant)
+
+    def place(self, lease: Lease, grant: Grant, group: Any = None) -> None:
+        """A granted lease: its placement on the chosen node, then the kind launches on it."""
+        lease.grant = grant
+        node = self.nodes[grant.node] if grant.node < len(self.nodes) else None
+        lease.placement = Placement(
+            node.node_id if node else "", node.ip if node else "", grant.resources, group
+        )
+        for work in lease.work:
+            work.go(UnitState.granted)
+        self.leases.add(lease)
+        lease.run.leases.add(lease)
+        lease.deadline = time.monotonic() + START_BOUND
+        try:
+            lease.run.launch(lease)
+        except Exception as exc:
+            log.warning("%s: could not launch on %s: %s", lease.run.name, lease.node, exc)
+            self.end_lease(lease)
+            for work in lease.work:
+                work.go(UnitState.running)
+                self.finish(work, UnitState.failed, error=f"could not launch: {exc}")
+            return
+        for ref in lease.calls:
+            self.calls[ref] = lease
+
+    def watch(self, lease: Lease, ref: Any, tag: Any = None) -> None:
+        """A further call on a running lease."""
+        lease.watch(ref, tag)
+        self.calls[ref] = lease
+
+    # --- waiting and replies -------------------------------------------------------------
+
+    def _wait(self, timeout: float = WAIT_SECONDS) -> None:
+        import ray
+
+        if not self.calls:
+            self.ctx.stop.wait(0.01 if self.waiting else timeout)
+            return
+        refs = list(self.calls)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        for ref in ready:
+            self._deliver(ref)
+
+    def _deliver(self, ref: Any) -> None:
+        import ray
+
+        lease = self.calls.get(ref)
+        if lease is None:
+            return
+        tag = lease.calls.get(ref)
+        stream = isinstance(ref, ray.ObjectRefGenerator)
+        try:
+            if stream:
+                try:
+                    value = ray.get(next(ref))
+                except StopIteration:
+                    self._forget(ref)
+                    return
+            else:
+                self._forget(ref)
+                value = ray.get(ref)
+        except ray.exceptions.TaskCancelledError:
+            self._forget(ref)
+            if lease.stopping is None:
+                lease.stopping = "cancelled"
+            self._stopped(lease)
+            return
+        except ray.exceptions.RayTaskError as exc:
+            self._forget(ref)
+            if not lease.closed:
+                lease.run.on_failure(lease, tag, error_line(exc), lost=False)
+            return
+        except ray.exceptions.RayError as exc:  # its worker or node died
+            self._forget(ref)
+            if lease.stopping is not None:
+                self._stopped(lease)
+                return
+            self._refresh_nodes(force=True)  # a node that died takes its leases with it
+            if not lease.closed:
+                lease.node_left |= isinstance(exc, ray.exceptions.NodeDiedError)
+                lease.run.on_failure(lease, tag, _lost_reason(lease, exc), lost=True)
+            return
+        if isinstance(value, Started):
+            self._started(lease, value)
+            return
+        if not lease.closed:
+            lease.run.on_reply(lease, tag, value)
+
+    def _forget(self, ref: Any) -> None:
+        lease = self.calls.pop(ref, None)
+        if lease is not None:
+            lease.calls.pop(ref, None)
+
+    def _started(self, lease: Lease, where: Started) -> None:
+        """Ray really started the lease's process: its units run from now, on that node."""
+        lease.started, lease.deadline = where, None
+        for work in lease.work:
+            self.running(work, where)
+        lease.run.on_start(lease)
+
+    def running(self, work: Work, where: Started, at: float | None = None) -> None:
+        """A unit runs from `at` (default: when its process said so) on `where`'s node."""
+        if work.state is UnitState.pending:
+            work.go(UnitState.granted)
+        work.go(UnitState.running)
+        work.attempts += 1
+        work.started, work.ended, work.error = at or where.time, None, None
+        work.node_id, work.node_ip, work.worker = where.node_id, where.node_ip, where.worker
+        live = self.live.get(work.stage)
+        if live is not None and live.run.running_rows:
+            self._row(work)
+
+    # --- how units end --------------------------------------------------------------------
+
+    def finish(
+        self,
+        work: Work,
+        state: UnitState,
+        result: Any = None,
+        error: str | None = None,
+        started: float | None = None,
+        ended: float | None = None,
+    ) -> None:
+        """A unit's final state."""
+        if work.state is UnitState.pending:
+            work.go(UnitState.granted)
+        if work.state is UnitState.granted and state is not UnitState.cancelled:
+            work.go(UnitState.running)
+        work.go(state)
+        live = self.live[work.stage]
+        live.run.left -= 1
+        work.result, work.error = result, error
+        work.started = started if started is not None else work.started
+        work.ended = ended if ended is not None else time.time()
+        self._row(work)
+        if live.run.running_rows:  # a coarse unit: its end is on disk before anything else
+            self._flush(force=True)
+        if state is not UnitState.cancelled:
+            ok = state is UnitState.done
+            self.ctx.progress.advance(work.stage, done=int(ok), failed=int(not ok))
+
+    def failed(self, work: Work, error: str, state: UnitState = UnitState.failed) -> None:
+        """The unit's own failure: run it again while retries last, else it ends `state`."""
+        run = self.live[work.stage].run
+        if work.attempts <= run.retries and not self.ctx.stop.is_set():
+            log.warning(
+                "%s: %s failed (%s); retrying (attempt %d of %d)",
+                work.stage,
+                work.id,
+                error,
+                work.attempts + 1,
+                run.retries + 1,
+            )
+            self.event(work, "retry", error)
+            self._pending(work, error)
+            return
+        self.finish(work, state, error=error)
+
+    def lost(self, work: Work, error: str, node_left: bool = False) -> None:
+        """Its worker or node died: queued again without spending a retry when its node left;
+        a worker that died on a live node spends one (it may be the unit that killed it)."""
+        if self.ctx.stop.is_set():
+            self.finish(work, UnitState.cancelled, error="cancelled")
+            return
+        if node_left:
+            self.event(work, "retry", error)
+            self._pending(work, error)
+            return
+        work.suspect = True
+        self.failed(work, error)
+
+    def preempted(self, work: Work, reason: str, saved: Any) -> None:
+        """A victim is out: its state kept, pending again."""
+        if work.state is UnitState.granted:
+            work.go(UnitState.pending)
+        else:
+            work.go(UnitState.preempted)
+            self.event(work, "attempt", "preempted", started=work.started)
+        work.saved = saved if saved is not None else work.saved
+        self._row(work)
+        self._pending(work, None)
+
+    def back(self, work: Work) -> None:
+        """A unit handed out but not started by its worker: queued again, no attempt spent."""
+        work.attempts -= 1
+        work.go(UnitState.pending)
+        self.live[work.stage].run.requeue(work)
+
+    def record(self, work: Work) -> None:
+        """Write the unit's current state with the next batch of ledger rows."""
+        self._row(work)
+
+    def _pending(self, work: Work, error: str | None) -> None:
+        work.go(UnitState.pending)
+        work.error = error
+        self.live[work.stage].run.requeue(work)
+        if self.live[work.stage].run.running_rows:
+            self._row(work)
+
+    def event(
+        self, work: Work, kind: str, detail: str | None, started: float | None = None
+    ) -> None:
+        self.events.append(
+            Event(work.stage, work.id, kind, time.time(), work.worker, detail, started)
+        )
+
+    # --- leases ending -------------------------------------------------------------------
+
+    def end_lease(self, lease: Lease, kill: bool = False) -> None:
+        """The lease is done: forget its calls, kill what runs (if asked), free its resources."""
+        if lease.closed:
+            return
+        lease.closed = True
+        for ref in list(lease.calls):
+            self.calls.pop(ref, None)
+        lease.calls.clear()
+        if kill:
+            try:
+                lease.run.kill(lease)
+            except Exception as exc:  # Ray gone or the process already dead
+                log.debug("kill: %s", exc)
+        lease.run.release(lease)
+        self.leases.discard(lease)
+        lease.run.leases.discard(lease)
+        lease.run.lease_ended(lease)
+
+    def stop_lease(self, lease: Lease, why: str, grace: float) -> None:
+        """Ask the lease's work to stop; killed after `grace` seconds."""
+        if lease.stopping is not None or lease.closed:
+            return
+        lease.stopping = why
+        lease.deadline = time.monotonic() + grace
+        try:
+            lease.run.stop(lease)
+        except Exception as exc:  # Ray gone: the deadline kills it
+            log.debug("stop: %s", exc)
+
+    def stopped(self, lease: Lease) -> None:
+        """A stopping lease's work replied that it stopped."""
+        self._stopped(lease)
+
+    def _stopped(self, lease: Lease) -> None:
+        """A stopping lease's work is out (replied, cancelled, or killed at its deadline)."""
+        why = lease.stopping or "cancelled"
+        saved = lease.run.saved_state(lease) if why.startswith("preempted") else None
+        self.end_lease(lease, kill=True)
+        for work in lease.work:
+            if work.state.final:
+                continue
+            if why.startswith("preempted") and not self.ctx.stop.is_set():
+                self.preempted(work, why, saved)
+            else:
+                self.finish(work, UnitState.cancelled, error="cancelled")
+
+    def _preemptions(self) -> None:
+        flagged, self.flagged = self.flagged, []
+        for grant, reason in flagged:
+            lease = next((x for x in self.leases if x.grant is grant), None)
+            if lease is None:
+                continue
+            for work in lease.work:
+                self.event(work, "preempted", reason)
+            lease.run.on_preempt(lease, reason)
+            self.stop_lease(lease, f"preempted: {reason}", lease.run.grace)
+            if lease.started is None:  # not running yet: nothing to save, end it now
+                self._stopped(lease)
+
+    def _deadlines(self) -> None:
+        now = time.monotonic()
+        for lease in list(self.leases):
+            if lease.deadline is None or now <= lease.deadline or lease.closed:
+                continue
+            if lease.stopping is not None:
+                self._stopped(lease)
+                continue
+            # granted, but Ray never started it on that node: give the grant back
+            log.warning(
+                "%s: Ray did not start %s on node %s within %gs; queued again",
+                lease.run.name,
+                ", ".join(w.id for w in lease.work) or "a worker",
+                lease.node,
+                START_BOUND,
+            )
+            self.end_lease(lease, kill=True)
+            for work in lease.work:
+                work.go(UnitState.pending)
+                work.error = f"not started on {lease.node} within {START_BOUND:g}s"
+                lease.run.requeue(work)
+
+    # --- the cluster changing under us ---------------------------------------------------
+
+    def _refresh_nodes(self, force: bool = False) -> None:
+        """Follow Ray's membership: a node that left takes its leases' units back to the queue;
+        a node that joined becomes schedulable."""
+        now = time.monotonic()
+        if not self.nodes or (now - self.node_seen < NODES_EVERY and not force):
+            return
+        self.node_seen = now
+        try:
+            alive = {n.node_id: n for n in live_nodes()}
+        except Exception as exc:  # GCS unreachable for a moment: try again later
+            log.debug("ray.nodes(): %s", exc)
+            return
+        for i, node in enumerate(self.nodes):
+            if node.node_id not in alive and node.capacity != Resources():
+                log.warning("node %s left the cluster; its units are queued again", node.ip)
+                self.ctx.scheduler.set_capacity(i, Resources())
+                self.nodes[i] = RayNode(node.node_id, node.ip, Resources())
+                for lease in [x for x in self.leases if x.grant is not None and x.grant.node == i]:
+                    lease.node_left = True
+                    lease.run.on_failure(lease, None, f"node {node.ip} left the cluster", True)
+        known = {n.node_id for n in self.nodes}
+        for node_id, node in alive.items():
+            if node_id not in known:
+                log.info("node %s joined the cluster: %s", node.ip, node.capacity.describe())
+                self.ctx.scheduler.add_node(node.capacity)
+                self.nodes.append(node)
+
+    # --- stages ending ---------------------------------------------------------------------
+
+    def _conclude_stages(self) -> None:
+        for name, live in list(self.live.items()):
+            if not live.run.busy():
+                self._close_stage(name)
+
+    def _close_stage(self, name: str, message: str = "", interrupted: bool = False) -> None:
+        live = self.live[name]
+        run, stage = live.run, live.run.stage
+        for lease in list(self.waiting.values()):
+            if lease.run is run:
+                self.withdraw(lease)
+
+        def end_all() -> None:
+            for lease in list(run.leases):
+                self.end_lease(lease, kill=ray_alive())
+            try:
+                run.close()
+            except Exception as exc:  # Ray gone: nothing left to remove
+                log.debug("close %s: %s", name, exc)
+
+        if not self.ctx.stop.is_set():
+            end_all()
+        elif not bounded(end_all, CLOSE_BOUND):
+            log.warning("%s: Ray did not answer while its resources were given back", name)
+        for work in run.works:
+            if not work.state.final:
+                self.finish(work, UnitState.cancelled, error="cancelled")
+        self._flush(force=True)
+        del self.live[name]
+        counts = Counter(w.state for w in run.works)
+        outcome = StageOutcome(
+            name,
+            stage.kind,
+            total=len(stage.units or []),
+            done=counts[UnitState.done],
+            failed=counts[UnitState.failed] + counts[UnitState.out_of_memory],
+            timeout=counts[UnitState.timeout],
+            cancelled=counts[UnitState.cancelled],
+            skipped=live.skipped,
+            wall=time.monotonic() - live.started,
+            interrupted=interrupted or self.ctx.stop.is_set(),
+        )
+        if message:
+            outcome.ok, outcome.message = False, message
+        elif outcome.interrupted:
+            outcome.ok = False
+        else:
+            try:
+                outcome = run.conclude(outcome)
+            except Exception as exc:
+                log.exception("stage %s could not conclude", name)
+                outcome.ok, outcome.message = False, f"crashed: {exc!r}"
+        self.ctx.progress.finish(name)
+        record = self.ctx.ledger.stage(name)
+        state = "interrupted" if outcome.interrupted else "done" if outcome.ok else "failed"
+        # the config is recorded only once the stage has seen all its units through, so an
+        # interrupted run still explains the next plan's reruns as `changed: <key>`
+        config = stage.config if not outcome.interrupted or record is None else record.config
+        self.ctx.ledger.save_stage(
+            name,
+            stage.kind,
+            stage.fingerprint,
+            config,
+            state,
+            live.started_wall,
+            time.time(),
+            asdict(outcome),
+        )
+        for unit in stage.units or []:  # now upstream data for the stages that need this one
+            unit.run = False
+        self.outcomes[name] = outcome
+        if not outcome.ok and not outcome.interrupted:
+            log.error("stage %s failed: %s", name, outcome.message)
+
+    def _shutdown(self) -> None:
+        """Stop every lease with its stage's grace, kill what is left, close every stage."""
+        if self.ctx.stop.is_set() and self.leases:
+            # a signal to the whole process group reaches the embedded Ray's own processes at
+            # the same moment: let them go before deciding whether Ray is still there to ask
+            time.sleep(SIGNAL_SETTLE)
+        alive = ray_alive()
+        for lease in list(self.waiting.values()):
+            self.withdraw(lease)
+        if alive:
+            for lease in list(self.leases):
+                self.stop_lease(lease, "interrupted", lease.run.grace)
+            while any(not x.closed for x in self.leases):
+                self._wait()
+                now = time.monotonic()
+                for lease in list(self.leases):
+                    if lease.deadline is not None and now > lease.deadline:
+                        self._stopped(lease)
+                if not ray_alive():
+                    break
+        for lease in list(self.leases):
+            lease.stopping = lease.stopping or "interrupted"
+            if alive:
+                self._stopped(lease)
+            else:  # Ray is gone (SIGTERM to the whole group): nothing to kill or ask
+                self.end_lease(lease)
+                for work in lease.work:
+                    if not work.state.final:
+                        self.finish(work, UnitState.cancelled, error="cancelled")
+        for name in list(self.live):
+            self._close_stage(name, interrupted=True)
+        for name in self.pending_stages:
+            stage = self.plan.stages[name]
+            self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, interrupted=True)
+        self.pending_stages = []
+        self._flush(force=True)
+
+    # --- the ledger ------------------------------------------------------------------------
+
+    def _row(self, work: Work) -> None:
+        self.rows[(work.stage, work.id)] = work.row()
+
+    def _flush(self, force: bool = False) -> None:
+        due = time.monotonic() - self.last_flush >= FLUSH_SECONDS
+        if not (force or due or len(self.rows) >= FLUSH_ROWS):
+            return
+        if self.rows:
+            self.ctx.ledger.write(list(self.rows.values()))
+            self.rows = {}
+        if self.events:
+            self.ctx.ledger.add_events(self.events)
+            self.events = []
+        for name, live in self.live.items():
+            REGISTRY.set_units(name, Counter(w.state.value for w in live.run.works))
+        self.last_flush = time.monotonic()
+
+
+def _lost_reason(lease: Lease, exc: BaseException) -> str:
+    return f"its Ray worker died on {lease.node} ({type(exc).__name__}): {error_line(exc)}"
+
+
+def allowed_failures(max_failures: float, total: int) -> int:
+    """A count (>= 1) or a fraction of the stage's units (< 1)."""
+    if max_failures < 1:
+        return math.floor(max_failures * total + 1e-9)
+    return int(max_failures)

@@ -1,0 +1,229 @@
+"""How a shard stage runs under the executor: one lease per shard (its CPUs and GPUs on one
+node), one Ray task there, a commit on the runner's side, the shards' output on the terminal,
+and the merge."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from runner import procs
+from runner.executor import Ask, Executor, Lease, StageRun, Work
+from runner.kind import RunContext, StageOutcome
+from runner.lifecycle import UnitState
+from runner.merge import Committed, manifest_of, merge, read_table, write_table
+from runner.plan import StagePlan
+from runner.remote import remote
+from runner.resources import Resources
+from runner.schema import ShardStage
+from runner.stages.shard.files import Files, commit, tail, write_done_ids
+from runner.stages.shard.ranges import Shard
+from runner.stages.shard.task import run_shard
+
+log = logging.getLogger(__name__)
+
+# how long a cancelled shard's task gets to kill its command before Ray kills the task
+CANCEL_GRACE = 3.0
+
+
+class ShardRun(StageRun):
+    """Every range queued at once and started as soon as a lease frees up (no batch barrier);
+    done only once its output is committed; retried up to `retries`; merged at the end."""
+
+    grace = CANCEL_GRACE
+    noun = "shard"
+
+    def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
+        assert isinstance(stage.spec, ShardStage)
+        self.spec = stage.spec
+        self.root = ctx.stage_dir(stage.name) / "shards"
+        self.root.mkdir(exist_ok=True)
+        units = stage.units or []
+        self.shards = {u.id: _shard(u.payload) for u in units}
+        width = max(4, len(str(len(units) - 1)))
+        self.files = {u.id: self._files(self.shards[u.id], width) for u in units}
+        self.adopted = self._adopt_committed(stage)
+        super().__init__(stage, ctx, ex)
+        self.retries = self.spec.retries
+        self.cap = self.spec.max_parallel
+        self.cpu = 0.0
+        # bytes of each shard's log already shown on the terminal
+        self.shown: dict[str, int] = {}
+        self.failures: list[str] = []
+
+    @property
+    def fmt(self) -> str:
+        return str(self.spec.merge.get("format", "parquet"))
+
+    def _files(self, shard: Shard, width: int) -> Files:
+        stem = f"shard-{shard.index:0{width}d}"
+        return Files(self.root, stem, self.fmt, Path(self.spec.input).suffix)
+
+    def _committed(self, unit_id: str, fingerprint: str) -> Committed:
+        f = self.files[unit_id]
+        return Committed(self.shards[unit_id].label, fingerprint, f.output, f.manifest)
+
+    def _adopt_committed(self, stage: StagePlan) -> int:
+        """A done shard whose output vanished runs again; a shard committed by a run that died
+        before its ledger write is recorded done without running (not on a fresh run)."""
+        adopted = []
+        for unit in stage.units or []:
+            committed = manifest_of(self._committed(unit.id, unit.fingerprint)) is not None
+            if not unit.run and not committed:
+                unit.run, unit.reason = True, "output missing"
+            elif unit.run and committed and unit.reason != "fresh run":
+                unit.run, unit.reason = False, "committed"
+                adopted.append(unit)
+        self._adopted_units = adopted
+        return len(adopted)
+
+    def prepare(self) -> None:
+        """Record adopted shards done; write each queued shard's slice of the input; record it
+        pending (the ranges then live in the ledger: a resume plans without reading the input)."""
+        for unit in self._adopted_units:
+            work = Work(self.name, unit, UnitState.done, result={"adopted": True})
+            self.ex.record(work)
+        if not self.works:
+            return
+        frame = read_table(Path(self.spec.input))
+        ids = frame[self.spec.id_column]
+        for work in self.works:
+            shard, f = self.shards[work.id], self.files[work.id]
+            part = frame[(ids >= shard.low) & (ids <= shard.high)]
+            write_table(part.sort_values(self.spec.id_column, kind="stable"), f.input)
+            stale = f.part_owner.is_file() and f.part_owner.read_text() != work.unit.fingerprint
+            if stale or work.unit.reason == "fresh run":
+                f.part.unlink(missing_ok=True)  # not this config's partial output
+            procs.reap_group(f.pid)
+            self.ex.record(work)
+
+    def ask_for(self, work: Work) -> Ask:
+        resources = Resources(cpus=self.spec.cpus_per_shard, gpus=self.spec.gpus_per_shard)
+        return Ask(resources, self.spec.priority, work)
+
+    def launch(self, lease: Lease) -> None:
+        assert lease.placement is not None
+        work = lease.work[0]
+        shard, f = self.shards[work.id], self.files[work.id]
+        f.part_owner.write_text(work.unit.fingerprint)
+        write_done_ids(f.part, f.done, self.spec.id_column)
+        self.shown[work.id] = f.log.stat().st_size if f.log.exists() else 0
+        values = {
+            "input": str(f.input.resolve()),
+            "output": str(f.part.resolve()),
+            "low": str(shard.low),
+            "high": str(shard.high),
+            "shard": shard.index,
+            "done": str(f.done.resolve()),
+        }
+        job = {
+            "label": shard.label,
+            "attempt": work.attempts + 1,
+            "command": self.spec.command,
+            "fn": self.spec.fn,
+            "values": values,
+            "gpus": self.spec.gpus_per_shard,
+            "min_gpu_memory_gb": self.spec.min_gpu_memory_gb,
+            "cwd": os.getcwd(),
+            "log": str(f.log.resolve()),
+            "pid": str(f.pid.resolve()),
+        }
+        options = lease.placement.options(
+            max_retries=0, name=f"shard {shard.label}", num_returns="streaming"
+        )
+        lease.task = remote(run_shard).options(**options).remote(job)
+        lease.watch(lease.task)
+
+    def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
+        reply: dict[str, Any] = value
+        work = lease.work[0]
+        self.ex.end_lease(lease)
+        self._show(work)
+        self.cpu += reply.get("cpu", 0.0)
+        shard, f = self.shards[work.id], self.files[work.id]
+        error = (
+            reply["error"] if not reply["ok"] else commit(f, shard, work.unit, self.spec.id_column)
+        )
+        if error is None:
+            result = {
+                "rows": shard.rows,
+                "output": str(f.output),
+                "cuda_visible_devices": reply["cuda_visible_devices"],
+                "started": reply["started"],
+                "ended": reply["ended"],
+            }
+            self.ex.finish(work, UnitState.done, result, None, reply["started"], reply["ended"])
+            return
+        if work.attempts > self.retries:
+            last = tail(f.log)
+            error = (
+                f"shard {shard.label} failed after {work.attempts} attempt(s): {error}; "
+                f"last lines of {f.log}:\n" + "\n".join(f"    {ln}" for ln in last)
+            )
+            self.failures.append(error)
+        self.ex.failed(work, error)
+
+    def stop(self, lease: Lease) -> None:
+        """Ray interrupts the task, which kills its command's process group; the recorded
+        group is killed here too, in case the task cannot run its cleanup."""
+        super().stop(lease)
+        for work in lease.work:
+            procs.reap_group(self.files[work.id].pid)
+
+    def tick(self) -> None:
+        for lease in self.leases:
+            for work in lease.work:
+                self._show(work)
+
+    def _show(self, work: Work) -> None:
+        """Print the complete new lines of a shard's log, prefixed with its range."""
+        log_file = self.files[work.id].log
+        if not self.spec.show_output or not log_file.exists():
+            return
+        with open(log_file, "rb") as fh:
+            fh.seek(self.shown.get(work.id, 0))
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        if not end:
+            return
+        self.shown[work.id] = self.shown.get(work.id, 0) + end
+        prefix = f"[shard {self.shards[work.id].label}] "
+        text = data[:end].decode(errors="replace").splitlines()
+        sys.stdout.write("".join(f"{prefix}{line}\n" for line in text))
+        sys.stdout.flush()
+
+    def conclude(self, outcome: StageOutcome) -> StageOutcome:
+        outcome.cpu_seconds = self.cpu
+        outcome.done += self.adopted
+        outcome.skipped -= self.adopted
+        sort_by = self.spec.merge.get("sort_by") or self.spec.id_column
+        keys = [sort_by] if isinstance(sort_by, str) else list(sort_by)
+        target = self.ctx.stage_dir(self.name) / f"merged.{self.fmt}"
+        units = self.stage.units or []
+        summary = merge(
+            [self._committed(u.id, u.fingerprint) for u in units], self.spec.id_column, keys, target
+        )
+        outcome.outputs += [summary["output"], str(target.parent / "merge_summary.json")]
+        outcome.extra = {
+            "merged_rows": summary["total_rows"],
+            "missing_ranges": summary["missing_ranges"],
+            "duplicate_ids": summary["duplicate_ids"],
+        }
+        if self.failures:
+            outcome.ok = False
+            outcome.message = f"{len(self.failures)} shard(s) failed:\n" + "\n".join(self.failures)
+        elif summary["missing_ranges"]:
+            outcome.ok = False
+            outcome.message = f"missing ranges: {', '.join(summary['missing_ranges'])}"
+        return outcome
+
+
+def _shard(payload: dict[str, Any]) -> Shard:
+    return Shard(payload["index"], payload["low"], payload["high"], payload["rows"])
+
+
+def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> ShardRun:
+    return ShardRun(stage, ctx, ex)

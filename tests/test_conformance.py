@@ -1,0 +1,156 @@
+"""What every stage kind must do, one suite run against each (as Hydra reruns one launcher test
+suite against every launcher): a kind is a small class, and the executor gives all of them the
+same lifecycle, so the same observable contract holds for pool, jobs, shard and roles."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runner import procs
+from runner.lifecycle import UnitState
+from runner.store import UnitRow, read_ledger
+from tests.conftest import ROOT, TEST_SPECS, Result, run_runner, runner_process, wait_until
+
+Cli = Callable[..., Result]
+
+KINDS = ["pool", "jobs", "shard", "roles"]
+UNITS = {"pool": 30, "jobs": 4, "shard": 4, "roles": 2}
+
+
+def ledger_rows(run_dir: Path) -> list[UnitRow]:
+    if not (run_dir / "ledger.sqlite").exists():
+        return []
+    ledger = read_ledger(run_dir)
+    assert ledger is not None
+    try:
+        return list(ledger.rows("work"))
+    except sqlite3.OperationalError:  # the runner is still creating it
+        return []
+    finally:
+        ledger.close()
+
+
+def states(run_dir: Path) -> list[UnitState]:
+    return [r.state for r in ledger_rows(run_dir)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_plan_run_then_a_rerun_skips_every_unit(
+    ray_session: str, cli: Cli, tmp_path: Path, kind: str
+) -> None:
+    import ray
+
+    spec = (f"pipeline=conform_{kind}", f"run.dir={tmp_path}")
+    plan = cli(*spec, "mode=plan")
+    assert plan.code == 0, plan.text
+    assert re.search(rf"run\s+{UNITS[kind]}\s+new", plan.out), plan.out
+    first = cli(*spec)
+    assert first.code == 0, first.text
+    rows = ledger_rows(tmp_path)
+    assert len(rows) == UNITS[kind]
+    here = ray.get_runtime_context().get_node_id()
+    for row in rows:
+        assert row.state is UnitState.done
+        assert row.node_id == here and row.node_ip  # the node it ran on, as Ray names it
+        assert row.started is not None and row.ended is not None and row.started <= row.ended
+    again = cli(*spec, "mode=plan")
+    assert re.search(rf"skip\s+{UNITS[kind]}\s+done", again.out), again.out
+    rerun = cli(*spec)
+    assert rerun.code == 0
+    assert [r.ended for r in ledger_rows(tmp_path)] == [r.ended for r in rows]  # nothing redone
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigkill_mid_stage_then_resume_loses_and_duplicates_nothing(
+    ray_session: str, tmp_path: Path, kind: str
+) -> None:
+    args = (f"pipeline=conform_{kind}", f"run.dir={tmp_path}", "cluster=ray")
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(
+        lambda: UnitState.running in states(tmp_path) or UnitState.done in states(tmp_path),
+        timeout=90,
+        what="a unit running",
+    )
+    proc.kill()
+    proc.communicate()
+    before = {r.unit: r for r in ledger_rows(tmp_path) if r.state is UnitState.done}
+    again = run_runner(*args, env=env)
+    assert again.code == 0, again.text
+    after = ledger_rows(tmp_path)
+    assert sorted(r.unit for r in after) == sorted({r.unit for r in after})  # no duplicate
+    assert len(after) == UNITS[kind] and {r.state for r in after} == {UnitState.done}
+    for row in after:  # what was done before the kill was not run again
+        if row.unit in before:
+            assert row.ended == before[row.unit].ended
+
+
+def _descendants(pid: int) -> list[tuple[int, int | None]]:
+    return [(p, procs.start_time(p)) for p in procs.descendants(pid)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("sig", "code"),
+    [pytest.param(signal.SIGTERM, 143, id="term"), pytest.param(signal.SIGINT, 130, id="int")],
+)
+def test_a_signal_to_the_whole_process_group_with_its_embedded_ray_ends_the_run_cleanly(
+    tmp_path: Path, kind: str, sig: int, code: int
+) -> None:
+    """What `timeout`, Slurm, systemd and Kubernetes do: signal the runner's whole group, the
+    embedded Ray's processes included."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "--config-dir",
+            str(TEST_SPECS),
+            "run.progress=log",
+            f"pipeline=conform_{kind}",
+            f"run.dir={tmp_path}",
+            "cluster=local",
+            "cluster.num_cpus=2",
+            "cluster.num_gpus=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_until(
+            lambda: UnitState.running in states(tmp_path) or UnitState.done in states(tmp_path),
+            timeout=90,
+            what="a unit running",
+        )
+        family = _descendants(proc.pid)
+        signalled = time.monotonic()
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, out + err
+    assert took < 30, f"took {took:.1f}s to stop"  # a bound against hangs, not a timing claim
+    assert UnitState.running not in states(tmp_path)  # the ledger is true
+    wait_until(
+        lambda: not any(procs.running(p, t) for p, t in family),
+        timeout=20,
+        what="every process of the run to be gone",
+    )
