@@ -217,11 +217,12 @@ class JobsStage(StageSpec):
 class RolesStage(StageSpec):
     """Long-running role replicas with priorities, placement-group pools and preemption."""
 
-    # the quota these roles share: {name, resources: {cpus, gpus, memory_gb}}
+    # the quota these roles share: {name, resources: {cpus, gpus, memory (8G; MB) | memory_gb}}
     pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
     # {reserved: [{role: NAME, count} | {resources: {...}, count}], max_dynamic_pgs, reuse}
     pg_pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
-    # {label_rules, aggressiveness: low|medium|high, cancel_timeout, cross_pool, protected_pools}
+    # {label_rules, enable_label_preemption, aggressiveness: low|medium|high (or ScheduleMesh's
+    # aliases), cancel_timeout, cross_pool, protected_pools}
     preemption: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
     # scale every role's resources down in proportion when the cluster is smaller than the spec
     autoscale_to_cluster: bool = resource(False)
