@@ -154,10 +154,14 @@ class ShardStage(StageSpec):
     max_parallel: int | None = resource(None, ge=1)
     # times a failed shard is tried again
     retries: int = resource(0, ge=0)
-    # argv (no shell) with {input} {output} {low} {high} {gpus} {shard} {done}
+    # argv (no shell) with {input} {output} | {output_dir} {low} {high} (half-open) {last}
+    # {gpus} {shard} {done}
     command: list[str] | None = None
     # or a function DataFrame -> DataFrame: {_target_: pkg.mod.fn, **kwargs}, run in a Ray task
     fn: dict[str, Any] | None = None
+    # what a shard's output must hold: one_per_id (a row per input row), subset (ids of its
+    # range, none twice; fewer rows are fine), any (no id column needed)
+    outputs: str = limited("subset", choices=["one_per_id", "subset", "any"])
     # {sort_by: COLUMN | [COLUMNS] (default: id_column), format: parquet | csv}
     merge: dict[str, Any] = field(default_factory=dict)
     # stream each shard's output lines to the terminal, prefixed [shard LOW-HIGH]

@@ -19,7 +19,7 @@ from runner.remote import error_line, remote
 from runner.resources import Resources
 from runner.schema import ShardStage
 from runner.stages.base import RunContext, StageOutcome
-from runner.stages.shard.files import Files, commit, tail, write_done_ids
+from runner.stages.shard.files import Files, commit, launch_values, tail
 from runner.stages.shard.ranges import Shard
 from runner.stages.shard.task import run_shard
 from runner.store import UnitRow, UnitState
@@ -180,16 +180,8 @@ class ShardRun:
         job.attempts += 1
         f = job.files
         f.part_owner.write_text(job.unit.fingerprint)
-        write_done_ids(f.part, f.done, self.spec.id_column)
         job.shown = f.log.stat().st_size if f.log.exists() else 0
-        values = {
-            "input": str(f.input.resolve()),
-            "output": str(f.part.resolve()),
-            "low": str(job.shard.low),
-            "high": str(job.shard.high),
-            "shard": job.shard.index,
-            "done": str(f.done.resolve()),
-        }
+        values = launch_values(job.unit, f, self.spec.id_column, job.attempts)
         spec = {
             "label": job.shard.label,
             "attempt": job.attempts,
