@@ -59,6 +59,8 @@ class ClusterConfig:
     nodes: list[dict[str, Any]] = field(default_factory=list)
     # sim: seconds a unit (a pool item, a role step) takes when its spec declares no duration
     sim_unit_seconds: float = limited(1.0, gt=0)
+    # local / sim: the partitions the cluster's nodes belong to (a job's `partition` must be one)
+    partitions: list[str] = field(default_factory=list)
     # serve scheduler metrics for Prometheus on 127.0.0.1:PORT during a run (0: any free port)
     metrics_port: int | None = limited(None, ge=0, le=65535)
 
@@ -192,6 +194,26 @@ class JobSpec:
     cwd: str | None = None
     # `1-100`, `0-30:10` or `1,3,5`: one job per index, RUNNER_ARRAY_INDEX and {index} set
     array: str | int | None = None
+    # SCNS-Conductor's submit fields, as its API takes them (also nested: {job: {...}, script})
+    # the account the job is charged to, recorded with it
+    account: str | None = None
+    # only nodes of this partition run the job (cluster.partitions on the embedded cluster)
+    partition: str | None = None
+    # tasks of the job on its node: it holds ntasks_per_node x cpus_per_task CPUs
+    ntasks_per_node: int | None = limited(None, ge=1)
+    # SCNS's name for `memory`: 8G (a plain number is megabytes)
+    memory_per_node: str | int | None = None
+    # the job wants a node to itself
+    exclusive: bool = False
+    # SCNS's name for `env` (both are applied)
+    environment: dict[str, Any] = field(default_factory=dict)
+    # SCNS's name for `cwd`
+    current_working_directory: str | None = None
+    # files for the job's stdout / stderr, relative to its cwd (null: <run.dir>/<stage>/JOB.out)
+    standard_output: str | None = None
+    standard_error: str | None = None
+    # admission order among waiting jobs, higher first (null: the stage's priority)
+    priority: float | None = None
 
 
 @dataclass
