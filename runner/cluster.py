@@ -7,6 +7,7 @@ to `ray.init`, so the plan and Ray agree. A Ray cluster is described from `ray.n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -33,6 +34,8 @@ class ClusterInfo:
     # Ray's node ids and IPs, in the order of `nodes` (empty before Ray is up)
     node_ids: tuple[str, ...] = ()
     node_ips: tuple[str, ...] = ()
+    # the partitions its nodes belong to (`cluster.partitions`); None: not known here
+    partitions: tuple[str, ...] | None = None
 
     @property
     def total(self) -> Resources:
@@ -156,12 +159,17 @@ def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
 def describe(cfg: ClusterConfig) -> ClusterInfo:
     """Describe without starting anything where possible (local, sim), else connect and look."""
     if cfg.kind == "sim":
-        return describe_sim(cfg)
+        return _declared(cfg, describe_sim(cfg))
     import_ray = cfg.kind == "ray" or ray_running_here()
     if not import_ray:
-        return describe_local(cfg)
+        return _declared(cfg, describe_local(cfg))
     with connected(cfg, None) as info:
-        return info
+        return _declared(cfg, info) if cfg.kind == "local" else info
+
+
+def _declared(cfg: ClusterConfig, info: ClusterInfo) -> ClusterInfo:
+    """The embedded (or simulated) cluster with the partitions its config declares."""
+    return dataclasses.replace(info, partitions=tuple(cfg.partitions))
 
 
 def ray_running_here() -> bool:

@@ -43,10 +43,14 @@ def manifest_of(shard: Committed) -> dict[str, Any] | None:
 
 
 def read_table(path: Path) -> Any:
-    """A shard output or input as a DataFrame; its suffix tells the format."""
+    """A shard output or input as a DataFrame; its suffix tells the format (CSV, parquet,
+    JSONL)."""
     import pandas as pd
 
-    return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return pd.read_json(path, lines=True)
+    return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
 
 
 def write_table(frame: Any, path: Path) -> None:
@@ -94,7 +98,14 @@ def merge(
             continue
         frame = read_table(shard.output)
         frames.append(frame)
-        per_shard.append({"shard": shard.label, "rows": len(frame), "output": str(shard.output)})
+        per_shard.append(
+            {
+                "shard": shard.label,
+                "input_ids": manifest.get("input_ids"),
+                "rows": len(frame),
+                "output": str(shard.output),
+            }
+        )
     merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({id_column: []})
     keys = [k for k in sort_by if k in merged.columns]
     if keys and len(merged):

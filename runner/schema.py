@@ -59,6 +59,8 @@ class ClusterConfig:
     nodes: list[dict[str, Any]] = field(default_factory=list)
     # sim: seconds a unit (a pool item, a role step) takes when its spec declares no duration
     sim_unit_seconds: float = limited(1.0, gt=0)
+    # local / sim: the partitions the cluster's nodes belong to (a job's `partition` must be one)
+    partitions: list[str] = field(default_factory=list)
     # serve scheduler metrics for Prometheus on 127.0.0.1:PORT during a run (0: any free port)
     metrics_port: int | None = limited(None, ge=0, le=65535)
 
@@ -154,10 +156,14 @@ class ShardStage(StageSpec):
     max_parallel: int | None = resource(None, ge=1)
     # times a failed shard is tried again
     retries: int = resource(0, ge=0)
-    # argv (no shell) with {input} {output} {low} {high} {gpus} {shard} {done}
+    # argv (no shell) with {input} {output} | {output_dir} {low} {high} (half-open) {last}
+    # {gpus} {shard} {done}
     command: list[str] | None = None
     # or a function DataFrame -> DataFrame: {_target_: pkg.mod.fn, **kwargs}, run in a Ray task
     fn: dict[str, Any] | None = None
+    # what a shard's output must hold: one_per_id (a row per input row), subset (ids of its
+    # range, none twice; fewer rows are fine), any (no id column needed)
+    outputs: str = limited("subset", choices=["one_per_id", "subset", "any"])
     # {sort_by: COLUMN | [COLUMNS] (default: id_column), format: parquet | csv}
     merge: dict[str, Any] = field(default_factory=dict)
     # stream each shard's output lines to the terminal, prefixed [shard LOW-HIGH]
@@ -188,6 +194,26 @@ class JobSpec:
     cwd: str | None = None
     # `1-100`, `0-30:10` or `1,3,5`: one job per index, RUNNER_ARRAY_INDEX and {index} set
     array: str | int | None = None
+    # SCNS-Conductor's submit fields, as its API takes them (also nested: {job: {...}, script})
+    # the account the job is charged to, recorded with it
+    account: str | None = None
+    # only nodes of this partition run the job (cluster.partitions on the embedded cluster)
+    partition: str | None = None
+    # tasks of the job on its node: it holds ntasks_per_node x cpus_per_task CPUs
+    ntasks_per_node: int | None = limited(None, ge=1)
+    # SCNS's name for `memory`: 8G (a plain number is megabytes)
+    memory_per_node: str | int | None = None
+    # the job wants a node to itself
+    exclusive: bool = False
+    # SCNS's name for `env` (both are applied)
+    environment: dict[str, Any] = field(default_factory=dict)
+    # SCNS's name for `cwd`
+    current_working_directory: str | None = None
+    # files for the job's stdout / stderr, relative to its cwd (null: <run.dir>/<stage>/JOB.out)
+    standard_output: str | None = None
+    standard_error: str | None = None
+    # admission order among waiting jobs, higher first (null: the stage's priority)
+    priority: float | None = None
 
 
 @dataclass
@@ -217,11 +243,12 @@ class JobsStage(StageSpec):
 class RolesStage(StageSpec):
     """Long-running role replicas with priorities, placement-group pools and preemption."""
 
-    # the quota these roles share: {name, resources: {cpus, gpus, memory_gb}}
+    # the quota these roles share: {name, resources: {cpus, gpus, memory (8G; MB) | memory_gb}}
     pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
     # {reserved: [{role: NAME, count} | {resources: {...}, count}], max_dynamic_pgs, reuse}
     pg_pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
-    # {label_rules, aggressiveness: low|medium|high, cancel_timeout, cross_pool, protected_pools}
+    # {label_rules, enable_label_preemption, aggressiveness: low|medium|high (or ScheduleMesh's
+    # aliases), cancel_timeout, cross_pool, protected_pools}
     preemption: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
     # scale every role's resources down in proportion when the cluster is smaller than the spec
     autoscale_to_cluster: bool = resource(False)

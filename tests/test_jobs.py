@@ -400,3 +400,119 @@ def test_time_limit_takes_units_plain_minutes_and_slurm_clocks(text, seconds) ->
 @pytest.mark.parametrize("text", ["soon", "12Q", "-5", "0", "5x"])
 def test_unreadable_time_limits_are_refused(text) -> None:
     assert duration_seconds(text) is None
+
+
+def scns_bodies(path: Path, cpus: float, memory: str, sleep: float = 0) -> Path:
+    """SCNS's own example: four concurrent jobs submitted with `curl -d '{job: ..., script}'`."""
+    bodies = [
+        {
+            "job": {
+                "account": "test",
+                "name": f"concurrent-job-{i}",
+                "partition": "compute-high-mem",
+                "ntasks_per_node": 1,
+                "cpus_per_task": cpus,
+                "memory_per_node": memory,
+            },
+            "script": f'#!/bin/bash\necho "Job {i} is running"\nsleep {sleep}',
+        }
+        for i in range(1, 5)
+    ]
+    path.write_text("".join(json.dumps(b) + "\n" for b in bodies))
+    return path
+
+
+def test_scns_submit_bodies_plan_as_written(tmp_path: Path) -> None:
+    bodies = scns_bodies(tmp_path / "submit.jsonl", cpus=4, memory="8G")
+    args = (
+        "pipeline=jobs_scns",
+        f"pipeline.stages.work.jobs_file={bodies}",
+        "mode=plan",
+        "cluster.num_cpus=16",
+        "cluster.memory_gb=64",
+    )
+    res = run_runner(*args, "cluster.partitions=[compute-high-mem]")
+    assert res.code == 0, res.text
+    assert "4 CPU, 8G mem each; 4 wanted, 4 fit at once" in res.out
+    wrong = run_runner(*args, "cluster.partitions=[compute,gpu]")
+    assert wrong.code == 2
+    assert (
+        "pipeline.stages.work: job 'concurrent-job-1': partition = 'compute-high-mem': no node "
+        "of the cluster has it (partitions: compute, gpu)" in wrong.err
+    )
+    undeclared = run_runner(*args)
+    assert "(partitions: none declared; set cluster.partitions)" in undeclared.err
+
+
+def test_scns_fields_resolve_onto_the_job(tmp_path: Path) -> None:
+    from runner.schema import JobsStage
+    from runner.spec import Problems
+    from runner.stages.jobs.job import load_jobs
+
+    body = {
+        "job": {
+            "account": "lab",
+            "name": "train",
+            "partition": "gpu",
+            "ntasks_per_node": 2,
+            "cpus_per_task": 3,
+            "memory_per_node": "8G",
+            "time_limit": "90",
+            "exclusive": True,
+            "environment": {"A": "1"},
+            "current_working_directory": str(tmp_path),
+            "standard_output": "logs/train.out",
+            "standard_error": str(tmp_path / "train.err"),
+            "priority": 7,
+        },
+        "script": "echo hi",
+    }
+    problems = Problems(None)
+    [job] = load_jobs("work", JobsStage(kind="jobs", jobs=[body]), problems)
+    assert problems.items == []
+    assert (job.resources.cpus, job.resources.memory) == (6, 8 << 30)
+    assert job.time_limit == 90 * 60
+    assert (job.partition, job.account, job.exclusive, job.priority) == ("gpu", "lab", True, 7)
+    assert (job.env, job.cwd) == ({"A": "1"}, str(tmp_path))
+    assert (job.stdout, job.stderr) == (
+        str(tmp_path / "logs" / "train.out"),
+        str(tmp_path / "train.err"),
+    )
+    assert job.record()["account"] == "lab"
+
+
+def test_scns_names_and_ours_for_one_setting_are_refused_together(tmp_path: Path) -> None:
+    from runner.schema import JobsStage
+    from runner.spec import Problems
+    from runner.stages.jobs.job import load_jobs
+
+    body = {"name": "j", "script": "true", "memory": "1G", "memory_per_node": "2G"}
+    problems = Problems(None)
+    load_jobs("work", JobsStage(kind="jobs", jobs=[body]), problems)
+    assert problems.items == [
+        (
+            "pipeline.stages.work.jobs.0.memory_per_node",
+            "= '2G': give memory or memory_per_node (SCNS's name), not both",
+        )
+    ]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    bodies = scns_bodies(tmp_path / "submit.jsonl", cpus=0.5, memory="64M", sleep=1)
+    res = cli(
+        "pipeline=jobs_scns",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.jobs_file={bodies}",
+        f"pipeline.stages.work.cwd={scratch}",
+        "cluster.partitions=[compute-high-mem]",
+    )
+    assert res.code == 0, res.text
+    found = rows(tmp_path / "run")
+    assert {r.state for r in found.values()} == {UnitState.done}
+    assert max_overlap(found) == 4
+    assert {r.input["account"] for r in found.values()} == {"test"}
+    assert (tmp_path / "run" / "work" / "concurrent-job-3.out").read_text() == "Job 3 is running\n"
+    wait_until(cpus_free_again, what="every job's CPU to be free")

@@ -16,8 +16,10 @@ from runner.scheduler.policy import (
     Candidate,
     Party,
     Policy,
+    aggressiveness_level,
     choose_victims,
     preemption_reason,
+    remaining,
 )
 
 RULES = {"role": {"train": ["reward", "rollout"], "reward": ["rollout"]}}
@@ -35,14 +37,28 @@ def party(priority: float, pool: str = "a", role: str | None = None) -> Party:
             party(1, role="rollout"),
             Policy(RULES),
             "label",
-            id="label_rule_ignores_the_priority_gap",
+            id="label_rule_at_equal_priority",
+        ),
+        pytest.param(
+            party(4.5, role="train"),
+            party(5, role="reward"),
+            Policy(RULES),
+            "label",
+            id="label_rule_lets_a_preemptor_0.5_below_at_medium",
+        ),
+        pytest.param(
+            party(4.4, role="train"),
+            party(5, role="reward"),
+            Policy(RULES),
+            None,
+            id="label_rule_refuses_a_preemptor_more_than_0.5_below_at_medium",
         ),
         pytest.param(
             party(0, role="train"),
             party(9, role="reward"),
             Policy(RULES),
-            "label",
-            id="label_rule_even_against_higher_priority",
+            None,
+            id="label_rule_refuses_a_preemptor_far_below",
         ),
         pytest.param(
             party(1, role="rollout"),
@@ -52,11 +68,32 @@ def party(priority: float, pool: str = "a", role: str | None = None) -> Party:
             id="label_rules_are_one_way",
         ),
         pytest.param(
+            party(1, role="train"),
+            party(1, role="rollout"),
+            Policy(RULES, label_preemption=False),
+            None,
+            id="enable_label_preemption_false_turns_the_rules_off",
+        ),
+        pytest.param(
+            party(2, role="train"),
+            party(1, role="rollout"),
+            Policy(RULES, label_preemption=False),
+            "same_pool",
+            id="without_label_rules_the_pool_rule_applies",
+        ),
+        pytest.param(
+            party(5, role="reward"),
+            party(4.5, role="reward"),
+            Policy(RULES),
+            None,
+            id="no_rule_and_a_gap_below_the_same_pool_threshold",
+        ),
+        pytest.param(
             party(5, role="reward"),
             party(4, role="reward"),
             Policy(RULES),
-            None,
-            id="no_rule_and_a_small_gap",
+            "same_pool",
+            id="no_rule_and_a_gap_of_the_same_pool_threshold",
         ),
         pytest.param(
             party(1, "a", "train"),
@@ -89,9 +126,9 @@ def party(priority: float, pool: str = "a", role: str | None = None) -> Party:
         pytest.param(
             party(3, "a"),
             party(0, "b"),
-            Policy(cross_pool=True),
+            Policy(cross_pool=True, aggressiveness="high"),
             None,
-            id="cross_pool_needs_the_larger_gap",
+            id="cross_pool_needs_5_even_at_high",
         ),
         pytest.param(
             party(9, role="train"),
@@ -113,32 +150,85 @@ def test_who_may_preempt_whom(preemptor: Party, victim: Party, policy: Policy, r
     assert preemption_reason(preemptor, victim, policy) == reason
 
 
+def test_the_thresholds_are_schedulemeshs() -> None:
+    """schedulemesh/config/policy.py PREEMPTION_AGGRESSIVENESS_LEVELS, and the controller's
+    cross_pool_priority_threshold = 5.0."""
+    table = {k: (t.label, t.same_pool, t.cross_pool) for k, t in THRESHOLDS.items()}
+    assert table == {
+        "high": (0.1, 0.5, 5.0),
+        "medium": (0.5, 1.0, 5.0),
+        "low": (1.0, 3.0, 5.0),
+    }
+
+
+# (aggressiveness, label threshold, same-pool threshold): each boundary and just past it
+LEVELS = [("high", 0.1, 0.5), ("medium", 0.5, 1.0), ("low", 1.0, 3.0)]
+
+
 @pytest.mark.parametrize(
-    ("aggressiveness", "gap", "same_pool", "cross_pool"),
+    ("aggressiveness", "gap", "with_label", "same_pool", "cross_pool"),
     [
-        ("low", 3.9, None, None),
-        ("low", 4.0, "same_pool", None),
-        ("low", 8.0, "same_pool", "cross_pool"),
-        ("medium", 1.9, None, None),
-        ("medium", 2.0, "same_pool", None),
-        ("medium", 4.0, "same_pool", "cross_pool"),
-        ("high", 0.5, None, None),
-        ("high", 1.0, "same_pool", None),
-        ("high", 2.0, "same_pool", "cross_pool"),
+        case
+        for level, label, same in LEVELS
+        for case in [
+            pytest.param(level, -label, "label", None, None, id=f"{level}_label_at_-{label}"),
+            pytest.param(level, -label - 0.05, None, None, None, id=f"{level}_label_past_-{label}"),
+            pytest.param(
+                level, same, "label", "same_pool", None, id=f"{level}_same_pool_at_{same}"
+            ),
+            pytest.param(
+                level, same - 0.05, "label", None, None, id=f"{level}_same_pool_below_{same}"
+            ),
+            pytest.param(
+                level, 5.0, "label", "same_pool", "cross_pool", id=f"{level}_cross_pool_at_5"
+            ),
+            pytest.param(level, 4.95, "label", "same_pool", None, id=f"{level}_cross_pool_below_5"),
+        ]
     ],
 )
-def test_the_priority_gap_must_reach_the_threshold_of_the_aggressiveness(
-    aggressiveness: str, gap: float, same_pool: str | None, cross_pool: str | None
+def test_each_aggressiveness_at_its_thresholds(
+    aggressiveness: str,
+    gap: float,
+    with_label: str | None,
+    same_pool: str | None,
+    cross_pool: str | None,
 ) -> None:
-    policy = Policy(aggressiveness=aggressiveness, cross_pool=True)
-    assert preemption_reason(party(gap, "a"), party(0, "a"), policy) == same_pool
-    assert preemption_reason(party(gap, "a"), party(0, "b"), policy) == cross_pool
-    same, across = THRESHOLDS[aggressiveness]
-    assert across > same > 0
+    policy = Policy(RULES, aggressiveness=aggressiveness, cross_pool=True)
+    base = 5.0
+    assert preemption_reason(party(base + gap), party(base), policy) == same_pool
+    assert preemption_reason(party(base + gap, "a"), party(base, "b"), policy) == cross_pool
+    train, rollout = party(base + gap, role="train"), party(base, role="rollout")
+    assert preemption_reason(train, rollout, policy) == with_label
 
 
-def cand(name: str, cpus: float, priority: float = 0, lost: float = 0, elastic: bool = False):
-    return Candidate(name, 0, Resources(cpus=cpus), priority, "a", lost, elastic)
+@pytest.mark.parametrize(
+    ("name", "level"),
+    [
+        ("urgent", "high"),
+        ("prod", "high"),
+        ("critical", "high"),
+        ("HIGH", "high"),
+        ("normal", "medium"),
+        ("default", "medium"),
+        ("batch", "low"),
+        ("background", "low"),
+        ("low-priority", "low"),
+        ("extreme", None),
+    ],
+)
+def test_schedulemeshs_aggressiveness_aliases(name: str, level: str | None) -> None:
+    assert aggressiveness_level(name) == level
+
+
+def cand(
+    name: str,
+    cpus: float,
+    priority: float = 0,
+    lost: float = 0,
+    elastic: bool = False,
+    left: float | None = None,
+):
+    return Candidate(name, 0, Resources(cpus=cpus), priority, "a", lost, elastic, left)
 
 
 def frees(cpus: float):  # type: ignore[no-untyped-def]
@@ -174,6 +264,24 @@ def frees(cpus: float):  # type: ignore[no-untyped-def]
             id="least_work_lost_between_equals",
         ),
         pytest.param(
+            [cand("ending", 2, left=5), cand("starting", 2, left=95)],
+            2,
+            ["starting"],
+            id="most_estimated_work_left_between_equals",
+        ),
+        pytest.param(
+            [cand("saved", 2, left=5), cand("unsaved", 2, lost=10, left=95)],
+            2,
+            ["saved"],
+            id="work_lost_before_work_left",
+        ),
+        pytest.param(
+            [cand(f"e{i}", 1, left=10) for i in range(3)] + [cand("long", 1, left=80)],
+            2,
+            ["long", "e0"],
+            id="estimated_work_left_in_a_set_of_two",
+        ),
+        pytest.param(
             [cand("fixed", 2), cand("extra", 2, elastic=True)],
             2,
             ["extra"],
@@ -200,6 +308,12 @@ def test_the_smallest_victim_set_that_frees_enough(candidates, need, chosen) -> 
     else:
         assert picked is not None
         assert sorted(str(c.key) for c in picked) == sorted(chosen)
+
+
+def test_work_left_is_counted_from_estimated_duration_as_schedulemesh_does() -> None:
+    assert remaining(100.0, 30.0) == 70.0
+    assert remaining(100.0, 130.0) == 0.0
+    assert remaining(None, 30.0) is None
 
 
 # --- the scheduler applies the policy ------------------------------------------------------

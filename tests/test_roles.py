@@ -162,7 +162,7 @@ def test_every_mistake_in_a_roles_stage_is_reported_at_once(cli) -> None:
         "pipeline.stages.rl.roles.rollout.resources.tpus: unknown key",
         "pipeline.stages.rl.pg_pool.max_dynamic_pgs: = -1: expected an integer >= 0",
         "pipeline.stages.rl.pg_pool.reserved[0].role: = 'critic': no such role",
-        "pipeline.stages.rl.preemption.aggressiveness: = 'extreme': not one of low, medium, high",
+        "pipeline.stages.rl.preemption.aggressiveness: = 'extreme': not one of high, medium, low",
         "pipeline.stages.rl.preemption.label_rules: = {'role': 'train'}: expected",
         "module 'runner.examples.rlhf' has no attribute 'Trainer'",
     ]
@@ -189,3 +189,90 @@ def test_a_reserved_group_holding_what_the_role_it_waits_on_needs_is_a_plan_erro
         "wanted, 0 available; the stage could never finish "
         "(cycle: train → rollout → reserved groups → train)"
     ) in result.err
+
+
+SIM_8_CPUS = ("pipeline=rlhf", "cluster=sim", "pipeline.stages.rlhf.autoscale_to_cluster=false")
+
+
+@pytest.mark.parametrize(
+    ("train_memory", "node_gb", "error"),
+    [
+        pytest.param("8G", 16, None, id="8G_fits"),
+        pytest.param(
+            "9G",
+            16,
+            "pipeline.stages.rlhf.roles.train: one replica needs 4 CPU, 9G mem, more than the "
+            "pool quota: 9G memory wanted, 8G available",
+            id="over_a_quota_of_8192_MB",
+        ),
+        pytest.param(
+            "8192",
+            4,
+            "one train replica needs 4 CPU, 8G mem, more than any node has: "
+            "8G memory wanted, 4G available on the largest node",
+            id="a_plain_number_is_megabytes",
+        ),
+    ],
+)
+def test_memory_of_quotas_and_roles_reads_like_a_jobs(
+    cli, train_memory: str, node_gb: int, error: str | None
+) -> None:
+    res = cli(
+        *SIM_8_CPUS,
+        f"cluster.nodes=[{{cpus: 8, memory: {node_gb}}}]",
+        "+pipeline.stages.rlhf.pool.resources.memory=8192",  # ScheduleMesh's ensure_pool: MB
+        f"+pipeline.stages.rlhf.roles.train.resources.memory={train_memory}",
+        "mode=plan",
+    )
+    if error is None:
+        assert res.code == 0, res.text
+    else:
+        assert res.code == 2
+        assert error in res.err
+
+
+def test_bad_memory_and_aggressiveness_name_the_key_and_what_is_allowed(cli) -> None:
+    res = cli(
+        *SIM_8_CPUS,
+        "+pipeline.stages.rlhf.roles.train.resources.memory=lots",
+        "+pipeline.stages.rlhf.pool.resources.memory=3G",
+        "+pipeline.stages.rlhf.pool.resources.memory_gb=3",
+        "pipeline.stages.rlhf.preemption.aggressiveness=extreme",
+        "+pipeline.stages.rlhf.preemption.enable_label_preemption=sometimes",
+        "mode=plan",
+    )
+    assert res.code == 2
+    for line in [
+        "pipeline.stages.rlhf.roles.train.resources.memory: = 'lots': expected a size such as "
+        "512M or 8G (K, M, G, T; a plain number is megabytes)",
+        "pipeline.stages.rlhf.pool.resources.memory_gb: give memory (8G; a plain number is MB) "
+        "or memory_gb",
+        "pipeline.stages.rlhf.preemption.aggressiveness: = 'extreme': not one of high, medium, "
+        "low (or ScheduleMesh's aliases: urgent, prod, critical,",
+        "pipeline.stages.rlhf.preemption.enable_label_preemption: = 'sometimes': expected true "
+        "or false",
+    ]:
+        assert line in res.err
+    assert "Traceback" not in res.err
+
+
+@pytest.mark.parametrize(
+    ("override", "counts"),
+    [
+        pytest.param(
+            "pipeline.stages.rlhf.preemption.aggressiveness=batch",
+            "label 1, same_pool 1, cross_pool 0",
+            id="schedulemesh_alias",
+        ),
+        pytest.param(
+            "+pipeline.stages.rlhf.preemption.enable_label_preemption=false",
+            "label 0, same_pool 2, cross_pool 0",
+            id="label_rules_off_train_preempts_by_priority_gap",
+        ),
+    ],
+)
+def test_schedulemesh_switches_in_a_spec(cli, override: str, counts: str) -> None:
+    res = cli("pipeline=rlhf", "cluster=sim", "cluster.nodes=[{cpus: 2}]", override)
+    assert res.code == 0, res.text
+    line = next(ln for ln in res.out.splitlines() if ln.startswith("stage rlhf"))
+    assert f"preemptions: {counts}" in line

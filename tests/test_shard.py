@@ -180,8 +180,10 @@ def test_bad_shard_specs_exit_2_naming_every_problem(cli) -> None:
         f"{spec}.id_column: = 'idx': no such column in data/continuation/prompts.csv; "
         "did you mean 'id'? (columns: id, prompt)",
         f"{spec}.command: = '--out={{outptu}}': unknown placeholder {{outptu}}; did you mean "
-        "'output'? (allowed: {input}, {output}, {low}, {high}, {gpus}, {shard}, {done})",
-        f"{spec}.command: the command never names {{output}}",
+        "'output'? (allowed: {input}, {output}, {output_dir}, {low}, {high}, {last}, {gpus}, "
+        "{shard}, {done})",
+        f"{spec}.command: the command never names {{output}} or {{output_dir}}",
+        f"{spec}.outputs: = 'all': not one of one_per_id, subset, any",
         f"{spec}.merge.order: unknown key (allowed: sort_by, format)",
         f"{spec}.merge.format: = 'xlsx': not one of parquet, csv",
         f"{spec}.gpus_per_shard: = 1.5: above 1, GPUs per shard must be a whole number",
@@ -250,3 +252,86 @@ def test_the_continuation_example_runs_on_cpu(cli, tmp_path: Path) -> None:
     assert list(merged["id"]) == list(range(PROMPTS))
     assert merged["continuation"].notna().all()
     assert "[shard 0-299] continuing 300 prompt(s), 0 already done; GPUs: none" in res.out
+
+
+def r2r_input(tmp_path: Path, ids: int = 1000) -> tuple[Path, list[int]]:
+    """R2R's step-1 output: predictions against labels; the mismatches are what step 2 continues."""
+    data = tmp_path / "prediction_comparison.csv"
+    frame = pd.DataFrame(
+        {
+            "data_id": range(ids),
+            "prediction": [i % 7 for i in range(ids)],
+            "label": [i % 5 for i in range(ids)],
+        }
+    )
+    frame.to_csv(data, index=False)
+    return data, [i for i in range(ids) if i % 7 != i % 5]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_r2r_step_2_runs_unchanged_through_a_shard_stage(cli, tmp_path: Path) -> None:
+    data, mismatches = r2r_input(tmp_path)
+    args = (
+        "pipeline=shard_r2r",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.continuation.input={data}",
+    )
+    res = cli(*args)
+    assert res.code == 0, res.text
+    assert "[shard 0-249] [INFO] Task range: data_id [0, 250) (250 samples)" in res.out
+    assert "[shard 750-999] [INFO] Task range: data_id [750, 1000) (250 samples)" in res.out
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert sorted(calls, key=lambda c: int(c.split()[0])) == [
+        "0 250",
+        "250 500",
+        "500 750",
+        "750 1000",
+    ]
+
+    merged = pd.read_csv(tmp_path / "run" / "continuation" / "merged.csv")
+    assert list(merged["data_id"]) == mismatches  # every written id, once, in order
+    report = merge_summary(tmp_path / "run", "continuation")
+    per_shard = {s["shard"]: (s["input_ids"], s["rows"]) for s in report["shards"]}
+    assert per_shard == {
+        label: (250, sum(low <= i < low + 250 for i in mismatches))
+        for label, low in (("0-249", 0), ("250-499", 250), ("500-749", 500), ("750-999", 750))
+    }
+    assert report["duplicate_ids"] == 0 and report["missing_ranges"] == []
+
+    again = cli(*args)
+    assert again.code == 0, again.text
+    assert len((tmp_path / "calls.log").read_text().splitlines()) == 4  # called zero times
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_one_per_id_rejects_an_output_of_only_mismatches(cli, tmp_path: Path) -> None:
+    data, mismatches = r2r_input(tmp_path, ids=100)
+    res = cli(
+        "pipeline=shard_r2r",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.continuation.input={data}",
+        "pipeline.stages.continuation.num_shards=1",
+        "+pipeline.stages.continuation.outputs=one_per_id",
+    )
+    assert res.code == 1
+    assert f"its output has {len(mismatches)} row(s); its input range has 100" in res.text
+
+
+def test_high_past_non_integer_ids_is_a_plan_error_pointing_at_last(cli, tmp_path: Path) -> None:
+    data = tmp_path / "names.csv"
+    pd.DataFrame({"data_id": ["a", "b", "c", "d"], "prediction": 1, "label": 2}).to_csv(
+        data, index=False
+    )
+    res = cli(
+        "pipeline=shard_r2r",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.continuation.input={data}",
+        "mode=plan",
+    )
+    assert res.code == 2
+    assert (
+        "pipeline.stages.continuation.command: {high} is the first id after a shard's range "
+        "([{low}, {high}), half-open), but the ids in 'data_id' are not integers, so the last "
+        "shard ('d'..'d') has none: use {last}, the last id of the range (included)"
+    ) in res.err
+    assert "Traceback" not in res.err

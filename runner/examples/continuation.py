@@ -91,7 +91,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="prompts: .csv or .parquet")
     parser.add_argument("--output", required=True, help=".csv (appended) or .parquet")
     parser.add_argument("--low", help="first id of the range (ids outside are ignored)")
-    parser.add_argument("--high", help="last id of the range")
+    parser.add_argument("--high", help="first id past the range: [low, high), half-open")
     parser.add_argument("--done", help="a file of ids already written to --output")
     parser.add_argument("--id-column", default="id")
     parser.add_argument("--column", default="prompt")
@@ -111,7 +111,7 @@ def _rows(args: argparse.Namespace) -> Any:
     if args.low is not None and args.high is not None:
         kind = type(ids.iloc[0]) if len(ids) else str
         low, high = (kind(args.low), kind(args.high)) if kind is not str else (args.low, args.high)
-        frame = frame[(ids >= low) & (ids <= high)]
+        frame = frame[(ids >= low) & (ids < high)]
     done = set()
     if args.done and os.path.exists(args.done):
         done = set(Path(args.done).read_text().split())

@@ -1,15 +1,22 @@
 """Preemption policy: who may preempt whom, and which victims to take. Plain functions.
 
-Rules, in order (docs/architecture.md and README.md show examples):
+The rule and its numbers are ScheduleMesh's (`schedulemesh/config/policy.py`,
+`core/controllers/preemption_controller.py`), so a user who reads its documentation finds the
+same behaviour. In order (README.md shows examples):
 1. a victim in one of `protected_pools` is never preempted;
 2. across pools only when `cross_pool: true`;
 3. a label rule (`{role: {train: [reward, rollout]}}`: a `role=train` unit may preempt a
-   `role=reward` or `role=rollout` unit) allows it whatever the priority gap; reason `label`;
-4. otherwise the priority gap (preemptor − victim) must reach the threshold that
-   `aggressiveness` sets, a larger one across pools; reason `same_pool` or `cross_pool`.
+   `role=reward` or `role=rollout` unit) allows it unless the preemptor's priority is *lower*
+   than the victim's by more than the label threshold; reason `label`. Off with
+   `enable_label_preemption: false`;
+4. otherwise the preemptor's priority must exceed the victim's by at least the same-pool
+   threshold within a pool, or by the cross-pool threshold (5.0, whatever the
+   aggressiveness) across pools; reason `same_pool` or `cross_pool`.
 
 When one victim is not enough, the smallest set of victims that frees enough is taken,
-preferring the lowest priority, then elastic replicas, then the least work lost.
+preferring the lowest priority, then elastic replicas, then the least work lost, then the most
+estimated work left (ScheduleMesh's κ × remaining_time: the unit that would hold its resources
+longest).
 """
 
 from __future__ import annotations
@@ -21,16 +28,46 @@ from itertools import combinations
 
 from runner.resources import Resources
 
-# minimum priority gap to preempt: (within a pool, across pools), by aggressiveness
-THRESHOLDS: dict[str, tuple[float, float]] = {
-    "low": (4.0, 8.0),
-    "medium": (2.0, 4.0),
-    "high": (1.0, 2.0),
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Priority gaps of one aggressiveness level (ScheduleMesh's `PreemptionThresholds`)."""
+
+    # how far *below* its victim a preemptor's priority may be under a label rule
+    label: float
+    # how far above its victim a preemptor's priority must be, within a pool
+    same_pool: float
+    # ... and across pools (ScheduleMesh's `cross_pool_priority_threshold`, one for all levels)
+    cross_pool: float = 5.0
+
+
+# ScheduleMesh's PREEMPTION_AGGRESSIVENESS_LEVELS
+THRESHOLDS: dict[str, Thresholds] = {
+    "high": Thresholds(label=0.1, same_pool=0.5),
+    "medium": Thresholds(label=0.5, same_pool=1.0),
+    "low": Thresholds(label=1.0, same_pool=3.0),
+}
+# ScheduleMesh's AGGRESSIVENESS_ALIASES (matched without regard to case)
+ALIASES: dict[str, str] = {
+    **dict.fromkeys(("urgent", "prod", "critical", "high_priority", "high-priority"), "high"),
+    **dict.fromkeys(("normal", "default", "medium_priority", "medium-priority"), "medium"),
+    **dict.fromkeys(("batch", "background", "low_priority", "low-priority"), "low"),
 }
 REASONS = ("label", "same_pool", "cross_pool")
+# priorities are typed as decimals (0.1): a gap equal to a threshold must count as reaching it
+EPSILON = 1e-9
 # victim sets are searched exhaustively among this many preferred candidates, up to this size;
 # beyond that the largest candidates are taken first and the set is then pruned
 EXHAUSTIVE_CANDIDATES, EXHAUSTIVE_SIZE = 16, 4
+
+
+def aggressiveness_level(value: object) -> str | None:
+    """`high`, `medium` or `low` for a level or one of its aliases, any case; None otherwise."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    level = ALIASES.get(text, text)
+    return level if level in THRESHOLDS else None
 
 
 @dataclass(frozen=True)
@@ -39,11 +76,18 @@ class Policy:
 
     # label key -> preemptor's value -> victim values it may preempt
     label_rules: Mapping[str, Mapping[str, Sequence[str]]] = field(default_factory=dict)
+    # high | medium | low (aliases resolved when the spec is read)
     aggressiveness: str = "medium"
     cross_pool: bool = False
     protected_pools: frozenset[str] = frozenset()
     # seconds a victim has to stop after it is asked before it is killed
     cancel_timeout: float = 5.0
+    # false: the label rules are kept but not applied (ScheduleMesh's enable_label_preemption)
+    label_preemption: bool = True
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return THRESHOLDS[aggressiveness_level(self.aggressiveness) or "medium"]
 
 
 @dataclass(frozen=True)
@@ -75,10 +119,14 @@ def preemption_reason(preemptor: Party, victim: Party, policy: Policy) -> str | 
     cross = victim.pool != preemptor.pool
     if cross and not policy.cross_pool:
         return None
-    if label_rule_allows(policy.label_rules, preemptor.labels, victim.labels):
-        return "label"
-    same, across = THRESHOLDS[policy.aggressiveness]
-    if preemptor.priority - victim.priority >= (across if cross else same):
+    gap = preemptor.priority - victim.priority
+    limits = policy.thresholds
+    if policy.label_preemption and label_rule_allows(
+        policy.label_rules, preemptor.labels, victim.labels
+    ):
+        # as in ScheduleMesh, a matching label rule decides: no fallback to the pool rules
+        return "label" if gap + EPSILON >= -limits.label else None
+    if gap + EPSILON >= (limits.cross_pool if cross else limits.same_pool):
         return "cross_pool" if cross else "same_pool"
     return None
 
@@ -95,19 +143,29 @@ class Candidate:
     # seconds of work a restart would redo (0 when the unit saves its state)
     work_lost: float = 0.0
     elastic: bool = False
+    # seconds of work it has left by its `estimated_duration` (None: not estimated)
+    remaining: float | None = None
 
 
-def preference(c: Candidate) -> tuple[float, bool, float]:
-    """Victims are taken lowest priority first, then elastic ones, then least work lost."""
-    return (c.priority, not c.elastic, c.work_lost)
+def remaining(estimated_duration: float | None, elapsed: float) -> float | None:
+    """Work left by the estimate, as ScheduleMesh's `TaskState.remaining_time` counts it."""
+    return None if estimated_duration is None else max(0.0, estimated_duration - elapsed)
 
 
-def set_cost(victims: Sequence[Candidate]) -> tuple[float, float, float, float]:
-    """Between victim sets of one size: the lower highest priority wins, then less work lost."""
+def preference(c: Candidate) -> tuple[float, bool, float, float]:
+    """Victims are taken lowest priority first, then elastic ones, then least work lost, then
+    most work left (a unit about to finish frees its resources soon anyway)."""
+    return (c.priority, not c.elastic, c.work_lost, -(c.remaining or 0.0))
+
+
+def set_cost(victims: Sequence[Candidate]) -> tuple[float, float, float, float, float]:
+    """Between victim sets of one size: the lower highest priority wins, then less work lost,
+    then more work left."""
     size = sum(_weight(v.resources) for v in victims)
     return (
         max(v.priority for v in victims),
         sum(v.work_lost for v in victims),
+        -sum(v.remaining or 0.0 for v in victims),
         sum(v.priority for v in victims) + sum(0 if v.elastic else 0.5 for v in victims),
         size,
     )
@@ -136,10 +194,11 @@ def choose_victims(
 def _distinct(ordered: Sequence[Candidate]) -> list[Candidate]:
     """At most EXHAUSTIVE_SIZE of each kind of candidate: a k-set never needs more of one
     kind, and identical candidates (a thousand equal rollouts) make the same sets."""
-    seen: Counter[tuple[Resources, float, str, float, bool]] = Counter()
+    seen: Counter[tuple[Resources, float, str, float, bool, float]] = Counter()
     out = []
     for c in ordered:
-        kind = (c.resources, c.priority, c.pool, round(c.work_lost, 1), c.elastic)
+        left = round(c.remaining or 0.0, 1)
+        kind = (c.resources, c.priority, c.pool, round(c.work_lost, 1), c.elastic, left)
         seen[kind] += 1
         if seen[kind] <= EXHAUSTIVE_SIZE:
             out.append(c)

@@ -2,7 +2,9 @@
 `schema.JobSpec` with the same validator as stage keys, given the stage's defaults, expanded
 over its array, and resolved to a `Job` with an absolute `cwd`.
 
-`check` and `plan` both call `load_jobs`, so a job is read one way everywhere.
+`check` and `plan` both call `load_jobs`, so a job is read one way everywhere. A job may be
+written as SCNS-Conductor's submit body (`{job: {account, name, partition, ntasks_per_node,
+cpus_per_task, memory_per_node, time_limit, ...}, script}`), so its users' JSON runs as is.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ class Job:
     resources: Resources
     time_limit: float | None
     index: int | None = None
+    # SCNS's keys the executor places and accounts by
+    partition: str | None = None
+    account: str | None = None
+    exclusive: bool = False
+    priority: float = 0.0
+    # absolute paths for the job's streams (None: the stage's <run.dir>/<stage>/JOB.out/.err)
+    stdout: str | None = None
+    stderr: str | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -55,12 +65,16 @@ class Job:
     def record(self) -> dict[str, Any]:
         """The job as the ledger keeps it (the `input` of its row)."""
         what = {"script": self.script} if self.script is not None else {"command": self.command}
+        scns = {"account": self.account, "partition": self.partition}
         return {
             **what,
             "env": self.env,
             "cwd": self.cwd,
             "resources": self.resources.describe(),
             "time_limit": self.time_limit,
+            **{k: v for k, v in scns.items() if v is not None},
+            **({"exclusive": True} if self.exclusive else {}),
+            "priority": self.priority,
         }
 
     def task_spec(self) -> dict[str, Any]:
@@ -83,7 +97,7 @@ def load_jobs(name: str, spec: JobsStage, problems: Problems) -> list[Job]:
     first_seen: dict[str, str] = {}
     entries = _entries(spec, path, problems)
     for where, report, data in entries:
-        job = _validated(data, report)
+        job = _validated(submit_body(data), report)
         if job is None:
             continue
         if job.name in first_seen:
@@ -166,6 +180,13 @@ def _read_jobs_file(value: str) -> list[Any] | str:
     return rows
 
 
+def submit_body(data: Any) -> Any:
+    """SCNS's submit body, `{job: {...}, script: ...}`, as one flat job; anything else as is."""
+    if isinstance(data, dict) and isinstance(data.get("job"), dict):
+        return {**data["job"], **{k: v for k, v in data.items() if k != "job"}}
+    return data
+
+
 def _validated(data: Any, report: Report) -> JobSpec | None:
     """The entry checked against `JobSpec` (types, unknown keys); None when unusable."""
     found = Problems(None)
@@ -198,11 +219,13 @@ def _good_command(command: list[Any]) -> bool:
 def _resolve(job: JobSpec, spec: JobsStage, defaults: _Defaults, report: Report) -> list[Job]:
     """The job with the stage's defaults, expanded over its array; [] after a problem."""
     memory, limit = defaults.memory, defaults.time_limit
-    ok = True
-    if job.memory is not None:
-        parsed_memory = memory_bytes(job.memory)
+    ok = _one_of(job, report, ("memory", "memory_per_node"), ("cwd", "current_working_directory"))
+    memory_key = "memory" if job.memory is not None else "memory_per_node"
+    memory_text = job.memory if job.memory is not None else job.memory_per_node
+    if memory_text is not None:
+        parsed_memory = memory_bytes(memory_text)
         if parsed_memory is None:
-            report("memory", f"= {job.memory!r}: {MEMORY_HELP}")
+            report(memory_key, f"= {memory_text!r}: {MEMORY_HELP}")
             ok = False
         memory = parsed_memory or 0
     if job.time_limit is not None:
@@ -217,36 +240,67 @@ def _resolve(job: JobSpec, spec: JobsStage, defaults: _Defaults, report: Report)
             report("array", f"= {job.array!r}: {_array_problem(parsed)}")
             return []
         indices = list(parsed)
+    per_task = job.cpus_per_task if job.cpus_per_task is not None else spec.cpus_per_task
     resources = Resources(
-        cpus=job.cpus_per_task if job.cpus_per_task is not None else spec.cpus_per_task,
+        cpus=per_task * (job.ntasks_per_node or 1),
         gpus=job.gpus if job.gpus is not None else spec.gpus,
         memory=float(memory),
     )
     jobs = [_one(job, spec, index, resources, limit) for index in indices]
     for resolved in jobs:
         if not Path(resolved.cwd).is_dir():
-            given = _fill(job.cwd if job.cwd is not None else spec.cwd or "", resolved.index)
+            own = _cwd(job)
+            given = _fill(own if own is not None else spec.cwd or "", resolved.index)
             where = "" if Path(given).is_absolute() else f" (relative to {os.getcwd()})"
-            report("cwd", f"= {given!r}: no such directory{where}")
+            key = "current_working_directory" if job.current_working_directory else "cwd"
+            report(key, f"= {given!r}: no such directory{where}")
             return []
     return jobs if ok else []
+
+
+def _one_of(job: JobSpec, report: Report, *pairs: tuple[str, str]) -> bool:
+    """A key and its SCNS name are one setting: give one of them."""
+    ok = True
+    for ours, scns in pairs:
+        if getattr(job, ours) is not None and getattr(job, scns) is not None:
+            report(scns, f"= {getattr(job, scns)!r}: give {ours} or {scns} (SCNS's name), not both")
+            ok = False
+    return ok
+
+
+def _cwd(job: JobSpec) -> str | None:
+    return job.cwd if job.cwd is not None else job.current_working_directory
 
 
 def _one(
     job: JobSpec, spec: JobsStage, index: int | None, resources: Resources, limit: float | None
 ) -> Job:
-    env = {str(k): _fill(str(v), index) for k, v in {**spec.env, **job.env}.items()}
-    cwd = _fill(job.cwd if job.cwd is not None else spec.cwd or ".", index)
+    merged = {**spec.env, **job.environment, **job.env}
+    env = {str(k): _fill(str(v), index) for k, v in merged.items()}
+    given = _cwd(job)
+    cwd = str(Path(_fill(given if given is not None else spec.cwd or ".", index)).expanduser())
+    where = Path(cwd).absolute()
     return Job(
         id=job.name if index is None else f"{job.name}[{index}]",
         script=None if job.script is None else _fill(job.script, index),
         command=None if job.command is None else [_fill(str(w), index) for w in job.command],
         env=env,
-        cwd=str(Path(cwd).expanduser().absolute()),
+        cwd=str(where),
         resources=resources,
         time_limit=limit,
         index=index,
+        partition=job.partition,
+        account=job.account,
+        exclusive=job.exclusive,
+        priority=job.priority if job.priority is not None else spec.priority,
+        stdout=_stream(job.standard_output, where, index),
+        stderr=_stream(job.standard_error, where, index),
     )
+
+
+def _stream(path: str | None, cwd: Path, index: int | None) -> str | None:
+    """A job's stream file as an absolute path, relative ones from its cwd (as SCNS does)."""
+    return None if path is None else str(cwd / Path(_fill(path, index)).expanduser())
 
 
 def _fill(text: str, index: int | None) -> str:

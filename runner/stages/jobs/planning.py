@@ -8,16 +8,29 @@ from collections.abc import Mapping
 from typing import Any
 
 from runner.cluster import ClusterInfo
+from runner.errors import PlanError
 from runner.plan import Claim, PlanContext, StagePlan, Unit, claim, decider, digest, result_config
 from runner.resources import Resources
 from runner.schema import JobsStage, StageSpec
 from runner.spec import Problems
-from runner.stages.jobs.job import Job, load_jobs
+from runner.stages.jobs.job import Job, load_jobs, submit_body
 
 log = logging.getLogger(__name__)
 
-# per-job keys that only size the job: left out of the stage config the fingerprints hash
-RESOURCE_KEYS = ("cpus_per_task", "memory", "gpus", "time_limit")
+# per-job keys that only size, place or account the job: left out of the stage config the
+# fingerprints hash
+RESOURCE_KEYS = (
+    "cpus_per_task",
+    "memory",
+    "gpus",
+    "time_limit",
+    "ntasks_per_node",
+    "memory_per_node",
+    "exclusive",
+    "partition",
+    "account",
+    "priority",
+)
 
 
 def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, StageSpec]) -> None:
@@ -33,6 +46,7 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     problems = Problems(None)
     jobs = load_jobs(name, spec, problems)
     problems.raise_if_any()
+    _check_partitions(name, jobs, ctx.cluster)
     config = _config(spec, raw)
     upstream = [ctx.upstream[n].fingerprint for n in spec.needs]
     decide = decider(name, config, ctx)
@@ -47,11 +61,28 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
 def _config(spec: JobsStage, raw: dict[str, Any]) -> dict[str, Any]:
     """The stage's result config, with each inline job's resource keys left out too."""
     config = result_config(spec, raw)
+    flat = [submit_body(job) for job in config.get("jobs", [])]
     config["jobs"] = [
         {k: v for k, v in job.items() if k not in RESOURCE_KEYS} if isinstance(job, dict) else job
-        for job in config.get("jobs", [])
+        for job in flat
     ]
     return config
+
+
+def _check_partitions(name: str, jobs: list[Job], cluster: ClusterInfo) -> None:
+    """A job's partition must be one the cluster's nodes have (where they are known)."""
+    if cluster.partitions is None:
+        return
+    have = ", ".join(cluster.partitions) or "none declared; set cluster.partitions"
+    wrong = [j for j in jobs if j.partition is not None and j.partition not in cluster.partitions]
+    if wrong:
+        raise PlanError(
+            [
+                f"pipeline.stages.{name}: job {j.id!r}: partition = {j.partition!r}: no node of "
+                f"the cluster has it (partitions: {have})"
+                for j in wrong
+            ]
+        )
 
 
 def _shapes(jobs: list[Job]) -> dict[Resources, list[str]]:

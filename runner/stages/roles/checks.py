@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from runner.scheduler.policy import THRESHOLDS
+from runner.quantities import MEMORY_HELP, memory_bytes
+from runner.scheduler.policy import ALIASES, THRESHOLDS, aggressiveness_level
 from runner.schema import RolesStage, StageSpec
 from runner.spec import Problems, find_cycle, import_error, unknown_key
 
@@ -26,13 +27,14 @@ ROLE_KEYS = (
     "step_time",
     "estimated_duration",
 )
-RESOURCE_KEYS = ("cpus", "gpus", "memory_gb")
+RESOURCE_KEYS = ("cpus", "gpus", "memory", "memory_gb")
 PREEMPTION_KEYS = (
     "label_rules",
     "aggressiveness",
     "cancel_timeout",
     "cross_pool",
     "protected_pools",
+    "enable_label_preemption",
 )
 PG_POOL_KEYS = ("reserved", "max_dynamic_pgs", "reuse")
 
@@ -95,8 +97,13 @@ def _check_resources(path: str, data: Any, problems: Problems, what: str = "a re
     if not _check_keys(path, data, RESOURCE_KEYS, problems):
         return
     for key, value in data.items():
-        if key in RESOURCE_KEYS and (not _number(value) or value < 0):
+        if key == "memory":
+            if not isinstance(value, str | int | float) or memory_bytes(value) is None:
+                problems.add(f"{path}.memory", f"= {value!r}: {MEMORY_HELP}")
+        elif key in RESOURCE_KEYS and (not _number(value) or value < 0):
             problems.add(f"{path}.{key}", f"= {value!r}: expected a number >= 0")
+    if "memory" in data and "memory_gb" in data:
+        problems.add(f"{path}.memory_gb", "give memory (8G; a plain number is MB) or memory_gb")
     if all(_number(v) and v == 0 for v in data.values()):
         problems.add(path, f"= {data!r}: {what} needs some cpus or gpus")
 
@@ -180,8 +187,15 @@ def _check_preemption(path: str, data: Any, problems: Problems) -> None:
     if not _check_keys(path, data, PREEMPTION_KEYS, problems):
         return
     level = data.get("aggressiveness", "medium")
-    if level not in THRESHOLDS:
-        problems.add(f"{path}.aggressiveness", f"= {level!r}: not one of {', '.join(THRESHOLDS)}")
+    if aggressiveness_level(level) is None:
+        problems.add(
+            f"{path}.aggressiveness",
+            f"= {level!r}: not one of {', '.join(THRESHOLDS)} "
+            f"(or ScheduleMesh's aliases: {', '.join(ALIASES)})",
+        )
+    switch = data.get("enable_label_preemption", True)
+    if not isinstance(switch, bool):
+        problems.add(f"{path}.enable_label_preemption", f"= {switch!r}: expected true or false")
     timeout = data.get("cancel_timeout", 5.0)
     if not _number(timeout) or timeout < 0:
         problems.add(f"{path}.cancel_timeout", f"= {timeout!r}: expected seconds >= 0")

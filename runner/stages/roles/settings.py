@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from runner.quantities import memory_bytes
 from runner.resources import Resources
-from runner.scheduler.policy import Policy
+from runner.scheduler.policy import Policy, aggressiveness_level
 from runner.schema import RolesStage
 
 
@@ -50,10 +51,13 @@ class RolesPlan:
 
 
 def _resources(data: Mapping[str, Any]) -> Resources:
+    """`memory` reads like a job's (`8G`; a plain number is megabytes, as ScheduleMesh's
+    `ensure_pool` takes it); `memory_gb` is the older spelling. checks.py allows one of them."""
+    memory = float(data.get("memory_gb", 0)) * (1 << 30)
+    if "memory" in data:
+        memory = float(memory_bytes(data["memory"]) or 0)
     return Resources(
-        cpus=float(data.get("cpus", 0)),
-        gpus=float(data.get("gpus", 0)),
-        memory=float(data.get("memory_gb", 0)) * (1 << 30),
+        cpus=float(data.get("cpus", 0)), gpus=float(data.get("gpus", 0)), memory=memory
     )
 
 
@@ -71,10 +75,11 @@ def parse(name: str, spec: RolesStage) -> RolesPlan:
         label_rules={
             k: {a: list(b) for a, b in v.items()} for k, v in pre.get("label_rules", {}).items()
         },
-        aggressiveness=pre.get("aggressiveness", "medium"),
+        aggressiveness=aggressiveness_level(pre.get("aggressiveness", "medium")) or "medium",
         cross_pool=bool(pre.get("cross_pool", False)),
         protected_pools=frozenset(pre.get("protected_pools", [])),
         cancel_timeout=float(pre.get("cancel_timeout", 5.0)),
+        label_preemption=bool(pre.get("enable_label_preemption", True)),
     )
     roles = {}
     for role, data in spec.roles.items():

@@ -12,7 +12,7 @@ from typing import Any
 from runner.schema import ShardStage, StageSpec
 from runner.spec import Problems, did_you_mean, import_error, unknown_key
 
-PLACEHOLDERS = ("input", "output", "low", "high", "gpus", "shard", "done")
+PLACEHOLDERS = ("input", "output", "output_dir", "low", "high", "last", "gpus", "shard", "done")
 INPUT_SUFFIXES = (".csv", ".parquet")
 FORMATS = ("parquet", "csv")
 MERGE_KEYS = ("sort_by", "format")
@@ -101,8 +101,17 @@ def _command_problems(argv: list[str]) -> list[str]:
                 found.append(
                     f"= {arg!r}: unknown placeholder {{{placeholder}}}{hint} (allowed: {allowed})"
                 )
-    if not any("{output}" in arg for arg in argv):
-        found.append("the command never names {output}: it must write its shard's rows there")
+    names_output = any("{output}" in arg for arg in argv)
+    names_dir = any("{output_dir}" in arg for arg in argv)
+    if not names_output and not names_dir:
+        found.append(
+            "the command never names {output} or {output_dir}: it must write its shard's rows there"
+        )
+    elif names_output and names_dir:
+        found.append(
+            "the command names both {output} and {output_dir}: name the one it writes "
+            "(a file, or a directory it writes its own file into)"
+        )
     return found
 
 

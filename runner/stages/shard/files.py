@@ -1,27 +1,36 @@
-"""One shard's files under `<run.dir>/<stage>/shards/`, and how its output is committed.
+"""One shard's files under `<run.dir>/<stage>/shards/`, the placeholders its command sees,
+and how its output is committed.
 
-A command writes a temporary output (`part`); the driver commits it only once it is readable,
-has the id column and one row per input row: fsync, rename, then the manifest (and only after
-that the ledger row). A CSV `part` left by an earlier attempt can be resumed: its complete
-rows' ids are listed in `{done}`.
+A command writes a temporary output (`part`, `{output}`), or files of its own naming into a
+directory of its own (`{output_dir}`, R2R's step-2 contract). The driver commits it only once
+it is readable and keeps the stage's `outputs` policy (`one_per_id`: one row per input row;
+`subset`: ids of the range, none twice; `any`): fsync, rename, then the manifest (and only
+after that the ledger row). A CSV output left by an earlier attempt can be resumed: its
+complete rows' ids are listed in `{done}`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.merge import read_table
+from runner.merge import read_table, write_table
 from runner.plan import Unit
 from runner.stages.shard.ranges import Shard
 from runner.store import write_json
 
 # log lines quoted when a shard fails for good
 TAIL_LINES = 15
+# what a command may write into {output_dir}; line formats can be resumed through {done}
+DATA_SUFFIXES = (".csv", ".parquet", ".jsonl")
+LINE_SUFFIXES = (".csv", ".jsonl")
+# the `outputs:` policies of the commit check
+OUTPUTS = ("one_per_id", "subset", "any")
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,58 @@ class Files:
     def pid(self) -> Path:
         return self._at(".pid")
 
+    @property
+    def out_dir(self) -> Path:
+        return self._at(".out")
+
+    @property
+    def out_dir_owner(self) -> Path:
+        return self._at(".out.fingerprint")
+
+
+def contract(command: list[str] | None, outputs: str) -> dict[str, Any]:
+    """What a shard's commit checks, kept in each unit's payload: the `outputs` policy, and
+    whether the command writes into `{output_dir}` and resumes from `{done}`."""
+    argv = " ".join(command or [])
+    return {"outputs": outputs, "output_dir": "{output_dir}" in argv, "done": "{done}" in argv}
+
+
+def launch_values(unit: Unit, files: Files, id_column: str, attempt: int) -> dict[str, str]:
+    """Every placeholder of a shard's command (`{gpus}` is added on its node), with `{done}`
+    written and `{output_dir}` readied: emptied unless it holds this config's partial output
+    and the command resumes from `{done}`."""
+    p, f = unit.payload, files
+    terms = p.get("contract", {})
+    if terms.get("output_dir"):
+        owner = f.out_dir_owner.read_text() if f.out_dir_owner.is_file() else None
+        fresh = unit.reason == "fresh run" and attempt == 1
+        if owner != unit.fingerprint or fresh or not terms.get("done"):
+            shutil.rmtree(f.out_dir, ignore_errors=True)
+        f.out_dir.mkdir(exist_ok=True)
+        f.out_dir_owner.write_text(unit.fingerprint)
+        ids = [i for path in _data_files(f.out_dir) for i in _resumable_ids(path, id_column)]
+        f.done.write_text("".join(f"{i}\n" for i in ids))
+    else:
+        write_done_ids(f.part, f.done, id_column)
+    end = p.get("end")
+    return {
+        "input": str(f.input.resolve()),
+        "output": str(f.part.resolve()),
+        "output_dir": str(f.out_dir.resolve()),
+        "low": str(p["low"]),
+        "high": "" if end is None else str(end),
+        "last": str(p["high"]),
+        "shard": str(p["index"]),
+        "done": str(f.done.resolve()),
+    }
+
+
+def _data_files(directory: Path) -> list[Path]:
+    """The CSV / parquet / JSONL files a command wrote into its `{output_dir}`, by name."""
+    return sorted(
+        q for q in directory.iterdir() if q.is_file() and q.suffix.lower() in DATA_SUFFIXES
+    )
+
 
 def _shape(path: Path) -> tuple[int, list[str]]:
     """(rows, columns) of an output file; parquet from its footer alone."""
@@ -85,20 +146,25 @@ def write_done_ids(part: Path, done: Path, id_column: str) -> None:
 
     A cut-off last line is dropped from the partial output first, so a command may append
     the rest of its rows to `{output}` and skip these ids. Other formats resume from empty."""
-    ids: Iterable[Any] = []
-    if part.suffix == ".csv" and part.is_file():
-        data = part.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) != len(data):
-            part.write_bytes(complete)
-        try:
-            ids = read_table(part)[id_column].tolist() if complete else []
-        except Exception:  # unreadable or without the id column: start again
-            part.unlink()
-            ids = []
-    else:
-        part.unlink(missing_ok=True)
+    ids = _resumable_ids(part, id_column) if part.is_file() else []
     done.write_text("".join(f"{i}\n" for i in ids))
+
+
+def _resumable_ids(path: Path, id_column: str) -> Iterable[Any]:
+    """The ids of a partial line-format output, its cut-off last line dropped first; any
+    other file (a parquet cannot be half written and read) is removed: it starts again."""
+    if path.suffix.lower() not in LINE_SUFFIXES:
+        path.unlink(missing_ok=True)
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        path.write_bytes(complete)
+    try:
+        return read_table(path)[id_column].tolist() if complete else []
+    except Exception:  # unreadable or without the id column: start again
+        path.unlink()
+        return []
 
 
 def tail(path: Path) -> list[str]:
@@ -109,21 +175,28 @@ def tail(path: Path) -> list[str]:
 
 
 def commit(files: Files, shard: Shard, unit: Unit, id_column: str) -> str | None:
-    """Check the temporary output (readable, id column, one row per input row), then rename
-    it into place and write the manifest; why not, when it cannot be committed."""
-    f = files
-    if not f.part.is_file():
+    """Check the shard's output against the stage's `outputs` policy, then put it into place
+    atomically and write the manifest; why not, when it cannot be committed."""
+    f, p = files, unit.payload
+    terms = p.get("contract", {})
+    policy = terms.get("outputs", "one_per_id")
+    if terms.get("output_dir"):
+        error = _commit_dir(f)
+        if error is not None:
+            return error
+    elif not f.part.is_file():
         return f"finished but did not write its output {f.part}"
     try:
         rows, columns = _shape(f.part)
     except Exception as exc:  # any reader error means an unusable output
         f.part.unlink(missing_ok=True)
         return f"its output {f.part} is not readable: {exc}"
-    if id_column not in columns:
+    if policy != "any" and id_column not in columns:
         return f"its output has no {id_column!r} column (columns: {', '.join(columns)})"
-    if rows != shard.rows:
-        f.part.unlink(missing_ok=True)  # a partial output that cannot be resumed
-        return f"its output has {rows} row(s); its input range has {shard.rows}"
+    if policy == "one_per_id" and rows != shard.rows:
+        return _reject(f, f"its output has {rows} row(s); its input range has {shard.rows}")
+    if policy == "subset" and (error := _outside(f.part, id_column, p)) is not None:
+        return _reject(f, error)
     with open(f.part, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(f.part, f.output)
@@ -132,13 +205,59 @@ def commit(files: Files, shard: Shard, unit: Unit, id_column: str) -> str | None
         "index": shard.index,
         "low": shard.low,
         "high": shard.high,
+        "end": p.get("end"),
+        "input_ids": p.get("ids"),
+        "input_rows": shard.rows,
         "rows": rows,
-        "input": unit.payload["input"],
+        "outputs": policy,
+        "input": p["input"],
         "fingerprint": unit.fingerprint,
         "output": f.output.name,
         "committed": time.time(),
     }
     write_json(f.manifest, manifest)
-    for leftover in (f.part_owner, f.done, f.input):
+    for leftover in (f.part_owner, f.done, f.input, f.out_dir_owner):
         leftover.unlink(missing_ok=True)
+    shutil.rmtree(f.out_dir, ignore_errors=True)
+    return None
+
+
+def _reject(f: Files, why: str) -> str:
+    """Drop an output that breaks the policy (it cannot be resumed either), and say why."""
+    f.part.unlink(missing_ok=True)
+    shutil.rmtree(f.out_dir, ignore_errors=True)
+    return why
+
+
+def _commit_dir(f: Files) -> str | None:
+    """Gather what the command wrote into `{output_dir}` into the temporary output, in the
+    stage's format (several files are concatenated by name)."""
+    import pandas as pd
+
+    found = _data_files(f.out_dir) if f.out_dir.is_dir() else []
+    if not found:
+        return f"finished but wrote no CSV, parquet or JSONL file into its output_dir {f.out_dir}"
+    try:
+        frames = [read_table(path) for path in found]
+    except Exception as exc:  # any reader error means an unusable output
+        return f"its output in {f.out_dir} is not readable: {exc}"
+    write_table(pd.concat(frames, ignore_index=True), f.part)
+    return None
+
+
+def _outside(part: Path, id_column: str, payload: dict[str, Any]) -> str | None:
+    """Why an output breaks the `subset` policy: an id outside the shard's range, or twice."""
+    ids = read_table(part)[id_column]
+    low, high = payload["low"], payload["high"]
+    try:
+        outside = ids[(ids < low) | (ids > high)]
+    except TypeError as exc:
+        return f"its output's ids cannot be compared with its range {low}..{high}: {exc}"
+    if len(outside):
+        sample = ", ".join(str(i) for i in outside.unique()[:5])
+        return f"its output has {len(outside)} row(s) with ids outside {low}..{high}: {sample}"
+    twice = ids[ids.duplicated()].unique()
+    if len(twice):
+        sample = ", ".join(str(i) for i in twice[:5])
+        return f"its output has {len(twice)} id(s) more than once: {sample}"
     return None

@@ -19,7 +19,7 @@ from runner.plan import StagePlan
 from runner.remote import remote
 from runner.resources import Resources
 from runner.schema import ShardStage
-from runner.stages.shard.files import Files, commit, tail, write_done_ids
+from runner.stages.shard.files import Files, commit, launch_values, tail
 from runner.stages.shard.ranges import Shard
 from runner.stages.shard.task import run_shard
 
@@ -109,16 +109,8 @@ class ShardRun(StageRun):
         work = lease.work[0]
         shard, f = self.shards[work.id], self.files[work.id]
         f.part_owner.write_text(work.unit.fingerprint)
-        write_done_ids(f.part, f.done, self.spec.id_column)
         self.shown[work.id] = f.log.stat().st_size if f.log.exists() else 0
-        values = {
-            "input": str(f.input.resolve()),
-            "output": str(f.part.resolve()),
-            "low": str(shard.low),
-            "high": str(shard.high),
-            "shard": shard.index,
-            "done": str(f.done.resolve()),
-        }
+        values = launch_values(work.unit, f, self.spec.id_column, work.attempts + 1)
         job = {
             "label": shard.label,
             "attempt": work.attempts + 1,

@@ -13,7 +13,8 @@ from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, re
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.schema import ShardStage, StageSpec
-from runner.stages.shard.ranges import input_identity, recorded, split
+from runner.stages.shard.files import contract
+from runner.stages.shard.ranges import Shard, input_identity, recorded, split
 
 
 def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
@@ -27,8 +28,14 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     shards = recorded(ctx.ledger, name, spec, source) or split(
         Path(spec.input), spec.id_column, spec.num_shards
     )
+    _check_high(name, spec, shards)
     decide = decider(name, config, ctx)
-    base = {"input": source, "id_column": spec.id_column, "num_shards": spec.num_shards}
+    base = {
+        "input": source,
+        "id_column": spec.id_column,
+        "num_shards": spec.num_shards,
+        "contract": contract(spec.command, spec.outputs),
+    }
     units = [
         decide(
             Unit(
@@ -40,6 +47,8 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
                     "low": s.low,
                     "high": s.high,
                     "rows": s.rows,
+                    "end": s.end,
+                    "ids": s.ids,
                     "count": len(shards),
                 },
             )
@@ -54,6 +63,22 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     if spec.max_parallel is not None and shard_claim.fit > spec.max_parallel:
         notes.append(f"{name}: max_parallel {spec.max_parallel} of {shard_claim.fit} that fit")
     return StagePlan(name, "shard", spec, fp, config, units, [shard_claim], notes)
+
+
+def _check_high(name: str, spec: ShardStage, shards: list[Shard]) -> None:
+    """`{high}` is the half-open bound; past the last of non-integer ids there is none."""
+    if not any("{high}" in arg for arg in spec.command or []) or not shards:
+        return
+    last = shards[-1]
+    if last.end is None:
+        raise PlanError(
+            [
+                f"pipeline.stages.{name}.command: {{high}} is the first id after a shard's range "
+                f"([{{low}}, {{high}}), half-open), but the ids in {spec.id_column!r} are not "
+                f"integers, so the last shard ({last.low!r}..{last.high!r}) has none: use "
+                "{last}, the last id of the range (included)"
+            ]
+        )
 
 
 def _gpu_notes(name: str, spec: ShardStage, ctx: PlanContext) -> list[str]:

@@ -3,6 +3,10 @@ an earlier run recorded in the ledger for the same input.
 
 Ranges are over the sorted unique ids, so they do not depend on the file's row order; the
 input is known by its identity (path, size, mtime), so a resume never re-reads the data.
+
+A command sees a range as R2R's scheduler hands it out, half-open: `[low, end)`, `end` being
+the first id of the next shard (of the last one, its last id + 1 for integer ids); `high`, the
+last id included, is what the unit's label shows and the data is sliced by.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from runner.store import Ledger
 
 @dataclass(frozen=True)
 class Shard:
-    """One id range: `low` and `high` are ids of the input, both included."""
+    """One id range: `low` and `high` are ids of the input, both included; `end` is the
+    half-open bound (None past the last of non-integer ids); `ids` counts the unique ids."""
 
     index: int
     low: Any
     high: Any
     rows: int
+    end: Any = None
+    ids: int = 0
 
     @property
     def label(self) -> str:
@@ -52,17 +59,21 @@ def split(path: Path, id_column: str, num_shards: int) -> list[Shard]:
         counts = ids.value_counts(sort=False).sort_index()
     except TypeError as exc:
         raise PlanError([f"{path}: the ids in {id_column!r} cannot be ordered: {exc}"]) from None
-    chunks = np.array_split(np.arange(len(counts)), min(num_shards, len(counts)))
+    parts = np.array_split(np.arange(len(counts)), min(num_shards, len(counts)))
+    chunks = [c for c in parts if len(c)]
+    first = [_plain(counts.index[c[0]]) for c in chunks]
+    last = [_plain(counts.index[c[-1]]) for c in chunks]
+    ends = [*first[1:], past(last[-1])] if chunks else []
     return [
-        Shard(
-            n,
-            _plain(counts.index[c[0]]),
-            _plain(counts.index[c[-1]]),
-            int(counts.iloc[c].sum()),
-        )
+        Shard(n, first[n], last[n], int(counts.iloc[c].sum()), ends[n], len(c))
         for n, c in enumerate(chunks)
-        if len(c)
     ]
+
+
+def past(last: Any) -> Any:
+    """The half-open bound after the last id: last + 1 for integer ids, else None (there is
+    no next id to name)."""
+    return last + 1 if isinstance(last, int) and not isinstance(last, bool) else None
 
 
 def _plain(value: Any) -> Any:
@@ -83,8 +94,11 @@ def recorded(ledger: Ledger | None, name: str, spec: ShardStage, source: str) ->
             and p.get("input") == source
             and p.get("id_column") == spec.id_column
             and p.get("num_shards") == spec.num_shards
+            and "ids" in p  # recorded before half-open bounds: cut again
         ):
-            found[p["index"]] = Shard(p["index"], p["low"], p["high"], p["rows"])
+            found[p["index"]] = Shard(
+                p["index"], p["low"], p["high"], p["rows"], p.get("end"), p["ids"]
+            )
             total = p.get("count")
     if not found or set(found) != set(range(len(found))) or total != len(found):
         return []
