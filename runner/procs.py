@@ -35,6 +35,25 @@ def start_time(pid: int) -> int | None:
     return None if st is None else st[1]
 
 
+def alive_since(pid: int, since: float) -> bool:
+    """Whether process `pid` is alive and was started no later than `since` (epoch seconds):
+    a pid reused by a later process is not the one that started then."""
+    ticks = start_time(pid)
+    if ticks is None:
+        return False
+    try:
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration):
+        return True  # cannot tell: a live pid is believed
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    # btime has a one-second resolution
+    return started <= since + 1.0
+
+
 def descendants(root: int) -> list[int]:
     """Every live process below `root` in the process tree."""
     children: dict[int, list[int]] = {}
