@@ -97,3 +97,13 @@ class Gated:
         while item in self.hold and os.path.exists(self.gate):
             time.sleep(0.05)
         return item
+
+
+class Big:
+    """Return `size` characters per item (to fill a small disk)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, item: int) -> str:
+        return str(item % 10) * self.size
