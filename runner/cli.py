@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -50,18 +51,35 @@ def run_task(cfg: DictConfig) -> int:
     """One composed config: validate, then run, plan or report status. Returns the exit code."""
     try:
         spec = load(cfg, {k: v.check for k, v in KINDS.items()}, _origins())
-        if spec.mode is Mode.status:
-            return _status(spec)
-        if spec.mode is Mode.plan:
-            return _plan_only(spec)
-        if spec.mode is Mode.report:
-            return _report(spec)
-        return _run(spec)
+        code = _dispatch(spec)
+        sys.stdout.flush()  # here, so a closed pipe is met inside this `try`
+        return code
+    except BrokenPipeError:
+        # `runner mode=plan | head -1`: the reader has all it wanted; no traceback
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
     except RunnerError as exc:
         if os.environ.get("RUNNER_FULL_ERROR"):
             traceback.print_exc()
         print(f"runner: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _dispatch(spec: Spec) -> int:
+    if spec.mode is Mode.status:
+        return _status(spec)
+    if spec.mode is Mode.plan:
+        return _plan_only(spec)
+    if spec.mode is Mode.report:
+        return _report(spec)
+    return _run(spec)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _plan_only(spec: Spec) -> int:
@@ -126,6 +144,9 @@ def _run(spec: Spec) -> int:
                 plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
             plan.cluster = info  # the live nodes, with the ids the placements name
             _announce(plan)
+            if spec.run.fresh:
+                # an interrupted fresh run must not be completed later with older results
+                ledger.supersede(plan.stages)
             with metrics.serving(spec.cluster.metrics_port):
                 code, summary = execute(
                     plan, spec.pipeline, KINDS, store, ledger, spec.run.progress, spec.run.fresh

@@ -28,6 +28,14 @@ class PlanError(SpecError):
         super().__init__(problems, header="plan cannot run on this cluster")
 
 
+class InputError(SpecError):
+    """An input file the spec names cannot be used (unreadable, empty, bad ids); found while
+    planning, before anything runs."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems, header="invalid input")
+
+
 class RunLockedError(RunnerError):
     """Another runner holds the run directory."""
 
@@ -38,6 +46,13 @@ class ClusterError(RunnerError):
     """Ray could not be started or reached."""
 
     exit_code = 2
+
+
+class StorageError(RunnerError):
+    """The run directory cannot be written (read-only, full disk): the run stops, and the
+    ledger keeps every unit it had committed, so a rerun resumes once the cause is fixed."""
+
+    exit_code = 1
 
 
 class Interrupted(RunnerError):

@@ -67,12 +67,16 @@ def execute(
     progress = Progress(progress_mode)
     ctx = RunContext(store, ledger, scheduler, plan.cluster, stop, progress)
     started = time.monotonic()
+    # a ledger that cannot be written (full disk, read-only directory) stops the run
+    ledger.on_failure = stop.set
     run_started = ledger.start_run()
     with stop_on_signals(stop) as caught:
         try:
             outcomes = Executor(plan, pipeline, kinds, ctx, fresh).run()
         finally:
             progress.close()
+    if ledger.failure is not None:
+        raise ledger.failure
     summary = make_summary(plan, outcomes, time.monotonic() - started)
     picture = timeline.draw_run(ledger, f"{plan.pipeline} {store.root}", store.root / PICTURE)
     summary["timeline"] = str(picture) if picture else None

@@ -1,19 +1,25 @@
 """Item sources of a `pool` stage: range, list, glob, file (JSONL/CSV/parquet), or another stage.
 
 Each item has a stable id (what the ledger keys on), a payload (what the worker is called with)
-and an identity (what its fingerprint hashes: content for values and rows, path + size + mtime
-for files, so a resumed run never re-reads a large input to know it is unchanged).
+and an identity (what its fingerprint hashes: content for values and rows, a content digest
+for `glob` files, cached by path, size and mtime so a resumed run re-reads only a file whose
+mtime moved). A file source is read and checked once, at spec-check time: a corrupt or empty
+file, a row without its id, or a duplicate id is a spec problem naming the file and the row.
 """
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from runner.identity import FileDigests, file_digest
 
 SOURCES = ("range", "list", "glob", "file", "from")
 OPTIONS = ("id",)
@@ -59,13 +65,13 @@ def check(items: dict[str, Any]) -> list[tuple[str, str]]:
         if not isinstance(value, str) or not globlib.glob(value, recursive=True):
             problems.append(("glob", f"= {value!r}: matches no files (relative to {os.getcwd()})"))
     elif source == "file":
-        problems += _check_file(value)
+        problems += _check_file(value, items.get("id"))
     elif not isinstance(value, str):
         problems.append(("from", f"= {value!r}: expected a stage name"))
     return problems
 
 
-def _check_file(value: Any) -> list[tuple[str, str]]:
+def _check_file(value: Any, id_field: Any) -> list[tuple[str, str]]:
     if not isinstance(value, str):
         return [("file", f"= {value!r}: expected a path")]
     path = Path(value)
@@ -73,7 +79,21 @@ def _check_file(value: Any) -> list[tuple[str, str]]:
         return [("file", f"= {value!r}: no such file (relative to {os.getcwd()})")]
     if path.suffix not in FILE_SUFFIXES:
         return [("file", f"= {value!r}: unknown format; use one of {', '.join(FILE_SUFFIXES)}")]
+    if id_field is not None and not isinstance(id_field, str):
+        return [("id", f"= {id_field!r}: expected the name of a field of {value}")]
+    try:
+        _file_items(value, id_field, *_stamp(path))
+    except ItemsError as exc:
+        return [(exc.key, exc.message)]
     return []
+
+
+class ItemsError(Exception):
+    """An item file that cannot be used: the items sub-key at fault and why."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key, self.message = key, message
 
 
 def _range_args(value: Any) -> tuple[int, ...] | None:
@@ -89,8 +109,9 @@ def _range_args(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-def load(items: dict[str, Any]) -> Iterator[Item]:
-    """The items of a (checked) non-`from` source, in a stable order."""
+def load(items: dict[str, Any], digests: FileDigests | None = None) -> Iterator[Item]:
+    """The items of a (checked) non-`from` source, in a stable order; `digests` remembers the
+    content digests of `glob` files between runs."""
     if "range" in items:
         args = _range_args(items["range"])
         assert args is not None
@@ -101,25 +122,115 @@ def load(items: dict[str, Any]) -> Iterator[Item]:
             yield Item(str(i), value, json.dumps(value, sort_keys=True, default=str))
     elif "glob" in items:
         for path in sorted(globlib.glob(items["glob"], recursive=True)):
-            st = os.stat(path)
-            yield Item(path, path, f"{path}:{st.st_size}:{st.st_mtime_ns}")
+            yield Item(path, path, f"{path}:{file_digest(Path(path), digests)}")
     else:
-        yield from _rows(Path(items["file"]), items.get("id"))
+        path = Path(items["file"])
+        yield from _file_items(items["file"], items.get("id"), *_stamp(path))
 
 
-def _rows(path: Path, id_field: str | None) -> Iterator[Item]:
-    if path.suffix in (".jsonl", ".json"):
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _file_items(value: str, id_field: str | None, size: int, mtime_ns: int) -> tuple[Item, ...]:
+    """Every item of a file, checked (read once for the check and the plan: the file's size
+    and mtime are part of the cache key)."""
+    path = Path(value)
+    records = _records(path, value)
+    if not records:
+        raise ItemsError("file", f"= {value!r}: holds no items; expected at least one row")
+    items: list[Item] = []
+    first: dict[str, str] = {}
+    for n, (where, row) in enumerate(records):
+        uid = str(n) if id_field is None else _row_id(row, where, value, id_field)
+        if uid in first:
+            raise ItemsError(
+                "id",
+                f"= {id_field!r}: id {uid!r} appears at {first[uid]} and {where} of {value}; "
+                "ids must be unique",
+            )
+        first[uid] = where
+        items.append(Item(uid, row, json.dumps(row, sort_keys=True, default=str)))
+    return tuple(items)
+
+
+def _row_id(row: dict[str, Any], where: str, value: str, id_field: str) -> str:
+    """A row's id: a string or an integer that is there (a typo in `id:` must not renumber)."""
+    from runner.spec import did_you_mean
+
+    if id_field not in row:
+        fields = [str(k) for k in row]
+        raise ItemsError(
+            "id",
+            f"= {id_field!r}: {where} of {value} has no field {id_field!r}"
+            f"{did_you_mean(id_field, fields)} (fields: {', '.join(fields)})",
+        )
+    uid = row[id_field]
+    if uid is None or (isinstance(uid, float) and math.isnan(uid)) or uid == "":
+        raise ItemsError("id", f"= {id_field!r}: {where} of {value} has an empty {id_field!r}")
+    if isinstance(uid, float) and uid.is_integer():
+        uid = int(uid)
+    if not isinstance(uid, str | int) or isinstance(uid, bool):
+        raise ItemsError(
+            "id",
+            f"= {id_field!r}: {where} of {value} has {uid!r} as its id; "
+            "expected a string or an integer",
+        )
+    return str(uid)
+
+
+def _records(path: Path, value: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for each row: `line N` of JSONL, `item N` of a JSON list, `row N` of a
+    table (1-based, as an editor shows them)."""
+    if path.suffix == ".jsonl":
+        found = []
         with path.open() as f:
-            records: list[dict[str, Any]] = [json.loads(line) for line in f if line.strip()]
-    else:
-        import pandas as pd
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    found.append((f"line {n}", _json_row(line, f"line {n}", value)))
+        return found
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ItemsError("file", f"= {value!r}: not JSON ({exc})") from None
+        if not isinstance(data, list):
+            raise ItemsError("file", f"= {value!r}: expected a JSON list of objects")
+        return [(f"item {n}", _object(row, f"item {n}", value)) for n, row in enumerate(data, 1)]
+    return [(f"row {n}", row) for n, row in enumerate(_table(path, value), start=1)]
 
+
+def _json_row(line: str, where: str, value: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise ItemsError(
+            "file",
+            f"= {value!r}: {where} is not JSON ({exc}); expected one JSON object per line",
+        ) from None
+    return _object(row, where, value)
+
+
+def _object(row: Any, where: str, value: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ItemsError(
+            "file", f"= {value!r}: {where} is {row!r}, not an object; every item is an object"
+        )
+    return row
+
+
+def _table(path: Path, value: str) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    kind = "CSV" if path.suffix == ".csv" else "parquet"
+    try:
         frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
-        records = json.loads(frame.to_json(orient="records"))
-    seen: set[str] = set()
-    for n, row in enumerate(records):
-        uid = str(row[id_field]) if id_field and id_field in row else str(n)
-        if uid in seen:
-            raise ValueError(f"{path}: id {uid!r} (field {id_field!r}) appears more than once")
-        seen.add(uid)
-        yield Item(uid, row, json.dumps(row, sort_keys=True, default=str))
+    except pd.errors.EmptyDataError:
+        return []
+    except Exception as exc:  # pandas and pyarrow raise many types for unreadable files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ItemsError("file", f"= {value!r}: cannot read as {kind}: {first}") from None
+    records: list[dict[str, Any]] = json.loads(frame.to_json(orient="records"))
+    return records

@@ -1,9 +1,11 @@
 """Spec → plan: units with fingerprints and run/skip decisions, resource claims, a fit check.
 
-A unit's fingerprint hashes what changes its result (its stage's config without resource-only
-keys, its input's identity, its upstream units' fingerprints) and never how fast it runs, so
-changing `num_workers` reruns nothing and changing a worker argument reruns exactly the stage
-and everything downstream. Decisions compare fingerprints with the ledger.
+A unit's fingerprint hashes what changes its result (its stage's config without resource and
+policy keys, the source of its worker's module, its input's identity, its upstream units'
+fingerprints) and never how fast it runs or how failures are handled, so changing
+`num_workers` or `retries` reruns nothing ("policy changed, kept"), while changing a worker
+argument or the worker's code reruns exactly the stage and everything downstream. Decisions
+compare fingerprints with the ledger.
 """
 
 from __future__ import annotations
@@ -136,10 +138,31 @@ class PlanContext:
 StagePlanner = Callable[[str, StageSpec, dict[str, Any], PlanContext], StagePlan]
 
 
-def result_config(spec: StageSpec, raw: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a stage that change its results: resource-only keys and `needs` left out."""
-    skip = {f.name for f in fields(spec) if f.metadata.get("resource")} | {"needs"}
-    return {k: v for k, v in raw.items() if k not in skip}
+# the key of a stage config that holds the digest of its worker's source
+CODE = "_code"
+
+
+def kept_keys(spec: StageSpec) -> frozenset[str]:
+    """Keys that change how units run (resources, speed, failure policy), never their results."""
+    return frozenset(
+        f.name for f in fields(spec) if f.metadata.get("resource") or f.metadata.get("policy")
+    )
+
+
+def stage_config(spec: StageSpec, raw: dict[str, Any], code: str = "") -> dict[str, Any]:
+    """What the ledger records of a stage to explain the next plan: every key but `needs`, and
+    the digest of the worker's source when it has one."""
+    config = {k: v for k, v in raw.items() if k != "needs"}
+    if code:
+        config[CODE] = code
+    return config
+
+
+def result_config(spec: StageSpec, raw: dict[str, Any], code: str = "") -> dict[str, Any]:
+    """The keys of a stage that change its results: resource and policy keys and `needs` left
+    out, the digest of the worker's source in."""
+    kept = kept_keys(spec)
+    return {k: v for k, v in stage_config(spec, raw, code).items() if k not in kept}
 
 
 def stage_fingerprint(config: dict[str, Any], upstream: list[str]) -> tuple[str, str]:
@@ -164,8 +187,12 @@ class Decider:
 
     prior: Mapping[str, PriorUnit]
     fresh: bool
-    # why a unit whose fingerprint changed runs again: `changed: <path>` or `input changed`
+    # why a unit whose fingerprint changed runs again: `changed: <path>`, `code changed` or
+    # `input changed`
     changed: str
+    # why a finished unit is skipped: `done`, or `policy changed, kept` when only keys that
+    # never change results (retries, timeouts, resources) differ from the ledger's record
+    kept: str = "done"
 
     def __call__(self, unit: Unit) -> Unit:
         if self.fresh:
@@ -177,7 +204,7 @@ class Decider:
         elif before.fingerprint != unit.fingerprint:
             unit.run, unit.reason = True, self.changed
         elif before.state is UnitState.done:
-            unit.run, unit.reason = False, "done"
+            unit.run, unit.reason = False, self.kept
         elif before.state in (UnitState.failed, UnitState.timeout):
             unit.run, unit.reason = True, "failed last time"
         else:
@@ -185,16 +212,30 @@ class Decider:
         return unit
 
 
-def decider(name: str, config: dict[str, Any], ctx: PlanContext) -> Decider:
-    """The decider for stage `name`, knowing what changed since the ledger's record of it."""
+def decider(
+    name: str,
+    config: dict[str, Any],
+    ctx: PlanContext,
+    kept: frozenset[str] = frozenset(),
+) -> Decider:
+    """The decider for stage `name`, knowing what changed since the ledger's record of it;
+    `config` is what the ledger records (`stage_config`), `kept` the keys that never rerun."""
     record = ctx.ledger.stage(name) if ctx.ledger else None
     prior = ctx.ledger.prior_units(name) if ctx.ledger and not ctx.fresh else {}
-    changed = "input changed"
+    changed, skipped = "input changed", "done"
     if record is not None:
-        paths = changed_paths(record.config, config, f"pipeline.stages.{name}")
+        old = {k: v for k, v in record.config.items() if k not in kept}
+        new = {k: v for k, v in config.items() if k not in kept}
+        code = old.pop(CODE, None) != new.pop(CODE, None)
+        paths = changed_paths(old, new, f"pipeline.stages.{name}")
         if paths:
             changed = "changed: " + ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
-    return Decider(prior, ctx.fresh, changed)
+            changed += ", code" if code else ""
+        elif code:
+            changed = "code changed"
+        if any(record.config.get(k) != config.get(k) for k in kept):
+            skipped = "policy changed, kept"
+    return Decider(prior, ctx.fresh, changed, skipped)
 
 
 def claim(label: str, resources: Resources, count: int, cluster: ClusterInfo) -> Claim:

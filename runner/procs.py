@@ -45,6 +45,25 @@ def running(pid: int, started: int | None) -> bool:
     return rest[0] != "Z" and int(rest[19]) == started
 
 
+def alive_since(pid: int, since: float) -> bool:
+    """Whether process `pid` is alive and was started no later than `since` (epoch seconds):
+    a pid reused by a later process is not the one that started then."""
+    ticks = start_time(pid)
+    if ticks is None:
+        return False
+    try:
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration):
+        return True  # cannot tell: a live pid is believed
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    # btime has a one-second resolution
+    return started <= since + 1.0
+
+
 def descendants(root: int) -> list[int]:
     """Every live process below `root` in the process tree."""
     children: dict[int, list[int]] = {}

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from runner import procs
 from runner.plan import Plan, StagePlan
 from runner.store import Ledger, UnitRow
 
@@ -91,6 +92,11 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
     stages = ledger.stages()
     if not stages:
         return f"{run_dir}: no stage has run yet"
+    gone = runner_gone(ledger)
+    if gone is not None:
+        # a runner that died without ending its run (SIGKILL, a lost machine) left stages
+        # marked running: they are not
+        stages = [{**s, "state": "interrupted"} if s["state"] == "running" else s for s in stages]
     header = ("stage", "kind", "state", "done", "failed", "timeout", "cancelled", "ended")
     rows = []
     for s in stages:
@@ -111,6 +117,8 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
             )
         )
     lines = [f"run dir {run_dir}", *_table(header, rows)]
+    if gone is not None:
+        lines.append(gone)
     lines += _jobs_tables(ledger, [s["stage"] for s in stages if s["kind"] == "jobs"], run_dir)
     bad = [r for s in stages for r in ledger.rows(s["stage"], unfinished=True)]
     if bad:
@@ -119,13 +127,46 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
         lines += _table(
             ("stage", "unit", "state", "attempts", "error"),
             [
-                (r.stage, r.unit, r.state.value, r.attempts, (r.error or "")[:80])
+                (r.stage, r.unit, r.state.value, r.attempts, _first_line(r.error)[:80])
                 for r in bad[:limit]
             ],
         )
         if len(bad) > limit:
             lines.append(f"... and {len(bad) - limit} more")
+        lines += _where_to_look(sorted({r.stage for r in bad}), Path(run_dir))
     return "\n".join(lines)
+
+
+def runner_gone(ledger: Ledger) -> str | None:
+    """A line saying the last run was interrupted, when it never ended and its runner (the
+    pid in the ledger's `runs` table) is no longer alive; None otherwise."""
+    last = ledger.last_run()
+    if last is None or last["ended"] is not None or last["pid"] is None:
+        return None
+    if procs.alive_since(int(last["pid"]), float(last["started"])):
+        return None
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["started"]))
+    return (
+        f"the run started {started} was interrupted: its runner (pid {last['pid']}) is no "
+        "longer alive; run again to resume"
+    )
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").split("\n", 1)[0]
+
+
+def _where_to_look(stages: list[str], root: Path) -> list[str]:
+    """Where a failed unit's whole story is: each stage's results and its worker logs."""
+    lines = []
+    for stage in stages:
+        logs = root / stage / "logs"
+        if logs.is_dir():
+            lines.append(
+                f"{stage}: errors with their last frames in {root / stage / 'results.parquet'}; "
+                f"whole tracebacks and worker output in {logs}/"
+            )
+    return lines
 
 
 def _jobs_tables(ledger: Ledger, stages: list[str], run_dir: str, limit: int = 50) -> list[str]:

@@ -4,7 +4,9 @@
 which OmegaConf's own merge cannot do); they are also registered in Hydra's ConfigStore under
 the `schema` group so `--cfg` users and tools can see them. Field metadata carries the limits:
 `ge`/`gt`/`le` for numbers, `choices` for strings, `resource: True` for settings that change
-how fast work runs but never its result (they are left out of fingerprints).
+how fast work runs but never its result, `policy: True` for how failures are handled (retries,
+timeouts, tolerated failures): both are left out of fingerprints, so changing them reruns no
+finished unit (the plan says "policy changed, kept").
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ class Mode(Enum):
 def resource(default: Any = MISSING, **limits: Any) -> Any:
     """A field that only sets resources or speed: never part of a unit's fingerprint."""
     return field(default=default, metadata={"resource": True, **limits})
+
+
+def policy(default: Any = MISSING, **limits: Any) -> Any:
+    """A field about failures (retries, timeouts): never part of a unit's fingerprint."""
+    return field(default=default, metadata={"policy": True, **limits})
 
 
 def limited(default: Any = MISSING, **limits: Any) -> Any:
@@ -101,12 +108,15 @@ class PoolStage(StageSpec):
     cpus_per_worker: str | float = resource("auto", choices=["auto"], ge=0.01, le=1024)
     # items one worker runs at the same time (threads in the actor)
     max_concurrency: int = resource(1, ge=1, le=1024)
+    # copy workers' print/logging (always in <run.dir>/<stage>/logs/worker-N.log) to their
+    # own streams, which Ray forwards to this terminal with cluster.log_to_driver=true
+    show_output: bool = resource(False)
     # seconds an item may run before it is cancelled, recorded as timeout, and its worker freed
-    step_timeout: float | None = limited(None, gt=0)
+    step_timeout: float | None = policy(None, gt=0)
     # times an item is tried again after an error or a worker crash (not after a timeout)
-    retries: int = limited(0, ge=0)
+    retries: int = policy(0, ge=0)
     # item failures (errors + timeouts) the stage tolerates: a count, or a fraction below 1
-    max_failures: float = limited(0, ge=0)
+    max_failures: float = policy(0, ge=0)
     # items per actor call: `auto` sizes batches from measured item time
     batch_size: str | int = resource("auto", choices=["auto"], ge=1)
     # the worker: {_target_: pkg.mod.Class, **kwargs}, built once per actor, called per item
@@ -155,7 +165,7 @@ class ShardStage(StageSpec):
     # at most this many shards at once (null: as many as the resources allow)
     max_parallel: int | None = resource(None, ge=1)
     # times a failed shard is tried again
-    retries: int = resource(0, ge=0)
+    retries: int = policy(0, ge=0)
     # argv (no shell) with {input} {output} | {output_dir} {low} {high} (half-open) {last}
     # {gpus} {shard} {done}
     command: list[str] | None = None
@@ -236,7 +246,7 @@ class JobsStage(StageSpec):
     # at most this many jobs of the stage at once (null: as many as resources allow)
     max_concurrent: int | None = resource(None, ge=1)
     # times a job whose Ray worker died is started again (a job's own failure is final)
-    retries: int = limited(0, ge=0)
+    retries: int = policy(0, ge=0)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import traceback
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -135,23 +136,44 @@ def unknown_key(key: str, allowed: Iterable[str]) -> str:
 
 
 def import_error(target: str) -> str | None:
-    """Why `pkg.mod.attr` (a spec's `_target_`) cannot be imported, or None when it can."""
+    """Why `pkg.mod.attr` (a spec's `_target_`) cannot be imported, or None when it can: a
+    module that fails on import is named with its file and line, a missing dependency with
+    the package to install."""
     parts = target.split(".")
     for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
         try:
-            obj: Any = importlib.import_module(".".join(parts[:cut]))
+            obj: Any = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name and ".".join(parts[:cut]).startswith(exc.name):
+            if exc.name and module.startswith(exc.name):
                 continue
-            return f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # the module itself fails on import: say how
-            return f"{type(exc).__name__}: {exc}"
+            return _failed_import(module, exc)
+        except Exception as exc:  # the module itself fails on import: say where and how
+            return _failed_import(module, exc)
         for attr in parts[cut:]:
             if not hasattr(obj, attr):
-                return f"module {'.'.join(parts[:cut])!r} has no attribute {attr!r}"
+                return f"module {module!r} has no attribute {attr!r}"
             obj = getattr(obj, attr)
         return None
     return f"no module named {parts[0]!r}"
+
+
+def _failed_import(module: str, exc: BaseException) -> str:
+    """Where importing `module` failed (its own file and line when known) and why."""
+    if isinstance(exc, SyntaxError):
+        where = f"{_display(Path(exc.filename))} line {exc.lineno}" if exc.filename else "?"
+        return f"module {module!r} has a syntax error at {where}: {exc.msg}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    # the innermost frame outside the import machinery is the line that failed
+    own = [f for f in frames if "importlib" not in f.filename]
+    where = f" at {_display(Path(own[-1].filename))} line {own[-1].lineno}" if own else ""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        package = exc.name.split(".")[0]
+        return (
+            f"module {module!r} imports {exc.name!r}{where}, which is not installed "
+            f"(pip install {package}, or the package that provides it)"
+        )
+    return f"module {module!r} fails on import{where}: {type(exc).__name__}: {exc}"
 
 
 def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | None = None) -> Spec:

@@ -7,19 +7,20 @@ half-written file that counts as done.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.errors import RunLockedError
+from runner.errors import RunLockedError, StorageError
 from runner.lifecycle import UnitState
 
 LEDGER = "ledger.sqlite"
@@ -96,7 +97,19 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS events (
     stage TEXT, unit TEXT, kind TEXT, time REAL, lane TEXT, detail TEXT, started REAL
 );
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, digest TEXT
+);
 """
+
+
+def storage_error(root: Path, exc: BaseException) -> StorageError:
+    """One message for a run directory that cannot be written, whatever layer noticed."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StorageError(
+        f"run directory {root}: cannot write ({reason}); the run stopped and the ledger keeps "
+        "every unit finished so far: make room or choose a writable run.dir, then run again"
+    )
 
 
 class Ledger:
@@ -104,13 +117,39 @@ class Ledger:
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        self._path, self._readonly = path, readonly
         self._lock = threading.Lock()
-        if not readonly:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._migrate()
+        # the first write that failed (a full disk, a read-only directory); later writes are
+        # skipped: every committed transaction is whole, so the ledger stays consistent
+        self.failure: StorageError | None = None
+        # told once, on the first failed write, so the run can stop cleanly
+        self.on_failure: Callable[[], None] | None = None
+        try:
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise storage_error(path.parent, exc) from None
+
+    @contextmanager
+    def _writing(self) -> Iterator[bool]:
+        """Guard one write: yields False once the ledger has failed (skip it); a failure is
+        recorded, reported once to `on_failure`, and rolled back, never raised into a stage."""
+        if self._readonly or self.failure is not None:
+            yield False
+            return
+        try:
+            yield True
+        except (sqlite3.Error, OSError) as exc:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            self.failure = storage_error(self._path.parent, exc)
+            if self.on_failure is not None:
+                self.on_failure()
 
     def close(self) -> None:
         self._db.close()
@@ -148,7 +187,9 @@ class Ledger:
         ended: float | None = None,
         summary: dict[str, Any] | None = None,
     ) -> None:
-        with self._lock:
+        with self._lock, self._writing() as ok:
+            if not ok:
+                return
             self._db.execute(
                 "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
                 (
@@ -193,7 +234,9 @@ class Ledger:
         ]
         if not params:
             return
-        with self._lock:
+        with self._lock, self._writing() as ok:
+            if not ok:
+                return
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT OR REPLACE INTO units VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", params
@@ -229,12 +272,17 @@ class Ledger:
     def start_run(self) -> float:
         """Record that a run starts now; return its start time."""
         now = time.time()
-        with self._lock:
-            self._db.execute("INSERT INTO runs (started, pid) VALUES (?, ?)", (now, os.getpid()))
+        with self._lock, self._writing() as ok:
+            if ok:
+                self._db.execute(
+                    "INSERT INTO runs (started, pid) VALUES (?, ?)", (now, os.getpid())
+                )
         return now
 
     def end_run(self, started: float, exit_code: int) -> None:
-        with self._lock:
+        with self._lock, self._writing() as ok:
+            if not ok:
+                return
             self._db.execute(
                 "UPDATE runs SET ended=?, exit_code=? WHERE started=?",
                 (time.time(), exit_code, started),
@@ -255,8 +303,9 @@ class Ledger:
     def add_events(self, events: Iterable[Event]) -> None:
         params = [(e.stage, e.unit, e.kind, e.time, e.lane, e.detail, e.started) for e in events]
         if params:
-            with self._lock:
-                self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", params)
+            with self._lock, self._writing() as ok:
+                if ok:
+                    self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", params)
 
     def events(self) -> list[dict[str, Any]]:
         keys = ("stage", "unit", "kind", "time", "lane", "detail", "started")
@@ -276,6 +325,37 @@ class Ledger:
                 "WHERE stage=? AND started >= ? AND ended IS NOT NULL",
                 (stage, since),
             ).fetchall()
+
+    def file_digest(self, path: str, size: int, mtime_ns: int) -> str | None:
+        """The content digest recorded for a file with this size and mtime, if any."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT digest FROM files WHERE path=? AND size=? AND mtime_ns=?",
+                    (path, size, mtime_ns),
+                ).fetchone()
+            except sqlite3.OperationalError:  # a ledger written before digests were kept
+                return None
+        return row[0] if row else None
+
+    def save_file_digest(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
+        with self._lock, self._writing() as ok:
+            if ok:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO files VALUES (?,?,?,?)", (path, size, mtime_ns, digest)
+                )
+
+    def supersede(self, stages: Iterable[str]) -> None:
+        """A fresh run starts over: what earlier runs finished in these stages stops counting as
+        done, so an interrupted fresh run is never completed with an older run's results."""
+        names = list(stages)
+        with self._lock, self._writing() as ok:
+            if ok:
+                self._db.execute(
+                    f"UPDATE units SET state='pending' WHERE state='done' AND stage IN "
+                    f"({','.join('?' * len(names))})",
+                    names,
+                )
 
     def counts(self, stage: str) -> dict[str, int]:
         with self._lock:
@@ -303,8 +383,11 @@ class RunStore:
 
     def open(self) -> Ledger:
         """Create the directory, take the lock (or fail at once), open the ledger."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise storage_error(self.root, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -314,10 +397,17 @@ class RunStore:
                 f"run directory {self.root} is in use by another runner (pid {holder}); "
                 "wait for it to finish or set run.dir to another directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
-        self.ledger = Ledger(self.root / LEDGER)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self.ledger = Ledger(self.root / LEDGER)
+        except OSError as exc:
+            self.close()
+            raise storage_error(self.root, exc) from None
+        except StorageError:
+            self.close()
+            raise
         return self.ledger
 
     def close(self) -> None:

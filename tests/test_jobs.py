@@ -90,7 +90,7 @@ class TestOnTheSessionRay:
         args = ("pipeline=jobs_sleep", f"run.dir={tmp_path}", f"pipeline.stages.work.cwd={scratch}")
         assert cli(*args).code == 0
         resized = cli(*args, "pipeline.stages.work.cpus_per_task=0.5", "mode=plan")
-        assert "skip      4  done" in resized.out
+        assert "skip      4  policy changed, kept" in resized.out
         edited = cli(*args, "pipeline.stages.work.jobs.0.script='echo changed'", "mode=plan")
         assert "run       1  changed: pipeline.stages.work.jobs" in edited.out
         assert "skip      3  done" in edited.out

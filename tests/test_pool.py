@@ -127,12 +127,20 @@ def test_failures_beyond_max_failures_exit_1_after_all_other_work(cli, tmp_path)
     assert res.code == 1
     assert "2 item(s) failed or timed out; max_failures allows 0" in res.text
     table = results(tmp_path, "work").set_index("id")
-    assert table.loc["2", "error"] == "ValueError: bad item 2"
+    error = table.loc["2", "error"].splitlines()
+    assert error[0] == "ValueError: bad item 2"
+    assert error[-1].endswith("tests/workers.py:54 in __call__")  # its last frame
     assert table.loc["2", "attempts"] == 2
     assert (table.drop(["2", "4"])["status"] == "done").all()
     status = cli("pipeline=misbehave", f"run.dir={tmp_path}", "mode=status")
     assert "units not done (2):" in status.out
     assert "ValueError: bad item 4" in status.out
+    # where the rest of the story is: the whole traceback is in the worker's log
+    logs = tmp_path / "work" / "logs"
+    assert f"whole tracebacks and worker output in {logs}/" in status.out
+    text = "".join(p.read_text() for p in logs.glob("worker-*.log"))
+    assert "item 2 failed:\nTraceback (most recent call last):" in text
+    assert 'raise ValueError(f"bad item {item}")' in text
 
 
 def test_max_failures_as_a_fraction_tolerates_some(cli, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -84,3 +85,47 @@ def node_of_frame(frame: Any) -> Any:
     out = frame.copy()
     out["node"] = ray.get_runtime_context().get_node_id()
     return out
+
+
+class Unstorable:
+    """Return a lock (which neither pickles nor is JSON) for the items in `bad`, numpy
+    integers for the others."""
+
+    def __init__(self, bad: list[int]) -> None:
+        self.bad = set(bad)
+
+    def __call__(self, item: int) -> Any:
+        import threading
+
+        import numpy as np
+
+        return threading.Lock() if item in self.bad else {"n": np.int64(item)}
+
+
+def double(item: int, plus: int = 0) -> int:
+    """A plain function as a worker: called per item with the spec's kwargs."""
+    print(f"doubling {item}")
+    logging.getLogger("tests.double").info("doubled %d", item)
+    return 2 * item + plus
+
+
+class Gated:
+    """Hold the items in `hold` while the file `gate` exists; return the item."""
+
+    def __init__(self, gate: str, hold: list[int]) -> None:
+        self.gate, self.hold = gate, set(hold)
+
+    def __call__(self, item: int) -> int:
+        while item in self.hold and os.path.exists(self.gate):
+            time.sleep(0.05)
+        return item
+
+
+class Big:
+    """Return `size` characters per item (to fill a small disk)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, item: int) -> str:
+        return str(item % 10) * self.size

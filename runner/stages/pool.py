@@ -10,37 +10,57 @@ and the items it held are retried one at a time so only the culprit spends its r
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import queue
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
 
 from runner import items as itemsrc
 from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
+from runner.identity import code_digest
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState
 from runner.placement import Started, here
-from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.plan import (
+    PlanContext,
+    StagePlan,
+    Unit,
+    claim,
+    decider,
+    digest,
+    kept_keys,
+    result_config,
+    stage_config,
+)
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.remote import remote
 from runner.resources import Resources
 from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
-from runner.stages.results import write_results
+from runner.stages.results import ResultError, json_value, write_results
 
 log = logging.getLogger(__name__)
 
 # a batch should keep an actor busy about this long: Ray's ~1 ms per call is then ~2%
 TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH = 4096
+# a failed item's error keeps this many of its innermost frames (the log has them all)
+ERROR_FRAMES = 3
+# worker logs, under the stage's directory
+LOGS = "logs"
 
 
 # --- spec checks and planning ------------------------------------------------------------
@@ -73,15 +93,19 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
 def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
     """Units from the items (or the upstream outputs), a worker claim sized for the cluster."""
     assert isinstance(spec, PoolStage)
-    config = result_config(spec, raw)
-    own, fp = fingerprint_of(config, [ctx.upstream[n].fingerprint for n in spec.needs])
-    decide = decider(name, config, ctx)
+    code = code_digest(str(spec.worker.get("_target_", "")))
+    own, fp = fingerprint_of(
+        result_config(spec, raw, code), [ctx.upstream[n].fingerprint for n in spec.needs]
+    )
+    config = stage_config(spec, raw, code)
+    decide = decider(name, config, ctx, kept_keys(spec))
     units: list[Unit] | None
     pending_reason = ""
     source = spec.items.get("from")
     if source is None:
         units = [
-            decide(Unit(i.id, digest(own, i.identity), i.payload)) for i in itemsrc.load(spec.items)
+            decide(Unit(i.id, digest(own, i.identity), i.payload))
+            for i in itemsrc.load(spec.items, ctx.ledger)
         ]
     else:
         units = _from_upstream(own, source, ctx)
@@ -124,12 +148,40 @@ def _from_upstream(own: str, source: str, ctx: PlanContext) -> list[Unit] | None
 # --- the actor ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WorkerOutput:
+    """Where a pool worker's `print` and `logging` go: its own log file under the run
+    directory and, with `show_output`, the worker process's own streams too (which Ray
+    forwards to the console when `cluster.log_to_driver` is set)."""
+
+    log: str
+    show: bool = False
+
+
+def worker_output(ctx: RunContext, stage: StagePlan, index: int) -> WorkerOutput:
+    """The output of the `index`th worker of a pool stage: `<run.dir>/<stage>/logs/worker-N.log`."""
+    assert isinstance(stage.spec, PoolStage)
+    path = ctx.stage_dir(stage.name) / LOGS / f"worker-{index}.log"
+    return WorkerOutput(str(path), stage.spec.show_output)
+
+
 class PoolActor:
     """Runs inside a Ray actor: builds the worker once, then runs batches of items."""
 
-    def __init__(self, worker: dict[str, Any], step_timeout: float | None, threads: int) -> None:
-        from hydra.utils import instantiate
+    def __init__(
+        self,
+        worker: dict[str, Any],
+        step_timeout: float | None,
+        threads: int,
+        output: WorkerOutput | None = None,
+    ) -> None:
+        from hydra.utils import get_object, instantiate
 
+        if output is not None:
+            _capture(output)
+        if not isinstance(get_object(worker["_target_"]), type) and "_partial_" not in worker:
+            # a plain function is the worker itself, called per item with the spec's kwargs
+            worker = {**worker, "_partial_": True}
         self._fn = instantiate(worker, _convert_="all")
         self._timeout = step_timeout
         self._threads = _DaemonThreads(threads) if step_timeout else None
@@ -143,27 +195,31 @@ class PoolActor:
         return here()
 
     def run(self, batch: list[tuple[str, Any]]) -> dict[str, Any]:
-        """Outcomes as (id, status, value, seconds); ids not started; busy time; CPU so far."""
+        """Outcomes as (id, status, value, seconds); ids not started; busy time; CPU so far.
+
+        Every value in the reply is plain data (a result that is not JSON becomes that item's
+        error), so one bad result never fails the batch it travels with."""
         outcomes: list[tuple[str, str, Any, float]] = []
         started = time.perf_counter()
         for n, (uid, payload) in enumerate(batch):
             if self._poisoned:
                 return self._reply(outcomes, [u for u, _ in batch[n:]], started, poisoned=True)
             t0 = time.perf_counter()
-            status, value = self._one(payload)
+            status, value = self._one(uid, payload)
             outcomes.append((uid, status, value, time.perf_counter() - t0))
             if status == "timeout":
                 self._poisoned = True
         return self._reply(outcomes, [], started, poisoned=False)
 
-    def _one(self, payload: Any) -> tuple[str, Any]:
+    def _one(self, uid: str, payload: Any) -> tuple[str, Any]:
         if self._threads is None:
-            return _call(self._fn, payload)
-        future = self._threads.submit(self._fn, payload)
+            return _call(self._fn, uid, payload)
+        future = self._threads.submit(self._fn, uid, payload)
         try:
             return future.result(timeout=self._timeout)
         except FutureTimeout:
             # the thread cannot be interrupted: report, and let the driver replace this actor
+            print(f"item {uid}: step_timeout {self._timeout:g}s exceeded", file=sys.stderr)
             return "timeout", f"step_timeout {self._timeout:g}s exceeded"
 
     def _reply(
@@ -183,6 +239,49 @@ class PoolActor:
         }
 
 
+def _capture(output: WorkerOutput) -> None:
+    """Send this process's `print` and `logging` to the worker's log file (and, with `show`,
+    to its own streams as well). Python-level only: Ray keeps the process's file descriptors."""
+    path = Path(output.log)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = path.open("a", buffering=1)
+    except OSError as exc:
+        print(f"runner: cannot open worker log {path}: {exc}", file=sys.stderr)
+        return
+    sys.stdout = _Tee(log_file, sys.stdout if output.show else None)
+    sys.stderr = _Tee(log_file, sys.stderr if output.show else None)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+class _Tee(io.TextIOBase):
+    """A text stream writing to a log file and, optionally, to a second stream."""
+
+    def __init__(self, log_file: TextIO, also: TextIO | None) -> None:
+        self._log, self._also = log_file, also
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._log.write(text)
+            if self._also is not None:
+                self._also.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        if self._also is not None:
+            self._also.flush()
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and the children it has waited for."""
     t = os.times()
@@ -194,28 +293,41 @@ class _DaemonThreads:
     at exit (ThreadPoolExecutor joins its threads, so a killed actor would linger)."""
 
     def __init__(self, count: int) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future[tuple[str, Any]], Any, Any]] = (
+        self._jobs: queue.SimpleQueue[tuple[Future[tuple[str, Any]], Any, str, Any]] = (
             queue.SimpleQueue()
         )
         for n in range(count):
             threading.Thread(target=self._serve, name=f"item-{n}", daemon=True).start()
 
-    def submit(self, fn: Any, payload: Any) -> Future[tuple[str, Any]]:
+    def submit(self, fn: Any, uid: str, payload: Any) -> Future[tuple[str, Any]]:
         future: Future[tuple[str, Any]] = Future()
-        self._jobs.put((future, fn, payload))
+        self._jobs.put((future, fn, uid, payload))
         return future
 
     def _serve(self) -> None:
         while True:
-            future, fn, payload = self._jobs.get()
-            future.set_result(_call(fn, payload))
+            future, fn, uid, payload = self._jobs.get()
+            future.set_result(_call(fn, uid, payload))
 
 
-def _call(fn: Any, payload: Any) -> tuple[str, Any]:
+def _call(fn: Any, uid: str, payload: Any) -> tuple[str, Any]:
+    """One item: ("done", its result as JSON data) or ("error", type, message and the last
+    frames); the whole traceback goes to the worker's log."""
     try:
-        return "done", fn(payload)
+        return "done", json_value(fn(payload))
     except Exception as exc:  # the item's own failure: a recorded outcome, not a crash
-        return "error", f"{type(exc).__name__}: {exc}"
+        print(f"item {uid} failed:\n{traceback.format_exc()}", file=sys.stderr, end="")
+        return "error", _error_text(exc)
+
+
+def _error_text(exc: BaseException) -> str:
+    """`Type: message`, then the last frames (innermost last), as a results row keeps it."""
+    head = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ResultError):
+        return head
+    frames = traceback.extract_tb(exc.__traceback__)[1:][-ERROR_FRAMES:]
+    lines = [f"  at {f.filename}:{f.lineno} in {f.name}" for f in frames]
+    return "\n".join([head, *lines])
 
 
 # --- how it runs under the executor -----------------------------------------------------
@@ -242,6 +354,8 @@ class PoolRun(StageRun):
         # workers that overran step_timeout: fed nothing more, replaced once drained
         self.draining: set[Lease] = set()
         self.start_error: str | None = None
+        # workers started so far: each has its own log, worker-N.log
+        self.workers_started = 0
 
     # workers
 
@@ -259,10 +373,12 @@ class PoolRun(StageRun):
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
         self.asked -= 1
+        self.workers_started += 1
+        output = worker_output(self.ctx, self.stage, self.workers_started)
         lease.actor = (
             remote(PoolActor)
             .options(**lease.placement.options(max_concurrency=self.threads, max_restarts=0))
-            .remote(dict(self.spec.worker), self.spec.step_timeout, self.threads)
+            .remote(dict(self.spec.worker), self.spec.step_timeout, self.threads, output)
         )
         lease.watch(lease.actor.ready.remote(), "ready")
 

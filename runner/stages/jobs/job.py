@@ -165,18 +165,32 @@ def _read_jobs_file(value: str) -> list[Any] | str:
     path = Path(value)
     if not path.is_file():
         return f"no such file (relative to {os.getcwd()})"
+    if path.suffix not in (".yaml", ".yml", ".json", ".jsonl"):
+        return "unknown format; use .yaml, .yml, .json or .jsonl"
     try:
         text = path.read_text()
-        if path.suffix == ".jsonl":
-            rows: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
-        elif path.suffix in (".yaml", ".yml", ".json"):
-            rows = yaml.safe_load(text)
-        else:
-            return "unknown format; use .yaml, .yml, .json or .jsonl"
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         return f"cannot read: {exc}"
+    if not text.strip():
+        return "the file is empty; expected a list of jobs ({name, script | command, ...})"
+    if path.suffix == ".jsonl":
+        found: list[Any] = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    found.append(json.loads(line))
+                except ValueError as exc:
+                    return f"line {n} is not JSON ({exc}); expected one job object per line"
+        return found
+    try:
+        rows: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        return f"{where}not valid YAML/JSON ({problem})"
     if not isinstance(rows, list) or not rows:
-        return "expected a non-empty list of jobs"
+        return "expected a non-empty list of jobs ({name, script | command, ...})"
     return rows
 
 

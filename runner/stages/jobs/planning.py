@@ -9,7 +9,17 @@ from typing import Any
 
 from runner.cluster import ClusterInfo
 from runner.errors import PlanError
-from runner.plan import Claim, PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.plan import (
+    Claim,
+    PlanContext,
+    StagePlan,
+    Unit,
+    claim,
+    decider,
+    digest,
+    kept_keys,
+    stage_config,
+)
 from runner.resources import Resources
 from runner.schema import JobsStage, StageSpec
 from runner.spec import Problems
@@ -49,7 +59,7 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     _check_partitions(name, jobs, ctx.cluster)
     config = _config(spec, raw)
     upstream = [ctx.upstream[n].fingerprint for n in spec.needs]
-    decide = decider(name, config, ctx)
+    decide = decider(name, config, ctx, kept_keys(spec))
     units = [decide(Unit(j.id, digest(j.identity(), *upstream), j)) for j in jobs]
     to_run: list[Job] = [u.payload for u in units if u.run]
     if warning := _concurrency_warning(name, spec.max_concurrent, to_run, ctx.cluster):
@@ -59,8 +69,9 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
 
 
 def _config(spec: JobsStage, raw: dict[str, Any]) -> dict[str, Any]:
-    """The stage's result config, with each inline job's resource keys left out too."""
-    config = result_config(spec, raw)
+    """The stage's config as the ledger records it, with each inline job's resource keys left
+    out (a job's fingerprint never holds its resources)."""
+    config = stage_config(spec, raw)
     flat = [submit_body(job) for job in config.get("jobs", [])]
     config["jobs"] = [
         {k: v for k, v in job.items() if k not in RESOURCE_KEYS} if isinstance(job, dict) else job

@@ -10,8 +10,9 @@ two shards never share a GPU; the merge reads the manifests of this plan only.
 
 Ranges are over the sorted unique ids, so they do not depend on the file's row order. A
 shard's fingerprint hashes the stage's result config, its range and the input's identity
-(path, size, mtime): a resumed run decides from metadata and the ledger, never by re-reading
-the data. Files of a shard live in `<run.dir>/<stage>/shards/` under `shard-NNNN.*`.
+(path and content digest, kept in the ledger by path, size and mtime): a resumed run decides
+from metadata and the ledger, never by parsing the data. Files of a shard live in
+`<run.dir>/<stage>/shards/` under `shard-NNNN.*`.
 """
 
 from __future__ import annotations

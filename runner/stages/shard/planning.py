@@ -9,7 +9,18 @@ from typing import Any
 
 from runner import gpus
 from runner.errors import PlanError
-from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.identity import code_digest
+from runner.plan import (
+    PlanContext,
+    StagePlan,
+    Unit,
+    claim,
+    decider,
+    digest,
+    kept_keys,
+    result_config,
+    stage_config,
+)
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.schema import ShardStage, StageSpec
@@ -21,15 +32,18 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     """One unit per id range; a claim of CPUs and GPUs per shard; a GPU check against the
     cluster (and NVML, on a local cluster)."""
     assert isinstance(spec, ShardStage)
-    config = result_config(spec, raw)
-    source = input_identity(spec.input)
-    own, fp = fingerprint_of(config, [ctx.upstream[n].fingerprint for n in spec.needs])
+    code = code_digest(str(spec.fn.get("_target_", ""))) if spec.fn else ""
+    source = input_identity(spec.input, ctx.ledger)
+    own, fp = fingerprint_of(
+        result_config(spec, raw, code), [ctx.upstream[n].fingerprint for n in spec.needs]
+    )
+    config = stage_config(spec, raw, code)
     fp = digest(fp, source)
     shards = recorded(ctx.ledger, name, spec, source) or split(
-        Path(spec.input), spec.id_column, spec.num_shards
+        Path(spec.input), spec.id_column, spec.num_shards, f"pipeline.stages.{name}.input"
     )
     _check_high(name, spec, shards)
-    decide = decider(name, config, ctx)
+    decide = decider(name, config, ctx, kept_keys(spec))
     base = {
         "input": source,
         "id_column": spec.id_column,

@@ -2,7 +2,8 @@
 an earlier run recorded in the ledger for the same input.
 
 Ranges are over the sorted unique ids, so they do not depend on the file's row order; the
-input is known by its identity (path, size, mtime), so a resume never re-reads the data.
+input is known by its identity (path and content digest; the digest is remembered by path,
+size and mtime), so a resume never re-reads the data and a `touch` reruns nothing.
 
 A command sees a range as R2R's scheduler hands it out, half-open: `[low, end)`, `end` being
 the first id of the next shard (of the last one, its last id + 1 for integer ids); `high`, the
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.errors import PlanError
+from runner.errors import InputError
+from runner.identity import FileDigests, file_digest
 from runner.schema import ShardStage
 from runner.store import Ledger
 
@@ -37,28 +39,57 @@ class Shard:
         return f"{self.low}-{self.high}"
 
 
-def input_identity(path: str) -> str:
-    """What the fingerprints hash of the input: path, size and mtime, never its content."""
+def input_identity(path: str, digests: FileDigests | None = None) -> str:
+    """What the fingerprints hash of the input: its path and the digest of its content."""
     source = Path(path).resolve()
-    st = source.stat()
-    return f"{source}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{source}:{file_digest(source, digests)}"
 
 
-def split(path: Path, id_column: str, num_shards: int) -> list[Shard]:
-    """Cut the sorted unique ids into `num_shards` contiguous ranges of near-equal size."""
+def split(path: Path, id_column: str, num_shards: int, key: str = "input") -> list[Shard]:
+    """Cut the sorted unique ids into `num_shards` contiguous ranges of near-equal size; an
+    input that cannot be cut (unreadable, empty, ids missing or unsortable) is an InputError
+    naming `key` and the file."""
     import numpy as np
     import pandas as pd
 
-    if path.suffix == ".csv":
-        ids = pd.read_csv(path, usecols=[id_column])[id_column]
-    else:
-        ids = pd.read_parquet(path, columns=[id_column])[id_column]
-    if ids.isna().any():
-        raise PlanError([f"{path}: {int(ids.isna().sum())} row(s) have no {id_column!r}"])
+    def bad(message: str) -> InputError:
+        return InputError([f"{key}: = {str(path)!r}: {message}"])
+
+    kind = "CSV" if path.suffix == ".csv" else "parquet"
+    try:
+        if path.suffix == ".csv":
+            ids = pd.read_csv(path, usecols=[id_column])[id_column]
+        else:
+            ids = pd.read_parquet(path, columns=[id_column])[id_column]
+    except pd.errors.EmptyDataError:
+        raise bad(f"holds no rows; expected at least one id in {id_column!r}") from None
+    except Exception as exc:  # pandas and pyarrow raise many types for unreadable files
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise bad(f"cannot read as {kind}: {line}") from None
+    if ids.empty:
+        raise bad(f"holds no rows; expected at least one id in {id_column!r}")
+    if ids.dtype == object:  # strings, or values pandas could not type (lists, mappings)
+        scalar = ids.map(lambda v: v is None or isinstance(v, str | int | float))
+        if not scalar.all():
+            n = int(np.argmin(scalar.to_numpy()))
+            raise bad(
+                f"row {n + 1} has {ids.iloc[n]!r} as its id in {id_column!r}; expected "
+                "strings or numbers"
+            )
+    missing = ids.isna()
+    if missing.any():
+        first_row = int(np.argmax(missing.to_numpy())) + 1
+        raise bad(
+            f"{int(missing.sum())} row(s) have no value in id column {id_column!r} (the first "
+            f"is row {first_row}); every row needs an id"
+        )
     try:
         counts = ids.value_counts(sort=False).sort_index()
-    except TypeError as exc:
-        raise PlanError([f"{path}: the ids in {id_column!r} cannot be ordered: {exc}"]) from None
+    except (TypeError, ValueError) as exc:
+        raise bad(
+            f"the ids in {id_column!r} cannot be sorted ({exc}); expected strings or numbers "
+            "of one type"
+        ) from None
     parts = np.array_split(np.arange(len(counts)), min(num_shards, len(counts)))
     chunks = [c for c in parts if len(c)]
     first = [_plain(counts.index[c[0]]) for c in chunks]

@@ -1,0 +1,270 @@
+"""Every bad input file is found before anything runs: exit 2 and one message naming where it
+was set, the key, the value and what is allowed, and never a traceback.
+
+Each row writes its input to a scratch directory and points a spec at it; `{f}` in the message
+stands for that file's path. No Ray is needed: these are all found by `mode=plan`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, TEST_SPECS
+
+ITEMS = "pipeline.stages.work.items.file"
+JOBS = "pipeline.stages.work.jobs_file"
+SHARD = "pipeline.stages.copy.input"
+ITEMS_SPEC = "tests/specs/pipeline/items_file.yaml"
+
+
+def parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    return buffer.getvalue()
+
+
+def items(name: str, content: bytes, message: str) -> tuple[object, ...]:
+    return ("items_file", ITEMS, name, content, message, "pipeline.stages.work.num_workers=1")
+
+
+def jobs(name: str, content: bytes, message: str) -> tuple[object, ...]:
+    return ("jobs_file", JOBS, name, content, message, f"pipeline.stages.work.cwd={ROOT}")
+
+
+def shard(name: str, content: bytes, message: str) -> tuple[object, ...]:
+    return ("shard_copy", SHARD, name, content, message, "pipeline.stages.copy.gpus_per_shard=0")
+
+
+CASES = [
+    pytest.param(
+        *items(
+            "rows.jsonl",
+            b'{"id": "a"}\n{"id": "b",\n',
+            "command line '{key}={f}': {key}: = '{f}': line 2 is not JSON (Expecting property "
+            "name enclosed in double quotes: line 2 column 1 (char 12)); expected one JSON "
+            "object per line",
+        ),
+        id="items_jsonl_corrupt",
+    ),
+    pytest.param(
+        *items(
+            "rows.jsonl",
+            b'{"id": "a"}\n[1, 2]\n',
+            "command line '{key}={f}': {key}: = '{f}': line 2 is [1, 2], not an object; every "
+            "item is an object",
+        ),
+        id="items_jsonl_row_not_an_object",
+    ),
+    pytest.param(
+        *items(
+            "rows.csv",
+            b"id,x\n1,2\n3,4,5\n",
+            "command line '{key}={f}': {key}: = '{f}': cannot read as CSV: Error tokenizing "
+            "data. C error: Expected 2 fields in line 3, saw 3",
+        ),
+        id="items_csv_corrupt",
+    ),
+    pytest.param(
+        *items(
+            "rows.parquet",
+            b"PAR1 this is not parquet",
+            "command line '{key}={f}': {key}: = '{f}': cannot read as parquet: Could not open "
+            "Parquet input source '{f}': Parquet magic "
+            "bytes not found in footer. Either the file is corrupted or this is not a parquet "
+            "file.",
+        ),
+        id="items_parquet_corrupt",
+    ),
+    pytest.param(
+        *items(
+            "rows.jsonl",
+            b"\n\n",
+            "command line '{key}={f}': {key}: = '{f}': holds no items; expected at least one row",
+        ),
+        id="items_jsonl_empty",
+    ),
+    pytest.param(
+        *items(
+            "rows.csv",
+            b"id,x\n",
+            "command line '{key}={f}': {key}: = '{f}': holds no items; expected at least one row",
+        ),
+        id="items_csv_header_only",
+    ),
+    pytest.param(
+        *items(
+            "rows.jsonl",
+            b'{"id": "a"}\n{"id": "b"}\n{"id": "a"}\n',
+            f"{ITEMS_SPEC}: pipeline.stages.work.items.id: = 'id': id 'a' appears at line 1 and "
+            "line 3 of {f}; ids must be unique",
+        ),
+        id="items_duplicate_ids",
+    ),
+    pytest.param(
+        *items(
+            "rows.jsonl",
+            b'{"idx": "a", "x": 1}\n',
+            f"{ITEMS_SPEC}: pipeline.stages.work.items.id: = 'id': line 1 of {{f}} has no field "
+            "'id'; did you mean 'idx'? (fields: idx, x)",
+        ),
+        id="items_rows_lack_the_id_field",
+    ),
+    pytest.param(
+        *items(
+            "rows.csv",
+            b"id,x\n1,a\n,b\n",
+            f"{ITEMS_SPEC}: pipeline.stages.work.items.id: = 'id': row 2 of {{f}} has an empty "
+            "'id'",
+        ),
+        id="items_csv_id_missing_in_a_row",
+    ),
+    pytest.param(
+        *jobs(
+            "jobs.yaml",
+            b"- name: a\n  script: echo a\n- name: [b\n",
+            "command line '{key}={f}': {key}: = '{f}': line 4: not valid YAML/JSON (expected ',' "
+            "or ']', but got '<stream end>')",
+        ),
+        id="jobs_file_corrupt_yaml",
+    ),
+    pytest.param(
+        *jobs(
+            "jobs.jsonl",
+            b'{"name": "a", "script": "echo a"}\n{"name": \n',
+            "command line '{key}={f}': {key}: = '{f}': line 2 is not JSON (Expecting value: "
+            "line 1 column 10 (char 9)); expected one job object per line",
+        ),
+        id="jobs_file_corrupt_jsonl",
+    ),
+    pytest.param(
+        *jobs(
+            "jobs.yaml",
+            b"",
+            "command line '{key}={f}': {key}: = '{f}': the file is empty; expected a list of "
+            "jobs ({{name, script | command, ...}})",
+        ),
+        id="jobs_file_empty",
+    ),
+    pytest.param(
+        *shard(
+            "prompts.csv",
+            b'id,prompt\n1,"a\n2,b\n',
+            "command line '{key}={f}': {key}: = '{f}': cannot read: Error tokenizing data. "
+            "C error: EOF inside string starting at row 1",
+        ),
+        id="shard_input_csv_corrupt",
+    ),
+    pytest.param(
+        *shard(
+            "prompts.csv",
+            b"id,prompt\n",
+            "{key}: = '{f}': holds no rows; expected at least one id in 'id'",
+        ),
+        id="shard_input_empty",
+    ),
+    pytest.param(
+        *shard(
+            "prompts.csv",
+            b"id,prompt\n1,a\n,b\n3,c\n",
+            "{key}: = '{f}': 1 row(s) have no value in id column 'id' (the first is row 2); "
+            "every row needs an id",
+        ),
+        id="shard_input_nan_id",
+    ),
+    pytest.param(
+        *shard(
+            "prompts.parquet",
+            parquet(pd.DataFrame({"id": [[1, 2], [3]], "prompt": ["a", "b"]})),
+            "{key}: = '{f}': row 1 has array([1, 2]) as its id in 'id'; expected strings or "
+            "numbers",
+        ),
+        id="shard_input_unhashable_ids",
+    ),
+]
+
+
+@pytest.mark.parametrize(("pipeline", "key", "name", "content", "message", "extra"), CASES)
+def test_a_bad_input_file_exits_2_with_one_message(
+    cli,
+    tmp_path: Path,
+    pipeline: str,
+    key: str,
+    name: str,
+    content: bytes,
+    message: str,
+    extra: str,
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    res = cli(
+        f"pipeline={pipeline}", f"{key}={path}", extra, f"run.dir={tmp_path}/run", "mode=plan"
+    )
+    assert res.code == 2, res.text
+    assert message.format(key=key, f=path) in res.err
+    assert "Traceback" not in res.text
+    assert not (tmp_path / "run" / "ledger.sqlite").exists()
+
+
+WORKERS = [
+    pytest.param(
+        "syntax_error_worker",
+        "import os\n\nvalues = (1,\n",
+        "module 'syntax_error_worker' has a syntax error at {f} line 3: '(' was never closed",
+        id="worker_module_syntax_error",
+    ),
+    pytest.param(
+        "missing_dependency_worker",
+        "import os\nimport no_such_package_xyz.sub\n",
+        "module 'missing_dependency_worker' imports 'no_such_package_xyz' at {f} line 2, which "
+        "is not installed (pip install no_such_package_xyz, or the package that provides it)",
+        id="worker_module_missing_dependency",
+    ),
+    pytest.param(
+        "failing_worker",
+        "import os\n\nraise RuntimeError('no GPU here')\n",
+        "module 'failing_worker' fails on import at {f} line 3: RuntimeError: no GPU here",
+        id="worker_module_raises_on_import",
+    ),
+]
+
+
+@pytest.mark.parametrize(("module", "source", "message"), WORKERS)
+def test_a_worker_module_that_cannot_import_names_module_line_and_cause(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str, message: str
+) -> None:
+    path = tmp_path / f"{module}.py"
+    path.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    key = "pipeline.stages.work.worker._target_"
+    res = cli("pipeline=items_file", f"{key}={module}.Work", "mode=plan")
+    assert res.code == 2, res.text
+    expected = f"{key}: = '{module}.Work': cannot import: " + message.format(f=path)
+    assert expected in res.err
+    assert "Traceback" not in res.text
+
+
+def test_plan_into_a_closed_pipe_ends_quietly() -> None:
+    """`runner mode=plan | head -1`: the reader went away; no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "runner", "--config-dir", str(TEST_SPECS)),
+            *("pipeline=numbers", "mode=plan", "run.dir=/nonexistent/never-created"),
+        ],
+        cwd=ROOT,
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    os.close(write)
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a shell reports a program the pipe ended
+    assert proc.stderr == ""

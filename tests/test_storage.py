@@ -1,0 +1,72 @@
+"""A run directory that cannot be written stops the run with exit 1 and one message, and the
+ledger stays consistent: once there is room, a plain rerun finishes exactly the rest.
+
+These mount a small tmpfs (root with CAP_SYS_ADMIN, as in CI's container); elsewhere they skip.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, unmounted at the end."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def remount(mount: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_run_and_a_rerun_with_room_finishes(cli, small_disk, tmp_path):
+    run_dir = small_disk / "run"
+    args = (
+        "pipeline=misbehave",
+        f"run.dir={run_dir}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        "pipeline.stages.work.worker._target_=tests.workers.Big",
+        "+pipeline.stages.work.worker.size=20000",
+        "pipeline.stages.work.items.range=200",
+    )
+    full = cli(*args)
+    assert full.code == 1, full.text
+    assert f"runner: error: run directory {run_dir}: cannot write (database or disk is full)" in (
+        full.err
+    )
+    assert "Traceback" not in full.text
+    remount(small_disk, "size=64m")
+    again = cli(*args)
+    assert again.code == 0, again.text
+    table = pd.read_parquet(run_dir / "work" / "results.parquet")
+    assert sorted(table["id"].astype(int)) == list(range(200))
+    assert set(table["status"]) == {"done"}
+
+
+def test_a_read_only_run_directory_is_one_message_and_exit_1(cli, small_disk, tmp_path) -> None:
+    remount(small_disk, "ro")
+    run_dir = small_disk / "run"
+    res = cli("pipeline=misbehave", f"run.dir={run_dir}", f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert res.code == 1, res.text
+    assert res.err.strip() == (
+        f"runner: error: run directory {run_dir}: cannot write (Read-only file system); the run "
+        "stopped and the ledger keeps every unit finished so far: make room or choose a writable "
+        "run.dir, then run again"
+    )
