@@ -22,6 +22,7 @@ from runner import procs, report, sim, sweep
 from runner.errors import RunnerError
 from runner.execute import execute
 from runner.plan import Plan, StagePlanner, make_plan
+from runner.resources import Resources
 from runner.scheduler import metrics
 from runner.schema import Mode, register_configs
 from runner.spec import Origins, Spec, load
@@ -127,6 +128,7 @@ def _run(spec: Spec) -> int:
             if plan is None:
                 plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
             _announce(plan)
+            metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
             with metrics.serving(spec.cluster.metrics_port):
                 code, summary = execute(
                     plan, spec.pipeline, KINDS, store, ledger, spec.run.progress, spec.run.fresh
