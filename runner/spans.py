@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from runner.planfile import PlanRecord
@@ -64,11 +65,11 @@ class RunView:
     # stage → resource name → resource-seconds held by its units
     held: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def start(self) -> float:
         return min((s.start for s in self.slices), default=0.0)
 
-    @property
+    @cached_property
     def end(self) -> float:
         return max((s.end for s in self.slices), default=self.start)
 
@@ -82,13 +83,13 @@ class RunView:
 
     def mean_use(self, resource: str) -> float:
         """Time-weighted mean amount in use over the run's span."""
-        steps, span = self.usage.get(resource, []), self.end - self.start
-        if not steps or span <= 0:
+        steps, start, end = self.usage.get(resource, []), self.start, self.end
+        if not steps or end <= start:
             return 0.0
         total = 0.0
-        for (t, v), (t_next, _) in itertools.pairwise([*steps, (self.end, 0.0)]):
-            total += v * (max(min(t_next, self.end), self.start) - max(t, self.start))
-        return total / span
+        for (t, v), (t_next, _) in itertools.pairwise([*steps, (end, 0.0)]):
+            total += v * (max(min(t_next, end), start) - max(t, start))
+        return total / (end - start)
 
 
 def read(ledger: Ledger, plan: PlanRecord | None = None, since: float | None = None) -> RunView:
