@@ -19,16 +19,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner import cluster as clusters
-from runner import procs, report, sim, sweep, timeline
+from runner import procs, report, sim, sweep
 from runner.errors import RunnerError
 from runner.execute import execute
 from runner.plan import Plan, StagePlanner, make_plan
+from runner.resources import Resources
 from runner.scheduler import metrics
 from runner.schema import Mode, register_configs
 from runner.spec import Origins, Spec, load
 from runner.stages import KINDS
 from runner.store import RAY_PIDS, RunStore, read_ledger
-from runner.timeline import PICTURE
 
 log = logging.getLogger("runner")
 
@@ -101,17 +101,20 @@ def _status(spec: Spec) -> int:
 
 
 def _report(spec: Spec) -> int:
+    """Redraw the last run's timeline, trace and report.html from its ledger."""
     run_dir = Path(spec.run.dir)
     ledger = read_ledger(run_dir)
-    picture = (
-        timeline.draw_run(ledger, f"{spec.pipeline.name} {run_dir}", run_dir / PICTURE)
+    written = (
+        report.write_run_artifacts(ledger, f"{spec.pipeline.name} {run_dir}", run_dir)
         if ledger
-        else None
+        else {}
     )
-    if picture is None:
+    if not any(written.values()):
         print(f"{run_dir}: no run to draw yet (run `runner pipeline={spec.pipeline.name}` first)")
         return 0
-    print(f"wrote {picture}")
+    for path in written.values():
+        if path:
+            print(f"wrote {path}")
     return 0
 
 
@@ -147,6 +150,7 @@ def _run(spec: Spec) -> int:
             if spec.run.fresh:
                 # an interrupted fresh run must not be completed later with older results
                 ledger.supersede(plan.stages)
+            metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
             with metrics.serving(spec.cluster.metrics_port):
                 code, summary = execute(
                     plan, spec.pipeline, KINDS, store, ledger, spec.run.progress, spec.run.fresh

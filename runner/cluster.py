@@ -217,11 +217,11 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
 
 
 # the embedded Ray's own GCS server and raylet (pid, start time), while this process runs one
-_core: list[tuple[int, int | None]] = []
+_core: list[tuple[int, float | None]] = []
 _CORE_NAMES = ("gcs_server", "raylet")
 
 
-def _core_processes() -> list[tuple[int, int | None]]:
+def _core_processes() -> list[tuple[int, float | None]]:
     found = []
     for pid in procs.descendants(os.getpid()):
         try:

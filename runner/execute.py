@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from runner import timeline
+from runner import report
 from runner.errors import Interrupted
 from runner.executor import Executor
 from runner.kind import RunContext, StageKind, StageOutcome
@@ -25,7 +25,6 @@ from runner.progress import Progress
 from runner.scheduler import Scheduler
 from runner.spec import Pipeline
 from runner.store import SUMMARY, Ledger, RunStore, write_json
-from runner.timeline import PICTURE
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +77,9 @@ def execute(
     if ledger.failure is not None:
         raise ledger.failure
     summary = make_summary(plan, outcomes, time.monotonic() - started)
-    picture = timeline.draw_run(ledger, f"{plan.pipeline} {store.root}", store.root / PICTURE)
-    summary["timeline"] = str(picture) if picture else None
+    summary.update(
+        report.write_run_artifacts(ledger, f"{plan.pipeline} {store.root}", store.root, plan)
+    )
     write_json(store.root / SUMMARY, summary)
     code = 128 + caught[0] if caught else 0 if all(o.ok for o in outcomes.values()) else 1
     ledger.end_run(run_started, code)

@@ -1,8 +1,9 @@
-"""Process bookkeeping through /proc: whom we started, and ending exactly those.
+"""Process bookkeeping with psutil: whom we started, and ending exactly those.
 
 When a runner that started a local Ray is killed with SIGKILL, some Ray agents outlive it and
-ignore SIGTERM. The runner records the processes it started (pid + kernel start time, so a
-reused pid is never mistaken for ours) and a resumed run ends the leftovers, and nothing else.
+ignore SIGTERM. The runner records the processes it started (pid + creation time, so a reused
+pid is never mistaken for ours) and a resumed run ends the leftovers, and nothing else. A job's
+whole process tree is ended with `kill_tree`, which also finds children that `setsid` away.
 """
 
 from __future__ import annotations
@@ -15,72 +16,56 @@ import signal
 import socket
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger(__name__)
 
+# creation times are read back from JSON; two readings of one process agree far closer
+_SAME = 0.01
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a live process, or None."""
+
+def start_time(pid: int) -> float | None:
+    """A live process's creation time (with the pid, it names one process), or None."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[1]), int(rest[19])
 
 
-def start_time(pid: int) -> int | None:
-    """A live process's start time in clock ticks (with the pid, it names one process), or None."""
-    st = _stat(pid)
-    return None if st is None else st[1]
+def _is(pid: int, started: float | None) -> bool:
+    """True when `pid` is still the process that was created at `started`."""
+    now = start_time(pid)
+    return started is not None and now is not None and abs(now - started) < _SAME
 
 
-def running(pid: int, started: int | None) -> bool:
-    """Whether process `pid`, started at `started`, still runs (not gone, not a zombie)."""
+def running(pid: int, started: float | None) -> bool:
+    """Whether process `pid`, created at `started`, still runs (not gone, not a zombie)."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    rest = text[text.rindex(")") + 2 :].split()
-    return rest[0] != "Z" and int(rest[19]) == started
+    return _is(pid, started)
 
 
 def alive_since(pid: int, since: float) -> bool:
-    """Whether process `pid` is alive and was started no later than `since` (epoch seconds):
+    """Whether process `pid` is alive and was created no later than `since` (epoch seconds):
     a pid reused by a later process is not the one that started then."""
-    ticks = start_time(pid)
-    if ticks is None:
-        return False
-    try:
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration):
-        return True  # cannot tell: a live pid is believed
-    started = boot + ticks / os.sysconf("SC_CLK_TCK")
-    # btime has a one-second resolution
-    return started <= since + 1.0
+    created = start_time(pid)
+    return created is not None and created <= since + 1.0
 
 
 def descendants(root: int) -> list[int]:
     """Every live process below `root` in the process tree."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(int(entry))) is not None:
-            children.setdefault(st[0], []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    try:
+        return [p.pid for p in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def record_children(path: Path) -> None:
-    """Write the processes this process started (pid, start time) to `path`."""
-    entries = [(pid, st[1]) for pid in descendants(os.getpid()) if (st := _stat(pid))]
+    """Write the processes this process started (pid, creation time) to `path`."""
+    entries = [(pid, t) for pid in descendants(os.getpid()) if (t := start_time(pid)) is not None]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entries))
     tmp.replace(path)
@@ -94,16 +79,39 @@ def reap_recorded(path: Path) -> int:
         return 0
     killed = 0
     for pid, started in entries:
-        if started is not None and start_time(pid) == started:
-            try:
-                os.kill(pid, signal.SIGKILL)
+        if _is(pid, started):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                psutil.Process(pid).kill()
                 killed += 1
-            except ProcessLookupError:
-                pass
     path.unlink(missing_ok=True)
     if killed:
         log.info("ended %d leftover Ray process(es) of an earlier run of this directory", killed)
     return killed
+
+
+def kill_tree(pid: int, grace: float = 3.0) -> list[int]:
+    """End `pid` and every process below it: SIGTERM, then SIGKILL to those still alive after
+    `grace` seconds. The tree is read before any signal, so a child that has `setsid` away
+    (a new session and process group, out of reach of killpg) is still found by parentage;
+    children forked during the grace period are found again before the SIGKILL. Returns the
+    pids signalled."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in list(alive):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            alive += [c for c in p.children(recursive=True) if c not in alive]
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    return sorted({p.pid for p in tree + alive})
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
@@ -124,7 +132,7 @@ def reap_group(path: Path) -> None:
         host, pid, started = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if host == socket.gethostname() and start_time(pid) == started:
+    if host == socket.gethostname() and _is(pid, started):
         kill_group(pid)
     path.unlink(missing_ok=True)
 

@@ -1,8 +1,10 @@
 """Progress of running stages: done / total, rate, ETA and failures.
 
-A bar redrawn in place on a terminal; a line every few seconds when output goes to a file or
-a CI log (where carriage returns make unreadable logs). Counters are thread-safe; drawing
-happens on one background thread so stages never wait on the terminal.
+On a terminal, rich draws one bar per running stage, and output that stages print through
+`Progress.print` (shard output, job output) goes above the bars, never through them. When the
+stream is not a terminal (a file, a CI log, where redrawn bars make unreadable logs), a plain
+`progress ...` line per stage every few seconds. `run.progress=off` draws nothing. Counters are
+thread-safe; stages never wait on the terminal.
 """
 
 from __future__ import annotations
@@ -12,6 +14,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as Bars
+from rich.text import Text
 
 BAR_WIDTH = 24
 
@@ -23,11 +39,12 @@ class _Stage:
     done: int = 0
     failed: int = 0
     finished: bool = False
+    task: TaskID | None = None
 
 
 @dataclass
 class Progress:
-    """Per-stage counters with a background renderer."""
+    """Per-stage counters, drawn as rich bars on a terminal or as periodic log lines."""
 
     mode: str = "auto"  # auto | bar | log | off
     stream: TextIO = field(default_factory=lambda: sys.stderr)
@@ -36,6 +53,7 @@ class Progress:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
+    _bars: Bars | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.mode == "auto":
@@ -43,53 +61,97 @@ class Progress:
 
     def start(self, stage: str, total: int) -> None:
         with self._lock:
-            self._stages[stage] = _Stage(total, time.monotonic())
-        if self.mode != "off" and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
-            self._thread.start()
+            s = self._stages[stage] = _Stage(total, time.monotonic())
+            if self.mode == "bar":
+                bars = self._bars or self._start_bars()
+                s.task = bars.add_task(stage, total=total or None, failed="")
+            elif self.mode == "log" and self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+                self._thread.start()
 
     def advance(self, stage: str, done: int = 0, failed: int = 0) -> None:
         with self._lock:
             s = self._stages[stage]
             s.done += done
             s.failed += failed
+            if self._bars is not None and s.task is not None:
+                note = f"failed {s.failed}" if s.failed else ""
+                self._bars.update(s.task, advance=done + failed, failed=note)
 
     def finish(self, stage: str) -> None:
         with self._lock:
-            self._stages[stage].finished = True
-        if self.mode == "bar":
-            self._draw(final_stage=stage)
+            s = self._stages[stage]
+            s.finished = True
+            if self._bars is not None and s.task is not None:
+                self._bars.remove_task(s.task)
+                self._bars.console.print(line(stage, s), markup=False, highlight=False)
+                s.task = None
+
+    def print(self, text: str) -> None:
+        """Print a line of a stage's output (a shard's, a job's) above the bars; without bars,
+        to stdout as it is."""
+        bars = self._bars
+        if bars is not None and self._stdout_is_terminal():
+            bars.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        with self._lock:
+            bars, self._bars = self._bars, None
+        if bars is not None:
+            bars.stop()
+
+    def _start_bars(self) -> Bars:
+        console = Console(file=self.stream, force_terminal=True)
+        self._bars = Bars(
+            TextColumn("{task.description}", style="bold"),
+            BarColumn(bar_width=BAR_WIDTH),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[failed]}", style="red"),
+            console=console,
+            # stray writes to stdout land above the bars too, when stdout is this terminal
+            redirect_stdout=self._stdout_is_terminal(),
+            redirect_stderr=False,
+            refresh_per_second=4,
+        )
+        self._bars.start()
+        return self._bars
+
+    def _stdout_is_terminal(self) -> bool:
+        return self.stream is sys.stdout or sys.stdout.isatty()
 
     def _loop(self) -> None:
-        period = 0.25 if self.mode == "bar" else self.log_every
-        while not self._wake.wait(period):
-            self._draw()
+        while not self._wake.wait(self.log_every):
+            self._log()
 
-    def _draw(self, final_stage: str | None = None) -> None:
+    def _log(self) -> None:
         with self._lock:
-            lines = [
-                (name, line(name, s))
-                for name, s in self._stages.items()
-                if (not s.finished) or name == final_stage
-            ]
-        if not lines:
-            return
-        if self.mode == "bar":
-            text = "  ".join(text for _, text in lines)
-            end = "\n" if final_stage else ""
-            self.stream.write(f"\r\033[K{text}{end}")
-        else:
-            self.stream.write("".join(f"progress {text}\n" for _, text in lines))
-        self.stream.flush()
+            lines = [line(name, s) for name, s in self._stages.items() if not s.finished]
+        if lines:
+            self.stream.write("".join(f"progress {text}\n" for text in lines))
+            self.stream.flush()
+
+
+class RateColumn(ProgressColumn):
+    """Units per second, measured over the stage's life."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        return Text(f"{rate:.1f}/s", style="cyan")
 
 
 def line(name: str, s: _Stage) -> str:
-    """'check [#####-----] 30/60 12.3/s ETA 0:02 failed 2'."""
+    """'check [#####-----] 30/60 ETA 0:02 12.3/s failed 2'."""
     elapsed = max(time.monotonic() - s.started, 1e-6)
     count = s.done + s.failed
     rate = count / elapsed

@@ -8,11 +8,36 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from runner import procs
+from runner import planfile, procs, report_html, spans, timeline, trace
 from runner.plan import Plan, StagePlan
 from runner.store import Ledger, UnitRow
 
 SAMPLE = 5
+# what every run writes beside its ledger, by the summary key that names it
+ARTIFACTS = ("timeline", "trace", "report")
+
+
+def write_run_artifacts(
+    ledger: Ledger, title: str, root: Path, plan: Plan | None = None
+) -> dict[str, str | None]:
+    """Write the last run's timeline picture, trace and HTML report into `root`; return their
+    paths by name (None when there is nothing to draw). At the end of a run `plan` is given and
+    recorded (`plan.json`); `mode=report` reads that record back."""
+    if plan is not None:
+        planfile.record(plan, root / planfile.PLAN_FILE)
+    record = planfile.load(root / planfile.PLAN_FILE)
+    view = spans.read(ledger, record)
+    written: dict[str, str | None] = dict.fromkeys(ARTIFACTS)
+    if not ledger.stages():
+        return written
+    picture = None
+    if view.slices:
+        picture = timeline.draw(view, title, root / timeline.PICTURE).path
+        written["timeline"] = str(picture)
+        written["trace"] = str(trace.write(view, title, root / trace.TRACE))
+    page = report_html.write(ledger, view, record, title, picture, root / report_html.REPORT)
+    written["report"] = str(page)
+    return written
 
 
 def format_plan(plan: Plan) -> str:
@@ -80,8 +105,9 @@ def format_summary(summary: dict[str, Any], run_dir: str) -> str:
             lines.append(f"{name}: {s['message']}")
         for out in s["outputs"]:
             lines.append(f"{name}: wrote {out}")
-    if summary.get("timeline"):
-        lines.append(f"timeline: {summary['timeline']}")
+    for artifact in ARTIFACTS:
+        if summary.get(artifact):
+            lines.append(f"{artifact}: {summary[artifact]}")
     state = "succeeded" if summary["ok"] else "did not succeed"
     lines.append(f"run {state} in {summary['wall_s']:.1f}s; run dir {run_dir}")
     return "\n".join(lines)

@@ -139,7 +139,7 @@ class PipelineSpec:
 class RootConfig:
     """The primary config, `conf/config.yaml`."""
 
-    # run | plan | status | report (redraw the timeline picture of the last run)
+    # run | plan | status | report (redraw the last run's timeline.png, trace.json, report.html)
     mode: Mode = Mode.run
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

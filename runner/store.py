@@ -316,15 +316,24 @@ class Ledger:
                 return []
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
-    def spans(self, stage: str, since: float) -> list[tuple[str, str, int, float, float, str]]:
-        """(unit, state, attempts, started, ended, worker) of the units that ran since `since`:
-        what a timeline needs, without decoding every unit's input and result."""
+    def spans(self, stage: str, since: float) -> list[dict[str, Any]]:
+        """Unit, state, attempts, started, ended, worker (and node_id, node_ip where the ledger
+        has them, else None) of the units that ran since `since`: what a timeline or a trace
+        needs, without decoding every unit's input and result."""
+        keys = ["unit", "state", "attempts", "started", "ended", "worker", "duration", "error"]
         with self._lock:
-            return self._db.execute(
-                "SELECT unit, state, attempts, started, ended, worker FROM units "
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(units)")}
+            nodes = [k for k in ("node_id", "node_ip") if k in have]
+            rows = self._db.execute(
+                f"SELECT {', '.join(keys + nodes)} FROM units "
                 "WHERE stage=? AND started >= ? AND ended IS NOT NULL",
                 (stage, since),
             ).fetchall()
+        found = [dict(zip(keys + nodes, r, strict=True)) for r in rows]
+        for row in found:
+            row.setdefault("node_id", None)
+            row.setdefault("node_ip", None)
+        return found
 
     def file_digest(self, path: str, size: int, mtime_ns: int) -> str | None:
         """The content digest recorded for a file with this size and mtime, if any."""

@@ -1,158 +1,217 @@
-"""The timeline picture of a run: one lane per worker / job / GPU group / role replica, units
-as bars coloured by outcome, preemptions and retries marked, and a busy-lanes curve below.
+"""The timeline picture of a run (`timeline.png`), drawn with matplotlib from the run's view.
 
-Drawn from the ledger alone (unit rows and events), so `mode=report` can redraw any run.
+A clock-time axis; one row per track, rows grouped by node (a bold node name over each group);
+unit attempts as bars coloured by state, with a legend; preemptions, retries and timeouts
+marked; below, CPUs and GPUs in use over time as a share of capacity, with the mean. When
+there are more tracks than rows fit, neighbouring tracks of one node and stage share a row and
+the row says how many: nothing is dropped. matplotlib is imported only when drawing.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from runner.picture import GLYPH_H, GLYPH_W, Canvas, Color
-from runner.store import Ledger
+from runner.spans import RunView
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 PICTURE = "timeline.png"
-WIDTH, LANE_H, LEFT, TOP, CURVE_H = 1200, 12, 190, 34, 70
-MAX_LANES = 80
-
-OUTCOME: dict[str, Color] = {
-    "done": (76, 158, 92),
-    "failed": (210, 64, 58),
-    "timeout": (236, 150, 40),
-    "cancelled": (150, 150, 150),
-    "preempted": (128, 80, 170),
-    "running": (70, 120, 200),
-    "pending": (200, 200, 200),
+MAX_ROWS = 60
+STATE_COLOURS = {
+    "done": "#4c9e5c",
+    "failed": "#d2403a",
+    "timeout": "#ec9628",
+    "cancelled": "#969696",
+    "preempted": "#8050aa",
+    "running": "#4678c8",
+    "pending": "#c8c8c8",
 }
-MARK: dict[str, Color] = {"preempted": (40, 20, 90), "retry": (0, 0, 0)}
+# moment kind → (marker, colour, legend label)
+MARKERS = {
+    "preempted": ("v", "#3c145a", "preemption"),
+    "retry": ("x", "#000000", "retry"),
+    "timeout": ("|", "#a0500a", "timeout"),
+}
 
 
-@dataclass(frozen=True, slots=True)
-class Bar:
-    """A unit (or one attempt of it) on a lane."""
+@dataclass(frozen=True)
+class Row:
+    """One row of the picture: a track, or `tracks` neighbouring tracks sharing it."""
 
-    lane: str
-    start: float
-    end: float
-    outcome: str
-
-
-@dataclass(frozen=True, slots=True)
-class Mark:
-    """A moment on a lane: a preemption or a retry."""
-
-    lane: str
-    time: float
-    kind: str
+    node: str
+    label: str
+    tracks: int
 
 
-def from_ledger(ledger: Ledger, since: float = 0.0) -> tuple[list[Bar], list[Mark]]:
-    """Bars from unit rows (lane = stage/worker), marks from retries and recorded events;
-    only what started at or after `since` (a run's start: earlier runs' units are not drawn)."""
-    bars, marks = [], []
-    for stage in ledger.stages():
-        # a pool's lanes are its worker processes; other kinds' units are their own lanes
-        by_worker = stage["kind"] == "pool"
-        for unit, state, attempts, started, ended, worker in ledger.spans(stage["stage"], since):
-            lane = f"{stage['stage']}/{(worker if by_worker else None) or unit}"
-            bars.append(Bar(lane, started, ended, state))
-            if attempts > 1:
-                marks.append(Mark(lane, started, "retry"))
-    for event in ledger.events():
-        if event["time"] < since:
-            continue
-        lane = f"{event['stage']}/{event['lane'] or event['unit']}"
-        if event["kind"] == "attempt":
-            bars.append(Bar(lane, event["started"], event["time"], event["detail"] or "done"))
-        else:
-            marks.append(Mark(lane, event["time"], event["kind"]))
-    return bars, marks
+@dataclass(frozen=True)
+class Drawing:
+    """What was drawn: every track is in some row (sum of `rows[i].tracks` == `lanes`)."""
+
+    path: Path
+    lanes: int
+    rows: list[Row]
+    bars: int
+    marks: int
+
+    @property
+    def grouped(self) -> bool:
+        return any(r.tracks > 1 for r in self.rows)
 
 
-def draw_run(ledger: Ledger, title: str, path: Path) -> Path | None:
-    """The picture of the ledger's last run, or None when it ran no unit."""
-    run = ledger.last_run()
-    bars, marks = from_ledger(ledger, since=run["started"] if run else 0.0)
-    return draw(title, bars, marks, path) if bars else None
+def rows_for(
+    view: RunView, max_rows: int = MAX_ROWS
+) -> tuple[list[Row], dict[tuple[str, str], int]]:
+    """Rows and the row of each (node, track). Tracks of one node and stage are put together k
+    at a time, with the smallest k for which the rows fit."""
+    tracks = view.tracks()
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for node, track in tracks:
+        groups[(node, track.split("/")[0])].append(track)
+    k = max(1, math.ceil(len(tracks) / max_rows))
+    while sum(math.ceil(len(g) / k) for g in groups.values()) > max_rows and k < len(tracks):
+        k += 1
+    rows: list[Row] = []
+    index: dict[tuple[str, str], int] = {}
+    for (node, stage), members in groups.items():
+        for i in range(0, len(members), k):
+            chunk = members[i : i + k]
+            label = chunk[0] if len(chunk) == 1 else f"{stage}: {len(chunk)} lanes"
+            for track in chunk:
+                index[(node, track)] = len(rows)
+            rows.append(Row(node, _short(label), len(chunk)))
+    return rows, index
 
 
-def draw(title: str, bars: list[Bar], marks: list[Mark], path: Path) -> Path:
-    """Render the picture to `path` (PNG) and return it."""
-    lanes = _lanes(bars)
-    t0 = min((b.start for b in bars), default=0.0)
-    t1 = max((b.end for b in bars), default=t0 + 1.0)
-    span = max(t1 - t0, 1e-6)
-    plot_w = WIDTH - LEFT - 20
-    height = TOP + len(lanes) * LANE_H + CURVE_H + 50
-    canvas = Canvas(WIDTH, height)
-    canvas.text(10, 10, f"{title}  ({span:.1f}s, {len(bars)} bars, {len(lanes)} lanes)")
+def draw(view: RunView, title: str, path: Path, max_rows: int = MAX_ROWS) -> Drawing:
+    """Render the picture of `view` to `path` (PNG) and say what it holds."""
+    from matplotlib import dates
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    def x(t: float) -> float:
-        return LEFT + (t - t0) / span * plot_w
-
-    for n, lane in enumerate(lanes):
-        y = TOP + n * LANE_H
-        if n % 2:
-            canvas.rect(LEFT, y, LEFT + plot_w, y + LANE_H, (246, 246, 246))
-        canvas.text(8, y + 2, lane[-30:])
-    index = {lane: n for n, lane in enumerate(lanes)}
-    for bar in bars:
-        if bar.lane in index:
-            y = TOP + index[bar.lane] * LANE_H
-            color = OUTCOME.get(bar.outcome, (90, 90, 90))
-            canvas.rect(x(bar.start), y + 2, x(bar.end), y + LANE_H - 2, color)
-    for mark in marks:
-        if mark.lane in index:
-            y = TOP + index[mark.lane] * LANE_H
-            canvas.rect(
-                x(mark.time) - 1, y, x(mark.time) + 2, y + LANE_H, MARK.get(mark.kind, (0, 0, 0))
-            )
-    _curve(canvas, bars, lanes, t0, span, TOP + len(lanes) * LANE_H + 10, plot_w)
-    _legend(canvas, height - 14)
+    rows, index = rows_for(view, max_rows)
+    height = 2.6 + 0.24 * len(rows)
+    fig = Figure(figsize=(13, height), layout="constrained")
+    top, bottom = fig.subplots(
+        2, 1, sharex=True, height_ratios=[0.24 * len(rows) + 0.6, 1.6], squeeze=True
+    )
+    span = view.end - view.start
+    started = datetime.fromtimestamp(view.start).strftime("%Y-%m-%d %H:%M:%S")
+    lanes = len(view.tracks())
+    shown = f"{lanes} lanes" + (f" in {len(rows)} rows" if len(rows) < lanes else "")
+    top.set_title(
+        f"{title}\nstarted {started}, {span:.1f}s, {len(view.slices)} unit attempts, {shown}",
+        loc="left",
+        fontsize=10,
+    )
+    alpha = 1.0 if len(rows) == lanes else 0.55
+    by_row: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+    for s in view.slices:
+        start = _day(s.start)
+        width = max(s.end - s.start, span / 2000) / 86400
+        by_row[(index[(s.node, s.track)], s.state)].append((start, width))
+    for (row, state), bars in by_row.items():
+        colour = STATE_COLOURS.get(state, "#5a5a5a")
+        top.broken_barh(bars, (row - 0.38, 0.76), facecolors=colour, alpha=alpha, linewidth=0)
+    for kind, (marker, colour, _) in MARKERS.items():
+        points = [
+            (_day(m.time), index[(m.node, m.track)])
+            for m in view.moments
+            if m.kind == kind and (m.node, m.track) in index
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            top.scatter(xs, ys, marker=marker, color=colour, s=36, zorder=3, linewidths=1.5)
+    _rows_axis(top, rows)
+    states = sorted({s.state for s in view.slices}, key=list(STATE_COLOURS).index)
+    handles: list[Patch | Line2D] = [
+        Patch(color=STATE_COLOURS.get(s, "#5a5a5a"), label=s) for s in states
+    ]
+    handles += [
+        Line2D([], [], marker=m, color=c, linestyle="", label=label)
+        for kind, (m, c, label) in MARKERS.items()
+        if any(x.kind == kind for x in view.moments)
+    ]
+    top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    _utilization(bottom, view)
+    locator = dates.AutoDateLocator()  # type: ignore[no-untyped-call]
+    bottom.xaxis.set_major_locator(locator)
+    concise = dates.ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]
+    bottom.xaxis.set_major_formatter(concise)
+    bottom.set_xlabel("time (local clock)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    fig.savefig(path, dpi=100)
+    marks = sum(1 for m in view.moments if (m.node, m.track) in index)
+    return Drawing(path, lanes, rows, len(view.slices), marks)
 
 
-def _lanes(bars: list[Bar]) -> list[str]:
-    first: dict[str, float] = {}
-    for bar in bars:
-        first[bar.lane] = min(first.get(bar.lane, bar.start), bar.start)
-    return sorted(first, key=lambda lane: (lane.split("/")[0], first[lane]))[:MAX_LANES]
+def _rows_axis(ax: Axes, rows: list[Row]) -> None:
+    """Row labels, a rule between nodes and the node's name above its rows."""
+    ax.set_yticks(range(len(rows)), [r.label for r in rows], fontsize=8 if len(rows) < 40 else 6)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.grid(axis="x", alpha=0.3)
+    previous = None
+    for i, row in enumerate(rows):
+        if row.node != previous:
+            if i:
+                ax.axhline(i - 0.5, color="#444444", linewidth=0.8)
+            ax.annotate(
+                row.node,
+                (0, i - 0.5),
+                xycoords=("axes fraction", "data"),
+                xytext=(3, -1),
+                textcoords="offset points",
+                va="top",
+                fontsize=8,
+                fontweight="bold",
+                color="#222222",
+            )
+            previous = row.node
 
 
-def _curve(
-    canvas: Canvas, bars: list[Bar], lanes: list[str], t0: float, span: float, top: int, plot_w: int
-) -> None:
-    """Busy lanes / all lanes over time, as filled columns."""
-    canvas.text(8, top + 2, "busy lanes")
-    canvas.rect(LEFT, top + CURVE_H - 10, LEFT + plot_w, top + CURVE_H - 9, (120, 120, 120))
-    if not lanes:
-        return
-    busy: dict[int, set[str]] = defaultdict(set)
-    for bar in bars:
-        first = int((bar.start - t0) / span * (plot_w - 1))
-        last = int((bar.end - t0) / span * (plot_w - 1))
-        for col in range(first, last + 1):
-            busy[col].add(bar.lane)
-    height = CURVE_H - 12
-    for col, active in busy.items():
-        frac = min(len(active) / len(lanes), 1.0)
-        canvas.rect(
-            LEFT + col,
-            top + CURVE_H - 10 - frac * height,
-            LEFT + col + 1,
-            top + CURVE_H - 10,
-            (70, 120, 200),
+def _utilization(ax: Axes, view: RunView) -> None:
+    """Each resource in use as a share of capacity over time, with its mean."""
+    colours = {"CPU": "#4678c8", "GPU": "#d2763a", "lanes": "#4678c8"}
+    for name, steps in view.usage.items():
+        capacity = view.capacity.get(name) or max((v for _, v in steps), default=1.0) or 1.0
+        xs = [_day(t) for t, _ in steps]
+        xs.append(_day(view.end))
+        ys = [100 * v / capacity for _, v in steps]
+        ys.append(ys[-1] if ys else 0.0)
+        colour = colours.get(name, "#555555")
+        what = "busy lanes" if name == "lanes" else f"{name}s in use"
+        ax.step(xs, ys, where="post", color=colour, label=f"{what} (of {capacity:g})")
+        mean = view.mean_use(name)
+        ax.axhline(100 * mean / capacity, color=colour, linestyle="--", linewidth=1)
+        ax.annotate(
+            f"mean {mean:.2g} of {capacity:g} {name}s ({100 * mean / capacity:.0f}%)",
+            (1, 100 * mean / capacity),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, 3),
+            textcoords="offset points",
+            ha="right",
+            fontsize=8,
+            color=colour,
         )
-    canvas.text(LEFT - 30, top, "100%")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("busy %")
+    ax.grid(alpha=0.3)
+    if view.usage:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
 
 
-def _legend(canvas: Canvas, y: int) -> None:
-    x = LEFT
-    for name, color in [*OUTCOME.items(), *((f"{k} mark", c) for k, c in MARK.items())]:
-        canvas.rect(x, y, x + 10, y + GLYPH_H - 1, color)
-        canvas.text(x + 14, y, name)
-        x += 14 + GLYPH_W * (len(name) + 2)
+def _day(t: float) -> float:
+    """Seconds since the epoch → matplotlib's date number, on the local clock."""
+    from matplotlib import dates
+
+    return float(dates.date2num(datetime.fromtimestamp(t)))  # type: ignore[no-untyped-call]
+
+
+def _short(label: str, width: int = 36) -> str:
+    return label if len(label) <= width else "…" + label[-(width - 1) :]

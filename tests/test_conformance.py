@@ -95,7 +95,7 @@ def test_sigkill_mid_stage_then_resume_loses_and_duplicates_nothing(
             assert row.ended == before[row.unit].ended
 
 
-def _descendants(pid: int) -> list[tuple[int, int | None]]:
+def _descendants(pid: int) -> list[tuple[int, float | None]]:
     return [(p, procs.start_time(p)) for p in procs.descendants(pid)]
 
 

@@ -3,14 +3,12 @@ does with them (several victims at once, counted by reason, groups reused by bes
 
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
 from runner.resources import Resources
 from runner.scheduler import Scheduler
 from runner.scheduler.core import Grant
-from runner.scheduler.metrics import Metrics, serving
+from runner.scheduler.metrics import Metrics
 from runner.scheduler.policy import (
     THRESHOLDS,
     Candidate,
@@ -403,16 +401,3 @@ def test_a_pool_quota_holds_and_preemption_frees_quota_within_the_pool() -> None
     s.submit("train", Resources(cpus=2), 5, pool="rl", policy=Policy())
     s.admit()
     assert [r for _, r in told.told] == ["same_pool"]
-
-
-def test_metrics_are_served_in_prometheus_text_on_localhost() -> None:
-    metrics = Metrics()
-    metrics.preempted("rlhf", "label")
-    metrics.admitted(10.0, 0.5)
-    metrics.set_units("rlhf", {"running": 2})
-    with serving(0, metrics) as port:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    text = body.decode()
-    assert 'runner_preemptions_total{pool="rlhf",reason="label"} 1' in text
-    assert "runner_scheduling_latency_seconds_count 1" in text
-    assert 'runner_units{stage="rlhf",state="running"} 2' in text

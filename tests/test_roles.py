@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from runner.timeline import MARK, OUTCOME
+from runner import spans
+from runner.store import read_ledger
 from tests.conftest import cpus_free_again, run_runner, runner_process, summary, wait_until
-from tests.test_timeline import png_pixels
 
 
 def events(run_dir: Path, stage: str) -> list[dict[str, Any]]:
@@ -79,8 +79,14 @@ def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
         assert result["preemptions"] == 1
         assert len(result["restored_from"]) == 1 and 0 < result["restored_from"][0] < 40
 
-    _, _, colours = png_pixels(tmp_path / "timeline.png")
-    assert {OUTCOME["preempted"], MARK["preempted"], OUTCOME["done"]} <= colours
+    # what the timeline, the trace and the report draw: each preempted attempt and its mark
+    drawn = read_ledger(tmp_path)
+    assert drawn is not None
+    view = spans.read(drawn)
+    preempted = {s.unit for s in view.slices if s.state == "preempted"}
+    assert preempted <= set(reasons)
+    assert sorted(m.unit for m in view.moments if m.kind == "preempted") == sorted(reasons)
+    assert (tmp_path / "timeline.png").exists()
 
     wait_until(no_groups_left, what="every placement group to be removed")
     wait_until(cpus_free_again, what="every role actor to be gone")

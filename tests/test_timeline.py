@@ -1,39 +1,25 @@
-"""Every run draws its timeline picture; mode=report redraws the last run's."""
+"""Every run writes its timeline picture, its trace and report.html; mode=report redraws them."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 
-from runner.timeline import OUTCOME
+from runner import spans, timeline
+from runner.store import Ledger, UnitRow, UnitState
 
 
-def png_pixels(path: Path) -> tuple[int, int, set[tuple[int, int, int]]]:
-    """(width, height, the set of colours) of an 8-bit RGB PNG written without filters."""
+def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    idat, pos = b"", 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        if data[pos + 4 : pos + 8] == b"IDAT":
-            idat += data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-    raw = zlib.decompress(idat)
-    stride = width * 3 + 1
-    colours = {
-        tuple(raw[y * stride + 1 + x * 3 : y * stride + 4 + x * 3])
-        for y in range(height)
-        for x in range(0, width, 2)
-    }
-    return width, height, colours  # type: ignore[return-value]
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_a_run_draws_its_lanes_and_outcomes_and_report_redraws_it(cli, tmp_path: Path) -> None:
+def test_a_run_writes_picture_trace_and_report_and_mode_report_redraws_them(
+    cli, tmp_path: Path
+) -> None:
     res = cli(
         "pipeline=misbehave",
         f"run.dir={tmp_path}",
@@ -42,20 +28,60 @@ def test_a_run_draws_its_lanes_and_outcomes_and_report_redraws_it(cli, tmp_path:
         "+pipeline.stages.work.worker.fail=[1]",
     )
     assert res.code == 0, res.text
-    picture = tmp_path / "timeline.png"
-    assert f"timeline: {picture}" in res.text
-    width, height, colours = png_pixels(picture)
-    assert width == 1200 and height > 100
-    assert OUTCOME["done"] in colours and OUTCOME["failed"] in colours
+    picture, trace, page = (tmp_path / n for n in ("timeline.png", "trace.json", "report.html"))
+    assert f"timeline: {picture}" in res.out
+    assert f"trace: {trace}" in res.out
+    assert f"report: {page}" in res.out
+    width, height = png_size(picture)
+    assert width > 1000 and height > 200
+    html = page.read_text()
+    assert "<h2>Failures</h2>" in html and "<td>work</td>" in html and "<td>failed</td>" in html
 
-    picture.unlink()
+    for path in (picture, trace, page):
+        path.unlink()
     again = cli("pipeline=misbehave", f"run.dir={tmp_path}", "mode=report")
     assert again.code == 0
-    assert f"wrote {picture}" in again.out
-    assert picture.exists()
+    for path in (picture, trace, page):
+        assert f"wrote {path}" in again.out
+        assert path.exists()
 
 
 def test_report_before_any_run_says_so(cli, tmp_path: Path) -> None:
     res = cli("pipeline=misbehave", f"run.dir={tmp_path}", "mode=report")
     assert res.code == 0
     assert "no run to draw yet" in res.out
+
+
+def many_lanes(path: Path, lanes: int) -> Ledger:
+    """A ledger of one pool stage whose `lanes` workers on 4 hosts each ran two items."""
+    ledger = Ledger(path / "ledger.sqlite")
+    started = ledger.start_run()
+    ledger.save_stage("check", "pool", "fp", {}, "done", started, started + 60)
+    rows = []
+    for i in range(lanes):
+        worker = f"host{i % 4}:{1000 + i}"
+        for j in range(2):
+            state = UnitState.failed if i == 7 and j == 1 else UnitState.done
+            t = started + i * 0.01 + j * 5
+            rows.append(UnitRow("check", f"item{i}-{j}", "fp", state, 1, t, t + 4, 4, worker))
+    ledger.write(rows)
+    return ledger
+
+
+def test_a_500_lane_run_is_drawn_in_grouped_rows_without_dropping_a_lane(tmp_path: Path) -> None:
+    view = spans.read(many_lanes(tmp_path, 500))
+    drawing = timeline.draw(view, "many", tmp_path / "timeline.png")
+    assert drawing.lanes == 500
+    assert sum(row.tracks for row in drawing.rows) == 500
+    assert len(drawing.rows) <= timeline.MAX_ROWS and drawing.grouped
+    assert drawing.bars == 1000
+    assert {row.node for row in drawing.rows} == {f"host{n}" for n in range(4)}
+    assert "check: " in drawing.rows[0].label and drawing.rows[0].label.endswith(" lanes")
+    assert png_size(drawing.path)[1] > 300
+
+
+def test_a_small_run_gets_one_row_per_lane_named_after_its_worker(tmp_path: Path) -> None:
+    view = spans.read(many_lanes(tmp_path, 6))
+    drawing = timeline.draw(view, "few", tmp_path / "timeline.png")
+    assert [r.tracks for r in drawing.rows] == [1] * 6 and not drawing.grouped
+    assert drawing.rows[0].label == "check/host0:1000"

@@ -1,8 +1,14 @@
-"""Scheduler metrics, and a Prometheus text endpoint on 127.0.0.1 (standard library only).
+"""Scheduler metrics with prometheus_client, served on 127.0.0.1 during a run.
 
-Counters: preemptions by pool and reason; summaries (count and sum, which is what a Prometheus
-`rate(sum)/rate(count)` needs) of preemption latency and scheduling latency; gauges of units
-by stage and state. `cluster.metrics_port` turns the endpoint on for the length of a run.
+`runner_preemptions_total{pool,reason}` (reasons `label`, `same_pool`, `cross_pool`),
+`runner_preemption_latency_seconds` and `runner_scheduling_latency_seconds` (histograms),
+`runner_units{stage,state}`, `runner_resources_granted{resource}` and
+`runner_resources_capacity{resource}` (CPU, GPU, memory in bytes). `cluster.metrics_port`
+turns the endpoint on for the length of a run.
+
+Each Metrics object has its own CollectorRegistry, so tests and the simulator can make as
+many as they like. The plain counters beside the collectors (`preemptions`, latency counts,
+`waited_by_priority`) are what the simulator's and the roles stage's summaries read.
 """
 
 from __future__ import annotations
@@ -12,31 +18,73 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import prometheus_client as prom
+
+from runner.resources import Resources
 
 log = logging.getLogger(__name__)
 
+# seconds: from a scheduling pass (milliseconds) to a long wait behind a training run (hours)
+LATENCY_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200)
+
 
 class Metrics:
-    """Thread-safe counters the scheduler and the stages update."""
+    """Thread-safe metrics the scheduler and the stages update."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.registry = prom.CollectorRegistry(auto_describe=True)
         self.preemptions: Counter[tuple[str, str]] = Counter()
         self.preempt_latency = [0, 0.0]
         self.schedule_latency = [0, 0.0]
         self.waited_by_priority: dict[float, list[float]] = {}
         self.units: dict[str, dict[str, int]] = {}
+        self._preemptions = prom.Counter(
+            "runner_preemptions",
+            "Units preempted, by victim pool and reason.",
+            ["pool", "reason"],
+            registry=self.registry,
+        )
+        self._preempt_latency = prom.Histogram(
+            "runner_preemption_latency_seconds",
+            "From choosing a victim to its resources coming back.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._schedule_latency = prom.Histogram(
+            "runner_scheduling_latency_seconds",
+            "From asking the scheduler to being admitted.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._units = prom.Gauge(
+            "runner_units", "Units by stage and state.", ["stage", "state"], registry=self.registry
+        )
+        self._granted = prom.Gauge(
+            "runner_resources_granted",
+            "Resources the scheduler has granted (memory in bytes).",
+            ["resource"],
+            registry=self.registry,
+        )
+        self._capacity = prom.Gauge(
+            "runner_resources_capacity",
+            "Resources of the cluster the scheduler places on (memory in bytes).",
+            ["resource"],
+            registry=self.registry,
+        )
 
     def preempted(self, pool: str, reason: str) -> None:
         with self._lock:
             self.preemptions[(pool, reason)] += 1
+        self._preemptions.labels(pool=pool, reason=reason).inc()
 
     def preempt_done(self, seconds: float) -> None:
         """A victim gave its resources back `seconds` after it was chosen."""
         with self._lock:
             self.preempt_latency[0] += 1
             self.preempt_latency[1] += seconds
+        self._preempt_latency.observe(seconds)
 
     def admitted(self, priority: float, waited: float) -> None:
         with self._lock:
@@ -45,89 +93,42 @@ class Metrics:
             entry = self.waited_by_priority.setdefault(priority, [0, 0.0])
             entry[0] += 1
             entry[1] += waited
+        self._schedule_latency.observe(waited)
 
     def set_units(self, stage: str, by_state: Mapping[str, int]) -> None:
+        """How many units of `stage` are in each state now (states not named drop to 0)."""
         with self._lock:
+            before = self.units.get(stage, {})
             self.units[stage] = dict(by_state)
+            for state in before.keys() - by_state.keys():
+                self._units.labels(stage=stage, state=state).set(0)
+            for state, n in by_state.items():
+                self._units.labels(stage=stage, state=state).set(n)
+
+    def set_resources(self, granted: Resources, capacity: Resources) -> None:
+        """What the scheduler has granted now, and what it places on."""
+        for gauge, res in ((self._granted, granted), (self._capacity, capacity)):
+            gauge.labels(resource="CPU").set(res.cpus)
+            gauge.labels(resource="GPU").set(res.gpus)
+            gauge.labels(resource="memory").set(res.memory)
 
     def render(self) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        with self._lock:
-            lines = [
-                "# HELP runner_preemptions_total Units preempted, by victim pool and reason.",
-                "# TYPE runner_preemptions_total counter",
-            ]
-            for (pool, reason), n in sorted(self.preemptions.items()):
-                lines.append(
-                    f'runner_preemptions_total{{pool="{_esc(pool)}",reason="{reason}"}} {n}'
-                )
-            lines += _summary(
-                "runner_preemption_latency_seconds",
-                "From choosing a victim to its resources coming back.",
-                self.preempt_latency,
-            )
-            lines += _summary(
-                "runner_scheduling_latency_seconds",
-                "From asking the scheduler to being admitted.",
-                self.schedule_latency,
-            )
-            lines += [
-                "# HELP runner_units Units by stage and state.",
-                "# TYPE runner_units gauge",
-            ]
-            for stage, states in sorted(self.units.items()):
-                for state, n in sorted(states.items()):
-                    lines.append(f'runner_units{{stage="{_esc(stage)}",state="{state}"}} {n}')
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition format."""
+        return prom.generate_latest(self.registry).decode()
 
 
-def _summary(name: str, help_text: str, data: list[float]) -> list[str]:
-    return [
-        f"# HELP {name} {help_text}",
-        f"# TYPE {name} summary",
-        f"{name}_count {int(data[0])}",
-        f"{name}_sum {data[1]:.6f}",
-    ]
-
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-# the process's metrics, as Prometheus client libraries keep a default registry
+# the run's metrics, as Prometheus client libraries keep a default registry
 REGISTRY = Metrics()
-
-
-def serve(metrics: Metrics, port: int) -> ThreadingHTTPServer:
-    """Serve `metrics` at http://127.0.0.1:PORT/metrics on a daemon thread (port 0: any)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") not in ("", "/metrics"):
-                self.send_error(404)
-                return
-            body = metrics.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return  # scrapes are not worth a log line each
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server
 
 
 @contextmanager
 def serving(port: int | None, metrics: Metrics = REGISTRY) -> Iterator[int | None]:
-    """The endpoint for the length of a block when `port` is set; yields the bound port."""
+    """Serve `metrics` at http://127.0.0.1:PORT/metrics for the length of a block when `port`
+    is set (0: any free port); yields the bound port."""
     if port is None:
         yield None
         return
-    server = serve(metrics, port)
+    server, thread = prom.start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
     bound = int(server.server_address[1])
     log.info("metrics: http://127.0.0.1:%d/metrics", bound)
     try:
@@ -135,3 +136,4 @@ def serving(port: int | None, metrics: Metrics = REGISTRY) -> Iterator[int | Non
     finally:
         server.shutdown()
         server.server_close()
+        thread.join(timeout=5)

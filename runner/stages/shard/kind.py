@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +182,8 @@ class ShardRun(StageRun):
             return
         self.shown[work.id] = self.shown.get(work.id, 0) + end
         prefix = f"[shard {self.shards[work.id].label}] "
-        text = data[:end].decode(errors="replace").splitlines()
-        sys.stdout.write("".join(f"{prefix}{line}\n" for line in text))
-        sys.stdout.flush()
+        for line in data[:end].decode(errors="replace").splitlines():
+            self.ctx.progress.print(f"{prefix}{line}")
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu

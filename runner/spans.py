@@ -1,0 +1,259 @@
+"""A run read back from the ledger: unit attempts as slices on tracks grouped by node, moments
+(preemptions, retries, timeouts) with their reason, and resources in use over time.
+
+The trace, the timeline picture and the HTML report all draw this one view, so they agree.
+A track is a worker (pool, shard), a replica (roles) or a job slot; slices that overlap on one
+worker or node (a job queue on one host) are packed into numbered slots, because a trace track
+must hold one slice at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from runner.planfile import PlanRecord
+from runner.resources import Resources
+from runner.store import Ledger
+
+# kinds whose units are their own track (a replica keeps its lane across attempts and actors)
+UNIT_TRACKS = frozenset({"roles"})
+UNKNOWN_NODE = "unknown node"
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One attempt of a unit on a track."""
+
+    stage: str
+    unit: str
+    node: str
+    track: str
+    start: float
+    end: float
+    state: str
+    attempts: int
+    node_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """A preemption, retry or timeout of a unit, with its reason."""
+
+    stage: str
+    unit: str
+    node: str
+    track: str
+    time: float
+    kind: str
+    reason: str
+
+
+@dataclass
+class RunView:
+    """Everything drawn of one run."""
+
+    slices: list[Slice]
+    moments: list[Moment]
+    # resource name ("CPU", "GPU", or "lanes" when sizes are unknown) → capacity
+    capacity: dict[str, float] = field(default_factory=dict)
+    # resource name → [(time, amount in use from then on)], a step function
+    usage: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    # stage → resource name → resource-seconds held by its units
+    held: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @cached_property
+    def start(self) -> float:
+        return min((s.start for s in self.slices), default=0.0)
+
+    @cached_property
+    def end(self) -> float:
+        return max((s.end for s in self.slices), default=self.start)
+
+    def tracks(self) -> list[tuple[str, str]]:
+        """(node, track) pairs grouped by node, then by stage, then by first start."""
+        first: dict[tuple[str, str], float] = {}
+        for s in self.slices:
+            key = (s.node, s.track)
+            first[key] = min(first.get(key, s.start), s.start)
+        return sorted(first, key=lambda k: (k[0], k[1].split("/")[0], first[k], k[1]))
+
+    def mean_use(self, resource: str) -> float:
+        """Time-weighted mean amount in use over the run's span."""
+        steps, start, end = self.usage.get(resource, []), self.start, self.end
+        if not steps or end <= start:
+            return 0.0
+        total = 0.0
+        for (t, v), (t_next, _) in itertools.pairwise([*steps, (end, 0.0)]):
+            total += v * (max(min(t_next, end), start) - max(t, start))
+        return total / (end - start)
+
+
+def read(ledger: Ledger, plan: PlanRecord | None = None, since: float | None = None) -> RunView:
+    """The view of the ledger's last run (units started since it began, or since `since`)."""
+    if since is None:
+        run = ledger.last_run()
+        since = run["started"] if run else 0.0
+    kinds = {s["stage"]: s["kind"] for s in ledger.stages()}
+    raw: list[tuple[str, dict[str, Any]]] = []
+    where: dict[tuple[str, str], tuple[str, str | None, str]] = {}
+    for stage, kind in kinds.items():
+        for row in ledger.spans(stage, since):
+            node = row["node_ip"] or _host(row["worker"])
+            lane = row["unit"] if kind in UNIT_TRACKS else row["worker"] or row["unit"]
+            where[(stage, row["unit"])] = (node, row["node_id"], f"{stage}/{lane}")
+            raw.append((stage, row))
+    events = [e for e in ledger.events() if e["time"] >= since]
+    retried = {(e["stage"], e["unit"]) for e in events if e["kind"] == "retry"}
+    pending: list[Slice] = []
+    for stage, row in raw:
+        node, node_id, lane = where[(stage, row["unit"])]
+        pending.append(
+            Slice(
+                stage,
+                row["unit"],
+                node,
+                lane,
+                row["started"],
+                row["ended"],
+                row["state"],
+                row["attempts"],
+                node_id,
+            )
+        )
+    for e in events:
+        if e["kind"] == "attempt" and e["started"] is not None:
+            node, node_id, lane = where.get(
+                (e["stage"], e["unit"]), (UNKNOWN_NODE, None, f"{e['stage']}/{e['unit']}")
+            )
+            if e["lane"]:
+                lane = f"{e['stage']}/{e['lane']}"
+            state = e["detail"] or "done"
+            pending.append(
+                Slice(e["stage"], e["unit"], node, lane, e["started"], e["time"], state, 0, node_id)
+            )
+    slices = _pack(pending)
+    moments = _moments(slices, events, retried)
+    view = RunView(slices, moments)
+    _usage(view, plan)
+    return view
+
+
+def _host(worker: str | None) -> str:
+    """The host part of a worker name (`host:pid` or a job's node), without an IP known."""
+    return worker.rsplit(":", 1)[0] if worker else UNKNOWN_NODE
+
+
+def _pack(slices: list[Slice]) -> list[Slice]:
+    """Give overlapping slices of one lane their own numbered slots (`lane #2`)."""
+    by_lane: dict[tuple[str, str], list[Slice]] = defaultdict(list)
+    for s in slices:
+        by_lane[(s.node, s.track)].append(s)
+    packed: list[Slice] = []
+    for (_, lane), group in by_lane.items():
+        group.sort(key=lambda s: (s.start, s.end))
+        ends: list[float] = []
+        for s in group:
+            slot = next((i for i, end in enumerate(ends) if end <= s.start), len(ends))
+            if slot == len(ends):
+                ends.append(s.end)
+            ends[slot] = s.end
+            track = lane if slot == 0 else f"{lane} #{slot + 1}"
+            packed.append(
+                Slice(
+                    s.stage, s.unit, s.node, track, s.start, s.end, s.state, s.attempts, s.node_id
+                )
+            )
+    return packed
+
+
+def _moments(
+    slices: list[Slice], events: list[dict[str, Any]], retried: set[tuple[str, str]]
+) -> list[Moment]:
+    """Recorded preemptions and retries on the track of the attempt they hit; a timeout at the
+    end of its slice; a retry at the start of a unit that took more than one attempt."""
+    by_unit: dict[tuple[str, str], list[Slice]] = defaultdict(list)
+    for s in slices:
+        by_unit[(s.stage, s.unit)].append(s)
+    moments = []
+    for e in events:
+        if e["kind"] == "attempt":
+            continue
+        hit = _attempt_at(by_unit.get((e["stage"], e["unit"]), []), e["time"])
+        node, track = (hit.node, hit.track) if hit else (UNKNOWN_NODE, f"{e['stage']}/{e['unit']}")
+        reason = e["detail"] or e["kind"]
+        moments.append(Moment(e["stage"], e["unit"], node, track, e["time"], e["kind"], reason))
+    for s in slices:
+        if s.state == "timeout":
+            moments.append(Moment(s.stage, s.unit, s.node, s.track, s.end, "timeout", "time limit"))
+        if s.attempts > 1 and (s.stage, s.unit) not in retried:
+            reason = f"attempt {s.attempts}"
+            moments.append(Moment(s.stage, s.unit, s.node, s.track, s.start, "retry", reason))
+    return sorted(moments, key=lambda m: m.time)
+
+
+def _attempt_at(attempts: list[Slice], t: float) -> Slice | None:
+    """The attempt running at `t`, else the one that ended last before it, else the first."""
+    if not attempts:
+        return None
+    running = [s for s in attempts if s.start <= t <= s.end + 1e-3]
+    if running:
+        return running[0]
+    before = [s for s in attempts if s.end <= t]
+    return max(before, key=lambda s: s.end) if before else attempts[0]
+
+
+def _usage(view: RunView, plan: PlanRecord | None) -> None:
+    """CPUs and GPUs in use over time from each slice's size; busy lanes when sizes are
+    unknown (a ledger written before plan records existed)."""
+    deltas: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    if plan is None:
+        view.capacity = {"lanes": float(len(view.tracks()))}
+        for s in view.slices:
+            deltas["lanes"] += [(s.start, 1.0), (s.end, -1.0)]
+    else:
+        view.capacity = {"CPU": plan.capacity.cpus, "GPU": plan.capacity.gpus}
+        for stage, start, end, res in _held(view.slices, plan):
+            for name, amount in (("CPU", res.cpus), ("GPU", res.gpus)):
+                if amount:
+                    deltas[name] += [(start, amount), (end, -amount)]
+                    held = view.held.setdefault(stage, {})
+                    held[name] = held.get(name, 0.0) + amount * (end - start)
+    for name, changes in deltas.items():
+        changes.sort()
+        steps: list[tuple[float, float]] = []
+        level = 0.0
+        for t, group in itertools.groupby(changes, key=lambda c: c[0]):
+            level += sum(d for _, d in group)
+            steps.append((t, max(level, 0.0)))
+        view.usage[name] = steps
+
+
+def _held(slices: list[Slice], plan: PlanRecord) -> list[tuple[str, float, float, Resources]]:
+    """(stage, start, end, resources): per slice, or per busy stretch of a pool worker."""
+    held: list[tuple[str, float, float, Resources]] = []
+    lanes: dict[tuple[str, str], list[Slice]] = defaultdict(list)
+    for s in slices:
+        sizing = plan.sizing.get(s.stage)
+        if sizing is None:
+            continue
+        if sizing.per_lane:
+            lanes[(s.stage, s.track.split(" #")[0])].append(s)
+        elif (res := sizing.of(s.unit)) is not None:
+            held.append((s.stage, s.start, s.end, res))
+    for (stage, _), group in lanes.items():
+        res = plan.sizing[stage].default
+        if res is None:
+            continue
+        group.sort(key=lambda s: s.start)
+        start, end = group[0].start, group[0].end
+        for s in group[1:]:
+            if s.start > end:
+                held.append((stage, start, end, res))
+                start = s.start
+            end = max(end, s.end)
+        held.append((stage, start, end, res))
+    return held

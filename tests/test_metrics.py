@@ -1,0 +1,95 @@
+"""The scheduler's metrics are served for Prometheus on 127.0.0.1 under fixed names."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from runner.resources import Resources
+from runner.scheduler.metrics import Metrics, serving
+
+NAMES = (
+    "runner_preemptions_total",
+    "runner_preemption_latency_seconds",
+    "runner_scheduling_latency_seconds",
+    "runner_units",
+    "runner_resources_granted",
+    "runner_resources_capacity",
+)
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_metrics_are_served_in_prometheus_text_on_localhost_under_their_names() -> None:
+    metrics = Metrics()
+    metrics.preempted("rlhf", "label")
+    metrics.preempt_done(0.2)
+    metrics.admitted(10.0, 0.5)
+    metrics.set_units("rlhf", {"running": 2, "pending": 1})
+    metrics.set_units("rlhf", {"running": 3})
+    metrics.set_resources(Resources(cpus=1.5, gpus=1), Resources(cpus=8, gpus=2, memory=2**30))
+    with serving(0, metrics) as port:
+        assert port
+        text = scrape(port)
+    for name in NAMES:
+        assert f"# TYPE {name} " in text
+    assert 'runner_preemptions_total{pool="rlhf",reason="label"} 1.0' in text
+    assert "# TYPE runner_preemption_latency_seconds histogram" in text
+    assert 'runner_preemption_latency_seconds_bucket{le="0.5"} 1.0' in text
+    assert "runner_scheduling_latency_seconds_count 1.0" in text
+    assert 'runner_units{stage="rlhf",state="running"} 3.0' in text
+    assert 'runner_units{stage="rlhf",state="pending"} 0.0' in text
+    assert 'runner_resources_granted{resource="CPU"} 1.5' in text
+    assert 'runner_resources_capacity{resource="memory"} 1.073741824e+09' in text
+
+
+def test_two_metrics_objects_keep_their_own_counts() -> None:
+    a, b = Metrics(), Metrics()
+    a.preempted("p", "same_pool")
+    assert 'reason="same_pool"} 1.0' in a.render()
+    assert 'reason="same_pool"' not in b.render()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_metrics_are_served_during_a_run_and_gone_after(cli, tmp_path: Path) -> None:
+    port, seen, done = free_port(), [], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set() and not seen:
+            try:
+                seen.append(scrape(port))
+            except (urllib.error.URLError, ConnectionError):
+                done.wait(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        res = cli(
+            "pipeline=jobs_sleep",
+            f"run.dir={tmp_path}",
+            f"pipeline.stages.work.cwd={tmp_path}",
+            f"cluster.metrics_port={port}",
+        )
+    finally:
+        done.set()
+        poller.join()
+    assert res.code == 0, res.text
+    assert seen, "the endpoint never answered during the run"
+    for name in NAMES:
+        assert f"# TYPE {name} " in seen[0]
+    assert 'runner_resources_capacity{resource="CPU"} 2.0' in seen[0]
+    with pytest.raises(urllib.error.URLError):
+        scrape(port)

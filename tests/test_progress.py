@@ -1,0 +1,97 @@
+"""Live progress: rich bars on a terminal with stage output printed above them intact; plain
+`progress` lines when the output is not a terminal; nothing when off."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import re
+import struct
+import subprocess
+import sys
+import termios
+
+from runner.progress import Progress
+
+# a stage of 40 units printing a shard's output line by line while its bar advances
+SCRIPT = """
+import sys, time
+from runner.progress import Progress
+p = Progress()
+assert p.mode == "bar", p.mode
+p.start("check", 40)
+p.start("merge", 0)
+for i in range(40):
+    p.print(f"[shard {i}-{i + 9}] wrote row {i} of the continuation output")
+    p.advance("check", done=int(i != 7), failed=int(i == 7))
+    if i % 8 == 0:
+        time.sleep(0.3)  # let the bars redraw between lines
+    sys.stdout.write(f"plain write {i}\\n") if i == 20 else None
+p.finish("check")
+p.close()
+"""
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+
+def run_in_a_terminal(script: str) -> str:
+    """Run `python -c script` with stdout and stderr on a 120-column pseudo-terminal; what
+    the terminal received."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_bars_in_a_terminal_with_output_lines_printed_above_them_intact() -> None:
+    raw = run_in_a_terminal(SCRIPT)
+    # what stays on screen of each line: the text after its last carriage return
+    lines = [ESCAPES.sub("", line.rstrip("\r").split("\r")[-1]) for line in raw.split("\n")]
+    for i in range(40):
+        wanted = f"[shard {i}-{i + 9}] wrote row {i} of the continuation output"
+        assert wanted in lines, f"line {i} is not intact in:\n{raw!r}"
+    assert "plain write 20" in lines  # stray stdout writes land above the bars too
+    text = ESCAPES.sub("", raw)
+    assert "━" in text  # a drawn bar
+    assert re.search(r"check\s.*\d+/40", text)  # done / total
+    assert "/s" in text and "failed 1" in text
+    assert re.search(r"check \[#+\] 40/40 .*failed 1", text)  # the final line of the stage
+
+
+def test_without_a_terminal_progress_is_plain_lines() -> None:
+    stream = io.StringIO()
+    p = Progress(stream=stream, log_every=0.01)
+    assert p.mode == "log"
+    p.start("check", 10)
+    p.advance("check", done=4, failed=1)
+    p._log()
+    p.finish("check")
+    p.close()
+    assert re.search(
+        r"^progress check \[#+-+\] 5/10 ETA \d+:\d\d [\d.]+/s failed 1$", stream.getvalue(), re.M
+    )
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
+
+
+def test_printed_output_goes_to_stdout_when_there_are_no_bars(capsys) -> None:
+    p = Progress(mode="off", stream=io.StringIO())
+    p.start("shard", 3)
+    p.print("[shard 1-3] hello")
+    p.close()
+    assert capsys.readouterr().out == "[shard 1-3] hello\n"
