@@ -57,7 +57,7 @@ def check(items: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append(("list", f"= {value!r}: expected a non-empty list"))
     elif source == "glob":
         if not isinstance(value, str) or not globlib.glob(value, recursive=True):
-            problems.append(("glob", f"= {value!r}: matches no files (relative to {os.getcwd()})"))
+            problems.append(("glob", f"= {value!r}: matches no files"))
     elif source == "file":
         problems += _check_file(value)
     elif not isinstance(value, str):
@@ -70,7 +70,7 @@ def _check_file(value: Any) -> list[tuple[str, str]]:
         return [("file", f"= {value!r}: expected a path")]
     path = Path(value)
     if not path.is_file():
-        return [("file", f"= {value!r}: no such file (relative to {os.getcwd()})")]
+        return [("file", f"= {value!r}: no such file")]
     if path.suffix not in FILE_SUFFIXES:
         return [("file", f"= {value!r}: unknown format; use one of {', '.join(FILE_SUFFIXES)}")]
     return []
