@@ -196,7 +196,8 @@ def _pipelines() -> str:
     try:
         from hydra.core.global_hydra import GlobalHydra
 
-        names = GlobalHydra.instance().config_loader().get_group_options("pipeline")
+        loader = GlobalHydra.instance().config_loader()
+        names = loader.get_group_options("pipeline", config_name="config")
     except Exception:  # not initialized (outside Hydra): the shipped pipelines
         names = [p.stem for p in (SPECS_DIR / "pipeline").glob("*.yaml")]
     return ", ".join(sorted(names))

@@ -61,7 +61,7 @@ def fill_defaults(cfg: DictConfig, overrides: list[Override]) -> None:
                 continue
             kind = kinds.get(str(name), stage.get("kind"))
             if kind in STAGE_KINDS:
-                path = f"pipeline.stages.{name}"
+                path = f"pipeline.stages.{name!s}"
                 _under(stage, defaults_of(STAGE_KINDS[kind]), path, added)
 
 
