@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -29,6 +31,18 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the runner package."""
     session.install("-e", ".[dev]")
     session.run("mypy", "runner")
+
+
+@nox.session(python=PYTHON)
+def wheel(session: nox.Session) -> None:
+    """The built wheel, installed without -e, runs the demo from a directory outside the clone."""
+    tmp = session.create_tmp()
+    session.run("pip", "wheel", "--no-deps", "-w", f"{tmp}/dist", ".")
+    wheels = sorted(Path(tmp, "dist").glob("ray_stage_runner-*.whl"))
+    session.install(str(wheels[-1]))
+    with session.chdir(tmp):
+        session.run("runner", "--version")
+        session.run("runner", "pipeline=demo", f"run.dir={tmp}/run", "run.progress=log")
 
 
 @nox.session(python=PYTHON)

@@ -55,7 +55,7 @@ def test_startup_to_first_unit(compare: Callable[..., None], tmp_path: Path) -> 
         )
 
     def baseline() -> None:
-        code = BASELINE.format(specs=ROOT / "specs")
+        code = BASELINE.format(specs=ROOT / "runner" / "specs")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
 
     compare(runner, baseline, rounds=2)

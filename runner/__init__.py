@@ -2,4 +2,12 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+# the distribution's name on the package index (`runner` there is another project)
+DIST = "ray-stage-runner"
+
+try:
+    __version__ = metadata.version(DIST)
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -6,6 +6,8 @@ fit, a run directory in use); `RUNNER_FULL_ERROR=1` adds the traceback.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import signal
@@ -18,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from runner import DIST, __version__, compose, procs, report, sim, sweep
 from runner import cluster as clusters
-from runner import procs, report, sim, sweep
 from runner.errors import RunnerError
 from runner.execute import execute
 from runner.plan import Plan, StagePlanner, make_plan
@@ -32,9 +34,11 @@ from runner.store import RAY_PIDS, RunStore, read_ledger
 
 log = logging.getLogger("runner")
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
-SPECS_DIR = ROOT / "specs"
+# the primary config and the example pipelines ship inside the package, found through Hydra's
+# `pkg://` search path, so an installed wheel works from any directory
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR / "conf"
+SPECS_DIR = PACKAGE_DIR / "specs"
 
 # exit codes of the jobs of this invocation (one, or one per multirun job)
 _codes: list[int] = []
@@ -175,12 +179,13 @@ def _planners() -> dict[str, StagePlanner]:
 
 
 def _origins() -> Origins | None:
-    """Which file or override set each key, from Hydra's record of the composition."""
+    """Where each key came from, from Hydra's record of the composition: the file (and the
+    search-path root it lies in) or the command-line override that set it."""
     try:
         hc = HydraConfig.get()
     except ValueError:
         return None
-    roots = [Path(s.path) for s in hc.runtime.config_sources if s.schema == "file"]
+    roots = [d for s in hc.runtime.config_sources if (d := source_dir(s.schema, s.path))]
     files: dict[str, Path] = {"": CONF_DIR / "config.yaml"}
     for key, choice in hc.runtime.choices.items():
         if key.startswith("hydra/") or choice is None:
@@ -192,28 +197,62 @@ def _origins() -> Origins | None:
                 files[package or group.replace("/", ".")] = path
                 break
     overrides = []
-    for text in hc.overrides.task:
+    task_overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
+    assert isinstance(task_overrides, list)
+    for text in map(str, task_overrides):  # unresolved: an override may be `KEY=${bad}`
         key = text.split("=", 1)[0].lstrip("+~")
         if key not in hc.runtime.choices:  # `pipeline=NAME` picks a file; it sets no key
             overrides.append((key, text))
-    return Origins(files, overrides)
+    return Origins(files, overrides, roots)
 
 
-OmegaConf.register_new_resolver("runner_specs", lambda: f"file://{SPECS_DIR}", replace=True)
+def source_dir(schema: str, path: str) -> Path | None:
+    """The directory of a Hydra config source (`file` or `pkg`), or None for the others."""
+    if schema == "file":
+        return Path(path).resolve()
+    if schema == "pkg":
+        spec = importlib.util.find_spec(path.replace("/", "."))
+        if spec is not None and spec.submodule_search_locations:
+            return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return None
+
+
+def _pipelines() -> str:
+    """Every pipeline on the search path (the shipped ones and --config-dir's), for --help."""
+    try:
+        from hydra.core.global_hydra import GlobalHydra
+
+        loader = GlobalHydra.instance().config_loader()
+        names = loader.get_group_options("pipeline", config_name="config")
+    except Exception:  # not initialized (outside Hydra): the shipped pipelines
+        names = [p.stem for p in (SPECS_DIR / "pipeline").glob("*.yaml")]
+    return ", ".join(sorted(names))
+
+
 OmegaConf.register_new_resolver("runner_run_dir", sweep.run_dir, replace=True)
-OmegaConf.register_new_resolver(
-    "runner_pipelines",
-    lambda: ", ".join(sorted(p.stem for p in (SPECS_DIR / "pipeline").glob("*.yaml"))),
-    replace=True,
-)
+OmegaConf.register_new_resolver("runner_output_dir", sweep.output_dir, replace=True)
+OmegaConf.register_new_resolver("runner_snapshot_dir", sweep.snapshot_dir, replace=True)
+OmegaConf.register_new_resolver("runner_pipelines", _pipelines, replace=True)
 register_configs()
-_hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
+compose.install()
+_hydra_main = hydra.main(config_path="pkg://runner.conf", config_name="config", version_base="1.3")(
+    _task
+)
+
+
+def _ray_version() -> str:
+    try:
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `runner` and `python -m runner`; returns the exit code."""
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *sweep.sweep_args(sys.argv[1:] if argv is None else argv)]
+    if "--version" in sys.argv[1:]:  # Hydra's own flag would print Hydra's version
+        print(f"runner {__version__} ({DIST}; Hydra {hydra.__version__}, Ray {_ray_version()})")
+        return 0
     # worker targets in the user's project import as they would with `python -m`
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

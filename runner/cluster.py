@@ -11,13 +11,16 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import gpus, procs
+from runner import DIST, gpus, procs
 from runner.errors import ClusterError, SpecError
 from runner.resources import Resources
 from runner.schema import ClusterConfig
@@ -241,32 +244,112 @@ def ray_alive() -> bool:
 
 
 def _init_local(cfg: ClusterConfig, info: ClusterInfo) -> None:
+    """Start this run's own embedded Ray. `address="local"` makes Ray ignore RAY_ADDRESS and
+    any Ray already running on the host: cluster=local means a Ray of our own."""
     import ray
 
+    if cfg.dashboard:
+        _require_extra("dashboard", "the Ray dashboard (cluster.dashboard=true)")
     node = info.nodes[0]
     try:
-        ray.init(
-            num_cpus=round(node.cpus),
-            num_gpus=int(node.gpus),
-            _memory=int(node.memory),
-            object_store_memory=cfg.object_store_mb << 20,
-            include_dashboard=False,
-            log_to_driver=cfg.log_to_driver,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
+        with _quiet(cfg.verbose):
+            context = ray.init(
+                address="local",
+                num_cpus=round(node.cpus),
+                num_gpus=int(node.gpus),
+                _memory=int(node.memory),
+                object_store_memory=cfg.object_store_mb << 20,
+                include_dashboard=cfg.dashboard,
+                dashboard_host="127.0.0.1",
+                log_to_driver=cfg.log_to_driver,
+                logging_level=_ray_log_level(cfg.verbose),
+                configure_logging=True,
+            )
     except Exception as exc:  # Ray raises many types here; all mean "could not start"
         raise ClusterError(f"could not start a local Ray: {exc}") from exc
+    if cfg.dashboard:
+        log.info("Ray dashboard: http://%s", context.dashboard_url)
 
 
 def _init_remote(cfg: ClusterConfig) -> None:
+    """Connect to an existing cluster, giving up after `cluster.connect_timeout` seconds: Ray
+    itself retries an unreachable address for many minutes."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS") or cfg.address or "auto"
+    if address.startswith("ray://"):
+        _require_extra("client", f"a ray:// address ({address})")
+    if address != "auto":
+        _wait_reachable(address, cfg.connect_timeout)
     try:
-        ray.init(address=address, log_to_driver=cfg.log_to_driver, logging_level=logging.WARNING)
+        with _quiet(cfg.verbose):
+            ray.init(
+                address=address,
+                log_to_driver=cfg.log_to_driver,
+                logging_level=_ray_log_level(cfg.verbose),
+            )
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError by Ray version
         raise ClusterError(
             f"could not connect to Ray at {address!r}: {exc}\n"
             "  set RAY_ADDRESS (or cluster.address) to a running cluster, or use cluster=local"
         ) from exc
+
+
+def _wait_reachable(address: str, timeout: float) -> None:
+    """Return once `address` (`[ray://]host:port`) accepts a TCP connection; a ClusterError
+    naming the address and the timeout after `timeout` seconds of refusals or silence."""
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(
+            f"cluster.address: = {address!r}: expected HOST:PORT, ray://HOST:PORT or auto"
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(left, 0.1)):
+                return
+        except OSError as exc:
+            if time.monotonic() + 0.5 >= deadline:
+                raise ClusterError(
+                    f"could not reach Ray at {address!r} within {timeout:g} s "
+                    f"(cluster.connect_timeout): {exc.strerror or exc}\n"
+                    "  is the cluster up and the address right? set RAY_ADDRESS or "
+                    "cluster.address, raise cluster.connect_timeout, or use cluster=local"
+                ) from exc
+            time.sleep(0.5)
+
+
+# what each extra brings, and how to tell it is installed (Ray's own checks)
+_EXTRAS = {
+    "client": "get_ray_client_dependency_error",
+    "dashboard": "get_dashboard_dependency_error",
+}
+
+
+def _require_extra(extra: str, what: str) -> None:
+    """A ClusterError naming `pip install DIST[extra]` when Ray's optional parts are missing."""
+    from ray._private import utils
+
+    missing = getattr(utils, _EXTRAS[extra])()
+    if missing is not None:
+        raise ClusterError(
+            f"{what} needs Ray's optional packages ({missing}): pip install '{DIST}[{extra}]'"
+        )
+
+
+def _ray_log_level(verbose: bool) -> int:
+    return logging.INFO if verbose else logging.ERROR
+
+
+@contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Hide Ray's start-up chatter (its warnings about /dev/shm, usage stats, deprecations)
+    unless `cluster.verbose`: a user's terminal should show runner's messages first."""
+    if verbose:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

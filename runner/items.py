@@ -13,7 +13,6 @@ import functools
 import glob as globlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ def check(items: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append(("list", f"= {value!r}: expected a non-empty list"))
     elif source == "glob":
         if not isinstance(value, str) or not globlib.glob(value, recursive=True):
-            problems.append(("glob", f"= {value!r}: matches no files (relative to {os.getcwd()})"))
+            problems.append(("glob", f"= {value!r}: matches no files"))
     elif source == "file":
         problems += _check_file(value, items.get("id"))
     elif not isinstance(value, str):
@@ -76,7 +75,7 @@ def _check_file(value: Any, id_field: Any) -> list[tuple[str, str]]:
         return [("file", f"= {value!r}: expected a path")]
     path = Path(value)
     if not path.is_file():
-        return [("file", f"= {value!r}: no such file (relative to {os.getcwd()})")]
+        return [("file", f"= {value!r}: no such file")]
     if path.suffix not in FILE_SUFFIXES:
         return [("file", f"= {value!r}: unknown format; use one of {', '.join(FILE_SUFFIXES)}")]
     if id_field is not None and not isinstance(id_field, str):

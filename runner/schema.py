@@ -62,6 +62,12 @@ class ClusterConfig:
     object_store_mb: int = limited(256, ge=64)
     # forward worker stdout/stderr to this terminal
     log_to_driver: bool = False
+    # ray: seconds to wait for an unreachable address before giving up
+    connect_timeout: float = limited(60.0, gt=0)
+    # show Ray's own start-up messages and warnings
+    verbose: bool = False
+    # local: serve the Ray dashboard on 127.0.0.1 (needs the `dashboard` extra: ray[default])
+    dashboard: bool = False
     # sim: nodes as [{count, cpus, gpus, gpu_memory_gb, memory (GB)}]
     nodes: list[dict[str, Any]] = field(default_factory=list)
     # sim: seconds a unit (a pool item, a role step) takes when its spec declares no duration

@@ -13,8 +13,8 @@ import importlib
 import traceback
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -36,15 +36,18 @@ from runner.schema import (
 
 @dataclass
 class Origins:
-    """Where each key of the composed config came from, for messages that name a file."""
+    """Where each key of the composed config came from, for messages that name a file and for
+    anchoring a spec's relative data paths to the directory the spec lives in."""
 
     # YAML files by the config package they were merged into ("pipeline", "pipeline.stages.x")
     files: dict[str, Path]
     # command-line overrides as (key, text)
     overrides: list[tuple[str, str]]
+    # the config search path's directories (the shipped specs, --config-dir, ...)
+    roots: list[Path] = field(default_factory=list)
 
-    def of(self, key: str) -> str:
-        """The override or the file that most likely set `key`."""
+    def source(self, key: str) -> Path | str:
+        """The file that most likely set `key`, or the text of the override that did."""
         for okey, text in self.overrides:
             if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
                 return f"command line '{text}'"
@@ -54,8 +57,26 @@ class Origins:
             path = self.files[package]
             rel = key[len(package) + 1 :] if package else key
             if _yaml_has(path, rel):
-                return _display(path)
-        return _display(self.files[candidates[-1]]) if candidates else "config"
+                return path
+        return self.files[candidates[-1]] if candidates else "config"
+
+    def of(self, key: str) -> str:
+        """The override or the file that most likely set `key`, for a message."""
+        source = self.source(key)
+        return _display(source) if isinstance(source, Path) else source
+
+    def base(self, key: str) -> Path:
+        """The directory a relative path in `key` is relative to: the search-path root of the
+        spec file that set it (`specs/`, `--config-dir`), or the working directory for a path
+        given on the command line."""
+        source = self.source(key)
+        if not isinstance(source, Path):
+            return Path.cwd()
+        source = source.resolve()
+        for root in self.roots:
+            if source.is_relative_to(root):
+                return root
+        return source.parent
 
 
 def _yaml_has(path: Path, dotted: str) -> bool:
@@ -83,18 +104,55 @@ class Problems:
     def __init__(self, origins: Origins | None) -> None:
         self.origins = origins
         self.items: list[tuple[str, str]] = []
+        # problems whose message should name the line of the file that set the key
+        self.with_line: set[int] = set()
 
-    def add(self, key: str, message: str) -> None:
+    def add(self, key: str, message: str, *, line: bool = False) -> None:
+        if line:
+            self.with_line.add(len(self.items))
         self.items.append((key, message))
 
     def raise_if_any(self) -> None:
         if not self.items:
             return
         lines = []
-        for key, message in self.items:
+        for n, (key, message) in enumerate(self.items):
             where = self.origins.of(key) if self.origins else "config"
+            if n in self.with_line and self.origins:
+                source = self.origins.source(key)
+                if isinstance(source, Path) and (at := yaml_line(source, key)) is not None:
+                    where += f", line {at}"
             lines.append(f"{where}: {key}: {message}")
         raise SpecError(lines)
+
+
+def yaml_line(path: Path, key: str) -> int | None:
+    """The line (1-based) of the last component of `key` in YAML file `path`, if written."""
+    try:
+        node = yaml.compose(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    found: yaml.Node | None = None
+    parts = key.split(".")
+    # the file may hold the key under any prefix of it (its package): try the longest path
+    for start in range(len(parts)):
+        found = _find(node, parts[start:])
+        if found is not None:
+            break
+    return None if found is None else found.start_mark.line + 1
+
+
+def _find(node: yaml.Node | None, parts: list[str]) -> yaml.Node | None:
+    """The key node of `parts` (a path of mapping keys) in a composed YAML node, or None."""
+    key_node = None
+    for part in parts:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+        if pair is None:
+            return None
+        key_node, node = pair
+    return key_node
 
 
 @dataclass
@@ -197,10 +255,24 @@ def _resolve(cfg: DictConfig, problems: Problems) -> dict[str, Any]:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or "config"
-        problems.add(str(key), f"cannot resolve: {exc.msg if hasattr(exc, 'msg') else exc}")
+        # OmegaConf appends full_key / object_type lines: the first line says what is wrong
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        value = _raw_value(cfg, str(key))
+        written = f"= {value!r}: " if value is not None else ""
+        problems.add(str(key), f"{written}cannot resolve: {what}", line=True)
         return {}
     assert isinstance(data, dict)
     return {str(k): v for k, v in data.items()}
+
+
+def _raw_value(cfg: DictConfig, key: str) -> Any:
+    """The unresolved text of `key` (`${...}`), or None."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return node._value() if node is not None else None
 
 
 def _pipeline(data: Any, checks: Mapping[str, KindCheck], problems: Problems) -> Pipeline | None:
@@ -215,6 +287,7 @@ def _pipeline(data: Any, checks: Mapping[str, KindCheck], problems: Problems) ->
     stages: dict[str, StageSpec] = {}
     raw: dict[str, dict[str, Any]] = {}
     for name, stage_data in stages_data.items():
+        anchor_paths(f"pipeline.stages.{name}", stage_data, problems.origins)
         built = _stage(str(name), stage_data, problems)
         if built is not None:
             stages[str(name)], raw[str(name)] = built
@@ -249,6 +322,49 @@ def _stage(name: str, data: Any, problems: Problems) -> tuple[StageSpec, dict[st
     assert isinstance(stage, StageSpec)
     raw = {f.name: getattr(stage, f.name) for f in fields(stage)}
     return stage, raw
+
+
+# keys of a stage (by kind) that name a file, a glob pattern or a directory
+PATH_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "pool": (("items", "file"), ("items", "glob")),
+    "jobs": (("jobs_file",), ("cwd",), ("jobs", "*", "cwd")),
+    "shard": (("input",),),
+}
+
+
+def anchor_paths(path: str, data: Any, origins: Origins | None) -> None:
+    """Make a stage's relative data paths absolute, in place: relative to the directory of the
+    spec that wrote them (see `Origins.base`), so a spec runs the same from any directory;
+    without origins (no Hydra), relative to the working directory."""
+    if not isinstance(data, dict):
+        return
+    for keys in PATH_KEYS.get(str(data.get("kind")), ()):
+        for parent, key in _walk(data, keys):
+            value = parent.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            expanded = Path(value).expanduser()
+            if not expanded.is_absolute():
+                # an entry of a list (jobs[i].cwd) comes from the file that wrote the list
+                where = f"{path}.{'.'.join(keys).split('.*')[0]}"
+                base = origins.base(where) if origins else Path.cwd()
+                expanded = base / expanded
+            parent[key] = str(expanded)
+
+
+def _walk(node: Any, keys: tuple[str, ...]) -> Iterator[tuple[dict[str, Any], str]]:
+    """The (mapping, key) pairs `keys` reaches in `node`; `*` stands for every list entry."""
+    if not keys:
+        return
+    head, rest = keys[0], keys[1:]
+    children = node if head == "*" and isinstance(node, list) else []
+    if head != "*" and isinstance(node, dict):
+        if not rest:
+            yield node, head
+            return
+        children = [node.get(head)]
+    for child in children:
+        yield from _walk(child, rest)
 
 
 def _check_needs(stages: Mapping[str, StageSpec], problems: Problems) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,31 @@ def run_dir(default: str) -> str:
     if hc.mode is RunMode.MULTIRUN and hc.runtime.output_dir:
         return str(hc.runtime.output_dir)
     return default
+
+
+def output_dir(mode: str, run_dir: str) -> str:
+    """Hydra's output directory: the run directory when running; for plan, status and report
+    a scratch directory, so that looking at a run creates nothing in its directory."""
+    if mode == "run":
+        return run_dir
+    return str(Path(tempfile.gettempdir()) / f"runner-{os.getuid()}" / mode)
+
+
+def snapshot_dir(mode: str) -> str | None:
+    """Where Hydra keeps the composed config: one `.hydra/<time>/` per run attempt."""
+    if mode != "run":
+        return None
+    return ".hydra/" + datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+
+
+def sweep_args(argv: list[str]) -> list[str]:
+    """A sweep (`-m`) with an explicit `run.dir=DIR` runs each job in `DIR/<overrides>`, never
+    in one shared directory: `run.dir=DIR` becomes Hydra's sweep directory."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    return [
+        f"hydra.sweep.dir={a[len('run.dir=') :]}" if a.startswith("run.dir=") else a for a in argv
+    ]
 
 
 class SweepSummary(Callback):

@@ -100,6 +100,21 @@ def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 1
     return Result(proc.returncode, out, err)
 
 
+def runner_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+    """`runner ARGS` started in `cwd`, with nothing of the clone on its path."""
+    script = Path(sys.executable).parent / "runner"
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [str(script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+        timeout=120,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
 def summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 

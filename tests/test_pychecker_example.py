@@ -15,7 +15,7 @@ import pytest
 
 from runner.examples.pychecker import PyChecker
 
-DATASET = Path(__file__).resolve().parents[1] / "data" / "pychecker" / "problems.jsonl"
+DATASET = Path(__file__).resolve().parents[1] / "runner/specs/data/pychecker/problems.jsonl"
 KINDS = {"correct", "wrong", "syntax", "loop"}
 
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"

@@ -13,7 +13,14 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from tests.conftest import cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import (
+    TEST_SPECS,
+    cpus_free_again,
+    run_runner,
+    runner_process,
+    summary,
+    wait_until,
+)
 
 PROMPTS = 1200
 
@@ -177,7 +184,7 @@ def test_bad_shard_specs_exit_2_naming_every_problem(cli) -> None:
     assert res.code == 2
     spec = "tests/specs/pipeline/shard_bad.yaml: pipeline.stages.gen"
     for message in (
-        f"{spec}.id_column: = 'idx': no such column in data/continuation/prompts.csv; "
+        f"{spec}.id_column: = 'idx': no such column in {TEST_SPECS}/data/continuation/prompts.csv; "
         "did you mean 'id'? (columns: id, prompt)",
         f"{spec}.command: = '--out={{outptu}}': unknown placeholder {{outptu}}; did you mean "
         "'output'? (allowed: {input}, {output}, {output_dir}, {low}, {high}, {last}, {gpus}, "
@@ -197,7 +204,7 @@ def test_a_missing_input_and_two_kinds_of_work_exit_2(cli) -> None:
     assert res.code == 2
     spec = "tests/specs/pipeline/shard_bad_input.yaml: pipeline.stages.gen"
     assert (
-        f"{spec}.input: = 'data/continuation/no_such_prompts.csv': no such file (relative to "
+        f"{spec}.input: = '{TEST_SPECS}/data/continuation/no_such_prompts.csv': no such file\n"
         in res.err
     )
     assert f"{spec}.command: give exactly one of `command` (an argv list) or `fn`" in res.err

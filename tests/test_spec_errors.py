@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import run_runner
+from tests.conftest import TEST_SPECS, run_runner
 
 SPEC = "tests/specs/pipeline"
 
@@ -68,7 +68,7 @@ SPEC = "tests/specs/pipeline"
         pytest.param(
             "bad_items",
             f"{SPEC}/bad_items.yaml: pipeline.stages.check.items.file: = "
-            "'data/no_such_file.jsonl': no such file",
+            f"'{TEST_SPECS}/data/no_such_file.jsonl': no such file",
             id="items_source_missing",
         ),
         pytest.param(
@@ -94,7 +94,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "num_workers: = -2",
         "step_timeout: = 'soon'",
         "worker._target_: = 'no_such",
-        "items.glob: = 'nothing/*.txt': matches no files",
+        f"items.glob: = '{TEST_SPECS}/nothing/*.txt': matches no files",
     ):
         assert key in result.err
 

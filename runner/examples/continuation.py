@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "continuation" / "corpus.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "specs" / "data" / "continuation" / "corpus.txt"
 END = "."
 
 

@@ -164,7 +164,7 @@ def _read_jobs_file(value: str) -> list[Any] | str:
     """The job mappings of a YAML/JSON list or a JSONL file, or why they cannot be read."""
     path = Path(value)
     if not path.is_file():
-        return f"no such file (relative to {os.getcwd()})"
+        return "no such file"
     if path.suffix not in (".yaml", ".yml", ".json", ".jsonl"):
         return "unknown format; use .yaml, .yml, .json or .jsonl"
     try:

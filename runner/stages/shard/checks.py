@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import string
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +35,7 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
 def _check_input(spec: ShardStage, path: str, problems: Problems) -> None:
     source = Path(spec.input)
     if not source.is_file():
-        problems.add(f"{path}.input", f"= {spec.input!r}: no such file (relative to {os.getcwd()})")
+        problems.add(f"{path}.input", f"= {spec.input!r}: no such file")
         return
     if source.suffix not in INPUT_SUFFIXES:
         problems.add(

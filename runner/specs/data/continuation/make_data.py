@@ -1,6 +1,8 @@
 """Generate the continuation example's data: a small corpus and 1200 prompts, deterministically.
 
-    python data/continuation/make_data.py   # rewrites corpus.txt, prompts.csv, demo_prompts.csv
+    python runner/specs/data/continuation/make_data.py
+
+rewrites corpus.txt, prompts.csv and demo_prompts.csv.
 
 The corpus is sentences from a small grammar (no download, no licence question); the n-gram
 model of `runner.examples.continuation` is built from it. Prompts are sentence openings from

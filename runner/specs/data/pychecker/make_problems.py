@@ -7,7 +7,7 @@ that compiles but fails the asserts, a syntax error, or a busy loop that hangs
 the tests. Row order and content depend only on this file, so reruns produce
 byte-identical output.
 
-Run: python data/pychecker/make_problems.py
+Run: python runner/specs/data/pychecker/make_problems.py
 """
 
 from __future__ import annotations

@@ -1,0 +1,142 @@
+"""Hydra composition with the schema's defaults in it.
+
+OmegaConf has no unions keyed on a field, so a stage cannot be typed by its `kind:` in a
+structured config, and a key its YAML omits would need `++` to be overridden. Between
+composing the defaults list and applying the command-line overrides, every stage gets its
+kind's defaults under what its YAML wrote (and `cluster` and `run` theirs): every documented
+key is then overridable as `KEY=VALUE`, and `--cfg job` shows every effective value. A
+`pipeline.stages.NAME.kind=K` override picks K's defaults; `+KEY=VALUE` still adds a key.
+
+A YAML syntax error in a spec is reported as one line naming file, line and column.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.schema import STAGE_KINDS, ClusterConfig, RunConfig
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The fields of dataclass `cls` that have a default, with it (required ones left out)."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+        elif f.default is not MISSING and f.default != "???":
+            out[f.name] = f.default
+    return out
+
+
+def fill_defaults(cfg: DictConfig, overrides: list[Override]) -> None:
+    """Put the schema's defaults under the composed values of `cfg`, in place."""
+    kinds = {
+        o.key_or_group.split(".")[2]: str(o.value())
+        for o in overrides
+        if not o.is_delete()
+        and o.key_or_group.startswith("pipeline.stages.")
+        and o.key_or_group.count(".") == 3
+        and o.key_or_group.endswith(".kind")
+    }
+    # `+KEY=VALUE` adds a key: leave those out, so that it still works as it did
+    added = {o.key_or_group for o in overrides if o.is_add()}
+    with open_dict(cfg):
+        for key, schema in (("run", RunConfig), ("cluster", ClusterConfig)):
+            if isinstance(cfg.get(key), DictConfig):
+                _under(cfg[key], defaults_of(schema), key, added)
+        stages = OmegaConf.select(cfg, "pipeline.stages", throw_on_missing=False)
+        if not isinstance(stages, DictConfig):
+            return
+        for name, stage in stages.items_ex(resolve=False):
+            if not isinstance(stage, DictConfig):
+                continue
+            kind = kinds.get(str(name), stage.get("kind"))
+            if kind in STAGE_KINDS:
+                path = f"pipeline.stages.{name!s}"
+                _under(stage, defaults_of(STAGE_KINDS[kind]), path, added)
+
+
+def _under(node: DictConfig, defaults: dict[str, Any], path: str, skip: set[str]) -> None:
+    """Add each default `node` (at `path`) lacks; what the YAML wrote always wins."""
+    for key, value in defaults.items():
+        if key not in node and f"{path}.{key}" not in skip:
+            node[key] = value
+
+
+def yaml_error(exc: BaseException) -> str | None:
+    """`FILE, line L, column C: what is wrong` for a YAML syntax error (here or in its causes),
+    or None when `exc` is not one."""
+    while exc is not None and not isinstance(exc, yaml.YAMLError):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return None if exc is None else f"YAML syntax error: {exc}"
+    mark = exc.problem_mark
+    what = exc.problem or "syntax error"
+    if exc.context and exc.context_mark is not None:
+        start = exc.context_mark
+        what += f" ({exc.context} that starts at line {start.line + 1}, column {start.column + 1})"
+    return f"{_display(mark.name)}, line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
+def _display(name: str) -> str:
+    path = Path(name)
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return name
+
+
+def _bad(message: str) -> int:
+    """Hydra would print a traceback for any exception: print the message alone, exit 2."""
+    print(f"runner: error: invalid spec: {message}", file=sys.stderr)
+    return 2
+
+
+_installed = False
+
+
+def install() -> None:
+    """Hook into Hydra's composition, once: `fill_defaults` between the defaults list and the
+    overrides, and YAML syntax errors as one line naming file, line and column (Hydra offers
+    no public hook for either; hydra-core is pinned to 1.3)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    apply_overrides = ConfigLoaderImpl._apply_overrides_to_config
+    load = ConfigLoaderImpl._load_configuration_impl
+
+    def apply(overrides: list[Override], cfg: DictConfig) -> None:
+        fill_defaults(cfg, overrides)
+        apply_overrides(overrides, cfg)
+
+    def load_reporting_yaml(self: ConfigLoaderImpl, *args: Any, **kwargs: Any) -> DictConfig:
+        try:
+            cfg = load(self, *args, **kwargs)
+            # Hydra resolves its output directory (from run.dir, pipeline.name) outside any
+            # error handling of ours: a bad interpolation there would end in a traceback
+            for key in ("hydra.run.dir", "hydra.sweep.dir"):
+                try:
+                    OmegaConf.select(cfg, key)
+                except OmegaConfBaseException as exc:
+                    what = str(exc).splitlines()[0]
+                    hint = "(built from run.dir and pipeline.name)"
+                    raise SystemExit(_bad(f"{key} {hint}: cannot resolve: {what}")) from None
+            return cfg
+        except Exception as exc:
+            message = yaml_error(exc)
+            if message is None:
+                raise
+            raise SystemExit(_bad(message)) from None
+
+    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[method-assign]
+    ConfigLoaderImpl._load_configuration_impl = load_reporting_yaml  # type: ignore[method-assign]
