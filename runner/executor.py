@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS, FLUSH_ROWS = 0.2, 5000
 # seconds Ray may take to start a unit on its granted node before the grant goes back
 START_BOUND = 60.0
+# how often the metrics gauges (units by state, resources granted) are brought up to date
+METRICS_EVERY = 1.0
 # how often Ray's node membership is read again
 NODES_EVERY = 2.0
 # seconds a signal is given to end the embedded Ray's processes too, before Ray is asked anything
@@ -316,6 +318,7 @@ class Executor:
         self.rows: dict[tuple[str, str], UnitRow] = {}
         self.events: list[Event] = []
         self.last_flush = time.monotonic()
+        self.metrics_seen = 0.0
         self.nodes: list[RayNode] = []
         self.node_seen = 0.0
         cluster = plan.cluster
@@ -893,9 +896,16 @@ class Executor:
         if self.events:
             self.ctx.ledger.add_events(self.events)
             self.events = []
+        self.last_flush = time.monotonic()
+        if self.last_flush - self.metrics_seen < METRICS_EVERY and not force:
+            return
+        self.metrics_seen = self.last_flush
         for name, live in self.live.items():
             REGISTRY.set_units(name, Counter(w.state.value for w in live.run.works))
-        self.last_flush = time.monotonic()
+        capacity = Resources()
+        for node in self.ctx.scheduler.nodes:
+            capacity = capacity + node
+        REGISTRY.set_resources(capacity - self.ctx.scheduler.free(), capacity)
 
 
 def _lost_reason(lease: Lease, exc: BaseException) -> str:
