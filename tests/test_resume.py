@@ -72,7 +72,7 @@ def test_fresh_run_killed_then_rerun_never_mixes_runs(ray_session: str, tmp_path
 @pytest.mark.usefixtures("ray_session")
 def test_touching_a_shard_input_reruns_nothing_and_reads_no_rows(cli, tmp_path) -> None:
     source = tmp_path / "prompts.csv"
-    shutil.copy(ROOT / "data" / "continuation" / "prompts.csv", source)
+    shutil.copy(ROOT / "runner" / "specs" / "data" / "continuation" / "prompts.csv", source)
     args = (
         "pipeline=shard_copy",
         f"run.dir={tmp_path / 'run'}",
