@@ -34,12 +34,13 @@ from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started
-from runner.plan import PlanContext, StagePlan, Unit
+from runner.plan import Plan, PlanContext, StagePlan, Unit
 from runner.remote import bounded, error_line
 from runner.resources import Resources
 from runner.scheduler.core import Grant, Ticket
 from runner.scheduler.metrics import REGISTRY
 from runner.scheduler.policy import Policy
+from runner.spec import Pipeline
 from runner.store import Event, UnitRow
 
 log = logging.getLogger(__name__)
@@ -300,8 +301,8 @@ class Executor:
 
     def __init__(
         self,
-        plan: Any,
-        pipeline: Any,
+        plan: Plan,
+        pipeline: Pipeline,
         kinds: Mapping[str, StageKind],
         ctx: RunContext,
         fresh: bool,
