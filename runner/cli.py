@@ -154,6 +154,8 @@ def _run(spec: Spec) -> int:
             if spec.run.fresh:
                 # an interrupted fresh run must not be completed later with older results
                 ledger.supersede(plan.stages)
+            if metrics.REGISTRY.ray is None:  # Ray's metrics agent exports them where it runs
+                metrics.REGISTRY.export_to_ray()
             metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
             with metrics.serving(spec.cluster.metrics_port):
                 code, summary = execute(

@@ -77,12 +77,12 @@ def execute(
     if ledger.failure is not None:
         raise ledger.failure
     summary = make_summary(plan, outcomes, time.monotonic() - started)
+    code = 128 + caught[0] if caught else 0 if all(o.ok for o in outcomes.values()) else 1
+    ledger.end_run(run_started, code)  # before the report, which shows it
     summary.update(
         report.write_run_artifacts(ledger, f"{plan.pipeline} {store.root}", store.root, plan)
     )
     write_json(store.root / SUMMARY, summary)
-    code = 128 + caught[0] if caught else 0 if all(o.ok for o in outcomes.values()) else 1
-    ledger.end_run(run_started, code)
     if caught:
         raise Interrupted(caught[0])
     return code, summary

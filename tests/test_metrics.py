@@ -93,3 +93,24 @@ def test_metrics_are_served_during_a_run_and_gone_after(cli, tmp_path: Path) -> 
     assert 'runner_resources_capacity{resource="CPU"} 2.0' in seen[0]
     with pytest.raises(urllib.error.URLError):
         scrape(port)
+
+
+def test_the_same_metrics_go_through_ray_util_metrics_too(ray_session: str) -> None:
+    """Where Ray's metrics agent runs (`ray[default]`), Ray exports these as `ray_runner_*`;
+    here (no agent) the mirror must still take every update."""
+    from ray.util import metrics as rm
+
+    from runner.resources import Resources
+    from runner.scheduler.metrics import Metrics
+
+    m = Metrics()
+    m.export_to_ray()
+    assert m.ray is not None
+    assert isinstance(m.ray.preemptions, rm.Counter) and isinstance(m.ray.units, rm.Gauge)
+    assert m.ray.preempt_latency.info["name"] == "runner_preemption_latency_seconds"
+    m.preempted("rlhf", "label")
+    m.preempt_done(0.2)
+    m.admitted(10.0, 0.5)
+    m.set_units("work", {"running": 2, "done": 3})
+    m.set_resources(Resources(cpus=1), Resources(cpus=2, gpus=4))
+    assert "runner_preemptions_total" in m.render()  # the local endpoint is unchanged

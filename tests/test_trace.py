@@ -94,6 +94,7 @@ def res_reasons(run_dir: Path) -> dict[str, int]:
 def test_the_rlhf_report_holds_the_stage_slowest_failure_and_plan_tables(rlhf: Path) -> None:
     page = (rlhf / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<script" not in page and "http" not in page
+    assert "exit code 0;" in page  # the run's own exit code, recorded before the report
     for heading in ("Stages", "Timeline", "Slowest units", "Failures", "Plan"):
         assert f"<h2>{heading}</h2>" in page
     reasons = res_reasons(rlhf)

@@ -6,6 +6,12 @@
 `runner_resources_capacity{resource}` (CPU, GPU, memory in bytes). `cluster.metrics_port`
 turns the endpoint on for the length of a run.
 
+`Metrics.export_to_ray()` mirrors the same names through `ray.util.metrics`: where Ray's
+metrics export runs (`ray[default]`: each node's metrics agent), Ray serves them with its own
+prefix, as `ray_runner_preemptions_total`, `ray_runner_units` and so on, beside Ray's metrics
+(Ray's dashboard and Grafana read them there). Without the agent the mirror costs a little and
+goes nowhere.
+
 Each Metrics object has its own CollectorRegistry, so tests and the simulator can make as
 many as they like. The plain counters beside the collectors (`preemptions`, latency counts,
 `waited_by_priority`) are what the simulator's and the roles stage's summaries read.
@@ -74,10 +80,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        # the same metrics through ray.util.metrics, once `export_to_ray` is called
+        self.ray: RayMirror | None = None
+
+    def export_to_ray(self) -> None:
+        """Mirror every metric through `ray.util.metrics` (Ray must be initialized)."""
+        self.ray = RayMirror()
+
     def preempted(self, pool: str, reason: str) -> None:
         with self._lock:
             self.preemptions[(pool, reason)] += 1
         self._preemptions.labels(pool=pool, reason=reason).inc()
+        if self.ray is not None:
+            self.ray.preemptions.inc(1, tags={"pool": pool, "reason": reason})
 
     def preempt_done(self, seconds: float) -> None:
         """A victim gave its resources back `seconds` after it was chosen."""
@@ -85,6 +100,8 @@ class Metrics:
             self.preempt_latency[0] += 1
             self.preempt_latency[1] += seconds
         self._preempt_latency.observe(seconds)
+        if self.ray is not None:
+            self.ray.preempt_latency.observe(seconds)
 
     def admitted(self, priority: float, waited: float) -> None:
         with self._lock:
@@ -94,6 +111,8 @@ class Metrics:
             entry[0] += 1
             entry[1] += waited
         self._schedule_latency.observe(waited)
+        if self.ray is not None:
+            self.ray.schedule_latency.observe(waited)
 
     def set_units(self, stage: str, by_state: Mapping[str, int]) -> None:
         """How many units of `stage` are in each state now (states not named drop to 0)."""
@@ -104,6 +123,8 @@ class Metrics:
                 self._units.labels(stage=stage, state=state).set(0)
             for state, n in by_state.items():
                 self._units.labels(stage=stage, state=state).set(n)
+                if self.ray is not None:
+                    self.ray.units.set(n, tags={"stage": stage, "state": state})
 
     def set_resources(self, granted: Resources, capacity: Resources) -> None:
         """What the scheduler has granted now, and what it places on."""
@@ -111,10 +132,44 @@ class Metrics:
             gauge.labels(resource="CPU").set(res.cpus)
             gauge.labels(resource="GPU").set(res.gpus)
             gauge.labels(resource="memory").set(res.memory)
+        if self.ray is not None:
+            for ray_gauge, res in ((self.ray.granted, granted), (self.ray.capacity, capacity)):
+                for name, value in (("CPU", res.cpus), ("GPU", res.gpus), ("memory", res.memory)):
+                    ray_gauge.set(value, tags={"resource": name})
 
     def render(self) -> str:
         """The Prometheus text exposition format."""
         return prom.generate_latest(self.registry).decode()
+
+
+class RayMirror:
+    """The same metrics as `ray.util.metrics` objects (Ray adds its `ray_` prefix on export)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics as rm
+
+        self.preemptions = rm.Counter(
+            "runner_preemptions", "Units preempted, by victim pool and reason.", ("pool", "reason")
+        )
+        self.preempt_latency = rm.Histogram(
+            "runner_preemption_latency_seconds",
+            "From choosing a victim to its resources coming back.",
+            list(LATENCY_BUCKETS),
+        )
+        self.schedule_latency = rm.Histogram(
+            "runner_scheduling_latency_seconds",
+            "From asking the scheduler to being admitted.",
+            list(LATENCY_BUCKETS),
+        )
+        self.units = rm.Gauge("runner_units", "Units by stage and state.", ("stage", "state"))
+        self.granted = rm.Gauge(
+            "runner_resources_granted", "Resources granted (memory in bytes).", ("resource",)
+        )
+        self.capacity = rm.Gauge(
+            "runner_resources_capacity",
+            "Resources of the cluster (memory in bytes).",
+            ("resource",),
+        )
 
 
 # the run's metrics, as Prometheus client libraries keep a default registry
