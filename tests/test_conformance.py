@@ -154,3 +154,46 @@ def test_a_signal_to_the_whole_process_group_with_its_embedded_ray_ends_the_run_
         timeout=20,
         what="every process of the run to be gone",
     )
+
+
+@pytest.mark.parametrize(
+    ("spec", "failed", "attempts", "message"),
+    [
+        pytest.param(
+            "conform_fail_pool",
+            {"3", "7"},
+            3,
+            "2 item(s) failed or timed out; max_failures allows 1",
+            id="pool",
+        ),
+        pytest.param("shard_fail", {"600-899"}, 2, "1 shard(s) failed", id="shard"),
+        pytest.param(
+            "conform_fail_jobs",
+            {"bad"},
+            1,
+            "1 job(s) did not complete: bad (exit code 3)",
+            id="jobs",
+        ),
+    ],
+)
+def test_a_failing_unit_is_retried_then_counted_against_the_stage(
+    ray_session: str,
+    cli: Cli,
+    tmp_path: Path,
+    spec: str,
+    failed: set[str],
+    attempts: int,
+    message: str,
+) -> None:
+    res = cli(f"pipeline={spec}", f"run.dir={tmp_path}")
+    assert res.code == 1, res.text
+    assert message in res.text
+    ledger = read_ledger(tmp_path)
+    assert ledger is not None
+    try:
+        rows = {r.unit: r for r in ledger.rows(ledger.stages()[0]["stage"])}
+    finally:
+        ledger.close()
+    assert {u for u, r in rows.items() if r.state is UnitState.failed} == failed
+    assert {rows[u].attempts for u in failed} == {attempts}
+    assert all(r.state is UnitState.done for u, r in rows.items() if u not in failed)
