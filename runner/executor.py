@@ -380,7 +380,14 @@ class Executor:
         )
         for note in stage.notes:
             log.info(note)
-        run = self.kinds[stage.kind].open(stage, self.ctx, self)
+        try:
+            run = self.kinds[stage.kind].open(stage, self.ctx, self)
+        except Exception as exc:  # the stage cannot start; the others go on
+            log.exception("stage %s could not start", name)
+            self.outcomes[name] = StageOutcome(
+                name, stage.kind, ok=False, message=f"could not start: {exc}"
+            )
+            return
         total = len(stage.units or [])
         self.live[name] = _Live(run, started_wall, time.monotonic(), total - len(run.works))
         self.ctx.progress.start(name, sum(not w.state.final for w in run.works))
@@ -520,6 +527,9 @@ class Executor:
             return
         except ray.exceptions.RayTaskError as exc:
             self._forget(ref)
+            if lease.stopping is not None:  # it was asked to stop, and did (by raising)
+                self._stopped(lease)
+                return
             if not lease.closed:
                 lease.run.on_failure(lease, tag, error_line(exc), lost=False)
             return
