@@ -570,8 +570,9 @@ class Executor:
         work.started, work.ended, work.error = at or where.time, None, None
         work.node_id, work.node_ip, work.worker = where.node_id, where.node_ip, where.worker
         live = self.live.get(work.stage)
-        if live is not None and live.run.running_rows:
+        if live is not None and live.run.running_rows:  # a coarse unit: on disk as it starts
             self._row(work)
+            self._flush(force=True)
 
     # --- how units end --------------------------------------------------------------------
 
