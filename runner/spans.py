@@ -19,6 +19,12 @@ from runner.planfile import PlanRecord
 from runner.resources import Resources
 from runner.store import Ledger
 
+# above this many units in a stage, back-to-back units of one state on one track are drawn as
+# one slice ("first … (N units)"): a million pool items cannot be told apart on a screen, and
+# reading them one by one would cost minutes at the end of every run
+DETAIL_LIMIT = 20_000
+# seconds between two units on one track that still count as back to back
+BACK_TO_BACK = 0.05
 # kinds whose units are their own track (a replica keeps its lane across attempts and actors)
 UNIT_TRACKS = frozenset({"roles"})
 UNKNOWN_NODE = "unknown node"
@@ -101,7 +107,10 @@ def read(ledger: Ledger, plan: PlanRecord | None = None, since: float | None = N
     raw: list[tuple[str, dict[str, Any]]] = []
     where: dict[tuple[str, str], tuple[str, str | None, str]] = {}
     for stage, kind in kinds.items():
-        for row in ledger.spans(stage, since):
+        rows = ledger.spans(stage, since)
+        if len(rows) > DETAIL_LIMIT and kind not in UNIT_TRACKS:
+            rows = _coalesced(rows)
+        for row in rows:
             node = row["node_ip"] or _host(row["worker"])
             lane = row["unit"] if kind in UNIT_TRACKS else row["worker"] or row["unit"]
             where[(stage, row["unit"])] = (node, row["node_id"], f"{stage}/{lane}")
@@ -140,6 +149,40 @@ def read(ledger: Ledger, plan: PlanRecord | None = None, since: float | None = N
     view = RunView(slices, moments)
     _usage(view, plan)
     return view
+
+
+def _coalesced(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Back-to-back rows of one state on one worker merged into one row each."""
+    out: list[dict[str, Any]] = []
+    by_worker: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_worker[row["worker"]].append(row)
+    for worker_rows in by_worker.values():
+        worker_rows.sort(key=lambda r: r["started"])
+        run: list[dict[str, Any]] = []
+        for row in worker_rows:
+            last = run[-1] if run else None
+            if last is not None and (
+                row["state"] != last["state"] or row["started"] - last["ended"] > BACK_TO_BACK
+            ):
+                out.append(_merged(run))
+                run = []
+            run.append(row)
+        if run:
+            out.append(_merged(run))
+    return out
+
+
+def _merged(run: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(run) == 1:
+        return run[0]
+    first = run[0]
+    return {
+        **first,
+        "unit": f"{first['unit']} … ({len(run)} units)",
+        "ended": max(r["ended"] for r in run),
+        "attempts": max(r["attempts"] for r in run),
+    }
 
 
 def _host(worker: str | None) -> str:

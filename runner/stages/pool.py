@@ -465,6 +465,8 @@ class PoolRun(StageRun):
         if lease in self.draining and not lease.calls:
             log.debug("%s: replacing worker on %s", self.name, lease.node)
             self.ex.end_lease(lease, kill=True)
+        elif lease.stopping is None:
+            self._feed(lease)  # at once: a worker waiting for the next turn of the loop idles
 
     def on_failure(self, lease: Lease, tag: Any, error: str, lost: bool) -> None:
         """A worker died: requeue what it held as suspects; only an item that ran alone on it
