@@ -85,3 +85,27 @@ def test_a_small_run_gets_one_row_per_lane_named_after_its_worker(tmp_path: Path
     drawing = timeline.draw(view, "few", tmp_path / "timeline.png")
     assert [r.tracks for r in drawing.rows] == [1] * 6 and not drawing.grouped
     assert drawing.rows[0].label == "check/host0:1000"
+
+
+def test_a_stage_of_many_units_is_drawn_as_runs_of_back_to_back_units(tmp_path: Path) -> None:
+    """A million pool items cannot be told apart on a screen: above DETAIL_LIMIT units, a
+    worker's back-to-back units of one state are one slice; a failure keeps its own."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start_run()
+    ledger.save_stage("check", "pool", "fp", {}, "done", 0.0)
+    n, started = spans.DETAIL_LIMIT + 1000, 1_000_000.0
+    rows = []
+    for i in range(n):
+        worker = f"host:{i % 2}"
+        t = started + (i // 2) * 0.001
+        state = UnitState.failed if i == 5001 else UnitState.done
+        rows.append(UnitRow("check", f"item{i}", "fp", state, 1, t, t + 0.001, 0.001, worker))
+    ledger.write(rows)
+    view = spans.read(ledger, since=0.0)
+    # worker 0: one run; worker 1: a run, the failure, a run
+    assert sorted(s.state for s in view.slices) == ["done", "done", "done", "failed"]
+    assert (
+        sum(int(s.unit.split("(")[1].split()[0]) if "(" in s.unit else 1 for s in view.slices) == n
+    )
+    drawing = timeline.draw(view, "many units", tmp_path / "timeline.png")
+    assert drawing.bars == 4
