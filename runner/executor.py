@@ -213,7 +213,11 @@ class StageRun:
         import ray
 
         if lease.task is not None:
-            ray.cancel(lease.task)
+            # a task that has already answered is not cancelled: Ray 2.60 can abort the driver
+            # cancelling a streaming task as it completes ("task that was not pending")
+            done, _ = ray.wait([lease.task], timeout=0)
+            if not done:
+                ray.cancel(lease.task)
 
     def kill(self, lease: Lease) -> None:
         """End what runs on the lease now."""
