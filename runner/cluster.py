@@ -90,11 +90,24 @@ def live_nodes() -> list[RayNode]:
             cpus=float(res.get("CPU", 0)),
             gpus=float(res.get("GPU", 0)),
             memory=float(res.get("memory", 0)),
+            custom=_custom(res),
         )
         found.append(
             RayNode(str(node["NodeID"]), str(node.get("NodeManagerAddress", "")), capacity)
         )
     return found
+
+
+# what Ray reports of every node besides its custom resources (`node:IP`, `accelerator_type:X`
+# and the like have a colon)
+_RAY_OWN = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+def _custom(res: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    """A node's custom resources (e.g. `runner_gpu_<i>`), so the scheduler accounts for them."""
+    return tuple(
+        sorted((k, float(v)) for k, v in res.items() if k not in _RAY_OWN and ":" not in k)
+    )
 
 
 def describe_ray() -> ClusterInfo:
@@ -251,12 +264,15 @@ def _init_local(cfg: ClusterConfig, info: ClusterInfo) -> None:
     if cfg.dashboard:
         _require_extra("dashboard", "the Ray dashboard (cluster.dashboard=true)")
     node = info.nodes[0]
+    # one custom resource per GPU NVML lists, so a shard can ask for exactly its GPUs
+    named = {gpus.resource(g.index): 1.0 for g in gpus.inventory()} if node.gpus else {}
     try:
         with _quiet(cfg.verbose):
             context = ray.init(
                 address="local",
                 num_cpus=round(node.cpus),
                 num_gpus=int(node.gpus),
+                resources=named or None,
                 _memory=int(node.memory),
                 object_store_memory=cfg.object_store_mb << 20,
                 include_dashboard=cfg.dashboard,

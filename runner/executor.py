@@ -637,6 +637,16 @@ class Executor:
         work.suspect = True
         self.failed(work, error)
 
+    def requeue_free(self, work: Work, reason: str) -> None:
+        """It cannot run where it landed (e.g. GPUs short of free memory), no fault of its own:
+        pending again with the reason, and the attempt does not count against its retries."""
+        if self.ctx.stop.is_set():
+            self.finish(work, UnitState.cancelled, error="cancelled")
+            return
+        work.attempts -= 1
+        self.event(work, "retry", reason)
+        self._pending(work, reason)
+
     def preempted(self, work: Work, reason: str, saved: Any) -> None:
         """A victim is out: its state kept, pending again."""
         if work.state is UnitState.granted:

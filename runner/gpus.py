@@ -19,6 +19,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 GB = 1 << 30
+# the custom Ray resource that names one GPU of a node by its NVML index: a node that declares
+# `runner_gpu_<i>: 1` for each of its GPUs lets a shard ask for exactly the GPUs it was given
+RESOURCE_PREFIX = "runner_gpu_"
 # NVML topology levels, nearest first (nvmlGpuTopologyLevel_t): internal, single switch,
 # multiple switches, host bridge, NUMA node, across sockets
 TOPOLOGY_FAR = 60
@@ -168,6 +171,21 @@ def groups(
             group.append(nearest)
         made.append(group)
     return made
+
+
+def resource(index: int) -> str:
+    """The custom Ray resource that stands for GPU `index` (NVML's index) of a node."""
+    return f"{RESOURCE_PREFIX}{index}"
+
+
+def declared(custom: Sequence[tuple[str, float]]) -> list[int]:
+    """The GPU indices a node names with one custom resource each, in index order."""
+    found = []
+    for name, amount in custom:
+        digits = name.removeprefix(RESOURCE_PREFIX)
+        if name.startswith(RESOURCE_PREFIX) and digits.isdigit() and amount >= 1:
+            found.append(int(digits))
+    return sorted(found)
 
 
 def short_of_memory(cuda_visible: str, min_free_gb: float) -> list[Gpu]:

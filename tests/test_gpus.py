@@ -4,6 +4,9 @@ of a GPU spec sees at plan time on machines with and without GPUs."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,9 @@ from typing import Any
 import pytest
 
 from runner import gpus
-from tests.conftest import ROOT, TEST_SPECS, Result
+from runner.resources import Resources
+from runner.stages.shard.slots import GpuSlots
+from tests.conftest import ROOT, TEST_SPECS, Result, run_runner
 from tests.fake_nvml import h100s, install
 
 # a switch pairs 0 with 2 and 1 with 3 (NVML level 20); other pairs meet at the host bridge
@@ -133,3 +138,105 @@ def test_no_nvml_and_no_declared_gpus_is_said_in_plain_words(tmp_path: Path) -> 
         "NVML reports no GPU on this machine and the cluster declares 0 GPUs" in res.err
     )
     assert "Traceback" not in res.err
+
+
+def test_on_a_ray_cluster_groups_are_runs_of_the_gpus_each_node_names() -> None:
+    def node(*indices: int) -> Resources:
+        named = tuple((gpus.resource(i), 1.0) for i in indices)
+        return Resources(cpus=8, gpus=len(indices), custom=(*named, ("other", 1.0)))
+
+    slots = GpuSlots.of(None, 2, [node(0, 1, 2, 3), node(0, 1), node(), Resources(cpus=4)])
+    assert slots is not None
+    assert (slots.groups, slots.nodes) == ([(0, 1), (2, 3)], {(0, 1): 2, (2, 3): 1})
+    assert [slots.take(), slots.take(), slots.take(), slots.spare()] == [(0, 1), (0, 1), (2, 3), 0]
+    assert slots.resources((2, 3), 1).ray_options()["resources"] == {
+        "runner_gpu_2": 1.0,
+        "runner_gpu_3": 1.0,
+    }
+    # a fraction of a GPU, or a cluster that names none: Ray picks the GPUs
+    assert GpuSlots.of(None, 0.5, [node(0, 1)]) is None
+    assert GpuSlots.of([[0, 1]], 2, [Resources(cpus=8, gpus=2)]) is None
+
+
+def run_with_gpus(tmp_path: Path, table: dict[str, Any], *args: str) -> Result:
+    """`runner pipeline=shard_copy cluster=local` with its own embedded Ray, every process of
+    which (Ray's workers too) sees `table` through NVML (tests/nvml_shim)."""
+    path = tmp_path / "nvml.json"
+    path.write_text(json.dumps(table))
+    shim = ROOT / "tests" / "nvml_shim"
+    env = {"PYTHONPATH": f"{shim}{os.pathsep}{ROOT}", "RUNNER_TEST_NVML": str(path)}
+    return run_runner(
+        *("pipeline=shard_copy", "cluster=local", "cluster.num_cpus=2", "cluster.num_gpus=4"),
+        *(f"run.dir={tmp_path / 'run'}", "pipeline.stages.copy.num_shards=4", *args),
+        env=env,
+    )
+
+
+def ledger_of(run_dir: Path) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, str]]]:
+    """The shards' rows (state, attempts, error, result) and the recorded events."""
+    db = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    rows = {
+        u: {"state": s, "attempts": a, "error": e, "result": json.loads(r) if r else None}
+        for u, s, a, e, r in db.execute("SELECT unit, state, attempts, error, result FROM units")
+    }
+    events = db.execute("SELECT unit, kind, detail FROM events").fetchall()
+    db.close()
+    return rows, events
+
+
+def test_on_the_embedded_cluster_shards_run_on_exactly_the_planned_gpu_groups(
+    tmp_path: Path,
+) -> None:
+    # GPU 1 is excluded at plan time; 0 and 3, 2 and 4 share a switch; by the time the
+    # shards run, GPU 0 has filled up: the shard that lands there goes back to the queue
+    # (no retry spent) and the pair is not used again
+    table = {
+        "devices": h100s(80, 5, 80, 80, 80),
+        "workers": h100s(5, 5, 80, 80, 80),
+        "topology": {"0,3": 20, "2,4": 20},
+    }
+    res = run_with_gpus(
+        tmp_path,
+        table,
+        "pipeline.stages.copy.gpus_per_shard=2",
+        "+pipeline.stages.copy.min_gpu_memory_gb=10",
+        "pipeline.stages.copy.retries=0",
+    )
+    assert res.code == 0, res.text
+    assert "copy: 4 of 5 GPU(s) eligible; groups by topology: [0,3] [2,4]" in res.text
+    rows, events = ledger_of(tmp_path / "run")
+    assert {u: r["state"] for u, r in rows.items()} == dict.fromkeys(rows, "done")
+    assert all(r["attempts"] == 1 for r in rows.values())
+    assert {r["result"]["cuda_visible_devices"] for r in rows.values()} == {"2,4"}
+    short = "assigned GPU(s) have less than 10 GB free: GPU 0 (5.0 GB free of 80.0)"
+    retired = f"{short}; GPU(s) 0,3 not used again by this stage"
+    assert events == [("0-299", "retry", retired)]
+    assert f"copy: shard 0-299 queued again: {retired}" in res.err
+    assert "[shard 0-299] gpus 2,4 0-299" in res.out
+    # every attempt, the returned one too, ran on a planned pair
+    assert set(re.findall(r"CUDA_VISIBLE_DEVICES='([^']*)'", res.out)) == {"0,3", "2,4"}
+
+
+def test_where_ray_picks_the_gpus_a_shard_on_a_full_gpu_is_queued_again_before_it_fails(
+    tmp_path: Path,
+) -> None:
+    # no GPU named to Ray (NVML shows none to the runner, so 4 logical ones): whichever GPU
+    # Ray picks is full by the time the shard runs; retries: 0, yet the shard is queued again
+    # 3 times, with the reason, before it counts as a failure
+    res = run_with_gpus(
+        tmp_path,
+        {"devices": [], "workers": h100s(5, 5, 5, 5)},
+        "+pipeline.stages.copy.min_gpu_memory_gb=10",
+        "pipeline.stages.copy.retries=0",
+        "pipeline.stages.copy.num_shards=1",
+    )
+    assert res.code == 1, res.text
+    rows, events = ledger_of(tmp_path / "run")
+    short = "assigned GPU(s) have less than 10 GB free: GPU "
+    assert [(u, k) for u, k, _ in events] == [("0-1199", "retry")] * 3
+    assert all(detail.startswith(short) for _, _, detail in events)
+    assert res.err.count("copy: shard 0-1199 queued again: " + short) == 3
+    row = rows["0-1199"]
+    assert (row["state"], row["attempts"]) == ("failed", 1)
+    assert row["error"].startswith(f"shard 0-1199 failed after 1 attempt(s): {short}")
+    assert "(4 times in a row: counted as a failure)" in row["error"]

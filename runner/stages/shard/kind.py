@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,16 @@ from runner.resources import Resources
 from runner.schema import ShardStage
 from runner.stages.shard.files import Files, commit, launch_values, tail
 from runner.stages.shard.ranges import Shard
+from runner.stages.shard.slots import GpuSlots
 from runner.stages.shard.task import run_shard
 
 log = logging.getLogger(__name__)
 
 # how long a cancelled shard's task gets to kill its command before Ray kills the task
 CANCEL_GRACE = 3.0
+# how often one shard may land on GPUs short of free memory and go back to the queue without
+# spending a retry (where Ray picks the GPUs it may pick the same ones again)
+GPU_REQUEUES = 3
 
 
 class ShardRun(StageRun):
@@ -52,6 +58,11 @@ class ShardRun(StageRun):
         # bytes of each shard's log already shown on the terminal
         self.shown: dict[str, int] = {}
         self.failures: list[str] = []
+        # the GPU groups to ask for by name, where the cluster names its GPUs (else Ray picks)
+        self.slots = GpuSlots.of(
+            stage.settings.get("gpu_groups"), self.spec.gpus_per_shard, ctx.cluster.nodes
+        )
+        self.requeued: Counter[str] = Counter()
 
     @property
     def fmt(self) -> str:
@@ -99,9 +110,25 @@ class ShardRun(StageRun):
             procs.reap_group(f.pid)
             self.ex.record(work)
 
+    def asks(self) -> Iterable[Ask]:
+        """With named GPUs, only as many asks as there are free groups (`ask_for` takes one)."""
+        if self.slots is not None:
+            room = self.asked + self.slots.spare()
+            self.cap = room if self.spec.max_parallel is None else min(self.spec.max_parallel, room)
+        return super().asks()
+
     def ask_for(self, work: Work) -> Ask:
-        resources = Resources(cpus=self.spec.cpus_per_shard, gpus=self.spec.gpus_per_shard)
-        return Ask(resources, self.spec.priority, work)
+        if self.slots is None:
+            resources = Resources(cpus=self.spec.cpus_per_shard, gpus=self.spec.gpus_per_shard)
+            return Ask(resources, self.spec.priority, work)
+        group = self.slots.take()
+        resources = self.slots.resources(group, self.spec.cpus_per_shard)
+        return Ask(resources, self.spec.priority, work, tag=group)
+
+    def lease_ended(self, lease: Lease) -> None:
+        super().lease_ended(lease)
+        if self.slots is not None and lease.ask.tag is not None:
+            self.slots.give(lease.ask.tag)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -117,6 +144,8 @@ class ShardRun(StageRun):
             "fn": self.spec.fn,
             "values": values,
             "gpus": self.spec.gpus_per_shard,
+            # the GPUs (NVML indices) the shard must use, over Ray's pick; None: Ray's pick
+            "gpu_ids": list(lease.ask.tag) if lease.ask.tag is not None else None,
             "min_gpu_memory_gb": self.spec.min_gpu_memory_gb,
             "cwd": os.getcwd(),
             "log": str(f.log.resolve()),
@@ -134,10 +163,14 @@ class ShardRun(StageRun):
         self.ex.end_lease(lease)
         self._show(work)
         self.cpu += reply.get("cpu", 0.0)
+        if reply.get("requeue") and self._requeue(lease, work, reply["requeue"]):
+            return
         shard, f = self.shards[work.id], self.files[work.id]
         error = (
             reply["error"] if not reply["ok"] else commit(f, shard, work.unit, self.spec.id_column)
         )
+        if reply.get("requeue"):
+            error = f"{reply['requeue']} ({GPU_REQUEUES + 1} times in a row: counted as a failure)"
         if error is None:
             result = {
                 "rows": shard.rows,
@@ -156,6 +189,20 @@ class ShardRun(StageRun):
             )
             self.failures.append(error)
         self.ex.failed(work, error)
+
+    def _requeue(self, lease: Lease, work: Work, reason: str) -> bool:
+        """The shard landed on GPUs short of free memory, no fault of its own: back to the queue
+        with the reason, no retry spent (at most GPU_REQUEUES times; after that it counts as a
+        failure). Named GPUs that were short are not asked for again by this stage."""
+        if self.requeued[work.id] >= GPU_REQUEUES:
+            return False
+        self.requeued[work.id] += 1
+        group = lease.ask.tag
+        if self.slots is not None and group is not None and not self.slots.retire(group):
+            reason += f"; GPU(s) {','.join(map(str, group))} not used again by this stage"
+        log.warning("%s: shard %s queued again: %s", self.name, self.shards[work.id].label, reason)
+        self.ex.requeue_free(work, reason)
+        return True
 
     def stop(self, lease: Lease) -> None:
         """Ray interrupts the task, which kills its command's process group; the recorded

@@ -69,14 +69,17 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
         )
         for s in shards
     ]
-    notes = _gpu_notes(name, spec, ctx)
+    notes, groups = _gpu_groups(name, spec, ctx)
     if len(shards) < spec.num_shards:
         notes.append(f"{name}: {len(shards)} shard(s): the input has only {len(shards)} ids")
     resources = Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard)
     shard_claim = claim("shard", resources, len(shards), ctx.cluster)
     if spec.max_parallel is not None and shard_claim.fit > spec.max_parallel:
         notes.append(f"{name}: max_parallel {spec.max_parallel} of {shard_claim.fit} that fit")
-    return StagePlan(name, "shard", spec, fp, config, units, [shard_claim], notes)
+    plan = StagePlan(name, "shard", spec, fp, config, units, [shard_claim], notes)
+    if groups:
+        plan.settings["gpu_groups"] = groups
+    return plan
 
 
 def _check_high(name: str, spec: ShardStage, shards: list[Shard]) -> None:
@@ -95,11 +98,13 @@ def _check_high(name: str, spec: ShardStage, shards: list[Shard]) -> None:
         )
 
 
-def _gpu_notes(name: str, spec: ShardStage, ctx: PlanContext) -> list[str]:
-    """Stop at plan time when the cluster cannot hold one shard's GPUs; say what was found."""
+def _gpu_groups(name: str, spec: ShardStage, ctx: PlanContext) -> tuple[list[str], list[list[int]]]:
+    """Stop at plan time when the cluster cannot hold one shard's GPUs; say what was found.
+    With NVML here (the embedded cluster), also the eligible GPUs' groups by topology (their
+    indices): the shards then run on exactly these (see slots.py)."""
     need = spec.gpus_per_shard
     if need <= 0:
-        return []
+        return [], []
     key = f"pipeline.stages.{name}.gpus_per_shard"
     group_size = max(1, int(need))
     local = ctx.cluster.where.startswith("local")
@@ -116,11 +121,13 @@ def _gpu_notes(name: str, spec: ShardStage, ctx: PlanContext) -> list[str]:
                 ]
             )
         made = gpus.groups(ok, group_size, gpus.topology())
-        shown = " ".join("[" + ",".join(str(g.index) for g in grp) + "]" for grp in made)
-        return [f"{name}: {len(ok)} of {len(found)} GPU(s) eligible; groups by topology: {shown}"]
+        indices = [[g.index for g in grp] for grp in made]
+        shown = " ".join("[" + ",".join(map(str, grp)) + "]" for grp in indices)
+        note = f"{name}: {len(ok)} of {len(found)} GPU(s) eligible; groups by topology: {shown}"
+        return [note], indices
     have = ctx.cluster.largest.gpus
     if have >= need:
-        return []
+        return [], []
     if ctx.cluster.total.gpus == 0:
         raise PlanError(
             [

@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,11 @@ def run_shard(job: dict[str, Any]) -> Iterator[Started | dict[str, Any]]:
     output written to the temporary name; last, what happened."""
     yield here()
     started = time.time()
-    cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "") if job["gpus"] > 0 else ""
+    chosen = job.get("gpu_ids")
+    if chosen is not None:  # the GPUs the runner chose, by name: over Ray's own pick
+        cuda = ",".join(map(str, chosen))
+    else:
+        cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "") if job["gpus"] > 0 else ""
     reply: dict[str, Any] = {
         "ok": False,
         "error": None,
@@ -40,15 +45,17 @@ def run_shard(job: dict[str, Any]) -> Iterator[Started | dict[str, Any]]:
         )
         short = gpus.short_of_memory(cuda, job["min_gpu_memory_gb"]) if cuda else []
         if short:
-            reply["error"] = (
+            # not the shard's fault: the runner puts it back in the queue, no retry spent
+            reply["error"] = reply["requeue"] = (
                 f"assigned GPU(s) have less than {job['min_gpu_memory_gb']:g} GB free: "
                 + ", ".join(g.describe() for g in short)
             )
         else:
             try:
-                reply["error"] = (
-                    _run_command(job, cuda, logf) if job["command"] else _run_fn(job, logf)
-                )
+                with _visible(cuda, chosen is not None):
+                    reply["error"] = (
+                        _run_command(job, cuda, logf) if job["command"] else _run_fn(job, logf)
+                    )
             except Exception as exc:  # the shard's own failure: reported, never a crash
                 reply["error"] = f"{type(exc).__name__}: {exc}"
         if reply["error"]:
@@ -58,6 +65,26 @@ def run_shard(job: dict[str, Any]) -> Iterator[Started | dict[str, Any]]:
     reply["ok"] = reply["error"] is None
     reply["ended"] = time.time()
     yield reply
+
+
+@contextmanager
+def _visible(cuda: str, by_index: bool) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES (and, for GPUs the runner chose by NVML index, CUDA's PCI bus
+    order, which is NVML's) in this process while the shard runs: a function shard sees
+    its GPUs; Ray's own values come back after."""
+    want = {"CUDA_VISIBLE_DEVICES": cuda}
+    if by_index:
+        want["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    old = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _run_command(job: dict[str, Any], cuda: str, logf: Any) -> str | None:
