@@ -631,8 +631,7 @@ class Executor:
             self.finish(work, UnitState.cancelled, error="cancelled")
             return
         if node_left:
-            self.event(work, "retry", error)
-            self._pending(work, error)
+            self.requeue_free(work, error)
             return
         work.suspect = True
         self.failed(work, error)
@@ -643,7 +642,8 @@ class Executor:
         if self.ctx.stop.is_set():
             self.finish(work, UnitState.cancelled, error="cancelled")
             return
-        work.attempts -= 1
+        if work.state is UnitState.running:  # the attempt it started is not counted
+            work.attempts -= 1
         self.event(work, "retry", reason)
         self._pending(work, reason)
 
