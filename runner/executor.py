@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from runner import saved_state
 from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
@@ -582,7 +583,10 @@ class Executor:
         work.go(state)
         live = self.live[work.stage]
         live.run.left -= 1
-        work.result, work.error = result, error
+        # a cancelled unit keeps the state it saved when preempted: the next run restores it
+        if result is not None or state is not UnitState.cancelled:
+            work.result = result
+        work.error = error
         work.started = started if started is not None else work.started
         work.ended = ended if ended is not None else time.time()
         self._row(work)
@@ -630,8 +634,12 @@ class Executor:
             work.go(UnitState.preempted)
             self.event(work, "attempt", "preempted", started=work.started)
         work.saved = saved if saved is not None else work.saved
+        # in the ledger too while the unit is not done: a restarted runner restores it
+        work.result = saved_state.as_result(work.stage, work.id, work.saved)
         self._row(work)
         self._pending(work, None)
+        if self.live[work.stage].run.running_rows:
+            self._flush(force=True)
 
     def back(self, work: Work) -> None:
         """A unit handed out but not started by its worker: queued again, no attempt spent."""
