@@ -70,3 +70,23 @@ def test_a_read_only_run_directory_is_one_message_and_exit_1(cli, small_disk, tm
         "stopped and the ledger keeps every unit finished so far: make room or choose a writable "
         "run.dir, then run again"
     )
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_read_only_run_directory_in_the_default_configuration_is_one_message(
+    cli, small_disk, sweep: bool
+) -> None:
+    """Hydra creates its output directory (by default the run directory) before runner's code
+    runs: that too ends with exit 1 and runner's one message, no traceback."""
+    remount(small_disk, "ro")
+    run_dir = small_disk / "run"
+    flags = ("-m", "pipeline.stages.work.items.range=3,4") if sweep else ()
+    res = cli(*flags, "pipeline=misbehave", f"run.dir={run_dir}")
+    assert res.code == 1, res.text
+    assert res.err.strip() == (
+        f"runner: error: run directory {run_dir}: cannot write (Read-only file system); the run "
+        "stopped and the ledger keeps every unit finished so far: make room or choose a writable "
+        "run.dir, then run again"
+    )
+    # looking at it still works: plan and status write nothing there
+    assert cli("pipeline=misbehave", f"run.dir={run_dir}", "mode=plan").code == 0
