@@ -32,6 +32,7 @@ from typing import Any
 
 from runner import saved_state
 from runner.cluster import RayNode, live_nodes, ray_alive
+from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started
@@ -387,6 +388,9 @@ class Executor:
         self.ctx.progress.start(name, sum(not w.state.final for w in run.works))
         try:
             run.prepare()
+        except StorageError as exc:  # an input part it writes: the run stops, one message
+            self.ctx.ledger.fail(exc)
+            self._close_stage(name, message=str(exc))
         except Exception as exc:
             log.exception("stage %s could not start", name)
             self._close_stage(name, message=f"could not start: {exc}")
@@ -828,6 +832,9 @@ class Executor:
         else:
             try:
                 outcome = run.conclude(outcome)
+            except StorageError as exc:  # an output it writes: the run stops, one message
+                self.ctx.ledger.fail(exc)
+                outcome.ok, outcome.interrupted, outcome.message = False, True, str(exc)
             except Exception as exc:
                 log.exception("stage %s could not conclude", name)
                 outcome.ok, outcome.message = False, f"crashed: {exc!r}"
