@@ -632,9 +632,7 @@ class Executor:
 
     def preempted(self, work: Work, reason: str, saved: Any) -> None:
         """A victim is out: its state kept, pending again."""
-        if work.state is UnitState.granted:
-            work.go(UnitState.pending)
-        else:
+        if work.state is not UnitState.granted:  # a grant not started yet: just pending again
             work.go(UnitState.preempted)
             self.event(work, "attempt", "preempted", started=work.started)
         work.saved = saved if saved is not None else work.saved
