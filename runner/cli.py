@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runner import DIST, __version__, compose, procs, report, sim, sweep
+from runner import DIST, __version__, compose, hydra_job, procs, report, sim, sweep
 from runner import cluster as clusters
 from runner.errors import RunnerError
 from runner.execute import execute
@@ -237,6 +237,7 @@ OmegaConf.register_new_resolver("runner_snapshot_dir", sweep.snapshot_dir, repla
 OmegaConf.register_new_resolver("runner_pipelines", _pipelines, replace=True)
 register_configs()
 compose.install()
+hydra_job.install()
 _hydra_main = hydra.main(config_path="pkg://runner.conf", config_name="config", version_base="1.3")(
     _task
 )
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     _codes.clear()
     try:
         _hydra_main()
+    except hydra_job.SetupFailed as exc:  # its message is out already
+        return int(exc.code or 1)
     except SystemExit as exc:
         if isinstance(exc.code, int) and exc.code:
             # Hydra exits 1 on a composition error (unknown pipeline, bad override): a usage

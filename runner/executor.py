@@ -30,7 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from runner import saved_state
 from runner.cluster import RayNode, live_nodes, ray_alive
+from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started
@@ -397,6 +399,9 @@ class Executor:
         self.ctx.progress.start(name, sum(not w.state.final for w in run.works))
         try:
             run.prepare()
+        except StorageError as exc:  # an input part it writes: the run stops, one message
+            self.ctx.ledger.fail(exc)
+            self._close_stage(name, message=str(exc))
         except Exception as exc:
             log.exception("stage %s could not start", name)
             self._close_stage(name, message=f"could not start: {exc}")
@@ -597,7 +602,10 @@ class Executor:
         work.go(state)
         live = self.live[work.stage]
         live.run.left -= 1
-        work.result, work.error = result, error
+        # a cancelled unit keeps the state it saved when preempted: the next run restores it
+        if result is not None or state is not UnitState.cancelled:
+            work.result = result
+        work.error = error
         work.started = started if started is not None else work.started
         work.ended = ended if ended is not None else time.time()
         self._row(work)
@@ -649,14 +657,16 @@ class Executor:
 
     def preempted(self, work: Work, reason: str, saved: Any) -> None:
         """A victim is out: its state kept, pending again."""
-        if work.state is UnitState.granted:
-            work.go(UnitState.pending)
-        else:
+        if work.state is not UnitState.granted:  # a grant not started yet: just pending again
             work.go(UnitState.preempted)
             self.event(work, "attempt", "preempted", started=work.started)
         work.saved = saved if saved is not None else work.saved
+        # in the ledger too while the unit is not done: a restarted runner restores it
+        work.result = saved_state.as_result(work.stage, work.id, work.saved)
         self._row(work)
         self._pending(work, None)
+        if self.live[work.stage].run.running_rows:
+            self._flush(force=True)
 
     def back(self, work: Work) -> None:
         """A unit handed out but not started by its worker: queued again, no attempt spent."""
@@ -845,6 +855,9 @@ class Executor:
         else:
             try:
                 outcome = run.conclude(outcome)
+            except StorageError as exc:  # an output it writes: the run stops, one message
+                self.ctx.ledger.fail(exc)
+                outcome.ok, outcome.interrupted, outcome.message = False, True, str(exc)
             except Exception as exc:
                 log.exception("stage %s could not conclude", name)
                 outcome.ok, outcome.message = False, f"crashed: {exc!r}"

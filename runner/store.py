@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -103,13 +104,26 @@ CREATE TABLE IF NOT EXISTS files (
 """
 
 
-def storage_error(root: Path, exc: BaseException) -> StorageError:
-    """One message for a run directory that cannot be written, whatever layer noticed."""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+def storage_error(root: Path, exc: BaseException, path: Path | None = None) -> StorageError:
+    """One message for a run directory that cannot be written, whatever layer noticed; it
+    names the file (`path`) when one output could not be written."""
+    reason = _reason(exc)
+    where = f"run directory {root}" if path is None else str(path)
     return StorageError(
-        f"run directory {root}: cannot write ({reason}); the run stopped and the ledger keeps "
+        f"{where}: cannot write ({reason}); the run stopped and the ledger keeps "
         "every unit finished so far: make room or choose a writable run.dir, then run again"
     )
+
+
+def _reason(exc: BaseException) -> str:
+    """The system's words for the error (pyarrow's OSError has its own text as `strerror`,
+    with the errno inside: `Error writing bytes to file. Detail: [errno 28] ...`)."""
+    found = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+    if found:
+        return os.strerror(int(found.group(1)))
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).splitlines()[0]
 
 
 class Ledger:
@@ -150,6 +164,16 @@ class Ledger:
             self.failure = storage_error(self._path.parent, exc)
             if self.on_failure is not None:
                 self.on_failure()
+
+    def fail(self, error: StorageError) -> None:
+        """An output of the run could not be written: the run stops as for a failed ledger
+        write (the first failure is the one reported); the ledger keeps what it committed."""
+        with self._lock:
+            first = self.failure is None
+            if first:
+                self.failure = error
+        if first and self.on_failure is not None:
+            self.on_failure()
 
     def close(self) -> None:
         self._db.close()
@@ -441,15 +465,22 @@ def read_ledger(root: Path) -> Ledger | None:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds.
+
+    The block only writes the temporary file, so an `OSError` in it (a full disk, a read-only
+    directory) is the output's own: it ends as one `StorageError` naming `path`, the earlier
+    `path` (if any) untouched, the temporary file removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise storage_error(path.parent, exc, path) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:

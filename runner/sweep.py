@@ -22,6 +22,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from runner import hydra_job
+
 SWEEP_SUMMARY = "sweep_summary.csv"
 COLUMNS = ("overrides", "ok", "wall_s", "items_per_s", "cpu_utilization", "failures", "run_dir")
 
@@ -67,6 +69,10 @@ class SweepSummary(Callback):
 
     def __init__(self) -> None:
         self.jobs: list[tuple[str, Path]] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # an unwritable sweep directory: one message and exit 1, not Hydra's traceback
+        hydra_job.make_dir(Path(str(config.hydra.sweep.dir)))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = HydraConfig.get()

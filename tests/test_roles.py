@@ -112,6 +112,45 @@ def test_a_victim_that_ignores_cancel_is_killed_after_cancel_timeout_and_still_r
     wait_until(no_groups_left, what="every placement group to be removed")
 
 
+def saved_step(run_dir: Path, unit: str) -> int | None:
+    """The step a preempted replica saved, as its ledger row keeps it (None: nothing yet)."""
+    state, result = ledger_or_empty(run_dir).get(unit, ("", None))
+    if state == "done" or not isinstance(result, dict) or "saved_state" not in result:
+        return None
+    return int(result["saved_state"]["step"])
+
+
+def test_a_preempted_replicas_state_survives_a_sigkilled_runner(
+    ray_session: str, tmp_path: Path
+) -> None:
+    args = (
+        "pipeline=roles_stubborn",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.roles.train.actor.step_seconds=1",  # the victim waits 5 s
+        "cluster=ray",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(
+        lambda: saved_step(tmp_path, "rollout/0") is not None,
+        timeout=90,
+        what="a preempted rollout with its state in the ledger",
+    )
+    proc.kill()
+    proc.communicate()
+    step = saved_step(tmp_path, "rollout/0")
+    assert step is not None and step > 0
+    wait_until(no_groups_left, what="the killed runner's placement groups to be removed")
+    wait_until(cpus_free_again, what="the killed runner's actors to be gone")
+
+    again = run_runner(*args, env=env)
+    assert again.code == 0, again.text
+    assert "work: rollout/0 resumes from the state it saved last time" in again.err
+    state, result = ledger(tmp_path, "work")["rollout/0"]
+    assert state == "done"
+    assert result["steps"] == 25 and result["restored_from"][0] == step
+
+
 def test_ctrl_c_leaves_no_actor_and_no_placement_group(ray_session: str, tmp_path: Path) -> None:
     args = (
         "pipeline=roles_stubborn",

@@ -6,12 +6,15 @@ These mount a small tmpfs (root with CAP_SYS_ADMIN, as in CI's container); elsew
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.conftest import summary
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -70,3 +73,65 @@ def test_a_read_only_run_directory_is_one_message_and_exit_1(cli, small_disk, tm
         "stopped and the ledger keeps every unit finished so far: make room or choose a writable "
         "run.dir, then run again"
     )
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_read_only_run_directory_in_the_default_configuration_is_one_message(
+    cli, small_disk, sweep: bool
+) -> None:
+    """Hydra creates its output directory (by default the run directory) before runner's code
+    runs: that too ends with exit 1 and runner's one message, no traceback."""
+    remount(small_disk, "ro")
+    run_dir = small_disk / "run"
+    flags = ("-m", "pipeline.stages.work.items.range=3,4") if sweep else ()
+    res = cli(*flags, "pipeline=misbehave", f"run.dir={run_dir}")
+    assert res.code == 1, res.text
+    assert res.err.strip() == (
+        f"runner: error: run directory {run_dir}: cannot write (Read-only file system); the run "
+        "stopped and the ledger keeps every unit finished so far: make room or choose a writable "
+        "run.dir, then run again"
+    )
+    # looking at it still works: plan and status write nothing there
+    assert cli("pipeline=misbehave", f"run.dir={run_dir}", "mode=plan").code == 0
+
+
+def test_a_full_disk_under_an_output_stops_the_run_naming_it_and_a_rerun_finishes(
+    cli, small_disk, tmp_path
+) -> None:
+    """The ledger has room but the stage's directory (a full disk of its own) has none for
+    results.parquet: exit 1, one message naming the file, every unit still done in the ledger;
+    once there is room, a rerun runs nothing again and writes the table."""
+    run_dir = tmp_path / "run"
+    stage_dir = run_dir / "work"
+    stage_dir.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(small_disk), str(stage_dir)], check=True)
+    filler = small_disk / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while f.write(b"x" * 4096):  # until the disk under the stage directory is full
+            pass
+    args = (
+        "pipeline=misbehave",
+        f"run.dir={run_dir}",
+        "pipeline.stages.work.worker._target_=tests.workers.Big",
+        "+pipeline.stages.work.worker.size=2000",
+        "pipeline.stages.work.items.range=100",
+    )
+    try:
+        full = cli(*args)
+        assert full.code == 1, full.text
+        assert full.err.strip().splitlines()[-1] == (
+            f"runner: error: {stage_dir / 'results.parquet'}: cannot write (No space left on "
+            "device); the run stopped and the ledger keeps every unit finished so far: make room "
+            "or choose a writable run.dir, then run again"
+        )
+        assert "Traceback" not in full.text
+        assert not (stage_dir / "results.parquet").exists()
+        assert not list(stage_dir.glob(".results.parquet.tmp-*"))  # no temporary file left
+        filler.unlink()
+        again = cli(*args)
+        assert again.code == 0, again.text
+        assert summary(run_dir)["stages"]["work"]["skipped"] == 100  # nothing ran twice
+        table = pd.read_parquet(stage_dir / "results.parquet")
+        assert sorted(table["id"].astype(int)) == list(range(100))
+    finally:
+        subprocess.run(["umount", "-l", str(stage_dir)], check=False)

@@ -56,3 +56,17 @@ def test_recorded_leftovers_are_ended_and_nothing_else(tmp_path: Path) -> None:
         for p in (ours, bystander):
             p.kill()
             p.wait()
+
+
+def test_a_saved_state_goes_to_the_ledger_only_when_json_keeps_it(caplog) -> None:
+    from runner import saved_state
+
+    assert saved_state.as_result("s", "u", {"step": 3, "seen": [1, 2]}) == {
+        "saved_state": {"step": 3, "seen": [1, 2]}
+    }
+    assert saved_state.as_result("s", "u", None) is None
+    assert saved_state.as_result("s", "u", (3, 4)) is None  # JSON gives a list back
+    assert saved_state.as_result("s", "u", {"w": object()}) is None
+    assert "s: u: its saved state (dict) is not JSON-storable; it is kept in memory only" in (
+        caplog.text
+    )

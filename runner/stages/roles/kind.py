@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner import saved_state
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -84,6 +85,19 @@ class RolesRun(StageRun):
         }
         if self.rp.quota is not None:
             ctx.scheduler.set_quota(self.rp.pool, self.rp.quota)
+        self._restore_from_ledger()
+
+    def _restore_from_ledger(self) -> None:
+        """Replicas preempted in an earlier run of this directory start from the state they
+        saved then (a runner restart loses no work); `run.fresh` starts every one anew."""
+        if self.ex.fresh:
+            return
+        states = saved_state.from_ledger(self.ctx.ledger, self.name, (w.unit for w in self.works))
+        for work in self.works:
+            if work.id in states:
+                work.saved = states[work.id]
+                work.result = {saved_state.KEY: work.saved}  # still on disk until it is done
+                log.info("%s: %s resumes from the state it saved last time", self.name, work.id)
 
     def role(self, work: Work) -> RoleSpec:
         return self.rp.roles[work.unit.payload["role"]]

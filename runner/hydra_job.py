@@ -1,0 +1,86 @@
+"""Hydra's own job set-up meeting a directory it cannot write: one message, exit 1.
+
+Before runner's code runs, Hydra creates its output directory (`hydra.run.dir`, by default the
+run directory; in a sweep, the sweep directory and each job's), opens its log file there and
+snapshots the composed config into `.hydra/`. On a read-only or full file system any of these
+raises `OSError` outside runner's error handling, and Hydra prints a traceback and exits 1
+(which `runner` would report as 2, a bad spec). Here they end as the same message a ledger
+write failure gives (`store.storage_error`), with exit 1: the directory, not the spec, is at
+fault, and nothing has run, so a rerun once the directory is writable starts from the ledger as
+it was.
+
+A task's own exceptions never reach this: Hydra's `run_job` keeps them in its return value.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.errors import StorageError
+from runner.store import storage_error
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SetupFailed(SystemExit):
+    """Hydra could not set up the job's directory; the message is printed already."""
+
+
+def _output_dir(kwargs: dict[str, Any]) -> str | None:
+    """The directory Hydra was setting up: the job's output directory (`run_job`'s config)."""
+    config = kwargs.get("config")
+    if not isinstance(config, DictConfig):
+        return None
+    found = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
+    return str(found) if found else None
+
+
+def reporting(call: F) -> F:
+    """`call` (Hydra's `run_job`) with an `OSError` of its own set-up reported as one message
+    and exit 1 instead of a traceback."""
+
+    @functools.wraps(call)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except OSError as exc:
+            _fail(Path(_output_dir(kwargs) or exc.filename or os.getcwd()), exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_dir(path: Path) -> None:
+    """Create `path` as Hydra would, or end with the one message (a sweep's directory: Hydra's
+    sweeper, a plugin loaded afresh, creates it where no wrapper reaches)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(path, exc)
+
+
+def _fail(where: Path, exc: OSError) -> NoReturn:
+    print(f"runner: error: {storage_error(where, exc)}", file=sys.stderr)
+    raise SetupFailed(StorageError.exit_code) from None
+
+
+_installed = False
+
+
+def install() -> None:
+    """Wrap Hydra's job set-up of a single run, once, where Hydra calls it (hydra-core is
+    pinned to 1.3). A sweep's launcher is a plugin that Hydra loads afresh, out of reach: its
+    directory is made by `make_dir` from the sweep callback before any job."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from hydra._internal import hydra as hydra_run
+
+    hydra_run.run_job = reporting(hydra_run.run_job)  # type: ignore[attr-defined]
