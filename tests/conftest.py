@@ -27,6 +27,7 @@ def ray_session() -> Iterator[str]:
     import ray
 
     ray.init(
+        address="local",  # our own, even when another Ray runs on the host
         num_cpus=2,
         num_gpus=4,
         object_store_memory=128 << 20,
