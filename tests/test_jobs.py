@@ -516,3 +516,43 @@ def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
     assert {r.input["account"] for r in found.values()} == {"test"}
     assert (tmp_path / "run" / "work" / "concurrent-job-3.out").read_text() == "Job 3 is running\n"
     wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+HOG = (
+    "python3 -c 'import time\n"
+    "held = []\n"
+    "while True:\n"
+    '    held.append(b"x" * (8 << 20))\n'
+    "    time.sleep(0.01)'"
+)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_job_over_its_memory_is_out_of_memory_while_its_neighbour_completes(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    file = tmp_path / "jobs.yaml"
+    jobs = [
+        {"name": "hog", "memory": "100M", "script": f"{HOG} &\nwait"},
+        {"name": "neighbour", "memory": "100M", "script": "sleep 1; echo still here"},
+    ]
+    file.write_text(json.dumps(jobs))
+    args = (
+        "pipeline=jobs_file",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+    )
+    res = cli(*args)
+    assert res.code == 1
+    found = rows(tmp_path / "run")
+    hog, neighbour = found["hog"], found["neighbour"]
+    assert hog.state is UnitState.out_of_memory
+    assert hog.result["signal"] == "SIGKILL"
+    assert hog.result["memory_limit"] == "watchdog"
+    assert re.fullmatch(r"memory 100M exceeded: its processes held \d+M \(watchdog\)", hog.error)
+    assert neighbour.state is UnitState.done
+    assert (tmp_path / "run" / "work" / "neighbour.out").read_text() == "still here\n"
+    status = cli(*args, "mode=status")
+    assert re.search(r"^hog\s+OUT_OF_MEMORY\s+SIGKILL\s", status.out, re.M), status.out
+    assert "hog: OUT_OF_MEMORY: memory 100M exceeded: its processes held" in status.out

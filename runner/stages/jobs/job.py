@@ -82,7 +82,14 @@ class Job:
         env = {**self.env, "RUNNER_JOB_NAME": self.id}
         if self.index is not None:
             env["RUNNER_ARRAY_INDEX"] = str(self.index)
-        return {"argv": self.argv, "env": env, "cwd": self.cwd, "time_limit": self.time_limit}
+        return {
+            "argv": self.argv,
+            "env": env,
+            "cwd": self.cwd,
+            "time_limit": self.time_limit,
+            # bytes its whole process tree may hold (0: no limit)
+            "memory": int(self.resources.memory),
+        }
 
 
 # reports one problem of one job: (key below the job, message)

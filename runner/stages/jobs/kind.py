@@ -64,6 +64,7 @@ class JobsRun(StageRun):
         self.ex.end_lease(lease)
         self.cpu += reply.get("cpu", 0.0)
         details = {k: reply.get(k) for k in ("exit_code", "signal", "pid")}
+        details |= {k: reply[k] for k in ("memory_limit", "peak_rss") if k in reply}
         self.ex.finish(
             work,
             UnitState(reply["state"]),
