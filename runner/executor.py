@@ -123,6 +123,10 @@ class Ask:
     reuse: str | None = None
     # what the kind wants to remember with the lease (e.g. a reserved group)
     tag: Any = None
+    # the longest the lease is held (a job's time limit); with `reserve`, when it does not fit
+    # it holds back requests behind it that would still run when it could start (backfill)
+    duration: float | None = None
+    reserve: bool = False
 
 
 @dataclass(eq=False)
@@ -427,6 +431,8 @@ class Executor:
             saves_state=ask.saves_state,
             elastic=ask.elastic,
             reuse=ask.reuse,
+            duration=ask.duration,
+            reserve=ask.reserve,
         )
         self.waiting[lease.ticket] = lease
         return lease

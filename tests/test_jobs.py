@@ -556,3 +556,39 @@ def test_a_job_over_its_memory_is_out_of_memory_while_its_neighbour_completes(
     status = cli(*args, "mode=status")
     assert re.search(r"^hog\s+OUT_OF_MEMORY\s+SIGKILL\s", status.out, re.M), status.out
     assert "hog: OUT_OF_MEMORY: memory 100M exceeded: its processes held" in status.out
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_jobs_start_by_priority_and_a_big_one_is_not_starved_by_small_ones(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    """On 2 CPUs: `first` runs; `big` (2 CPUs) waits for it with a reservation; `untimed` has
+    no time limit and waits behind `big`; `quick` ends, by its time limit, before `big` could
+    start and backfills beside `first`."""
+    file = tmp_path / "jobs.yaml"
+    jobs = [
+        {"name": "untimed", "priority": 1, "cpus_per_task": 1, "script": "true"},
+        {"name": "quick", "priority": 0, "cpus_per_task": 1, "time_limit": "5s", "script": "true"},
+        {"name": "big", "priority": 5, "cpus_per_task": 2, "script": "true"},
+        {
+            "name": "first",
+            "priority": 9,
+            "cpus_per_task": 1,
+            "time_limit": "1m",
+            "script": "sleep 1.5",
+        },
+    ]
+    file.write_text(json.dumps(jobs))
+    res = cli(
+        "pipeline=jobs_file",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+    )
+    assert res.code == 0, res.text
+    found = rows(tmp_path / "run")
+    first, big, untimed, quick = (found[j] for j in ("first", "big", "untimed", "quick"))
+    assert quick.ended <= first.ended  # backfilled beside `first`
+    assert big.started >= first.ended  # then `big`, before `untimed` although it came first
+    assert untimed.started >= big.ended
+    wait_until(cpus_free_again, what="every job's CPU to be free")

@@ -3,6 +3,7 @@ one Ray task on the granted node, its outcome read from the task's reply."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from runner.executor import Ask, Executor, Lease, StageRun, Work
@@ -33,6 +34,8 @@ class JobsRun(StageRun):
         self.cap = self.spec.max_concurrent
         self.logs = ctx.stage_dir(stage.name).resolve()
         self.cpu = 0.0
+        # highest priority first also where `max_concurrent` holds asks back
+        self.queue = deque(sorted(self.works, key=lambda w: -_job(w).priority))
         for work in self.works:
             work.record = _job(work).record()
             work.result = self._paths(work)
@@ -42,7 +45,10 @@ class JobsRun(StageRun):
             self.ex.record(work)
 
     def ask_for(self, work: Work) -> Ask:
-        return Ask(_job(work).resources, self.spec.priority, work)
+        """Its own resources at its own priority; a job that does not fit reserves its node,
+        and jobs behind it backfill only when their time limit ends them before it starts."""
+        job = _job(work)
+        return Ask(job.resources, job.priority, work, duration=job.time_limit, reserve=True)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
