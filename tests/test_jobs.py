@@ -592,3 +592,54 @@ def test_jobs_start_by_priority_and_a_big_one_is_not_starved_by_small_ones(
     assert big.started >= first.ended  # then `big`, before `untimed` although it came first
     assert untimed.started >= big.ended
     wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+def test_mode_cancel_stops_one_running_job_and_one_waiting_while_the_rest_completes(
+    ray_session: str, tmp_path: Path, scratch: Path
+) -> None:
+    file = tmp_path / "jobs.yaml"
+    jobs = [
+        {  # ignores SIGTERM: killed after cancel_grace
+            "name": "victim",
+            "script": "trap '' TERM\necho $$ > victim.pid\n"
+            "sleep 60 &\necho $! > victim.child\nwait",
+        },
+        {"name": "other", "script": "while [ ! -e go ]; do sleep 0.05; done\necho done"},
+        {"name": "waiting", "cpus_per_task": 2, "script": "echo never"},
+    ]
+    file.write_text(json.dumps(jobs))
+    args = (
+        "pipeline=jobs_file",
+        "cluster=ray",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+        "+pipeline.stages.work.cancel_grace=1",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    started = [scratch / "victim.pid", scratch / "victim.child"]
+    wait_until(lambda: all(p.exists() and p.read_text() for p in started), what="victim to run")
+
+    res = run_runner(*args, "mode=cancel", "units=[victim,waiting]", env=env)
+    assert res.code == 0, res.text
+    assert "work/victim: CANCELLED" in res.out and "work/waiting: CANCELLED" in res.out
+    assert not [pid for pid in pids(*started) if alive(pid)]
+    unknown = run_runner(*args, "mode=cancel", "units=[nobody]", env=env)
+    assert unknown.code == 2
+    assert "no unit of the running run is named 'nobody'" in unknown.err
+
+    (scratch / "go").touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    found = rows(tmp_path / "run")
+    assert {u: r.state for u, r in found.items()} == {
+        "victim": UnitState.cancelled,
+        "other": UnitState.done,
+        "waiting": UnitState.cancelled,
+    }
+    assert not (tmp_path / "run" / "work" / "waiting.out").exists()
+    after = run_runner(*args, "mode=cancel", "units=[other]", env=env)
+    assert after.code == 2
+    assert "no run in progress to cancel units of" in after.err
+    wait_until(cpus_free_again, what="every job's CPU to be free")

@@ -13,17 +13,16 @@ from runner.plan import StagePlan
 from runner.remote import remote
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job
-from runner.stages.jobs.task import KILL_GRACE, run_job
+from runner.stages.jobs.task import run_job
 
-# seconds a cancelled job's task gets to stop its process group before Ray kills the task
-CANCEL_WAIT = KILL_GRACE + 2.0
+# seconds a cancelled job's task gets, beyond its cancel_grace, before Ray kills the task
+CANCEL_WAIT = 2.0
 
 
 class JobsRun(StageRun):
     """Jobs in order, as far as the cluster (and `max_concurrent`) allows; a job's own failure
     is final, a dead Ray worker starts it again up to `retries`."""
 
-    grace = CANCEL_WAIT
     noun = "job"
 
     def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
@@ -31,6 +30,7 @@ class JobsRun(StageRun):
         assert isinstance(stage.spec, JobsStage)
         self.spec = stage.spec
         self.retries = self.spec.retries
+        self.grace = self.spec.cancel_grace + CANCEL_WAIT
         self.cap = self.spec.max_concurrent
         self.logs = ctx.stage_dir(stage.name).resolve()
         self.cpu = 0.0
@@ -60,7 +60,11 @@ class JobsRun(StageRun):
         lease.task = (
             remote(run_job)
             .options(**options)
-            .remote(_job(work).task_spec(), paths["stdout"], paths["stderr"])
+            .remote(
+                {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
+                paths["stdout"],
+                paths["stderr"],
+            )
         )
         lease.watch(lease.task)
 

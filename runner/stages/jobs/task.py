@@ -62,8 +62,8 @@ def run_job(spec: dict[str, Any], out: str, err: str) -> Iterator[Started | dict
         error = f"cannot start: {exc}"
         yield {"state": "failed", "error": error, "node": node, "started": started}
         return
-    finally:
-        _stop_group(watcher, proc)
+    finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
+        _stop_group(watcher, proc, KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE))
     assert proc is not None
     yield _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
 
@@ -114,12 +114,14 @@ def _wait(proc: subprocess.Popen[bytes], limit: float | None, memory: int, start
             continue
 
 
-def _stop_group(watcher: subprocess.Popen[bytes], proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM a job still running and give it KILL_GRACE to end, then SIGKILL its whole group
-    (also after a normal exit: nothing a job started outlives it), watcher included."""
+def _stop_group(
+    watcher: subprocess.Popen[bytes], proc: subprocess.Popen[bytes] | None, grace: float
+) -> None:
+    """SIGTERM a job still running and give it `grace` seconds to end, then SIGKILL its whole
+    group (also after a normal exit: nothing a job started outlives it), watcher included."""
     if proc is not None and proc.poll() is None:
         kill_group(watcher.pid, signal.SIGTERM)
-        deadline = time.monotonic() + KILL_GRACE
+        deadline = time.monotonic() + grace
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     kill_group(watcher.pid, signal.SIGKILL)
