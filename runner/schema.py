@@ -244,6 +244,9 @@ class JobsStage(StageSpec):
     jobs: list[Any] = field(default_factory=list)
     # more jobs with the same keys, from a YAML/JSON list or a JSONL file
     jobs_file: str | None = None
+    # keep reading lines appended to the JSONL `jobs_file`, running them as they come, until
+    # a line {"close": true}
+    follow: bool = resource(False)
     # defaults for every job: CPUs, memory, GPUs and time limit per job
     cpus_per_task: float = resource(1.0, gt=0)
     memory: str | int | None = resource(None)

@@ -643,3 +643,41 @@ def test_mode_cancel_stops_one_running_job_and_one_waiting_while_the_rest_comple
     assert after.code == 2
     assert "no run in progress to cancel units of" in after.err
     wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+def test_a_followed_jobs_file_runs_lines_appended_after_the_start_until_close(
+    ray_session: str, tmp_path: Path, scratch: Path
+) -> None:
+    file = tmp_path / "submit.jsonl"
+
+    def submit(line: dict[str, object]) -> None:
+        with file.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    submit({"job": {"name": "first", "cpus_per_task": 0.5}, "script": "echo 1 >> first.marks"})
+    args = (
+        "pipeline=jobs_scns",
+        "cluster=ray",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+        "+pipeline.stages.work.follow=true",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(lambda: (scratch / "first.marks").exists(), timeout=60, what="the first job")
+    submit({"job": {"name": "later", "cpus_per_task": 0.5}, "script": "echo 1 >> later.marks"})
+    wait_until(lambda: (scratch / "later.marks").exists(), timeout=60, what="the appended job")
+    assert proc.poll() is None  # still following
+    submit({"close": True})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert {u: r.state for u, r in rows(tmp_path / "run").items()} == {
+        "first": UnitState.done,
+        "later": UnitState.done,
+    }
+    again = run_runner(*args, env=env)
+    assert again.code == 0, again.text
+    assert [marks(scratch, j) for j in ("first", "later")] == [1, 1]
+    assert summary(tmp_path / "run")["stages"]["work"]["skipped"] == 2
+    wait_until(cpus_free_again, what="every job's CPU to be free")

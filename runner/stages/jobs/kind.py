@@ -3,18 +3,27 @@ one Ray task on the granted node, its outcome read from the task's reply."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
-from runner.plan import StagePlan
+from runner.plan import StagePlan, Unit, digest
 from runner.remote import remote
 from runner.schema import JobsStage
-from runner.stages.jobs.job import Job
+from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.task import run_job
 
+log = logging.getLogger(__name__)
+
+# how often a followed jobs_file is read for new lines
+FOLLOW_EVERY = 0.5
 # seconds a cancelled job's task gets, beyond its cancel_grace, before Ray kills the task
 CANCEL_WAIT = 2.0
 
@@ -39,6 +48,8 @@ class JobsRun(StageRun):
         for work in self.works:
             work.record = _job(work).record()
             work.result = self._paths(work)
+        # follow: the jobs_file lines read so far, and whether its close line came
+        self.follow = Follow(self.spec.follow and self.spec.jobs_file is not None)
 
     def prepare(self) -> None:
         for work in self.works:  # every queued job shows as PENDING from the start
@@ -84,6 +95,73 @@ class JobsRun(StageRun):
             reply.get("ended"),
         )
 
+    def tick(self) -> None:
+        """With `follow`, run the jobs appended to jobs_file since the last look."""
+        if not self.follow.due():
+            return
+        assert self.spec.jobs_file is not None
+        path = Path(self.spec.jobs_file)
+        try:
+            lines = complete_lines(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("%s: cannot read %s: %s", self.name, path, exc)
+            return
+        known = {u.id for u in self.stage.units or []}
+        for n in range(self.follow.lines, len(lines)):
+            self.follow.lines = n + 1
+            where = f"{path} line {n + 1}"
+            if not lines[n].strip():
+                continue
+            try:
+                data = json.loads(lines[n])
+            except ValueError as exc:
+                log.warning("%s: %s is not JSON (%s); skipped", self.name, where, exc)
+                continue
+            if closes(data):
+                self.follow.closed = True
+                return
+            jobs, problems = read_line(self.name, self.spec, data, where)
+            for problem in problems:
+                log.warning("%s: %s; skipped", self.name, problem)
+            for job in jobs:
+                if job.id not in known:
+                    known.add(job.id)
+                    self._add(job)
+
+    def _add(self, job: Job) -> None:
+        """A job that arrived while the stage runs: skipped when the ledger has it done with
+        the same fingerprint (a resumed run), failed when no node could ever hold it."""
+        upstream = [self.ex.plan.stages[n].fingerprint for n in self.spec.needs]
+        unit = Unit(job.id, digest(job.identity(), *upstream), job)
+        assert self.stage.units is not None
+        self.stage.units.append(unit)
+        prior = self.ctx.ledger.prior_units(self.name).get(job.id)
+        if (
+            prior is not None
+            and prior.state is UnitState.done
+            and prior.fingerprint == unit.fingerprint
+        ):
+            unit.run = False
+            return
+        work = Work(self.name, unit)
+        work.record, work.result = job.record(), self._paths(work)
+        self.works.append(work)
+        self.left += 1
+        self.ex.record(work)
+        partitions = self.ctx.cluster.partitions
+        if job.partition is not None and partitions is not None and job.partition not in partitions:
+            self.ex.finish(work, UnitState.failed, error=f"no node has partition {job.partition!r}")
+        elif not any(job.resources.fits_in(node) for node in self.ctx.scheduler.nodes):
+            need = job.resources.describe()
+            self.ex.finish(work, UnitState.failed, error=f"no node can hold {need}")
+        else:
+            self.queue.append(work)
+
+    def busy(self) -> bool:
+        """A followed stage runs until its close line, and then until its jobs end."""
+        following = self.follow.on and not self.follow.closed and not self.ctx.stop.is_set()
+        return following or super().busy()
+
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu
         outcome.outputs.append(str(self.ctx.stage_dir(self.name)))
@@ -97,6 +175,24 @@ class JobsRun(StageRun):
             "stdout": str(self.logs / f"{work.id}.out"),
             "stderr": str(self.logs / f"{work.id}.err"),
         }
+
+
+@dataclass
+class Follow:
+    """Where the reading of a followed jobs_file is."""
+
+    on: bool
+    lines: int = 0
+    closed: bool = False
+    seen: float = 0.0
+
+    def due(self) -> bool:
+        """Following, not closed, and FOLLOW_EVERY since the last look."""
+        now = time.monotonic()
+        if not self.on or self.closed or now - self.seen < FOLLOW_EVERY:
+            return False
+        self.seen = now
+        return True
 
 
 def _job(work: Work) -> Job:
