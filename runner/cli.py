@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runner import DIST, __version__, compose, hydra_job, procs, report, sim, sweep
+from runner import DIST, __version__, cancel, compose, hydra_job, procs, report, sim, sweep
 from runner import cluster as clusters
 from runner.errors import RunnerError
 from runner.execute import execute
@@ -76,6 +76,8 @@ def _dispatch(spec: Spec) -> int:
         return _plan_only(spec)
     if spec.mode is Mode.report:
         return _report(spec)
+    if spec.mode is Mode.cancel:
+        return cancel.cancel(Path(spec.run.dir), spec.units, spec.pipeline.name)
     return _run(spec)
 
 

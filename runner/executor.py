@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runner import saved_state
+from runner import cancel, saved_state
 from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
@@ -61,6 +61,8 @@ SIGNAL_SETTLE = 0.3
 CLOSE_BOUND = 5.0
 # the longest single wait: signals and deadlines are looked at least this often
 WAIT_SECONDS = 0.1
+# how often `mode=cancel` requests are looked for in the run directory
+CANCEL_EVERY = 0.5
 
 
 @dataclass(eq=False, slots=True)
@@ -125,6 +127,10 @@ class Ask:
     reuse: str | None = None
     # what the kind wants to remember with the lease (e.g. a reserved group)
     tag: Any = None
+    # the longest the lease is held (a job's time limit); with `reserve`, when it does not fit
+    # it holds back requests behind it that would still run when it could start (backfill)
+    duration: float | None = None
+    reserve: bool = False
 
 
 @dataclass(eq=False)
@@ -328,6 +334,7 @@ class Executor:
         self.metrics_seen = 0.0
         self.nodes: list[RayNode] = []
         self.node_seen = 0.0
+        self.cancel_seen = 0.0
         cluster = plan.cluster
         for i, node_id in enumerate(cluster.node_ids):
             self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i]))
@@ -346,6 +353,7 @@ class Executor:
                 for live in list(self.live.values()):
                     live.run.tick()
                 self._deadlines()
+                self._cancel_requests()
                 self._refresh_nodes()
                 self._conclude_stages()
                 self._flush()
@@ -443,6 +451,8 @@ class Executor:
             saves_state=ask.saves_state,
             elastic=ask.elastic,
             reuse=ask.reuse,
+            duration=ask.duration,
+            reserve=ask.reserve,
         )
         self.waiting[lease.ticket] = lease
         return lease
@@ -774,6 +784,44 @@ class Executor:
                 work.go(UnitState.pending)
                 work.error = f"not started on {lease.node} within {START_BOUND:g}s"
                 lease.run.requeue(work)
+
+    # --- units cancelled from outside (`mode=cancel`) --------------------------------------
+
+    def _cancel_requests(self) -> None:
+        """Answer the cancel requests left in the run directory: stop each named unit."""
+        now = time.monotonic()
+        if now - self.cancel_seen < CANCEL_EVERY:
+            return
+        self.cancel_seen = now
+        for request in cancel.pending(self.ctx.store.root):
+            known: dict[str, str] = {}
+            for name in request.units:
+                for live in self.live.values():
+                    for work in live.run.works:
+                        if work.id == name:
+                            known[name] = work.stage
+                            self.cancel(work)
+            request.answer(known, [u for u in request.units if u not in known])
+
+    def cancel(self, work: Work) -> None:
+        """Stop one unit with its stage's grace and record it CANCELLED: a lease of its own is
+        stopped; one that serves many (a pool worker) goes on, and the kind drops the unit's
+        reply; a unit still waiting ends at once."""
+        if work.state.final:
+            return
+        log.info("%s: cancelling %s", work.stage, work.id)
+        for lease in list(self.leases):
+            if lease.ask.work is work:
+                self.stop_lease(lease, "cancelled", lease.run.grace)
+                return
+        for lease in list(self.waiting.values()):
+            if lease.ask.work is work:
+                self.withdraw(lease)
+                lease.run.lease_ended(lease)
+        run = self.live[work.stage].run
+        if work in run.queue:
+            run.queue.remove(work)
+        self.finish(work, UnitState.cancelled, error="cancelled")
 
     # --- the cluster changing under us ---------------------------------------------------
 

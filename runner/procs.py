@@ -63,6 +63,21 @@ def descendants(root: int) -> list[int]:
         return []
 
 
+def tree_rss(root: int) -> int:
+    """Resident memory of `root` and every process below it, in bytes (0 when it is gone):
+    what a job holds, children included, as a memory limit counts it."""
+    try:
+        top = psutil.Process(root)
+        tree = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_info().rss
+    return total
+
+
 def record_children(path: Path) -> None:
     """Write the processes this process started (pid, creation time) to `path`."""
     entries = [(pid, t) for pid in descendants(os.getpid()) if (t := start_time(pid)) is not None]

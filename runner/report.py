@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import planfile, procs, report_html, spans, timeline, trace
+from runner.lifecycle import UnitState
 from runner.plan import Plan, StagePlan
 from runner.store import Ledger, UnitRow
 
@@ -209,6 +210,12 @@ def _jobs_tables(ledger: Ledger, stages: list[str], run_dir: str, limit: int = 5
         )
         if len(rows) > limit:
             lines.append(f"... and {len(rows) - limit} more")
+        # why the memory limit ended a job, and how the limit is enforced
+        lines += [
+            f"{r.unit}: {r.state.label}: {r.error}"
+            for r in rows
+            if r.state is UnitState.out_of_memory
+        ]
     return lines
 
 

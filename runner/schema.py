@@ -25,6 +25,7 @@ class Mode(Enum):
     plan = "plan"
     status = "status"
     report = "report"
+    cancel = "cancel"
 
 
 def resource(default: Any = MISSING, **limits: Any) -> Any:
@@ -146,7 +147,10 @@ class RootConfig:
     """The primary config, `conf/config.yaml`."""
 
     # run | plan | status | report (redraw the last run's timeline.png, trace.json, report.html)
+    # | cancel (stop `units` of the run in progress, with their stage's grace)
     mode: Mode = Mode.run
+    # mode=cancel: the units to cancel, by name
+    units: list[str] = field(default_factory=list)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
@@ -240,6 +244,9 @@ class JobsStage(StageSpec):
     jobs: list[Any] = field(default_factory=list)
     # more jobs with the same keys, from a YAML/JSON list or a JSONL file
     jobs_file: str | None = None
+    # keep reading lines appended to the JSONL `jobs_file`, running them as they come, until
+    # a line {"close": true}
+    follow: bool = resource(False)
     # defaults for every job: CPUs, memory, GPUs and time limit per job
     cpus_per_task: float = resource(1.0, gt=0)
     memory: str | int | None = resource(None)
@@ -253,6 +260,8 @@ class JobsStage(StageSpec):
     max_concurrent: int | None = resource(None, ge=1)
     # times a job whose Ray worker died is started again (a job's own failure is final)
     retries: int = policy(0, ge=0)
+    # seconds between SIGTERM and SIGKILL when a job is cancelled (mode=cancel, Ctrl-C)
+    cancel_grace: float = policy(10.0, gt=0)
 
 
 @dataclass

@@ -175,6 +175,8 @@ class Spec:
     pipeline: Pipeline
     # the composed config as plain data, for the run directory's record
     composed: dict[str, Any]
+    # mode=cancel: the units to cancel in the running run
+    units: list[str] = field(default_factory=list)
 
 
 # a stage kind's own checks (importable targets, existing inputs); it may add implied `needs`
@@ -243,11 +245,22 @@ def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | No
     run = build(RunConfig, data.get("run"), "run", problems)
     cluster = build(ClusterConfig, data.get("cluster"), "cluster", problems)
     pipeline = _pipeline(data.get("pipeline"), checks, problems)
-    for key in set(data) - {"mode", "run", "cluster", "pipeline", "hydra"}:
-        problems.add(key, unknown_key(key, ["cluster", "mode", "pipeline", "run"]))
+    units = data.get("units") or []
+    if not isinstance(units, list) or not all(isinstance(u, str | int) for u in units):
+        problems.add("units", f"= {units!r}: expected a list of unit names, e.g. units=[a,b]")
+        units = []
+    for key in set(data) - {"mode", "run", "cluster", "pipeline", "units", "hydra"}:
+        problems.add(key, unknown_key(key, ["cluster", "mode", "pipeline", "run", "units"]))
     problems.raise_if_any()
     assert mode is not None and run is not None and cluster is not None and pipeline is not None
-    return Spec(mode=mode, run=run, cluster=cluster, pipeline=pipeline, composed=data)
+    return Spec(
+        mode=mode,
+        run=run,
+        cluster=cluster,
+        pipeline=pipeline,
+        composed=data,
+        units=[str(u) for u in units],
+    )
 
 
 def _resolve(cfg: DictConfig, problems: Problems) -> dict[str, Any]:

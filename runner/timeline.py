@@ -27,6 +27,7 @@ STATE_COLOURS = {
     "done": "#4c9e5c",
     "failed": "#d2403a",
     "timeout": "#ec9628",
+    "out_of_memory": "#a01c5a",
     "cancelled": "#969696",
     "preempted": "#8050aa",
     "running": "#4678c8",
@@ -129,7 +130,7 @@ def draw(view: RunView, title: str, path: Path, max_rows: int = MAX_ROWS) -> Dra
             xs, ys = zip(*points, strict=True)
             top.scatter(xs, ys, marker=marker, color=colour, s=36, zorder=3, linewidths=1.5)
     _rows_axis(top, rows)
-    states = sorted({s.state for s in view.slices}, key=list(STATE_COLOURS).index)
+    states = sorted({s.state for s in view.slices}, key=_state_order)
     handles: list[Patch | Line2D] = [
         Patch(color=STATE_COLOURS.get(s, "#5a5a5a"), label=s) for s in states
     ]
@@ -215,3 +216,9 @@ def _day(t: float) -> float:
 
 def _short(label: str, width: int = 36) -> str:
     return label if len(label) <= width else "…" + label[-(width - 1) :]
+
+
+def _state_order(state: str) -> int:
+    """Legend order: the colour table's, states it does not name last."""
+    order = list(STATE_COLOURS)
+    return order.index(state) if state in order else len(order)

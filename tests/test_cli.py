@@ -11,7 +11,7 @@ from tests.conftest import ROOT, run_runner
 def test_help_explains_usage_modes_and_pipelines() -> None:
     res = run_runner("--help")
     assert res.code == 0
-    assert "Usage: runner [pipeline=NAME] [mode=run|plan|status]" in res.out
+    assert "Usage: runner [pipeline=NAME] [mode=run|plan|status|report|cancel]" in res.out
     assert "pipeline: " in res.out and "demo" in res.out and "pychecker" in res.out
     assert "Exit codes: 0 success" in res.out
 

@@ -516,3 +516,168 @@ def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
     assert {r.input["account"] for r in found.values()} == {"test"}
     assert (tmp_path / "run" / "work" / "concurrent-job-3.out").read_text() == "Job 3 is running\n"
     wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+HOG = (
+    "python3 -c 'import time\n"
+    "held = []\n"
+    "while True:\n"
+    '    held.append(b"x" * (8 << 20))\n'
+    "    time.sleep(0.01)'"
+)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_job_over_its_memory_is_out_of_memory_while_its_neighbour_completes(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    file = tmp_path / "jobs.yaml"
+    jobs = [
+        {"name": "hog", "memory": "100M", "script": f"{HOG} &\nwait"},
+        {"name": "neighbour", "memory": "100M", "script": "sleep 1; echo still here"},
+    ]
+    file.write_text(json.dumps(jobs))
+    args = (
+        "pipeline=jobs_file",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+    )
+    res = cli(*args)
+    assert res.code == 1
+    found = rows(tmp_path / "run")
+    hog, neighbour = found["hog"], found["neighbour"]
+    assert hog.state is UnitState.out_of_memory
+    assert hog.result["signal"] == "SIGKILL"
+    assert hog.result["memory_limit"] == "watchdog"
+    assert re.fullmatch(r"memory 100M exceeded: its processes held \d+M \(watchdog\)", hog.error)
+    assert neighbour.state is UnitState.done
+    assert (tmp_path / "run" / "work" / "neighbour.out").read_text() == "still here\n"
+    status = cli(*args, "mode=status")
+    assert re.search(r"^hog\s+OUT_OF_MEMORY\s+SIGKILL\s", status.out, re.M), status.out
+    assert "hog: OUT_OF_MEMORY: memory 100M exceeded: its processes held" in status.out
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_jobs_start_by_priority_and_a_big_one_is_not_starved_by_small_ones(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    """On 2 CPUs: `first` runs; `big` (2 CPUs) waits for it with a reservation; `untimed` has
+    no time limit and waits behind `big`; `quick` ends, by its time limit, before `big` could
+    start and backfills beside `first`."""
+    file = tmp_path / "jobs.yaml"
+    jobs = [
+        {"name": "untimed", "priority": 1, "cpus_per_task": 1, "script": "true"},
+        {"name": "quick", "priority": 0, "cpus_per_task": 1, "time_limit": "5s", "script": "true"},
+        {"name": "big", "priority": 5, "cpus_per_task": 2, "script": "true"},
+        {
+            "name": "first",
+            "priority": 9,
+            "cpus_per_task": 1,
+            "time_limit": "1m",
+            "script": "sleep 1.5",
+        },
+    ]
+    file.write_text(json.dumps(jobs))
+    res = cli(
+        "pipeline=jobs_file",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+    )
+    assert res.code == 0, res.text
+    found = rows(tmp_path / "run")
+    first, big, untimed, quick = (found[j] for j in ("first", "big", "untimed", "quick"))
+    assert quick.ended <= first.ended  # backfilled beside `first`
+    assert big.started >= first.ended  # then `big`, before `untimed` although it came first
+    assert untimed.started >= big.ended
+    wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+def test_mode_cancel_stops_one_running_job_and_one_waiting_while_the_rest_completes(
+    ray_session: str, tmp_path: Path, scratch: Path
+) -> None:
+    file = tmp_path / "jobs.yaml"
+    jobs = [
+        {  # ignores SIGTERM: killed after cancel_grace
+            "name": "victim",
+            "script": "trap '' TERM\necho $$ > victim.pid\n"
+            "sleep 60 &\necho $! > victim.child\nwait",
+        },
+        {"name": "other", "script": "while [ ! -e go ]; do sleep 0.05; done\necho done"},
+        {"name": "waiting", "cpus_per_task": 2, "script": "echo never"},
+    ]
+    file.write_text(json.dumps(jobs))
+    args = (
+        "pipeline=jobs_file",
+        "cluster=ray",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+        "+pipeline.stages.work.cancel_grace=1",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    started = [scratch / "victim.pid", scratch / "victim.child"]
+    wait_until(lambda: all(p.exists() and p.read_text() for p in started), what="victim to run")
+
+    res = run_runner(*args, "mode=cancel", "units=[victim,waiting]", env=env)
+    assert res.code == 0, res.text
+    assert "work/victim: CANCELLED" in res.out and "work/waiting: CANCELLED" in res.out
+    assert not [pid for pid in pids(*started) if alive(pid)]
+    unknown = run_runner(*args, "mode=cancel", "units=[nobody]", env=env)
+    assert unknown.code == 2
+    assert "no unit of the running run is named 'nobody'" in unknown.err
+
+    (scratch / "go").touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    found = rows(tmp_path / "run")
+    assert {u: r.state for u, r in found.items()} == {
+        "victim": UnitState.cancelled,
+        "other": UnitState.done,
+        "waiting": UnitState.cancelled,
+    }
+    assert not (tmp_path / "run" / "work" / "waiting.out").exists()
+    after = run_runner(*args, "mode=cancel", "units=[other]", env=env)
+    assert after.code == 2
+    assert "no run in progress to cancel units of" in after.err
+    wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+def test_a_followed_jobs_file_runs_lines_appended_after_the_start_until_close(
+    ray_session: str, tmp_path: Path, scratch: Path
+) -> None:
+    file = tmp_path / "submit.jsonl"
+
+    def submit(line: dict[str, object]) -> None:
+        with file.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    submit({"job": {"name": "first", "cpus_per_task": 0.5}, "script": "echo 1 >> first.marks"})
+    args = (
+        "pipeline=jobs_scns",
+        "cluster=ray",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+        "+pipeline.stages.work.follow=true",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(lambda: (scratch / "first.marks").exists(), timeout=60, what="the first job")
+    submit({"job": {"name": "later", "cpus_per_task": 0.5}, "script": "echo 1 >> later.marks"})
+    wait_until(lambda: (scratch / "later.marks").exists(), timeout=60, what="the appended job")
+    assert proc.poll() is None  # still following
+    submit({"close": True})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert {u: r.state for u, r in rows(tmp_path / "run").items()} == {
+        "first": UnitState.done,
+        "later": UnitState.done,
+    }
+    again = run_runner(*args, env=env)
+    assert again.code == 0, again.text
+    assert [marks(scratch, j) for j in ("first", "later")] == [1, 1]
+    assert summary(tmp_path / "run")["stages"]["work"]["skipped"] == 2
+    wait_until(cpus_free_again, what="every job's CPU to be free")

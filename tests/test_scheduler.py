@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from runner.resources import Resources
 from runner.scheduler import Scheduler
 from runner.scheduler.core import AGEING_PER_SECOND
@@ -72,6 +74,64 @@ def test_a_small_claim_backfills_past_one_that_does_not_fit() -> None:
     assert s.acquire("a", cpus(1.5), timeout=0) is not None
     assert s.acquire("big", cpus(1), timeout=0) is None
     assert s.acquire("small", cpus(0.5), timeout=0) is not None
+
+
+def reserved_node(clock: Clock) -> Scheduler:
+    """One 2-CPU node: a 1-CPU job holding it until t=100 (its time limit), and a 2-CPU job
+    waiting behind it with a reservation."""
+    s = Scheduler([cpus(2)], clock=clock)
+    s.submit("running", cpus(1), 10.0, duration=100.0, reserve=True)
+    assert [t.owner for t in s.admit()] == ["running"]
+    s.submit("big", cpus(2), 5.0, reserve=True)
+    assert s.admit() == []
+    return s
+
+
+@pytest.mark.parametrize(
+    ("duration", "admitted"),
+    [
+        pytest.param(None, False, id="no_time_limit_never_backfills_past_a_reserved_head"),
+        pytest.param(150.0, False, id="a_job_that_would_delay_the_head_waits"),
+        pytest.param(60.0, True, id="a_job_that_ends_before_the_head_could_start_backfills"),
+    ],
+)
+def test_a_reserved_head_lets_only_jobs_that_end_before_it_backfill(
+    duration: float | None, admitted: bool
+) -> None:
+    clock = Clock()
+    s = reserved_node(clock)
+    s.submit("small", cpus(1), 1.0, duration=duration, reserve=True)
+    assert [t.owner for t in s.admit()] == (["small"] if admitted else [])
+
+
+def test_the_reserved_head_starts_when_the_job_before_it_ends() -> None:
+    clock = Clock()
+    s = reserved_node(clock)
+    small = s.submit("small", cpus(1), 1.0, reserve=True)
+    (running,) = s.running()
+    clock.now = 40.0
+    s.release(running)
+    assert [t.owner for t in s.admit()] == ["big"]
+    assert small.grant is None
+
+
+def test_requests_that_ask_no_reservation_still_backfill_past_each_other() -> None:
+    s = Scheduler([cpus(2)])
+    s.submit("running", cpus(1), 10.0)
+    s.submit("big", cpus(2), 5.0)
+    s.submit("small", cpus(1), 1.0)
+    assert [t.owner for t in s.admit()] == ["running", "small"]
+
+
+def test_a_reservation_bars_only_its_own_node() -> None:
+    clock = Clock()
+    s = Scheduler([cpus(2), cpus(1)], clock=clock)
+    s.submit("running", cpus(1), 10.0, duration=100.0, reserve=True)
+    s.submit("big", cpus(2), 5.0, reserve=True)
+    s.submit("small", cpus(1), 1.0, reserve=True)
+    s.submit("small-too", cpus(1), 0.0, reserve=True)
+    assert [t.owner for t in s.admit()] == ["running", "small"]
+    assert [g.node for g in s.running() if g.owner == "small"] == [1]
 
 
 def _request(s: Scheduler, owner: str, priority: float, since: float):  # type: ignore[no-untyped-def]

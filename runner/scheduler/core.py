@@ -3,7 +3,11 @@
 Ray has no priorities: whoever asks first gets the CPUs. Here every resource claim (a pool
 worker, a job, a shard, a role replica) waits in one queue ordered by priority plus an ageing
 bonus, so low priority cannot starve forever. Requests that do not fit are passed over for
-smaller ones behind them (backfill). Pools may have quotas. A request that carries a
+smaller ones behind them (backfill), except past a request that asked for a reservation (a
+job): the first of those that does not fit reserves the node where it could start soonest, by
+the `duration` (time limit) of the grants there, and a request behind it lands on that node
+only when its own duration ends it before then, as Slurm's backfill does; one without a
+duration never does. Pools may have quotas. A request that carries a
 preemption `Policy` may take the resources of preemptible grants (`on_preempt`): the victims
 are told, the request holds its node until they give their resources back. A grant may also be
 parked (an idle placement group kept for reuse): any request may reclaim it, and requests with
@@ -54,6 +58,8 @@ class Grant:
     preempted_at: float | None = None
     # the parked grant (an idle placement group) this one took over, if any
     reused: Grant | None = None
+    # when it will have ended at the latest (its time limit), if it has one
+    ends: float | None = None
     # for parked grants: who reuses them, and whom to tell when they are reclaimed
     tag: str | None = None
     on_reclaim: Notify | None = None
@@ -76,6 +82,10 @@ class Ticket:
     saves_state: bool = False
     elastic: bool = False
     reuse: str | None = None
+    # the longest it will hold its grant (a job's time limit), if known
+    duration: float | None = None
+    # when it does not fit, hold back requests behind it that would delay it (backfill rule)
+    reserve: bool = False
     grant: Grant | None = None
     # victims told to make room for this request, and the node it holds meanwhile
     victims: list[Grant] = field(default_factory=list)
@@ -153,6 +163,8 @@ class Scheduler:
         saves_state: bool = False,
         elastic: bool = False,
         reuse: str | None = None,
+        duration: float | None = None,
+        reserve: bool = False,
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
         with self._cond:
@@ -169,6 +181,8 @@ class Scheduler:
                 saves_state,
                 elastic,
                 reuse,
+                duration,
+                reserve,
             )
             bisect.insort(self._waiting, ticket, key=lambda t: t.order)
             return ticket
@@ -253,15 +267,18 @@ class Scheduler:
             if t.hold_node is not None:
                 view[t.hold_node] = view[t.hold_node] - t.resources
         granted: list[Ticket] = []
-        failed: set[tuple[Resources, str, str | None]] = set()
+        failed: set[tuple[Resources, str, str | None, bool]] = set()
         hopeless: set[tuple[object, ...]] = set()
+        # (node, earliest start) held for the first reserving request that did not fit
+        reserved: tuple[int, float] | None = None
         for ticket in list(self._waiting):
             held = ticket.hold_node
             if held is not None:
                 view[held] = view[held] + ticket.resources
-            shape = (ticket.resources, ticket.pool, ticket.reuse)
+            barred = None if held is not None else _barred(ticket, reserved, now)
+            shape = (ticket.resources, ticket.pool, ticket.reuse, barred is not None)
             if shape not in failed or held is not None:
-                grant = self._place(ticket, view, now)
+                grant = self._place_outside(ticket, view, now, barred)
                 if grant is not None:
                     if grant.reused is None:
                         view[grant.node] = view[grant.node] - grant.resources
@@ -270,6 +287,8 @@ class Scheduler:
                     continue
                 if held is None:
                     failed.add(shape)
+            if reserved is None and held is None and ticket.reserve:
+                reserved = self._reservation(ticket, view, now)
             if held is not None:
                 view[held] = view[held] - ticket.resources
                 if ticket.waiting_on_victims():
@@ -286,6 +305,37 @@ class Scheduler:
         if granted:
             self._cond.notify_all()
         return granted
+
+    def _place_outside(
+        self, ticket: Ticket, view: list[Resources], now: float, barred: int | None
+    ) -> Grant | None:
+        """`_place`, with node `barred` (reserved for a request ahead) shown as full."""
+        if barred is None:
+            return self._place(ticket, view, now)
+        kept, view[barred] = view[barred], Resources()
+        try:
+            return self._place(ticket, view, now)
+        finally:  # what a reclaim freed there meanwhile is added back
+            view[barred] = kept + view[barred]
+
+    def _reservation(
+        self, ticket: Ticket, view: list[Resources], now: float
+    ) -> tuple[int, float] | None:
+        """The node where `ticket` could start soonest, and when: running grants end at their
+        `ends` (one without is taken to end any moment, so nothing backfills before it)."""
+        best: tuple[float, int] | None = None
+        for node, capacity in enumerate(self.nodes):
+            if not ticket.resources.fits_in(capacity):
+                continue
+            here = [g for g in self._running if g.node == node]
+            avail, start = view[node], now
+            for g in sorted(here, key=lambda g: now if g.ends is None else g.ends):
+                if ticket.resources.fits_in(avail):
+                    break
+                avail, start = avail + g.resources, max(start, g.ends or now)
+            if ticket.resources.fits_in(avail) and (best is None or (start, node) < best):
+                best = (start, node)
+        return None if best is None else (best[1], best[0])
 
     def _place(self, ticket: Ticket, view: list[Resources], now: float) -> Grant | None:
         need = ticket.resources
@@ -408,7 +458,7 @@ class Scheduler:
         if take:
             self._free[node] = self._free[node] - resources
             self._used[ticket.pool] = self._used.get(ticket.pool, Resources()) + resources
-        return Grant(
+        grant = Grant(
             ticket.owner,
             resources,
             ticket.priority,
@@ -421,6 +471,8 @@ class Scheduler:
             ticket.elastic,
             now,
         )
+        grant.ends = None if ticket.duration is None else now + ticket.duration
+        return grant
 
     def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
         ticket.grant = grant
@@ -464,6 +516,17 @@ class Scheduler:
             if resources.fits_in(free) and (best is None or free.cpus > view[best].cpus):
                 best = i
         return best
+
+
+def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> int | None:
+    """The reserved node `ticket` may not use: it would still run when the reservation starts
+    (or it has no duration to tell)."""
+    if reserved is None:
+        return None
+    node, start = reserved
+    if ticket.duration is not None and now + ticket.duration <= start:
+        return None
+    return node
 
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:

@@ -452,6 +452,8 @@ class PoolRun(StageRun):
         now = time.time()
         for uid, status, value_, seconds in reply["outcomes"]:
             work = by_id[uid]
+            if work.state.final:  # cancelled while it ran: its result is dropped
+                continue
             if status == "done":
                 self.ex.finish(work, UnitState.done, value_, None, now - seconds, now)
             elif status == "error":
@@ -459,7 +461,8 @@ class PoolRun(StageRun):
             else:
                 self.ex.finish(work, UnitState.timeout, None, str(value_), now - seconds, now)
         for uid in reversed(reply["rest"]):
-            self.ex.back(by_id[uid])
+            if not by_id[uid].state.final:
+                self.ex.back(by_id[uid])
         if reply["poisoned"]:
             self.draining.add(lease)
         if lease in self.draining and not lease.calls:
@@ -471,7 +474,7 @@ class PoolRun(StageRun):
     def on_failure(self, lease: Lease, tag: Any, error: str, lost: bool) -> None:
         """A worker died: requeue what it held as suspects; only an item that ran alone on it
         spends a retry (it killed its worker)."""
-        held = list(lease.work)
+        held = [w for w in lease.work if not w.state.final]
         lone = len(held) == 1 and held[0].suspect
         if tag == "ready" and not lease.node_left:
             target = self.spec.worker.get("_target_")

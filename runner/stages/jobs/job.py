@@ -82,7 +82,14 @@ class Job:
         env = {**self.env, "RUNNER_JOB_NAME": self.id}
         if self.index is not None:
             env["RUNNER_ARRAY_INDEX"] = str(self.index)
-        return {"argv": self.argv, "env": env, "cwd": self.cwd, "time_limit": self.time_limit}
+        return {
+            "argv": self.argv,
+            "env": env,
+            "cwd": self.cwd,
+            "time_limit": self.time_limit,
+            # bytes its whole process tree may hold (0: no limit)
+            "memory": int(self.resources.memory),
+        }
 
 
 # reports one problem of one job: (key below the job, message)
@@ -105,7 +112,7 @@ def load_jobs(name: str, spec: JobsStage, problems: Problems) -> list[Job]:
             continue
         first_seen[job.name] = where
         jobs += _resolve(job, spec, defaults, report)
-    if not entries and not _has_file_problem(problems, path):
+    if not entries and not spec.follow and not _has_file_problem(problems, path):
         problems.add(f"{path}.jobs", "a jobs stage needs at least one job: set jobs or jobs_file")
     return jobs
 
@@ -142,7 +149,7 @@ def _entries(spec: JobsStage, path: str, problems: Problems) -> list[tuple[str, 
         key = f"{path}.jobs.{n}"
         entries.append((f"jobs.{n}", _reporter(problems, key), data))
     if spec.jobs_file is not None:
-        rows = _read_jobs_file(spec.jobs_file)
+        rows = _read_jobs_file(spec.jobs_file, spec.follow)
         if isinstance(rows, str):
             problems.add(f"{path}.jobs_file", f"= {spec.jobs_file!r}: {rows}")
             return entries
@@ -160,8 +167,19 @@ def _file_reporter(problems: Problems, key: str, where: str) -> Report:
     return lambda sub, message: problems.add(key, f"{where}{'.' + sub if sub else ''}: {message}")
 
 
-def _read_jobs_file(value: str) -> list[Any] | str:
-    """The job mappings of a YAML/JSON list or a JSONL file, or why they cannot be read."""
+def closes(data: Any) -> bool:
+    """The line `{"close": true}` that ends a followed jobs_file."""
+    return isinstance(data, dict) and data == {"close": True}
+
+
+def complete_lines(text: str) -> list[str]:
+    """The lines of a JSONL file being written: the last one only once its newline is there."""
+    return text.split("\n")[:-1]
+
+
+def _read_jobs_file(value: str, follow: bool = False) -> list[Any] | str:
+    """The job mappings of a YAML/JSON list or a JSONL file, or why they cannot be read (a
+    followed file may be empty; its close line and an unfinished last line are left out)."""
     path = Path(value)
     if not path.is_file():
         return "no such file"
@@ -171,16 +189,20 @@ def _read_jobs_file(value: str) -> list[Any] | str:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         return f"cannot read: {exc}"
-    if not text.strip():
+    if follow and path.suffix != ".jsonl":
+        return "follow: true reads a JSONL file (one job a line); use .jsonl"
+    if not text.strip() and not follow:
         return "the file is empty; expected a list of jobs ({name, script | command, ...})"
     if path.suffix == ".jsonl":
         found: list[Any] = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(complete_lines(text) if follow else text.splitlines(), 1):
             if line.strip():
                 try:
-                    found.append(json.loads(line))
+                    data = json.loads(line)
                 except ValueError as exc:
                     return f"line {n} is not JSON ({exc}); expected one job object per line"
+                if not (follow and closes(data)):
+                    found.append(data)
         return found
     try:
         rows: Any = yaml.safe_load(text)
@@ -192,6 +214,18 @@ def _read_jobs_file(value: str) -> list[Any] | str:
     if not isinstance(rows, list) or not rows:
         return "expected a non-empty list of jobs ({name, script | command, ...})"
     return rows
+
+
+def read_line(name: str, spec: JobsStage, data: Any, where: str) -> tuple[list[Job], list[str]]:
+    """One job appended to a followed jobs_file, read as `load_jobs` reads any: its jobs, or
+    the problems that keep it from running."""
+    problems = Problems(None)
+    path = f"pipeline.stages.{name}"
+    defaults = _defaults(spec, path, problems)
+    report = _file_reporter(problems, f"{path}.jobs_file", where)
+    job = _validated(submit_body(data), report)
+    jobs = _resolve(job, spec, defaults, report) if job is not None else []
+    return jobs, [f"{key}: {message}" for key, message in problems.items]
 
 
 def submit_body(data: Any) -> Any:

@@ -3,26 +3,35 @@ one Ray task on the granted node, its outcome read from the task's reply."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
-from runner.plan import StagePlan
+from runner.plan import StagePlan, Unit, digest
 from runner.remote import remote
 from runner.schema import JobsStage
-from runner.stages.jobs.job import Job
-from runner.stages.jobs.task import KILL_GRACE, run_job
+from runner.stages.jobs.job import Job, closes, complete_lines, read_line
+from runner.stages.jobs.task import run_job
 
-# seconds a cancelled job's task gets to stop its process group before Ray kills the task
-CANCEL_WAIT = KILL_GRACE + 2.0
+log = logging.getLogger(__name__)
+
+# how often a followed jobs_file is read for new lines
+FOLLOW_EVERY = 0.5
+# seconds a cancelled job's task gets, beyond its cancel_grace, before Ray kills the task
+CANCEL_WAIT = 2.0
 
 
 class JobsRun(StageRun):
     """Jobs in order, as far as the cluster (and `max_concurrent`) allows; a job's own failure
     is final, a dead Ray worker starts it again up to `retries`."""
 
-    grace = CANCEL_WAIT
     noun = "job"
 
     def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
@@ -30,19 +39,27 @@ class JobsRun(StageRun):
         assert isinstance(stage.spec, JobsStage)
         self.spec = stage.spec
         self.retries = self.spec.retries
+        self.grace = self.spec.cancel_grace + CANCEL_WAIT
         self.cap = self.spec.max_concurrent
         self.logs = ctx.stage_dir(stage.name).resolve()
         self.cpu = 0.0
+        # highest priority first also where `max_concurrent` holds asks back
+        self.queue = deque(sorted(self.works, key=lambda w: -_job(w).priority))
         for work in self.works:
             work.record = _job(work).record()
             work.result = self._paths(work)
+        # follow: the jobs_file lines read so far, and whether its close line came
+        self.follow = Follow(self.spec.follow and self.spec.jobs_file is not None)
 
     def prepare(self) -> None:
         for work in self.works:  # every queued job shows as PENDING from the start
             self.ex.record(work)
 
     def ask_for(self, work: Work) -> Ask:
-        return Ask(_job(work).resources, self.spec.priority, work)
+        """Its own resources at its own priority; a job that does not fit reserves its node,
+        and jobs behind it backfill only when their time limit ends them before it starts."""
+        job = _job(work)
+        return Ask(job.resources, job.priority, work, duration=job.time_limit, reserve=True)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -54,7 +71,11 @@ class JobsRun(StageRun):
         lease.task = (
             remote(run_job)
             .options(**options)
-            .remote(_job(work).task_spec(), paths["stdout"], paths["stderr"])
+            .remote(
+                {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
+                paths["stdout"],
+                paths["stderr"],
+            )
         )
         lease.watch(lease.task)
 
@@ -64,6 +85,7 @@ class JobsRun(StageRun):
         self.ex.end_lease(lease)
         self.cpu += reply.get("cpu", 0.0)
         details = {k: reply.get(k) for k in ("exit_code", "signal", "pid")}
+        details |= {k: reply[k] for k in ("memory_limit", "peak_rss") if k in reply}
         self.ex.finish(
             work,
             UnitState(reply["state"]),
@@ -72,6 +94,73 @@ class JobsRun(StageRun):
             reply.get("started"),
             reply.get("ended"),
         )
+
+    def tick(self) -> None:
+        """With `follow`, run the jobs appended to jobs_file since the last look."""
+        if not self.follow.due():
+            return
+        assert self.spec.jobs_file is not None
+        path = Path(self.spec.jobs_file)
+        try:
+            lines = complete_lines(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("%s: cannot read %s: %s", self.name, path, exc)
+            return
+        known = {u.id for u in self.stage.units or []}
+        for n in range(self.follow.lines, len(lines)):
+            self.follow.lines = n + 1
+            where = f"{path} line {n + 1}"
+            if not lines[n].strip():
+                continue
+            try:
+                data = json.loads(lines[n])
+            except ValueError as exc:
+                log.warning("%s: %s is not JSON (%s); skipped", self.name, where, exc)
+                continue
+            if closes(data):
+                self.follow.closed = True
+                return
+            jobs, problems = read_line(self.name, self.spec, data, where)
+            for problem in problems:
+                log.warning("%s: %s; skipped", self.name, problem)
+            for job in jobs:
+                if job.id not in known:
+                    known.add(job.id)
+                    self._add(job)
+
+    def _add(self, job: Job) -> None:
+        """A job that arrived while the stage runs: skipped when the ledger has it done with
+        the same fingerprint (a resumed run), failed when no node could ever hold it."""
+        upstream = [self.ex.plan.stages[n].fingerprint for n in self.spec.needs]
+        unit = Unit(job.id, digest(job.identity(), *upstream), job)
+        assert self.stage.units is not None
+        self.stage.units.append(unit)
+        prior = self.ctx.ledger.prior_units(self.name).get(job.id)
+        if (
+            prior is not None
+            and prior.state is UnitState.done
+            and prior.fingerprint == unit.fingerprint
+        ):
+            unit.run = False
+            return
+        work = Work(self.name, unit)
+        work.record, work.result = job.record(), self._paths(work)
+        self.works.append(work)
+        self.left += 1
+        self.ex.record(work)
+        partitions = self.ctx.cluster.partitions
+        if job.partition is not None and partitions is not None and job.partition not in partitions:
+            self.ex.finish(work, UnitState.failed, error=f"no node has partition {job.partition!r}")
+        elif not any(job.resources.fits_in(node) for node in self.ctx.scheduler.nodes):
+            need = job.resources.describe()
+            self.ex.finish(work, UnitState.failed, error=f"no node can hold {need}")
+        else:
+            self.queue.append(work)
+
+    def busy(self) -> bool:
+        """A followed stage runs until its close line, and then until its jobs end."""
+        following = self.follow.on and not self.follow.closed and not self.ctx.stop.is_set()
+        return following or super().busy()
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu
@@ -86,6 +175,24 @@ class JobsRun(StageRun):
             "stdout": str(self.logs / f"{work.id}.out"),
             "stderr": str(self.logs / f"{work.id}.err"),
         }
+
+
+@dataclass
+class Follow:
+    """Where the reading of a followed jobs_file is."""
+
+    on: bool
+    lines: int = 0
+    closed: bool = False
+    seen: float = 0.0
+
+    def due(self) -> bool:
+        """Following, not closed, and FOLLOW_EVERY since the last look."""
+        now = time.monotonic()
+        if not self.on or self.closed or now - self.seen < FOLLOW_EVERY:
+            return False
+        self.seen = now
+        return True
 
 
 def _job(work: Work) -> Job:

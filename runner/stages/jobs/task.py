@@ -1,5 +1,10 @@
 """What runs inside a job's Ray task: the job in its own process group, guarded by a watcher,
-stopped at its time limit, on cancel, and when the Ray worker dies."""
+stopped at its time limit, over its memory, on cancel, and when the Ray worker dies.
+
+Memory is a limit, enforced by a watchdog over the job's whole process tree (children
+included, resident memory summed) every `MEMORY_POLL` seconds: a job over its `memory` is
+SIGKILLed whole and recorded OUT_OF_MEMORY, as Slurm's cgroup would. A cgroup v2 limit would
+need a delegated cgroup the runner may write, which Ray's workers do not have."""
 
 from __future__ import annotations
 
@@ -10,13 +15,19 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from runner.placement import Started, here
-from runner.procs import kill_group, signal_name
+from runner.procs import kill_group, signal_name, tree_rss
+from runner.resources import gib
 
 # seconds between SIGTERM and SIGKILL when a job's process group is stopped
 KILL_GRACE = 3.0
+# seconds between two looks at a job's memory, when it has a limit
+MEMORY_POLL = 0.1
+# how the memory limit is enforced, as the job's result says
+MEMORY_ENFORCER = "watchdog"
 
 # The leader of a job's process group, started before the job: it holds a pipe from the Ray
 # worker, so when the worker dies (crash, OOM kill, its driver SIGKILLed) it reads EOF and kills
@@ -41,18 +52,20 @@ def run_job(spec: dict[str, Any], out: str, err: str) -> Iterator[Started | dict
         process_group=0,
     )
     proc: subprocess.Popen[bytes] | None = None
-    timed_out = False
+    stop = Stop()
     try:
         proc = _start(spec, out, err, group=watcher.pid)
-        timed_out = _wait(proc, spec["time_limit"], started)
+        stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, started)
+        if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
+            kill_group(watcher.pid, signal.SIGKILL)
     except OSError as exc:
         error = f"cannot start: {exc}"
         yield {"state": "failed", "error": error, "node": node, "started": started}
         return
-    finally:
-        _stop_group(watcher, proc)
+    finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
+        _stop_group(watcher, proc, KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE))
     assert proc is not None
-    yield _outcome(proc, timed_out, node, started, _children_cpu() - cpu_before, spec)
+    yield _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
 
 
 def _start(spec: dict[str, Any], out: str, err: str, group: int) -> subprocess.Popen[bytes]:
@@ -68,28 +81,47 @@ def _start(spec: dict[str, Any], out: str, err: str, group: int) -> subprocess.P
         )
 
 
-def _wait(proc: subprocess.Popen[bytes], limit: float | None, started: float) -> bool:
-    """Wait for the job's own process to exit; True when the time limit came first.
+@dataclass
+class Stop:
+    """Why the runner ended a job (reason None: it exited by itself), and its peak memory."""
+
+    reason: str | None = None
+    rss: int = 0
+
+
+def _wait(proc: subprocess.Popen[bytes], limit: float | None, memory: int, started: float) -> Stop:
+    """Wait for the job's own process to exit, or its time limit, or its tree over `memory`
+    bytes (0: no memory limit).
 
     Popen.wait(timeout) polls from 0.5 ms up, so a job that exits at once costs ~1 ms, not a
     fixed poll period; the short bound keeps Ray's cancellation able to interrupt the wait."""
+    stop = Stop()
+    poll = MEMORY_POLL if memory else 0.5
     while True:
         left = None if limit is None else limit - (time.time() - started)
         if left is not None and left <= 0:
-            return True
+            stop.reason = "timeout"
+            return stop
+        if memory:
+            stop.rss = max(stop.rss, tree_rss(proc.pid))
+            if stop.rss > memory:
+                stop.reason = "out_of_memory"
+                return stop
         try:
-            proc.wait(timeout=0.5 if left is None else min(left, 0.5))
-            return False
+            proc.wait(timeout=poll if left is None else min(left, poll))
+            return stop
         except subprocess.TimeoutExpired:
             continue
 
 
-def _stop_group(watcher: subprocess.Popen[bytes], proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM a job still running and give it KILL_GRACE to end, then SIGKILL its whole group
-    (also after a normal exit: nothing a job started outlives it), watcher included."""
+def _stop_group(
+    watcher: subprocess.Popen[bytes], proc: subprocess.Popen[bytes] | None, grace: float
+) -> None:
+    """SIGTERM a job still running and give it `grace` seconds to end, then SIGKILL its whole
+    group (also after a normal exit: nothing a job started outlives it), watcher included."""
     if proc is not None and proc.poll() is None:
         kill_group(watcher.pid, signal.SIGTERM)
-        deadline = time.monotonic() + KILL_GRACE
+        deadline = time.monotonic() + grace
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     kill_group(watcher.pid, signal.SIGKILL)
@@ -104,7 +136,7 @@ def _stop_group(watcher: subprocess.Popen[bytes], proc: subprocess.Popen[bytes] 
 
 def _outcome(
     proc: subprocess.Popen[bytes],
-    timed_out: bool,
+    stop: Stop,
     node: str,
     started: float,
     cpu: float,
@@ -112,8 +144,14 @@ def _outcome(
 ) -> dict[str, Any]:
     code = proc.returncode
     sig = signal_name(-code) if code < 0 else None
-    if timed_out:
+    memory = spec.get("memory") or 0
+    if stop.reason == "timeout":
         state, error = "timeout", f"time_limit {spec['time_limit']:g}s exceeded"
+    elif stop.reason == "out_of_memory":
+        state = "out_of_memory"
+        error = (
+            f"memory {gib(memory)} exceeded: its processes held {gib(stop.rss)} ({MEMORY_ENFORCER})"
+        )
     elif code == 0:
         state, error = "done", None
     else:
@@ -128,6 +166,7 @@ def _outcome(
         "signal": sig,
         "pid": proc.pid,
         "cpu": cpu,
+        **({"memory_limit": MEMORY_ENFORCER, "peak_rss": stop.rss} if memory else {}),
     }
 
 
