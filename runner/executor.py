@@ -8,7 +8,7 @@ rest for all running stages at once, on one thread:
   `Lease` whose `Placement` names the Ray node the scheduler chose, and the kind launches its
   actor or task with `placement.options()`, so Ray runs it where the runner decided.
 - **running means running**: a unit is RUNNING when its process says so (a `Started` message:
-  the first reply of an actor's `ready()`, or the first item of a task's stream), with the
+  an actor's `ready()` reply, or the file a task writes as it starts), with the
   node it really runs on. A lease that Ray cannot start within `START_BOUND` goes back to
   the queue with the reason, without spending a retry.
 - **one wait**: `ray.wait` over every in-flight call of every stage; replies go to the kind.
@@ -25,9 +25,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from runner import cancel, saved_state
@@ -35,7 +37,7 @@ from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
-from runner.placement import Placement, Started
+from runner.placement import Placement, Started, heard
 from runner.plan import Plan, PlanContext, StagePlan, Unit
 from runner.remote import bounded, error_line
 from runner.resources import Resources
@@ -327,6 +329,8 @@ class Executor:
         self.waiting: dict[Ticket, Lease] = {}
         self.leases: set[Lease] = set()
         self.calls: dict[Any, Lease] = {}
+        # leases whose task announces its start through a file, and that file
+        self.announced: dict[Lease, Path] = {}
         self.flagged: list[tuple[Grant, str]] = []
         self.rows: dict[tuple[str, str], UnitRow] = {}
         self.events: list[Event] = []
@@ -350,6 +354,7 @@ class Executor:
                 self._admit()
                 self._preemptions()
                 self._wait()
+                self._listen()
                 for live in list(self.live.values()):
                     live.run.tick()
                 self._deadlines()
@@ -527,25 +532,17 @@ class Executor:
         if lease is None:
             return
         tag = lease.calls.get(ref)
-        stream = isinstance(ref, ray.ObjectRefGenerator)
+        self._forget(ref)
+        if lease in self.announced:  # it ended before its start was read: read it first
+            self._hear(lease)
         try:
-            if stream:
-                try:
-                    value = ray.get(next(ref))
-                except StopIteration:
-                    self._forget(ref)
-                    return
-            else:
-                self._forget(ref)
-                value = ray.get(ref)
+            value = ray.get(ref)
         except ray.exceptions.TaskCancelledError:
-            self._forget(ref)
             if lease.stopping is None:
                 lease.stopping = "cancelled"
             self._stopped(lease)
             return
         except ray.exceptions.RayTaskError as exc:
-            self._forget(ref)
             if lease.stopping is not None:  # it was asked to stop, and did (by raising)
                 self._stopped(lease)
                 return
@@ -553,7 +550,6 @@ class Executor:
                 lease.run.on_failure(lease, tag, error_line(exc), lost=False)
             return
         except ray.exceptions.RayError as exc:  # its worker or node died
-            self._forget(ref)
             if lease.stopping is not None:
                 self._stopped(lease)
                 return
@@ -567,6 +563,27 @@ class Executor:
             return
         if not lease.closed:
             lease.run.on_reply(lease, tag, value)
+
+    def start_file(self, lease: Lease) -> Path:
+        """Where the lease's task announces its start (`placement.announce`): a file under the
+        run directory, read here each turn of the loop."""
+        path = self.ctx.store.root / ".started" / f"{uuid.uuid4().hex}.json"
+        self.announced[lease] = path
+        return path
+
+    def _hear(self, lease: Lease) -> None:
+        where = heard(self.announced[lease])
+        if where is not None:
+            del self.announced[lease]
+            self._started(lease, where)
+
+    def _listen(self) -> None:
+        """Read the starts tasks announced since the last turn."""
+        for lease in list(self.announced):
+            if lease.closed:
+                del self.announced[lease]
+            else:
+                self._hear(lease)
 
     def _forget(self, ref: Any) -> None:
         lease = self.calls.pop(ref, None)

@@ -12,10 +12,13 @@ a `node:<ip>` resource would not tell apart nodes that share an IP).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from runner.resources import Resources
@@ -80,6 +83,31 @@ class Started:
     def worker(self) -> str:
         """The process, as the ledger names it: `host:pid`."""
         return f"{self.host}:{self.pid}"
+
+
+def announce(path: str) -> Started:
+    """Inside a task: say where it runs by writing `path` (atomically), and return that.
+
+    A plain task answers only when it ends, and Ray's streaming tasks cannot be cancelled
+    safely in Ray 2.60 (a polite cancel may abort the driver), so a task announces its start
+    through the run directory; the executor reads it (`Executor.expect_start`)."""
+    where = here()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(where)))
+    os.replace(tmp, target)
+    return where
+
+
+def heard(path: Path) -> Started | None:
+    """The start a task announced at `path`, once it has (the file is removed)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    path.unlink(missing_ok=True)
+    return Started(**data)
 
 
 def here() -> Started:

@@ -65,9 +65,8 @@ class JobsRun(StageRun):
         assert lease.placement is not None
         work = lease.work[0]
         paths = self._paths(work)
-        options = lease.placement.options(
-            max_retries=0, name=f"job {work.id}", num_returns="streaming"
-        )
+        options = lease.placement.options(max_retries=0, name=f"job {work.id}")
+        started = self.ex.start_file(lease)
         lease.task = (
             remote(run_job)
             .options(**options)
@@ -75,6 +74,7 @@ class JobsRun(StageRun):
                 {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
                 paths["stdout"],
                 paths["stderr"],
+                str(started),
             )
         )
         lease.watch(lease.task)

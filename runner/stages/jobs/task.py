@@ -14,11 +14,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runner.placement import Started, here
+from runner.placement import announce
 from runner.procs import kill_group, signal_name, tree_rss
 from runner.resources import gib
 
@@ -35,12 +34,12 @@ MEMORY_ENFORCER = "watchdog"
 _WATCHER = "trap '' TERM INT HUP; read -r _; kill -KILL 0"
 
 
-def run_job(spec: dict[str, Any], out: str, err: str) -> Iterator[Started | dict[str, Any]]:
-    """Run one job to its end in its own process group: first say where it runs (`Started`),
-    then what happened, as the ledger keeps it.
+def run_job(spec: dict[str, Any], out: str, err: str, started_file: str) -> dict[str, Any]:
+    """Run one job to its end in its own process group: first say where it runs (a `Started`
+    written to `started_file`), then return what happened, as the ledger keeps it.
 
     A cancel from the runner arrives as KeyboardInterrupt; the group is stopped either way."""
-    yield here()
+    announce(started_file)
     node = socket.gethostname()
     started = time.time()
     cpu_before = _children_cpu()
@@ -60,12 +59,11 @@ def run_job(spec: dict[str, Any], out: str, err: str) -> Iterator[Started | dict
             kill_group(watcher.pid, signal.SIGKILL)
     except OSError as exc:
         error = f"cannot start: {exc}"
-        yield {"state": "failed", "error": error, "node": node, "started": started}
-        return
+        return {"state": "failed", "error": error, "node": node, "started": started}
     finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
         _stop_group(watcher, proc, KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE))
     assert proc is not None
-    yield _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
+    return _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
 
 
 def _start(spec: dict[str, Any], out: str, err: str, group: int) -> subprocess.Popen[bytes]:

@@ -150,10 +150,9 @@ class ShardRun(StageRun):
             "cwd": os.getcwd(),
             "log": str(f.log.resolve()),
             "pid": str(f.pid.resolve()),
+            "started_file": str(self.ex.start_file(lease)),
         }
-        options = lease.placement.options(
-            max_retries=0, name=f"shard {shard.label}", num_returns="streaming"
-        )
+        options = lease.placement.options(max_retries=0, name=f"shard {shard.label}")
         lease.task = remote(run_shard).options(**options).remote(job)
         lease.watch(lease.task)
 

@@ -16,14 +16,14 @@ from typing import Any
 
 from runner import gpus, procs
 from runner.merge import read_table, write_table
-from runner.placement import Started, here
+from runner.placement import announce
 
 
-def run_shard(job: dict[str, Any]) -> Iterator[Started | dict[str, Any]]:
-    """Runs inside a Ray task on the node that owns the shard's GPUs: say where it runs
-    (`Started`), check the GPUs' free memory, then run the command (or the function) with its
-    output written to the temporary name; last, what happened."""
-    yield here()
+def run_shard(job: dict[str, Any]) -> dict[str, Any]:
+    """Runs inside a Ray task on the node that owns the shard's GPUs: say where it runs (a
+    `Started` written to `started_file`), check the GPUs' free memory, then run the command
+    (or the function) with its output written to the temporary name; return what happened."""
+    announce(job["started_file"])
     started = time.time()
     chosen = job.get("gpu_ids")
     if chosen is not None:  # the GPUs the runner chose, by name: over Ray's own pick
@@ -64,7 +64,7 @@ def run_shard(job: dict[str, Any]) -> Iterator[Started | dict[str, Any]]:
     reply["cpu"] = sum(after[:4]) - sum(before[:4])
     reply["ok"] = reply["error"] is None
     reply["ended"] = time.time()
-    yield reply
+    return reply
 
 
 @contextmanager
