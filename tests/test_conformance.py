@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,16 +137,13 @@ def test_a_signal_to_the_whole_process_group_with_its_embedded_ray_ends_the_run_
             what="a unit running",
         )
         family = _descendants(proc.pid)
-        signalled = time.monotonic()
         os.killpg(proc.pid, sig)
-        out, err = proc.communicate(timeout=60)
-        took = time.monotonic() - signalled
+        out, err = proc.communicate(timeout=60)  # a bound against hangs, not a timing claim
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == code, out + err
-    assert took < 30, f"took {took:.1f}s to stop"  # a bound against hangs, not a timing claim
     assert UnitState.running not in states(tmp_path)  # the ledger is true
     wait_until(
         lambda: not any(procs.running(p, t) for p, t in family),
