@@ -592,10 +592,12 @@ class Executor:
 
     def _started(self, lease: Lease, where: Started) -> None:
         """Ray really started the lease's process: its units run from now, on that node."""
-        lease.started, lease.deadline = where, None
+        lease.started = where
         for work in lease.work:
             self.running(work, where)
-        lease.run.on_start(lease)
+        if lease.stopping is None:
+            lease.deadline = None
+            lease.run.on_start(lease)
 
     def running(self, work: Work, where: Started, at: float | None = None) -> None:
         """A unit runs from `at` (default: when its process said so) on `where`'s node."""
@@ -960,7 +962,9 @@ class Executor:
         if alive:
             for lease in list(self.leases):
                 self.stop_lease(lease, "interrupted", lease.run.grace)
-            while any(not x.closed for x in self.leases):
+            # every lease has a deadline now; this bound only guards against one that has not
+            bound = time.monotonic() + max((x.run.grace for x in self.leases), default=0) + 10
+            while any(not x.closed for x in self.leases) and time.monotonic() < bound:
                 self._wait()
                 now = time.monotonic()
                 for lease in list(self.leases):
