@@ -224,7 +224,7 @@ class StageRun:
 
         if lease.task is not None:
             # a task that has already answered is not cancelled: Ray 2.60 can abort the driver
-            # cancelling a streaming task as it completes ("task that was not pending")
+            # cancelling a task as it completes ("task that was not pending")
             done, _ = ray.wait([lease.task], timeout=0)
             if not done:
                 ray.cancel(lease.task)
