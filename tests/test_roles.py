@@ -108,7 +108,9 @@ def test_a_victim_that_ignores_cancel_is_killed_after_cancel_timeout_and_still_r
     assert first(evs, "train/0", "running")["t"] > killed["t"]
     result = ledger(tmp_path, "work")["rollout/0"]
     assert result[0] == "done"
-    assert result[1]["steps"] == 25 and result[1]["restored_from"][0] >= 10
+    # resumed from what state() said at the kill: some steps in, not from scratch and not done
+    # (how many depends on the machine's speed, so no exact count)
+    assert result[1]["steps"] == 25 and 0 < result[1]["restored_from"][0] < 25
     wait_until(no_groups_left, what="every placement group to be removed")
 
 
