@@ -98,17 +98,7 @@ def _descendants(pid: int) -> list[tuple[int, float | None]]:
     return [(p, procs.start_time(p)) for p in procs.descendants(pid)]
 
 
-# Seen in CI under load, not reproduced alone: a shard stage's run sometimes has not ended 60 s
-# after a signal to its whole group. Kept running (a pass shows as XPASS) until it is diagnosed.
-SHARD_GROUP_SIGNAL = pytest.mark.xfail(
-    reason="under load a shard run sometimes outlives 60 s after a group signal (open)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "kind", [k if k != "shard" else pytest.param(k, marks=SHARD_GROUP_SIGNAL) for k in KINDS]
-)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     ("sig", "code"),
     [pytest.param(signal.SIGTERM, 143, id="term"), pytest.param(signal.SIGINT, 130, id="int")],

@@ -66,7 +66,7 @@ class JobsRun(StageRun):
         work = lease.work[0]
         paths = self._paths(work)
         options = lease.placement.options(max_retries=0, name=f"job {work.id}")
-        started = self.ex.start_file(lease)
+        started = self.ex.start_to(lease)
         lease.task = (
             remote(run_job)
             .options(**options)
@@ -74,7 +74,7 @@ class JobsRun(StageRun):
                 {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
                 paths["stdout"],
                 paths["stderr"],
-                str(started),
+                started,
             )
         )
         lease.watch(lease.task)

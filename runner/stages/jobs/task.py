@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from runner.placement import announce
+from runner.placement import StartTo, announce
 from runner.procs import kill_group, signal_name, tree_rss
 from runner.resources import gib
 
@@ -34,12 +34,12 @@ MEMORY_ENFORCER = "watchdog"
 _WATCHER = "trap '' TERM INT HUP; read -r _; kill -KILL 0"
 
 
-def run_job(spec: dict[str, Any], out: str, err: str, started_file: str) -> dict[str, Any]:
+def run_job(spec: dict[str, Any], out: str, err: str, started_to: StartTo) -> dict[str, Any]:
     """Run one job to its end in its own process group: first say where it runs (a `Started`
-    written to `started_file`), then return what happened, as the ledger keeps it.
+    sent to `started_to`), then return what happened, as the ledger keeps it.
 
     A cancel from the runner arrives as KeyboardInterrupt; the group is stopped either way."""
-    announce(started_file)
+    announce(started_to)
     node = socket.gethostname()
     started = time.time()
     cpu_before = _children_cpu()

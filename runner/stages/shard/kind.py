@@ -150,7 +150,7 @@ class ShardRun(StageRun):
             "cwd": os.getcwd(),
             "log": str(f.log.resolve()),
             "pid": str(f.pid.resolve()),
-            "started_file": str(self.ex.start_file(lease)),
+            "started_to": self.ex.start_to(lease),
         }
         options = lease.placement.options(max_retries=0, name=f"shard {shard.label}")
         lease.task = remote(run_shard).options(**options).remote(job)

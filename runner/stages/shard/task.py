@@ -21,9 +21,9 @@ from runner.placement import announce
 
 def run_shard(job: dict[str, Any]) -> dict[str, Any]:
     """Runs inside a Ray task on the node that owns the shard's GPUs: say where it runs (a
-    `Started` written to `started_file`), check the GPUs' free memory, then run the command
+    `Started` sent to `started_to`), check the GPUs' free memory, then run the command
     (or the function) with its output written to the temporary name; return what happened."""
-    announce(job["started_file"])
+    announce(job["started_to"])
     started = time.time()
     chosen = job.get("gpu_ids")
     if chosen is not None:  # the GPUs the runner chose, by name: over Ray's own pick
