@@ -987,8 +987,9 @@ class Executor:
             else:  # Ray is gone (SIGTERM to the whole group): nothing to ask; the processes
                 # its workers leave behind are ended by pid (they are in a group of their own)
                 self.end_lease(lease)
-                if lease.started is not None and lease.started.local:
-                    procs.kill_tree(lease.started.pid, grace=ORPHAN_GRACE)
+                where = lease.started
+                if where is not None and where.local and procs.alive_since(where.pid, where.time):
+                    procs.kill_tree(where.pid, grace=ORPHAN_GRACE)
                 for work in lease.work:
                     if not work.state.final:
                         self.finish(work, UnitState.cancelled, error="cancelled")

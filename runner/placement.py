@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.resources import Resources
+
+log = logging.getLogger(__name__)
 
 # the label Ray gives every node: its id
 NODE_ID_LABEL = "ray.io/node-id"
@@ -189,7 +192,7 @@ class Starts:
         its start, if it got that far, is in the inbox: wait for it)."""
         if to.path is not None:
             return _read_start(Path(to.path))
-        self._take(ended)
+        self._take(ended, wait=0.0 if ended else TAKE_WAIT)
         found = self.came.pop(to.key, None)
         if found is None and ended:
             self._take(True, wait=0.0)
@@ -204,10 +207,17 @@ class Starts:
         if self.taking is None:
             self.taking = self.inbox.take.remote(wait)
         done, _ = ray.wait([self.taking], timeout=TAKE_BOUND if block else 0)
-        if done:
-            ref, self.taking = self.taking, None
-            for key, where in ray.get(ref).items():
-                self.came[key] = Started(**where)
+        if not done:
+            return
+        ref, self.taking = self.taking, None
+        try:
+            box = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the inbox died (Ray going down): made anew
+            log.warning("the run's inbox of task starts is gone: %s", exc)
+            self.inbox = None
+            return
+        for key, where in box.items():
+            self.came[key] = Started(**where)
 
     def close(self) -> None:
         """Remove the inbox (Ray must be alive)."""

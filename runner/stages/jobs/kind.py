@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.carry import Dest, land
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -72,8 +73,8 @@ class JobsRun(StageRun):
             .options(**options)
             .remote(
                 {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
-                paths["stdout"],
-                paths["stderr"],
+                Dest(paths["stdout"], carried=not self.ctx.cluster.shared_fs),
+                Dest(paths["stderr"], carried=not self.ctx.cluster.shared_fs),
                 started,
             )
         )
@@ -83,6 +84,7 @@ class JobsRun(StageRun):
         reply: dict[str, Any] = value
         work = lease.work[0]
         self.ex.end_lease(lease)
+        land(reply.pop("files", {}))
         self.cpu += reply.get("cpu", 0.0)
         details = {k: reply.get(k) for k in ("exit_code", "signal", "pid")}
         details |= {k: reply[k] for k in ("memory_limit", "peak_rss") if k in reply}
