@@ -50,6 +50,13 @@ def collect(dests: Iterable[Dest]) -> dict[str, bytes]:
     return found
 
 
+def discard(dests: Iterable[Dest]) -> None:
+    """In the task, when it ends without answering (cancelled): remove the carried copies."""
+    for dest in dests:
+        if dest.carried:
+            Path(dest.here()).unlink(missing_ok=True)
+
+
 def land(files: Mapping[str, bytes]) -> None:
     """On the runner: write the files a task brought back where they belong."""
     for path, data in files.items():

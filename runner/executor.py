@@ -980,6 +980,9 @@ class Executor:
                         self._stopped(lease)
                 if not ray_alive():
                     break
+            # a signal to the whole group may take the embedded Ray down only now, under load:
+            # then no lease is killed through it (a call to a dead GCS blocks for a minute)
+            alive = ray_alive()
         for lease in list(self.leases):
             lease.stopping = lease.stopping or "interrupted"
             if alive:

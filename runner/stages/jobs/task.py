@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from runner.carry import Dest, collect
+from runner.carry import Dest, collect, discard
 from runner.placement import StartTo, announce
 from runner.procs import kill_group, signal_name, tree_rss
 from runner.resources import gib
@@ -63,6 +63,9 @@ def run_job(spec: dict[str, Any], out: Dest, err: Dest, started_to: StartTo) -> 
         error = f"cannot start: {exc}"
         reply = {"state": "failed", "error": error, "node": node, "started": started}
         return {**reply, "files": collect([out, err])}
+    except BaseException:  # cancelled: no reply to carry its logs back in
+        discard([out, err])
+        raise
     finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
         _stop_group(watcher, proc, KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE))
     assert proc is not None
