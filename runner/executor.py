@@ -858,6 +858,10 @@ class Executor:
         now = time.monotonic()
         if not self.nodes or (now - self.node_seen < NODES_EVERY and not force):
             return
+        if self.ctx.stop.is_set() or not ray_alive():
+            # stopping: a worker that died may be the embedded Ray going down with the signal,
+            # and `ray.nodes()` against a GCS going down aborts the driver (Ray 2.60 checks it)
+            return
         self.node_seen = now
         try:
             alive = {n.node_id: n for n in live_nodes()}
