@@ -57,6 +57,23 @@ def discard(dests: Iterable[Dest]) -> None:
             Path(dest.here()).unlink(missing_ok=True)
 
 
+def pack(root: Path, paths: Iterable[Path]) -> dict[str, bytes]:
+    """The bytes of the files among `paths` that exist (directories: every file below them),
+    by their path relative to `root`: what travels with a task, or back with its reply."""
+    found = {}
+    for path in paths:
+        below = sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]
+        for file in below:
+            if file.is_file():
+                found[str(file.relative_to(root))] = file.read_bytes()
+    return found
+
+
+def unpack(root: Path, files: Mapping[str, bytes]) -> None:
+    """Write files packed by `pack` under `root`."""
+    land({str(root / rel): data for rel, data in files.items()})
+
+
 def land(files: Mapping[str, bytes]) -> None:
     """On the runner: write the files a task brought back where they belong."""
     for path, data in files.items():

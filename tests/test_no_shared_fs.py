@@ -1,6 +1,6 @@
 """Nodes that do not share a filesystem (`cluster.shared_fs: false`, the default on an
-existing Ray cluster): a task announces its start and hands its logs back through Ray, never
-through the run directory."""
+existing Ray cluster): a task announces its start, and hands a job's logs and a shard's
+files back, through Ray, never through the run directory."""
 
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def test_units_start_and_finish_whether_or_not_the_nodes_share_the_run_directory
     assert rows and all(state is UnitState.done and node == here for state, node in rows)
     # RUNNING was heard through the run's inbox actor, not a file under the run directory
     assert (tmp_path / ".started").exists() is announced_in_run_dir
+    if kind == "shard":  # each shard's log reached the run directory, whichever the way
+        logs = sorted((tmp_path / "work" / "shards").glob("*.log"))
+        assert len(logs) == 4 and all("--- runner: attempt 1" in p.read_text() for p in logs)
 
 
 def test_job_logs_come_back_through_ray(ray_session: str, cli: Cli, tmp_path: Path) -> None:

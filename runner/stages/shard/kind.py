@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import procs
+from runner.carry import pack, unpack
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -152,6 +153,9 @@ class ShardRun(StageRun):
             "pid": str(f.pid.resolve()),
             "started_to": self.ex.start_to(lease),
         }
+        if not self.ctx.cluster.shared_fs:  # its files travel with it, and back in its reply
+            job["carry_root"] = str(self.root.resolve())
+            job["stage_in"] = pack(self.root, [f.input, f.done, f.part, f.log, f.out_dir])
         options = lease.placement.options(max_retries=0, name=f"shard {shard.label}")
         lease.task = remote(run_shard).options(**options).remote(job)
         lease.watch(lease.task)
@@ -160,6 +164,7 @@ class ShardRun(StageRun):
         reply: dict[str, Any] = value
         work = lease.work[0]
         self.ex.end_lease(lease)
+        unpack(self.root, reply.pop("files", {}))
         self._show(work)
         self.cpu += reply.get("cpu", 0.0)
         if reply.get("requeue") and self._requeue(lease, work, reply["requeue"]):
