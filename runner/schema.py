@@ -262,6 +262,9 @@ class JobsStage(StageSpec):
     retries: int = policy(0, ge=0)
     # seconds between SIGTERM and SIGKILL when a job is cancelled (mode=cancel, Ctrl-C)
     cancel_grace: float = policy(10.0, gt=0)
+    # print each job's stdout/stderr lines on the terminal as they come, prefixed [job NAME]
+    # (above the progress bars); they are always in the job's .out/.err files
+    show_output: bool = resource(False)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
+from runner.output import Tail
 from runner.plan import StagePlan, Unit, digest
 from runner.remote import remote
 from runner.schema import JobsStage
@@ -50,6 +51,8 @@ class JobsRun(StageRun):
             work.result = self._paths(work)
         # follow: the jobs_file lines read so far, and whether its close line came
         self.follow = Follow(self.spec.follow and self.spec.jobs_file is not None)
+        # the running jobs' .out/.err, followed onto the terminal with `show_output`
+        self.tail = Tail(ctx.progress)
 
     def prepare(self) -> None:
         for work in self.works:  # every queued job shows as PENDING from the start
@@ -67,6 +70,8 @@ class JobsRun(StageRun):
         paths = self._paths(work)
         options = lease.placement.options(max_retries=0, name=f"job {work.id}")
         started = self.ex.start_file(lease)
+        for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
+            self.tail.start(Path(paths[stream]), fresh=True)
         lease.task = (
             remote(run_job)
             .options(**options)
@@ -83,6 +88,7 @@ class JobsRun(StageRun):
         reply: dict[str, Any] = value
         work = lease.work[0]
         self.ex.end_lease(lease)
+        self._show(work)
         self.cpu += reply.get("cpu", 0.0)
         details = {k: reply.get(k) for k in ("exit_code", "signal", "pid")}
         details |= {k: reply[k] for k in ("memory_limit", "peak_rss") if k in reply}
@@ -96,7 +102,11 @@ class JobsRun(StageRun):
         )
 
     def tick(self) -> None:
-        """With `follow`, run the jobs appended to jobs_file since the last look."""
+        """Show the running jobs' new output lines; with `follow`, run the jobs appended to
+        jobs_file since the last look."""
+        for lease in self.leases:
+            for work in lease.work:
+                self._show(work)
         if not self.follow.due():
             return
         assert self.spec.jobs_file is not None
@@ -170,10 +180,22 @@ class JobsRun(StageRun):
             outcome.ok, outcome.message = False, problem
         return outcome
 
+    def _show(self, work: Work) -> None:
+        """With `show_output`, print the complete new lines of a job's stdout and stderr above
+        the progress bars, prefixed with its name."""
+        if not self.spec.show_output:
+            return
+        paths = self._paths(work)
+        self.tail.show(Path(paths["stdout"]), f"[job {work.id}] ")
+        self.tail.show(Path(paths["stderr"]), f"[job {work.id} stderr] ")
+
     def _paths(self, work: Work) -> dict[str, str]:
+        """Where a job's streams go: SCNS's `standard_output` / `standard_error` when the job
+        names them, else <run.dir>/<stage>/<job>.out and .err."""
+        job = _job(work)
         return {
-            "stdout": str(self.logs / f"{work.id}.out"),
-            "stderr": str(self.logs / f"{work.id}.err"),
+            "stdout": job.stdout or str(self.logs / f"{work.id}.out"),
+            "stderr": job.stderr or str(self.logs / f"{work.id}.err"),
         }
 
 

@@ -16,6 +16,7 @@ from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.merge import Committed, manifest_of, merge, read_table, write_table
+from runner.output import Tail
 from runner.plan import StagePlan
 from runner.remote import remote
 from runner.resources import Resources
@@ -55,8 +56,8 @@ class ShardRun(StageRun):
         self.retries = self.spec.retries
         self.cap = self.spec.max_parallel
         self.cpu = 0.0
-        # bytes of each shard's log already shown on the terminal
-        self.shown: dict[str, int] = {}
+        # each shard's log, followed onto the terminal with `show_output`
+        self.tail = Tail(ctx.progress)
         self.failures: list[str] = []
         # the GPU groups to ask for by name, where the cluster names its GPUs (else Ray picks)
         self.slots = GpuSlots.of(
@@ -135,7 +136,7 @@ class ShardRun(StageRun):
         work = lease.work[0]
         shard, f = self.shards[work.id], self.files[work.id]
         f.part_owner.write_text(work.unit.fingerprint)
-        self.shown[work.id] = f.log.stat().st_size if f.log.exists() else 0
+        self.tail.start(f.log)
         values = launch_values(work.unit, f, self.spec.id_column, work.attempts + 1)
         job = {
             "label": shard.label,
@@ -217,19 +218,8 @@ class ShardRun(StageRun):
 
     def _show(self, work: Work) -> None:
         """Print the complete new lines of a shard's log, prefixed with its range."""
-        log_file = self.files[work.id].log
-        if not self.spec.show_output or not log_file.exists():
-            return
-        with open(log_file, "rb") as fh:
-            fh.seek(self.shown.get(work.id, 0))
-            data = fh.read()
-        end = data.rfind(b"\n") + 1
-        if not end:
-            return
-        self.shown[work.id] = self.shown.get(work.id, 0) + end
-        prefix = f"[shard {self.shards[work.id].label}] "
-        for line in data[:end].decode(errors="replace").splitlines():
-            self.ctx.progress.print(f"{prefix}{line}")
+        if self.spec.show_output:
+            self.tail.show(self.files[work.id].log, f"[shard {self.shards[work.id].label}] ")
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu
