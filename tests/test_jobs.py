@@ -502,6 +502,12 @@ def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
     cli: Cli, tmp_path: Path, scratch: Path
 ) -> None:
     bodies = scns_bodies(tmp_path / "submit.jsonl", cpus=0.5, memory="64M", sleep=1)
+    # job 4 is the lab's, burns some CPU, and names its own stdout file as SCNS lets it
+    lines = bodies.read_text().splitlines()
+    job4 = json.loads(lines[3])
+    job4["job"] |= {"account": "lab", "standard_output": "job4.log"}
+    job4["script"] += "\npython3 -c 'sum(range(3_000_000))'"
+    bodies.write_text("\n".join([*lines[:3], json.dumps(job4)]) + "\n")
     res = cli(
         "pipeline=jobs_scns",
         f"run.dir={tmp_path / 'run'}",
@@ -513,8 +519,19 @@ def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
     found = rows(tmp_path / "run")
     assert {r.state for r in found.values()} == {UnitState.done}
     assert max_overlap(found) == 4
-    assert {r.input["account"] for r in found.values()} == {"test"}
+    assert [r.input["account"] for _, r in sorted(found.items())] == ["test"] * 3 + ["lab"]
     assert (tmp_path / "run" / "work" / "concurrent-job-3.out").read_text() == "Job 3 is running\n"
+    assert (scratch / "job4.log").read_text() == "Job 4 is running\n"
+    # the summary's accounting table: jobs and CPU-seconds per account
+    accounts = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["work"][
+        "accounts"
+    ]
+    assert accounts.keys() == {"lab", "test"}
+    assert accounts["lab"]["jobs"] == 1 and accounts["test"]["jobs"] == 3
+    assert accounts["lab"]["cpu_s"] > 0
+    assert re.search(r"^stage +account +jobs +cpu-seconds$", res.out, re.M)
+    assert re.search(r"^work +lab +1 +\d+\.\d$", res.out, re.M)
+    assert re.search(r"^work +test +3 +\d+\.\d$", res.out, re.M)
     wait_until(cpus_free_again, what="every job's CPU to be free")
 
 

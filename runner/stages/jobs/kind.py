@@ -44,6 +44,8 @@ class JobsRun(StageRun):
         self.cap = self.spec.max_concurrent
         self.logs = ctx.stage_dir(stage.name).resolve()
         self.cpu = 0.0
+        # CPU-seconds and jobs run per SCNS `account`, for the summary
+        self.accounts: dict[str, Usage] = {}
         # highest priority first also where `max_concurrent` holds asks back
         self.queue = deque(sorted(self.works, key=lambda w: -_job(w).priority))
         for work in self.works:
@@ -90,6 +92,9 @@ class JobsRun(StageRun):
         self.ex.end_lease(lease)
         self._show(work)
         self.cpu += reply.get("cpu", 0.0)
+        account = _job(work).account
+        if account is not None:
+            self.accounts.setdefault(account, Usage()).add(reply.get("cpu", 0.0))
         details = {k: reply.get(k) for k in ("exit_code", "signal", "pid")}
         details |= {k: reply[k] for k in ("memory_limit", "peak_rss") if k in reply}
         self.ex.finish(
@@ -175,6 +180,11 @@ class JobsRun(StageRun):
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu
         outcome.outputs.append(str(self.ctx.stage_dir(self.name)))
+        if self.accounts:
+            outcome.extra["accounts"] = {
+                name: {"jobs": u.jobs, "cpu_s": round(u.cpu, 3)}
+                for name, u in sorted(self.accounts.items())
+            }
         problem = self.failure_budget()
         if problem:
             outcome.ok, outcome.message = False, problem
@@ -197,6 +207,18 @@ class JobsRun(StageRun):
             "stdout": job.stdout or str(self.logs / f"{work.id}.out"),
             "stderr": job.stderr or str(self.logs / f"{work.id}.err"),
         }
+
+
+@dataclass
+class Usage:
+    """What the jobs of one account used: how many ran, and their CPU-seconds."""
+
+    jobs: int = 0
+    cpu: float = 0.0
+
+    def add(self, cpu: float) -> None:
+        self.jobs += 1
+        self.cpu += cpu
 
 
 @dataclass
