@@ -133,6 +133,9 @@ class Ask:
     # it holds back requests behind it that would still run when it could start (backfill)
     duration: float | None = None
     reserve: bool = False
+    # how long the unit is expected to run in all (a role's `estimated_duration`): victims
+    # are chosen by the work they have left
+    estimated: float | None = None
 
 
 @dataclass(eq=False)
@@ -458,6 +461,7 @@ class Executor:
             reuse=ask.reuse,
             duration=ask.duration,
             reserve=ask.reserve,
+            estimated=ask.estimated,
         )
         self.waiting[lease.ticket] = lease
         return lease

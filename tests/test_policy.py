@@ -401,3 +401,23 @@ def test_a_pool_quota_holds_and_preemption_frees_quota_within_the_pool() -> None
     s.submit("train", Resources(cpus=2), 5, pool="rl", policy=Policy())
     s.admit()
     assert [r for _, r in told.told] == ["same_pool"]
+
+
+def test_a_roles_estimated_duration_spares_the_replica_about_to_finish() -> None:
+    """Two equal replicas, started together, both state-saving: the one whose
+    `estimated_duration` leaves it the most work is asked to stop; the one about to finish
+    keeps running (it frees its resources soon anyway), whichever was submitted first."""
+    for first, second, victim in ((12.0, 600.0, "second"), (600.0, 12.0, "first")):
+        now, told = [0.0], Recorder()
+        s = Scheduler([Resources(cpus=2)], clock=lambda now=now: now[0], metrics=Metrics())
+        for name, estimate in (("first", first), ("second", second)):
+            s.submit(name, cpus1(), 0, on_preempt=told, saves_state=True, estimated=estimate)
+        s.admit()
+        now[0] = 10.0
+        s.submit("train", cpus1(), 5, policy=Policy())
+        s.admit()
+        assert told.told == [(victim, "same_pool")]
+
+
+def cpus1() -> Resources:
+    return Resources(cpus=1)

@@ -60,6 +60,8 @@ class Grant:
     reused: Grant | None = None
     # when it will have ended at the latest (its time limit), if it has one
     ends: float | None = None
+    # how long it is expected to run in all (a role's `estimated_duration`), if estimated
+    estimated: float | None = None
     # for parked grants: who reuses them, and whom to tell when they are reclaimed
     tag: str | None = None
     on_reclaim: Notify | None = None
@@ -86,6 +88,8 @@ class Ticket:
     duration: float | None = None
     # when it does not fit, hold back requests behind it that would delay it (backfill rule)
     reserve: bool = False
+    # how long it is expected to run in all, for victim choice (work left), if estimated
+    estimated: float | None = None
     grant: Grant | None = None
     # victims told to make room for this request, and the node it holds meanwhile
     victims: list[Grant] = field(default_factory=list)
@@ -165,6 +169,7 @@ class Scheduler:
         reuse: str | None = None,
         duration: float | None = None,
         reserve: bool = False,
+        estimated: float | None = None,
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
         with self._cond:
@@ -183,6 +188,7 @@ class Scheduler:
                 reuse,
                 duration,
                 reserve,
+                estimated,
             )
             bisect.insort(self._waiting, ticket, key=lambda t: t.order)
             return ticket
@@ -472,6 +478,7 @@ class Scheduler:
             now,
         )
         grant.ends = None if ticket.duration is None else now + ticket.duration
+        grant.estimated = ticket.estimated
         return grant
 
     def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
@@ -531,7 +538,8 @@ def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> i
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:
     lost = 0.0 if g.saves_state else now - g.since
-    return pol.Candidate(g, g.node, g.resources, g.priority, g.pool, lost, g.elastic)
+    left = pol.remaining(g.estimated, now - g.since)
+    return pol.Candidate(g, g.node, g.resources, g.priority, g.pool, lost, g.elastic, left)
 
 
 def _enough(

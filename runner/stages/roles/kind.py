@@ -166,6 +166,7 @@ class RolesRun(StageRun):
                 saves_state=self.saves[role.name],
                 elastic=elastic,
                 reuse=self.pgs.tag if self.rp.reuse else None,
+                estimated=role.estimated_duration,
             )
 
     def _start_in(self, group: ReservedGroup, work: Work) -> None:
