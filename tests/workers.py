@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -110,12 +111,15 @@ def double(item: int, plus: int = 0) -> int:
 
 
 class Gated:
-    """Hold the items in `hold` while the file `gate` exists; return the item."""
+    """Hold the items in `hold` while the file `gate` exists; return the item. With `marks`,
+    a held item first leaves `started-ITEM` there."""
 
-    def __init__(self, gate: str, hold: list[int]) -> None:
-        self.gate, self.hold = gate, set(hold)
+    def __init__(self, gate: str, hold: list[int], marks: str | None = None) -> None:
+        self.gate, self.hold, self.marks = gate, set(hold), marks
 
     def __call__(self, item: int) -> int:
+        if self.marks is not None and item in self.hold:
+            Path(self.marks, f"started-{item}").touch()
         while item in self.hold and os.path.exists(self.gate):
             time.sleep(0.05)
         return item

@@ -160,8 +160,12 @@ class ShardRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
-        self.ex.end_lease(lease)
         self._show(work)
+        if lease.stopping is not None and not reply["ok"]:
+            # cancelled (mode=cancel, Ctrl-C): its command was killed, which is no failure
+            self.ex.stopped(lease)
+            return
+        self.ex.end_lease(lease)
         self.cpu += reply.get("cpu", 0.0)
         if reply.get("requeue") and self._requeue(lease, work, reply["requeue"]):
             return
@@ -238,12 +242,18 @@ class ShardRun(StageRun):
             "missing_ranges": summary["missing_ranges"],
             "duplicate_ids": summary["duplicate_ids"],
         }
+        # a shard cancelled on purpose (mode=cancel) is left out of the merge, not a failure
+        cancelled = {self.shards[w.id].label for w in self.works if w.state is UnitState.cancelled}
+        missing = [r for r in summary["missing_ranges"] if r not in cancelled]
+        left_out = [r for r in summary["missing_ranges"] if r in cancelled]
         if self.failures:
             outcome.ok = False
             outcome.message = f"{len(self.failures)} shard(s) failed:\n" + "\n".join(self.failures)
-        elif summary["missing_ranges"]:
+        elif missing:
             outcome.ok = False
-            outcome.message = f"missing ranges: {', '.join(summary['missing_ranges'])}"
+            outcome.message = f"missing ranges: {', '.join(missing)}"
+        elif left_out:
+            outcome.message = f"cancelled ranges, not in the merge: {', '.join(left_out)}"
         return outcome
 
 
