@@ -136,6 +136,8 @@ class Ask:
     # how long the unit is expected to run in all (a role's `estimated_duration`): victims
     # are chosen by the work they have left
     estimated: float | None = None
+    # the only nodes (scheduler indices) it may run on, e.g. a job's partition; None: any
+    nodes: frozenset[int] | None = None
 
 
 @dataclass(eq=False)
@@ -344,7 +346,8 @@ class Executor:
         self.cancel_seen = 0.0
         cluster = plan.cluster
         for i, node_id in enumerate(cluster.node_ids):
-            self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i]))
+            parts = cluster.node_partitions[i] if cluster.node_partitions else frozenset()
+            self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i], parts))
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -462,6 +465,7 @@ class Executor:
             duration=ask.duration,
             reserve=ask.reserve,
             estimated=ask.estimated,
+            nodes=ask.nodes,
         )
         self.waiting[lease.ticket] = lease
         return lease

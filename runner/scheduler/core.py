@@ -90,6 +90,8 @@ class Ticket:
     reserve: bool = False
     # how long it is expected to run in all, for victim choice (work left), if estimated
     estimated: float | None = None
+    # the only nodes it may run on (a job's partition); None: any node
+    nodes: frozenset[int] | None = None
     grant: Grant | None = None
     # victims told to make room for this request, and the node it holds meanwhile
     victims: list[Grant] = field(default_factory=list)
@@ -170,6 +172,7 @@ class Scheduler:
         duration: float | None = None,
         reserve: bool = False,
         estimated: float | None = None,
+        nodes: frozenset[int] | None = None,
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
         with self._cond:
@@ -189,6 +192,7 @@ class Scheduler:
                 duration,
                 reserve,
                 estimated,
+                nodes,
             )
             bisect.insort(self._waiting, ticket, key=lambda t: t.order)
             return ticket
@@ -273,7 +277,7 @@ class Scheduler:
             if t.hold_node is not None:
                 view[t.hold_node] = view[t.hold_node] - t.resources
         granted: list[Ticket] = []
-        failed: set[tuple[Resources, str, str | None, bool]] = set()
+        failed: set[tuple[Resources, str, str | None, bool, frozenset[int] | None]] = set()
         hopeless: set[tuple[object, ...]] = set()
         # (node, earliest start) held for the first reserving request that did not fit
         reserved: tuple[int, float] | None = None
@@ -282,7 +286,7 @@ class Scheduler:
             if held is not None:
                 view[held] = view[held] + ticket.resources
             barred = None if held is not None else _barred(ticket, reserved, now)
-            shape = (ticket.resources, ticket.pool, ticket.reuse, barred is not None)
+            shape = (ticket.resources, ticket.pool, ticket.reuse, barred is not None, ticket.nodes)
             if shape not in failed or held is not None:
                 grant = self._place_outside(ticket, view, now, barred)
                 if grant is not None:
@@ -315,14 +319,21 @@ class Scheduler:
     def _place_outside(
         self, ticket: Ticket, view: list[Resources], now: float, barred: int | None
     ) -> Grant | None:
-        """`_place`, with node `barred` (reserved for a request ahead) shown as full."""
-        if barred is None:
+        """`_place`, with node `barred` (reserved for a request ahead) and the nodes outside
+        the ticket's `nodes` shown as full."""
+        shut = {barred} if barred is not None else set()
+        if ticket.nodes is not None:
+            shut |= set(range(len(view))) - ticket.nodes
+        if not shut:
             return self._place(ticket, view, now)
-        kept, view[barred] = view[barred], Resources()
+        kept = {n: view[n] for n in shut}
+        for n in shut:
+            view[n] = Resources()
         try:
             return self._place(ticket, view, now)
         finally:  # what a reclaim freed there meanwhile is added back
-            view[barred] = kept + view[barred]
+            for n, free in kept.items():
+                view[n] = free + view[n]
 
     def _reservation(
         self, ticket: Ticket, view: list[Resources], now: float
@@ -331,7 +342,7 @@ class Scheduler:
         `ends` (one without is taken to end any moment, so nothing backfills before it)."""
         best: tuple[float, int] | None = None
         for node, capacity in enumerate(self.nodes):
-            if not ticket.resources.fits_in(capacity):
+            if not ticket.resources.fits_in(capacity) or not _may_use(ticket, node):
                 continue
             here = [g for g in self._running if g.node == node]
             avail, start = view[node], now
@@ -390,7 +401,11 @@ class Scheduler:
             return None
         for node in range(len(self.nodes)):
             here = [g for g in self._parked if g.node == node]
-            if not here or not need.fits_in(_sum([view[node], *(g.resources for g in here)])):
+            if (
+                not here
+                or not _may_use(ticket, node)
+                or not need.fits_in(_sum([view[node], *(g.resources for g in here)]))
+            ):
                 continue
             taken: list[Grant] = []
             for g in sorted(here, key=lambda g: -_size(g.resources)):
@@ -523,6 +538,11 @@ class Scheduler:
             if resources.fits_in(free) and (best is None or free.cpus > view[best].cpus):
                 best = i
         return best
+
+
+def _may_use(ticket: Ticket, node: int) -> bool:
+    """Whether `node` is one the ticket may run on (its `nodes`, when it names them)."""
+    return ticket.nodes is None or node in ticket.nodes
 
 
 def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> int | None:

@@ -64,7 +64,22 @@ class JobsRun(StageRun):
         """Its own resources at its own priority; a job that does not fit reserves its node,
         and jobs behind it backfill only when their time limit ends them before it starts."""
         job = _job(work)
-        return Ask(job.resources, job.priority, work, duration=job.time_limit, reserve=True)
+        return Ask(
+            job.resources,
+            job.priority,
+            work,
+            duration=job.time_limit,
+            reserve=True,
+            nodes=self._nodes_of(job.partition),
+        )
+
+    def _nodes_of(self, partition: str | None) -> frozenset[int] | None:
+        """The nodes a job of `partition` may run on: on a Ray cluster, those whose labels
+        name it (nodes that joined since the start included); elsewhere every node has the
+        declared partitions (None: any node)."""
+        if partition is None or not self.ctx.cluster.node_partitions:
+            return None
+        return frozenset(i for i, n in enumerate(self.ex.nodes) if partition in n.partitions)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
