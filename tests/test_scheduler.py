@@ -138,3 +138,21 @@ def _request(s: Scheduler, owner: str, priority: float, since: float):  # type: 
     from runner.scheduler.core import _Request
 
     return _Request(owner, cpus(1), priority, since, next(s._seq))
+
+
+def test_a_claim_that_names_its_nodes_lands_only_on_them() -> None:
+    """A job's partition: the roomier node is passed over, and a claim held back on its only
+    node does not hold back an equal claim that may use another."""
+    s = Scheduler([cpus(4), cpus(1)])
+    only_small = s.submit("debug-1", cpus(1), nodes=frozenset({1}))
+    again = s.submit("debug-2", cpus(1), nodes=frozenset({1}))
+    anywhere = s.submit("any", cpus(1))
+    s.admit()
+    assert only_small.grant is not None and only_small.grant.node == 1
+    assert again.grant is None  # node 1 is full; node 0 is not its to use
+    assert anywhere.grant is not None and anywhere.grant.node == 0
+    nowhere = s.submit("lost", cpus(1), nodes=frozenset())
+    s.release(only_small.grant)
+    s.admit()
+    assert again.grant is not None and again.grant.node == 1
+    assert nowhere.grant is None
