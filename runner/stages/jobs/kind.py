@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner import disk
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -104,8 +105,11 @@ class JobsRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
-        self.ex.end_lease(lease)
         self._show(work)
+        if self._disk_full(work):
+            self.ex.stopped(lease)
+            return
+        self.ex.end_lease(lease)
         self.cpu += reply.get("cpu", 0.0)
         account = _job(work).account
         if account is not None:
@@ -204,6 +208,14 @@ class JobsRun(StageRun):
         if problem:
             outcome.ok, outcome.message = False, problem
         return outcome
+
+    def _disk_full(self, work: Work) -> bool:
+        """Its streams were written where the disk is now full: the run stops with the one
+        full-disk message, the job is not recorded done or failed (a rerun runs it)."""
+        error = disk.full(Path(self._paths(work)["stdout"]).parent, self.ctx.store.root)
+        if error is not None:
+            self.ctx.ledger.fail(error)
+        return error is not None
 
     def _show(self, work: Work) -> None:
         """With `show_output`, print the complete new lines of a job's stdout and stderr above

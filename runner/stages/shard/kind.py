@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from runner import procs
+from runner import disk, procs
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -163,6 +163,11 @@ class ShardRun(StageRun):
         self._show(work)
         if lease.stopping is not None and not reply["ok"]:
             # cancelled (mode=cancel, Ctrl-C): its command was killed, which is no failure
+            self.ex.stopped(lease)
+            return
+        full = disk.full(self.root, self.ctx.store.root)
+        if full is not None:  # its log or output met a full disk: the run stops, one message
+            self.ctx.ledger.fail(full)
             self.ex.stopped(lease)
             return
         self.ex.end_lease(lease)
