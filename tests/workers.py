@@ -133,3 +133,24 @@ class Big:
 
     def __call__(self, item: int) -> str:
         return str(item % 10) * self.size
+
+
+class Returns:
+    """Return an awkward value for the items in `bad` (`kind`: a lock, which neither pickles
+    nor is JSON; a set or a datetime, which pickle but are not JSON); the item itself for the
+    others."""
+
+    def __init__(self, kind: str, bad: list[int]) -> None:
+        self.kind, self.bad = kind, set(bad)
+
+    def __call__(self, item: int) -> Any:
+        import datetime
+        import threading
+
+        if item not in self.bad:
+            return item
+        return {
+            "lock": lambda: threading.Lock(),
+            "set": lambda: {item},
+            "datetime": lambda: datetime.datetime(2026, 1, 2),
+        }[self.kind]()
