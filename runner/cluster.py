@@ -67,7 +67,7 @@ def describe_local(cfg: ClusterConfig) -> ClusterInfo:
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else len(gpus.inventory())
     memory = cfg.memory_gb * (1 << 30) if cfg.memory_gb else _default_memory()
     node = Resources(cpus=cpus, gpus=float(num_gpus), memory=memory)
-    return ClusterInfo((node,), f"local Ray: {node.describe()}")
+    return ClusterInfo((node,), f"local Ray: {node.describe()}", partitions=tuple(cfg.partitions))
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,13 @@ def describe(cfg: ClusterConfig) -> ClusterInfo:
     if not import_ray:
         return _declared(cfg, describe_local(cfg))
     with connected(cfg, None) as info:
-        return _declared(cfg, info) if cfg.kind == "local" else info
+        return info
+
+
+def _live(cfg: ClusterConfig) -> ClusterInfo:
+    """The live Ray cluster; the embedded one (`cluster=local`) with its declared partitions."""
+    info = describe_ray()
+    return _declared(cfg, info) if cfg.kind == "local" else info
 
 
 def _declared(cfg: ClusterConfig, info: ClusterInfo) -> ClusterInfo:
@@ -233,7 +239,7 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
     import ray
 
     if ray.is_initialized():
-        yield describe_ray()
+        yield _live(cfg)
         return
     if cfg.kind == "local":
         _init_local(cfg, describe_local(cfg))
@@ -244,7 +250,7 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
         _init_remote(cfg)
     ended = False
     try:
-        yield describe_ray()
+        yield _live(cfg)
         ended = True
     finally:
         if not ended and _core:
