@@ -75,7 +75,7 @@ class Simulation:
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
-            list(self.plan.cluster.nodes), clock=self.clock, metrics=Metrics()
+            list(self.plan.cluster.nodes), clock=self.clock, metrics=Metrics(collectors=False)
         )
 
     # the event loop
