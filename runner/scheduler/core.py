@@ -20,6 +20,7 @@ virtual time through `clock`, `submit`, `admit` and `release`.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 import heapq
 import itertools
 import threading
@@ -139,9 +140,12 @@ class Scheduler:
     _count: int = field(default=0, init=False)
     _running: set[Grant] = field(default_factory=set, init=False)
     _on_node: dict[int, set[Grant]] = field(default_factory=dict, init=False)
-    # preemptible running grants not yet chosen as victims, by (priority, pool, labels)
-    _victims: dict[tuple[object, ...], dict[Grant, None]] = field(default_factory=dict, init=False)
-    _parties: dict[tuple[object, ...], pol.Party] = field(default_factory=dict, init=False)
+    # preemptible running grants not yet chosen as victims: by node, and how many of each
+    # kind (`_victim_kind`) each node has, and of each party (priority, pool, labels)
+    _node_victims: dict[int, dict[Grant, None]] = field(default_factory=dict, init=False)
+    _node_kinds: dict[int, Counter[tuple[object, ...]]] = field(default_factory=dict, init=False)
+    _parties: Counter[tuple[object, ...]] = field(default_factory=Counter, init=False)
+    _party_of: dict[tuple[object, ...], pol.Party] = field(default_factory=dict, init=False)
     _parked: list[Grant] = field(default_factory=list, init=False)
     _quota: dict[str, Resources] = field(default_factory=dict, init=False)
     _used: dict[str, Resources] = field(default_factory=dict, init=False)
@@ -485,18 +489,18 @@ class Scheduler:
         return None
 
     def _preempt(self, ticket: Ticket, view: FreeIndex, now: float) -> bool:
-        """Choose victims by the ticket's policy and tell them; False when none would do."""
+        """Choose victims by the ticket's policy and tell them; False when none would do.
+
+        Nodes whose free resources and victims are alike (same kinds, as many of each) offer
+        the same choice: only the first of them is searched (a later one never wins a tie)."""
         assert ticket.policy is not None
         me = pol.Party(ticket.priority, ticket.pool, ticket.labels)
-        reasons: dict[Grant, str] = {}
-        by_node: dict[int, list[Grant]] = {}
-        for party, grants in self._victims.items():
-            reason = pol.preemption_reason(me, self._parties[party], ticket.policy)
-            if reason is None:
-                continue
-            for g in grants:
-                reasons[g] = reason
-                by_node.setdefault(g.node, []).append(g)
+        reasons: dict[tuple[object, ...], str] = {}
+        for party, count in self._parties.items():
+            if count:
+                reason = pol.preemption_reason(me, self._party_of[party], ticket.policy)
+                if reason is not None:
+                    reasons[party] = reason
         if not reasons:
             return False
         room = self._quota_room(ticket.pool)
@@ -504,15 +508,26 @@ class Scheduler:
         parked: dict[int, list[Resources]] = {}
         for g in self._parked:
             parked.setdefault(g.node, []).append(g.resources)
+        seen: set[tuple[object, ...]] = set()
         best: tuple[tuple[object, ...], int, list[pol.Candidate]] | None = None
-        for node in range(len(self.nodes)) if pool_mates else sorted(by_node):
-            here = (
-                [g for g in reasons if g.node == node or g.pool == ticket.pool]
-                if pool_mates
-                else by_node[node]
-            )
-            cands = [_candidate(g, now) for g in here]
+        for node in range(len(self.nodes)) if pool_mates else sorted(self._node_kinds):
             base = _sum([view[node], *parked.get(node, ())])
+            if pool_mates:
+                here = [
+                    g
+                    for victims in self._node_victims.values()
+                    for g in victims
+                    if _party_key(g) in reasons and (g.node == node or g.pool == ticket.pool)
+                ]
+            else:
+                kinds = frozenset(
+                    (k, n) for k, n in self._node_kinds[node].items() if n and k[:3] in reasons
+                )
+                if not kinds or (base, kinds) in seen:
+                    continue
+                seen.add((base, kinds))
+                here = [g for g in self._node_victims[node] if _party_key(g) in reasons]
+            cands = [_candidate(g, now) for g in here]
             enough = _enough(ticket.resources, node, base, room, ticket.pool)
             chosen = pol.choose_victims(cands, enough)
             if chosen is not None:
@@ -524,11 +539,12 @@ class Scheduler:
         _, node, chosen = best
         victims = [c.key for c in chosen if isinstance(c.key, Grant)]
         for g in victims:
-            g.preempted, g.preempted_at = reasons[g], now
-            self._victims[_party_key(g)].pop(g, None)
-            self.metrics.preempted(g.pool, reasons[g])
+            reason = reasons[_party_key(g)]
+            g.preempted, g.preempted_at = reason, now
+            self._not_victim(g)
+            self.metrics.preempted(g.pool, reason)
             assert g.on_preempt is not None
-            g.on_preempt(g, reasons[g])
+            g.on_preempt(g, reason)
         ticket.victims = victims
         ticket.hold_node = node
         return True
@@ -563,10 +579,12 @@ class Scheduler:
         self._running.add(grant)
         self._on_node.setdefault(grant.node, set()).add(grant)
         if grant.on_preempt is not None:
-            key = _party_key(grant)
-            if key not in self._parties:
-                self._parties[key] = pol.Party(grant.priority, grant.pool, grant.labels)
-            self._victims.setdefault(key, {})[grant] = None
+            party = _party_key(grant)
+            if party not in self._party_of:
+                self._party_of[party] = pol.Party(grant.priority, grant.pool, grant.labels)
+            self._parties[party] += 1
+            self._node_victims.setdefault(grant.node, {})[grant] = None
+            self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
         self.metrics.admitted(ticket.priority, grant.waited)
 
     def _unrun(self, grant: Grant) -> None:
@@ -575,8 +593,20 @@ class Scheduler:
         here = self._on_node.get(grant.node)
         if here is not None:
             here.discard(grant)
-        if grant.on_preempt is not None:
-            self._victims.get(_party_key(grant), {}).pop(grant, None)
+        self._not_victim(grant)
+
+    def _not_victim(self, grant: Grant) -> None:
+        """The grant can no longer be chosen as a victim (chosen already, or not running)."""
+        victims = self._node_victims.get(grant.node)
+        if victims is None or victims.pop(grant, 0) is None:
+            return
+        self._parties[_party_key(grant)] -= 1
+        kinds, kind = self._node_kinds[grant.node], _victim_kind(grant)
+        kinds[kind] -= 1
+        if not kinds[kind]:
+            del kinds[kind]
+        if not victims:
+            del self._node_victims[grant.node], self._node_kinds[grant.node]
 
     def _unqueue(self, ticket: Ticket) -> bool:
         """Take the ticket out of its lane; False when it was not there."""
@@ -637,6 +667,13 @@ def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> i
 
 def _party_key(g: Grant) -> tuple[object, ...]:
     return (g.priority, g.pool, tuple(sorted(g.labels.items())))
+
+
+def _victim_kind(g: Grant) -> tuple[object, ...]:
+    """What tells victims apart when choosing (`_candidate`): grants of one kind on one node
+    are interchangeable. Starts with the party key."""
+    lost_from = None if g.saves_state else g.since
+    return (*_party_key(g), g.resources, g.elastic, lost_from)
 
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:
