@@ -20,11 +20,11 @@ virtual time through `clock`, `submit`, `admit` and `release`.
 from __future__ import annotations
 
 import bisect
-from collections import Counter
 import heapq
 import itertools
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
