@@ -18,6 +18,7 @@ from runner.store import Ledger, RunStore
 
 if TYPE_CHECKING:
     from runner.executor import Executor, StageRun
+    from runner.sim import SimStage, Simulation
 
 
 @dataclass
@@ -60,13 +61,18 @@ class StageOutcome:
 
 # how a kind starts running one stage: (plan, context, executor) -> its StageRun
 StageOpener = Callable[[StagePlan, RunContext, "Executor"], "StageRun"]
+# how a kind runs one stage on the simulated cluster (`cluster=sim`), in virtual time: its asks,
+# its units' durations, what a preempted unit does
+StageSimulator = Callable[[StagePlan, "Simulation"], "SimStage"]
 
 
 @dataclass(frozen=True)
 class StageKind:
-    """A stage kind: its schema, its own spec checks, how it plans, how it runs."""
+    """A stage kind: its schema, its own spec checks, how it plans, how it runs, and how it
+    runs on the simulated cluster."""
 
     spec_type: type[StageSpec]
     check: KindCheck
     plan: StagePlanner
     open: StageOpener
+    simulate: StageSimulator

@@ -58,8 +58,7 @@ class JobsRun(StageRun):
     def ask_for(self, work: Work) -> Ask:
         """Its own resources at its own priority; a job that does not fit reserves its node,
         and jobs behind it backfill only when their time limit ends them before it starts."""
-        job = _job(work)
-        return Ask(job.resources, job.priority, work, duration=job.time_limit, reserve=True)
+        return job_ask(_job(work), work)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -193,6 +192,13 @@ class Follow:
             return False
         self.seen = now
         return True
+
+
+def job_ask(job: Job, work: Work | None = None) -> Ask:
+    """Its own resources at its own priority; a job that does not fit reserves its node, and
+    jobs behind it backfill only when their time limit ends them before it starts. The
+    simulated cluster asks the same."""
+    return Ask(job.resources, job.priority, work, duration=job.time_limit, reserve=True)
 
 
 def _job(work: Work) -> Job:
