@@ -57,6 +57,10 @@ class StageOutcome:
     message: str = ""
     outputs: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # mean seconds from a lease's grant to its process's start (Ray starting it)
+    start_latency: float | None = None
+    # ... and each attempt's, by unit, for units with a lease of their own (the first 10,000)
+    start_latencies: dict[str, list[float]] = field(default_factory=dict)
 
 
 # how a kind starts running one stage: (plan, context, executor) -> its StageRun

@@ -46,10 +46,7 @@ class FreeIndex:
         return iter(self._free)
 
     def __setitem__(self, node: int, value: Resources) -> None:
-        old = self._free[node]
-        if old == value:
-            return
-        self._unfile(node, old)
+        self._unfile(node, self._free[node])
         self._free[node] = value
         self._file(node, value)
 

@@ -598,8 +598,9 @@ class Scheduler:
     def _not_victim(self, grant: Grant) -> None:
         """The grant can no longer be chosen as a victim (chosen already, or not running)."""
         victims = self._node_victims.get(grant.node)
-        if victims is None or victims.pop(grant, 0) is None:
+        if victims is None or grant not in victims:
             return
+        del victims[grant]
         self._parties[_party_key(grant)] -= 1
         kinds, kind = self._node_kinds[grant.node], _victim_kind(grant)
         kinds[kind] -= 1

@@ -1,8 +1,9 @@
 """A pool stage on the simulated cluster: `num_workers` worker leases (`worker_ask`, as in a
 real run) share the stage's items; each worker starts after the measured start-up latency,
 then takes items one after another for their time (measured, times the measured worker time
-per item time; else `cluster.sim_unit_seconds`). Workers not started when the items run out
-are not started, as in a real pool."""
+per item time; else `cluster.sim_unit_seconds`). An item that overran its step timeout in
+the measured run does so again, and its worker is replaced by a new lease. Workers not started
+when the items run out are not started, as in a real pool."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class SimPool(SimStage):
     live: int = 0
     tickets: list[Ticket] = field(default_factory=list)
     scale: float = 1.0
+    started: int = 0
 
     def start(self) -> None:
         spec = self.stage.spec
@@ -43,9 +45,14 @@ class SimPool(SimStage):
             self.sim.stage_done(self.stage.name)
             return
         self.live = workers
-        for i in range(workers):
-            owner = f"{self.stage.name}/worker-{i}"
-            self.tickets.append(self.sim.submit(owner, ask, self._work))
+        self.started = 0
+        for _ in range(workers):
+            self._ask()
+
+    def _ask(self) -> None:
+        self.started += 1
+        owner = f"{self.stage.name}/worker-{self.started}"
+        self.tickets.append(self.sim.submit(owner, worker_ask(self.stage), self._work))
 
     def _upstream_items(self, spec: PoolStage) -> int:
         source = spec.items.get("from")
@@ -68,9 +75,26 @@ class SimPool(SimStage):
             return
         item = self.items.pop()
         now = sim.clock.now
+        m = sim.measure_of(self.stage.name)
+        if m is not None and item in m.timed_out:  # overran: its worker is replaced after it
+            end = now + sim.duration(self.stage.name, item)
+            sim.ran(now, end)
+            sim.at(end, lambda: self._replace(grant))
+            return
         end = now + sim.duration(self.stage.name, item) * self.scale
         sim.ran(now, end)
         sim.at(end, lambda: self._next(grant))
+
+    def _replace(self, grant: Grant) -> None:
+        """A worker that overran a step timeout is killed; a new one is asked for (it queues
+        again like any other lease) while items are left."""
+        self.ended(grant)
+        if self.items:
+            self._ask()
+            return
+        self.live -= 1
+        if self.live == 0:
+            self.sim.stage_done(self.stage.name)
 
     def _stop_growing(self) -> None:
         """No items left: workers not started yet are not started (as a real pool does)."""

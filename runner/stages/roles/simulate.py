@@ -38,6 +38,7 @@ class _Replica:
     began: float = 0.0
     run_event: int = 0
     arrived: bool = False
+    attempts: int = 0
 
 
 @dataclass(eq=False)
@@ -138,7 +139,9 @@ class SimRoles(SimStage):
     def _begin(self, r: _Replica, grant: Grant | None) -> None:
         self.granted()
         sim = self.sim
-        r.grant, r.began = grant, sim.clock.now + sim.latency(self.stage.name)
+        latency = sim.latency(self.stage.name, f"{r.role.name}/{r.index}", r.attempts)
+        r.attempts += 1
+        r.grant, r.began = grant, sim.clock.now + latency
         r.run_event += 1
         token = r.run_event
         sim.at(r.began, partial(self._running, r, token))
