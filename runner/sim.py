@@ -36,6 +36,9 @@ from runner.spec import Spec
 if TYPE_CHECKING:
     from runner.kind import StageKind
 
+# a plan of at most this many units gets the order its units started in the report
+SHOWN_STARTS = 20
+
 
 class VirtualClock:
     """The scheduler's clock in a simulation: moved only by the event queue."""
@@ -84,8 +87,13 @@ class Simulation:
     _busy: Resources = field(default_factory=Resources)
     _last: float = 0.0
     _pending: set[str] = field(default_factory=set)
+    # a small plan's units as they start: (virtual time, order of telling, stage/unit)
+    shown_starts: bool = field(init=False)
+    _starts: list[tuple[float, int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        units = sum(len(s.units or []) for s in self.plan.stages.values())
+        self.shown_starts = units <= SHOWN_STARTS
         self.scheduler = Scheduler(
             list(self.plan.cluster.nodes), clock=self.clock, metrics=Metrics(collectors=False)
         )
@@ -202,6 +210,14 @@ class Simulation:
         each = m.latencies.get(unit or "")
         return each[attempt] if each and attempt < len(each) else m.latency
 
+    def starts(self, stage: str, unit: str | None, at: float) -> None:
+        """A unit starts at `at` (a small run's report lists them in order)."""
+        if self.shown_starts and unit is not None:
+            self._starts.append((at, next(self._seq), f"{stage}/{unit}"))
+
+    def started_in_order(self) -> list[str]:
+        return [name for _, _, name in sorted(self._starts)]
+
     def ran(self, start: float, end: float) -> None:
         """A unit ran from `start` to `end` (for the makespan)."""
         self.first_start = start if self.first_start is None else min(self.first_start, start)
@@ -302,6 +318,7 @@ class _Hold:
         self.grant = grant
         start = sim.clock.now + sim.latency(run.stage.name, self.unit)
         end = start + sim.duration(run.stage.name, self.unit)
+        sim.starts(run.stage.name, self.unit, start)
         sim.ran(start, end)
         sim.at(end, self.done)
 
@@ -348,6 +365,7 @@ def summarize(sim: Simulation, wall: float) -> dict[str, Any]:
         ),
         "wall_s": round(wall, 3),
         "utilization": sim.utilization(),
+        "started_in_order": sim.started_in_order(),
         "waiting_s_by_priority": waited,
         "stages": {
             name: {
@@ -390,5 +408,7 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary["measured_makespan_s"] is not None:
         span += f" (the measured run: {summary['measured_makespan_s']:g}s)"
     lines.append(span)
+    if summary["started_in_order"]:
+        lines.append(f"units in the order they started: {', '.join(summary['started_in_order'])}")
     lines.append(f"simulated in {summary['wall_s']:.2f}s")
     return "\n".join(lines)

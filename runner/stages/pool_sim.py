@@ -75,6 +75,7 @@ class SimPool(SimStage):
             return
         item = self.items.pop()
         now = sim.clock.now
+        sim.starts(self.stage.name, item, now)
         m = sim.measure_of(self.stage.name)
         if m is not None and item in m.timed_out:  # overran: its worker is replaced after it
             end = now + sim.duration(self.stage.name, item)

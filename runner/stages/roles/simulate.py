@@ -142,6 +142,7 @@ class SimRoles(SimStage):
         latency = sim.latency(self.stage.name, f"{r.role.name}/{r.index}", r.attempts)
         r.attempts += 1
         r.grant, r.began = grant, sim.clock.now + latency
+        sim.starts(self.stage.name, f"{r.role.name}/{r.index}", r.began)
         r.run_event += 1
         token = r.run_event
         sim.at(r.began, partial(self._running, r, token))
