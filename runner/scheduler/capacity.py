@@ -33,6 +33,8 @@ class FreeIndex:
         self._total_cpus = self._total_gpus = self._total_mem = 0.0
         # nodes whose free resources name custom ones (summed only when there are any)
         self._custom = 0
+        # nodes changed since the owner last cleared this (it keeps views of its own)
+        self.dirty: set[int] = set()
         for r in free:
             self.append(r)
 
@@ -46,11 +48,13 @@ class FreeIndex:
         return iter(self._free)
 
     def __setitem__(self, node: int, value: Resources) -> None:
+        self.dirty.add(node)
         self._unfile(node, self._free[node])
         self._free[node] = value
         self._file(node, value)
 
     def append(self, value: Resources) -> None:
+        self.dirty.add(len(self._free))
         self._free.append(value)
         self._file(len(self._free) - 1, value)
 

@@ -145,6 +145,11 @@ class Scheduler:
     _node_victims: dict[int, dict[Grant, None]] = field(default_factory=dict, init=False)
     _node_kinds: dict[int, Counter[tuple[object, ...]]] = field(default_factory=dict, init=False)
     _parties: Counter[tuple[object, ...]] = field(default_factory=Counter, init=False)
+    # nodes alike for a preemptor (`_preempt`): each node's look (free resources with its
+    # parked groups, its victims by kind), the nodes of each look, and nodes to look at again
+    _parked_on: dict[int, Resources] = field(default_factory=dict, init=False)
+    _look: dict[int, tuple[object, ...]] = field(default_factory=dict, init=False)
+    _alike: dict[tuple[object, ...], set[int]] = field(default_factory=dict, init=False)
     _party_of: dict[tuple[object, ...], pol.Party] = field(default_factory=dict, init=False)
     _parked: list[Grant] = field(default_factory=list, init=False)
     _quota: dict[str, Resources] = field(default_factory=dict, init=False)
@@ -255,7 +260,7 @@ class Scheduler:
             self._unrun(grant)
             self._victim_done(grant)
             grant.tag, grant.on_reclaim = tag, on_reclaim
-            self._parked.append(grant)
+            self._parked_add(grant)
             self._cond.notify_all()
 
     def set_quota(self, pool: str, resources: Resources) -> None:
@@ -446,7 +451,7 @@ class Scheduler:
             and self._avail.roomiest(ticket.resources, barred) is not None
         ):
             return None
-        self._parked.remove(best)
+        self._parked_del(best)
         best.released = True  # taken over whole: its resources stay granted
         grant = self._new_grant(ticket, best.node, best.resources, self.clock(), take=False)
         grant.reused = best
@@ -479,7 +484,7 @@ class Scheduler:
                     break
                 taken.append(g)
             for g in taken:
-                self._parked.remove(g)
+                self._parked_del(g)
                 self._release(g)  # its resources are free on the node again
                 if g.on_reclaim is not None:
                     g.on_reclaim(g, "reclaimed")
@@ -505,13 +510,10 @@ class Scheduler:
             return False
         room = self._quota_room(ticket.pool)
         pool_mates = room is not None and not ticket.resources.fits_in(room)
-        parked: dict[int, list[Resources]] = {}
-        for g in self._parked:
-            parked.setdefault(g.node, []).append(g.resources)
         seen: set[tuple[object, ...]] = set()
         best: tuple[tuple[object, ...], int, list[pol.Candidate]] | None = None
-        for node in range(len(self.nodes)) if pool_mates else sorted(self._node_kinds):
-            base = _sum([view[node], *parked.get(node, ())])
+        for node in range(len(self.nodes)) if pool_mates else self._first_of_each_look():
+            base = view[node] + self._parked_on.get(node, Resources())
             if pool_mates:
                 here = [
                     g
@@ -549,6 +551,35 @@ class Scheduler:
         ticket.hold_node = node
         return True
 
+    def _first_of_each_look(self) -> list[int]:
+        """One node of each look (free resources, parked groups and victims alike), the lowest
+        numbered, in order: any other node of a look offers the same victims, and a later node
+        never wins a tie. Looks are brought up to date for the nodes changed since last time."""
+        for node in self._avail.dirty:
+            old = self._look.pop(node, None)
+            if old is not None:
+                self._alike[old].discard(node)
+                if not self._alike[old]:
+                    del self._alike[old]
+            kinds = self._node_kinds.get(node)
+            if kinds:
+                base = self._avail[node] + self._parked_on.get(node, Resources())
+                look = (base, frozenset(kinds.items()))
+                self._look[node] = look
+                self._alike.setdefault(look, set()).add(node)
+        self._avail.dirty.clear()
+        return sorted(min(nodes) for nodes in self._alike.values())
+
+    def _parked_add(self, grant: Grant) -> None:
+        self._parked.append(grant)
+        self._parked_on[grant.node] = self._parked_on.get(grant.node, Resources()) + grant.resources
+        self._avail.dirty.add(grant.node)
+
+    def _parked_del(self, grant: Grant) -> None:
+        self._parked.remove(grant)
+        self._parked_on[grant.node] = self._parked_on[grant.node] - grant.resources
+        self._avail.dirty.add(grant.node)
+
     # --- bookkeeping ----------------------------------------------------------------------
 
     def _new_grant(
@@ -585,6 +616,7 @@ class Scheduler:
             self._parties[party] += 1
             self._node_victims.setdefault(grant.node, {})[grant] = None
             self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
+            self._avail.dirty.add(grant.node)
         self.metrics.admitted(ticket.priority, grant.waited)
 
     def _unrun(self, grant: Grant) -> None:
@@ -602,6 +634,7 @@ class Scheduler:
             return
         del victims[grant]
         self._parties[_party_key(grant)] -= 1
+        self._avail.dirty.add(grant.node)
         kinds, kind = self._node_kinds[grant.node], _victim_kind(grant)
         kinds[kind] -= 1
         if not kinds[kind]:
@@ -637,7 +670,7 @@ class Scheduler:
         grant.released = True
         self._unrun(grant)
         if grant.tag is not None and grant in self._parked:
-            self._parked.remove(grant)
+            self._parked_del(grant)
         self._avail[grant.node] = self._avail[grant.node] + grant.resources
         self._used[grant.pool] = self._used.get(grant.pool, Resources()) - grant.resources
         self._victim_done(grant)
