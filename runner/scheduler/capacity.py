@@ -35,6 +35,9 @@ class FreeIndex:
         self._custom = 0
         # nodes changed since the owner last cleared this (it keeps views of its own)
         self.dirty: set[int] = set()
+        # nodes out of their bucket since they changed: filed again at the next look, once
+        # however often they changed (a wave of releases touches a node many times)
+        self._stale: set[int] = set()
         for r in free:
             self.append(r)
 
@@ -49,14 +52,20 @@ class FreeIndex:
 
     def __setitem__(self, node: int, value: Resources) -> None:
         self.dirty.add(node)
-        self._unfile(node, self._free[node])
+        old = self._free[node]
+        if node not in self._stale:
+            self._unfile(node, old)
+            self._stale.add(node)
+        self._count(old, -1.0)
         self._free[node] = value
-        self._file(node, value)
+        self._count(value, 1.0)
 
     def append(self, value: Resources) -> None:
-        self.dirty.add(len(self._free))
+        node = len(self._free)
+        self.dirty.add(node)
+        self._stale.add(node)
         self._free.append(value)
-        self._file(len(self._free) - 1, value)
+        self._count(value, 1.0)
 
     def total(self) -> Resources:
         """The sum over nodes (custom resources summed on demand: they are rare)."""
@@ -71,6 +80,9 @@ class FreeIndex:
     def roomiest(self, need: Resources, exclude: int | None = None) -> int | None:
         """The node with the most free CPUs that holds `need` (the lowest index among equals),
         never `exclude`; None when none does."""
+        for node in self._stale:
+            self._file(node, self._free[node])
+        self._stale.clear()
         best: tuple[float, int] | None = None
         keys = self._keys
         start = keys.bisect_left(_bucket(need.gpus) - 1e-6)
@@ -91,10 +103,6 @@ class FreeIndex:
             bucket = self._buckets[key] = SortedList()
             self._keys.add(key)
         bucket.add((-r.cpus, node))
-        self._custom += bool(r.custom)
-        self._total_cpus += r.cpus
-        self._total_gpus += r.gpus
-        self._total_mem += r.memory
 
     def _unfile(self, node: int, r: Resources) -> None:
         key = _bucket(r.gpus)
@@ -103,7 +111,10 @@ class FreeIndex:
         if not bucket:
             del self._buckets[key]
             self._keys.remove(key)
-        self._custom -= bool(r.custom)
-        self._total_cpus -= r.cpus
-        self._total_gpus -= r.gpus
-        self._total_mem -= r.memory
+
+    def _count(self, r: Resources, sign: float) -> None:
+        """Keep the sums over nodes."""
+        self._custom += int(sign) * bool(r.custom)
+        self._total_cpus += sign * r.cpus
+        self._total_gpus += sign * r.gpus
+        self._total_mem += sign * r.memory
