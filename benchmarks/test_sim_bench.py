@@ -201,3 +201,59 @@ def test_scale_100k_units_1000_nodes_with_preemption(
         goal_s=SCALE_GOAL_S,
         goal_met=stats.median <= SCALE_GOAL_S,
     )
+
+
+# --- the simulator predicts the real run --------------------------------------------------------
+
+# the goal: the simulated makespan (from the first unit's start) within this of the real one
+PREDICT_GOAL = 0.15
+
+
+@pytest.mark.parametrize("example", ["demo", "jobs", "rlhf"])
+def test_sim_predicts_the_real_makespan(
+    ray_session: None,
+    benchmark: Any,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+    example: str,
+) -> None:
+    """Run the example for real on the session's Ray (2 CPUs), then `cluster=sim` on a 2-CPU
+    node with `cluster.sim_durations_from` that run: the simulated makespan against the real
+    one (both from the first unit's start: Ray's start-up excluded), and for rlhf the
+    preemptions by reason, which must be equal. Timed: the simulation."""
+    from benchmarks.runs import run_cli
+    from runner.cli import main
+
+    run_cli(example, tmp_path)
+    real = capsys.readouterr().out
+    out: dict[str, str] = {}
+
+    def simulate_it() -> None:
+        capsys.readouterr()
+        argv = ["--config-dir", str(SPECS), f"pipeline={example}", "cluster=sim"]
+        nodes = "cluster.nodes=[{cpus: 2, memory: 64}]"
+        code = main([*argv, nodes, f"cluster.sim_durations_from={tmp_path}"])
+        out["text"] = capsys.readouterr().out
+        assert code == 0, out["text"]
+
+    benchmark.pedantic(simulate_it, rounds=1, iterations=1, warmup_rounds=0)
+    span = re.search(
+        r"makespan .*: ([\d.]+) virtual seconds \(the measured run: ([\d.]+)s", out["text"]
+    )
+    assert span is not None, out["text"]
+    simulated, measured = float(span.group(1)), float(span.group(2))
+    error = simulated / measured - 1
+    benchmark.extra_info.update(
+        example=example,
+        real_makespan_s=measured,
+        sim_makespan_s=simulated,
+        error=error,
+        goal=PREDICT_GOAL,
+        goal_met=abs(error) <= PREDICT_GOAL,
+    )
+    if example == "rlhf":
+        pattern = r"preemptions: (label \d+, same_pool \d+, cross_pool \d+)"
+        counts = re.search(pattern, real)
+        assert counts is not None, real
+        assert f"preemptions: {counts.group(1)}" in out["text"]
+        benchmark.extra_info["preemptions"] = counts.group(1)
