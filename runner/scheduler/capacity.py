@@ -18,9 +18,18 @@ from runner.resources import Resources
 _EPS = 1e-9
 
 
+_ROUNDED: dict[float, float] = {}
+
+
 def _bucket(gpus: float) -> float:
-    """GPU amounts are sums of fractions (0.5 + 0.25): rounded so equal amounts share a bucket."""
-    return round(gpus, 6)
+    """GPU amounts are sums of fractions (0.5 + 0.25): rounded so equal amounts share a bucket
+    (remembered: a cluster has few distinct amounts, and rounding is the slow part)."""
+    key = _ROUNDED.get(gpus)
+    if key is None:
+        if len(_ROUNDED) > 65536:
+            _ROUNDED.clear()
+        key = _ROUNDED[gpus] = round(gpus, 6)
+    return key
 
 
 class FreeIndex:
@@ -56,9 +65,12 @@ class FreeIndex:
         if node not in self._stale:
             self._unfile(node, old)
             self._stale.add(node)
-        self._count(old, -1.0)
         self._free[node] = value
-        self._count(value, 1.0)
+        self._total_cpus += value.cpus - old.cpus
+        self._total_gpus += value.gpus - old.gpus
+        self._total_mem += value.memory - old.memory
+        if old.custom or value.custom:
+            self._custom += bool(value.custom) - bool(old.custom)
 
     def append(self, value: Resources) -> None:
         node = len(self._free)

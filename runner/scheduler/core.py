@@ -153,9 +153,12 @@ class Scheduler:
     _party_of: dict[tuple[object, ...], pol.Party] = field(default_factory=dict, init=False)
     _parked: list[Grant] = field(default_factory=list, init=False)
     _quota: dict[str, Resources] = field(default_factory=dict, init=False)
+    # what is granted to each pool that has a quota (others are not counted)
     _used: dict[str, Resources] = field(default_factory=dict, init=False)
     _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
     _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
+    # threads waiting in `acquire`
+    _sleepers: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.nodes = list(self.nodes)
@@ -185,7 +188,11 @@ class Scheduler:
                 if cancelled() or (left is not None and left <= 0):
                     self._drop(ticket)
                     return None
-                self._cond.wait(0.2 if left is None else min(left, 0.2))
+                self._sleepers += 1
+                try:
+                    self._cond.wait(0.2 if left is None else min(left, 0.2))
+                finally:
+                    self._sleepers -= 1
 
     def submit(
         self,
@@ -261,12 +268,15 @@ class Scheduler:
             self._victim_done(grant)
             grant.tag, grant.on_reclaim = tag, on_reclaim
             self._parked_add(grant)
-            self._cond.notify_all()
+            self._wake()
 
     def set_quota(self, pool: str, resources: Resources) -> None:
         """At most `resources` may be granted to requests of `pool` at once."""
         with self._cond:
             self._quota[pool] = resources
+            if pool not in self._used:  # counted from now on: what it holds already, first
+                held = [g.resources for g in (*self._running, *self._parked) if g.pool == pool]
+                self._used[pool] = _sum(held)
 
     def set_capacity(self, node: int, capacity: Resources) -> None:
         """A node's capacity changed (zero: it left the cluster); grants on it stay until
@@ -274,14 +284,14 @@ class Scheduler:
         with self._cond:
             self._avail[node] = self._avail[node] + (capacity - self.nodes[node])
             self.nodes[node] = capacity
-            self._cond.notify_all()
+            self._wake()
 
     def add_node(self, capacity: Resources) -> int:
         """A node joined; its index."""
         with self._cond:
             self.nodes.append(capacity)
             self._avail.append(capacity)
-            self._cond.notify_all()
+            self._wake()
             return len(self.nodes) - 1
 
     # --- looking --------------------------------------------------------------------------
@@ -387,7 +397,7 @@ class Scheduler:
             for empty in [k for k, lane in self._lanes.items() if not lane.tickets]:
                 del self._lanes[empty]
             self._count -= len(granted)
-            self._cond.notify_all()
+            self._wake()
         return granted
 
     def _hold(self, ticket: Ticket, node: int) -> None:
@@ -587,7 +597,8 @@ class Scheduler:
     ) -> Grant:
         if take:
             self._avail[node] = self._avail[node] - resources
-            self._used[ticket.pool] = self._used.get(ticket.pool, Resources()) + resources
+            if ticket.pool in self._used:
+                self._used[ticket.pool] = self._used[ticket.pool] + resources
         grant = Grant(
             ticket.owner,
             resources,
@@ -672,9 +683,16 @@ class Scheduler:
         if grant.tag is not None and grant in self._parked:
             self._parked_del(grant)
         self._avail[grant.node] = self._avail[grant.node] + grant.resources
-        self._used[grant.pool] = self._used.get(grant.pool, Resources()) - grant.resources
+        if grant.pool in self._used:
+            self._used[grant.pool] = self._used[grant.pool] - grant.resources
         self._victim_done(grant)
-        self._cond.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the threads waiting in `acquire`, if any (a simulation has none: it skips the
+        condition's bookkeeping on every release)."""
+        if self._sleepers:
+            self._cond.notify_all()
 
     def _victim_done(self, grant: Grant) -> None:
         if grant.preempted_at is not None:
