@@ -421,3 +421,27 @@ def test_a_roles_estimated_duration_spares_the_replica_about_to_finish() -> None
 
 def cpus1() -> Resources:
     return Resources(cpus=1)
+
+
+def test_a_victim_parked_then_reclaimed_leaves_the_others_preemptible() -> None:
+    """The rlhf example's order: a rollout preempted, its group parked for reuse, then
+    reclaimed by train; a burst replica arriving later may still preempt the other rollout."""
+    from runner.scheduler.policy import Policy
+
+    s = Scheduler([Resources(cpus=2)])
+    flagged: list[str] = []
+
+    def note(grant: Grant, reason: str) -> None:
+        flagged.append(grant.owner)
+
+    low = [s.acquire(f"low{i}", Resources(cpus=1), 1.0, timeout=0, on_preempt=note) for i in (0, 1)]
+    assert low[0] is not None and low[1] is not None
+    train = s.submit("train", Resources(cpus=1), 10.0, policy=Policy(), on_preempt=note)
+    s.admit()
+    assert len(flagged) == 1
+    victim, other = (low[0], low[1]) if flagged == ["low0"] else (low[1], low[0])
+    s.park(victim, "pg", lambda g, r: None)  # its group kept for reuse ...
+    assert s.admit() == [train]  # ... and reclaimed by train
+    s.submit("burst", Resources(cpus=1), 4.0, policy=Policy(), on_preempt=note)
+    s.admit()
+    assert flagged[1:] == [other.owner]

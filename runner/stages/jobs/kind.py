@@ -65,14 +65,7 @@ class JobsRun(StageRun):
         """Its own resources at its own priority; a job that does not fit reserves its node,
         and jobs behind it backfill only when their time limit ends them before it starts."""
         job = _job(work)
-        return Ask(
-            job.resources,
-            job.priority,
-            work,
-            duration=job.time_limit,
-            reserve=True,
-            nodes=self._nodes_of(job.partition),
-        )
+        return job_ask(job, work, self._nodes_of(job.partition))
 
     def _nodes_of(self, partition: str | None) -> frozenset[int] | None:
         """The nodes a job of `partition` may run on: on a Ray cluster, those whose labels
@@ -264,6 +257,15 @@ class Follow:
             return False
         self.seen = now
         return True
+
+
+def job_ask(job: Job, work: Work | None = None, nodes: frozenset[int] | None = None) -> Ask:
+    """Its own resources at its own priority, on `nodes` (its partition's) when given; a job
+    that does not fit reserves its node, and jobs behind it backfill only when their time
+    limit ends them before it starts. The simulated cluster asks the same."""
+    return Ask(
+        job.resources, job.priority, work, duration=job.time_limit, reserve=True, nodes=nodes
+    )
 
 
 def _job(work: Work) -> Job:

@@ -120,8 +120,7 @@ class ShardRun(StageRun):
 
     def ask_for(self, work: Work) -> Ask:
         if self.slots is None:
-            resources = Resources(cpus=self.spec.cpus_per_shard, gpus=self.spec.gpus_per_shard)
-            return Ask(resources, self.spec.priority, work)
+            return shard_ask(self.spec, work)
         group = self.slots.take()
         resources = self.slots.resources(group, self.spec.cpus_per_shard)
         return Ask(resources, self.spec.priority, work, tag=group)
@@ -260,6 +259,13 @@ class ShardRun(StageRun):
         elif left_out:
             outcome.message = f"cancelled ranges, not in the merge: {', '.join(left_out)}"
         return outcome
+
+
+def shard_ask(spec: ShardStage, work: Work | None = None) -> Ask:
+    """A shard's CPUs and GPUs at the stage's priority (without GPU groups from the inventory:
+    Ray picks the node's GPUs); the simulated cluster asks the same."""
+    resources = Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard)
+    return Ask(resources, spec.priority, work)
 
 
 def _shard(payload: dict[str, Any]) -> Shard:
