@@ -69,8 +69,8 @@ class JobsRun(StageRun):
 
     def _nodes_of(self, partition: str | None) -> frozenset[int] | None:
         """The nodes a job of `partition` may run on: on a Ray cluster, those whose labels
-        name it (nodes that joined since the start included); elsewhere every node has the
-        declared partitions (None: any node)."""
+        name it among the nodes known when it asks (a node that joined before then counts);
+        elsewhere every node has the declared partitions (None: any node)."""
         if partition is None or not self.ctx.cluster.node_partitions:
             return None
         return frozenset(i for i, n in enumerate(self.ex.nodes) if partition in n.partitions)
