@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 import uuid
 from collections import Counter, deque
@@ -65,6 +66,8 @@ CLOSE_BOUND = 5.0
 WAIT_SECONDS = 0.1
 # how often `mode=cancel` requests are looked for in the run directory
 CANCEL_EVERY = 0.5
+# units whose start-up latencies a stage's summary keeps one by one (the mean covers all)
+MEASURED_UNITS = 10_000
 
 
 @dataclass(eq=False, slots=True)
@@ -133,6 +136,11 @@ class Ask:
     # it holds back requests behind it that would still run when it could start (backfill)
     duration: float | None = None
     reserve: bool = False
+    # how long the unit is expected to run in all (a role's `estimated_duration`): victims
+    # are chosen by the work they have left
+    estimated: float | None = None
+    # the only nodes (scheduler indices) it may run on, e.g. a job's partition; None: any
+    nodes: frozenset[int] | None = None
 
 
 @dataclass(eq=False)
@@ -158,6 +166,8 @@ class Lease:
     # its node left the cluster: its units go back to the queue without spending a retry
     node_left: bool = False
     closed: bool = False
+    # when the scheduler granted it (wall clock): its start-up latency is measured from here
+    granted_at: float = 0.0
 
     def watch(self, ref: Any, tag: Any = None) -> None:
         """Send `ref`'s reply (or each item of a task's stream) to the kind with `tag`."""
@@ -191,6 +201,11 @@ class StageRun:
         self.cap: int | None = None
         # units not yet in a final state
         self.left = len(self.works)
+        # seconds from each lease's grant to its process's start, and by unit for leases of
+        # one unit, each attempt's (the stage's summary keeps them: the simulator replays
+        # them, `runner.measured`)
+        self.start_latencies: list[float] = []
+        self.unit_latencies: dict[str, list[float]] = {}
 
     # --- what a kind fills in ----------------------------------------------------------
 
@@ -341,7 +356,8 @@ class Executor:
         self.cancel_seen = 0.0
         cluster = plan.cluster
         for i, node_id in enumerate(cluster.node_ids):
-            self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i]))
+            parts = cluster.node_partitions[i] if cluster.node_partitions else frozenset()
+            self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i], parts))
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -458,6 +474,8 @@ class Executor:
             reuse=ask.reuse,
             duration=ask.duration,
             reserve=ask.reserve,
+            estimated=ask.estimated,
+            nodes=ask.nodes,
         )
         self.waiting[lease.ticket] = lease
         return lease
@@ -482,7 +500,7 @@ class Executor:
 
     def place(self, lease: Lease, grant: Grant, group: Any = None) -> None:
         """A granted lease: its placement on the chosen node, then the kind launches on it."""
-        lease.grant = grant
+        lease.grant, lease.granted_at = grant, time.time()
         node = self.nodes[grant.node] if grant.node < len(self.nodes) else None
         lease.placement = Placement(
             node.node_id if node else "", node.ip if node else "", grant.resources, group
@@ -593,6 +611,11 @@ class Executor:
     def _started(self, lease: Lease, where: Started) -> None:
         """Ray really started the lease's process: its units run from now, on that node."""
         lease.started = where
+        latency = max(0.0, where.time - lease.granted_at)
+        lease.run.start_latencies.append(latency)
+        by_unit = lease.run.unit_latencies
+        if len(lease.work) == 1 and (lease.work[0].id in by_unit or len(by_unit) < MEASURED_UNITS):
+            by_unit.setdefault(lease.work[0].id, []).append(round(latency, 4))
         for work in lease.work:
             self.running(work, where)
         if lease.stopping is None:
@@ -915,6 +938,9 @@ class Executor:
             wall=time.monotonic() - live.started,
             interrupted=interrupted or self.ctx.stop.is_set(),
         )
+        if run.start_latencies:
+            outcome.start_latency = statistics.fmean(run.start_latencies)
+            outcome.start_latencies = run.unit_latencies
         if message:
             outcome.ok, outcome.message = False, message
         elif outcome.interrupted:

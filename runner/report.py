@@ -101,6 +101,13 @@ def format_summary(summary: dict[str, Any], run_dir: str) -> str:
             )
         )
     lines = _table(header, rows)
+    accounts = [
+        (name, account, use["jobs"], f"{use['cpu_s']:.1f}")
+        for name, s in summary["stages"].items()
+        for account, use in s.get("accounts", {}).items()
+    ]
+    if accounts:  # SCNS's accounting: what each account's jobs used
+        lines += _table(("stage", "account", "jobs", "cpu-seconds"), accounts)
     for name, s in summary["stages"].items():
         if s["message"]:
             lines.append(f"{name}: {s['message']}")

@@ -75,6 +75,12 @@ class Resources:
         return ", ".join(parts)
 
     def _combine(self, other: Resources, sign: float) -> Resources:
+        if not self.custom and not other.custom:  # the scheduler's hot path: no dict to build
+            return Resources(
+                self.cpus + sign * other.cpus,
+                self.gpus + sign * other.gpus,
+                self.memory + sign * other.memory,
+            )
         custom = dict(self.custom)
         for k, v in other.custom:
             custom[k] = custom.get(k, 0.0) + sign * v

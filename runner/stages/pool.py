@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from runner import items as itemsrc
 from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
@@ -51,6 +51,9 @@ from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
 from runner.stages.results import ResultError, json_value, write_results
+
+if TYPE_CHECKING:
+    from runner.sim import SimStage, Simulation
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +371,7 @@ class PoolRun(StageRun):
             return
         while len(self.leases) - len(self.draining) + self.asked < self._wanted():
             self.asked += 1
-            yield Ask(Resources(cpus=self.cpus), self.spec.priority)
+            yield worker_ask(self.stage)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -509,8 +512,19 @@ class PoolRun(StageRun):
         return outcome
 
 
+def worker_ask(stage: StagePlan) -> Ask:
+    """One worker's lease: its sized CPUs at the stage's priority (the simulator asks the same)."""
+    return Ask(Resources(cpus=stage.settings["cpus_per_worker"]), stage.spec.priority)
+
+
 def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> PoolRun:
     return PoolRun(stage, ctx, ex)
 
 
-KIND = StageKind(PoolStage, check, plan, open_run)
+def _simulate(stage: StagePlan, sim: Simulation) -> SimStage:
+    from runner.stages.pool_sim import simulate
+
+    return simulate(stage, sim)
+
+
+KIND = StageKind(PoolStage, check, plan, open_run, _simulate)
