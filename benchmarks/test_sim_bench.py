@@ -162,7 +162,7 @@ def test_scale_100k_units_1000_nodes_with_preemption(
     benchmark: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`runner pipeline=bench_sim_scale cluster=sim` on 1,000 nodes x 8 GPUs, as a user runs
-    it (compose, plan 100,150 units, simulate, report): rollouts (60,000, 0.5 GPU), reward
+    it (compose, plan 100,000 units, simulate, report): rollouts (60,000, 0.5 GPU), reward
     (5,000) and train (100 whole nodes) preempting them by label rules, reserved replicas, and
     34,850 CPU jobs of two sizes with backfill. The goal is a wall time, not a ratio: there is
     no other simulator to compare with; the units and decisions per second are in

@@ -9,6 +9,7 @@ stops at the first node that holds it: usually the first it looks at.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
 from sortedcontainers import SortedList
@@ -38,7 +39,9 @@ class FreeIndex:
     def __init__(self, free: list[Resources]) -> None:
         self._free: list[Resources] = []
         self._buckets: dict[float, SortedList[tuple[float, int]]] = {}
-        self._keys: SortedList[float] = SortedList()
+        # the buckets' keys, ascending (a plain list: they change rarely, and are looked up
+        # on every placement)
+        self._keys: list[float] = []
         self._total_cpus = self._total_gpus = self._total_mem = 0.0
         # nodes whose free resources name custom ones (summed only when there are any)
         self._custom = 0
@@ -97,7 +100,7 @@ class FreeIndex:
         self._stale.clear()
         best: tuple[float, int] | None = None
         keys = self._keys
-        start = keys.bisect_left(_bucket(need.gpus) - 1e-6)
+        start = bisect.bisect_left(keys, _bucket(need.gpus) - 1e-6)
         for i in range(start, len(keys)):
             for entry in self._buckets[keys[i]]:
                 if -entry[0] < need.cpus - _EPS or (best is not None and entry >= best):
@@ -113,7 +116,7 @@ class FreeIndex:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = SortedList()
-            self._keys.add(key)
+            bisect.insort(self._keys, key)
         bucket.add((-r.cpus, node))
 
     def _unfile(self, node: int, r: Resources) -> None:

@@ -127,7 +127,7 @@ class _Lane:
 
 
 def _lane_key(t: Ticket) -> tuple[object, ...]:
-    labels = tuple(sorted(t.labels.items()))
+    labels = tuple(sorted(t.labels.items())) if t.labels else ()
     return (
         t.resources,
         t.pool,
