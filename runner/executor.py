@@ -38,7 +38,7 @@ from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started, heard
-from runner.plan import Plan, PlanContext, StagePlan, Unit
+from runner.plan import Plan, PlanContext, StagePlan, Unit, units_digest
 from runner.remote import bounded, error_line
 from runner.resources import Resources
 from runner.scheduler.core import Grant, Ticket
@@ -958,6 +958,8 @@ class Executor:
         # the config is recorded only once the stage has seen all its units through, so an
         # interrupted run still explains the next plan's reruns as `changed: <key>`
         config = stage.config if not outcome.interrupted or record is None else record.config
+        # every unit of the plan done: the next plan of this stage need not read them
+        whole = state == "done" and outcome.done + outcome.skipped == outcome.total
         self.ctx.ledger.save_stage(
             name,
             stage.kind,
@@ -967,6 +969,7 @@ class Executor:
             live.started_wall,
             time.time(),
             asdict(outcome),
+            units_digest((u.id, u.fingerprint, None) for u in stage.units or []) if whole else None,
         )
         for unit in stage.units or []:  # now upstream data for the stages that need this one
             unit.run = False

@@ -54,6 +54,14 @@ def digester(*prefix: str) -> Callable[[str], str]:
     return one
 
 
+def units_digest(entries: Iterable[tuple[str, str, Any]]) -> str:
+    """One digest of a stage's units, (id, fingerprint, payload) in plan order: equal to the
+    ledger's record of a stage whose units all finished, no unit of it needs deciding."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update("\0".join(f"{uid}\0{fp}" for uid, fp, *_ in entries).encode())
+    return h.hexdigest()
+
+
 @dataclass(slots=True)
 class Unit:
     """One unit of work: what the ledger keys, what runs, and whether (and why) it runs."""
@@ -199,11 +207,12 @@ def changed_paths(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [prefix]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Decider:
     """Decides run or skip for the units of one stage against the ledger."""
 
-    prior: Prior | Mapping[str, PriorUnit]
+    # what the ledger remembers of the units (read when first needed, by `load`)
+    prior: Prior | Mapping[str, PriorUnit] | None
     fresh: bool
     # why a unit whose fingerprint changed runs again: `changed: <path>`, `code changed` or
     # `input changed`
@@ -211,12 +220,20 @@ class Decider:
     # why a finished unit is skipped: `done`, or `policy changed, kept` when only keys that
     # never change results (retries, timeouts, resources) differ from the ledger's record
     kept: str = "done"
+    load: Callable[[], Prior | Mapping[str, PriorUnit]] | None = None
+    # the ledger's `units_digest` of the stage: all of these units are done
+    finished: str | None = None
+
+    def _prior(self) -> Prior | Mapping[str, PriorUnit]:
+        if self.prior is None:
+            self.prior = self.load() if self.load is not None else {}
+        return self.prior
 
     def __call__(self, unit: Unit) -> Unit:
         if self.fresh:
             unit.run, unit.reason = True, "fresh run"
             return unit
-        before = self.prior.get(unit.id)
+        before = self._prior().get(unit.id)
         if before is None:
             unit.run, unit.reason = True, "new"
         elif before.fingerprint != unit.fingerprint:
@@ -232,9 +249,15 @@ class Decider:
     def units(self, entries: Iterable[tuple[str, str, Any]]) -> list[Unit]:
         """Units of (id, fingerprint, payload), each decided as a call would decide it, with
         the commonest case of a resumed stage (done, same fingerprint) in the loop itself."""
-        if self.fresh or not isinstance(self.prior, Prior):
+        if self.finished is not None and not self.fresh:
+            entries = list(entries)
+            if units_digest(entries) == self.finished:  # a finished stage: no unit to read
+                kept = self.kept
+                return [Unit(uid, fp, payload, False, kept) for uid, fp, payload in entries]
+        prior = self._prior()
+        if self.fresh or not isinstance(prior, Prior):
             return [self(Unit(uid, fp, payload)) for uid, fp, payload in entries]
-        done, kept = self.prior.done.get, self.kept
+        done, kept = prior.done.get, self.kept
         out: list[Unit] = []
         add = out.append
         for uid, fp, payload in entries:
@@ -253,10 +276,9 @@ def decider(
 ) -> Decider:
     """The decider for stage `name`, knowing what changed since the ledger's record of it;
     `config` is what the ledger records (`stage_config`), `kept` the keys that never rerun."""
-    record = ctx.ledger.stage(name) if ctx.ledger else None
-    prior: Prior | dict[str, PriorUnit] = (
-        ctx.ledger.prior(name) if ctx.ledger and not ctx.fresh else {}
-    )
+    ledger = ctx.ledger
+    record = ledger.stage(name) if ledger else None
+    load = (lambda: ledger.prior(name)) if ledger is not None and not ctx.fresh else None
     changed, skipped = "input changed", "done"
     if record is not None:
         old = {k: v for k, v in record.config.items() if k not in kept}
@@ -270,7 +292,8 @@ def decider(
             changed = "code changed"
         if any(record.config.get(k) != config.get(k) for k in kept):
             skipped = "policy changed, kept"
-    return Decider(prior, ctx.fresh, changed, skipped)
+    finished = record.units if record is not None and record.state == "done" else None
+    return Decider(None, ctx.fresh, changed, skipped, load, finished)
 
 
 def claim(label: str, resources: Resources, count: int, cluster: ClusterInfo) -> Claim:

@@ -93,12 +93,14 @@ class StageRecord:
     fingerprint: str
     config: dict[str, Any]
     state: str
+    # `units_digest` of the stage's units when the stage ended with every one of them done
+    units: str | None = None
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
     stage TEXT PRIMARY KEY, kind TEXT, fingerprint TEXT, config TEXT, state TEXT,
-    started REAL, ended REAL, summary TEXT
+    started REAL, ended REAL, summary TEXT, units_digest TEXT
 );
 CREATE TABLE IF NOT EXISTS units (
     stage TEXT, unit TEXT, fingerprint TEXT, state TEXT, attempts INTEGER,
@@ -198,13 +200,16 @@ class Ledger:
         for column in ("node_id", "node_ip"):
             if column not in have:
                 self._db.execute(f"ALTER TABLE units ADD COLUMN {column} TEXT")
+        if "units_digest" not in {r[1] for r in self._db.execute("PRAGMA table_info(stages)")}:
+            self._db.execute("ALTER TABLE stages ADD COLUMN units_digest TEXT")
 
     def stage(self, stage: str) -> StageRecord | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT fingerprint, config, state FROM stages WHERE stage=?", (stage,)
-            ).fetchone()
-        return StageRecord(row[0], json.loads(row[1]), row[2]) if row else None
+            row = self._db.execute("SELECT * FROM stages WHERE stage=?", (stage,)).fetchone()
+        if row is None:
+            return None
+        units = row[8] if len(row) > 8 else None  # older ledgers lack the column
+        return StageRecord(row[2], json.loads(row[3]), row[4], units)
 
     def stages(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -224,12 +229,16 @@ class Ledger:
         started: float | None = None,
         ended: float | None = None,
         summary: dict[str, Any] | None = None,
+        units: str | None = None,
     ) -> None:
+        """Record a stage; `units` (a `units_digest`) only when every unit of its plan is done:
+        any other record, a running one included, forgets it."""
         with self._lock, self._writing() as ok:
             if not ok:
                 return
             self._db.execute(
-                "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO stages (stage, kind, fingerprint, config, state, started, "
+                "ended, summary, units_digest) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     stage,
                     kind,
@@ -239,6 +248,7 @@ class Ledger:
                     started,
                     ended,
                     json.dumps(summary) if summary else None,
+                    units,
                 ),
             )
 
@@ -480,13 +490,18 @@ class Ledger:
         """A fresh run starts over: what earlier runs finished in these stages stops counting as
         done, so an interrupted fresh run is never completed with an older run's results."""
         names = list(stages)
+        marks = ",".join("?" * len(names))
         with self._lock, self._writing() as ok:
             if ok:
+                self._db.execute("BEGIN")
                 self._db.execute(
-                    f"UPDATE units SET state='pending' WHERE state='done' AND stage IN "
-                    f"({','.join('?' * len(names))})",
+                    f"UPDATE units SET state='pending' WHERE state='done' AND stage IN ({marks})",
                     names,
                 )
+                self._db.execute(
+                    f"UPDATE stages SET units_digest=NULL WHERE stage IN ({marks})", names
+                )
+                self._db.execute("COMMIT")
 
     def counts(self, stage: str) -> dict[str, int]:
         with self._lock:

@@ -27,8 +27,9 @@ from runner.spec import build as build_spec  # the one validator: job keys read 
 
 # a job's name becomes its log file names: keep it to a safe, shell-friendly alphabet
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# one array may expand to at most this many jobs
-MAX_ARRAY = 100_000
+# one array may expand to at most this many jobs: Slurm's own ceiling (MaxArraySize may be
+# set up to 4000001, indices 0-4000000)
+MAX_ARRAY = 4_000_001
 
 
 @dataclass(frozen=True)
@@ -368,9 +369,10 @@ def array_indices(value: str | int) -> list[int] | None:
             return None
         low = int(match[1])
         high = int(match[2]) if match[2] is not None else low
-        indices += range(low, high + 1, int(match[3] or 1))
-        if len(indices) > MAX_ARRAY:
+        span = range(low, high + 1, int(match[3] or 1))
+        if len(indices) + len(span) > MAX_ARRAY:  # before a typo's billion indices are made
             return None
+        indices += span
     return list(dict.fromkeys(indices))
 
 
