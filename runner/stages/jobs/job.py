@@ -295,8 +295,14 @@ def _resolve(job: JobSpec, spec: JobsStage, defaults: _Defaults, report: Report)
         gpus=job.gpus if job.gpus is not None else spec.gpus,
         memory=float(memory),
     )
-    jobs = [_one(job, spec, index, resources, limit) for index in indices]
+    # an array's tasks mostly share one directory: resolved and checked once each
+    places: dict[str, Path] = {}
+    jobs = [_one(job, spec, index, resources, limit, places) for index in indices]
+    seen: set[str] = set()
     for resolved in jobs:
+        if resolved.cwd in seen:
+            continue
+        seen.add(resolved.cwd)
         if not Path(resolved.cwd).is_dir():
             own = _cwd(job)
             given = _fill(own if own is not None else spec.cwd or "", resolved.index)
@@ -322,13 +328,20 @@ def _cwd(job: JobSpec) -> str | None:
 
 
 def _one(
-    job: JobSpec, spec: JobsStage, index: int | None, resources: Resources, limit: float | None
+    job: JobSpec,
+    spec: JobsStage,
+    index: int | None,
+    resources: Resources,
+    limit: float | None,
+    places: dict[str, Path],
 ) -> Job:
     merged = {**spec.env, **job.environment, **job.env}
     env = {str(k): _fill(str(v), index) for k, v in merged.items()}
     given = _cwd(job)
-    cwd = str(Path(_fill(given if given is not None else spec.cwd or ".", index)).expanduser())
-    where = Path(cwd).absolute()
+    cwd = _fill(given if given is not None else spec.cwd or ".", index)
+    where = places.get(cwd)
+    if where is None:
+        where = places[cwd] = Path(cwd).expanduser().absolute()
     return Job(
         id=job.name if index is None else f"{job.name}[{index}]",
         script=None if job.script is None else _fill(job.script, index),
