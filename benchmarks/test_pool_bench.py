@@ -87,6 +87,28 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def run_pool(
+    run_dir: Path, target: str, n: int, *args: str, workers: int = WORKERS, cpus: float = CPUS
+) -> None:
+    """One CLI run of a pool of `workers` x `cpus` over `n` items (in the session's Ray)."""
+    code = main(
+        [
+            "--config-dir",
+            str(ROOT / "tests" / "specs"),
+            "pipeline=misbehave",
+            f"run.dir={run_dir}",
+            "run.progress=off",
+            "hydra/job_logging=disabled",
+            f"pipeline.stages.work.num_workers={workers}",
+            f"pipeline.stages.work.cpus_per_worker={cpus}",
+            f"pipeline.stages.work.worker._target_={target}",
+            f"pipeline.stages.work.items.range={n}",
+            *args,
+        ]
+    )
+    assert code == 0
+
+
 def runner_pool(
     target: str, n: int, *args: str, times: list[list[tuple[float, float]]] | None = None
 ) -> Callable[[], None]:
@@ -95,22 +117,7 @@ def runner_pool(
     def run() -> None:
         run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
         try:
-            code = main(
-                [
-                    "--config-dir",
-                    str(ROOT / "tests" / "specs"),
-                    "pipeline=misbehave",
-                    f"run.dir={run_dir}",
-                    "run.progress=off",
-                    "hydra/job_logging=disabled",
-                    f"pipeline.stages.work.num_workers={WORKERS}",
-                    f"pipeline.stages.work.cpus_per_worker={CPUS}",
-                    f"pipeline.stages.work.worker._target_={target}",
-                    f"pipeline.stages.work.items.range={n}",
-                    *args,
-                ]
-            )
-            assert code == 0
+            run_pool(run_dir, target, n, *args)
             if times is not None:
                 times.append(ledger_times(run_dir))
         finally:
@@ -202,21 +209,7 @@ def test_pool_utilization_cpu_items(benchmark: Any, tmp_path: Path) -> None:
 
     def run() -> None:
         run_dir = tmp_path / f"run-{next(count)}"
-        code = main(
-            [
-                "--config-dir",
-                str(ROOT / "tests" / "specs"),
-                "pipeline=misbehave",
-                f"run.dir={run_dir}",
-                "run.progress=off",
-                "hydra/job_logging=disabled",
-                f"pipeline.stages.work.num_workers={workers}",
-                f"pipeline.stages.work.cpus_per_worker={cpus}",
-                "pipeline.stages.work.worker._target_=benchmarks.test_pool_bench.Burn",
-                f"pipeline.stages.work.items.range={n}",
-            ]
-        )
-        assert code == 0
+        run_pool(run_dir, "benchmarks.test_pool_bench.Burn", n, workers=workers, cpus=cpus)
         spans = ledger_times(run_dir)
         busy = sum(end - start for start, end in spans)
         wall = json.loads((run_dir / "summary.json").read_text())["stages"]["work"]["wall_s"]
