@@ -39,7 +39,7 @@ from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started, heard
-from runner.plan import Plan, PlanContext, StagePlan, Unit
+from runner.plan import Plan, PlanContext, StagePlan, Unit, units_digest
 from runner.remote import bounded, error_line
 from runner.resources import Resources
 from runner.scheduler.core import Grant, Ticket
@@ -194,18 +194,43 @@ class StageRun:
     def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
         self.stage, self.ctx, self.ex = stage, ctx, ex
         self.name = stage.name
-        self.works = [Work(stage.name, u) for u in stage.to_run]
+        units = stage.to_run
+        self.works = self.make_works(units)
         self.queue: deque[Work] = deque(self.works)
         self.leases: set[Lease] = set()
         self.asked: int = 0
         self.cap: int | None = None
-        # units not yet in a final state
-        self.left = len(self.works)
+        # units to run, and those not yet in a final state
+        self.size = len(units)
+        self.left = len(units)
         # seconds from each lease's grant to its process's start, and by unit for leases of
         # one unit, each attempt's (the stage's summary keeps them: the simulator replays
         # them, `runner.measured`)
         self.start_latencies: list[float] = []
         self.unit_latencies: dict[str, list[float]] = {}
+
+    # --- the stage's units --------------------------------------------------------------
+
+    def make_works(self, units: list[Unit]) -> list[Work]:
+        """The units in the executor's hands from the start (a kind that feeds a million
+        units lazily keeps them as plan units until they run, and makes none here)."""
+        return [Work(self.name, u) for u in units]
+
+    def counts(self) -> Counter[UnitState]:
+        """The stage's units to run by state (the metrics gauges, the stage's outcome)."""
+        return Counter(w.state for w in self.works)
+
+    def unfinished(self) -> list[Work]:
+        """Units not yet in a final state (cancelled when the stage closes early)."""
+        return [w for w in self.works if not w.state.final]
+
+    def find(self, unit: str) -> Work | None:
+        """The unit named `unit`, to cancel it (None when it is not one to run)."""
+        return next((w for w in self.works if w.id == unit), None)
+
+    def ended(self, work: Work) -> None:
+        """A unit reached its final state."""
+        self.left -= 1
 
     # --- what a kind fills in ----------------------------------------------------------
 
@@ -424,8 +449,8 @@ class Executor:
             )
             return
         total = len(stage.units or [])
-        self.live[name] = _Live(run, started_wall, time.monotonic(), total - len(run.works))
-        self.ctx.progress.start(name, sum(not w.state.final for w in run.works))
+        self.live[name] = _Live(run, started_wall, time.monotonic(), total - run.size)
+        self.ctx.progress.start(name, run.left)
         try:
             run.prepare()
         except StorageError as exc:  # an input part it writes: the run stops, one message
@@ -653,7 +678,7 @@ class Executor:
             work.go(UnitState.running)
         work.go(state)
         live = self.live[work.stage]
-        live.run.left -= 1
+        live.run.ended(work)
         # a cancelled unit keeps the state it saved when preempted: the next run restores it
         if result is not None or state is not UnitState.cancelled:
             work.result = result
@@ -839,10 +864,10 @@ class Executor:
             known: dict[str, str] = {}
             for name in request.units:
                 for live in self.live.values():
-                    for work in live.run.works:
-                        if work.id == name:
-                            known[name] = work.stage
-                            self.cancel(work)
+                    work = live.run.find(name)
+                    if work is not None:
+                        known[name] = work.stage
+                        self.cancel(work)
             request.answer(known, [u for u in request.units if u not in known])
 
     def cancel(self, work: Work) -> None:
@@ -920,12 +945,11 @@ class Executor:
             end_all()
         elif not bounded(end_all, CLOSE_BOUND):
             log.warning("%s: Ray did not answer while its resources were given back", name)
-        for work in run.works:
-            if not work.state.final:
-                self.finish(work, UnitState.cancelled, error="cancelled")
+        for work in run.unfinished():
+            self.finish(work, UnitState.cancelled, error="cancelled")
         self._flush(force=True)
         del self.live[name]
-        counts = Counter(w.state for w in run.works)
+        counts = run.counts()
         outcome = StageOutcome(
             name,
             stage.kind,
@@ -960,6 +984,8 @@ class Executor:
         # the config is recorded only once the stage has seen all its units through, so an
         # interrupted run still explains the next plan's reruns as `changed: <key>`
         config = stage.config if not outcome.interrupted or record is None else record.config
+        # every unit of the plan done: the next plan of this stage need not read them
+        whole = state == "done" and outcome.done + outcome.skipped == outcome.total
         self.ctx.ledger.save_stage(
             name,
             stage.kind,
@@ -969,6 +995,7 @@ class Executor:
             live.started_wall,
             time.time(),
             asdict(outcome),
+            units_digest((u.id, u.fingerprint, None) for u in stage.units or []) if whole else None,
         )
         for unit in stage.units or []:  # now upstream data for the stages that need this one
             unit.run = False
@@ -1035,7 +1062,7 @@ class Executor:
             return
         self.metrics_seen = self.last_flush
         for name, live in self.live.items():
-            REGISTRY.set_units(name, Counter(w.state.value for w in live.run.works))
+            REGISTRY.set_units(name, {s.value: n for s, n in live.run.counts().items()})
         capacity = Resources()
         for node in self.ctx.scheduler.nodes:
             capacity = capacity + node

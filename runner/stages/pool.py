@@ -11,6 +11,7 @@ and the items it held are retried one at a time so only the culprit spends its r
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -40,6 +42,7 @@ from runner.plan import (
     claim,
     decider,
     digest,
+    digester,
     kept_keys,
     result_config,
     stage_config,
@@ -106,10 +109,10 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     pending_reason = ""
     source = spec.items.get("from")
     if source is None:
-        units = [
-            decide(Unit(i.id, digest(own, i.identity), i.payload))
-            for i in itemsrc.load(spec.items, ctx.ledger)
-        ]
+        fingerprint = digester(own)
+        units = decide.units(
+            (i.id, fingerprint(i.identity), i.payload) for i in itemsrc.load(spec.items, ctx.ledger)
+        )
     else:
         units = _from_upstream(own, source, ctx)
         units = [decide(u) for u in units] if units is not None else None
@@ -359,11 +362,55 @@ class PoolRun(StageRun):
         self.start_error: str | None = None
         # workers started so far: each has its own log, worker-N.log
         self.workers_started = 0
+        # units finished, by state, and those that failed (the rest are dropped once recorded)
+        self.final: Counter[UnitState] = Counter()
+        self.bad: list[Work] = []
+
+    # units: a plan unit becomes a `Work` only when it is handed to a worker, so a stage of a
+    # million items holds a Work per item in flight, not per item to run
+
+    def make_works(self, units: list[Unit]) -> list[Work]:
+        self.fresh: deque[Unit] = deque(units)
+        return []
+
+    def _queued(self) -> int:
+        return len(self.queue) + len(self.fresh)
+
+    def counts(self) -> Counter[UnitState]:
+        counts = Counter(self.final)
+        counts[UnitState.pending] += len(self.fresh)
+        for work in itertools.chain(self.queue, *(x.work for x in self.leases)):
+            counts[work.state] += 1
+        return counts
+
+    def unfinished(self) -> list[Work]:
+        held = [w for x in self.leases for w in x.work if not w.state.final]
+        queued = [w for w in self.queue if not w.state.final]
+        fresh = [Work(self.name, u) for u in self.fresh]
+        self.queue.clear()
+        self.fresh.clear()
+        return held + queued + fresh
+
+    def find(self, unit: str) -> Work | None:
+        for work in itertools.chain(self.queue, *(x.work for x in self.leases)):
+            if work.id == unit:
+                return work
+        for planned in self.fresh:
+            if planned.id == unit:
+                self.fresh.remove(planned)
+                return Work(self.name, planned)
+        return None
+
+    def ended(self, work: Work) -> None:
+        super().ended(work)
+        self.final[work.state] += 1
+        if work.state in (UnitState.failed, UnitState.timeout, UnitState.out_of_memory):
+            self.bad.append(work)
 
     # workers
 
     def _wanted(self) -> int:
-        left = len(self.queue) + sum(len(x.work) for x in self.leases)
+        left = self._queued() + sum(len(x.work) for x in self.leases)
         return min(self.spec.num_workers, left)
 
     def asks(self) -> Iterator[Ask]:
@@ -405,14 +452,14 @@ class PoolRun(StageRun):
             return 1
         size = TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7)
         # never so large that the tail leaves workers idle
-        share = math.ceil(len(self.queue) / max(1, len(self.leases) * self.depth))
+        share = math.ceil(self._queued() / max(1, len(self.leases) * self.depth))
         return max(1, min(int(size), MAX_BATCH, share))
 
     def _feed(self, lease: Lease) -> None:
         """Keep `depth` batches in flight on a worker; a suspect goes alone to an idle one."""
         assert lease.started is not None
-        while lease not in self.draining and len(lease.calls) < self.depth and self.queue:
-            if self.queue[0].suspect:
+        while lease not in self.draining and len(lease.calls) < self.depth and self._queued():
+            if self.queue and self.queue[0].suspect:
                 if lease.calls:
                     return
                 batch = [self.queue.popleft()]
@@ -431,6 +478,10 @@ class PoolRun(StageRun):
         batch: list[Work] = []
         while self.queue and len(batch) < size and not self.queue[0].suspect:
             batch.append(self.queue.popleft())
+        if self.fresh and len(batch) < size and not (self.queue and self.queue[0].suspect):
+            take = min(size - len(batch), len(self.fresh))
+            popleft, name = self.fresh.popleft, self.name
+            batch += [Work(name, popleft()) for _ in range(take)]
         return batch
 
     def requeue(self, work: Work) -> None:
