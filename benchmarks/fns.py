@@ -22,3 +22,8 @@ class Stepper:
         for _ in range(steps):
             time.sleep(step_seconds)
         return steps
+
+
+def square(item: int) -> int:
+    """A pool item that does almost nothing: the benchmark measures the pool around it."""
+    return item * item

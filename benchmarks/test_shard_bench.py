@@ -104,6 +104,45 @@ def test_shard_resume_1m_rows(
     assert not reads, f"a resume read the data again: {reads}"
 
 
+def rows_file(root: Path, rows: int) -> Path:
+    """A parquet file of `rows` shuffled ids and a number (two columns keep 10M rows small)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    path = root / f"rows-{rows}.parquet"
+    pd.DataFrame({"id": rng.permutation(rows), "x": rng.random(rows)}).to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_shard_resume_10m_vs_10k_rows(
+    compare: Callable[..., None], benchmark: Any, tmp_path: Path
+) -> None:
+    """A finished stage resumed over 10M rows against the same over 10k rows: a resume decides
+    from metadata, so its cost must not grow with the data (goal: ratio <= 1.2)."""
+    runs: dict[int, tuple[Path, list[str]]] = {}
+    for rows in (10_000, 10_000_000):
+        source = rows_file(tmp_path, rows)
+        runs[rows] = (tmp_path / f"run-{rows}", [f"pipeline.stages.copy.input={source}"])
+        run_cli("bench_shard", runs[rows][0], *runs[rows][1])  # the first run, not timed
+    reads: list[str] = []
+
+    def resume(rows: int) -> Callable[[], None]:
+        def run() -> None:
+            with counting_reads() as calls:
+                run_cli("bench_shard", runs[rows][0], *runs[rows][1])
+            reads.extend(calls)
+
+        return run
+
+    compare(resume(10_000_000), resume(10_000), rounds=5)
+    summary = json.loads((runs[10_000_000][0] / "summary.json").read_text())["stages"]["copy"]
+    assert (summary["skipped"], summary["merged_rows"]) == (SHARDS, 10_000_000)
+    benchmark.extra_info["data_reads_during_resume"] = len(reads)
+    assert not reads, f"a resume read the data again: {reads}"
+
+
 def _frames(source: Path) -> list[Any]:
     import numpy as np
     import pandas as pd

@@ -38,8 +38,12 @@ class ClusterInfo:
     # Ray's node ids and IPs, in the order of `nodes` (empty before Ray is up)
     node_ids: tuple[str, ...] = ()
     node_ips: tuple[str, ...] = ()
-    # the partitions its nodes belong to (`cluster.partitions`); None: not known here
+    # the partitions its nodes belong to (`cluster.partitions`, or on a Ray cluster its nodes'
+    # labels); None: not known here
     partitions: tuple[str, ...] | None = None
+    # on a Ray cluster, each node's partitions, in the order of `nodes` (its Ray node labels,
+    # see `partitions_of`); empty where every node has all of `partitions` (embedded, sim)
+    node_partitions: tuple[frozenset[str], ...] = ()
     # every node sees the run directory at the same path (`cluster.shared_fs`)
     shared_fs: bool = True
 
@@ -66,7 +70,7 @@ def describe_local(cfg: ClusterConfig) -> ClusterInfo:
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else len(gpus.inventory())
     memory = cfg.memory_gb * (1 << 30) if cfg.memory_gb else _default_memory()
     node = Resources(cpus=cpus, gpus=float(num_gpus), memory=memory)
-    return ClusterInfo((node,), f"local Ray: {node.describe()}")
+    return ClusterInfo((node,), f"local Ray: {node.describe()}", partitions=tuple(cfg.partitions))
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class RayNode:
     node_id: str
     ip: str
     capacity: Resources
+    # the partitions it belongs to, by its Ray node labels
+    partitions: frozenset[str] = frozenset()
 
 
 def live_nodes() -> list[RayNode]:
@@ -96,9 +102,28 @@ def live_nodes() -> list[RayNode]:
             custom=_custom(res),
         )
         found.append(
-            RayNode(str(node["NodeID"]), str(node.get("NodeManagerAddress", "")), capacity)
+            RayNode(
+                str(node["NodeID"]),
+                str(node.get("NodeManagerAddress", "")),
+                capacity,
+                partitions_of(node.get("Labels") or {}),
+            )
         )
     return found
+
+
+# the Ray node label that names a node's partition: `ray start --labels='{"runner.partition":
+# "gpu"}'`; a node in several partitions carries one `runner.partition/NAME` label for each
+# (a label value cannot hold a list)
+PARTITION_LABEL = "runner.partition"
+
+
+def partitions_of(labels: dict[str, Any]) -> frozenset[str]:
+    """The partitions a node belongs to, from its Ray node labels."""
+    found = {str(v) for k, v in labels.items() if k == PARTITION_LABEL and v}
+    prefix = f"{PARTITION_LABEL}/"
+    found |= {k[len(prefix) :] for k in labels if k.startswith(prefix) and len(k) > len(prefix)}
+    return frozenset(found)
 
 
 # what Ray reports of every node besides its custom resources (`node:IP`, `accelerator_type:X`
@@ -126,6 +151,8 @@ def describe_ray() -> ClusterInfo:
         f"Ray at {address}: {len(nodes)} node(s)",
         tuple(n.node_id for n in nodes),
         tuple(n.ip for n in nodes),
+        tuple(sorted(set().union(*(n.partitions for n in nodes)))),
+        tuple(n.partitions for n in nodes),
     )
 
 
@@ -183,12 +210,19 @@ def describe(cfg: ClusterConfig) -> ClusterInfo:
     if not import_ray:
         return _declared(cfg, describe_local(cfg))
     with connected(cfg, None) as info:
-        return _declared(cfg, info) if cfg.kind == "local" else info
+        return info
+
+
+def _live(cfg: ClusterConfig) -> ClusterInfo:
+    """The live Ray cluster; the embedded one (`cluster=local`) with its declared partitions."""
+    info = describe_ray()
+    return _declared(cfg, info) if cfg.kind == "local" else info
 
 
 def _declared(cfg: ClusterConfig, info: ClusterInfo) -> ClusterInfo:
-    """The embedded (or simulated) cluster with the partitions its config declares."""
-    return dataclasses.replace(info, partitions=tuple(cfg.partitions))
+    """The embedded (or simulated) cluster with the partitions its config declares (all of
+    them on every node)."""
+    return dataclasses.replace(info, partitions=tuple(cfg.partitions), node_partitions=())
 
 
 def ray_running_here() -> bool:
@@ -208,7 +242,7 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
     import ray
 
     if ray.is_initialized():
-        yield describe_ray()
+        yield _live(cfg)
         return
     if cfg.kind == "local":
         _init_local(cfg, describe_local(cfg))
@@ -219,7 +253,7 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
         _init_remote(cfg)
     ended = False
     try:
-        yield describe_ray()
+        yield _live(cfg)
         ended = True
     finally:
         if not ended and _core:

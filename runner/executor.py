@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
@@ -36,7 +37,7 @@ from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started, Starts, StartTo
-from runner.plan import Plan, PlanContext, StagePlan, Unit
+from runner.plan import Plan, PlanContext, StagePlan, Unit, units_digest
 from runner.remote import bounded, error_line
 from runner.resources import Resources
 from runner.scheduler.core import Grant, Ticket
@@ -65,6 +66,8 @@ WAIT_SECONDS = 0.1
 CANCEL_EVERY = 0.5
 # seconds between SIGTERM and SIGKILL for what a unit left running after the embedded Ray died
 ORPHAN_GRACE = 1.0
+# units whose start-up latencies a stage's summary keeps one by one (the mean covers all)
+MEASURED_UNITS = 10_000
 
 
 @dataclass(eq=False, slots=True)
@@ -133,6 +136,11 @@ class Ask:
     # it holds back requests behind it that would still run when it could start (backfill)
     duration: float | None = None
     reserve: bool = False
+    # how long the unit is expected to run in all (a role's `estimated_duration`): victims
+    # are chosen by the work they have left
+    estimated: float | None = None
+    # the only nodes (scheduler indices) it may run on, e.g. a job's partition; None: any
+    nodes: frozenset[int] | None = None
 
 
 @dataclass(eq=False)
@@ -158,6 +166,8 @@ class Lease:
     # its node left the cluster: its units go back to the queue without spending a retry
     node_left: bool = False
     closed: bool = False
+    # when the scheduler granted it (wall clock): its start-up latency is measured from here
+    granted_at: float = 0.0
 
     def watch(self, ref: Any, tag: Any = None) -> None:
         """Send `ref`'s reply (or each item of a task's stream) to the kind with `tag`."""
@@ -184,13 +194,43 @@ class StageRun:
     def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
         self.stage, self.ctx, self.ex = stage, ctx, ex
         self.name = stage.name
-        self.works = [Work(stage.name, u) for u in stage.to_run]
+        units = stage.to_run
+        self.works = self.make_works(units)
         self.queue: deque[Work] = deque(self.works)
         self.leases: set[Lease] = set()
         self.asked: int = 0
         self.cap: int | None = None
-        # units not yet in a final state
-        self.left = len(self.works)
+        # units to run, and those not yet in a final state
+        self.size = len(units)
+        self.left = len(units)
+        # seconds from each lease's grant to its process's start, and by unit for leases of
+        # one unit, each attempt's (the stage's summary keeps them: the simulator replays
+        # them, `runner.measured`)
+        self.start_latencies: list[float] = []
+        self.unit_latencies: dict[str, list[float]] = {}
+
+    # --- the stage's units --------------------------------------------------------------
+
+    def make_works(self, units: list[Unit]) -> list[Work]:
+        """The units in the executor's hands from the start (a kind that feeds a million
+        units lazily keeps them as plan units until they run, and makes none here)."""
+        return [Work(self.name, u) for u in units]
+
+    def counts(self) -> Counter[UnitState]:
+        """The stage's units to run by state (the metrics gauges, the stage's outcome)."""
+        return Counter(w.state for w in self.works)
+
+    def unfinished(self) -> list[Work]:
+        """Units not yet in a final state (cancelled when the stage closes early)."""
+        return [w for w in self.works if not w.state.final]
+
+    def find(self, unit: str) -> Work | None:
+        """The unit named `unit`, to cancel it (None when it is not one to run)."""
+        return next((w for w in self.works if w.id == unit), None)
+
+    def ended(self, work: Work) -> None:
+        """A unit reached its final state."""
+        self.left -= 1
 
     # --- what a kind fills in ----------------------------------------------------------
 
@@ -348,7 +388,8 @@ class Executor:
         self.cancel_seen = 0.0
         cluster = plan.cluster
         for i, node_id in enumerate(cluster.node_ids):
-            self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i]))
+            parts = cluster.node_partitions[i] if cluster.node_partitions else frozenset()
+            self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i], parts))
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -415,8 +456,8 @@ class Executor:
             )
             return
         total = len(stage.units or [])
-        self.live[name] = _Live(run, started_wall, time.monotonic(), total - len(run.works))
-        self.ctx.progress.start(name, sum(not w.state.final for w in run.works))
+        self.live[name] = _Live(run, started_wall, time.monotonic(), total - run.size)
+        self.ctx.progress.start(name, run.left)
         try:
             run.prepare()
         except StorageError as exc:  # an input part it writes: the run stops, one message
@@ -465,6 +506,8 @@ class Executor:
             reuse=ask.reuse,
             duration=ask.duration,
             reserve=ask.reserve,
+            estimated=ask.estimated,
+            nodes=ask.nodes,
         )
         self.waiting[lease.ticket] = lease
         return lease
@@ -489,7 +532,7 @@ class Executor:
 
     def place(self, lease: Lease, grant: Grant, group: Any = None) -> None:
         """A granted lease: its placement on the chosen node, then the kind launches on it."""
-        lease.grant = grant
+        lease.grant, lease.granted_at = grant, time.time()
         node = self.nodes[grant.node] if grant.node < len(self.nodes) else None
         lease.placement = Placement(
             node.node_id if node else "", node.ip if node else "", grant.resources, group
@@ -601,6 +644,11 @@ class Executor:
     def _started(self, lease: Lease, where: Started) -> None:
         """Ray really started the lease's process: its units run from now, on that node."""
         lease.started = where
+        latency = max(0.0, where.time - lease.granted_at)
+        lease.run.start_latencies.append(latency)
+        by_unit = lease.run.unit_latencies
+        if len(lease.work) == 1 and (lease.work[0].id in by_unit or len(by_unit) < MEASURED_UNITS):
+            by_unit.setdefault(lease.work[0].id, []).append(round(latency, 4))
         for work in lease.work:
             self.running(work, where)
         if lease.stopping is None:
@@ -638,7 +686,7 @@ class Executor:
             work.go(UnitState.running)
         work.go(state)
         live = self.live[work.stage]
-        live.run.left -= 1
+        live.run.ended(work)
         # a cancelled unit keeps the state it saved when preempted: the next run restores it
         if result is not None or state is not UnitState.cancelled:
             work.result = result
@@ -824,10 +872,10 @@ class Executor:
             known: dict[str, str] = {}
             for name in request.units:
                 for live in self.live.values():
-                    for work in live.run.works:
-                        if work.id == name:
-                            known[name] = work.stage
-                            self.cancel(work)
+                    work = live.run.find(name)
+                    if work is not None:
+                        known[name] = work.stage
+                        self.cancel(work)
             request.answer(known, [u for u in request.units if u not in known])
 
     def cancel(self, work: Work) -> None:
@@ -909,12 +957,11 @@ class Executor:
             end_all()
         elif not bounded(end_all, CLOSE_BOUND):
             log.warning("%s: Ray did not answer while its resources were given back", name)
-        for work in run.works:
-            if not work.state.final:
-                self.finish(work, UnitState.cancelled, error="cancelled")
+        for work in run.unfinished():
+            self.finish(work, UnitState.cancelled, error="cancelled")
         self._flush(force=True)
         del self.live[name]
-        counts = Counter(w.state for w in run.works)
+        counts = run.counts()
         outcome = StageOutcome(
             name,
             stage.kind,
@@ -927,6 +974,9 @@ class Executor:
             wall=time.monotonic() - live.started,
             interrupted=interrupted or self.ctx.stop.is_set(),
         )
+        if run.start_latencies:
+            outcome.start_latency = statistics.fmean(run.start_latencies)
+            outcome.start_latencies = run.unit_latencies
         if message:
             outcome.ok, outcome.message = False, message
         elif outcome.interrupted:
@@ -946,6 +996,8 @@ class Executor:
         # the config is recorded only once the stage has seen all its units through, so an
         # interrupted run still explains the next plan's reruns as `changed: <key>`
         config = stage.config if not outcome.interrupted or record is None else record.config
+        # every unit of the plan done: the next plan of this stage need not read them
+        whole = state == "done" and outcome.done + outcome.skipped == outcome.total
         self.ctx.ledger.save_stage(
             name,
             stage.kind,
@@ -955,6 +1007,7 @@ class Executor:
             live.started_wall,
             time.time(),
             asdict(outcome),
+            units_digest((u.id, u.fingerprint, None) for u in stage.units or []) if whole else None,
         )
         for unit in stage.units or []:  # now upstream data for the stages that need this one
             unit.run = False
@@ -1030,7 +1083,7 @@ class Executor:
             return
         self.metrics_seen = self.last_flush
         for name, live in self.live.items():
-            REGISTRY.set_units(name, Counter(w.state.value for w in live.run.works))
+            REGISTRY.set_units(name, {s.value: n for s, n in live.run.counts().items()})
         capacity = Resources()
         for node in self.ctx.scheduler.nodes:
             capacity = capacity + node

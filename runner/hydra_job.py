@@ -65,6 +65,25 @@ def make_dir(path: Path) -> None:
         _fail(path, exc)
 
 
+def prepare_sweep(config: DictConfig) -> None:
+    """Do what Hydra's sweeper does first, where a failure is still one message: create the
+    sweep directory and save `multirun.yaml` in it (the sweeper writes it again)."""
+    where = Path(str(config.hydra.sweep.dir))
+    make_dir(where)
+    try:
+        OmegaConf.save(config, where / "multirun.yaml")
+    except OSError as exc:
+        _fail(where, exc)
+
+
+def writing(where: Path, write: Callable[[], None]) -> None:
+    """`write()`, a file of the sweep's own (its summary), with the one message on failure."""
+    try:
+        write()
+    except OSError as exc:
+        _fail(where, exc)
+
+
 def _fail(where: Path, exc: OSError) -> NoReturn:
     print(f"runner: error: {storage_error(where, exc)}", file=sys.stderr)
     raise SetupFailed(StorageError.exit_code) from None
@@ -74,13 +93,16 @@ _installed = False
 
 
 def install() -> None:
-    """Wrap Hydra's job set-up of a single run, once, where Hydra calls it (hydra-core is
-    pinned to 1.3). A sweep's launcher is a plugin that Hydra loads afresh, out of reach: its
-    directory is made by `make_dir` from the sweep callback before any job."""
+    """Wrap Hydra's job set-up, once, where Hydra calls it (hydra-core is pinned to 1.3): a
+    single run's in `hydra._internal.hydra`; a sweep job's in `hydra.core.utils`, where the
+    launcher plugin, which Hydra's plugin scan executes afresh, imports it from each time. The
+    sweep's own directory is made by `prepare_sweep` from the sweep callback before any job."""
     global _installed
     if _installed:
         return
     _installed = True
     from hydra._internal import hydra as hydra_run
+    from hydra.core import utils
 
     hydra_run.run_job = reporting(hydra_run.run_job)  # type: ignore[attr-defined]
+    utils.run_job = reporting(utils.run_job)

@@ -14,9 +14,8 @@ import glob as globlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from runner.identity import FileDigests, file_digest
 
@@ -25,9 +24,9 @@ OPTIONS = ("id",)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One item: `id` keys the ledger, `payload` goes to the worker, `identity` is hashed."""
+class Item(NamedTuple):
+    """One item: `id` keys the ledger, `payload` goes to the worker, `identity` is hashed (a
+    tuple: a million of them are made in a plan, and a frozen dataclass is slow to build)."""
 
     id: str
     payload: Any
@@ -115,7 +114,8 @@ def load(items: dict[str, Any], digests: FileDigests | None = None) -> Iterator[
         args = _range_args(items["range"])
         assert args is not None
         for i in range(*args):
-            yield Item(str(i), i, str(i))
+            name = str(i)
+            yield Item(name, i, name)
     elif "list" in items:
         for i, value in enumerate(items["list"]):
             yield Item(str(i), value, json.dumps(value, sort_keys=True, default=str))

@@ -18,6 +18,7 @@ from runner.store import Ledger, RunStore
 
 if TYPE_CHECKING:
     from runner.executor import Executor, StageRun
+    from runner.sim import SimStage, Simulation
 
 
 @dataclass
@@ -56,17 +57,26 @@ class StageOutcome:
     message: str = ""
     outputs: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # mean seconds from a lease's grant to its process's start (Ray starting it)
+    start_latency: float | None = None
+    # ... and each attempt's, by unit, for units with a lease of their own (the first 10,000)
+    start_latencies: dict[str, list[float]] = field(default_factory=dict)
 
 
 # how a kind starts running one stage: (plan, context, executor) -> its StageRun
 StageOpener = Callable[[StagePlan, RunContext, "Executor"], "StageRun"]
+# how a kind runs one stage on the simulated cluster (`cluster=sim`), in virtual time: its asks,
+# its units' durations, what a preempted unit does
+StageSimulator = Callable[[StagePlan, "Simulation"], "SimStage"]
 
 
 @dataclass(frozen=True)
 class StageKind:
-    """A stage kind: its schema, its own spec checks, how it plans, how it runs."""
+    """A stage kind: its schema, its own spec checks, how it plans, how it runs, and how it
+    runs on the simulated cluster."""
 
     spec_type: type[StageSpec]
     check: KindCheck
     plan: StagePlanner
     open: StageOpener
+    simulate: StageSimulator

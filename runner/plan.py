@@ -10,10 +10,12 @@ compare fingerprints with the ledger.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -24,7 +26,7 @@ from runner.resources import Resources
 from runner.schema import StageSpec
 from runner.sizing import fits
 from runner.spec import Pipeline
-from runner.store import Ledger, PriorUnit, UnitRow
+from runner.store import Ledger, Prior, PriorUnit, UnitRow
 
 
 def digest(*parts: str) -> str:
@@ -33,6 +35,30 @@ def digest(*parts: str) -> str:
     for part in parts:
         h.update(part.encode())
         h.update(b"\0")
+    return h.hexdigest()
+
+
+def digester(*prefix: str) -> Callable[[str], str]:
+    """`digest(*prefix, part)` for many parts: the prefix is hashed once and its state copied
+    (a stage's units share their stage's fingerprint as the prefix)."""
+    base = hashlib.blake2b(digest_size=12)
+    for part in prefix:
+        base.update(part.encode())
+        base.update(b"\0")
+
+    def one(part: str) -> str:
+        h = base.copy()
+        h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
+    return one
+
+
+def units_digest(entries: Iterable[tuple[str, str, Any]]) -> str:
+    """One digest of a stage's units, (id, fingerprint, payload) in plan order: equal to the
+    ledger's record of a stage whose units all finished, no unit of it needs deciding."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update("\0".join(f"{uid}\0{fp}" for uid, fp, *_ in entries).encode())
     return h.hexdigest()
 
 
@@ -181,11 +207,12 @@ def changed_paths(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [prefix]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Decider:
     """Decides run or skip for the units of one stage against the ledger."""
 
-    prior: Mapping[str, PriorUnit]
+    # what the ledger remembers of the units (read when first needed, by `load`)
+    prior: Prior | Mapping[str, PriorUnit] | None
     fresh: bool
     # why a unit whose fingerprint changed runs again: `changed: <path>`, `code changed` or
     # `input changed`
@@ -193,12 +220,20 @@ class Decider:
     # why a finished unit is skipped: `done`, or `policy changed, kept` when only keys that
     # never change results (retries, timeouts, resources) differ from the ledger's record
     kept: str = "done"
+    load: Callable[[], Prior | Mapping[str, PriorUnit]] | None = None
+    # the ledger's `units_digest` of the stage: all of these units are done
+    finished: str | None = None
+
+    def _prior(self) -> Prior | Mapping[str, PriorUnit]:
+        if self.prior is None:
+            self.prior = self.load() if self.load is not None else {}
+        return self.prior
 
     def __call__(self, unit: Unit) -> Unit:
         if self.fresh:
             unit.run, unit.reason = True, "fresh run"
             return unit
-        before = self.prior.get(unit.id)
+        before = self._prior().get(unit.id)
         if before is None:
             unit.run, unit.reason = True, "new"
         elif before.fingerprint != unit.fingerprint:
@@ -211,6 +246,27 @@ class Decider:
             unit.run, unit.reason = True, "not finished last time"
         return unit
 
+    def units(self, entries: Iterable[tuple[str, str, Any]]) -> list[Unit]:
+        """Units of (id, fingerprint, payload), each decided as a call would decide it, with
+        the commonest case of a resumed stage (done, same fingerprint) in the loop itself."""
+        if self.finished is not None and not self.fresh:
+            entries = list(entries)
+            if units_digest(entries) == self.finished:  # a finished stage: no unit to read
+                kept = self.kept
+                return [Unit(uid, fp, payload, False, kept) for uid, fp, payload in entries]
+        prior = self._prior()
+        if self.fresh or not isinstance(prior, Prior):
+            return [self(Unit(uid, fp, payload)) for uid, fp, payload in entries]
+        done, kept = prior.done.get, self.kept
+        out: list[Unit] = []
+        add = out.append
+        for uid, fp, payload in entries:
+            if done(uid) == fp:
+                add(Unit(uid, fp, payload, False, kept))
+            else:
+                add(self(Unit(uid, fp, payload)))
+        return out
+
 
 def decider(
     name: str,
@@ -220,8 +276,9 @@ def decider(
 ) -> Decider:
     """The decider for stage `name`, knowing what changed since the ledger's record of it;
     `config` is what the ledger records (`stage_config`), `kept` the keys that never rerun."""
-    record = ctx.ledger.stage(name) if ctx.ledger else None
-    prior = ctx.ledger.prior_units(name) if ctx.ledger and not ctx.fresh else {}
+    ledger = ctx.ledger
+    record = ledger.stage(name) if ledger else None
+    load = (lambda: ledger.prior(name)) if ledger is not None and not ctx.fresh else None
     changed, skipped = "input changed", "done"
     if record is not None:
         old = {k: v for k, v in record.config.items() if k not in kept}
@@ -235,7 +292,8 @@ def decider(
             changed = "code changed"
         if any(record.config.get(k) != config.get(k) for k in kept):
             skipped = "policy changed, kept"
-    return Decider(prior, ctx.fresh, changed, skipped)
+    finished = record.units if record is not None and record.state == "done" else None
+    return Decider(None, ctx.fresh, changed, skipped, load, finished)
 
 
 def claim(label: str, resources: Resources, count: int, cluster: ClusterInfo) -> Claim:
@@ -249,6 +307,20 @@ def claim(label: str, resources: Resources, count: int, cluster: ClusterInfo) ->
     return Claim(label, resources, count, min(count, per_node))
 
 
+@contextmanager
+def no_collection() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: planning a million units makes millions of
+    objects that all live on, and each collection pass over them frees nothing (a third of
+    the plan's time); reference counting still frees what dies."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def make_plan(
     pipeline: Pipeline,
     planners: Mapping[str, StagePlanner],
@@ -258,9 +330,10 @@ def make_plan(
 ) -> Plan:
     """Plan every stage in dependency order; raise PlanError for claims that can never fit."""
     plans: dict[str, StagePlan] = {}
-    for name, spec in pipeline.stages.items():
-        ctx = PlanContext(cluster, ledger, fresh, {n: plans[n] for n in spec.needs})
-        plans[name] = planners[spec.kind](name, spec, pipeline.raw[name], ctx)
+    with no_collection():
+        for name, spec in pipeline.stages.items():
+            ctx = PlanContext(cluster, ledger, fresh, {n: plans[n] for n in spec.needs})
+            plans[name] = planners[spec.kind](name, spec, pipeline.raw[name], ctx)
     problems = [
         f"pipeline.stages.{name}: one {c.label} needs {c.resources.describe()}, more than any "
         f"node has: {c.resources.shortfall(cluster.largest)} on the largest node"

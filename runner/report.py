@@ -101,6 +101,13 @@ def format_summary(summary: dict[str, Any], run_dir: str) -> str:
             )
         )
     lines = _table(header, rows)
+    accounts = [
+        (name, account, use["jobs"], f"{use['cpu_s']:.1f}")
+        for name, s in summary["stages"].items()
+        for account, use in s.get("accounts", {}).items()
+    ]
+    if accounts:  # SCNS's accounting: what each account's jobs used
+        lines += _table(("stage", "account", "jobs", "cpu-seconds"), accounts)
     for name, s in summary["stages"].items():
         if s["message"]:
             lines.append(f"{name}: {s['message']}")
@@ -126,8 +133,9 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
         stages = [{**s, "state": "interrupted"} if s["state"] == "running" else s for s in stages]
     header = ("stage", "kind", "state", "done", "failed", "timeout", "cancelled", "ended")
     rows = []
+    counts_of = {s["stage"]: ledger.counts(s["stage"]) for s in stages}
     for s in stages:
-        counts = ledger.counts(s["stage"])
+        counts = counts_of[s["stage"]]
         ended = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["ended"])) if s["ended"] else "-"
         )
@@ -146,21 +154,27 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
     lines = [f"run dir {run_dir}", *_table(header, rows)]
     if gone is not None:
         lines.append(gone)
-    lines += _jobs_tables(ledger, [s["stage"] for s in stages if s["kind"] == "jobs"], run_dir)
-    bad = [r for s in stages for r in ledger.rows(s["stage"], unfinished=True)]
-    if bad:
+    jobs = {s["stage"]: sum(counts_of[s["stage"]].values()) for s in stages if s["kind"] == "jobs"}
+    lines += _jobs_tables(ledger, jobs, run_dir)
+    # counted and read by SQLite: a stage of a million units shows its first `limit` only
+    not_done = {
+        s["stage"]: sum(n for k, n in counts_of[s["stage"]].items() if k != "done") for s in stages
+    }
+    total = sum(not_done.values())
+    bad: list[UnitRow] = []
+    for s in stages:
+        if not_done[s["stage"]] and len(bad) < limit:
+            bad += ledger.rows(s["stage"], unfinished=True, limit=limit - len(bad))
+    if total:
         lines.append("")
-        lines.append(f"units not done ({len(bad)}):")
+        lines.append(f"units not done ({total}):")
         lines += _table(
             ("stage", "unit", "state", "attempts", "error"),
-            [
-                (r.stage, r.unit, r.state.value, r.attempts, _first_line(r.error)[:80])
-                for r in bad[:limit]
-            ],
+            [(r.stage, r.unit, r.state.value, r.attempts, _first_line(r.error)[:80]) for r in bad],
         )
-        if len(bad) > limit:
-            lines.append(f"... and {len(bad) - limit} more")
-        lines += _where_to_look(sorted({r.stage for r in bad}), Path(run_dir))
+        if total > limit:
+            lines.append(f"... and {total - limit} more")
+        lines += _where_to_look(sorted(k for k, n in not_done.items() if n), Path(run_dir))
     return "\n".join(lines)
 
 
@@ -196,25 +210,27 @@ def _where_to_look(stages: list[str], root: Path) -> list[str]:
     return lines
 
 
-def _jobs_tables(ledger: Ledger, stages: list[str], run_dir: str, limit: int = 50) -> list[str]:
-    """One table per `jobs` stage, as Slurm users read a queue: state, exit code or signal,
-    start, end, node and where the job's stdout/stderr are (relative to the run directory)."""
+def _jobs_tables(
+    ledger: Ledger, stages: dict[str, int], run_dir: str, limit: int = 50
+) -> list[str]:
+    """One table per `jobs` stage (name → its count of jobs), as Slurm users read a queue:
+    state, exit code or signal, start, end, node and where the job's stdout/stderr are
+    (relative to the run directory); the first `limit` jobs by start."""
     lines: list[str] = []
     root = Path(run_dir).resolve()
-    for stage in stages:
-        rows = sorted(ledger.rows(stage), key=lambda r: (r.started is None, r.started or 0, r.unit))
+    for stage, count in stages.items():
+        rows = list(ledger.rows(stage, by_start=True, limit=limit))
         lines += ["", f"jobs of stage {stage}:"]
         lines += _table(
             ("job", "state", "exit", "start", "end", "node", "stdout", "stderr"),
-            [_job_row(r, root) for r in rows[:limit]],
+            [_job_row(r, root) for r in rows],
         )
-        if len(rows) > limit:
-            lines.append(f"... and {len(rows) - limit} more")
+        if count > limit:
+            lines.append(f"... and {count - limit} more")
         # why the memory limit ended a job, and how the limit is enforced
         lines += [
             f"{r.unit}: {r.state.label}: {r.error}"
-            for r in rows
-            if r.state is UnitState.out_of_memory
+            for r in ledger.rows(stage, state=UnitState.out_of_memory)
         ]
     return lines
 

@@ -16,6 +16,17 @@ class Resources:
     memory: float = 0.0
     custom: tuple[tuple[str, float], ...] = field(default=())
 
+    def __hash__(self) -> int:
+        """Hashed as its fields are; remembered, since the scheduler keys its queues and
+        indexes by shape. Only without custom resources: a string's hash differs from process
+        to process, and a remembered one would travel with the object to Ray's workers."""
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.cpus, self.gpus, self.memory, self.custom))
+            if not self.custom:
+                object.__setattr__(self, "_hash", cached)
+        return cached
+
     def __add__(self, other: Resources) -> Resources:
         return self._combine(other, 1.0)
 
@@ -75,6 +86,12 @@ class Resources:
         return ", ".join(parts)
 
     def _combine(self, other: Resources, sign: float) -> Resources:
+        if not self.custom and not other.custom:  # the scheduler's hot path: no dict to build
+            return Resources(
+                self.cpus + sign * other.cpus,
+                self.gpus + sign * other.gpus,
+                self.memory + sign * other.memory,
+            )
         custom = dict(self.custom)
         for k, v in other.custom:
             custom[k] = custom.get(k, 0.0) + sign * v

@@ -73,6 +73,8 @@ class ClusterConfig:
     nodes: list[dict[str, Any]] = field(default_factory=list)
     # sim: seconds a unit (a pool item, a role step) takes when its spec declares no duration
     sim_unit_seconds: float = limited(1.0, gt=0)
+    # sim: a finished run's directory; units take the time they took there (`runner.measured`)
+    sim_durations_from: str | None = None
     # local / sim: the partitions the cluster's nodes belong to (a job's `partition` must be one)
     partitions: list[str] = field(default_factory=list)
     # serve scheduler metrics for Prometheus on 127.0.0.1:PORT during a run (0: any free port)
@@ -271,6 +273,9 @@ class JobsStage(StageSpec):
     retries: int = policy(0, ge=0)
     # seconds between SIGTERM and SIGKILL when a job is cancelled (mode=cancel, Ctrl-C)
     cancel_grace: float = policy(10.0, gt=0)
+    # print each job's stdout/stderr lines on the terminal as they come, prefixed [job NAME]
+    # (above the progress bars); they are always in the job's .out/.err files
+    show_output: bool = resource(False)
 
 
 @dataclass

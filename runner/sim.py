@@ -1,33 +1,43 @@
-"""The simulated cluster (`cluster=sim`): the same plan through the same scheduler core, in
-virtual time, so behaviour at hundreds of nodes can be checked on a laptop.
+"""The simulated cluster (`cluster=sim`): the same plan through the same scheduler core and
+the same kinds' asks, in virtual time, so behaviour at hundreds of nodes can be checked on a
+laptop.
 
-Nothing starts: an event queue advances a virtual clock that the scheduler reads. Units take
-the time their spec declares (`steps` × `step_time`, or `estimated_duration`; a pool item or
-an undeclared unit takes `cluster.sim_unit_seconds`). A preempted replica stops within one
-step (or at `cancel_timeout`), keeps its progress when its actor has `state()`, and queues
-again, as in a real run. It prints what a real run would: units admitted, how many ran at
-once, preemptions by reason, waiting time by priority, and utilization.
+Nothing starts: an event queue advances a virtual clock that the scheduler reads. Each stage
+kind says how it is simulated (`StageKind.simulate`: its asks, how long its units hold their
+grants, what a preempted unit does); this module is only the engine: the clock, the queue of
+events, the scheduler, and the numbers a real run's summary carries (units admitted, how many
+ran at once, preemptions by reason, waiting time by priority, utilization, the makespan).
+
+Units take the time a previous run measured (`cluster.sim_durations_from=RUN_DIR`, see
+`runner.measured`), else what their spec declares, else `cluster.sim_unit_seconds`.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from runner.plan import Plan, StagePlan, StagePlanner, make_plan
+from runner.executor import Ask
+from runner.measured import Measured, StageMeasure, measure
+from runner.plan import Plan, StagePlan, StagePlanner, Unit, make_plan
 from runner.resources import Resources
-from runner.scheduler.core import Grant, Scheduler, Ticket
+from runner.scheduler.core import Grant, Notify, Scheduler, Ticket
 from runner.scheduler.metrics import Metrics
 from runner.scheduler.policy import REASONS
 from runner.spec import Spec
-from runner.stages.roles import RoleSpec, RolesPlan, saves_state
+
+if TYPE_CHECKING:
+    from runner.kind import StageKind
+
+# a plan of at most this many units gets the order its units started in the report
+SHOWN_STARTS = 20
 
 
 class VirtualClock:
@@ -58,33 +68,71 @@ class StageStats:
 
 @dataclass
 class Simulation:
-    """Runs a plan's stages in dependency order in virtual time."""
+    """Runs a plan's stages in dependency order in virtual time, each by its kind's hook."""
 
     plan: Plan
     needs: Mapping[str, list[str]]
     unit_seconds: float
+    kinds: Mapping[str, StageKind] | None = None
+    measured: Measured | None = None
     clock: VirtualClock = field(default_factory=VirtualClock)
     scheduler: Scheduler = field(init=False)
     stats: dict[str, StageStats] = field(default_factory=dict)
+    # virtual times of the first unit's start and the last unit's end
+    first_start: float | None = None
+    last_end: float = 0.0
     _queue: list[tuple[float, int, Callable[[], None]]] = field(default_factory=list)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     _on_grant: dict[Ticket, Callable[[Grant], None]] = field(default_factory=dict)
     _busy: Resources = field(default_factory=Resources)
     _last: float = 0.0
     _pending: set[str] = field(default_factory=set)
+    # a small plan's units as they start: (virtual time, order of telling, stage/unit)
+    shown_starts: bool = field(init=False)
+    _starts: list[tuple[float, int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        units = sum(len(s.units or []) for s in self.plan.stages.values())
+        self.shown_starts = units <= SHOWN_STARTS
         self.scheduler = Scheduler(
-            list(self.plan.cluster.nodes), clock=self.clock, metrics=Metrics()
+            list(self.plan.cluster.nodes), clock=self.clock, metrics=Metrics(collectors=False)
         )
+        if self.kinds is None:
+            from runner.stages import KINDS
+
+            self.kinds = KINDS
 
     # the event loop
 
     def at(self, when: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._queue, (when, next(self._seq), action))
 
-    def ask(self, ticket: Ticket, then: Callable[[Grant], None]) -> None:
+    def submit(
+        self,
+        owner: str,
+        ask: Ask,
+        then: Callable[[Grant], None],
+        on_preempt: Notify | None = None,
+    ) -> Ticket:
+        """Queue an ask with the scheduler as the executor does (`Executor.submit`); `then` is
+        called with the grant once it is admitted."""
+        ticket = self.scheduler.submit(
+            owner,
+            ask.resources,
+            ask.priority,
+            pool=ask.pool,
+            labels=ask.labels,
+            policy=ask.policy,
+            on_preempt=on_preempt if ask.preemptible else None,
+            saves_state=ask.saves_state,
+            elastic=ask.elastic,
+            reuse=ask.reuse,
+            duration=ask.duration,
+            reserve=ask.reserve,
+            estimated=ask.estimated,
+        )
         self._on_grant[ticket] = then
+        return ticket
 
     def forget(self, ticket: Ticket) -> bool:
         """Withdraw a waiting request; False when it was already granted."""
@@ -94,15 +142,25 @@ class Simulation:
         return True
 
     def run(self) -> None:
-        self._pending = set(self.plan.stages)
-        self._start_ready()
-        self._admit()
-        while self._queue:
-            now = self._queue[0][0]
-            self._account(now)
-            while self._queue and self._queue[0][0] <= now:
-                heapq.heappop(self._queue)[2]()
+        """Until no event is left. Python's cyclic garbage collector is off meanwhile: a big
+        simulation makes millions of short-lived objects, and each collection walks every
+        object of the plan again (a quarter of the time, measured); the cycles are collected
+        once at the end."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._pending = set(self.plan.stages)
+            self._start_ready()
             self._admit()
+            while self._queue:
+                now = self._queue[0][0]
+                self._account(now)
+                while self._queue and self._queue[0][0] <= now:
+                    heapq.heappop(self._queue)[2]()
+                self._admit()
+        finally:
+            if collecting:
+                gc.enable()
 
     def _admit(self) -> None:
         """Admit until nothing moves: a grant's follow-up may ask for more (arrivals)."""
@@ -113,9 +171,9 @@ class Simulation:
 
     def _account(self, now: float) -> None:
         """Integrate the resources in use over the time that just passed."""
-        total = self.plan.cluster.total
-        used = total - self.scheduler.free()
-        self._busy = self._busy + used.scale(now - self._last)
+        if now > self._last:
+            used = self.plan.cluster.total - self.scheduler.free()
+            self._busy = self._busy + used.scale(now - self._last)
         self._last = self.clock.now = now
 
     def stage_done(self, name: str) -> None:
@@ -124,14 +182,53 @@ class Simulation:
 
     def _start_ready(self) -> None:
         finished = {n for n, s in self.stats.items() if s.finished is not None}
+        assert self.kinds is not None
         for name in sorted(self._pending):
             if set(self.needs.get(name, [])) <= finished:
                 self._pending.discard(name)
                 stage = self.plan.stages[name]
-                driver = {"pool": SimPool, "roles": SimRoles}.get(stage.kind, SimClaims)
-                driver(self, stage).start()
+                self.kinds[stage.kind].simulate(stage, self).start()
+
+    # what units take
+
+    def measure_of(self, stage: str) -> StageMeasure | None:
+        return self.measured.stage(stage) if self.measured is not None else None
+
+    def duration(self, stage: str, unit: str | None, declared: float | None = None) -> float:
+        """A unit's time: as measured (the stage's mean for a unit the measured run lacks),
+        else as declared, else `sim_unit_seconds`."""
+        m = self.measure_of(stage)
+        if m is not None and m.mean is not None:
+            return m.durations.get(unit or "", m.mean)
+        return declared if declared is not None else self.unit_seconds
+
+    def latency(self, stage: str, unit: str | None = None, attempt: int = 0) -> float:
+        """Seconds from a grant to its unit's start (a process or actor starting): as measured
+        for that attempt of the unit, else the stage's mean; without a measured run, none."""
+        m = self.measure_of(stage)
+        if m is None:
+            return 0.0
+        each = m.latencies.get(unit or "")
+        return each[attempt] if each and attempt < len(each) else m.latency
+
+    def starts(self, stage: str, unit: str | None, at: float) -> None:
+        """A unit starts at `at` (a small run's report lists them in order)."""
+        if self.shown_starts and unit is not None:
+            self._starts.append((at, next(self._seq), f"{stage}/{unit}"))
+
+    def started_in_order(self) -> list[str]:
+        return [name for _, _, name in sorted(self._starts)]
+
+    def ran(self, start: float, end: float) -> None:
+        """A unit ran from `start` to `end` (for the makespan)."""
+        self.first_start = start if self.first_start is None else min(self.first_start, start)
+        self.last_end = max(self.last_end, end)
 
     # the numbers
+
+    def makespan(self) -> float:
+        """From the first unit's start to the last unit's end, as a measured run counts it."""
+        return self.last_end - (self.first_start or 0.0)
 
     def utilization(self) -> dict[str, float | None]:
         total, span = self.plan.cluster.total, self._last
@@ -142,7 +239,10 @@ class Simulation:
 
 
 @dataclass
-class _Driver:
+class SimStage:
+    """A stage in a simulation: a kind's `simulate` hook returns one; `start` asks for what
+    its units need."""
+
     sim: Simulation
     stage: StagePlan
 
@@ -164,240 +264,86 @@ class _Driver:
         self.sim.scheduler.release(grant)
 
 
-class SimPool(_Driver):
-    """Worker claims, as many as there are items (at most `num_workers`); items shared."""
+@dataclass
+class SimUnits(SimStage):
+    """Units that each hold their own lease for their time (jobs, shards): the kind's `ask`
+    for each unit, a start-up latency after the grant, then the unit's duration."""
+
+    ask: Callable[[Unit], Ask] = field(default=lambda u: Ask(Resources(), 0.0))
+    label: str = "unit"
+    # at most this many asked for or running at once (a stage's `max_concurrent`)
+    cap: int | None = None
+    live: int = 0
+    _queue: list[tuple[Unit, Ask]] = field(default_factory=list)
 
     def start(self) -> None:
-        items = len(self.stage.to_run) if self.stage.units is not None else self._upstream_items()
-        workers = min(int(getattr(self.stage.spec, "num_workers", 1)), items)
-        shape = Resources(cpus=self.stage.settings["cpus_per_worker"])
+        units = self.stage.to_run
+        asks = [self.ask(u) for u in units]
+        shape = asks[0].resources if asks else Resources()
         self.sim.stats[self.stage.name] = StageStats(
-            "pool", workers, unit_label="worker", shape=shape
+            self.stage.kind, len(units), unit_label=self.label, shape=shape
         )
-        self.left = items
-        if not workers:
+        self.live = len(units)
+        if not units:
             self.sim.stage_done(self.stage.name)
-            return
-        self.live = workers
-        self.tickets = []
-        for i in range(workers):
-            ticket = self.sim.scheduler.submit(
-                f"{self.stage.name}/worker-{i}", shape, self.stage.spec.priority
-            )
-            self.sim.ask(ticket, self._work)
-            self.tickets.append(ticket)
+        # highest priority first, as the kinds queue them (popped from the end)
+        ordered = sorted(zip(units, asks, strict=True), key=lambda ua: -ua[1].priority)
+        self._queue = ordered[::-1]
+        self._ask(len(units) if self.cap is None else self.cap)
 
-    def _upstream_items(self) -> int:
-        source = self.stage.spec.items.get("from") if hasattr(self.stage.spec, "items") else None
-        upstream = self.sim.plan.stages.get(str(source))
-        return len(upstream.units or []) if upstream is not None else 0
+    def _ask(self, n: int) -> None:
+        for _ in range(min(n, len(self._queue))):
+            unit, ask = self._queue.pop()
+            self.sim.submit(f"{self.stage.name}/{unit.id}", ask, _Hold(self, unit.id))
 
-    def _work(self, grant: Grant) -> None:
-        self.granted()
-        self._next(grant)
-
-    def _next(self, grant: Grant) -> None:
-        if self.left <= 0:
-            self._stop_growing()
-            self.ended(grant)
-            self.live -= 1
-            if self.live == 0:
-                self.sim.stage_done(self.stage.name)
-            return
-        self.left -= 1
-        self.sim.at(self.sim.clock.now + self.sim.unit_seconds, lambda: self._next(grant))
-
-    def _stop_growing(self) -> None:
-        """No items left: workers not started yet are not started (as a real pool does)."""
-        for ticket in self.tickets:
-            if ticket.grant is None and self.sim.forget(ticket):
-                self.live -= 1
-        self.tickets = []
-
-
-class SimClaims(_Driver):
-    """Any other stage kind: each claimed unit holds its resources for one unit of time."""
-
-    def start(self) -> None:
-        claims = [c for c in self.stage.claims if c.count]
-        count = sum(c.count for c in claims)
-        shape = claims[0].resources if claims else Resources()
-        self.sim.stats[self.stage.name] = StageStats(self.stage.kind, count, shape=shape)
-        self.live = count
-        if not count:
-            self.sim.stage_done(self.stage.name)
-        for c in claims:
-            for i in range(c.count):
-                ticket = self.sim.scheduler.submit(
-                    f"{self.stage.name}/{c.label}-{i}", c.resources, self.stage.spec.priority
-                )
-                self.sim.ask(ticket, self._hold)
-
-    def _hold(self, grant: Grant) -> None:
-        self.granted()
-        self.sim.at(self.sim.clock.now + self.sim.unit_seconds, lambda: self._end(grant))
-
-    def _end(self, grant: Grant) -> None:
+    def end(self, grant: Grant) -> None:
         self.ended(grant)
         self.live -= 1
         if self.live == 0:
             self.sim.stage_done(self.stage.name)
+        elif self.cap is not None:
+            self._ask(1)
 
 
-@dataclass(eq=False)
-class _SimReplica:
-    role: RoleSpec
-    index: int
-    left: float
-    step: float
+@dataclass(eq=False, slots=True)
+class _Hold:
+    """A granted unit of `SimUnits`: starts after the latency, ends after its duration."""
+
+    run: SimUnits
+    unit: str
     grant: Grant | None = None
-    began: float = 0.0
-    run_event: int = 0
-    arrived: bool = False
 
+    def __call__(self, grant: Grant) -> None:
+        run, sim = self.run, self.run.sim
+        run.granted()
+        self.grant = grant
+        start = sim.clock.now + sim.latency(run.stage.name, self.unit)
+        end = start + sim.duration(run.stage.name, self.unit)
+        sim.starts(run.stage.name, self.unit, start)
+        sim.ran(start, end)
+        sim.at(end, self.done)
 
-class SimRoles(_Driver):
-    """Role replicas with arrivals, reserved groups, preemption and requeue."""
-
-    def start(self) -> None:
-        self.rp: RolesPlan = self.stage.settings["roles"]
-        units = self.stage.to_run
-        self.sim.stats[self.stage.name] = StageStats("roles", len(units), unit_label="replica")
-        if self.rp.quota is not None:
-            self.sim.scheduler.set_quota(self.rp.pool, self.rp.quota)
-        self.saves = {
-            r.name: saves_state(r.actor.get("_target_", "")) for r in self.rp.roles.values()
-        }
-        self.replicas = [
-            self._replica(self.rp.roles[u.payload["role"]], u.payload["replica"]) for u in units
-        ]
-        self.live = len(self.replicas)
-        self.running_roles: set[str] = {
-            r for r in self.rp.roles if not any(x.role.name == r for x in self.replicas)
-        }
-        self.free_reserved: list[Resources] = []
-        self.waiting_reserved: list[_SimReplica] = []
-        if not self.replicas:
-            self.sim.stage_done(self.stage.name)
-            return
-        top = max(r.priority for r in self.rp.roles.values())
-        for i, (shape, _) in enumerate(self.rp.reserved):
-            t = self.sim.scheduler.submit(
-                f"{self.stage.name}/reserved-{i}", shape, top, pool=self.rp.pool
-            )
-            self.sim.ask(t, self._reserved_ready)
-        now = self.sim.clock.now
-        for r in self.replicas:
-            if not isinstance(r.role.start_after, str):
-                self.sim.at(now + float(r.role.start_after), partial(self._arrive, r))
-
-    def _replica(self, role: RoleSpec, index: int) -> _SimReplica:
-        step = role.step_time or float(role.actor.get("step_seconds", 0) or self.sim.unit_seconds)
-        total = role.estimated_duration or role.steps * step
-        step = min(step, total)
-        return _SimReplica(role, index, total, step)
-
-    def _reserved_ready(self, grant: Grant) -> None:
-        self.free_reserved.append(grant.resources)
-        self._place_reserved()
-
-    def _arrive(self, r: _SimReplica) -> None:
-        r.arrived = True
-        self._request(r)
-
-    def _request(self, r: _SimReplica) -> None:
-        if r.role.pg == "reserved":
-            self.waiting_reserved.append(r)
-            self._place_reserved()
-            return
-        elastic = r.index >= r.role.min
-        ticket = self.sim.scheduler.submit(
-            f"{self.stage.name}/{r.role.name}/{r.index}",
-            r.role.resources,
-            r.role.priority,
-            pool=self.rp.pool,
-            labels=r.role.labels,
-            policy=None if elastic else self.rp.policy,
-            on_preempt=partial(self._preempted, r),
-            saves_state=self.saves[r.role.name],
-            elastic=elastic,
-        )
-        self.sim.ask(ticket, partial(self._run, r))
-
-    def _place_reserved(self) -> None:
-        for r in list(self.waiting_reserved):
-            fits = [s for s in self.free_reserved if r.role.resources.fits_in(s)]
-            if fits:
-                shape = min(fits, key=lambda s: (s.cpus + 8 * s.gpus, s.memory))
-                self.free_reserved.remove(shape)
-                self.waiting_reserved.remove(r)
-                self._begin(r, None, shape)
-
-    def _run(self, r: _SimReplica, grant: Grant) -> None:
-        self._begin(r, grant, grant.resources)
-
-    def _begin(self, r: _SimReplica, grant: Grant | None, shape: Resources) -> None:
-        self.granted()
-        r.grant, r.began = grant, self.sim.clock.now
-        r.run_event += 1
-        token = r.run_event
-        if r.role.name not in self.running_roles:
-            self.running_roles.add(r.role.name)
-            for other in self.replicas:
-                if other.role.start_after == r.role.name and not other.arrived:
-                    self._arrive(other)
-        self.sim.at(self.sim.clock.now + r.left, lambda: self._finish(r, token, shape))
-
-    def _finish(self, r: _SimReplica, token: int, shape: Resources) -> None:
-        if token != r.run_event:
-            return  # this run was preempted
-        r.run_event += 1
-        self.st.running -= 1
-        if r.grant is not None:
-            self.sim.scheduler.release(r.grant)
-        else:
-            self.free_reserved.append(shape)
-            self._place_reserved()
-        self.live -= 1
-        if self.live == 0:
-            self._close()
-
-    def _preempted(self, r: _SimReplica, grant: Grant, reason: str) -> None:
-        """Told under the scheduler's lock: schedule the stop; a step at most, or the timeout."""
-        self.st.preemptions[reason] += 1
-        delay = min(r.step, self.rp.policy.cancel_timeout)
-        token = r.run_event
-        self.sim.at(self.sim.clock.now + delay, lambda: self._stop(r, token))
-
-    def _stop(self, r: _SimReplica, token: int) -> None:
-        if token != r.run_event or r.grant is None:
-            return
-        r.run_event += 1
-        ran = self.sim.clock.now - r.began
-        if self.saves[r.role.name]:
-            r.left = max(r.left - math.floor(ran / r.step + 1e-9) * r.step, r.step)
-        self.ended(r.grant)
-        r.grant = None
-        self.st.requeues += 1
-        self._request(r)
-
-    def _close(self) -> None:
-        top = self.sim.scheduler
-        for g in top.running():
-            if g.owner.startswith(f"{self.stage.name}/reserved-"):
-                top.release(g)
-        self.sim.stage_done(self.stage.name)
+    def done(self) -> None:
+        assert self.grant is not None
+        self.run.end(self.grant)
 
 
 # --- running and reporting -----------------------------------------------------------------
 
 
-def simulate(spec: Spec, planners: Mapping[str, StagePlanner], cluster: Any) -> dict[str, Any]:
+def simulate(
+    spec: Spec,
+    planners: Mapping[str, StagePlanner],
+    cluster: Any,
+    kinds: Mapping[str, StageKind] | None = None,
+) -> dict[str, Any]:
     """Plan for the simulated cluster (every unit runs: no ledger) and run it in virtual time."""
     started = time.perf_counter()
+    source = spec.cluster.sim_durations_from
+    measured = measure(Path(source)) if source else None
     plan = make_plan(spec.pipeline, planners, cluster, None, True)
     needs = {n: list(s.needs) for n, s in spec.pipeline.stages.items()}
-    sim = Simulation(plan, needs, spec.cluster.sim_unit_seconds)
+    sim = Simulation(plan, needs, spec.cluster.sim_unit_seconds, kinds, measured)
     sim.run()
     return summarize(sim, time.perf_counter() - started)
 
@@ -412,8 +358,15 @@ def summarize(sim: Simulation, wall: float) -> dict[str, Any]:
         "pipeline": sim.plan.pipeline,
         "cluster": sim.plan.cluster.where,
         "virtual_s": round(sim._last, 3),
+        "makespan_s": round(sim.makespan(), 3),
+        "measured_makespan_s": (
+            None
+            if sim.measured is None or sim.measured.makespan is None
+            else round(sim.measured.makespan, 3)
+        ),
         "wall_s": round(wall, 3),
         "utilization": sim.utilization(),
+        "started_in_order": sim.started_in_order(),
         "waiting_s_by_priority": waited,
         "stages": {
             name: {
@@ -452,5 +405,11 @@ def format_report(summary: dict[str, Any]) -> str:
     util = summary["utilization"]
     parts = [f"{k.upper()} {100 * v:.0f}%" for k, v in util.items() if v is not None]
     lines.append(f"utilization: {', '.join(parts)} over {summary['virtual_s']:g} virtual seconds")
+    span = f"makespan from the first unit's start: {summary['makespan_s']:g} virtual seconds"
+    if summary["measured_makespan_s"] is not None:
+        span += f" (the measured run: {summary['measured_makespan_s']:g}s)"
+    lines.append(span)
+    if summary["started_in_order"]:
+        lines.append(f"units in the order they started: {', '.join(summary['started_in_order'])}")
     lines.append(f"simulated in {summary['wall_s']:.2f}s")
     return "\n".join(lines)

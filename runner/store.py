@@ -72,6 +72,20 @@ class PriorUnit:
     state: UnitState
 
 
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """What the ledger remembers of a stage's units: done ones by fingerprint, the rest whole."""
+
+    done: dict[str, str]
+    others: dict[str, PriorUnit]
+
+    def get(self, unit: str) -> PriorUnit | None:
+        fingerprint = self.done.get(unit)
+        if fingerprint is not None:
+            return PriorUnit(fingerprint, UnitState.done)
+        return self.others.get(unit)
+
+
 @dataclass(frozen=True)
 class StageRecord:
     """What the ledger remembers of a stage: its fingerprint and the config it hashed."""
@@ -79,12 +93,14 @@ class StageRecord:
     fingerprint: str
     config: dict[str, Any]
     state: str
+    # `units_digest` of the stage's units when the stage ended with every one of them done
+    units: str | None = None
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
     stage TEXT PRIMARY KEY, kind TEXT, fingerprint TEXT, config TEXT, state TEXT,
-    started REAL, ended REAL, summary TEXT
+    started REAL, ended REAL, summary TEXT, units_digest TEXT
 );
 CREATE TABLE IF NOT EXISTS units (
     stage TEXT, unit TEXT, fingerprint TEXT, state TEXT, attempts INTEGER,
@@ -184,13 +200,16 @@ class Ledger:
         for column in ("node_id", "node_ip"):
             if column not in have:
                 self._db.execute(f"ALTER TABLE units ADD COLUMN {column} TEXT")
+        if "units_digest" not in {r[1] for r in self._db.execute("PRAGMA table_info(stages)")}:
+            self._db.execute("ALTER TABLE stages ADD COLUMN units_digest TEXT")
 
     def stage(self, stage: str) -> StageRecord | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT fingerprint, config, state FROM stages WHERE stage=?", (stage,)
-            ).fetchone()
-        return StageRecord(row[0], json.loads(row[1]), row[2]) if row else None
+            row = self._db.execute("SELECT * FROM stages WHERE stage=?", (stage,)).fetchone()
+        if row is None:
+            return None
+        units = row[8] if len(row) > 8 else None  # older ledgers lack the column
+        return StageRecord(row[2], json.loads(row[3]), row[4], units)
 
     def stages(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -210,12 +229,16 @@ class Ledger:
         started: float | None = None,
         ended: float | None = None,
         summary: dict[str, Any] | None = None,
+        units: str | None = None,
     ) -> None:
+        """Record a stage; `units` (a `units_digest`) only when every unit of its plan is done:
+        any other record, a running one included, forgets it."""
         with self._lock, self._writing() as ok:
             if not ok:
                 return
             self._db.execute(
-                "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO stages (stage, kind, fingerprint, config, state, started, "
+                "ended, summary, units_digest) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     stage,
                     kind,
@@ -225,6 +248,7 @@ class Ledger:
                     started,
                     ended,
                     json.dumps(summary) if summary else None,
+                    units,
                 ),
             )
 
@@ -233,10 +257,26 @@ class Ledger:
             rows = self._db.execute(
                 "SELECT unit, fingerprint, state FROM units WHERE stage=?", (stage,)
             ).fetchall()
-        return {u: PriorUnit(fp, UnitState(s)) for u, fp, s in rows}
+        return {u: PriorUnit(fp, _STATES[s]) for u, fp, s in rows}
+
+    def prior(self, stage: str) -> Prior:
+        """What a plan compares with: the fingerprints of the stage's done units (a plain dict,
+        built by SQLite, no object per unit) and the few units that did not finish."""
+        with self._lock:
+            done = dict(
+                self._db.execute(
+                    "SELECT unit, fingerprint FROM units WHERE stage=? AND state='done'", (stage,)
+                )
+            )
+            others = self._db.execute(
+                "SELECT unit, fingerprint, state FROM units WHERE stage=? AND state!='done'",
+                (stage,),
+            ).fetchall()
+        return Prior(done, {u: PriorUnit(fp, _STATES[s]) for u, fp, s in others})
 
     def write(self, rows: Iterable[UnitRow]) -> None:
         """Upsert unit records in one transaction (callers batch them)."""
+        dump = _dump
         params = [
             (
                 r.stage,
@@ -249,8 +289,8 @@ class Ledger:
                 r.duration,
                 r.worker,
                 r.error,
-                _dump(r.input),
-                _dump(r.result),
+                dump(r.input),
+                dump(r.result),
                 r.node_id,
                 r.node_ip,
             )
@@ -268,12 +308,29 @@ class Ledger:
             self._db.execute("COMMIT")
 
     def rows(
-        self, stage: str, units: Iterable[str] | None = None, unfinished: bool = False
+        self,
+        stage: str,
+        units: Iterable[str] | None = None,
+        unfinished: bool = False,
+        state: UnitState | None = None,
+        by_start: bool = False,
+        limit: int | None = None,
     ) -> Iterator[UnitRow]:
-        """Unit records of a stage (all, those named, or those not done), in ledger order."""
+        """Unit records of a stage (all, those named, those not done, or those in `state`), in
+        ledger order or, `by_start`, by start (never started last), at most `limit` of them:
+        the filters and the order are SQLite's, so a status of a million units reads a page."""
         query = "SELECT * FROM units WHERE stage=?" + (" AND state != 'done'" if unfinished else "")
+        params: tuple[Any, ...] = (stage,)
+        if state is not None:
+            query += " AND state = ?"
+            params += (state.value,)
+        if by_start:
+            query += " ORDER BY started IS NULL, started, unit"
+        if limit is not None:
+            query += " LIMIT ?"
+            params += (limit,)
         with self._lock:
-            found = self._db.execute(query, (stage,)).fetchall()
+            found = self._db.execute(query, params).fetchall()
         wanted = set(units) if units is not None else None
         for r in found:
             if wanted is None or r[1] in wanted:
@@ -281,7 +338,7 @@ class Ledger:
                     r[0],
                     r[1],
                     r[2],
-                    UnitState(r[3]),
+                    _STATES[r[3]],
                     r[4],
                     r[5],
                     r[6],
@@ -359,6 +416,57 @@ class Ledger:
             row.setdefault("node_ip", None)
         return found
 
+    def span_count(self, stage: str, since: float) -> int:
+        """How many units of the stage ran since `since` (what `spans` would return)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM units WHERE stage=? AND started >= ? AND ended IS NOT NULL",
+                (stage, since),
+            ).fetchone()
+        return int(row[0])
+
+    def spans_by_worker(self, stage: str, since: float) -> Iterator[dict[str, Any]]:
+        """What `spans` returns but `duration` and `error`, ordered by worker then start and
+        read a chunk at a time, so a stage of a million units is drawn without holding a
+        million rows."""
+        keys = ["unit", "state", "attempts", "started", "ended", "worker"]
+        with self._lock:
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(units)")}
+        nodes = [k for k in ("node_id", "node_ip") if k in have]
+        query = (
+            f"SELECT {', '.join(keys + nodes)} FROM units "
+            "WHERE stage=? AND started >= ? AND ended IS NOT NULL ORDER BY worker, started, unit"
+        )
+        for chunk in self._chunks(query, (stage, since)):
+            for r in chunk:
+                row = dict(zip(keys + nodes, r, strict=True))
+                row.setdefault("node_id", None)
+                row.setdefault("node_ip", None)
+                yield row
+
+    def result_rows(self, stage: str) -> Iterator[list[tuple[Any, ...]]]:
+        """The stage's units as (unit, input, result, state, attempts, duration, worker, error)
+        tuples, input and result as the JSON text the ledger keeps, a chunk at a time: what a
+        results table is built from, column by column."""
+        yield from self._chunks(
+            "SELECT unit, input, result, state, attempts, duration, worker, error "
+            "FROM units WHERE stage=?",
+            (stage,),
+        )
+
+    def _chunks(
+        self, query: str, params: tuple[Any, ...], size: int = 50_000
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """A query's rows in lists of `size`, the lock held only while each list is read."""
+        with self._lock:
+            cursor = self._db.execute(query, params)
+        while True:
+            with self._lock:
+                chunk = cursor.fetchmany(size)
+            if not chunk:
+                return
+            yield chunk
+
     def file_digest(self, path: str, size: int, mtime_ns: int) -> str | None:
         """The content digest recorded for a file with this size and mtime, if any."""
         with self._lock:
@@ -382,13 +490,18 @@ class Ledger:
         """A fresh run starts over: what earlier runs finished in these stages stops counting as
         done, so an interrupted fresh run is never completed with an older run's results."""
         names = list(stages)
+        marks = ",".join("?" * len(names))
         with self._lock, self._writing() as ok:
             if ok:
+                self._db.execute("BEGIN")
                 self._db.execute(
-                    f"UPDATE units SET state='pending' WHERE state='done' AND stage IN "
-                    f"({','.join('?' * len(names))})",
+                    f"UPDATE units SET state='pending' WHERE state='done' AND stage IN ({marks})",
                     names,
                 )
+                self._db.execute(
+                    f"UPDATE stages SET units_digest=NULL WHERE stage IN ({marks})", names
+                )
+                self._db.execute("COMMIT")
 
     def counts(self, stage: str) -> dict[str, int]:
         with self._lock:
@@ -398,8 +511,19 @@ class Ledger:
         return {s: n for s, n in rows}
 
 
+# one encoder for every row: `json.dumps(value, default=str)` builds a new one per call
+_ENCODE = json.JSONEncoder(default=str).encode
+_STATES = {s.value: s for s in UnitState}
+
+
 def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, default=str)
+    """A value as the ledger keeps it (JSON text); integers, the commonest pool payload and
+    result, skip the encoder."""
+    if value is None:
+        return None
+    if type(value) is int:
+        return str(value)
+    return _ENCODE(value)
 
 
 def _load(text: str | None) -> Any:

@@ -71,8 +71,9 @@ class SweepSummary(Callback):
         self.jobs: list[tuple[str, Path]] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # an unwritable sweep directory: one message and exit 1, not Hydra's traceback
-        hydra_job.make_dir(Path(str(config.hydra.sweep.dir)))
+        # an unwritable sweep directory (read-only, full): one message and exit 1, not Hydra's
+        # traceback
+        hydra_job.prepare_sweep(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = HydraConfig.get()
@@ -87,14 +88,18 @@ class SweepSummary(Callback):
             return
         rows = sorted((figures(o, d) for o, d in self.jobs), key=_rank)
         out = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        hydra_job.writing(out.parent, lambda: _write_summary(out, rows))
         print(format_table(rows))
         print(f"sweep summary: {out}")
         self.jobs = []
+
+
+def _write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def figures(overrides: str, job_dir: Path) -> dict[str, Any]:

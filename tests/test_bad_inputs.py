@@ -268,3 +268,39 @@ def test_plan_into_a_closed_pipe_ends_quietly() -> None:
     os.close(write)
     assert proc.returncode == 141  # 128 + SIGPIPE, as a shell reports a program the pipe ended
     assert proc.stderr == ""
+
+
+# Bad at run time: the unit fails alone with its message, the rest finish, the run ends 1.
+# (A read-only run directory and a full disk end the run with exit 1 and one message: see
+# tests/test_storage.py, which needs a tmpfs of its own.)
+RESULTS = "the result is not JSON ({}): return dicts, lists, strings, numbers, booleans or None "
+RUN_TIME = [
+    pytest.param(
+        "lock", RESULTS.format("a _thread.lock cannot be stored"), id="result_unpicklable"
+    ),
+    pytest.param("set", RESULTS.format("a set cannot be stored"), id="result_not_json"),
+    pytest.param(
+        "datetime", RESULTS.format("a datetime.datetime cannot be stored"), id="result_datetime"
+    ),
+]
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize(("kind", "message"), RUN_TIME)
+def test_a_unit_bad_at_run_time_fails_alone_with_its_message(
+    cli, tmp_path: Path, kind: str, message: str
+) -> None:
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.worker._target_=tests.workers.Returns",
+        f"+pipeline.stages.work.worker.kind={kind}",
+        "+pipeline.stages.work.worker.bad=[3]",
+        "pipeline.stages.work.retries=0",
+    )
+    assert res.code == 1, res.text
+    assert "work: 1 item(s) failed or timed out; max_failures allows 0" in res.out
+    assert "Traceback" not in res.text
+    table = pd.read_parquet(tmp_path / "work" / "results.parquet").set_index("id")
+    assert table.loc["3", "error"] == (f"ResultError: {message}(numpy values are converted)")
+    assert (table.drop("3")["status"] == "done").all() and len(table) == 12

@@ -197,6 +197,27 @@ def test_a_failing_unit_is_retried_then_counted_against_the_stage(
     assert all(r.state is UnitState.done for u, r in rows.items() if u not in failed)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_simulated_run_admits_units_in_the_order_of_the_real_one(
+    ray_session: str, cli: Cli, tmp_path: Path, kind: str
+) -> None:
+    """One slot (every unit takes both CPUs), units of distinct priorities where the kind has
+    them: the order is the scheduler's, and `cluster=sim` drives the same scheduler with the
+    kind's own asks."""
+    real = cli(f"pipeline=order_{kind}", f"run.dir={tmp_path}")
+    assert real.code == 0, real.text
+    ledger = read_ledger(tmp_path)
+    assert ledger is not None
+    rows = list(ledger.rows("work"))
+    ledger.close()
+    by_start = sorted(enumerate(rows), key=lambda ir: (ir[1].started or 0.0, ir[0]))
+    real_order = [f"work/{r.unit}" for _, r in by_start]
+    sim = cli(f"pipeline=order_{kind}", "cluster=sim", "cluster.nodes=[{cpus: 2}]")
+    assert sim.code == 0, sim.text
+    line = next(ln for ln in sim.out.splitlines() if ln.startswith("units in the order"))
+    assert line.split(": ", 1)[1].split(", ") == real_order
+
+
 def _one_to_cancel(run_dir: Path, kind: str) -> str | None:
     """A unit that runs (a pool's items are in the ledger only once they end: one still to
     end, once the first has)."""

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from runner.lifecycle import UnitState
@@ -521,6 +522,12 @@ def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
     cli: Cli, tmp_path: Path, scratch: Path
 ) -> None:
     bodies = scns_bodies(tmp_path / "submit.jsonl", cpus=0.5, memory="64M", sleep=1)
+    # job 4 is the lab's, burns some CPU, and names its own stdout file as SCNS lets it
+    lines = bodies.read_text().splitlines()
+    job4 = json.loads(lines[3])
+    job4["job"] |= {"account": "lab", "standard_output": "job4.log"}
+    job4["script"] += "\npython3 -c 'sum(range(3_000_000))'"
+    bodies.write_text("\n".join([*lines[:3], json.dumps(job4)]) + "\n")
     res = cli(
         "pipeline=jobs_scns",
         f"run.dir={tmp_path / 'run'}",
@@ -532,8 +539,19 @@ def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
     found = rows(tmp_path / "run")
     assert {r.state for r in found.values()} == {UnitState.done}
     assert max_overlap(found) == 4
-    assert {r.input["account"] for r in found.values()} == {"test"}
+    assert [r.input["account"] for _, r in sorted(found.items())] == ["test"] * 3 + ["lab"]
     assert (tmp_path / "run" / "work" / "concurrent-job-3.out").read_text() == "Job 3 is running\n"
+    assert (scratch / "job4.log").read_text() == "Job 4 is running\n"
+    # the summary's accounting table: jobs and CPU-seconds per account
+    accounts = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["work"][
+        "accounts"
+    ]
+    assert accounts.keys() == {"lab", "test"}
+    assert accounts["lab"]["jobs"] == 1 and accounts["test"]["jobs"] == 3
+    assert accounts["lab"]["cpu_s"] > 0
+    assert re.search(r"^stage +account +jobs +cpu-seconds$", res.out, re.M)
+    assert re.search(r"^work +lab +1 +\d+\.\d$", res.out, re.M)
+    assert re.search(r"^work +test +3 +\d+\.\d$", res.out, re.M)
     wait_until(cpus_free_again, what="every job's CPU to be free")
 
 
@@ -700,3 +718,43 @@ def test_a_followed_jobs_file_runs_lines_appended_after_the_start_until_close(
     assert [marks(scratch, j) for j in ("first", "later")] == [1, 1]
     assert summary(tmp_path / "run")["stages"]["work"]["skipped"] == 2
     wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+def test_mode_cancel_stops_a_running_pool_item_and_a_running_shard_too(
+    ray_session: str, tmp_path: Path, scratch: Path
+) -> None:
+    """The same `mode=cancel` for a pool item (its worker goes on with the next items) and a
+    shard (its command's process is gone; the other shard commits)."""
+    (scratch / "gate").touch()
+    run = tmp_path / "run"
+    args = ("pipeline=cancel_units", "cluster=ray", f"run.dir={run}")
+    env = {"RAY_ADDRESS": ray_session, "RUNNER_TEST_SCRATCH": str(scratch)}
+    proc = runner_process(*args, env=env)
+
+    shard_pid = scratch / "shard-0.pid"
+    wait_until((scratch / "started-3").exists, timeout=60, what="pool item 3 to run")
+    wait_until(lambda: shard_pid.exists() and shard_pid.read_text(), what="shard 0-599 to run")
+    res = run_runner(*args, "mode=cancel", "units=[3,0-599]", env=env)
+    assert res.code == 0, res.text
+    assert "items/3: CANCELLED" in res.out and "slices/0-599: CANCELLED" in res.out
+    assert not alive(pids(shard_pid)[0])
+
+    (scratch / "gate").unlink()
+    out, err = proc.communicate(timeout=90)
+    items, slices = rows_of(run, "items"), rows_of(run, "slices")
+    assert items == {"3": UnitState.cancelled} | {str(i): UnitState.done for i in (0, 1, 2, 4, 5)}
+    assert slices == {"0-599": UnitState.cancelled, "600-1199": UnitState.done}
+    assert proc.returncode == 0, out + err
+    assert "slices: cancelled ranges, not in the merge: 0-599" in out
+    merged = pd.read_csv(run / "slices" / "merged.csv")
+    assert merged["id"].min() == 600 and merged["id"].is_unique
+    wait_until(cpus_free_again, what="every unit's CPU to be free")
+
+
+def rows_of(run_dir: Path, stage: str) -> dict[str, UnitState]:
+    ledger = read_ledger(run_dir)
+    assert ledger is not None
+    try:
+        return {r.unit: r.state for r in ledger.rows(stage)}
+    finally:
+        ledger.close()

@@ -1,9 +1,12 @@
 """A real multi-node Ray in one machine (Ray's own `ray.cluster_utils.Cluster`: a 2-CPU head,
-a 1-CPU worker node with two logical GPUs, a 1-CPU worker node): the scheduler's grants are
+a 1-CPU worker node with two logical GPUs, a 1-CPU worker node; the worker nodes are in
+partitions by their Ray node labels): the scheduler's grants are
 Ray's placements, so every unit's record names the node it really ran on."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +30,19 @@ class ThreeNodes:
             connect=False,
             head_node_args={"num_cpus": 2, "num_gpus": 0, "object_store_memory": 80 << 20},
         )
-        self.gpu_node = self.cluster.add_node(num_cpus=1, num_gpus=2, object_store_memory=80 << 20)
-        self.small_node = self.cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        # partitions are Ray node labels: `gpu` on the GPU node; `gpu` and `debug` on the
+        # small one (one `runner.partition/NAME` label each); none on the head
+        self.gpu_node = self.cluster.add_node(
+            num_cpus=1,
+            num_gpus=2,
+            object_store_memory=80 << 20,
+            labels={"runner.partition": "gpu"},
+        )
+        self.small_node = self.cluster.add_node(
+            num_cpus=1,
+            object_store_memory=80 << 20,
+            labels={"runner.partition/gpu": "", "runner.partition/debug": ""},
+        )
         self.cluster.wait_for_nodes()
         self.head = self.cluster.head_node.node_id
 
@@ -95,6 +109,40 @@ def test_every_kind_runs_and_records_the_node_it_really_ran_on(
     assert solo.state is UnitState.done and solo.node_id in nodes.ids
 
 
+def test_a_jobs_partition_places_it_only_on_nodes_labelled_with_it(
+    nodes: ThreeNodes, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    jobs = [
+        *({"name": f"debug{i}", "partition": "debug", "script": "sleep 0.3"} for i in range(3)),
+        *({"name": f"gpu{i}", "partition": "gpu", "script": "sleep 0.3"} for i in range(4)),
+        {"name": "anywhere", "script": "true"},
+    ]
+    file = tmp_path / "jobs.json"
+    file.write_text(json.dumps(jobs))
+    args = (
+        "pipeline=jobs_file",
+        f"pipeline.stages.work.jobs_file={file}",
+        f"pipeline.stages.work.cwd={scratch}",
+    )
+    result = nodes.run(*args, f"run.dir={tmp_path / 'run'}")
+    assert result.code == 0, result.text
+    ran = {unit: row.node_id for unit, row in rows(tmp_path / "run", "work").items()}
+    assert {ran[f"debug{i}"] for i in range(3)} == {nodes.small_node.node_id}
+    assert {ran[f"gpu{i}"] for i in range(4)} <= {nodes.gpu_node.node_id, nodes.small_node.node_id}
+    assert ran["anywhere"] in nodes.ids
+
+    jobs.append({"name": "lost", "partition": "bigmem", "script": "true"})
+    file.write_text(json.dumps(jobs))
+    wrong = nodes.run(*args, f"run.dir={tmp_path / 'wrong'}")
+    assert wrong.code == 2, wrong.text
+    assert (
+        "pipeline.stages.work: job 'lost': partition = 'bigmem': no node of the cluster has it "
+        "(partitions: debug, gpu)" in wrong.err
+    )
+
+
 def test_a_unit_larger_than_every_node_is_a_plan_error_even_when_the_total_fits(
     nodes: ThreeNodes, tmp_path: Path
 ) -> None:
@@ -118,7 +166,10 @@ def test_a_node_that_leaves_mid_run_has_its_units_requeued_and_the_run_finishes(
         def running_on_doomed() -> bool:
             if not (tmp_path / "ledger.sqlite").exists():
                 return False
-            found = rows(tmp_path, "work").values()
+            try:
+                found = rows(tmp_path, "work").values()
+            except sqlite3.OperationalError:  # the runner is still creating the ledger
+                return False
             return any(r.state is UnitState.running and r.node_id == doomed.node_id for r in found)
 
         wait_until(running_on_doomed, timeout=60, what="a job running on the doomed node")

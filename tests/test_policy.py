@@ -401,3 +401,47 @@ def test_a_pool_quota_holds_and_preemption_frees_quota_within_the_pool() -> None
     s.submit("train", Resources(cpus=2), 5, pool="rl", policy=Policy())
     s.admit()
     assert [r for _, r in told.told] == ["same_pool"]
+
+
+def test_a_roles_estimated_duration_spares_the_replica_about_to_finish() -> None:
+    """Two equal replicas, started together, both state-saving: the one whose
+    `estimated_duration` leaves it the most work is asked to stop; the one about to finish
+    keeps running (it frees its resources soon anyway), whichever was submitted first."""
+    for first, second, victim in ((12.0, 600.0, "second"), (600.0, 12.0, "first")):
+        now, told = [0.0], Recorder()
+        s = Scheduler([Resources(cpus=2)], clock=lambda now=now: now[0], metrics=Metrics())
+        for name, estimate in (("first", first), ("second", second)):
+            s.submit(name, cpus1(), 0, on_preempt=told, saves_state=True, estimated=estimate)
+        s.admit()
+        now[0] = 10.0
+        s.submit("train", cpus1(), 5, policy=Policy())
+        s.admit()
+        assert told.told == [(victim, "same_pool")]
+
+
+def cpus1() -> Resources:
+    return Resources(cpus=1)
+
+
+def test_a_victim_parked_then_reclaimed_leaves_the_others_preemptible() -> None:
+    """The rlhf example's order: a rollout preempted, its group parked for reuse, then
+    reclaimed by train; a burst replica arriving later may still preempt the other rollout."""
+    from runner.scheduler.policy import Policy
+
+    s = Scheduler([Resources(cpus=2)])
+    flagged: list[str] = []
+
+    def note(grant: Grant, reason: str) -> None:
+        flagged.append(grant.owner)
+
+    low = [s.acquire(f"low{i}", Resources(cpus=1), 1.0, timeout=0, on_preempt=note) for i in (0, 1)]
+    assert low[0] is not None and low[1] is not None
+    train = s.submit("train", Resources(cpus=1), 10.0, policy=Policy(), on_preempt=note)
+    s.admit()
+    assert len(flagged) == 1
+    victim, other = (low[0], low[1]) if flagged == ["low0"] else (low[1], low[0])
+    s.park(victim, "pg", lambda g, r: None)  # its group kept for reuse ...
+    assert s.admit() == [train]  # ... and reclaimed by train
+    s.submit("burst", Resources(cpus=1), 4.0, policy=Policy(), on_preempt=note)
+    s.admit()
+    assert flagged[1:] == [other.owner]

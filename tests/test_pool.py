@@ -207,3 +207,41 @@ def test_status_reports_the_ledger(cli, tmp_path: Path) -> None:
     assert status.code == 0
     lines = [ln.split() for ln in status.out.splitlines()]
     assert lines[2][:7] == ["scale", "pool", "done", "50", "0", "0", "0"]
+
+
+def test_a_finished_stage_given_more_items_runs_only_the_new_ones(cli, tmp_path: Path) -> None:
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(f'{{"n": {n}}}\n' for n in range(12)))
+    args = (
+        "pipeline=misbehave",
+        f"run.dir={tmp_path / 'run'}",
+        "~pipeline.stages.work.items",
+        f"+pipeline.stages.work.items={{file: '{items}'}}",
+    )
+    assert cli(*args).code == 0
+    items.write_text("".join(f'{{"n": {n}}}\n' for n in range(15)))
+    plan = cli(*args, "mode=plan")
+    assert "skip     12  done" in plan.out
+    assert "run       3  new                      [12, 13, 14]" in plan.out
+    assert cli(*args).code == 0
+    again = cli(*args, "mode=plan")
+    assert "skip     15  done" in again.out
+    assert sorted(results(tmp_path / "run", "work")["id"].astype(int)) == list(range(15))
+
+
+def test_status_of_many_unfinished_units_shows_a_page_and_the_count(cli, tmp_path) -> None:
+    failing = ",".join(str(n) for n in range(25))
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.items.range=30",
+        "pipeline.stages.work.retries=0",
+        "pipeline.stages.work.worker._target_=tests.workers.Faulty",
+        f"+pipeline.stages.work.worker.fail=[{failing}]",
+    )
+    assert res.code == 1
+    status = cli("pipeline=misbehave", f"run.dir={tmp_path}", "mode=status")
+    assert "units not done (25):" in status.out
+    assert "... and 5 more" in status.out
+    shown = [ln for ln in status.out.splitlines() if "ValueError: bad item" in ln]
+    assert len(shown) == 20

@@ -13,6 +13,7 @@ import sys
 import termios
 
 from runner.progress import Progress
+from tests.conftest import ROOT, TEST_SPECS
 
 # a stage of 40 units printing a shard's output line by line while its bar advances
 SCRIPT = """
@@ -34,15 +35,20 @@ p.close()
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
-def run_in_a_terminal(script: str) -> str:
-    """Run `python -c script` with stdout and stderr on a 120-column pseudo-terminal; what
-    the terminal received."""
+def run_in_a_terminal(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run `python -c script ARGS` with stdout and stderr on a 120-column pseudo-terminal;
+    what the terminal received."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", **(env or {})}
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave, env=env
+        [sys.executable, "-c", script, *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        cwd=ROOT,
     )
     os.close(slave)
     chunks = []
@@ -72,6 +78,37 @@ def test_bars_in_a_terminal_with_output_lines_printed_above_them_intact() -> Non
     assert re.search(r"check\s.*\d+/40", text)  # done / total
     assert "/s" in text and "failed 1" in text
     assert re.search(r"check \[#+\] 40/40 .*failed 1", text)  # the final line of the stage
+
+
+def screen_lines(raw: str) -> list[str]:
+    """What stays on screen of each line: the text after its last carriage return."""
+    return [ESCAPES.sub("", line.rstrip("\r").split("\r")[-1]) for line in raw.split("\n")]
+
+
+def test_a_jobs_stage_with_show_output_prints_job_lines_above_its_bar(
+    ray_session: str, tmp_path
+) -> None:
+    raw = run_in_a_terminal(
+        "from runner.cli import main; main()",
+        "--config-dir",
+        str(TEST_SPECS),
+        "pipeline=jobs_chatty",
+        "cluster=ray",
+        f"run.dir={tmp_path / 'run'}",
+        env={"RAY_ADDRESS": ray_session},
+    )
+    lines = screen_lines(raw)
+    for job in "ab":
+        for i in range(1, 13):
+            wanted = f"[job {job}] line {i} of job {job}, written while it runs"
+            assert wanted in lines, f"{wanted!r} is not intact in:\n{raw!r}"
+    assert "[job b stderr] b says goodbye on stderr" in lines
+    assert "[job c] job c is quick" in lines
+    text = ESCAPES.sub("", raw)
+    assert "━" in text  # the stage's bar, drawn while the jobs ran
+    assert re.search(r"talk \[#+\] 3/3 ", text)  # the stage's final progress line
+    # each job's output also stays in its files
+    assert (tmp_path / "run" / "talk" / "c.out").read_text() == "job c is quick\n"
 
 
 def test_without_a_terminal_progress_is_plain_lines() -> None:

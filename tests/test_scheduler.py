@@ -46,7 +46,7 @@ def test_released_resources_go_to_the_highest_priority_waiter() -> None:
     high = threading.Thread(target=wait, args=("high", 5.0))
     low.start()
     high.start()
-    while len(s._waiting) < 2:
+    while s.waiting() < 2:
         pass
     s.release(held)
     low.join()
@@ -59,14 +59,11 @@ def test_ageing_lets_a_long_waiting_low_priority_claim_overtake() -> None:
     s = Scheduler([cpus(1)], clock=clock)
     held = s.acquire("holder", cpus(1), timeout=0)
     assert held is not None
-    s._waiting.append(_request(s, "old-low", 0.0, since=0.0))
+    old = s.submit("old-low", cpus(1), 0.0)
     clock.now = 2.0 / AGEING_PER_SECOND  # two priority points of waiting
-    s._waiting.append(_request(s, "new-high", 1.0, since=clock.now))
+    new = s.submit("new-high", cpus(1), 1.0)
     s.release(held)
-    with s._cond:
-        s._admit()
-    granted = [r.owner for r in s._waiting if r.grant] + ["old-low" if s.free().cpus == 0 else ""]
-    assert "old-low" in granted
+    assert s.admit() == [old] and new.grant is None
 
 
 def test_a_small_claim_backfills_past_one_that_does_not_fit() -> None:
@@ -134,7 +131,19 @@ def test_a_reservation_bars_only_its_own_node() -> None:
     assert [g.node for g in s.running() if g.owner == "small"] == [1]
 
 
-def _request(s: Scheduler, owner: str, priority: float, since: float):  # type: ignore[no-untyped-def]
-    from runner.scheduler.core import _Request
-
-    return _Request(owner, cpus(1), priority, since, next(s._seq))
+def test_a_claim_that_names_its_nodes_lands_only_on_them() -> None:
+    """A job's partition: the roomier node is passed over, and a claim held back on its only
+    node does not hold back an equal claim that may use another."""
+    s = Scheduler([cpus(4), cpus(1)])
+    only_small = s.submit("debug-1", cpus(1), nodes=frozenset({1}))
+    again = s.submit("debug-2", cpus(1), nodes=frozenset({1}))
+    anywhere = s.submit("any", cpus(1))
+    s.admit()
+    assert only_small.grant is not None and only_small.grant.node == 1
+    assert again.grant is None  # node 1 is full; node 0 is not its to use
+    assert anywhere.grant is not None and anywhere.grant.node == 0
+    nowhere = s.submit("lost", cpus(1), nodes=frozenset())
+    s.release(only_small.grant)
+    s.admit()
+    assert again.grant is not None and again.grant.node == 1
+    assert nowhere.grant is None

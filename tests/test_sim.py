@@ -110,3 +110,39 @@ def test_preemptions_across_pools_are_counted_by_reason(cli, overrides, counts) 
     assert res.code == 0, res.text
     assert f"preemptions: {counts}" in stage_line(res.out, "batch")
     assert "preemptions: label 0, same_pool 0, cross_pool 0" in stage_line(res.out, "serve")
+
+
+def test_a_simulation_of_a_measured_run_preempts_alike_and_takes_about_as_long(
+    ray_session: str,
+    cli,
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """`cluster.sim_durations_from` replays a real run's unit times and start-up latencies:
+    the same preemptions by reason (they follow from arrival order), and a makespan near the
+    real one (the band is wide here: the 15% check is a benchmark, on a quiet machine)."""
+    real = cli("pipeline=rlhf", f"run.dir={tmp_path}")
+    assert real.code == 0, real.text
+    sim = cli(
+        "pipeline=rlhf",
+        "cluster=sim",
+        "cluster.nodes=[{cpus: 2}]",
+        f"cluster.sim_durations_from={tmp_path}",
+    )
+    assert sim.code == 0, sim.text
+    counts = re.search(
+        r"preemptions: (label \d+, same_pool \d+, cross_pool \d+); requeues \d+", real.out
+    )
+    assert counts is not None, real.out
+    assert f"preemptions: {counts.group(1)}" in sim.out
+    span = re.search(
+        r"makespan .*: ([\d.]+) virtual seconds \(the measured run: ([\d.]+)s\)", sim.out
+    )
+    assert span is not None, sim.out
+    simulated, measured = float(span.group(1)), float(span.group(2))
+    assert 0.5 * measured <= simulated <= 2 * measured
+
+
+def test_a_run_directory_without_a_ledger_is_named(cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    res = cli("pipeline=jobs", "cluster=sim", f"cluster.sim_durations_from={tmp_path}")
+    assert res.code == 2
+    assert f"cluster.sim_durations_from: = '{tmp_path}': no ledger there" in res.text

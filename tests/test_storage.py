@@ -135,3 +135,82 @@ def test_a_full_disk_under_an_output_stops_the_run_naming_it_and_a_rerun_finishe
         assert sorted(table["id"].astype(int)) == list(range(100))
     finally:
         subprocess.run(["umount", "-l", str(stage_dir)], check=False)
+
+
+MESSAGE = (
+    "runner: error: run directory {}: cannot write (No space left on device); the run "
+    "stopped and the ledger keeps every unit finished so far: make room or choose a writable "
+    "run.dir, then run again"
+)
+
+
+@pytest.mark.parametrize("hog", ["talk", "slices"], ids=["job log", "shard log"])
+def test_a_full_disk_hit_by_a_units_own_writes_stops_the_run_and_a_rerun_finishes(
+    cli, small_disk, tmp_path, hog: str
+) -> None:
+    """A job's stdout, a shard's log: written on the worker's side, where the runner sees no
+    OSError, only a unit that failed. The disk under the run directory is full: exit 1, the
+    one message, the unit not recorded done or failed; with room, a plain rerun finishes."""
+    run_dir = small_disk / "run"
+    args = ("pipeline=disk_hog", f"run.dir={run_dir}", f"hydra.run.dir={tmp_path / 'hydra'}")
+    if hog == "slices":  # the job fits, the shard's 3 MB do not
+        args += ("pipeline.stages.talk.jobs.0.script='echo small'",)
+    full = cli(*args)
+    assert full.code == 1, full.text
+    assert full.err.strip().splitlines()[-1] == MESSAGE.format(run_dir), full.err
+    assert "Traceback" not in full.text
+    remount(small_disk, "size=64m")
+    again = cli(*args)
+    assert again.code == 0, again.text
+    stages = summary(run_dir)["stages"]
+    assert stages["talk"]["done"] + stages["talk"]["skipped"] == 1
+    assert stages["slices"]["done"] == 1
+    if hog == "talk":
+        assert (run_dir / "talk" / "chatty.out").read_text().endswith("\nfinished\n")
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_full_disk_met_by_hydras_own_setup_is_one_message(
+    cli, small_disk, tmp_path, sweep: bool
+) -> None:
+    """Hydra's set-up of the run directory (a sweep job's too: its log, its .hydra/ snapshot)
+    on a full disk: exit 1 and the one message; once there is room, a rerun finishes."""
+    run_dir = small_disk / "run"
+    filler = small_disk / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while f.write(b"x" * 4096):
+            pass
+    flags = ("-m", "pipeline.stages.work.items.range=3,4") if sweep else ()
+    res = cli(*flags, "pipeline=misbehave", f"run.dir={run_dir}")
+    assert res.code == 1, res.text
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("runner: error: "), res.text
+    assert "cannot write (No space left on device); the run stopped" in lines[0]
+    filler.unlink()
+    again = cli(*flags, "pipeline=misbehave", f"run.dir={run_dir}")
+    assert again.code == 0, again.text
+
+
+def test_a_full_disk_under_one_sweep_job_is_one_message(cli, small_disk, tmp_path) -> None:
+    """The sweep's directory has room, one job's directory (a full disk mounted there) has
+    none for Hydra's set-up of that job (its log, its .hydra/ snapshot): exit 1, the one
+    message naming that directory, no traceback."""
+    sweep_dir = tmp_path / "sweep"
+    job_dir = sweep_dir / "pipeline.stages.work.items.range=3"
+    job_dir.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(small_disk), str(job_dir)], check=True)
+    try:
+        filler = small_disk / "filler"
+        with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+            while f.write(b"x" * 4096):
+                pass
+        res = cli(
+            "-m", "pipeline.stages.work.items.range=3", "pipeline=misbehave", f"run.dir={sweep_dir}"
+        )
+        assert res.code == 1, res.text
+        assert "Traceback" not in res.text
+        lines = res.err.strip().splitlines()
+        assert lines[-1].startswith("runner: error: ") and str(job_dir) in lines[-1], res.text
+        assert "cannot write (No space left on device); the run stopped" in lines[-1]
+    finally:
+        subprocess.run(["umount", "-l", str(job_dir)], check=False)

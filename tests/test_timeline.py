@@ -94,11 +94,12 @@ def test_a_stage_of_many_units_is_drawn_as_runs_of_back_to_back_units(tmp_path: 
     ledger.start_run()
     ledger.save_stage("check", "pool", "fp", {}, "done", 0.0)
     n, started = spans.DETAIL_LIMIT + 1000, 1_000_000.0
+    failing = n // 2 + 1  # an odd one, on worker 1, half way
     rows = []
     for i in range(n):
         worker = f"host:{i % 2}"
         t = started + (i // 2) * 0.001
-        state = UnitState.failed if i == 5001 else UnitState.done
+        state = UnitState.failed if i == failing else UnitState.done
         rows.append(UnitRow("check", f"item{i}", "fp", state, 1, t, t + 0.001, 0.001, worker))
     ledger.write(rows)
     view = spans.read(ledger, since=0.0)

@@ -124,12 +124,16 @@ def double(item: int, plus: int = 0) -> int:
 
 
 class Gated:
-    """Hold the items in `hold` while the file `gate` exists; return the item."""
+    """Hold the items in `hold` while the file `gate` exists; return the item. With `marks`,
+    a held item first leaves `started-ITEM` there."""
 
-    def __init__(self, gate: str, hold: list[int]) -> None:
-        self.gate, self.hold = gate, set(hold)
+    def __init__(self, gate: str, hold: list[int], marks: str | None = None) -> None:
+        self.gate, self.hold, self.marks = gate, set(hold), marks
 
     def __call__(self, item: int) -> int:
+        if self.marks is not None and item in self.hold:
+            with open(os.path.join(self.marks, f"started-{item}"), "w"):
+                pass
         while item in self.hold and os.path.exists(self.gate):
             time.sleep(0.05)
         return item
@@ -143,3 +147,24 @@ class Big:
 
     def __call__(self, item: int) -> str:
         return str(item % 10) * self.size
+
+
+class Returns:
+    """Return an awkward value for the items in `bad` (`kind`: a lock, which neither pickles
+    nor is JSON; a set or a datetime, which pickle but are not JSON); the item itself for the
+    others."""
+
+    def __init__(self, kind: str, bad: list[int]) -> None:
+        self.kind, self.bad = kind, set(bad)
+
+    def __call__(self, item: int) -> Any:
+        import datetime
+        import threading
+
+        if item not in self.bad:
+            return item
+        return {
+            "lock": lambda: threading.Lock(),
+            "set": lambda: {item},
+            "datetime": lambda: datetime.datetime(2026, 1, 2),
+        }[self.kind]()

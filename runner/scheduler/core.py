@@ -20,14 +20,17 @@ virtual time through `clock`, `submit`, `admit` and `release`.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from runner.resources import Resources
 from runner.scheduler import policy as pol
+from runner.scheduler.capacity import FreeIndex
 from runner.scheduler.metrics import REGISTRY, Metrics
 
 # priority points a waiting request gains per second of waiting
@@ -37,7 +40,7 @@ AGEING_PER_SECOND = 0.01
 Notify = Callable[["Grant", str], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Grant:
     """Resources handed to one claimant on one node, until released (or parked)."""
 
@@ -60,13 +63,15 @@ class Grant:
     reused: Grant | None = None
     # when it will have ended at the latest (its time limit), if it has one
     ends: float | None = None
+    # how long it is expected to run in all (a role's `estimated_duration`), if estimated
+    estimated: float | None = None
     # for parked grants: who reuses them, and whom to tell when they are reclaimed
     tag: str | None = None
     on_reclaim: Notify | None = None
     released: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ticket:
     """A waiting request; `grant` is set once it is admitted."""
 
@@ -86,15 +91,20 @@ class Ticket:
     duration: float | None = None
     # when it does not fit, hold back requests behind it that would delay it (backfill rule)
     reserve: bool = False
+    # how long it is expected to run in all, for victim choice (work left), if estimated
+    estimated: float | None = None
+    # the only nodes it may run on (a job's partition); None: any node
+    nodes: frozenset[int] | None = None
     grant: Grant | None = None
     # victims told to make room for this request, and the node it holds meanwhile
     victims: list[Grant] = field(default_factory=list)
     hold_node: int | None = None
+    # queue order: ageing adds the same bonus per second to all, so this never changes
+    order: tuple[float, int] = field(init=False)
+    lane: _Lane | None = field(default=None, repr=False)
 
-    @property
-    def order(self) -> tuple[float, int]:
-        """Queue order; ageing adds the same bonus per second to all, so this never changes."""
-        return (-(self.priority - AGEING_PER_SECOND * self.since), self.seq)
+    def __post_init__(self) -> None:
+        self.order = (-(self.priority - AGEING_PER_SECOND * self.since), self.seq)
 
     def waiting_on_victims(self) -> bool:
         return any(not v.released and v.tag is None for v in self.victims)
@@ -104,6 +114,33 @@ class Ticket:
 _Request = Ticket
 
 
+@dataclass(eq=False)
+class _Lane:
+    """Waiting tickets that ask alike (shape, pool, labels, policy, priority...), in queue order.
+
+    Within a pass every ticket of a lane meets the same answer until one is granted, so a pass
+    walks the lanes merged by queue order and leaves a lane at its first refusal that nothing
+    further can come of (no preemption, no reservation), instead of walking every ticket."""
+
+    key: tuple[object, ...]
+    tickets: list[Ticket] = field(default_factory=list)
+
+
+def _lane_key(t: Ticket) -> tuple[object, ...]:
+    labels = tuple(sorted(t.labels.items())) if t.labels else ()
+    return (
+        t.resources,
+        t.pool,
+        t.reuse,
+        labels,
+        id(t.policy),
+        t.priority,
+        t.reserve,
+        t.duration,
+        t.nodes,
+    )
+
+
 @dataclass
 class Scheduler:
     """Grants resource claims by priority; thread-safe; time comes from `clock`."""
@@ -111,18 +148,37 @@ class Scheduler:
     nodes: list[Resources]
     clock: Callable[[], float] = time.monotonic
     metrics: Metrics = field(default_factory=lambda: REGISTRY)
-    _free: list[Resources] = field(init=False)
-    _waiting: list[Ticket] = field(default_factory=list, init=False)
+    # free resources by node, less what waiting preemptors hold while their victims stop
+    _avail: FreeIndex = field(init=False)
+    # waiting tickets by what they ask (see `_Lane`), and those holding a node for victims
+    _lanes: dict[tuple[object, ...], _Lane] = field(default_factory=dict, init=False)
+    _held: set[Ticket] = field(default_factory=set, init=False)
+    _count: int = field(default=0, init=False)
     _running: set[Grant] = field(default_factory=set, init=False)
+    _on_node: dict[int, set[Grant]] = field(default_factory=dict, init=False)
+    # preemptible running grants not yet chosen as victims: by node, and how many of each
+    # kind (`_victim_kind`) each node has, and of each party (priority, pool, labels)
+    _node_victims: dict[int, dict[Grant, None]] = field(default_factory=dict, init=False)
+    _node_kinds: dict[int, Counter[tuple[object, ...]]] = field(default_factory=dict, init=False)
+    _parties: Counter[tuple[object, ...]] = field(default_factory=Counter, init=False)
+    # nodes alike for a preemptor (`_preempt`): each node's look (free resources with its
+    # parked groups, its victims by kind), the nodes of each look, and nodes to look at again
+    _parked_on: dict[int, Resources] = field(default_factory=dict, init=False)
+    _look: dict[int, tuple[object, ...]] = field(default_factory=dict, init=False)
+    _alike: dict[tuple[object, ...], set[int]] = field(default_factory=dict, init=False)
+    _party_of: dict[tuple[object, ...], pol.Party] = field(default_factory=dict, init=False)
     _parked: list[Grant] = field(default_factory=list, init=False)
     _quota: dict[str, Resources] = field(default_factory=dict, init=False)
+    # what is granted to each pool that has a quota (others are not counted)
     _used: dict[str, Resources] = field(default_factory=dict, init=False)
     _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
     _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
+    # threads waiting in `acquire`
+    _sleepers: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.nodes = list(self.nodes)
-        self._free = list(self.nodes)
+        self._avail = FreeIndex(self.nodes)
 
     # --- asking and giving back -----------------------------------------------------------
 
@@ -148,7 +204,11 @@ class Scheduler:
                 if cancelled() or (left is not None and left <= 0):
                     self._drop(ticket)
                     return None
-                self._cond.wait(0.2 if left is None else min(left, 0.2))
+                self._sleepers += 1
+                try:
+                    self._cond.wait(0.2 if left is None else min(left, 0.2))
+                finally:
+                    self._sleepers -= 1
 
     def submit(
         self,
@@ -165,6 +225,8 @@ class Scheduler:
         reuse: str | None = None,
         duration: float | None = None,
         reserve: bool = False,
+        estimated: float | None = None,
+        nodes: frozenset[int] | None = None,
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
         with self._cond:
@@ -183,8 +245,19 @@ class Scheduler:
                 reuse,
                 duration,
                 reserve,
+                estimated,
+                nodes,
             )
-            bisect.insort(self._waiting, ticket, key=lambda t: t.order)
+            key = _lane_key(ticket)
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = _Lane(key)
+            ticket.lane = lane
+            if not lane.tickets or lane.tickets[-1].order < ticket.order:
+                lane.tickets.append(ticket)
+            else:
+                bisect.insort(lane.tickets, ticket, key=lambda t: t.order)
+            self._count += 1
             return ticket
 
     def admit(self) -> list[Ticket]:
@@ -211,31 +284,34 @@ class Scheduler:
         with self._cond:
             if grant.released:
                 return
-            self._running.discard(grant)
+            self._unrun(grant)
             self._victim_done(grant)
             grant.tag, grant.on_reclaim = tag, on_reclaim
-            self._parked.append(grant)
-            self._cond.notify_all()
+            self._parked_add(grant)
+            self._wake()
 
     def set_quota(self, pool: str, resources: Resources) -> None:
         """At most `resources` may be granted to requests of `pool` at once."""
         with self._cond:
             self._quota[pool] = resources
+            if pool not in self._used:  # counted from now on: what it holds already, first
+                held = [g.resources for g in (*self._running, *self._parked) if g.pool == pool]
+                self._used[pool] = _sum(held)
 
     def set_capacity(self, node: int, capacity: Resources) -> None:
         """A node's capacity changed (zero: it left the cluster); grants on it stay until
         released, so its free resources may be negative meanwhile."""
         with self._cond:
-            self._free[node] = self._free[node] + (capacity - self.nodes[node])
+            self._avail[node] = self._avail[node] + (capacity - self.nodes[node])
             self.nodes[node] = capacity
-            self._cond.notify_all()
+            self._wake()
 
     def add_node(self, capacity: Resources) -> int:
         """A node joined; its index."""
         with self._cond:
             self.nodes.append(capacity)
-            self._free.append(capacity)
-            self._cond.notify_all()
+            self._avail.append(capacity)
+            self._wake()
             return len(self.nodes) - 1
 
     # --- looking --------------------------------------------------------------------------
@@ -243,14 +319,11 @@ class Scheduler:
     def free(self) -> Resources:
         """What is not granted now, summed over nodes (parked groups count as granted)."""
         with self._cond:
-            total = Resources()
-            for node in self._free:
-                total = total + node
-            return total
+            return _sum([self._avail.total(), *(t.resources for t in self._held)])
 
     def waiting(self) -> int:
         with self._cond:
-            return len(self._waiting)
+            return self._count
 
     def running(self) -> list[Grant]:
         with self._cond:
@@ -259,75 +332,112 @@ class Scheduler:
     # --- admission ------------------------------------------------------------------------
 
     def _admit(self) -> list[Ticket]:
+        """One pass over the waiting tickets in queue order (the lanes merged): grant what fits,
+        reserve for the first job that does not, preempt for those that may."""
         now = self.clock()
-        # what a preemptor holds while its victims stop is kept from everyone else, so the
-        # resources a victim frees go to the request that evicted it and to nobody else
-        view = list(self._free)
-        for t in self._waiting:
-            if t.hold_node is not None:
-                view[t.hold_node] = view[t.hold_node] - t.resources
+        # what a preemptor holds while its victims stop is kept from everyone else (it is not
+        # in `_avail`), so the resources a victim frees go to the request that evicted it
+        view = self._avail
         granted: list[Ticket] = []
-        failed: set[tuple[Resources, str, str | None, bool]] = set()
+        failed: set[tuple[Resources, str, str | None, bool, frozenset[int] | None]] = set()
         hopeless: set[tuple[object, ...]] = set()
         # (node, earliest start) held for the first reserving request that did not fit
         reserved: tuple[int, float] | None = None
-        for ticket in list(self._waiting):
+        lanes = [lane for lane in self._lanes.values() if lane.tickets]
+        # (order, lane number, index in lane); held tickets are visited on their own (lane -1)
+        heap: list[tuple[tuple[float, int], int, int]] = [
+            (lane.tickets[0].order, n, 0) for n, lane in enumerate(lanes)
+        ]
+        held_list = sorted(self._held, key=lambda t: t.order)
+        heap += [(t.order, -1 - i, 0) for i, t in enumerate(held_list)]
+        heapq.heapify(heap)
+        reached = [0] * len(lanes)
+        while heap:
+            _, n, i = heapq.heappop(heap)
+            if n < 0:
+                ticket = held_list[-1 - n]
+                if ticket.grant is not None or ticket.lane is None:
+                    continue
+            else:
+                tickets = lanes[n].tickets
+                while i < len(tickets) and (
+                    tickets[i].hold_node is not None or tickets[i].grant is not None
+                ):
+                    i += 1  # held at the start of the pass: visited on its own
+                if i >= len(tickets):
+                    continue
+                ticket = tickets[i]
+                reached[n] = i + 1
             held = ticket.hold_node
             if held is not None:
                 view[held] = view[held] + ticket.resources
+                self._held.discard(ticket)
             barred = None if held is not None else _barred(ticket, reserved, now)
-            shape = (ticket.resources, ticket.pool, ticket.reuse, barred is not None)
+            shape = (ticket.resources, ticket.pool, ticket.reuse, barred is not None, ticket.nodes)
+            more = True  # whether the lane's next ticket could come to anything in this pass
             if shape not in failed or held is not None:
-                grant = self._place_outside(ticket, view, now, barred)
+                grant = self._place(ticket, now, barred)
                 if grant is not None:
-                    if grant.reused is None:
-                        view[grant.node] = view[grant.node] - grant.resources
                     self._grant(ticket, grant, now)
                     granted.append(ticket)
+                    if n >= 0 and i + 1 < len(lanes[n].tickets):
+                        heapq.heappush(heap, (lanes[n].tickets[i + 1].order, n, i + 1))
                     continue
                 if held is None:
                     failed.add(shape)
             if reserved is None and held is None and ticket.reserve:
                 reserved = self._reservation(ticket, view, now)
             if held is not None:
-                view[held] = view[held] - ticket.resources
+                self._hold(ticket, held)
                 if ticket.waiting_on_victims():
                     continue
             if ticket.policy is None:
-                continue
-            key = (ticket.resources, ticket.pool, ticket.priority, tuple(ticket.labels.items()))
-            if key in hopeless or not self._preempt(ticket, view, now):
-                hopeless.add(key)
-            elif ticket.hold_node is not None and ticket.hold_node != held:
-                if held is not None:
-                    view[held] = view[held] + ticket.resources
-                view[ticket.hold_node] = view[ticket.hold_node] - ticket.resources
+                more = False
+            else:
+                key = (ticket.resources, ticket.pool, ticket.priority, tuple(ticket.labels.items()))
+                if key in hopeless or not self._preempt(ticket, view, now):
+                    hopeless.add(key)
+                    more = False
+                elif ticket.hold_node is not None and ticket.hold_node != held:
+                    if held is not None:
+                        self._unhold(ticket, held)
+                    self._hold(ticket, ticket.hold_node)
+            if n >= 0 and more and i + 1 < len(lanes[n].tickets):
+                heapq.heappush(heap, (lanes[n].tickets[i + 1].order, n, i + 1))
         if granted:
-            self._cond.notify_all()
+            for n, lane in enumerate(lanes):
+                if reached[n]:
+                    head = lane.tickets[: reached[n]]
+                    lane.tickets[: reached[n]] = [t for t in head if t.grant is None]
+            for ticket in held_list:  # granted on their own, maybe beyond where a lane was walked
+                if ticket.grant is not None:
+                    self._unqueue(ticket)
+            for ticket in granted:
+                ticket.lane = None
+            for empty in [k for k, lane in self._lanes.items() if not lane.tickets]:
+                del self._lanes[empty]
+            self._count -= len(granted)
+            self._wake()
         return granted
 
-    def _place_outside(
-        self, ticket: Ticket, view: list[Resources], now: float, barred: int | None
-    ) -> Grant | None:
-        """`_place`, with node `barred` (reserved for a request ahead) shown as full."""
-        if barred is None:
-            return self._place(ticket, view, now)
-        kept, view[barred] = view[barred], Resources()
-        try:
-            return self._place(ticket, view, now)
-        finally:  # what a reclaim freed there meanwhile is added back
-            view[barred] = kept + view[barred]
+    def _hold(self, ticket: Ticket, node: int) -> None:
+        """The ticket keeps `node`'s room for itself while its victims stop."""
+        ticket.hold_node = node
+        self._avail[node] = self._avail[node] - ticket.resources
+        self._held.add(ticket)
 
-    def _reservation(
-        self, ticket: Ticket, view: list[Resources], now: float
-    ) -> tuple[int, float] | None:
+    def _unhold(self, ticket: Ticket, node: int) -> None:
+        self._avail[node] = self._avail[node] + ticket.resources
+        self._held.discard(ticket)
+
+    def _reservation(self, ticket: Ticket, view: FreeIndex, now: float) -> tuple[int, float] | None:
         """The node where `ticket` could start soonest, and when: running grants end at their
         `ends` (one without is taken to end any moment, so nothing backfills before it)."""
         best: tuple[float, int] | None = None
         for node, capacity in enumerate(self.nodes):
-            if not ticket.resources.fits_in(capacity):
+            if not ticket.resources.fits_in(capacity) or not _may_use(ticket, node):
                 continue
-            here = [g for g in self._running if g.node == node]
+            here = self._on_node.get(node, ())
             avail, start = view[node], now
             for g in sorted(here, key=lambda g: now if g.ends is None else g.ends):
                 if ticket.resources.fits_in(avail):
@@ -337,24 +447,43 @@ class Scheduler:
                 best = (start, node)
         return None if best is None else (best[1], best[0])
 
-    def _place(self, ticket: Ticket, view: list[Resources], now: float) -> Grant | None:
+    def _place(self, ticket: Ticket, now: float, barred: int | None) -> Grant | None:
+        """A grant for `ticket` on the roomiest node that holds it, never on node `barred`
+        (reserved for a request ahead): a parked group it may reuse, fresh resources, or
+        resources of parked groups reclaimed."""
         need = ticket.resources
         room = self._quota_room(ticket.pool)
-        if ticket.reuse is not None and (taken := self._reuse(ticket, view, room)) is not None:
-            return taken
+        if ticket.reuse is not None:
+            taken = self._reuse(ticket, room, barred)
+            if taken is not None:
+                return taken
         if room is None or need.fits_in(room):
-            node = self._roomiest(need, view)
+            node = self._roomiest_of(ticket, barred)
             if node is not None:
                 return self._new_grant(ticket, node, need, now)
-        return self._reclaim_for(ticket, view, room, now)
+        return self._reclaim_for(ticket, room, now, barred)
 
-    def _reuse(self, ticket: Ticket, view: list[Resources], room: Resources | None) -> Grant | None:
+    def _roomiest_of(self, ticket: Ticket, barred: int | None) -> int | None:
+        """The roomiest node that holds `ticket`, never `barred`, only among its `nodes` when
+        it names them (a job's partition: a few nodes, looked at one by one)."""
+        if ticket.nodes is None:
+            return self._avail.roomiest(ticket.resources, barred)
+        fits = [
+            n
+            for n in sorted(ticket.nodes)
+            if n != barred and n < len(self.nodes) and ticket.resources.fits_in(self._avail[n])
+        ]
+        return max(fits, key=lambda n: self._avail[n].cpus, default=None)
+
+    def _reuse(self, ticket: Ticket, room: Resources | None, barred: int | None) -> Grant | None:
         """Best fit among parked groups of the same tag: the exact shape, else fresh resources
         when they are free, else the smallest parked group that holds the request."""
         fitting = [
             g
             for g in self._parked
-            if g.tag == ticket.reuse and ticket.resources.fits_in(g.resources)
+            if g.tag == ticket.reuse
+            and ticket.resources.fits_in(g.resources)
+            and _may_use(ticket, g.node)
         ]
         if not fitting:
             return None
@@ -363,28 +492,36 @@ class Scheduler:
         if (
             best.resources != ticket.resources
             and fresh_ok
-            and self._roomiest(ticket.resources, view) is not None
+            and self._roomiest_of(ticket, barred) is not None
         ):
             return None
-        self._parked.remove(best)
+        self._parked_del(best)
         best.released = True  # taken over whole: its resources stay granted
         grant = self._new_grant(ticket, best.node, best.resources, self.clock(), take=False)
         grant.reused = best
         return grant
 
     def _reclaim_for(
-        self, ticket: Ticket, view: list[Resources], room: Resources | None, now: float
+        self, ticket: Ticket, room: Resources | None, now: float, barred: int | None
     ) -> Grant | None:
         """Free parked groups (on one node, and of the same pool when the quota is short)."""
         need = ticket.resources
         if not self._parked:
             return None
+        view = self._avail
         pool_parked = [g for g in self._parked if g.pool == ticket.pool]
         if room is not None and not need.fits_in(_sum([room, *(g.resources for g in pool_parked)])):
             return None
-        for node in range(len(self.nodes)):
-            here = [g for g in self._parked if g.node == node]
-            if not here or not need.fits_in(_sum([view[node], *(g.resources for g in here)])):
+        by_node: dict[int, list[Grant]] = {}
+        for g in self._parked:
+            by_node.setdefault(g.node, []).append(g)
+        for node in sorted(by_node):
+            here = by_node[node]
+            if (
+                node == barred
+                or not _may_use(ticket, node)
+                or not need.fits_in(_sum([view[node], *(g.resources for g in here)]))
+            ):
                 continue
             taken: list[Grant] = []
             for g in sorted(here, key=lambda g: -_size(g.resources)):
@@ -395,9 +532,8 @@ class Scheduler:
                     break
                 taken.append(g)
             for g in taken:
-                self._parked.remove(g)
-                self._release(g)
-                view[node] = view[node] + g.resources
+                self._parked_del(g)
+                self._release(g)  # its resources are free on the node again
                 if g.on_reclaim is not None:
                     g.on_reclaim(g, "reclaimed")
             room = self._quota_room(ticket.pool)
@@ -405,32 +541,43 @@ class Scheduler:
                 return self._new_grant(ticket, node, need, now)
         return None
 
-    def _preempt(self, ticket: Ticket, view: list[Resources], now: float) -> bool:
-        """Choose victims by the ticket's policy and tell them; False when none would do."""
+    def _preempt(self, ticket: Ticket, view: FreeIndex, now: float) -> bool:
+        """Choose victims by the ticket's policy and tell them; False when none would do.
+
+        Nodes whose free resources and victims are alike (same kinds, as many of each) offer
+        the same choice: only the first of them is searched (a later one never wins a tie)."""
         assert ticket.policy is not None
         me = pol.Party(ticket.priority, ticket.pool, ticket.labels)
-        reasons: dict[Grant, str] = {}
-        for g in self._running:
-            if g.on_preempt is None or g.preempted is not None:
-                continue
-            reason = pol.preemption_reason(
-                me, pol.Party(g.priority, g.pool, g.labels), ticket.policy
-            )
-            if reason is not None:
-                reasons[g] = reason
+        reasons: dict[tuple[object, ...], str] = {}
+        for party, count in self._parties.items():
+            if count:
+                reason = pol.preemption_reason(me, self._party_of[party], ticket.policy)
+                if reason is not None:
+                    reasons[party] = reason
         if not reasons:
             return False
         room = self._quota_room(ticket.pool)
         pool_mates = room is not None and not ticket.resources.fits_in(room)
-        nodes = range(len(self.nodes)) if pool_mates else sorted({g.node for g in reasons})
+        seen: set[tuple[object, ...]] = set()
         best: tuple[tuple[object, ...], int, list[pol.Candidate]] | None = None
-        for node in nodes:
-            cands = [
-                _candidate(g, now)
-                for g in reasons
-                if g.node == node or (pool_mates and g.pool == ticket.pool)
-            ]
-            base = _sum([view[node], *(g.resources for g in self._parked if g.node == node)])
+        for node in range(len(self.nodes)) if pool_mates else self._first_of_each_look():
+            base = view[node] + self._parked_on.get(node, Resources())
+            if pool_mates:
+                here = [
+                    g
+                    for victims in self._node_victims.values()
+                    for g in victims
+                    if _party_key(g) in reasons and (g.node == node or g.pool == ticket.pool)
+                ]
+            else:
+                kinds = frozenset(
+                    (k, n) for k, n in self._node_kinds[node].items() if n and k[:3] in reasons
+                )
+                if not kinds or (base, kinds) in seen:
+                    continue
+                seen.add((base, kinds))
+                here = [g for g in self._node_victims[node] if _party_key(g) in reasons]
+            cands = [_candidate(g, now) for g in here]
             enough = _enough(ticket.resources, node, base, room, ticket.pool)
             chosen = pol.choose_victims(cands, enough)
             if chosen is not None:
@@ -442,13 +589,44 @@ class Scheduler:
         _, node, chosen = best
         victims = [c.key for c in chosen if isinstance(c.key, Grant)]
         for g in victims:
-            g.preempted, g.preempted_at = reasons[g], now
-            self.metrics.preempted(g.pool, reasons[g])
+            reason = reasons[_party_key(g)]
+            g.preempted, g.preempted_at = reason, now
+            self._not_victim(g)
+            self.metrics.preempted(g.pool, reason)
             assert g.on_preempt is not None
-            g.on_preempt(g, reasons[g])
+            g.on_preempt(g, reason)
         ticket.victims = victims
         ticket.hold_node = node
         return True
+
+    def _first_of_each_look(self) -> list[int]:
+        """One node of each look (free resources, parked groups and victims alike), the lowest
+        numbered, in order: any other node of a look offers the same victims, and a later node
+        never wins a tie. Looks are brought up to date for the nodes changed since last time."""
+        for node in self._avail.dirty:
+            old = self._look.pop(node, None)
+            if old is not None:
+                self._alike[old].discard(node)
+                if not self._alike[old]:
+                    del self._alike[old]
+            kinds = self._node_kinds.get(node)
+            if kinds:
+                base = self._avail[node] + self._parked_on.get(node, Resources())
+                look = (base, frozenset(kinds.items()))
+                self._look[node] = look
+                self._alike.setdefault(look, set()).add(node)
+        self._avail.dirty.clear()
+        return sorted(min(nodes) for nodes in self._alike.values())
+
+    def _parked_add(self, grant: Grant) -> None:
+        self._parked.append(grant)
+        self._parked_on[grant.node] = self._parked_on.get(grant.node, Resources()) + grant.resources
+        self._avail.dirty.add(grant.node)
+
+    def _parked_del(self, grant: Grant) -> None:
+        self._parked.remove(grant)
+        self._parked_on[grant.node] = self._parked_on[grant.node] - grant.resources
+        self._avail.dirty.add(grant.node)
 
     # --- bookkeeping ----------------------------------------------------------------------
 
@@ -456,8 +634,9 @@ class Scheduler:
         self, ticket: Ticket, node: int, resources: Resources, now: float, take: bool = True
     ) -> Grant:
         if take:
-            self._free[node] = self._free[node] - resources
-            self._used[ticket.pool] = self._used.get(ticket.pool, Resources()) + resources
+            self._avail[node] = self._avail[node] - resources
+            if ticket.pool in self._used:
+                self._used[ticket.pool] = self._used[ticket.pool] + resources
         grant = Grant(
             ticket.owner,
             resources,
@@ -472,31 +651,87 @@ class Scheduler:
             now,
         )
         grant.ends = None if ticket.duration is None else now + ticket.duration
+        grant.estimated = ticket.estimated
         return grant
 
     def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
         ticket.grant = grant
         ticket.victims, ticket.hold_node = [], None
-        self._drop(ticket)
         self._running.add(grant)
+        self._on_node.setdefault(grant.node, set()).add(grant)
+        if grant.on_preempt is not None:
+            party = _party_key(grant)
+            if party not in self._party_of:
+                self._party_of[party] = pol.Party(grant.priority, grant.pool, grant.labels)
+            self._parties[party] += 1
+            self._node_victims.setdefault(grant.node, {})[grant] = None
+            self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
+            self._avail.dirty.add(grant.node)
         self.metrics.admitted(ticket.priority, grant.waited)
 
+    def _unrun(self, grant: Grant) -> None:
+        """The grant no longer runs (released or parked)."""
+        self._running.discard(grant)
+        here = self._on_node.get(grant.node)
+        if here is not None:
+            here.discard(grant)
+        self._not_victim(grant)
+
+    def _not_victim(self, grant: Grant) -> None:
+        """The grant can no longer be chosen as a victim (chosen already, or not running)."""
+        victims = self._node_victims.get(grant.node)
+        if victims is None or grant not in victims:
+            return
+        del victims[grant]
+        self._parties[_party_key(grant)] -= 1
+        self._avail.dirty.add(grant.node)
+        kinds, kind = self._node_kinds[grant.node], _victim_kind(grant)
+        kinds[kind] -= 1
+        if not kinds[kind]:
+            del kinds[kind]
+        if not victims:
+            del self._node_victims[grant.node], self._node_kinds[grant.node]
+
+    def _unqueue(self, ticket: Ticket) -> bool:
+        """Take the ticket out of its lane; False when it was not there."""
+        lane = ticket.lane
+        if lane is None:
+            return False
+        i = bisect.bisect_left(lane.tickets, ticket.order, key=lambda t: t.order)
+        if i < len(lane.tickets) and lane.tickets[i] is ticket:
+            del lane.tickets[i]
+            if not lane.tickets and self._lanes.get(lane.key) is lane:
+                del self._lanes[lane.key]
+            return True
+        return False
+
     def _drop(self, ticket: Ticket) -> None:
-        i = bisect.bisect_left(self._waiting, ticket.order, key=lambda t: t.order)
-        if i < len(self._waiting) and self._waiting[i] is ticket:
-            del self._waiting[i]
+        """A waiting ticket gives up (withdrawn, timed out): out of the queue, its hold freed."""
+        if self._unqueue(ticket):
+            self._count -= 1
+        if ticket.hold_node is not None and ticket in self._held:
+            self._unhold(ticket, ticket.hold_node)
+            ticket.hold_node = None
+        ticket.lane = None
 
     def _release(self, grant: Grant) -> None:
         if grant.released:
             return
         grant.released = True
-        self._running.discard(grant)
-        if grant in self._parked:
-            self._parked.remove(grant)
-        self._free[grant.node] = self._free[grant.node] + grant.resources
-        self._used[grant.pool] = self._used.get(grant.pool, Resources()) - grant.resources
+        self._unrun(grant)
+        if grant.tag is not None and grant in self._parked:
+            self._parked_del(grant)
+        self._avail[grant.node] = self._avail[grant.node] + grant.resources
+        if grant.pool in self._used:
+            self._used[grant.pool] = self._used[grant.pool] - grant.resources
         self._victim_done(grant)
-        self._cond.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the threads waiting in `acquire`, if any (a simulation has none: it skips the
+        condition's bookkeeping on every release)."""
+        if self._sleepers:
+            self._cond.notify_all()
 
     def _victim_done(self, grant: Grant) -> None:
         if grant.preempted_at is not None:
@@ -509,13 +744,10 @@ class Scheduler:
             return None
         return quota - self._used.get(pool, Resources())
 
-    def _roomiest(self, resources: Resources, view: list[Resources]) -> int | None:
-        """The node with the most free CPUs that holds `resources` (spreads load), or None."""
-        best = None
-        for i, free in enumerate(view):
-            if resources.fits_in(free) and (best is None or free.cpus > view[best].cpus):
-                best = i
-        return best
+
+def _may_use(ticket: Ticket, node: int) -> bool:
+    """Whether `node` is one the ticket may run on (its `nodes`, when it names them)."""
+    return ticket.nodes is None or node in ticket.nodes
 
 
 def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> int | None:
@@ -529,9 +761,21 @@ def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> i
     return node
 
 
+def _party_key(g: Grant) -> tuple[object, ...]:
+    return (g.priority, g.pool, tuple(sorted(g.labels.items())))
+
+
+def _victim_kind(g: Grant) -> tuple[object, ...]:
+    """What tells victims apart when choosing (`_candidate`): grants of one kind on one node
+    are interchangeable. Starts with the party key."""
+    lost_from = None if g.saves_state else g.since
+    return (*_party_key(g), g.resources, g.elastic, lost_from)
+
+
 def _candidate(g: Grant, now: float) -> pol.Candidate:
     lost = 0.0 if g.saves_state else now - g.since
-    return pol.Candidate(g, g.node, g.resources, g.priority, g.pool, lost, g.elastic)
+    left = pol.remaining(g.estimated, now - g.since)
+    return pol.Candidate(g, g.node, g.resources, g.priority, g.pool, lost, g.elastic, left)
 
 
 def _enough(

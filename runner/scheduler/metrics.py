@@ -38,8 +38,11 @@ LATENCY_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 
 class Metrics:
     """Thread-safe metrics the scheduler and the stages update."""
 
-    def __init__(self) -> None:
+    def __init__(self, collectors: bool = True) -> None:
+        """`collectors=False`: the plain counters only (the simulator: nothing is served, and a
+        histogram observation per admission would cost more than the admission)."""
         self._lock = threading.Lock()
+        self.collectors = collectors
         self.registry = prom.CollectorRegistry(auto_describe=True)
         self.preemptions: Counter[tuple[str, str]] = Counter()
         self.preempt_latency = [0, 0.0]
@@ -90,6 +93,8 @@ class Metrics:
     def preempted(self, pool: str, reason: str) -> None:
         with self._lock:
             self.preemptions[(pool, reason)] += 1
+        if not self.collectors:
+            return
         self._preemptions.labels(pool=pool, reason=reason).inc()
         if self.ray is not None:
             self.ray.preemptions.inc(1, tags={"pool": pool, "reason": reason})
@@ -99,6 +104,8 @@ class Metrics:
         with self._lock:
             self.preempt_latency[0] += 1
             self.preempt_latency[1] += seconds
+        if not self.collectors:
+            return
         self._preempt_latency.observe(seconds)
         if self.ray is not None:
             self.ray.preempt_latency.observe(seconds)
@@ -110,6 +117,8 @@ class Metrics:
             entry = self.waited_by_priority.setdefault(priority, [0, 0.0])
             entry[0] += 1
             entry[1] += waited
+        if not self.collectors:
+            return
         self._schedule_latency.observe(waited)
         if self.ray is not None:
             self.ray.schedule_latency.observe(waited)

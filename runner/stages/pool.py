@@ -11,6 +11,7 @@ and the items it held are retried one at a time so only the culprit spends its r
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -20,12 +21,13 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from runner import items as itemsrc
 from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
@@ -40,6 +42,7 @@ from runner.plan import (
     claim,
     decider,
     digest,
+    digester,
     kept_keys,
     result_config,
     stage_config,
@@ -51,6 +54,9 @@ from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
 from runner.stages.results import ResultError, json_value, write_results
+
+if TYPE_CHECKING:
+    from runner.sim import SimStage, Simulation
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +109,10 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     pending_reason = ""
     source = spec.items.get("from")
     if source is None:
-        units = [
-            decide(Unit(i.id, digest(own, i.identity), i.payload))
-            for i in itemsrc.load(spec.items, ctx.ledger)
-        ]
+        fingerprint = digester(own)
+        units = decide.units(
+            (i.id, fingerprint(i.identity), i.payload) for i in itemsrc.load(spec.items, ctx.ledger)
+        )
     else:
         units = _from_upstream(own, source, ctx)
         units = [decide(u) for u in units] if units is not None else None
@@ -356,11 +362,55 @@ class PoolRun(StageRun):
         self.start_error: str | None = None
         # workers started so far: each has its own log, worker-N.log
         self.workers_started = 0
+        # units finished, by state, and those that failed (the rest are dropped once recorded)
+        self.final: Counter[UnitState] = Counter()
+        self.bad: list[Work] = []
+
+    # units: a plan unit becomes a `Work` only when it is handed to a worker, so a stage of a
+    # million items holds a Work per item in flight, not per item to run
+
+    def make_works(self, units: list[Unit]) -> list[Work]:
+        self.fresh: deque[Unit] = deque(units)
+        return []
+
+    def _queued(self) -> int:
+        return len(self.queue) + len(self.fresh)
+
+    def counts(self) -> Counter[UnitState]:
+        counts = Counter(self.final)
+        counts[UnitState.pending] += len(self.fresh)
+        for work in itertools.chain(self.queue, *(x.work for x in self.leases)):
+            counts[work.state] += 1
+        return counts
+
+    def unfinished(self) -> list[Work]:
+        held = [w for x in self.leases for w in x.work if not w.state.final]
+        queued = [w for w in self.queue if not w.state.final]
+        fresh = [Work(self.name, u) for u in self.fresh]
+        self.queue.clear()
+        self.fresh.clear()
+        return held + queued + fresh
+
+    def find(self, unit: str) -> Work | None:
+        for work in itertools.chain(self.queue, *(x.work for x in self.leases)):
+            if work.id == unit:
+                return work
+        for planned in self.fresh:
+            if planned.id == unit:
+                self.fresh.remove(planned)
+                return Work(self.name, planned)
+        return None
+
+    def ended(self, work: Work) -> None:
+        super().ended(work)
+        self.final[work.state] += 1
+        if work.state in (UnitState.failed, UnitState.timeout, UnitState.out_of_memory):
+            self.bad.append(work)
 
     # workers
 
     def _wanted(self) -> int:
-        left = len(self.queue) + sum(len(x.work) for x in self.leases)
+        left = self._queued() + sum(len(x.work) for x in self.leases)
         return min(self.spec.num_workers, left)
 
     def asks(self) -> Iterator[Ask]:
@@ -368,7 +418,7 @@ class PoolRun(StageRun):
             return
         while len(self.leases) - len(self.draining) + self.asked < self._wanted():
             self.asked += 1
-            yield Ask(Resources(cpus=self.cpus), self.spec.priority)
+            yield worker_ask(self.stage)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -402,14 +452,14 @@ class PoolRun(StageRun):
             return 1
         size = TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7)
         # never so large that the tail leaves workers idle
-        share = math.ceil(len(self.queue) / max(1, len(self.leases) * self.depth))
+        share = math.ceil(self._queued() / max(1, len(self.leases) * self.depth))
         return max(1, min(int(size), MAX_BATCH, share))
 
     def _feed(self, lease: Lease) -> None:
         """Keep `depth` batches in flight on a worker; a suspect goes alone to an idle one."""
         assert lease.started is not None
-        while lease not in self.draining and len(lease.calls) < self.depth and self.queue:
-            if self.queue[0].suspect:
+        while lease not in self.draining and len(lease.calls) < self.depth and self._queued():
+            if self.queue and self.queue[0].suspect:
                 if lease.calls:
                     return
                 batch = [self.queue.popleft()]
@@ -428,6 +478,10 @@ class PoolRun(StageRun):
         batch: list[Work] = []
         while self.queue and len(batch) < size and not self.queue[0].suspect:
             batch.append(self.queue.popleft())
+        if self.fresh and len(batch) < size and not (self.queue and self.queue[0].suspect):
+            take = min(size - len(batch), len(self.fresh))
+            popleft, name = self.fresh.popleft, self.name
+            batch += [Work(name, popleft()) for _ in range(take)]
         return batch
 
     def requeue(self, work: Work) -> None:
@@ -509,8 +563,19 @@ class PoolRun(StageRun):
         return outcome
 
 
+def worker_ask(stage: StagePlan) -> Ask:
+    """One worker's lease: its sized CPUs at the stage's priority (the simulator asks the same)."""
+    return Ask(Resources(cpus=stage.settings["cpus_per_worker"]), stage.spec.priority)
+
+
 def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> PoolRun:
     return PoolRun(stage, ctx, ex)
 
 
-KIND = StageKind(PoolStage, check, plan, open_run)
+def _simulate(stage: StagePlan, sim: Simulation) -> SimStage:
+    from runner.stages.pool_sim import simulate
+
+    return simulate(stage, sim)
+
+
+KIND = StageKind(PoolStage, check, plan, open_run, _simulate)

@@ -16,8 +16,9 @@ from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, array_indices, load_jobs
 from runner.stages.jobs.kind import JobsRun, open_run
 from runner.stages.jobs.planning import check, plan
+from runner.stages.jobs.simulate import simulate
 from runner.stages.jobs.task import run_job
 
 __all__ = ["KIND", "Job", "JobsRun", "array_indices", "check", "load_jobs", "plan", "run_job"]
 
-KIND = StageKind(JobsStage, check, plan, open_run)
+KIND = StageKind(JobsStage, check, plan, open_run, simulate)

@@ -27,8 +27,9 @@ from runner.spec import build as build_spec  # the one validator: job keys read 
 
 # a job's name becomes its log file names: keep it to a safe, shell-friendly alphabet
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# one array may expand to at most this many jobs
-MAX_ARRAY = 100_000
+# one array may expand to at most this many jobs: Slurm's own ceiling (MaxArraySize may be
+# set up to 4000001, indices 0-4000000)
+MAX_ARRAY = 4_000_001
 
 
 @dataclass(frozen=True)
@@ -294,8 +295,14 @@ def _resolve(job: JobSpec, spec: JobsStage, defaults: _Defaults, report: Report)
         gpus=job.gpus if job.gpus is not None else spec.gpus,
         memory=float(memory),
     )
-    jobs = [_one(job, spec, index, resources, limit) for index in indices]
+    # an array's tasks mostly share one directory: resolved and checked once each
+    places: dict[str, Path] = {}
+    jobs = [_one(job, spec, index, resources, limit, places) for index in indices]
+    seen: set[str] = set()
     for resolved in jobs:
+        if resolved.cwd in seen:
+            continue
+        seen.add(resolved.cwd)
         if not Path(resolved.cwd).is_dir():
             own = _cwd(job)
             given = _fill(own if own is not None else spec.cwd or "", resolved.index)
@@ -321,13 +328,20 @@ def _cwd(job: JobSpec) -> str | None:
 
 
 def _one(
-    job: JobSpec, spec: JobsStage, index: int | None, resources: Resources, limit: float | None
+    job: JobSpec,
+    spec: JobsStage,
+    index: int | None,
+    resources: Resources,
+    limit: float | None,
+    places: dict[str, Path],
 ) -> Job:
     merged = {**spec.env, **job.environment, **job.env}
     env = {str(k): _fill(str(v), index) for k, v in merged.items()}
     given = _cwd(job)
-    cwd = str(Path(_fill(given if given is not None else spec.cwd or ".", index)).expanduser())
-    where = Path(cwd).absolute()
+    cwd = _fill(given if given is not None else spec.cwd or ".", index)
+    where = places.get(cwd)
+    if where is None:
+        where = places[cwd] = Path(cwd).expanduser().absolute()
     return Job(
         id=job.name if index is None else f"{job.name}[{index}]",
         script=None if job.script is None else _fill(job.script, index),
@@ -368,9 +382,10 @@ def array_indices(value: str | int) -> list[int] | None:
             return None
         low = int(match[1])
         high = int(match[2]) if match[2] is not None else low
-        indices += range(low, high + 1, int(match[3] or 1))
-        if len(indices) > MAX_ARRAY:
+        span = range(low, high + 1, int(match[3] or 1))
+        if len(indices) + len(span) > MAX_ARRAY:  # before a typo's billion indices are made
             return None
+        indices += span
     return list(dict.fromkeys(indices))
 
 

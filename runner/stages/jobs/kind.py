@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner import disk
 from runner.carry import Dest, land
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
+from runner.output import Tail
 from runner.plan import StagePlan, Unit, digest
 from runner.remote import remote
 from runner.schema import JobsStage
@@ -44,6 +46,8 @@ class JobsRun(StageRun):
         self.cap = self.spec.max_concurrent
         self.logs = ctx.stage_dir(stage.name).resolve()
         self.cpu = 0.0
+        # CPU-seconds and jobs run per SCNS `account`, for the summary
+        self.accounts: dict[str, Usage] = {}
         # highest priority first also where `max_concurrent` holds asks back
         self.queue = deque(sorted(self.works, key=lambda w: -_job(w).priority))
         for work in self.works:
@@ -51,6 +55,8 @@ class JobsRun(StageRun):
             work.result = self._paths(work)
         # follow: the jobs_file lines read so far, and whether its close line came
         self.follow = Follow(self.spec.follow and self.spec.jobs_file is not None)
+        # the running jobs' .out/.err, followed onto the terminal with `show_output`
+        self.tail = Tail(ctx.progress)
 
     def prepare(self) -> None:
         for work in self.works:  # every queued job shows as PENDING from the start
@@ -60,7 +66,15 @@ class JobsRun(StageRun):
         """Its own resources at its own priority; a job that does not fit reserves its node,
         and jobs behind it backfill only when their time limit ends them before it starts."""
         job = _job(work)
-        return Ask(job.resources, job.priority, work, duration=job.time_limit, reserve=True)
+        return job_ask(job, work, self._nodes_of(job.partition))
+
+    def _nodes_of(self, partition: str | None) -> frozenset[int] | None:
+        """The nodes a job of `partition` may run on: on a Ray cluster, those whose labels
+        name it among the nodes known when it asks (a node that joined before then counts);
+        elsewhere every node has the declared partitions (None: any node)."""
+        if partition is None or not self.ctx.cluster.node_partitions:
+            return None
+        return frozenset(i for i, n in enumerate(self.ex.nodes) if partition in n.partitions)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -68,6 +82,8 @@ class JobsRun(StageRun):
         paths = self._paths(work)
         options = lease.placement.options(max_retries=0, name=f"job {work.id}")
         started = self.ex.start_to(lease)
+        for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
+            self.tail.start(Path(paths[stream]), fresh=True)
         lease.task = (
             remote(run_job)
             .options(**options)
@@ -83,9 +99,16 @@ class JobsRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
+        self._show(work)
+        if self._disk_full(work):
+            self.ex.stopped(lease)
+            return
         self.ex.end_lease(lease)
         land(reply.pop("files", {}))
         self.cpu += reply.get("cpu", 0.0)
+        account = _job(work).account
+        if account is not None:
+            self.accounts.setdefault(account, Usage()).add(reply.get("cpu", 0.0))
         details = {k: reply.get(k) for k in ("exit_code", "signal", "pid")}
         details |= {k: reply[k] for k in ("memory_limit", "peak_rss") if k in reply}
         self.ex.finish(
@@ -98,7 +121,11 @@ class JobsRun(StageRun):
         )
 
     def tick(self) -> None:
-        """With `follow`, run the jobs appended to jobs_file since the last look."""
+        """Show the running jobs' new output lines; with `follow`, run the jobs appended to
+        jobs_file since the last look."""
+        for lease in self.leases:
+            for work in lease.work:
+                self._show(work)
         if not self.follow.due():
             return
         assert self.spec.jobs_file is not None
@@ -167,16 +194,53 @@ class JobsRun(StageRun):
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu
         outcome.outputs.append(str(self.ctx.stage_dir(self.name)))
+        if self.accounts:
+            outcome.extra["accounts"] = {
+                name: {"jobs": u.jobs, "cpu_s": round(u.cpu, 3)}
+                for name, u in sorted(self.accounts.items())
+            }
         problem = self.failure_budget()
         if problem:
             outcome.ok, outcome.message = False, problem
         return outcome
 
+    def _disk_full(self, work: Work) -> bool:
+        """Its streams were written where the disk is now full: the run stops with the one
+        full-disk message, the job is not recorded done or failed (a rerun runs it)."""
+        error = disk.full(Path(self._paths(work)["stdout"]).parent, self.ctx.store.root)
+        if error is not None:
+            self.ctx.ledger.fail(error)
+        return error is not None
+
+    def _show(self, work: Work) -> None:
+        """With `show_output`, print the complete new lines of a job's stdout and stderr above
+        the progress bars, prefixed with its name."""
+        if not self.spec.show_output:
+            return
+        paths = self._paths(work)
+        self.tail.show(Path(paths["stdout"]), f"[job {work.id}] ")
+        self.tail.show(Path(paths["stderr"]), f"[job {work.id} stderr] ")
+
     def _paths(self, work: Work) -> dict[str, str]:
+        """Where a job's streams go: SCNS's `standard_output` / `standard_error` when the job
+        names them, else <run.dir>/<stage>/<job>.out and .err."""
+        job = _job(work)
         return {
-            "stdout": str(self.logs / f"{work.id}.out"),
-            "stderr": str(self.logs / f"{work.id}.err"),
+            "stdout": job.stdout or str(self.logs / f"{work.id}.out"),
+            "stderr": job.stderr or str(self.logs / f"{work.id}.err"),
         }
+
+
+@dataclass
+class Usage:
+    """What the jobs of one account used: how many ran, and their CPU-seconds."""
+
+    jobs: int = 0
+    cpu: float = 0.0
+
+    def add(self, cpu: float) -> None:
+        self.jobs += 1
+        self.cpu += cpu
 
 
 @dataclass
@@ -195,6 +259,15 @@ class Follow:
             return False
         self.seen = now
         return True
+
+
+def job_ask(job: Job, work: Work | None = None, nodes: frozenset[int] | None = None) -> Ask:
+    """Its own resources at its own priority, on `nodes` (its partition's) when given; a job
+    that does not fit reserves its node, and jobs behind it backfill only when their time
+    limit ends them before it starts. The simulated cluster asks the same."""
+    return Ask(
+        job.resources, job.priority, work, duration=job.time_limit, reserve=True, nodes=nodes
+    )
 
 
 def _job(work: Work) -> Job:

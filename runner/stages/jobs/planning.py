@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from runner.cluster import ClusterInfo
+from runner.cluster import PARTITION_LABEL, ClusterInfo
 from runner.errors import PlanError
 from runner.plan import (
     Claim,
@@ -84,7 +84,12 @@ def _check_partitions(name: str, jobs: list[Job], cluster: ClusterInfo) -> None:
     """A job's partition must be one the cluster's nodes have (where they are known)."""
     if cluster.partitions is None:
         return
-    have = ", ".join(cluster.partitions) or "none declared; set cluster.partitions"
+    none = (
+        f"none: no node has a Ray label {PARTITION_LABEL}"
+        if cluster.node_partitions
+        else "none declared; set cluster.partitions"
+    )
+    have = ", ".join(cluster.partitions) or none
     wrong = [j for j in jobs if j.partition is not None and j.partition not in cluster.partitions]
     if wrong:
         raise PlanError(

@@ -20,6 +20,7 @@ from runner.stages.roles.host import saves_state
 from runner.stages.roles.kind import RolesRun, open_run
 from runner.stages.roles.planning import autoscale, plan
 from runner.stages.roles.settings import RoleSpec, RolesPlan, parse
+from runner.stages.roles.simulate import simulate
 
 __all__ = [
     "KIND",
@@ -33,4 +34,4 @@ __all__ = [
     "saves_state",
 ]
 
-KIND = StageKind(RolesStage, check, plan, open_run)
+KIND = StageKind(RolesStage, check, plan, open_run, simulate)

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from runner import saved_state
 from runner.executor import Ask, Executor, Lease, StageRun, Work
@@ -112,22 +112,19 @@ class RolesRun(StageRun):
     def prepare(self) -> None:
         if not self.works:
             return
-        top = max(r.priority for r in self.rp.roles.values())
         for shape, role in self.rp.reserved:
-            lease = self.ex.submit(self, Ask(shape, top, pool=self.rp.pool, tag="reserved"))
+            ask = reserved_ask(self.rp, shape)
+            ask.tag = "reserved"
+            lease = self.ex.submit(self, ask)
             self.reserved.append(ReservedGroup(shape, role, lease))
 
     def _reserved_of(self, lease: Lease) -> ReservedGroup | None:
         return next((g for g in self.reserved if g.lease is lease), None)
 
     def _take_reserved(self, work: Work) -> ReservedGroup | None:
-        """A free, ready reserved group for the replica: its role's own, else any that fits."""
-        need, role = self.role(work).resources, self.role(work).name
-        free = [g for g in self.reserved if g.ready and g.user is None and need.fits_in(g.shape)]
-        mine = [g for g in free if g.role == role] or [g for g in free if g.role is None]
-        if not mine:
-            return None
-        return min(mine, key=lambda g: (g.shape.cpus + 8 * g.shape.gpus, g.shape.memory))
+        """A free, ready reserved group for the replica (`pick_reserved`)."""
+        free = [g for g in self.reserved if g.ready and g.user is None]
+        return pick_reserved(free, self.role(work))
 
     # arrivals and asks
 
@@ -156,19 +153,8 @@ class RolesRun(StageRun):
                     self._start_in(group, work)
                 continue
             self.queue.remove(work)
-            elastic = self.index(work) >= role.min
-            yield Ask(
-                role.resources,
-                role.priority,
-                work,
-                pool=self.rp.pool,
-                labels=role.labels,
-                policy=None if elastic else self.rp.policy,
-                preemptible=True,
-                saves_state=self.saves[role.name],
-                elastic=elastic,
-                reuse=self.pgs.tag if self.rp.reuse else None,
-            )
+            reuse = self.pgs.tag if self.rp.reuse else None
+            yield replica_ask(self.rp, role, self.index(work), self.saves[role.name], work, reuse)
 
     def _start_in(self, group: ReservedGroup, work: Work) -> None:
         group.user = work
@@ -356,6 +342,57 @@ class RolesRun(StageRun):
                 **details,
             }
         )
+
+
+def replica_ask(
+    rp: RolesPlan,
+    role: RoleSpec,
+    index: int,
+    saves: bool,
+    work: Work | None = None,
+    reuse: str | None = None,
+) -> Ask:
+    """A replica's lease: its role's resources, priority and labels in the stage's pool;
+    preemptible; replicas beyond the role's `min` are elastic and preempt nobody. The
+    simulated cluster asks the same."""
+    elastic = index >= role.min
+    return Ask(
+        role.resources,
+        role.priority,
+        work,
+        pool=rp.pool,
+        labels=role.labels,
+        policy=None if elastic else rp.policy,
+        preemptible=True,
+        saves_state=saves,
+        elastic=elastic,
+        reuse=reuse,
+        estimated=role.estimated_duration,
+    )
+
+
+def reserved_ask(rp: RolesPlan, shape: Resources) -> Ask:
+    """A reserved group's lease, asked for when the stage starts: at the top role priority,
+    in the stage's pool, never preempted. The simulated cluster asks the same."""
+    return Ask(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
+
+
+class _Reserved(Protocol):
+    shape: Resources
+    role: str | None
+
+
+_G = TypeVar("_G", bound=_Reserved)
+
+
+def pick_reserved(free: list[_G], role: RoleSpec) -> _G | None:
+    """Which free reserved group a replica takes: its role's own, else one kept for no role;
+    the smallest that holds it. The simulated cluster picks the same."""
+    fits = [g for g in free if role.resources.fits_in(g.shape)]
+    mine = [g for g in fits if g.role == role.name] or [g for g in fits if g.role is None]
+    if not mine:
+        return None
+    return min(mine, key=lambda g: (g.shape.cpus + 8 * g.shape.gpus, g.shape.memory))
 
 
 def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> RolesRun:

@@ -23,8 +23,9 @@ from runner.stages.shard.checks import check
 from runner.stages.shard.kind import ShardRun, open_run
 from runner.stages.shard.planning import plan
 from runner.stages.shard.ranges import Shard, input_identity, split
+from runner.stages.shard.simulate import simulate
 from runner.stages.shard.task import run_shard
 
 __all__ = ["KIND", "Shard", "ShardRun", "check", "input_identity", "plan", "run_shard", "split"]
 
-KIND = StageKind(ShardStage, check, plan, open_run)
+KIND = StageKind(ShardStage, check, plan, open_run, simulate)

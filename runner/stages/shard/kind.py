@@ -11,12 +11,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from runner import procs
+from runner import disk, procs
 from runner.carry import pack, unpack
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.merge import Committed, manifest_of, merge, read_table, write_table
+from runner.output import Tail
 from runner.plan import StagePlan
 from runner.remote import remote
 from runner.resources import Resources
@@ -56,8 +57,8 @@ class ShardRun(StageRun):
         self.retries = self.spec.retries
         self.cap = self.spec.max_parallel
         self.cpu = 0.0
-        # bytes of each shard's log already shown on the terminal
-        self.shown: dict[str, int] = {}
+        # each shard's log, followed onto the terminal with `show_output`
+        self.tail = Tail(ctx.progress)
         self.failures: list[str] = []
         # the GPU groups to ask for by name, where the cluster names its GPUs (else Ray picks)
         self.slots = GpuSlots.of(
@@ -120,8 +121,7 @@ class ShardRun(StageRun):
 
     def ask_for(self, work: Work) -> Ask:
         if self.slots is None:
-            resources = Resources(cpus=self.spec.cpus_per_shard, gpus=self.spec.gpus_per_shard)
-            return Ask(resources, self.spec.priority, work)
+            return shard_ask(self.spec, work)
         group = self.slots.take()
         resources = self.slots.resources(group, self.spec.cpus_per_shard)
         return Ask(resources, self.spec.priority, work, tag=group)
@@ -136,7 +136,7 @@ class ShardRun(StageRun):
         work = lease.work[0]
         shard, f = self.shards[work.id], self.files[work.id]
         f.part_owner.write_text(work.unit.fingerprint)
-        self.shown[work.id] = f.log.stat().st_size if f.log.exists() else 0
+        self.tail.start(f.log)
         values = launch_values(work.unit, f, self.spec.id_column, work.attempts + 1)
         job = {
             "label": shard.label,
@@ -163,9 +163,18 @@ class ShardRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
-        self.ex.end_lease(lease)
         unpack(self.root, reply.pop("files", {}))
         self._show(work)
+        if lease.stopping is not None and not reply["ok"]:
+            # cancelled (mode=cancel, Ctrl-C): its command was killed, which is no failure
+            self.ex.stopped(lease)
+            return
+        full = disk.full(self.root, self.ctx.store.root)
+        if full is not None:  # its log or output met a full disk: the run stops, one message
+            self.ctx.ledger.fail(full)
+            self.ex.stopped(lease)
+            return
+        self.ex.end_lease(lease)
         self.cpu += reply.get("cpu", 0.0)
         if reply.get("requeue") and self._requeue(lease, work, reply["requeue"]):
             return
@@ -222,19 +231,8 @@ class ShardRun(StageRun):
 
     def _show(self, work: Work) -> None:
         """Print the complete new lines of a shard's log, prefixed with its range."""
-        log_file = self.files[work.id].log
-        if not self.spec.show_output or not log_file.exists():
-            return
-        with open(log_file, "rb") as fh:
-            fh.seek(self.shown.get(work.id, 0))
-            data = fh.read()
-        end = data.rfind(b"\n") + 1
-        if not end:
-            return
-        self.shown[work.id] = self.shown.get(work.id, 0) + end
-        prefix = f"[shard {self.shards[work.id].label}] "
-        for line in data[:end].decode(errors="replace").splitlines():
-            self.ctx.progress.print(f"{prefix}{line}")
+        if self.spec.show_output:
+            self.tail.show(self.files[work.id].log, f"[shard {self.shards[work.id].label}] ")
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu
@@ -253,13 +251,26 @@ class ShardRun(StageRun):
             "missing_ranges": summary["missing_ranges"],
             "duplicate_ids": summary["duplicate_ids"],
         }
+        # a shard cancelled on purpose (mode=cancel) is left out of the merge, not a failure
+        cancelled = {self.shards[w.id].label for w in self.works if w.state is UnitState.cancelled}
+        missing = [r for r in summary["missing_ranges"] if r not in cancelled]
+        left_out = [r for r in summary["missing_ranges"] if r in cancelled]
         if self.failures:
             outcome.ok = False
             outcome.message = f"{len(self.failures)} shard(s) failed:\n" + "\n".join(self.failures)
-        elif summary["missing_ranges"]:
+        elif missing:
             outcome.ok = False
-            outcome.message = f"missing ranges: {', '.join(summary['missing_ranges'])}"
+            outcome.message = f"missing ranges: {', '.join(missing)}"
+        elif left_out:
+            outcome.message = f"cancelled ranges, not in the merge: {', '.join(left_out)}"
         return outcome
+
+
+def shard_ask(spec: ShardStage, work: Work | None = None) -> Ask:
+    """A shard's CPUs and GPUs at the stage's priority (without GPU groups from the inventory:
+    Ray picks the node's GPUs); the simulated cluster asks the same."""
+    resources = Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard)
+    return Ask(resources, spec.priority, work)
 
 
 def _shard(payload: dict[str, Any]) -> Shard:
