@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.cli import main
+from runner.cli import command
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command())

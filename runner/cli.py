@@ -6,6 +6,7 @@ fit, a run directory in use); `RUNNER_FULL_ERROR=1` adds the traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import logging
@@ -151,7 +152,8 @@ def _run(spec: Spec) -> int:
         with clusters.connected(spec.cluster, store.root / RAY_PIDS) as info:
             if plan is None:
                 plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
-            plan.cluster = info  # the live nodes, with the ids the placements name
+            # the live nodes, with the ids the placements name
+            plan.cluster = dataclasses.replace(info, shared_fs=spec.cluster.shares_fs)
             _announce(plan)
             if spec.run.fresh:
                 # an interrupted fresh run must not be completed later with older results
@@ -250,6 +252,12 @@ def _ray_version() -> str:
         return importlib.metadata.version("ray")
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def command() -> int:
+    """The `runner` command (`python -m runner` too): `main`, then the process ends with its
+    exit code even when the embedded Ray died under the run (see `cluster.end_process`)."""
+    return clusters.end_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -43,6 +44,8 @@ class ClusterInfo:
     # on a Ray cluster, each node's partitions, in the order of `nodes` (its Ray node labels,
     # see `partitions_of`); empty where every node has all of `partitions` (embedded, sim)
     node_partitions: tuple[frozenset[str], ...] = ()
+    # every node sees the run directory at the same path (`cluster.shared_fs`)
+    shared_fs: bool = True
 
     @property
     def total(self) -> Resources:
@@ -256,16 +259,54 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
         if not ended and _core:
             # interrupted: a signal to the whole process group may have left Ray's own
             # processes half-stopped, and Ray's graceful shutdown then waits on them forever
+            left = []
             for pid in procs.descendants(os.getpid()):
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                    left.append(pid)
+            procs.wait_gone(left, KILL_WAIT)
         if ray_alive():
             ray.shutdown()
+        elif _core:
+            _abandon()
         _core.clear()
         if pids_file is not None:
             pids_file.unlink(missing_ok=True)
 
 
+def _abandon() -> None:
+    """The embedded Ray is dead (killed by the runner, or by a signal to the whole group): its
+    driver must not say goodbye to it. Ray's own exit hook would wait on the dead GCS (5 s,
+    and under load up to Ray's 60 s reconnect timeout, after which Ray ends the process with
+    exit 1 instead of 130/143)."""
+    import atexit
+
+    import ray
+
+    atexit.unregister(ray.shutdown)
+    _abandoned.append(True)
+
+
+def end_process(code: int) -> int:
+    """For the `runner` command once it is done: when the embedded Ray died under the run, end
+    the process here (stdio flushed) with `code`. The Ray driver left in it would otherwise
+    crash the interpreter's teardown (SIGSEGV or SIGABRT instead of 130/143). Returns `code`
+    when Ray is fine."""
+    if not _abandoned:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+# set once the embedded Ray died under the run and its driver was left as it was
+_abandoned: list[bool] = []
+
+
+# seconds to wait for the embedded Ray's processes to be gone once killed
+KILL_WAIT = 2.0
 # the embedded Ray's own GCS server and raylet (pid, start time), while this process runs one
 _core: list[tuple[int, float | None]] = []
 _CORE_NAMES = ("gcs_server", "raylet")

@@ -26,19 +26,17 @@ import logging
 import math
 import statistics
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from runner import cancel, saved_state
+from runner import cancel, procs, saved_state
 from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
-from runner.placement import Placement, Started, heard
+from runner.placement import Placement, Started, Starts, StartTo
 from runner.plan import Plan, PlanContext, StagePlan, Unit, units_digest
 from runner.remote import bounded, error_line
 from runner.resources import Resources
@@ -66,6 +64,8 @@ CLOSE_BOUND = 5.0
 WAIT_SECONDS = 0.1
 # how often `mode=cancel` requests are looked for in the run directory
 CANCEL_EVERY = 0.5
+# seconds between SIGTERM and SIGKILL for what a unit left running after the embedded Ray died
+ORPHAN_GRACE = 1.0
 # units whose start-up latencies a stage's summary keeps one by one (the mean covers all)
 MEASURED_UNITS = 10_000
 
@@ -276,9 +276,15 @@ class StageRun:
         if lease.actor is not None:
             ray.kill(lease.actor, no_restart=True)
         if lease.task is not None:
+            # a task that has answered (cancelled, failed, done) is not cancelled again: Ray
+            # 2.60 aborts the driver force-cancelling a task whose reply is in ("Tried to
+            # complete task that was not pending")
+            done, _ = ray.wait([lease.task], timeout=0)
+            if done:
+                return
             try:
                 ray.cancel(lease.task, force=True)
-            except Exception as exc:  # already finished: nothing to cancel
+            except Exception as exc:  # finished meanwhile: nothing to cancel
                 log.debug("cancel: %s", exc)
 
     def release(self, lease: Lease) -> None:
@@ -369,8 +375,9 @@ class Executor:
         self.waiting: dict[Ticket, Lease] = {}
         self.leases: set[Lease] = set()
         self.calls: dict[Any, Lease] = {}
-        # leases whose task announces its start through a file, and that file
-        self.announced: dict[Lease, Path] = {}
+        # leases whose task announces its start out of band, and where it does
+        self.announced: dict[Lease, StartTo] = {}
+        self.starts = Starts(ctx.store.root, plan.cluster.shared_fs)
         self.flagged: list[tuple[Grant, str]] = []
         self.rows: dict[tuple[str, str], UnitRow] = {}
         self.events: list[Event] = []
@@ -577,7 +584,7 @@ class Executor:
         tag = lease.calls.get(ref)
         self._forget(ref)
         if lease in self.announced:  # it ended before its start was read: read it first
-            self._hear(lease)
+            self._hear(lease, ended=True)
         try:
             value = ray.get(ref)
         except ray.exceptions.TaskCancelledError:
@@ -607,15 +614,16 @@ class Executor:
         if not lease.closed:
             lease.run.on_reply(lease, tag, value)
 
-    def start_file(self, lease: Lease) -> Path:
+    def start_to(self, lease: Lease) -> StartTo:
         """Where the lease's task announces its start (`placement.announce`): a file under the
-        run directory, read here each turn of the loop."""
-        path = self.ctx.store.root / ".started" / f"{uuid.uuid4().hex}.json"
-        self.announced[lease] = path
-        return path
+        run directory, or the run's inbox actor without a shared filesystem; heard each turn
+        of the loop."""
+        to = self.starts.address()
+        self.announced[lease] = to
+        return to
 
-    def _hear(self, lease: Lease) -> None:
-        where = heard(self.announced[lease])
+    def _hear(self, lease: Lease, ended: bool = False) -> None:
+        where = self.starts.heard(self.announced[lease], ended)
         if where is not None:
             del self.announced[lease]
             self._started(lease, where)
@@ -898,6 +906,10 @@ class Executor:
         now = time.monotonic()
         if not self.nodes or (now - self.node_seen < NODES_EVERY and not force):
             return
+        if self.ctx.stop.is_set() or not ray_alive():
+            # stopping: a worker that died may be the embedded Ray going down with the signal,
+            # and `ray.nodes()` against a GCS going down aborts the driver (Ray 2.60 checks it)
+            return
         self.node_seen = now
         try:
             alive = {n.node_id: n for n in live_nodes()}
@@ -1025,12 +1037,19 @@ class Executor:
                         self._stopped(lease)
                 if not ray_alive():
                     break
+            # a signal to the whole group may take the embedded Ray down only now, under load:
+            # then no lease is killed through it (a call to a dead GCS blocks for a minute)
+            alive = ray_alive()
         for lease in list(self.leases):
             lease.stopping = lease.stopping or "interrupted"
             if alive:
                 self._stopped(lease)
-            else:  # Ray is gone (SIGTERM to the whole group): nothing to kill or ask
+            else:  # Ray is gone (SIGTERM to the whole group): nothing to ask; the processes
+                # its workers leave behind are ended by pid (they are in a group of their own)
                 self.end_lease(lease)
+                where = lease.started
+                if where is not None and where.local and procs.alive_since(where.pid, where.time):
+                    procs.kill_tree(where.pid, grace=ORPHAN_GRACE)
                 for work in lease.work:
                     if not work.state.final:
                         self.finish(work, UnitState.cancelled, error="cancelled")
@@ -1041,6 +1060,8 @@ class Executor:
             self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, interrupted=True)
         self.pending_stages = []
         self._flush(force=True)
+        if ray_alive() and not bounded(self.starts.close, CLOSE_BOUND):
+            log.warning("Ray did not answer while the run's inbox was removed")
 
     # --- the ledger ------------------------------------------------------------------------
 

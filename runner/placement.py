@@ -12,16 +12,22 @@ a `node:<ip>` resource would not tell apart nodes that share an IP).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.resources import Resources
+
+log = logging.getLogger(__name__)
 
 # the label Ray gives every node: its id
 NODE_ID_LABEL = "ray.io/node-id"
@@ -84,15 +90,39 @@ class Started:
         """The process, as the ledger names it: `host:pid`."""
         return f"{self.host}:{self.pid}"
 
+    @property
+    def local(self) -> bool:
+        """Whether the process runs on the runner's host (it can be signalled by pid)."""
+        return self.host == socket.gethostname()
 
-def announce(path: str) -> Started:
-    """Inside a task: say where it runs by writing `path` (atomically), and return that.
+
+@dataclass(frozen=True)
+class StartTo:
+    """Where one task announces its start: a file under the run directory, when every node
+    sees it (`cluster.shared_fs`), else the run's `Inbox` actor."""
+
+    key: str
+    path: str | None = None
+    # the run's `Inbox` actor (a Ray actor handle)
+    inbox: Any = None
+
+
+def announce(to: StartTo) -> Started:
+    """Inside a task: say where it runs, and return that.
 
     A plain task answers only when it ends, and Ray's streaming tasks cannot be cancelled
     safely in Ray 2.60 (a polite cancel may abort the driver), so a task announces its start
-    through the run directory; the executor reads it (`Executor.expect_start`)."""
+    out of band: through the run's inbox actor (no shared filesystem needed; the task waits
+    for the inbox to have it, so a start is always heard before the task's reply), or by
+    writing a file (atomically) under the run directory. The executor hears it (`Starts`)."""
     where = here()
-    target = Path(path)
+    if to.inbox is not None:
+        import ray
+
+        ray.get(to.inbox.post.remote(to.key, dataclasses.asdict(where)))
+        return where
+    assert to.path is not None
+    target = Path(to.path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(where)))
@@ -100,7 +130,105 @@ def announce(path: str) -> Started:
     return where
 
 
-def heard(path: Path) -> Started | None:
+class Inbox:
+    """The run's mailbox, a Ray actor on the runner's node: tasks post their start here, and
+    the runner takes what came (waiting up to a bound for something to come: one call in
+    flight per second while idle, none while no task is starting)."""
+
+    def __init__(self) -> None:
+        self.box: dict[str, dict[str, Any]] = {}
+        self.came = asyncio.Event()
+
+    async def post(self, key: str, where: dict[str, Any]) -> None:
+        self.box[key] = where
+        self.came.set()
+
+    async def take(self, wait: float) -> dict[str, dict[str, Any]]:
+        if not self.box:
+            self.came.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.came.wait(), wait)
+        box, self.box = self.box, {}
+        return box
+
+
+# seconds one `Inbox.take` waits for a start to come
+TAKE_WAIT = 1.0
+# seconds the runner waits for the inbox once a task has answered (its start is in by then)
+TAKE_BOUND = 3.0
+
+
+class Starts:
+    """The runner's side of announced starts: where each task is to announce, and which have.
+
+    With a shared filesystem a start is a file under `<run.dir>/.started/`, read each turn;
+    without one (`cluster.shared_fs: false`) it comes back through Ray, from the `Inbox` actor
+    made on the runner's node at the first task that needs it."""
+
+    def __init__(self, root: Path, shared_fs: bool) -> None:
+        self.root, self.shared_fs = root, shared_fs
+        self.inbox: Any = None
+        self.taking: Any = None
+        self.came: dict[str, Started] = {}
+
+    def address(self) -> StartTo:
+        """A new place for one task to announce its start."""
+        key = uuid.uuid4().hex
+        if self.shared_fs:
+            return StartTo(key, path=str(self.root / ".started" / f"{key}.json"))
+        if self.inbox is None:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            from runner.remote import remote
+
+            here_id = ray.get_runtime_context().get_node_id()
+            strategy = NodeAffinitySchedulingStrategy(here_id, soft=False)
+            self.inbox = remote(Inbox).options(num_cpus=0, scheduling_strategy=strategy).remote()
+        return StartTo(key, inbox=self.inbox)
+
+    def heard(self, to: StartTo, ended: bool = False) -> Started | None:
+        """The start announced at `to`, once it has been (`ended`: the task has answered, so
+        its start, if it got that far, is in the inbox: wait for it)."""
+        if to.path is not None:
+            return _read_start(Path(to.path))
+        self._take(ended, wait=0.0 if ended else TAKE_WAIT)
+        found = self.came.pop(to.key, None)
+        if found is None and ended:
+            self._take(True, wait=0.0)
+            found = self.came.pop(to.key, None)
+        return found
+
+    def _take(self, block: bool, wait: float = TAKE_WAIT) -> None:
+        import ray
+
+        if self.inbox is None:
+            return
+        if self.taking is None:
+            self.taking = self.inbox.take.remote(wait)
+        done, _ = ray.wait([self.taking], timeout=TAKE_BOUND if block else 0)
+        if not done:
+            return
+        ref, self.taking = self.taking, None
+        try:
+            box = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the inbox died (Ray going down): made anew
+            log.warning("the run's inbox of task starts is gone: %s", exc)
+            self.inbox = None
+            return
+        for key, where in box.items():
+            self.came[key] = Started(**where)
+
+    def close(self) -> None:
+        """Remove the inbox (Ray must be alive)."""
+        if self.inbox is not None:
+            import ray
+
+            ray.kill(self.inbox)
+            self.inbox = self.taking = None
+
+
+def _read_start(path: Path) -> Started | None:
     """The start a task announced at `path`, once it has (the file is removed)."""
     try:
         data = json.loads(path.read_text())

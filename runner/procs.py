@@ -129,6 +129,15 @@ def kill_tree(pid: int, grace: float = 3.0) -> list[int]:
     return sorted({p.pid for p in tree + alive})
 
 
+def wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait up to `timeout` seconds for processes (already signalled) to be gone."""
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            found.append(psutil.Process(pid))
+    psutil.wait_procs(found, timeout=timeout)
+
+
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     """Signal a whole process group, ignoring one that is already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

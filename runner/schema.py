@@ -79,6 +79,15 @@ class ClusterConfig:
     partitions: list[str] = field(default_factory=list)
     # serve scheduler metrics for Prometheus on 127.0.0.1:PORT during a run (0: any free port)
     metrics_port: int | None = limited(None, ge=0, le=65535)
+    # every node sees the run directory at the same path (one machine, NFS): tasks announce
+    # their start through it; false: through a Ray actor on the runner's node. null: true for
+    # local (one node), false for ray (a cluster's nodes may not share a filesystem)
+    shared_fs: bool | None = None
+
+    @property
+    def shares_fs(self) -> bool:
+        """`shared_fs`, with its default for the cluster kind."""
+        return self.kind != "ray" if self.shared_fs is None else self.shared_fs
 
 
 @dataclass

@@ -100,8 +100,9 @@ def _main(argv: list[str]) -> int:
     topology = {tuple(map(int, k.split(","))): v for k, v in table.get("topology", {}).items()}
     sys.modules["pynvml"] = module(table["devices"], topology, table.get("driver", True))
     from runner.cli import main
+    from runner.cluster import end_process
 
-    return main(argv[1:])
+    return end_process(main(argv[1:]))
 
 
 if __name__ == "__main__":

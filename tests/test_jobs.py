@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -250,6 +251,19 @@ class TestOnTheSessionRay:
         ) in res.err
 
 
+def running(run_dir: Path) -> set[str]:
+    """The units the ledger shows RUNNING (none while the runner is still creating it)."""
+    ledger = read_ledger(run_dir)
+    if ledger is None:
+        return set()
+    try:
+        return {r.unit for r in ledger.rows("work") if r.state is UnitState.running}
+    except sqlite3.OperationalError:
+        return set()
+    finally:
+        ledger.close()
+
+
 def start_resume_pipeline(
     run_dir: Path, scratch: Path, address: str
 ) -> tuple[subprocess.Popen[str], tuple[str, ...], list[int]]:
@@ -266,6 +280,11 @@ def start_resume_pipeline(
         lambda: all(p.exists() and p.read_text() for p in slow),
         timeout=60,
         what="both slow jobs to start",
+    )
+    wait_until(  # and the runner has heard it (through the run's inbox: cluster=ray)
+        lambda: {"slow[1]", "slow[2]"} <= running(run_dir),
+        timeout=60,
+        what="both slow jobs RUNNING in the ledger",
     )
     return proc, args, pids(*slow)
 

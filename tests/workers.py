@@ -31,6 +31,20 @@ class Sleepy:
         return item
 
 
+class Tally:
+    """Sleep `seconds` per item, then append the item to the file `path` (one line each): what
+    the workers really finished, to hold against the ledger."""
+
+    def __init__(self, path: str, seconds: float = 0.05) -> None:
+        self.path, self.seconds = path, seconds
+
+    def __call__(self, item: int) -> int:
+        time.sleep(self.seconds)
+        with open(self.path, "a") as f:
+            f.write(f"{item}\n")
+        return item
+
+
 class Crashy:
     """Kill the whole worker process on the items in `crash`."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import disk
+from runner.carry import Dest, land
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -80,7 +81,7 @@ class JobsRun(StageRun):
         work = lease.work[0]
         paths = self._paths(work)
         options = lease.placement.options(max_retries=0, name=f"job {work.id}")
-        started = self.ex.start_file(lease)
+        started = self.ex.start_to(lease)
         for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
             self.tail.start(Path(paths[stream]), fresh=True)
         lease.task = (
@@ -88,9 +89,9 @@ class JobsRun(StageRun):
             .options(**options)
             .remote(
                 {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
-                paths["stdout"],
-                paths["stderr"],
-                str(started),
+                Dest(paths["stdout"], carried=not self.ctx.cluster.shared_fs),
+                Dest(paths["stderr"], carried=not self.ctx.cluster.shared_fs),
+                started,
             )
         )
         lease.watch(lease.task)
@@ -103,6 +104,7 @@ class JobsRun(StageRun):
             self.ex.stopped(lease)
             return
         self.ex.end_lease(lease)
+        land(reply.pop("files", {}))
         self.cpu += reply.get("cpu", 0.0)
         account = _job(work).account
         if account is not None:

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from runner.placement import announce
+from runner.carry import Dest, collect, discard
+from runner.placement import StartTo, announce
 from runner.procs import kill_group, signal_name, tree_rss
 from runner.resources import gib
 
@@ -34,12 +35,13 @@ MEMORY_ENFORCER = "watchdog"
 _WATCHER = "trap '' TERM INT HUP; read -r _; kill -KILL 0"
 
 
-def run_job(spec: dict[str, Any], out: str, err: str, started_file: str) -> dict[str, Any]:
+def run_job(spec: dict[str, Any], out: Dest, err: Dest, started_to: StartTo) -> dict[str, Any]:
     """Run one job to its end in its own process group: first say where it runs (a `Started`
-    written to `started_file`), then return what happened, as the ledger keeps it.
+    sent to `started_to`), then return what happened, as the ledger keeps it (with its logs,
+    where they are carried back through Ray).
 
     A cancel from the runner arrives as KeyboardInterrupt; the group is stopped either way."""
-    announce(started_file)
+    announce(started_to)
     node = socket.gethostname()
     started = time.time()
     cpu_before = _children_cpu()
@@ -53,17 +55,22 @@ def run_job(spec: dict[str, Any], out: str, err: str, started_file: str) -> dict
     proc: subprocess.Popen[bytes] | None = None
     stop = Stop()
     try:
-        proc = _start(spec, out, err, group=watcher.pid)
+        proc = _start(spec, out.here(), err.here(), group=watcher.pid)
         stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, started)
         if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
             kill_group(watcher.pid, signal.SIGKILL)
     except OSError as exc:
         error = f"cannot start: {exc}"
-        return {"state": "failed", "error": error, "node": node, "started": started}
+        reply = {"state": "failed", "error": error, "node": node, "started": started}
+        return {**reply, "files": collect([out, err])}
+    except BaseException:  # cancelled: no reply to carry its logs back in
+        discard([out, err])
+        raise
     finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
         _stop_group(watcher, proc, KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE))
     assert proc is not None
-    return _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
+    reply = _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
+    return {**reply, "files": collect([out, err])}
 
 
 def _start(spec: dict[str, Any], out: str, err: str, group: int) -> subprocess.Popen[bytes]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import disk, procs
+from runner.carry import pack, unpack
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -150,8 +151,11 @@ class ShardRun(StageRun):
             "cwd": os.getcwd(),
             "log": str(f.log.resolve()),
             "pid": str(f.pid.resolve()),
-            "started_file": str(self.ex.start_file(lease)),
+            "started_to": self.ex.start_to(lease),
         }
+        if not self.ctx.cluster.shared_fs:  # its files travel with it, and back in its reply
+            job["carry_root"] = str(self.root.resolve())
+            job["stage_in"] = pack(self.root, [f.input, f.done, f.part, f.log, f.out_dir])
         options = lease.placement.options(max_retries=0, name=f"shard {shard.label}")
         lease.task = remote(run_shard).options(**options).remote(job)
         lease.watch(lease.task)
@@ -159,6 +163,7 @@ class ShardRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
+        unpack(self.root, reply.pop("files", {}))
         self._show(work)
         if lease.stopping is not None and not reply["ok"]:
             # cancelled (mode=cancel, Ctrl-C): its command was killed, which is no failure

@@ -5,9 +5,11 @@ function, writing the temporary output and the shard's log."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,15 +17,43 @@ from pathlib import Path
 from typing import Any
 
 from runner import gpus, procs
+from runner.carry import pack, unpack
 from runner.merge import read_table, write_table
 from runner.placement import announce
 
 
 def run_shard(job: dict[str, Any]) -> dict[str, Any]:
     """Runs inside a Ray task on the node that owns the shard's GPUs: say where it runs (a
-    `Started` written to `started_file`), check the GPUs' free memory, then run the command
+    `Started` sent to `started_to`), check the GPUs' free memory, then run the command
     (or the function) with its output written to the temporary name; return what happened."""
-    announce(job["started_file"])
+    announce(job["started_to"])
+    if job.get("carry_root") is None:
+        return _run(job)
+    # no shared filesystem: the shard's files live in a directory of this node while it runs
+    here = Path(tempfile.mkdtemp(prefix="runner-shard-"))
+    try:
+        unpack(here, job["stage_in"])
+        moved = _moved(job, job["carry_root"], str(here))
+        Path(moved["values"]["output_dir"]).mkdir(exist_ok=True)
+        reply = _run(moved)
+        sliced = Path(moved["values"]["input"])  # its input slice need not travel back
+        reply["files"] = pack(here, [p for p in here.iterdir() if p != sliced])
+        return reply
+    finally:
+        shutil.rmtree(here, ignore_errors=True)
+
+
+def _moved(job: dict[str, Any], root: str, here: str) -> dict[str, Any]:
+    """The job with its paths under `root` moved under `here`."""
+
+    def move(path: str) -> str:
+        return here + path[len(root) :] if path.startswith(root) else path
+
+    values = {k: move(v) for k, v in job["values"].items()}
+    return {**job, "values": values, "log": move(job["log"]), "pid": move(job["pid"])}
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
     started = time.time()
     chosen = job.get("gpu_ids")
     if chosen is not None:  # the GPUs the runner chose, by name: over Ray's own pick
