@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import time
 import uuid
@@ -68,6 +69,8 @@ WAIT_SECONDS = 0.1
 CANCEL_EVERY = 0.5
 # units whose start-up latencies a stage's summary keeps one by one (the mean covers all)
 MEASURED_UNITS = 10_000
+# where tasks announce their start, under the run directory (`placement.announce`)
+STARTED_DIR = ".started"
 
 
 @dataclass(eq=False, slots=True)
@@ -375,6 +378,9 @@ class Executor:
         self.rows: dict[tuple[str, str], UnitRow] = {}
         self.events: list[Event] = []
         self.last_flush = time.monotonic()
+        # rows of coarse units that started or ended this turn: written before the next turn
+        # launches anything (one transaction for all of them, not one per unit)
+        self.urgent = False
         self.metrics_seen = 0.0
         self.nodes: list[RayNode] = []
         self.node_seen = 0.0
@@ -610,7 +616,7 @@ class Executor:
     def start_file(self, lease: Lease) -> Path:
         """Where the lease's task announces its start (`placement.announce`): a file under the
         run directory, read here each turn of the loop."""
-        path = self.ctx.store.root / ".started" / f"{uuid.uuid4().hex}.json"
+        path = self.ctx.store.root / STARTED_DIR / f"{uuid.uuid4().hex}.json"
         self.announced[lease] = path
         return path
 
@@ -621,11 +627,18 @@ class Executor:
             self._started(lease, where)
 
     def _listen(self) -> None:
-        """Read the starts tasks announced since the last turn."""
-        for lease in list(self.announced):
+        """Read the starts tasks announced since the last turn: one listing of the directory,
+        then only the files that are there are read (not one failed open per waiting task)."""
+        if not self.announced:
+            return
+        try:
+            there = set(os.listdir(self.ctx.store.root / STARTED_DIR))
+        except OSError:  # no task has announced yet
+            there = set()
+        for lease, path in list(self.announced.items()):
             if lease.closed:
                 del self.announced[lease]
-            else:
+            elif path.name in there:
                 self._hear(lease)
 
     def _forget(self, ref: Any) -> None:
@@ -658,7 +671,7 @@ class Executor:
         live = self.live.get(work.stage)
         if live is not None and live.run.running_rows:  # a coarse unit: on disk as it starts
             self._row(work)
-            self._flush(force=True)
+            self.urgent = True
 
     # --- how units end --------------------------------------------------------------------
 
@@ -687,7 +700,7 @@ class Executor:
         work.ended = ended if ended is not None else time.time()
         self._row(work)
         if live.run.running_rows:  # a coarse unit: its end is on disk before anything else
-            self._flush(force=True)
+            self.urgent = True
         if state is not UnitState.cancelled:
             ok = state is UnitState.done
             self.ctx.progress.advance(work.stage, done=int(ok), failed=int(not ok))
@@ -743,7 +756,7 @@ class Executor:
         self._row(work)
         self._pending(work, None)
         if self.live[work.stage].run.running_rows:
-            self._flush(force=True)
+            self.urgent = True
 
     def back(self, work: Work) -> None:
         """A unit handed out but not started by its worker: queued again, no attempt spent."""
@@ -1023,6 +1036,7 @@ class Executor:
                 for lease in list(self.leases):
                     if lease.deadline is not None and now > lease.deadline:
                         self._stopped(lease)
+                self._flush()
                 if not ray_alive():
                     break
         for lease in list(self.leases):
@@ -1048,9 +1062,14 @@ class Executor:
         self.rows[(work.stage, work.id)] = work.row()
 
     def _flush(self, force: bool = False) -> None:
+        """Write the rows and events gathered so far: when `force`d (a stage closing, the run
+        ending), at the end of a turn in which a coarse unit started or ended (`urgent`: its
+        row is on disk before the next turn launches anything), else at most FLUSH_SECONDS
+        apart. The metrics gauges follow at most every METRICS_EVERY, or when forced."""
         due = time.monotonic() - self.last_flush >= FLUSH_SECONDS
-        if not (force or due or len(self.rows) >= FLUSH_ROWS):
+        if not (force or due or self.urgent or len(self.rows) >= FLUSH_ROWS):
             return
+        self.urgent = False
         if self.rows:
             self.ctx.ledger.write(list(self.rows.values()))
             self.rows = {}

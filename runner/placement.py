@@ -93,9 +93,13 @@ def announce(path: str) -> Started:
     through the run directory; the executor reads it (`Executor.expect_start`)."""
     where = here()
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(where)))
+    text = json.dumps(dataclasses.asdict(where))
+    try:
+        tmp.write_text(text)
+    except FileNotFoundError:  # the first task of the run to announce makes the directory
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
     os.replace(tmp, target)
     return where
 
