@@ -37,5 +37,7 @@ def test_jobs_200_trivial(compare: Callable[..., None], tmp_path: Path) -> None:
     compare(
         lambda: run_cli("bench_jobs", tmp_path / f"run-{next(count)}"),
         plain_pool,
-        rounds=2,
+        # the first round also starts the Ray workers the half-CPU tasks need (the max in the
+        # JSON); the median is the steady state
+        rounds=5,
     )

@@ -75,7 +75,8 @@ def test_preemption_to_new_replica_running(
         ray.get(again.run.remote(ROLLOUT_STEPS, STEP))
         ray.kill(again)
 
-    compare(runner, baseline, rounds=3)
+    # the goal (latency_ratio <= 1.1) is near 1: enough rounds for the median to tell
+    compare(runner, baseline, rounds=5)
     gone = statistics.median(g for g, _ in ours)
     running = statistics.median(r for _, r in ours)
     base = statistics.median(raw)

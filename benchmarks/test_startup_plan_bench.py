@@ -58,7 +58,8 @@ def test_startup_to_first_unit(compare: Callable[..., None], tmp_path: Path) -> 
         code = BASELINE.format(specs=ROOT / "runner" / "specs")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
 
-    compare(runner, baseline, rounds=2)
+    # the goal (<= 1.1x) is near 1: enough rounds that the median can tell 1.1 from 1.13
+    compare(runner, baseline, rounds=5)
 
 
 @pytest.mark.parametrize("units", [1_000, 10_000, 100_000])

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.hydra import Hydra
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -140,3 +141,17 @@ def install() -> None:
 
     ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[method-assign]
     ConfigLoaderImpl._load_configuration_impl = load_reporting_yaml  # type: ignore[method-assign]
+    Hydra.get_mode = _get_mode(Hydra.get_mode)  # type: ignore[method-assign]
+
+
+def _get_mode(get_mode: Any) -> Any:
+    """Hydra composes the whole config twice per run: once only to read `hydra.mode`, once to
+    run. The runner's config never sets `hydra.mode`; unless the command line does (`-m`, or
+    a `hydra.mode=` override), the answer is "not set" (a plain run) without the first one."""
+
+    def mode(self: Hydra, config_name: str | None, overrides: list[str]) -> Any:
+        if {"-m", "--multirun"} & set(sys.argv[1:]) or any("hydra.mode" in o for o in overrides):
+            return get_mode(self, config_name, overrides)
+        return None
+
+    return mode

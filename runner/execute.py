@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from runner import report
+from runner import report, warm
 from runner.errors import Interrupted
 from runner.executor import Executor
 from runner.kind import RunContext, StageKind, StageOutcome
@@ -62,6 +62,8 @@ def execute(
 ) -> tuple[int, dict[str, Any]]:
     """Run the plan; return (exit code, summary) and write `summary.json`."""
     stop = threading.Event()
+    pools = any(stage.kind == "pool" for stage in plan.stages.values())
+    warm.start(warm.PICTURE + (warm.RESULTS if pools else ()))
     scheduler = Scheduler(list(plan.cluster.nodes))
     progress = Progress(progress_mode)
     ctx = RunContext(store, ledger, scheduler, plan.cluster, stop, progress)

@@ -382,6 +382,9 @@ class Executor:
         self.rows: dict[tuple[str, str], UnitRow] = {}
         self.events: list[Event] = []
         self.last_flush = time.monotonic()
+        # rows of coarse units that started or ended this turn: written before the next turn
+        # launches anything (one transaction for all of them, not one per unit)
+        self.urgent = False
         self.metrics_seen = 0.0
         self.nodes: list[RayNode] = []
         self.node_seen = 0.0
@@ -629,7 +632,10 @@ class Executor:
             self._started(lease, where)
 
     def _listen(self) -> None:
-        """Read the starts tasks announced since the last turn."""
+        """Hear the starts tasks announced since the last turn."""
+        if not self.announced:
+            return
+        self.starts.turn()
         for lease in list(self.announced):
             if lease.closed:
                 del self.announced[lease]
@@ -666,7 +672,7 @@ class Executor:
         live = self.live.get(work.stage)
         if live is not None and live.run.running_rows:  # a coarse unit: on disk as it starts
             self._row(work)
-            self._flush(force=True)
+            self.urgent = True
 
     # --- how units end --------------------------------------------------------------------
 
@@ -695,7 +701,7 @@ class Executor:
         work.ended = ended if ended is not None else time.time()
         self._row(work)
         if live.run.running_rows:  # a coarse unit: its end is on disk before anything else
-            self._flush(force=True)
+            self.urgent = True
         if state is not UnitState.cancelled:
             ok = state is UnitState.done
             self.ctx.progress.advance(work.stage, done=int(ok), failed=int(not ok))
@@ -751,7 +757,7 @@ class Executor:
         self._row(work)
         self._pending(work, None)
         if self.live[work.stage].run.running_rows:
-            self._flush(force=True)
+            self.urgent = True
 
     def back(self, work: Work) -> None:
         """A unit handed out but not started by its worker: queued again, no attempt spent."""
@@ -1035,6 +1041,7 @@ class Executor:
                 for lease in list(self.leases):
                     if lease.deadline is not None and now > lease.deadline:
                         self._stopped(lease)
+                self._flush()
                 if not ray_alive():
                     break
             # a signal to the whole group may take the embedded Ray down only now, under load:
@@ -1069,9 +1076,14 @@ class Executor:
         self.rows[(work.stage, work.id)] = work.row()
 
     def _flush(self, force: bool = False) -> None:
+        """Write the rows and events gathered so far: when `force`d (a stage closing, the run
+        ending), at the end of a turn in which a coarse unit started or ended (`urgent`: its
+        row is on disk before the next turn launches anything), else at most FLUSH_SECONDS
+        apart. The metrics gauges follow at most every METRICS_EVERY, or when forced."""
         due = time.monotonic() - self.last_flush >= FLUSH_SECONDS
-        if not (force or due or len(self.rows) >= FLUSH_ROWS):
+        if not (force or due or self.urgent or len(self.rows) >= FLUSH_ROWS):
             return
+        self.urgent = False
         if self.rows:
             self.ctx.ledger.write(list(self.rows.values()))
             self.rows = {}

@@ -123,9 +123,13 @@ def announce(to: StartTo) -> Started:
         return where
     assert to.path is not None
     target = Path(to.path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(where)))
+    text = json.dumps(dataclasses.asdict(where))
+    try:
+        tmp.write_text(text)
+    except FileNotFoundError:  # the first task of the run to announce makes the directory
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
     os.replace(tmp, target)
     return where
 
@@ -152,6 +156,8 @@ class Inbox:
         return box
 
 
+# where tasks announce their start with a shared filesystem: a directory of the run directory
+STARTED_DIR = ".started"
 # seconds one `Inbox.take` waits for a start to come
 TAKE_WAIT = 1.0
 # seconds the runner waits for the inbox once a task has answered (its start is in by then)
@@ -170,12 +176,23 @@ class Starts:
         self.inbox: Any = None
         self.taking: Any = None
         self.came: dict[str, Started] = {}
+        # the start files there at this turn's listing
+        self.there: set[str] = set()
+
+    def turn(self) -> None:
+        """Once per turn of the runner's loop: list the start files that are there (one
+        listing, then only those are read: not one failed open per waiting task)."""
+        if self.shared_fs:
+            try:
+                self.there = set(os.listdir(self.root / STARTED_DIR))
+            except OSError:  # no task has announced yet
+                self.there = set()
 
     def address(self) -> StartTo:
         """A new place for one task to announce its start."""
         key = uuid.uuid4().hex
         if self.shared_fs:
-            return StartTo(key, path=str(self.root / ".started" / f"{key}.json"))
+            return StartTo(key, path=str(self.root / STARTED_DIR / f"{key}.json"))
         if self.inbox is None:
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -191,7 +208,8 @@ class Starts:
         """The start announced at `to`, once it has been (`ended`: the task has answered, so
         its start, if it got that far, is in the inbox: wait for it)."""
         if to.path is not None:
-            return _read_start(Path(to.path))
+            path = Path(to.path)
+            return _read_start(path) if ended or path.name in self.there else None
         self._take(ended, wait=0.0 if ended else TAKE_WAIT)
         found = self.came.pop(to.key, None)
         if found is None and ended:

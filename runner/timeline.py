@@ -147,7 +147,8 @@ def draw(view: RunView, title: str, path: Path, max_rows: int = MAX_ROWS) -> Dra
     bottom.xaxis.set_major_formatter(concise)
     bottom.set_xlabel("time (local clock)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    # zlib level 1: a fifth of the default level's time, for a few percent larger file
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     marks = sum(1 for m in view.moments if (m.node, m.track) in index)
     return Drawing(path, lanes, rows, len(view.slices), marks)
 
