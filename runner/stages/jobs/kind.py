@@ -3,6 +3,7 @@ one Ray task on the granted node, its outcome read from the task's reply."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -99,12 +100,16 @@ class JobsRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
+        try:  # without a shared filesystem its streams came back in the reply
+            land(reply.pop("files", {}))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
         self._show(work)
         if self._disk_full(work):
             self.ex.stopped(lease)
             return
         self.ex.end_lease(lease)
-        land(reply.pop("files", {}))
         self.cpu += reply.get("cpu", 0.0)
         account = _job(work).account
         if account is not None:
