@@ -257,7 +257,11 @@ def _ray_version() -> str:
 def command() -> int:
     """The `runner` command (`python -m runner` too): `main`, then the process ends with its
     exit code even when the embedded Ray died under the run (see `cluster.end_process`)."""
-    return clusters.end_process(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the run was ending
+        code = 130
+    return clusters.end_process(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ class Tail:
         """Print the complete lines written to `path` since the last look."""
         seen = self.shown.get(path, 0)
         try:
+            if path.stat().st_size < seen:  # written afresh since the last look
+                seen = 0
             with open(path, "rb") as fh:
                 fh.seek(seen)
                 data = fh.read()

@@ -769,7 +769,8 @@ def _victim_kind(g: Grant) -> tuple[object, ...]:
     """What tells victims apart when choosing (`_candidate`): grants of one kind on one node
     are interchangeable. Starts with the party key."""
     lost_from = None if g.saves_state else g.since
-    return (*_party_key(g), g.resources, g.elastic, lost_from)
+    left_from = None if g.estimated is None else (g.estimated, g.since)  # work left ranks them
+    return (*_party_key(g), g.resources, g.elastic, lost_from, left_from)
 
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:

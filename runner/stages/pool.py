@@ -380,7 +380,8 @@ class PoolRun(StageRun):
         counts = Counter(self.final)
         counts[UnitState.pending] += len(self.fresh)
         for work in itertools.chain(self.queue, *(x.work for x in self.leases)):
-            counts[work.state] += 1
+            if not work.state.final:  # the final ones are in `self.final` already
+                counts[work.state] += 1
         return counts
 
     def unfinished(self) -> list[Work]:
@@ -399,6 +400,11 @@ class PoolRun(StageRun):
             if planned.id == unit:
                 self.fresh.remove(planned)
                 return Work(self.name, planned)
+        for planned in self.stage.to_run:  # it ran and ended: its Work was let go
+            if planned.id == unit:
+                ended = Work(self.name, planned)
+                ended.state = UnitState.done  # final: nothing to cancel (the ledger has it)
+                return ended
         return None
 
     def ended(self, work: Work) -> None:

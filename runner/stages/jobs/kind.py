@@ -3,7 +3,6 @@ one Ray task on the granted node, its outcome read from the task's reply."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from runner.remote import remote
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.task import run_job
+from runner.store import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ class JobsRun(StageRun):
         options = lease.placement.options(max_retries=0, name=f"job {work.id}")
         started = self.ex.start_to(lease)
         for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
-            self.tail.start(Path(paths[stream]), fresh=True)
+            Path(paths[stream]).unlink(missing_ok=True)  # not an earlier attempt's lines
+            if self.spec.show_output:
+                self.tail.start(Path(paths[stream]), fresh=True)
         lease.task = (
             remote(run_job)
             .options(**options)
@@ -102,9 +104,11 @@ class JobsRun(StageRun):
         work = lease.work[0]
         try:  # without a shared filesystem its streams came back in the reply
             land(reply.pop("files", {}))
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
+        except OSError as exc:  # the runner's side cannot take them: the run stops, one message
+            where = Path(exc.filename) if isinstance(exc.filename, str) else None
+            self.ctx.ledger.fail(storage_error(self.ctx.store.root, exc, where))
+            self.ex.stopped(lease)
+            return
         self._show(work)
         if self._disk_full(work):
             self.ex.stopped(lease)
