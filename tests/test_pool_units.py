@@ -42,12 +42,18 @@ def test_a_result_that_cannot_be_stored_fails_its_item_alone(cli, tmp_path: Path
     assert [r["n"] for r in done["result"]] == [int(i) for i in done.index]
 
 
-def test_a_plain_function_is_a_worker_and_its_output_goes_to_worker_logs(cli, tmp_path) -> None:
+@pytest.mark.parametrize("shared_fs", ["true", "false"])
+def test_a_plain_function_is_a_worker_and_its_output_goes_to_worker_logs(
+    cli, tmp_path, shared_fs: str
+) -> None:
+    """Whether the nodes share the run directory or not (then each batch's reply carries the
+    worker's new log lines back), the worker logs end up under the run directory."""
     res = cli(
         "pipeline=misbehave",
         f"run.dir={tmp_path}",
         "pipeline.stages.work.worker._target_=tests.workers.double",
         "+pipeline.stages.work.worker.plus=1",
+        f"cluster.shared_fs={shared_fs}",
     )
     assert res.code == 0, res.text
     table = results(tmp_path)

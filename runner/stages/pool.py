@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from runner import items as itemsrc
+from runner.carry import Dest
 from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
 from runner.identity import code_digest
 from runner.kind import RunContext, StageKind, StageOutcome
@@ -158,9 +159,10 @@ def _from_upstream(own: str, source: str, ctx: PlanContext) -> list[Unit] | None
 class WorkerOutput:
     """Where a pool worker's `print` and `logging` go: its own log file under the run
     directory and, with `show_output`, the worker process's own streams too (which Ray
-    forwards to the console when `cluster.log_to_driver` is set)."""
+    forwards to the console when `cluster.log_to_driver` is set). Without a shared filesystem
+    the log is written on the worker's node and each batch's reply brings its new bytes."""
 
-    log: str
+    log: Dest
     show: bool = False
 
 
@@ -168,7 +170,7 @@ def worker_output(ctx: RunContext, stage: StagePlan, index: int) -> WorkerOutput
     """The output of the `index`th worker of a pool stage: `<run.dir>/<stage>/logs/worker-N.log`."""
     assert isinstance(stage.spec, PoolStage)
     path = ctx.stage_dir(stage.name) / LOGS / f"worker-{index}.log"
-    return WorkerOutput(str(path), stage.spec.show_output)
+    return WorkerOutput(Dest(str(path), carried=not ctx.cluster.shared_fs), stage.spec.show_output)
 
 
 class PoolActor:
@@ -185,6 +187,9 @@ class PoolActor:
 
         if output is not None:
             _capture(output)
+        # without a shared filesystem: the log on this node, and how much of it went back
+        self._carried = output.log if output is not None and output.log.carried else None
+        self._log_sent = 0
         if not isinstance(get_object(worker["_target_"]), type) and "_partial_" not in worker:
             # a plain function is the worker itself, called per item with the spec's kwargs
             worker = {**worker, "_partial_": True}
@@ -242,13 +247,30 @@ class PoolActor:
             "cpu": _cpu_seconds() - self._cpu0,
             "poisoned": poisoned,
             "worker": self.name,
+            "log": self._new_log(),
         }
+
+    def _new_log(self) -> bytes:
+        """Without a shared filesystem, the log's bytes written since the last reply (they
+        travel back with it); else nothing."""
+        if self._carried is None:
+            return b""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            with open(self._carried.here(), "rb") as fh:
+                fh.seek(self._log_sent)
+                data = fh.read()
+        except OSError:
+            return b""
+        self._log_sent += len(data)
+        return data
 
 
 def _capture(output: WorkerOutput) -> None:
     """Send this process's `print` and `logging` to the worker's log file (and, with `show`,
     to its own streams as well). Python-level only: Ray keeps the process's file descriptors."""
-    path = Path(output.log)
+    path = Path(output.log.here())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         log_file = path.open("a", buffering=1)
@@ -359,6 +381,8 @@ class PoolRun(StageRun):
         self.cpu: dict[Lease, float] = {}
         # workers that overran step_timeout: fed nothing more, replaced once drained
         self.draining: set[Lease] = set()
+        # each worker's log in the run directory (its new lines come with each reply)
+        self.log_of: dict[Lease, Path] = {}
         self.start_error: str | None = None
         # workers started so far: each has its own log, worker-N.log
         self.workers_started = 0
@@ -431,6 +455,7 @@ class PoolRun(StageRun):
         self.asked -= 1
         self.workers_started += 1
         output = worker_output(self.ctx, self.stage, self.workers_started)
+        self.log_of[lease] = Path(output.log.path)
         lease.actor = (
             remote(PoolActor)
             .options(**lease.placement.options(max_concurrency=self.threads, max_restarts=0))
@@ -440,6 +465,7 @@ class PoolRun(StageRun):
 
     def lease_ended(self, lease: Lease) -> None:
         self.draining.discard(lease)
+        self.log_of.pop(lease, None)
 
     def on_start(self, lease: Lease) -> None:
         self._feed(lease)
@@ -504,6 +530,8 @@ class PoolRun(StageRun):
         done_ids = {w.id for w in batch}
         lease.work = [w for w in lease.work if w.id not in done_ids]
         self.cpu[lease] = reply["cpu"]
+        if reply["log"]:
+            self._land_log(lease, reply["log"])
         if reply["outcomes"]:
             per_item = reply["busy"] / len(reply["outcomes"])
             old = self.item_seconds
@@ -530,6 +558,18 @@ class PoolRun(StageRun):
             self.ex.end_lease(lease, kill=True)
         elif lease.stopping is None:
             self._feed(lease)  # at once: a worker waiting for the next turn of the loop idles
+
+    def _land_log(self, lease: Lease, data: bytes) -> None:
+        """Without a shared filesystem: a batch's log lines, appended to the worker's log."""
+        path = self.log_of.get(lease)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("ab") as fh:
+                fh.write(data)
+        except OSError as exc:  # a log is no result: the run goes on, the user is told
+            log.warning("%s: cannot write worker log %s: %s", self.name, path, exc)
 
     def on_failure(self, lease: Lease, tag: Any, error: str, lost: bool) -> None:
         """A worker died: requeue what it held as suspects; only an item that ran alone on it
