@@ -10,6 +10,7 @@ and the items it held are retried one at a time so only the culprit spends its r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
@@ -27,7 +28,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from runner import items as itemsrc
 from runner.carry import Dest
@@ -187,9 +188,13 @@ class PoolActor:
 
         if output is not None:
             _capture(output)
-        # without a shared filesystem: the log on this node, and how much of it went back
-        self._carried = output.log if output is not None and output.log.carried else None
-        self._log_sent = 0
+        # without a shared filesystem: the log on this node, read as it grows (the file is
+        # unlinked at once, so a worker leaves nothing behind on its node)
+        self._log_reader: BinaryIO | None = None
+        if output is not None and output.log.carried:
+            with contextlib.suppress(OSError):
+                self._log_reader = open(output.log.here(), "rb")  # noqa: SIM115 (kept open: read as it grows)
+                os.unlink(output.log.here())
         if not isinstance(get_object(worker["_target_"]), type) and "_partial_" not in worker:
             # a plain function is the worker itself, called per item with the spec's kwargs
             worker = {**worker, "_partial_": True}
@@ -253,18 +258,11 @@ class PoolActor:
     def _new_log(self) -> bytes:
         """Without a shared filesystem, the log's bytes written since the last reply (they
         travel back with it); else nothing."""
-        if self._carried is None:
+        if self._log_reader is None:
             return b""
         sys.stdout.flush()
         sys.stderr.flush()
-        try:
-            with open(self._carried.here(), "rb") as fh:
-                fh.seek(self._log_sent)
-                data = fh.read()
-        except OSError:
-            return b""
-        self._log_sent += len(data)
-        return data
+        return self._log_reader.read()
 
 
 def _capture(output: WorkerOutput) -> None:
