@@ -69,9 +69,14 @@ def pack(root: Path, paths: Iterable[Path]) -> dict[str, bytes]:
     return found
 
 
+def under(root: Path, files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Files packed by `pack`, by their paths under `root` (for `land`)."""
+    return {str(root / rel): data for rel, data in files.items()}
+
+
 def unpack(root: Path, files: Mapping[str, bytes]) -> None:
     """Write files packed by `pack` under `root`."""
-    land({str(root / rel): data for rel, data in files.items()})
+    land(under(root, files))
 
 
 def land(files: Mapping[str, bytes]) -> None:

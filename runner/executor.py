@@ -29,9 +29,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from runner import cancel, procs, saved_state
+from runner import cancel, carry, procs, saved_state
 from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome
@@ -40,11 +41,11 @@ from runner.placement import Placement, Started, Starts, StartTo
 from runner.plan import Plan, PlanContext, StagePlan, Unit, units_digest
 from runner.remote import bounded, error_line
 from runner.resources import Resources
-from runner.scheduler.core import Grant, Ticket
+from runner.scheduler.core import Grant, Notify, Scheduler, Ticket
 from runner.scheduler.metrics import REGISTRY
 from runner.scheduler.policy import Policy
 from runner.spec import Pipeline
-from runner.store import Event, UnitRow
+from runner.store import Event, UnitRow, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,26 @@ class Ask:
     # the only nodes (scheduler indices) it may run on, e.g. a job's partition; None: any
     nodes: frozenset[int] | None = None
 
+    def submit_to(self, scheduler: Scheduler, owner: str, on_preempt: Notify | None) -> Ticket:
+        """Queue this ask with `scheduler`: the one translation of an ask into a ticket, for
+        the real run (`Executor.submit`) and the simulated one (`sim.Simulation.submit`)."""
+        return scheduler.submit(
+            owner,
+            self.resources,
+            self.priority,
+            pool=self.pool,
+            labels=self.labels,
+            policy=self.policy,
+            on_preempt=on_preempt if self.preemptible else None,
+            saves_state=self.saves_state,
+            elastic=self.elastic,
+            reuse=self.reuse,
+            duration=self.duration,
+            reserve=self.reserve,
+            estimated=self.estimated,
+            nodes=self.nodes,
+        )
+
 
 @dataclass(eq=False)
 class Lease:
@@ -231,6 +252,19 @@ class StageRun:
     def ended(self, work: Work) -> None:
         """A unit reached its final state."""
         self.left -= 1
+
+    def landed(self, lease: Lease, files: Mapping[str, bytes]) -> bool:
+        """Write the files a task brought back in its reply (no shared filesystem) where they
+        belong; False when the runner's side cannot take them: the run stops with the one
+        storage message and the lease's unit is left for a rerun."""
+        try:
+            carry.land(files)
+        except OSError as exc:
+            where = Path(exc.filename) if isinstance(exc.filename, str) else None
+            self.ctx.ledger.fail(storage_error(self.ctx.store.root, exc, where))
+            self.ex.stopped(lease)
+            return False
+        return True
 
     # --- what a kind fills in ----------------------------------------------------------
 
@@ -496,21 +530,10 @@ class Executor:
         lease = Lease(run, ask)
         if ask.work is not None:
             lease.work.append(ask.work)
-        lease.ticket = self.ctx.scheduler.submit(
+        lease.ticket = ask.submit_to(
+            self.ctx.scheduler,
             f"{run.name}/{ask.work.id if ask.work else 'worker'}",
-            ask.resources,
-            ask.priority,
-            pool=ask.pool,
-            labels=ask.labels,
-            policy=ask.policy,
-            on_preempt=self._flag if ask.preemptible else None,
-            saves_state=ask.saves_state,
-            elastic=ask.elastic,
-            reuse=ask.reuse,
-            duration=ask.duration,
-            reserve=ask.reserve,
-            estimated=ask.estimated,
-            nodes=ask.nodes,
+            self._flag,
         )
         self.waiting[lease.ticket] = lease
         return lease

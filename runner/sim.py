@@ -116,21 +116,7 @@ class Simulation:
     ) -> Ticket:
         """Queue an ask with the scheduler as the executor does (`Executor.submit`); `then` is
         called with the grant once it is admitted."""
-        ticket = self.scheduler.submit(
-            owner,
-            ask.resources,
-            ask.priority,
-            pool=ask.pool,
-            labels=ask.labels,
-            policy=ask.policy,
-            on_preempt=on_preempt if ask.preemptible else None,
-            saves_state=ask.saves_state,
-            elastic=ask.elastic,
-            reuse=ask.reuse,
-            duration=ask.duration,
-            reserve=ask.reserve,
-            estimated=ask.estimated,
-        )
+        ticket = ask.submit_to(self.scheduler, owner, on_preempt)
         self._on_grant[ticket] = then
         return ticket
 

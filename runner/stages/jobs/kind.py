@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import disk
-from runner.carry import Dest, land
+from runner.carry import Dest
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -22,7 +22,6 @@ from runner.remote import remote
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.task import run_job
-from runner.store import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +101,7 @@ class JobsRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
-        try:  # without a shared filesystem its streams came back in the reply
-            land(reply.pop("files", {}))
-        except OSError as exc:  # the runner's side cannot take them: the run stops, one message
-            where = Path(exc.filename) if isinstance(exc.filename, str) else None
-            self.ctx.ledger.fail(storage_error(self.ctx.store.root, exc, where))
-            self.ex.stopped(lease)
+        if not self.landed(lease, reply.pop("files", {})):  # streams carried back, if any
             return
         self._show(work)
         if self._disk_full(work):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import disk, procs
-from runner.carry import pack, unpack
+from runner.carry import pack, under
 from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -26,7 +26,6 @@ from runner.stages.shard.files import Files, commit, launch_values, tail
 from runner.stages.shard.ranges import Shard
 from runner.stages.shard.slots import GpuSlots
 from runner.stages.shard.task import run_shard
-from runner.store import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +163,7 @@ class ShardRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         reply: dict[str, Any] = value
         work = lease.work[0]
-        try:  # without a shared filesystem its files came back in the reply
-            unpack(self.root, reply.pop("files", {}))
-        except OSError as exc:  # the runner's side cannot take them: the run stops, one message
-            where = Path(exc.filename) if isinstance(exc.filename, str) else None
-            self.ctx.ledger.fail(storage_error(self.ctx.store.root, exc, where))
-            self.ex.stopped(lease)
+        if not self.landed(lease, under(self.root, reply.pop("files", {}))):  # carried back
             return
         self._show(work)
         if lease.stopping is not None and not reply["ok"]:
