@@ -661,7 +661,7 @@ class Executor:
         self.starts.turn()
         for lease in list(self.announced):
             if lease.closed:
-                del self.announced[lease]
+                self.starts.forget(self.announced.pop(lease))
             else:
                 self._hear(lease)
 

@@ -181,12 +181,15 @@ class Starts:
 
     def turn(self) -> None:
         """Once per turn of the runner's loop: list the start files that are there (one
-        listing, then only those are read: not one failed open per waiting task)."""
-        if self.shared_fs:
-            try:
-                self.there = set(os.listdir(self.root / STARTED_DIR))
-            except OSError:  # no task has announced yet
-                self.there = set()
+        listing, then only those are read: not one failed open per waiting task), or take
+        what came to the inbox (one look, not one per waiting task)."""
+        if not self.shared_fs:
+            self._take(block=False)
+            return
+        try:
+            self.there = set(os.listdir(self.root / STARTED_DIR))
+        except OSError:  # no task has announced yet
+            self.there = set()
 
     def address(self) -> StartTo:
         """A new place for one task to announce its start."""
@@ -210,12 +213,18 @@ class Starts:
         if to.path is not None:
             path = Path(to.path)
             return _read_start(path) if ended or path.name in self.there else None
-        self._take(ended, wait=0.0 if ended else TAKE_WAIT)
         found = self.came.pop(to.key, None)
-        if found is None and ended:
-            self._take(True, wait=0.0)
+        if found is None and ended:  # its start is in the inbox by now (or never was sent)
+            self._take(block=True, wait=0.0)  # the take in flight, or one that looks at once
             found = self.came.pop(to.key, None)
+            if found is None:  # the one in flight was sent before the start came
+                self._take(block=True, wait=0.0)
+                found = self.came.pop(to.key, None)
         return found
+
+    def forget(self, to: StartTo) -> None:
+        """A lease that ended before its start was heard: drop what may still come of it."""
+        self.came.pop(to.key, None)
 
     def _take(self, block: bool, wait: float = TAKE_WAIT) -> None:
         import ray
