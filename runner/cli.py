@@ -261,6 +261,9 @@ def command() -> int:
         code = main()
     except KeyboardInterrupt:  # a second Ctrl-C while the run was ending
         code = 130
+    except BrokenPipeError:  # `runner --help | head`: the reader has all it wanted
+        _quiet_stdout()
+        code = 128 + signal.SIGPIPE
     return clusters.end_process(code)
 
 

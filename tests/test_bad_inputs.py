@@ -250,15 +250,22 @@ def test_a_worker_module_that_cannot_import_names_module_line_and_cause(
     assert "Traceback" not in res.text
 
 
-def test_plan_into_a_closed_pipe_ends_quietly() -> None:
-    """`runner mode=plan | head -1`: the reader went away; no BrokenPipeError traceback."""
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(
+            ("pipeline=numbers", "mode=plan", "run.dir=/nonexistent/never-created"), id="plan"
+        ),
+        pytest.param(("--help",), id="help"),
+    ],
+)
+def test_output_into_a_closed_pipe_ends_quietly(args: tuple[str, ...]) -> None:
+    """`runner mode=plan | head -1`, `runner --help | head`: the reader went away; no
+    BrokenPipeError traceback."""
     read, write = os.pipe()
     os.close(read)
     proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "runner", "--config-dir", str(TEST_SPECS)),
-            *("pipeline=numbers", "mode=plan", "run.dir=/nonexistent/never-created"),
-        ],
+        [*(sys.executable, "-m", "runner", "--config-dir", str(TEST_SPECS)), *args],
         cwd=ROOT,
         stdout=write,
         stderr=subprocess.PIPE,
