@@ -155,8 +155,8 @@ def _commit_and_merge(frames: list[Any], root: Path) -> None:
     """The stage's checkpoint protocol: the task's write, the driver's `commit`, the merge."""
     from runner.merge import Committed, merge, write_table
     from runner.plan import Unit
-    from runner.stages.shard import Shard
     from runner.stages.shard.files import Files, commit
+    from runner.stages.shard.ranges import Shard
 
     root.mkdir()
     shards = []

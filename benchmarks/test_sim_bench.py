@@ -48,7 +48,7 @@ def make_plan() -> Any:
     from runner.plan import make_plan as plan_of
     from runner.schema import ClusterConfig, JobsStage, StageSpec
     from runner.spec import Pipeline
-    from runner.stages import KINDS
+    from runner.stages.registry import KINDS
 
     stages: dict[str, StageSpec] = {}
     raws: dict[str, dict[str, Any]] = {}

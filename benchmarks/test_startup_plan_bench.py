@@ -68,7 +68,7 @@ def test_planning_cost_per_unit(compare: Callable[..., None], benchmark, units: 
     from runner.plan import make_plan
     from runner.schema import ClusterConfig, PoolStage
     from runner.spec import Pipeline
-    from runner.stages import KINDS
+    from runner.stages.registry import KINDS
 
     raw = {
         "kind": "pool",

@@ -30,7 +30,7 @@ from runner.resources import Resources
 from runner.scheduler import metrics
 from runner.schema import Mode, register_configs
 from runner.spec import Origins, Spec, load
-from runner.stages import KINDS
+from runner.stages.registry import KINDS
 from runner.store import RAY_PIDS, RunStore, read_ledger
 
 log = logging.getLogger("runner")

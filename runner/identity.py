@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -72,3 +73,28 @@ def _source_digest(origin: str) -> str:
     if key not in _seen:
         _seen[key] = content_digest(Path(origin))
     return _seen[key]
+
+
+def digest(*parts: str) -> str:
+    """A short stable hash of strings."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def digester(*prefix: str) -> Callable[[str], str]:
+    """`digest(*prefix, part)` for many parts: the prefix is hashed once and its state copied
+    (a stage's units share their stage's fingerprint as the prefix)."""
+    base = hashlib.blake2b(digest_size=12)
+    for part in prefix:
+        base.update(part.encode())
+        base.update(b"\0")
+
+    def one(part: str) -> str:
+        h = base.copy()
+        h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
+    return one

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.plan import digest
+from runner.identity import digest
 from runner.store import atomic_path, write_json
 
 SUMMARY = "merge_summary.json"

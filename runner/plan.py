@@ -21,37 +21,13 @@ from typing import Any
 
 from runner.cluster import ClusterInfo
 from runner.errors import PlanError
+from runner.identity import digest
 from runner.lifecycle import UnitState
 from runner.resources import Resources
 from runner.schema import StageSpec
 from runner.sizing import fits
 from runner.spec import Pipeline
 from runner.store import Ledger, Prior, PriorUnit, UnitRow
-
-
-def digest(*parts: str) -> str:
-    """A short stable hash of strings."""
-    h = hashlib.blake2b(digest_size=12)
-    for part in parts:
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def digester(*prefix: str) -> Callable[[str], str]:
-    """`digest(*prefix, part)` for many parts: the prefix is hashed once and its state copied
-    (a stage's units share their stage's fingerprint as the prefix)."""
-    base = hashlib.blake2b(digest_size=12)
-    for part in prefix:
-        base.update(part.encode())
-        base.update(b"\0")
-
-    def one(part: str) -> str:
-        h = base.copy()
-        h.update(part.encode() + b"\0")
-        return h.hexdigest()
-
-    return one
 
 
 def units_digest(entries: Iterable[tuple[str, str, Any]]) -> str:

@@ -98,7 +98,7 @@ class Simulation:
             list(self.plan.cluster.nodes), clock=self.clock, metrics=Metrics(collectors=False)
         )
         if self.kinds is None:
-            from runner.stages import KINDS
+            from runner.stages.registry import KINDS
 
             self.kinds = KINDS
 

@@ -10,41 +10,27 @@ and the items it held are retried one at a time so only the culprit spends its r
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import logging
 import math
-import os
-import queue
-import socket
-import sys
-import threading
 import time
-import traceback
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+from typing import Any
 
 from runner import items as itemsrc
 from runner.carry import Dest
 from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
-from runner.identity import code_digest
-from runner.kind import RunContext, StageKind, StageOutcome
+from runner.identity import code_digest, digest, digester
+from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
-from runner.placement import Started, here
 from runner.plan import (
     PlanContext,
     StagePlan,
     Unit,
     claim,
     decider,
-    digest,
-    digester,
     kept_keys,
     result_config,
     stage_config,
@@ -55,10 +41,8 @@ from runner.resources import Resources
 from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
-from runner.stages.results import ResultError, json_value, write_results
-
-if TYPE_CHECKING:
-    from runner.sim import SimStage, Simulation
+from runner.stages.pool_worker import PoolActor, WorkerOutput
+from runner.stages.results import write_results
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +137,7 @@ def _from_upstream(own: str, source: str, ctx: PlanContext) -> list[Unit] | None
     return [Unit(r.unit, digest(own, r.fingerprint), r.result) for r in rows]
 
 
-# --- the actor ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerOutput:
-    """Where a pool worker's `print` and `logging` go: its own log file under the run
-    directory and, with `show_output`, the worker process's own streams too (which Ray
-    forwards to the console when `cluster.log_to_driver` is set). Without a shared filesystem
-    the log is written on the worker's node and each batch's reply brings its new bytes."""
-
-    log: Dest
-    show: bool = False
+# --- the workers ---------------------------------------------------------------------------
 
 
 def worker_output(ctx: RunContext, stage: StagePlan, index: int) -> WorkerOutput:
@@ -172,188 +145,6 @@ def worker_output(ctx: RunContext, stage: StagePlan, index: int) -> WorkerOutput
     assert isinstance(stage.spec, PoolStage)
     path = ctx.stage_dir(stage.name) / LOGS / f"worker-{index}.log"
     return WorkerOutput(Dest(str(path), carried=not ctx.cluster.shared_fs), stage.spec.show_output)
-
-
-class PoolActor:
-    """Runs inside a Ray actor: builds the worker once, then runs batches of items."""
-
-    def __init__(
-        self,
-        worker: dict[str, Any],
-        step_timeout: float | None,
-        threads: int,
-        output: WorkerOutput | None = None,
-    ) -> None:
-        from hydra.utils import get_object, instantiate
-
-        if output is not None:
-            _capture(output)
-        # without a shared filesystem: the log on this node, read as it grows (the file is
-        # unlinked at once, so a worker leaves nothing behind on its node)
-        self._log_reader: BinaryIO | None = None
-        if output is not None and output.log.carried:
-            with contextlib.suppress(OSError):
-                self._log_reader = open(output.log.here(), "rb")  # noqa: SIM115 (kept open: read as it grows)
-                os.unlink(output.log.here())
-        if not isinstance(get_object(worker["_target_"]), type) and "_partial_" not in worker:
-            # a plain function is the worker itself, called per item with the spec's kwargs
-            worker = {**worker, "_partial_": True}
-        self._fn = instantiate(worker, _convert_="all")
-        self._timeout = step_timeout
-        self._threads = _DaemonThreads(threads) if step_timeout else None
-        # set once an item overran step_timeout: its thread is stuck, so take no more items
-        self._poisoned = False
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
-        # CPU spent starting up (imports, building the worker) is not the units' CPU time
-        self._cpu0 = _cpu_seconds()
-
-    def ready(self) -> Started:
-        return here()
-
-    def run(self, batch: list[tuple[str, Any]]) -> dict[str, Any]:
-        """Outcomes as (id, status, value, seconds); ids not started; busy time; CPU so far.
-
-        Every value in the reply is plain data (a result that is not JSON becomes that item's
-        error), so one bad result never fails the batch it travels with."""
-        outcomes: list[tuple[str, str, Any, float]] = []
-        started = time.perf_counter()
-        for n, (uid, payload) in enumerate(batch):
-            if self._poisoned:
-                return self._reply(outcomes, [u for u, _ in batch[n:]], started, poisoned=True)
-            t0 = time.perf_counter()
-            status, value = self._one(uid, payload)
-            outcomes.append((uid, status, value, time.perf_counter() - t0))
-            if status == "timeout":
-                self._poisoned = True
-        return self._reply(outcomes, [], started, poisoned=False)
-
-    def _one(self, uid: str, payload: Any) -> tuple[str, Any]:
-        if self._threads is None:
-            return _call(self._fn, uid, payload)
-        future = self._threads.submit(self._fn, uid, payload)
-        try:
-            return future.result(timeout=self._timeout)
-        except FutureTimeout:
-            # the thread cannot be interrupted: report, and let the driver replace this actor
-            print(f"item {uid}: step_timeout {self._timeout:g}s exceeded", file=sys.stderr)
-            return "timeout", f"step_timeout {self._timeout:g}s exceeded"
-
-    def _reply(
-        self,
-        outcomes: list[tuple[str, str, Any, float]],
-        rest: list[str],
-        t0: float,
-        poisoned: bool,
-    ) -> dict[str, Any]:
-        return {
-            "outcomes": outcomes,
-            "rest": rest,
-            "busy": time.perf_counter() - t0,
-            "cpu": _cpu_seconds() - self._cpu0,
-            "poisoned": poisoned,
-            "worker": self.name,
-            "log": self._new_log(),
-        }
-
-    def _new_log(self) -> bytes:
-        """Without a shared filesystem, the log's bytes written since the last reply (they
-        travel back with it); else nothing."""
-        if self._log_reader is None:
-            return b""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return self._log_reader.read()
-
-
-def _capture(output: WorkerOutput) -> None:
-    """Send this process's `print` and `logging` to the worker's log file (and, with `show`,
-    to its own streams as well). Python-level only: Ray keeps the process's file descriptors."""
-    path = Path(output.log.here())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = path.open("a", buffering=1)
-    except OSError as exc:
-        print(f"runner: cannot open worker log {path}: {exc}", file=sys.stderr)
-        return
-    sys.stdout = _Tee(log_file, sys.stdout if output.show else None)
-    sys.stderr = _Tee(log_file, sys.stderr if output.show else None)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-
-
-class _Tee(io.TextIOBase):
-    """A text stream writing to a log file and, optionally, to a second stream."""
-
-    def __init__(self, log_file: TextIO, also: TextIO | None) -> None:
-        self._log, self._also = log_file, also
-        self._lock = threading.Lock()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            self._log.write(text)
-            if self._also is not None:
-                self._also.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self._log.flush()
-        if self._also is not None:
-            self._also.flush()
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and the children it has waited for."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class _DaemonThreads:
-    """Runs calls on daemon threads: a stuck item must never keep the actor process alive
-    at exit (ThreadPoolExecutor joins its threads, so a killed actor would linger)."""
-
-    def __init__(self, count: int) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future[tuple[str, Any]], Any, str, Any]] = (
-            queue.SimpleQueue()
-        )
-        for n in range(count):
-            threading.Thread(target=self._serve, name=f"item-{n}", daemon=True).start()
-
-    def submit(self, fn: Any, uid: str, payload: Any) -> Future[tuple[str, Any]]:
-        future: Future[tuple[str, Any]] = Future()
-        self._jobs.put((future, fn, uid, payload))
-        return future
-
-    def _serve(self) -> None:
-        while True:
-            future, fn, uid, payload = self._jobs.get()
-            future.set_result(_call(fn, uid, payload))
-
-
-def _call(fn: Any, uid: str, payload: Any) -> tuple[str, Any]:
-    """One item: ("done", its result as JSON data) or ("error", type, message and the last
-    frames); the whole traceback goes to the worker's log."""
-    try:
-        return "done", json_value(fn(payload))
-    except Exception as exc:  # the item's own failure: a recorded outcome, not a crash
-        print(f"item {uid} failed:\n{traceback.format_exc()}", file=sys.stderr, end="")
-        return "error", _error_text(exc)
-
-
-def _error_text(exc: BaseException) -> str:
-    """`Type: message`, then the last frames (innermost last), as a results row keeps it."""
-    head = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, ResultError):
-        return head
-    frames = traceback.extract_tb(exc.__traceback__)[1:][-ERROR_FRAMES:]
-    lines = [f"  at {f.filename}:{f.lineno} in {f.name}" for f in frames]
-    return "\n".join([head, *lines])
 
 
 # --- how it runs under the executor -----------------------------------------------------
@@ -614,12 +405,3 @@ def worker_ask(stage: StagePlan) -> Ask:
 
 def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> PoolRun:
     return PoolRun(stage, ctx, ex)
-
-
-def _simulate(stage: StagePlan, sim: Simulation) -> SimStage:
-    from runner.stages.pool_sim import simulate
-
-    return simulate(stage, sim)
-
-
-KIND = StageKind(PoolStage, check, plan, open_run, _simulate)

@@ -80,35 +80,6 @@ def _json_column(texts: Any) -> Any:
     return pa.chunked_array([p if p.type == kind else pa.nulls(len(p), kind) for p in parts], kind)
 
 
-class ResultError(TypeError):
-    """A worker returned a value the ledger cannot keep (not JSON)."""
-
-
-def json_value(value: Any) -> Any:
-    """`value` as the ledger keeps it: JSON values as they are, numpy values (anything with
-    `tolist()`) converted; anything else raises ResultError naming its type, so the item fails
-    with that message instead of being silently stringified (or crashing its whole batch)."""
-    converted = False
-
-    def plain(obj: Any) -> Any:
-        nonlocal converted
-        if callable(getattr(obj, "tolist", None)):
-            converted = True
-            return obj.tolist()
-        kind = type(obj)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else repr(kind)[8:-2]
-        raise ResultError(f"a {name} cannot be stored")
-
-    try:
-        text = json.dumps(value, default=plain)
-    except (TypeError, ValueError) as exc:
-        raise ResultError(
-            f"the result is not JSON ({exc}): return dicts, lists, strings, numbers, booleans "
-            "or None (numpy values are converted)"
-        ) from None
-    return json.loads(text) if converted else value
-
-
 def _column(values: list[Any]) -> Any:
     """Native Arrow types where the values agree on one (numbers, structs), else JSON text."""
     import pyarrow as pa

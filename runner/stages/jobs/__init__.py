@@ -7,18 +7,8 @@ priority. A job runs in its own process group, killed whole at its time limit, o
 when its Ray worker dies (a watcher process outlives the worker and ends the group), so nothing
 a job started is left running. A job whose worker dies is retried or marked failed, never left
 running; a job's own failure is final and its siblings go on.
+
+The package's modules are imported one by one (`runner.stages.registry` puts the kind
+together): its Ray-side module is imported by fresh worker processes, which must not pay
+for the driver's modules.
 """
-
-from __future__ import annotations
-
-from runner.kind import StageKind
-from runner.schema import JobsStage
-from runner.stages.jobs.job import Job, array_indices, load_jobs
-from runner.stages.jobs.kind import JobsRun, open_run
-from runner.stages.jobs.planning import check, plan
-from runner.stages.jobs.simulate import simulate
-from runner.stages.jobs.task import run_job
-
-__all__ = ["KIND", "Job", "JobsRun", "array_indices", "check", "load_jobs", "plan", "run_job"]
-
-KIND = StageKind(JobsStage, check, plan, open_run, simulate)

@@ -14,10 +14,11 @@ from typing import Any
 from runner import disk
 from runner.carry import Dest
 from runner.executor import Ask, Executor, Lease, StageRun, Work
+from runner.identity import digest
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.output import Tail
-from runner.plan import StagePlan, Unit, digest
+from runner.plan import StagePlan, Unit
 from runner.remote import remote
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line

@@ -9,6 +9,7 @@ from typing import Any
 
 from runner.cluster import PARTITION_LABEL, ClusterInfo
 from runner.errors import PlanError
+from runner.identity import digest
 from runner.plan import (
     Claim,
     PlanContext,
@@ -16,7 +17,6 @@ from runner.plan import (
     Unit,
     claim,
     decider,
-    digest,
     kept_keys,
     stage_config,
 )

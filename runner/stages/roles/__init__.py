@@ -9,29 +9,8 @@ be restored with `restore(state)` when it is admitted again. ScheduleMesh's faul
 out: the timeout is honoured, several victims may be taken, label preemptions are counted as
 `label`, placement groups are reused by best fit, and every group's readiness is waited for
 with a bound.
+
+The package's modules are imported one by one (`runner.stages.registry` puts the kind
+together): its Ray-side module is imported by fresh worker processes, which must not pay
+for the driver's modules.
 """
-
-from __future__ import annotations
-
-from runner.kind import StageKind
-from runner.schema import RolesStage
-from runner.stages.roles.checks import check
-from runner.stages.roles.host import saves_state
-from runner.stages.roles.kind import RolesRun, open_run
-from runner.stages.roles.planning import autoscale, plan
-from runner.stages.roles.settings import RoleSpec, RolesPlan, parse
-from runner.stages.roles.simulate import simulate
-
-__all__ = [
-    "KIND",
-    "RoleSpec",
-    "RolesPlan",
-    "RolesRun",
-    "autoscale",
-    "check",
-    "parse",
-    "plan",
-    "saves_state",
-]
-
-KIND = StageKind(RolesStage, check, plan, open_run, simulate)

@@ -10,6 +10,7 @@ import importlib
 import threading
 from typing import Any
 
+from runner.build import build
 from runner.placement import Started, here
 
 
@@ -30,10 +31,8 @@ class RoleHost:
     """Runs inside a Ray actor (two threads: `run` and `cancel` / `state` beside it)."""
 
     def __init__(self, actor: dict[str, Any], role: str, replica: int, steps: int) -> None:
-        from hydra.utils import instantiate
-
         self._flag = threading.Event()
-        self.obj = instantiate(actor, _convert_="all")
+        self.obj: Any = build(actor)  # the user's role object: run(ctx), maybe state()/restore()
         self.ctx = RoleContext(role, replica, steps, self._flag)
 
     def ready(self) -> Started:

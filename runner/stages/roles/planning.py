@@ -8,7 +8,8 @@ import math
 from typing import Any
 
 from runner.errors import PlanError
-from runner.plan import PlanContext, StagePlan, Unit, claim, decider, digest, result_config
+from runner.identity import digest
+from runner.plan import PlanContext, StagePlan, Unit, claim, decider, result_config
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.schema import RolesStage, StageSpec

@@ -13,19 +13,8 @@ shard's fingerprint hashes the stage's result config, its range and the input's 
 (path and content digest, kept in the ledger by path, size and mtime): a resumed run decides
 from metadata and the ledger, never by parsing the data. Files of a shard live in
 `<run.dir>/<stage>/shards/` under `shard-NNNN.*`.
+
+The package's modules are imported one by one (`runner.stages.registry` puts the kind
+together): its Ray-side module is imported by fresh worker processes, which must not pay
+for the driver's modules.
 """
-
-from __future__ import annotations
-
-from runner.kind import StageKind
-from runner.schema import ShardStage
-from runner.stages.shard.checks import check
-from runner.stages.shard.kind import ShardRun, open_run
-from runner.stages.shard.planning import plan
-from runner.stages.shard.ranges import Shard, input_identity, split
-from runner.stages.shard.simulate import simulate
-from runner.stages.shard.task import run_shard
-
-__all__ = ["KIND", "Shard", "ShardRun", "check", "input_identity", "plan", "run_shard", "split"]
-
-KIND = StageKind(ShardStage, check, plan, open_run, simulate)

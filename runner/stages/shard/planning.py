@@ -9,14 +9,13 @@ from typing import Any
 
 from runner import gpus
 from runner.errors import PlanError
-from runner.identity import code_digest
+from runner.identity import code_digest, digest
 from runner.plan import (
     PlanContext,
     StagePlan,
     Unit,
     claim,
     decider,
-    digest,
     kept_keys,
     result_config,
     stage_config,
