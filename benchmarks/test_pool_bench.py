@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import random
 import shutil
 import statistics
 import tempfile
@@ -27,44 +26,12 @@ from typing import Any
 
 import pytest
 
+from benchmarks.fns import Nap, Square, square
 from runner.cli import main
 from runner.store import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS, CPUS = 2, 0.9
-
-
-class Square:
-    def __call__(self, item: int) -> int:
-        return item * item
-
-
-class Nap:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def __call__(self, item: int) -> int:
-        import time
-
-        time.sleep(self.seconds)
-        return item
-
-
-class Burn:
-    """A PyChecker-like item: 20-200 ms of CPU work, the same for the same item."""
-
-    def __call__(self, item: int) -> int:
-        import time
-
-        seconds = 0.02 + 0.18 * random.Random(item).random()
-        end = time.process_time() + seconds
-        while time.process_time() < end:
-            pass
-        return item
-
-
-def square(item: int) -> int:
-    return item * item
 
 
 def ledger_times(run_dir: Path) -> list[tuple[float, float]]:
@@ -146,9 +113,7 @@ def raw_actor_pool(cls: type, n: int, *init: object) -> Callable[[], None]:
 def test_pool_trivial_items(compare: Callable[..., None], benchmark: Any) -> None:
     n = 5000
     times: list[list[tuple[float, float]]] = []
-    compare(
-        runner_pool("benchmarks.test_pool_bench.Square", n, times=times), raw_actor_pool(Square, n)
-    )
+    compare(runner_pool("benchmarks.fns.Square", n, times=times), raw_actor_pool(Square, n))
     # steady state: runner's cost per item in the middle 80%, against a multiprocessing.Pool
     # mapping the same items in runner's own batches (items that ended together)
     per_item = []
@@ -183,7 +148,7 @@ def test_pool_20ms_items(compare: Callable[..., None], benchmark: Any) -> None:
     times: list[list[tuple[float, float]]] = []
     compare(
         runner_pool(
-            "benchmarks.test_pool_bench.Nap",
+            "benchmarks.fns.Nap",
             n,
             f"+pipeline.stages.work.worker.seconds={seconds}",
             times=times,
@@ -209,7 +174,7 @@ def test_pool_utilization_cpu_items(benchmark: Any, tmp_path: Path) -> None:
 
     def run() -> None:
         run_dir = tmp_path / f"run-{next(count)}"
-        run_pool(run_dir, "benchmarks.test_pool_bench.Burn", n, workers=workers, cpus=cpus)
+        run_pool(run_dir, "benchmarks.fns.Burn", n, workers=workers, cpus=cpus)
         spans = ledger_times(run_dir)
         busy = sum(end - start for start, end in spans)
         wall = json.loads((run_dir / "summary.json").read_text())["stages"]["work"]["wall_s"]
