@@ -370,7 +370,7 @@ class Scheduler:
                 reached[n] = i + 1
             held = ticket.hold_node
             if held is not None:
-                view[held] = view[held] + ticket.resources
+                view.give(held, ticket.resources)
                 self._held.discard(ticket)
             barred = None if held is not None else _barred(ticket, reserved, now)
             shape = (ticket.resources, ticket.pool, ticket.reuse, barred is not None, ticket.nodes)
@@ -423,11 +423,11 @@ class Scheduler:
     def _hold(self, ticket: Ticket, node: int) -> None:
         """The ticket keeps `node`'s room for itself while its victims stop."""
         ticket.hold_node = node
-        self._avail[node] = self._avail[node] - ticket.resources
+        self._avail.take(node, ticket.resources)
         self._held.add(ticket)
 
     def _unhold(self, ticket: Ticket, node: int) -> None:
-        self._avail[node] = self._avail[node] + ticket.resources
+        self._avail.give(node, ticket.resources)
         self._held.discard(ticket)
 
     def _reservation(self, ticket: Ticket, view: FreeIndex, now: float) -> tuple[int, float] | None:
@@ -471,9 +471,9 @@ class Scheduler:
         fits = [
             n
             for n in sorted(ticket.nodes)
-            if n != barred and n < len(self.nodes) and ticket.resources.fits_in(self._avail[n])
+            if n != barred and n < len(self.nodes) and self._avail.holds(n, ticket.resources)
         ]
-        return max(fits, key=lambda n: self._avail[n].cpus, default=None)
+        return max(fits, key=self._avail.cpus, default=None)
 
     def _reuse(self, ticket: Ticket, room: Resources | None, barred: int | None) -> Grant | None:
         """Best fit among parked groups of the same tag: the exact shape, else fresh resources
@@ -634,7 +634,7 @@ class Scheduler:
         self, ticket: Ticket, node: int, resources: Resources, now: float, take: bool = True
     ) -> Grant:
         if take:
-            self._avail[node] = self._avail[node] - resources
+            self._avail.take(node, resources)
             if ticket.pool in self._used:
                 self._used[ticket.pool] = self._used[ticket.pool] + resources
         grant = Grant(
@@ -721,7 +721,7 @@ class Scheduler:
         self._unrun(grant)
         if grant.tag is not None and grant in self._parked:
             self._parked_del(grant)
-        self._avail[grant.node] = self._avail[grant.node] + grant.resources
+        self._avail.give(grant.node, grant.resources)
         if grant.pool in self._used:
             self._used[grant.pool] = self._used[grant.pool] - grant.resources
         self._victim_done(grant)
