@@ -450,15 +450,19 @@ class Scheduler:
 
     def _reservation(self, ticket: Ticket, view: FreeIndex, now: float) -> tuple[int, float] | None:
         """The node where `ticket` could start soonest, and when: running grants end at their
-        `ends` (one without is taken to end any moment, so nothing backfills before it)."""
+        `ends` (one without is taken to end any moment, so nothing backfills before it).
+        Nodes are looked at in order and a tie goes to the first, so a node stops being looked
+        at once it could not start before the best so far (none can start before `now`)."""
         best: tuple[float, int] | None = None
         for node, capacity in enumerate(self.nodes):
+            if best is not None and best[0] <= now:
+                break
             if not ticket.resources.fits_in(capacity) or not _may_use(ticket, node):
                 continue
             here = self._on_node.get(node, ())
             avail, start = view[node], now
             for g in sorted(here, key=lambda g: now if g.ends is None else g.ends):
-                if ticket.resources.fits_in(avail):
+                if ticket.resources.fits_in(avail) or (best is not None and start >= best[0]):
                     break
                 avail, start = avail + g.resources, max(start, g.ends or now)
             if ticket.resources.fits_in(avail) and (best is None or (start, node) < best):
@@ -746,7 +750,8 @@ class Scheduler:
         self._avail.give(grant.node, grant.resources)
         if grant.pool in self._used:
             self._used[grant.pool] = self._used[grant.pool] - grant.resources
-        self._victim_done(grant)
+        if grant.preempted_at is not None:
+            self._victim_done(grant)
         self._wake()
 
     def _wake(self) -> None:
