@@ -48,8 +48,9 @@ class FreeIndex:
         # the buckets' keys, ascending (a plain list: they change rarely, and are looked up
         # on every placement)
         self._keys: list[float] = []
-        # where each node is filed now (its bucket key and entry); None while it is not
-        self._filed: list[tuple[float, tuple[float, int]] | None] = []
+        # where each node is filed now: its entry (None while it is not) and bucket key
+        self._filed: list[tuple[float, int] | None] = []
+        self._filed_key: list[float] = []
         self._total_cpus = self._total_gpus = self._total_mem = 0.0
         # nodes whose free resources name custom ones (summed only when there are any)
         self._with_custom = 0
@@ -83,6 +84,7 @@ class FreeIndex:
         self._mem.append(0.0)
         self._custom.append(())
         self._filed.append(None)
+        self._filed_key.append(0.0)
         self[node] = value
 
     def take(self, node: int, r: Resources) -> None:
@@ -159,23 +161,26 @@ class FreeIndex:
 
     def _refile(self) -> None:
         """File the nodes changed since the last look under their free resources now."""
-        buckets, keys = self._buckets, self._keys
+        buckets, keys, filed, filed_key = self._buckets, self._keys, self._filed, self._filed_key
         for node in self._stale:
-            filed = self._filed[node]
             entry = (-self._cpus[node], node)
-            key = _bucket(self._gpus[node])
-            if filed is not None:
-                if filed == (key, entry):
+            gpus = self._gpus[node]
+            key = _ROUNDED.get(gpus)  # `_bucket`, without the call when remembered
+            if key is None:
+                key = _bucket(gpus)
+            old = filed[node]
+            if old is not None:
+                if old == entry and filed_key[node] == key:
                     continue
-                old = buckets[filed[0]]
-                del old[bisect_left(old, filed[1])]
-                if not old:
-                    del buckets[filed[0]]
-                    keys.remove(filed[0])
+                was = buckets[filed_key[node]]
+                del was[bisect_left(was, old)]
+                if not was:
+                    del buckets[filed_key[node]]
+                    keys.remove(filed_key[node])
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = []
                 insort(keys, key)
             insort(bucket, entry)
-            self._filed[node] = (key, entry)
+            filed[node], filed_key[node] = entry, key
         self._stale.clear()
