@@ -92,7 +92,8 @@ class FreeIndex:
         if r.custom:
             self[node] = self[node] - r
             return
-        self._changed(node)
+        self.dirty.add(node)  # `_changed`, without the call (once per admission and release)
+        self._stale.add(node)
         self._cpus[node] -= r.cpus
         self._gpus[node] -= r.gpus
         self._mem[node] -= r.memory
@@ -105,7 +106,8 @@ class FreeIndex:
         if r.custom:
             self[node] = self[node] + r
             return
-        self._changed(node)
+        self.dirty.add(node)  # `_changed`, without the call (once per admission and release)
+        self._stale.add(node)
         self._cpus[node] += r.cpus
         self._gpus[node] += r.gpus
         self._mem[node] += r.memory

@@ -480,7 +480,10 @@ class Scheduler:
             if taken is not None:
                 return taken
         if room is None or need.fits_in(room):
-            node = self._roomiest_of(ticket, barred)
+            if ticket.nodes is None:  # `_roomiest_of`, without the call in the common case
+                node = self._avail.roomiest(need, barred)
+            else:
+                node = self._roomiest_of(ticket, barred)
             if node is not None:
                 return self._new_grant(ticket, node, need, now)
         return self._reclaim_for(ticket, room, now, barred) if self._parked else None
@@ -701,7 +704,8 @@ class Scheduler:
         here = self._on_node.get(grant.node)
         if here is not None:
             here.discard(grant)
-        self._not_victim(grant)
+        if grant.on_preempt is not None:  # only those are ever victims (`_grant`)
+            self._not_victim(grant)
 
     def _not_victim(self, grant: Grant) -> None:
         """The grant can no longer be chosen as a victim (chosen already, or not running)."""
@@ -752,7 +756,8 @@ class Scheduler:
             self._used[grant.pool] = self._used[grant.pool] - grant.resources
         if grant.preempted_at is not None:
             self._victim_done(grant)
-        self._wake()
+        if self._sleepers:  # `_wake`, without the call on every release
+            self._cond.notify_all()
 
     def _wake(self) -> None:
         """Wake the threads waiting in `acquire`, if any (a simulation has none: it skips the
