@@ -45,9 +45,10 @@ class FreeIndex:
         self._custom: list[tuple[tuple[str, float], ...]] = []
         # bucket key -> [(-free CPUs, node)] ascending: the roomiest node first
         self._buckets: dict[float, list[tuple[float, int]]] = {}
-        # the buckets' keys, ascending (a plain list: they change rarely, and are looked up
-        # on every placement)
+        # the buckets' keys, ascending, and the buckets in that order (plain lists: they
+        # change rarely, and are walked on every placement)
         self._keys: list[float] = []
+        self._ordered: list[list[tuple[float, int]]] = []
         # where each node is filed now: its entry (None while it is not) and bucket key
         self._filed: list[tuple[float, int] | None] = []
         self._filed_key: list[float] = []
@@ -145,14 +146,21 @@ class FreeIndex:
         if self._stale:
             self._refile()
         best: tuple[float, int] | None = None
-        floor = need.cpus - _EPS
-        keys, buckets = self._keys, self._buckets
-        for i in range(bisect_left(keys, _bucket(need.gpus) - 1e-6), len(keys)):
-            for entry in buckets[keys[i]]:
-                if -entry[0] < floor or (best is not None and entry >= best):
+        cpus, gpus, memory = need.cpus, need.gpus, need.memory
+        free_gpus, free_mem = self._gpus, self._mem
+        for bucket in self._ordered[bisect_left(self._keys, _bucket(gpus) - 1e-6) :]:
+            for entry in bucket:
+                # `holds`, inline: this loop runs on every placement; a bucket's nodes are in
+                # order of free CPUs, so the first without CPUs enough ends it
+                if cpus > -entry[0] + _EPS or (best is not None and entry >= best):
                     break
                 node = entry[1]
-                if node != exclude and self.holds(node, need):
+                if (
+                    node != exclude
+                    and gpus <= free_gpus[node] + _EPS
+                    and memory <= free_mem[node] + _EPS
+                    and (not need.custom or need.fits_in(self[node]))
+                ):
                     best = entry
                     break
         return None if best is None else best[1]
@@ -178,11 +186,14 @@ class FreeIndex:
                 del was[bisect_left(was, old)]
                 if not was:
                     del buckets[filed_key[node]]
-                    keys.remove(filed_key[node])
+                    at = keys.index(filed_key[node])
+                    del keys[at], self._ordered[at]
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = []
-                insort(keys, key)
+                at = bisect_left(keys, key)
+                keys.insert(at, key)
+                self._ordered.insert(at, bucket)
             insort(bucket, entry)
             filed[node], filed_key[node] = entry, key
         self._stale.clear()
