@@ -56,15 +56,15 @@ class Grant:
     saves_state: bool = False
     elastic: bool = False
     since: float = 0.0
+    # when it will have ended at the latest (its time limit), if it has one
+    ends: float | None = None
+    # how long it is expected to run in all (a role's `estimated_duration`), if estimated
+    estimated: float | None = None
     # the reason once it was chosen as a victim, and when
     preempted: str | None = None
     preempted_at: float | None = None
     # the parked grant (an idle placement group) this one took over, if any
     reused: Grant | None = None
-    # when it will have ended at the latest (its time limit), if it has one
-    ends: float | None = None
-    # how long it is expected to run in all (a role's `estimated_duration`), if estimated
-    estimated: float | None = None
     # for parked grants: who reuses them, and whom to tell when they are reclaimed
     tag: str | None = None
     on_reclaim: Notify | None = None
@@ -674,8 +674,9 @@ class Scheduler:
             ticket.saves_state,
             ticket.elastic,
             now,
-            ends=None if ticket.duration is None else now + ticket.duration,
-            estimated=ticket.estimated,
+            # positional, as all above: keywords make a class call build a dict
+            None if ticket.duration is None else now + ticket.duration,
+            ticket.estimated,
         )
 
     def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
