@@ -66,16 +66,18 @@ class Events:
         return self._times[0]
 
     def run_until(self, now: float) -> None:
-        """Run every action due at `now` or before, in time order, and those they add for
-        `now` (after the ones already there; an action never adds one for earlier)."""
+        """Run every action due at `now` or before, in time order, and those they add on the
+        way: for the time being run, after the ones already there (an action that adds one for
+        an earlier time, which none should, sees it run once the time being run is done)."""
         times, due = self._times, self._due
         while times and times[0] <= now:
-            actions = due[times[0]]
+            when = heapq.heappop(times)
+            actions = due[when]
             i = 0
             while i < len(actions):  # an action may add more for this time
                 actions[i]()
                 i += 1
-            del due[heapq.heappop(times)]
+            del due[when]
 
 
 class VirtualClock:
