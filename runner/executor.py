@@ -116,7 +116,7 @@ class Work:
         return row
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ask:
     """A request for one lease: resources on one node, at a priority, for some work."""
 

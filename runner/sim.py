@@ -40,6 +40,46 @@ if TYPE_CHECKING:
 SHOWN_STARTS = 20
 
 
+class Events:
+    """What is due when: actions by virtual time, each time's in the order they were added.
+
+    Units that start together end together, so many events share a time: a heap of
+    (time, sequence) tuples would compare down a long run of equal times on every push and pop;
+    here the heap holds each distinct time once, and a time's actions are a list."""
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+        self._due: dict[float, list[Callable[[], None]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._times)
+
+    def add(self, when: float, action: Callable[[], None]) -> None:
+        due = self._due.get(when)
+        if due is None:
+            self._due[when] = [action]
+            heapq.heappush(self._times, when)
+        else:
+            due.append(action)
+
+    def next_time(self) -> float:
+        return self._times[0]
+
+    def run_until(self, now: float) -> None:
+        """Run every action due at `now` or before, in time order, and those they add on the
+        way: for the time being run, after the ones already there (an action that adds one for
+        an earlier time, which none should, sees it run once the time being run is done)."""
+        times, due = self._times, self._due
+        while times and times[0] <= now:
+            when = heapq.heappop(times)
+            actions = due[when]
+            i = 0
+            while i < len(actions):  # an action may add more for this time
+                actions[i]()
+                i += 1
+            del due[when]
+
+
 class VirtualClock:
     """The scheduler's clock in a simulation: moved only by the event queue."""
 
@@ -81,7 +121,7 @@ class Simulation:
     # virtual times of the first unit's start and the last unit's end
     first_start: float | None = None
     last_end: float = 0.0
-    _queue: list[tuple[float, int, Callable[[], None]]] = field(default_factory=list)
+    _events: Events = field(default_factory=Events)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     _on_grant: dict[Ticket, Callable[[Grant], None]] = field(default_factory=dict)
     _busy: Resources = field(default_factory=Resources)
@@ -105,7 +145,7 @@ class Simulation:
     # the event loop
 
     def at(self, when: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._queue, (when, next(self._seq), action))
+        self._events.add(when, action)
 
     def submit(
         self,
@@ -138,11 +178,10 @@ class Simulation:
             self._pending = set(self.plan.stages)
             self._start_ready()
             self._admit()
-            while self._queue:
-                now = self._queue[0][0]
+            while self._events:
+                now = self._events.next_time()
                 self._account(now)
-                while self._queue and self._queue[0][0] <= now:
-                    heapq.heappop(self._queue)[2]()
+                self._events.run_until(now)
                 self._admit()
         finally:
             if collecting:

@@ -146,3 +146,29 @@ def test_a_run_directory_without_a_ledger_is_named(cli, tmp_path) -> None:  # ty
     res = cli("pipeline=jobs", "cluster=sim", f"cluster.sim_durations_from={tmp_path}")
     assert res.code == 2
     assert f"cluster.sim_durations_from: = '{tmp_path}': no ledger there" in res.text
+
+
+def test_events_run_by_time_then_in_the_order_added() -> None:
+    """Many events share a time (units that start together end together): they run in the
+    order they were added, after every earlier time, with those added for the time being run
+    after the ones already there."""
+    from runner.sim import Events
+
+    events, ran = Events(), []
+
+    def note(name: str, then: tuple[float, str] | None = None) -> None:
+        ran.append(name)
+        if then is not None:
+            events.add(then[0], lambda: note(then[1]))
+
+    events.add(2.0, lambda: note("b1", (2.0, "b3")))
+    events.add(1.0, lambda: note("a1"))
+    events.add(2.0, lambda: note("b2", (3.0, "c1")))
+    events.add(1.0, lambda: note("a2"))
+    assert events.next_time() == 1.0
+    events.run_until(1.0)
+    assert ran == ["a1", "a2"] and events.next_time() == 2.0
+    events.run_until(2.0)
+    assert ran == ["a1", "a2", "b1", "b2", "b3"] and events.next_time() == 3.0
+    events.run_until(3.0)
+    assert ran[-1] == "c1" and not events

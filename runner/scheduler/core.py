@@ -56,15 +56,15 @@ class Grant:
     saves_state: bool = False
     elastic: bool = False
     since: float = 0.0
+    # when it will have ended at the latest (its time limit), if it has one
+    ends: float | None = None
+    # how long it is expected to run in all (a role's `estimated_duration`), if estimated
+    estimated: float | None = None
     # the reason once it was chosen as a victim, and when
     preempted: str | None = None
     preempted_at: float | None = None
     # the parked grant (an idle placement group) this one took over, if any
     reused: Grant | None = None
-    # when it will have ended at the latest (its time limit), if it has one
-    ends: float | None = None
-    # how long it is expected to run in all (a role's `estimated_duration`), if estimated
-    estimated: float | None = None
     # for parked grants: who reuses them, and whom to tell when they are reclaimed
     tag: str | None = None
     on_reclaim: Notify | None = None
@@ -123,6 +123,9 @@ class _Lane:
     further can come of (no preemption, no reservation), instead of walking every ticket."""
 
     key: tuple[object, ...]
+    # what decides whether a ticket fits (resources, pool, reuse, nodes), as a small number:
+    # a pass remembers the shapes refused so far, and tells them apart on every ticket
+    shape: int
     tickets: list[Ticket] = field(default_factory=list)
 
 
@@ -152,6 +155,8 @@ class Scheduler:
     _avail: FreeIndex = field(init=False)
     # waiting tickets by what they ask (see `_Lane`), and those holding a node for victims
     _lanes: dict[tuple[object, ...], _Lane] = field(default_factory=dict, init=False)
+    # every shape a lane has had (`_Lane.shape`), numbered
+    _shapes: dict[tuple[object, ...], int] = field(default_factory=dict, init=False)
     _held: set[Ticket] = field(default_factory=set, init=False)
     _count: int = field(default=0, init=False)
     _running: set[Grant] = field(default_factory=set, init=False)
@@ -171,7 +176,10 @@ class Scheduler:
     _quota: dict[str, Resources] = field(default_factory=dict, init=False)
     # what is granted to each pool that has a quota (others are not counted)
     _used: dict[str, Resources] = field(default_factory=dict, init=False)
-    _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
+    # held by every public method: a plain lock (a condition's `with` costs a Python call);
+    # `acquire` waits on `_cond`, built on it
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+    _cond: threading.Condition = field(init=False)
     _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
     # threads waiting in `acquire`
     _sleepers: int = field(default=0, init=False)
@@ -179,6 +187,7 @@ class Scheduler:
     def __post_init__(self) -> None:
         self.nodes = list(self.nodes)
         self._avail = FreeIndex(self.nodes)
+        self._cond = threading.Condition(self._lock)
 
     # --- asking and giving back -----------------------------------------------------------
 
@@ -195,7 +204,7 @@ class Scheduler:
         `claim` takes `submit`'s keywords (pool, labels, policy, on_preempt, ...)."""
         ticket = self.submit(owner, resources, priority, **claim)  # type: ignore[arg-type]
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             while True:
                 self._admit()
                 if ticket.grant is not None:
@@ -229,7 +238,7 @@ class Scheduler:
         nodes: frozenset[int] | None = None,
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
-        with self._cond:
+        with self._lock:
             ticket = Ticket(
                 owner,
                 resources,
@@ -251,7 +260,9 @@ class Scheduler:
             key = _lane_key(ticket)
             lane = self._lanes.get(key)
             if lane is None:
-                lane = self._lanes[key] = _Lane(key)
+                shape = (resources, pool, reuse, nodes)
+                number = self._shapes.setdefault(shape, len(self._shapes))
+                lane = self._lanes[key] = _Lane(key, number)
             ticket.lane = lane
             if not lane.tickets or lane.tickets[-1].order < ticket.order:
                 lane.tickets.append(ticket)
@@ -262,12 +273,12 @@ class Scheduler:
 
     def admit(self) -> list[Ticket]:
         """Grant what can be granted now; the tickets admitted by this call."""
-        with self._cond:
+        with self._lock:
             return self._admit()
 
     def withdraw(self, ticket: Ticket) -> None:
         """Stop waiting (or give back what the ticket was granted)."""
-        with self._cond:
+        with self._lock:
             if ticket.grant is not None:
                 self._release(ticket.grant)
             else:
@@ -275,13 +286,13 @@ class Scheduler:
 
     def release(self, grant: Grant) -> None:
         """Give a grant's resources back and wake the waiters; a second release is a no-op."""
-        with self._cond:
+        with self._lock:
             self._release(grant)
 
     def park(self, grant: Grant, tag: str, on_reclaim: Notify) -> None:
         """Keep a grant's resources as an idle placement group: requests with `reuse=tag`
         take it over, any other request may reclaim it (then `on_reclaim` is told)."""
-        with self._cond:
+        with self._lock:
             if grant.released:
                 return
             self._unrun(grant)
@@ -292,7 +303,7 @@ class Scheduler:
 
     def set_quota(self, pool: str, resources: Resources) -> None:
         """At most `resources` may be granted to requests of `pool` at once."""
-        with self._cond:
+        with self._lock:
             self._quota[pool] = resources
             if pool not in self._used:  # counted from now on: what it holds already, first
                 held = [g.resources for g in (*self._running, *self._parked) if g.pool == pool]
@@ -301,14 +312,14 @@ class Scheduler:
     def set_capacity(self, node: int, capacity: Resources) -> None:
         """A node's capacity changed (zero: it left the cluster); grants on it stay until
         released, so its free resources may be negative meanwhile."""
-        with self._cond:
+        with self._lock:
             self._avail[node] = self._avail[node] + (capacity - self.nodes[node])
             self.nodes[node] = capacity
             self._wake()
 
     def add_node(self, capacity: Resources) -> int:
         """A node joined; its index."""
-        with self._cond:
+        with self._lock:
             self.nodes.append(capacity)
             self._avail.append(capacity)
             self._wake()
@@ -318,15 +329,15 @@ class Scheduler:
 
     def free(self) -> Resources:
         """What is not granted now, summed over nodes (parked groups count as granted)."""
-        with self._cond:
+        with self._lock:
             return _sum([self._avail.total(), *(t.resources for t in self._held)])
 
     def waiting(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._count
 
     def running(self) -> list[Grant]:
-        with self._cond:
+        with self._lock:
             return list(self._running)
 
     # --- admission ------------------------------------------------------------------------
@@ -339,7 +350,8 @@ class Scheduler:
         # in `_avail`), so the resources a victim frees go to the request that evicted it
         view = self._avail
         granted: list[Ticket] = []
-        failed: set[tuple[Resources, str, str | None, bool, frozenset[int] | None]] = set()
+        # (lane shape, barred from a reserved node) refused in this pass
+        failed: set[tuple[int, bool]] = set()
         hopeless: set[tuple[object, ...]] = set()
         # (node, earliest start) held for the first reserving request that did not fit
         reserved: tuple[int, float] | None = None
@@ -352,8 +364,11 @@ class Scheduler:
         heap += [(t.order, -1 - i, 0) for i, t in enumerate(held_list)]
         heapq.heapify(heap)
         reached = [0] * len(lanes)
-        while heap:
-            _, n, i = heapq.heappop(heap)
+        # the lane's next ticket after a grant: pushed and popped at once (often it is next)
+        after: tuple[tuple[float, int], int, int] | None = None
+        while heap or after is not None:
+            _, n, i = heapq.heappop(heap) if after is None else heapq.heappushpop(heap, after)
+            after = None
             if n < 0:
                 ticket = held_list[-1 - n]
                 if ticket.grant is not None or ticket.lane is None:
@@ -370,18 +385,21 @@ class Scheduler:
                 reached[n] = i + 1
             held = ticket.hold_node
             if held is not None:
-                view[held] = view[held] + ticket.resources
+                view.give(held, ticket.resources)
                 self._held.discard(ticket)
-            barred = None if held is not None else _barred(ticket, reserved, now)
-            shape = (ticket.resources, ticket.pool, ticket.reuse, barred is not None, ticket.nodes)
+            barred = (
+                None if held is not None or reserved is None else _barred(ticket, reserved, now)
+            )
+            assert ticket.lane is not None
+            shape = (ticket.lane.shape, barred is not None)
             more = True  # whether the lane's next ticket could come to anything in this pass
             if shape not in failed or held is not None:
                 grant = self._place(ticket, now, barred)
                 if grant is not None:
                     self._grant(ticket, grant, now)
                     granted.append(ticket)
-                    if n >= 0 and i + 1 < len(lanes[n].tickets):
-                        heapq.heappush(heap, (lanes[n].tickets[i + 1].order, n, i + 1))
+                    if n >= 0 and i + 1 < len(tickets):
+                        after = (tickets[i + 1].order, n, i + 1)
                     continue
                 if held is None:
                     failed.add(shape)
@@ -423,24 +441,28 @@ class Scheduler:
     def _hold(self, ticket: Ticket, node: int) -> None:
         """The ticket keeps `node`'s room for itself while its victims stop."""
         ticket.hold_node = node
-        self._avail[node] = self._avail[node] - ticket.resources
+        self._avail.take(node, ticket.resources)
         self._held.add(ticket)
 
     def _unhold(self, ticket: Ticket, node: int) -> None:
-        self._avail[node] = self._avail[node] + ticket.resources
+        self._avail.give(node, ticket.resources)
         self._held.discard(ticket)
 
     def _reservation(self, ticket: Ticket, view: FreeIndex, now: float) -> tuple[int, float] | None:
         """The node where `ticket` could start soonest, and when: running grants end at their
-        `ends` (one without is taken to end any moment, so nothing backfills before it)."""
+        `ends` (one without is taken to end any moment, so nothing backfills before it).
+        Nodes are looked at in order and a tie goes to the first, so a node stops being looked
+        at once it could not start before the best so far (none can start before `now`)."""
         best: tuple[float, int] | None = None
         for node, capacity in enumerate(self.nodes):
+            if best is not None and best[0] <= now:
+                break
             if not ticket.resources.fits_in(capacity) or not _may_use(ticket, node):
                 continue
             here = self._on_node.get(node, ())
             avail, start = view[node], now
             for g in sorted(here, key=lambda g: now if g.ends is None else g.ends):
-                if ticket.resources.fits_in(avail):
+                if ticket.resources.fits_in(avail) or (best is not None and start >= best[0]):
                     break
                 avail, start = avail + g.resources, max(start, g.ends or now)
             if ticket.resources.fits_in(avail) and (best is None or (start, node) < best):
@@ -452,16 +474,19 @@ class Scheduler:
         (reserved for a request ahead): a parked group it may reuse, fresh resources, or
         resources of parked groups reclaimed."""
         need = ticket.resources
-        room = self._quota_room(ticket.pool)
+        room = self._quota_room(ticket.pool) if self._quota else None
         if ticket.reuse is not None:
             taken = self._reuse(ticket, room, barred)
             if taken is not None:
                 return taken
         if room is None or need.fits_in(room):
-            node = self._roomiest_of(ticket, barred)
+            if ticket.nodes is None:  # `_roomiest_of`, without the call in the common case
+                node = self._avail.roomiest(need, barred)
+            else:
+                node = self._roomiest_of(ticket, barred)
             if node is not None:
                 return self._new_grant(ticket, node, need, now)
-        return self._reclaim_for(ticket, room, now, barred)
+        return self._reclaim_for(ticket, room, now, barred) if self._parked else None
 
     def _roomiest_of(self, ticket: Ticket, barred: int | None) -> int | None:
         """The roomiest node that holds `ticket`, never `barred`, only among its `nodes` when
@@ -471,9 +496,9 @@ class Scheduler:
         fits = [
             n
             for n in sorted(ticket.nodes)
-            if n != barred and n < len(self.nodes) and ticket.resources.fits_in(self._avail[n])
+            if n != barred and n < len(self.nodes) and self._avail.holds(n, ticket.resources)
         ]
-        return max(fits, key=lambda n: self._avail[n].cpus, default=None)
+        return max(fits, key=self._avail.cpus, default=None)
 
     def _reuse(self, ticket: Ticket, room: Resources | None, barred: int | None) -> Grant | None:
         """Best fit among parked groups of the same tag: the exact shape, else fresh resources
@@ -634,10 +659,10 @@ class Scheduler:
         self, ticket: Ticket, node: int, resources: Resources, now: float, take: bool = True
     ) -> Grant:
         if take:
-            self._avail[node] = self._avail[node] - resources
+            self._avail.take(node, resources)
             if ticket.pool in self._used:
                 self._used[ticket.pool] = self._used[ticket.pool] + resources
-        grant = Grant(
+        return Grant(
             ticket.owner,
             resources,
             ticket.priority,
@@ -649,16 +674,21 @@ class Scheduler:
             ticket.saves_state,
             ticket.elastic,
             now,
+            # positional, as all above: keywords make a class call build a dict
+            None if ticket.duration is None else now + ticket.duration,
+            ticket.estimated,
         )
-        grant.ends = None if ticket.duration is None else now + ticket.duration
-        grant.estimated = ticket.estimated
-        return grant
 
     def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
         ticket.grant = grant
-        ticket.victims, ticket.hold_node = [], None
+        if ticket.victims:
+            ticket.victims = []
+        ticket.hold_node = None
         self._running.add(grant)
-        self._on_node.setdefault(grant.node, set()).add(grant)
+        here = self._on_node.get(grant.node)
+        if here is None:
+            here = self._on_node[grant.node] = set()
+        here.add(grant)
         if grant.on_preempt is not None:
             party = _party_key(grant)
             if party not in self._party_of:
@@ -675,7 +705,8 @@ class Scheduler:
         here = self._on_node.get(grant.node)
         if here is not None:
             here.discard(grant)
-        self._not_victim(grant)
+        if grant.on_preempt is not None:  # only those are ever victims (`_grant`)
+            self._not_victim(grant)
 
     def _not_victim(self, grant: Grant) -> None:
         """The grant can no longer be chosen as a victim (chosen already, or not running)."""
@@ -721,11 +752,13 @@ class Scheduler:
         self._unrun(grant)
         if grant.tag is not None and grant in self._parked:
             self._parked_del(grant)
-        self._avail[grant.node] = self._avail[grant.node] + grant.resources
+        self._avail.give(grant.node, grant.resources)
         if grant.pool in self._used:
             self._used[grant.pool] = self._used[grant.pool] - grant.resources
-        self._victim_done(grant)
-        self._wake()
+        if grant.preempted_at is not None:
+            self._victim_done(grant)
+        if self._sleepers:  # `_wake`, without the call on every release
+            self._cond.notify_all()
 
     def _wake(self) -> None:
         """Wake the threads waiting in `acquire`, if any (a simulation has none: it skips the

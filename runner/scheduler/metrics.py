@@ -46,7 +46,7 @@ class Metrics:
         self.registry = prom.CollectorRegistry(auto_describe=True)
         self.preemptions: Counter[tuple[str, str]] = Counter()
         self.preempt_latency = [0, 0.0]
-        self.schedule_latency = [0, 0.0]
+        # [admissions, seconds waited in all] by priority (`schedule_latency` sums them)
         self.waited_by_priority: dict[float, list[float]] = {}
         self.units: dict[str, dict[str, int]] = {}
         self._preemptions = prom.Counter(
@@ -110,11 +110,19 @@ class Metrics:
         if self.ray is not None:
             self.ray.preempt_latency.observe(seconds)
 
-    def admitted(self, priority: float, waited: float) -> None:
+    @property
+    def schedule_latency(self) -> list[float]:
+        """[admissions, seconds waited in all]: summed when asked, not on every admission."""
         with self._lock:
-            self.schedule_latency[0] += 1
-            self.schedule_latency[1] += waited
-            entry = self.waited_by_priority.setdefault(priority, [0, 0.0])
+            entries = list(self.waited_by_priority.values())
+        return [sum(e[0] for e in entries), sum(e[1] for e in entries)]
+
+    def admitted(self, priority: float, waited: float) -> None:
+        """One admission (on the scheduler's hot path: counted per priority only)."""
+        with self._lock:
+            entry = self.waited_by_priority.get(priority)
+            if entry is None:
+                entry = self.waited_by_priority[priority] = [0, 0.0]
             entry[0] += 1
             entry[1] += waited
         if not self.collectors:
