@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -67,19 +68,28 @@ def _stage_plan(stage: StagePlan) -> list[str]:
     if stage.units is None:
         lines.append(f"  run all: {stage.pending_reason}")
     else:
-        groups: dict[tuple[bool, str], list[str]] = {}
+        # counts and the first few ids of each (run, reason): a million-unit plan is read once,
+        # without a list of ids per group
+        counts: Counter[tuple[bool, str]] = Counter((u.run, u.reason) for u in stage.units)
+        samples: dict[tuple[bool, str], list[str]] = {group: [] for group in counts}
+        wanting = len(samples)
         for u in stage.units:
-            groups.setdefault((u.run, u.reason), []).append(u.id)
-        for (run, reason), ids in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1])):
+            shown = samples[(u.run, u.reason)]
+            if len(shown) < SAMPLE:
+                shown.append(u.id)
+                wanting -= len(shown) == SAMPLE or counts[(u.run, u.reason)] == len(shown)
+                if not wanting:
+                    break
+        for (run, reason), n in sorted(counts.items(), key=lambda g: (not g[0][0], g[0][1])):
             verb = "run " if run else "skip"
-            lines.append(f"  {verb} {len(ids):>6}  {reason:<24} {_sample(ids)}")
+            lines.append(f"  {verb} {n:>6}  {reason:<24} {_sample(samples[(run, reason)], n)}")
     lines.append("")
     return lines
 
 
-def _sample(ids: list[str]) -> str:
+def _sample(ids: list[str], total: int) -> str:
     shown = ", ".join(ids[:SAMPLE])
-    return f"[{shown}{', ...' if len(ids) > SAMPLE else ''}]"
+    return f"[{shown}{', ...' if total > SAMPLE else ''}]"
 
 
 def format_summary(summary: dict[str, Any], run_dir: str) -> str:
