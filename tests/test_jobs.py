@@ -15,8 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from runner.carry import Dest
 from runner.lifecycle import UnitState
+from runner.placement import StartTo
 from runner.quantities import duration_seconds, memory_bytes
+from runner.stages.jobs.task import GROUP, JobsGroup, run_job
 from runner.store import UnitRow, read_ledger
 from tests.conftest import Result, cpus_free_again, run_runner, runner_process, summary, wait_until
 
@@ -758,3 +761,62 @@ def rows_of(run_dir: Path, stage: str) -> dict[str, UnitState]:
         return {r.unit: r.state for r in ledger.rows(stage)}
     finally:
         ledger.close()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_what_a_finished_job_left_running_is_killed_and_the_next_job_shares_the_guard(
+    tmp_path: Path,
+) -> None:
+    """The jobs of one Ray worker take turns in one process group with one watcher: a job's
+    leftovers die at its end, and the group and its watcher stay for the next job."""
+    spec = {
+        "argv": ["sh", "-c", "sleep 60 & echo $! > left"],
+        "env": {},
+        "cwd": str(tmp_path),
+        "time_limit": None,
+        "memory": 0,
+    }
+    paths = [Dest(str(tmp_path / f"{n}.log")) for n in ("out", "err")]
+    first = run_job(spec, *paths, StartTo("a", path=str(tmp_path / "started" / "a.json")))
+    assert first["state"] == "done"
+    wait_until(lambda: not alive(pids(tmp_path / "left")[0]), what="the job's leftover to go")
+    group, watcher = GROUP.ready(), GROUP.watcher
+    assert watcher is not None and watcher.poll() is None
+    second = run_job(spec, *paths, StartTo("b", path=str(tmp_path / "started" / "b.json")))
+    assert second["state"] == "done"
+    assert (GROUP.ready(), GROUP.watcher) == (group, watcher)
+
+
+def test_when_the_worker_goes_its_watcher_kills_the_job_running_in_the_group() -> None:
+    """The watcher's pipe from the worker closing (the worker died) kills the jobs' group."""
+    group = JobsGroup()
+    pgid = group.ready()
+    assert group.watcher is not None and group.watcher.stdin is not None
+    job = subprocess.Popen(["sleep", "60"], process_group=pgid)
+    try:
+        group.watcher.stdin.close()
+        assert job.wait(timeout=30) == -signal.SIGKILL
+        assert group.watcher.wait(timeout=30) == 0
+    finally:
+        job.kill()
+        job.wait()
+        os.waitpid(pgid, 0)  # the group's anchor
+
+
+def test_a_group_whose_anchor_someone_else_reaped_is_made_anew_and_left_alone() -> None:
+    """Once its id may be anyone's, the old group is not the jobs' any more: a new group and
+    watcher take over, and the old watcher goes without killing anything."""
+    group = JobsGroup()
+    old = group.ready()
+    old_watcher = group.watcher
+    os.waitpid(old, 0)  # someone else in the worker waited for the anchor
+    new = group.ready()
+    try:
+        assert new != old
+        assert old_watcher is not None and old_watcher.returncode == -signal.SIGKILL
+        assert group.watcher is not None and group.watcher.poll() is None
+    finally:
+        if group.watcher is not None and group.watcher.stdin is not None:
+            group.watcher.stdin.close()
+            group.watcher.wait()
+        os.waitpid(new, 0)
