@@ -6,8 +6,8 @@ holds the limits (no counter of ours can drift), after the run's scheduler has a
 priority. A job runs in a process group that holds only its processes while it runs (its Ray
 worker's, which runs one job at a time), killed whole at its end, at its time limit, on Ctrl-C
 and when its Ray worker dies (a watcher process outlives the worker and ends the group), so
-nothing a job started is left running. A job whose worker dies is retried or marked failed, never left
-running; a job's own failure is final and its siblings go on.
+nothing a job started is left running. A job whose worker dies is retried or marked failed,
+never left running; a job's own failure is final and its siblings go on.
 """
 
 from __future__ import annotations
