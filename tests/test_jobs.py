@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ from runner.carry import Dest
 from runner.lifecycle import UnitState
 from runner.placement import StartTo
 from runner.quantities import duration_seconds, memory_bytes
+from runner.remote import plain
 from runner.stages.jobs.task import GROUP, JobsGroup, run_job
 from runner.store import UnitRow, read_ledger
 from tests.conftest import Result, cpus_free_again, run_runner, runner_process, summary, wait_until
@@ -775,14 +777,18 @@ def test_what_a_finished_job_left_running_is_killed_and_the_next_job_shares_the_
         "cwd": str(tmp_path),
         "time_limit": None,
         "memory": 0,
+        **{name: plain(Dest(str(tmp_path / f"{name}.log"))) for name in ("stdout", "stderr")},
     }
-    paths = [Dest(str(tmp_path / f"{n}.log")) for n in ("out", "err")]
-    first = run_job(spec, *paths, StartTo("a", path=str(tmp_path / "started" / "a.json")))
+
+    def started_to(key: str) -> dict[str, Any]:
+        return plain(StartTo(key, path=str(tmp_path / "started" / f"{key}.json")))
+
+    first = run_job({**spec, "started_to": started_to("a")})
     assert first["state"] == "done"
     wait_until(lambda: not alive(pids(tmp_path / "left")[0]), what="the job's leftover to go")
     group, watcher = GROUP.ready(), GROUP.watcher
     assert watcher is not None and watcher.poll() is None
-    second = run_job(spec, *paths, StartTo("b", path=str(tmp_path / "started" / "b.json")))
+    second = run_job({**spec, "started_to": started_to("b")})
     assert second["state"] == "done"
     assert (GROUP.ready(), GROUP.watcher) == (group, watcher)
 

@@ -20,7 +20,7 @@ from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.output import Tail
 from runner.plan import StagePlan, Unit, digest
-from runner.remote import remote
+from runner.remote import plain, remote
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.task import run_job
@@ -89,16 +89,15 @@ class JobsRun(StageRun):
                 os.unlink(paths[stream])
             if self.spec.show_output:
                 self.tail.start(Path(paths[stream]), fresh=True)
-        lease.task = (
-            remote(run_job)
-            .options(**options)
-            .remote(
-                {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
-                Dest(paths["stdout"], carried=not self.ctx.cluster.shared_fs),
-                Dest(paths["stderr"], carried=not self.ctx.cluster.shared_fs),
-                started,
-            )
-        )
+        carried = not self.ctx.cluster.shared_fs
+        spec = {
+            **_job(work).task_spec(),
+            "grace": self.spec.cancel_grace,
+            "stdout": plain(Dest(paths["stdout"], carried)),
+            "stderr": plain(Dest(paths["stderr"], carried)),
+            "started_to": plain(started),
+        }
+        lease.task = remote(run_job).options(**options).remote(spec)
         lease.watch(lease.task)
 
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
