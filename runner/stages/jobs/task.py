@@ -8,6 +8,7 @@ need a delegated cgroup the runner may write, which Ray's workers do not have.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource as rusage
 import select
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,23 +62,24 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     node = socket.gethostname()
     started = time.time()
     cpu_before = _children_cpu()
-    group = GROUP.ready()
     proc: subprocess.Popen[bytes] | None = None
     stop = Stop()
-    try:
-        proc = _start(spec, out.here(), err.here(), group)
-        stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, started)
-        if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
-            kill_group(group, signal.SIGKILL)
-    except OSError as exc:
-        error = f"cannot start: {exc}"
-        reply = {"state": "failed", "error": error, "node": node, "started": started}
-        return {**reply, "files": collect([out, err])}
-    except BaseException:  # cancelled: no reply to carry its logs back in
-        discard([out, err])
-        raise
-    finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
-        _stop_group(group, proc, KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE))
+    with GROUP.turn() as group:
+        try:
+            proc = _start(spec, out.here(), err.here(), group)
+            stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, started)
+            if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
+                kill_group(group, signal.SIGKILL)
+        except OSError as exc:
+            error = f"cannot start: {exc}"
+            reply = {"state": "failed", "error": error, "node": node, "started": started}
+            return {**reply, "files": collect([out, err])}
+        except BaseException:  # cancelled: no reply to carry its logs back in
+            discard([out, err])
+            raise
+        finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
+            grace = KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE)
+            _stop_group(group, proc, grace)
     assert proc is not None
     reply = _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
     return {**reply, "files": collect([out, err])}
@@ -88,6 +91,20 @@ class JobsGroup:
     def __init__(self) -> None:
         self.anchor: subprocess.Popen[bytes] | None = None
         self.watcher: subprocess.Popen[bytes] | None = None
+        self.busy = False
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[int]:
+        """The group, for one job to have to itself until it ends: a second job at once in
+        this process (never, with Ray's one task at a time per worker) would have its
+        processes killed at the first one's end, so it is refused."""
+        if self.busy:
+            raise RuntimeError("another job is running in this Ray worker's jobs group")
+        self.busy = True
+        try:
+            yield self.ready()
+        finally:
+            self.busy = False
 
     def ready(self) -> int:
         """The group's id, once its anchor holds it and its watcher runs (made anew when
