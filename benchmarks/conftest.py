@@ -22,6 +22,7 @@ def ray_session() -> Iterator[None]:
     import ray
 
     ray.init(
+        address="local",  # our own, even when another Ray runs on the host
         num_cpus=2,
         object_store_memory=128 << 20,
         include_dashboard=False,
@@ -49,6 +50,18 @@ def compare(benchmark: Any) -> Callable[..., None]:
         _rows.append((benchmark.name, ours, base))
 
     return run
+
+
+@pytest.fixture
+def extra_row() -> Callable[[str, float, float], None]:
+    """extra_row(name, seconds, baseline_seconds): one more line for the ratio table, for a
+    part of a benchmark (a stage's own wall, a floor measured beside it) against the same
+    baseline as its whole."""
+
+    def add(name: str, ours: float, base: float) -> None:
+        _rows.append((name, ours, base))
+
+    return add
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

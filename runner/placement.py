@@ -114,7 +114,8 @@ def announce(to: StartTo) -> Started:
     safely in Ray 2.60 (a polite cancel may abort the driver), so a task announces its start
     out of band: through the run's inbox actor (no shared filesystem needed; the task waits
     for the inbox to have it, so a start is always heard before the task's reply), or by
-    writing a file (atomically) under the run directory. The executor hears it (`Starts`)."""
+    writing a file under the run directory (one write, no rename: a reader that finds it
+    half-written reads it again the next turn). The executor hears it (`Starts`)."""
     where = here()
     if to.inbox is not None:
         import ray
@@ -122,16 +123,21 @@ def announce(to: StartTo) -> Started:
         ray.get(to.inbox.post.remote(to.key, dataclasses.asdict(where)))
         return where
     assert to.path is not None
-    target = Path(to.path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    text = json.dumps(dataclasses.asdict(where))
+    text = json.dumps(dataclasses.asdict(where)).encode()
     try:
-        tmp.write_text(text)
+        fd = os.open(to.path, _NEW_FILE, 0o644)
     except FileNotFoundError:  # the first task of the run to announce makes the directory
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-    os.replace(tmp, target)
+        os.makedirs(os.path.dirname(to.path), exist_ok=True)
+        fd = os.open(to.path, _NEW_FILE, 0o644)
+    try:
+        os.write(fd, text)
+    finally:
+        os.close(fd)
     return where
+
+
+# how a start file is opened: written whole by one task, never inherited by its job
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
 
 class Inbox:
@@ -210,9 +216,8 @@ class Starts:
     def heard(self, to: StartTo, ended: bool = False) -> Started | None:
         """The start announced at `to`, once it has been (`ended`: the task has answered, so
         its start, if it got that far, is in the inbox: wait for it)."""
-        if to.path is not None:
-            path = Path(to.path)
-            return _read_start(path) if ended or path.name in self.there else None
+        if to.path is not None:  # named `<key>.json` (`address`)
+            return _read_start(to.path) if ended or f"{to.key}.json" in self.there else None
         found = self.came.pop(to.key, None)
         if found is None and ended:  # its start is in the inbox by now (or never was sent)
             self._take(block=True, wait=0.0)  # the take in flight, or one that looks at once
@@ -255,13 +260,15 @@ class Starts:
             self.inbox = self.taking = None
 
 
-def _read_start(path: Path) -> Started | None:
+def _read_start(path: str) -> Started | None:
     """The start a task announced at `path`, once it has (the file is removed)."""
     try:
-        data = json.loads(path.read_text())
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read())
     except (OSError, ValueError):
         return None
-    path.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     return Started(**data)
 
 

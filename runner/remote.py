@@ -7,6 +7,7 @@ about half a second), so `ray.remote(...)` waits until a stage really runs.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections.abc import Callable
@@ -29,6 +30,13 @@ def remote(target: Any) -> Any:
 
             _made[target] = ray.remote(target)
         return _made[target]
+
+
+def plain(obj: Any) -> dict[str, Any]:
+    """A dataclass instance as a dict of its fields (shallow), to travel as a task's argument:
+    Ray packs builtins with msgpack, while an instance of a class of ours in the arguments
+    takes its pickle path, about 0.3 ms of CPU more per task (driver and worker together)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 def bounded(fn: Callable[[], object], seconds: float) -> bool:

@@ -3,20 +3,26 @@ crashes, dead workers, interrupts and resume, the status table, and bad specs.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from runner.carry import Dest
 from runner.lifecycle import UnitState
+from runner.placement import StartTo
 from runner.quantities import duration_seconds, memory_bytes
+from runner.remote import plain
+from runner.stages.jobs.task import GROUP, JobsGroup, run_job
 from runner.store import UnitRow, read_ledger
 from tests.conftest import Result, cpus_free_again, run_runner, runner_process, summary, wait_until
 
@@ -758,3 +764,84 @@ def rows_of(run_dir: Path, stage: str) -> dict[str, UnitState]:
         return {r.unit: r.state for r in ledger.rows(stage)}
     finally:
         ledger.close()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_what_a_finished_job_left_running_is_killed_and_the_next_job_shares_the_guard(
+    tmp_path: Path,
+) -> None:
+    """The jobs of one Ray worker take turns in one process group with one watcher: a job's
+    leftovers die at its end, and the group and its watcher stay for the next job."""
+    spec = {
+        "argv": ["sh", "-c", "sleep 60 & echo $! > left"],
+        "env": {},
+        "cwd": str(tmp_path),
+        "time_limit": None,
+        "memory": 0,
+        **{name: plain(Dest(str(tmp_path / f"{name}.log"))) for name in ("stdout", "stderr")},
+    }
+
+    def started_to(key: str) -> dict[str, Any]:
+        return plain(StartTo(key, path=str(tmp_path / "started" / f"{key}.json")))
+
+    first = run_job({**spec, "started_to": started_to("a")})
+    assert first["state"] == "done"
+    wait_until(lambda: not alive(pids(tmp_path / "left")[0]), what="the job's leftover to go")
+    group, watcher = GROUP.ready(), GROUP.watcher
+    assert watcher is not None and watcher.poll() is None
+    second = run_job({**spec, "started_to": started_to("b")})
+    assert second["state"] == "done"
+    assert (GROUP.ready(), GROUP.watcher) == (group, watcher)
+
+
+@pytest.fixture
+def group() -> Iterator[JobsGroup]:
+    """A jobs group of the test's own, let go at the end (watcher ended, anchor reaped)."""
+    made = JobsGroup()
+    yield made
+    if made.watcher is not None:
+        made.watcher.kill()
+        made.watcher.wait()
+        if made.watcher.stdin is not None:
+            made.watcher.stdin.close()
+    if made.anchor is not None:
+        with contextlib.suppress(ChildProcessError):  # the test may have reaped it
+            os.waitpid(made.anchor.pid, 0)
+
+
+def test_when_the_worker_goes_its_watcher_kills_the_job_running_in_the_group(
+    group: JobsGroup,
+) -> None:
+    """The watcher's pipe from the worker closing (the worker died) kills the jobs' group."""
+    pgid = group.ready()
+    assert group.watcher is not None and group.watcher.stdin is not None
+    job = subprocess.Popen(["sleep", "60"], process_group=pgid)
+    try:
+        group.watcher.stdin.close()
+        assert job.wait(timeout=30) == -signal.SIGKILL
+        assert group.watcher.wait(timeout=30) == 0
+    finally:
+        job.kill()
+        job.wait()
+
+
+def test_a_group_whose_anchor_someone_else_reaped_is_made_anew_and_left_alone(
+    group: JobsGroup,
+) -> None:
+    """Once its id may be anyone's, the old group is not the jobs' any more: a new group and
+    watcher take over, and the old watcher goes without killing anything."""
+    old = group.ready()
+    old_watcher = group.watcher
+    os.waitpid(old, 0)  # someone else in the worker waited for the anchor
+    assert group.ready() != old
+    assert old_watcher is not None and old_watcher.returncode == -signal.SIGKILL
+    assert group.watcher is not None and group.watcher.poll() is None
+
+
+def test_a_second_job_at_once_in_one_workers_group_is_refused(group: JobsGroup) -> None:
+    """Two jobs at once in one group would end each other's processes: never with Ray's one
+    task at a time per worker, and refused should that ever change."""
+    with group.turn(), pytest.raises(RuntimeError, match="another job"), group.turn():
+        pass
+    with group.turn() as pgid:  # free again once the first job's turn is over
+        assert pgid == group.ready()

@@ -3,8 +3,10 @@ one Ray task on the granted node, its outcome read from the task's reply."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.output import Tail
 from runner.plan import StagePlan, Unit
-from runner.remote import remote
+from runner.remote import plain, remote
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.task import run_job
@@ -45,7 +47,7 @@ class JobsRun(StageRun):
         self.retries = self.spec.retries
         self.grace = self.spec.cancel_grace + CANCEL_WAIT
         self.cap = self.spec.max_concurrent
-        self.logs = ctx.stage_dir(stage.name).resolve()
+        self.logs = str(ctx.stage_dir(stage.name).resolve())
         self.cpu = 0.0
         # CPU-seconds and jobs run per SCNS `account`, for the summary
         self.accounts: dict[str, Usage] = {}
@@ -84,19 +86,19 @@ class JobsRun(StageRun):
         options = lease.placement.options(max_retries=0, name=f"job {work.id}")
         started = self.ex.start_to(lease)
         for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
-            Path(paths[stream]).unlink(missing_ok=True)  # not an earlier attempt's lines
+            with contextlib.suppress(FileNotFoundError):  # not an earlier attempt's lines
+                os.unlink(paths[stream])
             if self.spec.show_output:
                 self.tail.start(Path(paths[stream]), fresh=True)
-        lease.task = (
-            remote(run_job)
-            .options(**options)
-            .remote(
-                {**_job(work).task_spec(), "grace": self.spec.cancel_grace},
-                Dest(paths["stdout"], carried=not self.ctx.cluster.shared_fs),
-                Dest(paths["stderr"], carried=not self.ctx.cluster.shared_fs),
-                started,
-            )
-        )
+        carried = not self.ctx.cluster.shared_fs
+        spec = {
+            **_job(work).task_spec(),
+            "grace": self.spec.cancel_grace,
+            "stdout": plain(Dest(paths["stdout"], carried)),
+            "stderr": plain(Dest(paths["stderr"], carried)),
+            "started_to": plain(started),
+        }
+        lease.task = remote(run_job).options(**options).remote(spec)
         lease.watch(lease.task)
 
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
@@ -105,7 +107,8 @@ class JobsRun(StageRun):
         if not self.landed(lease, reply.pop("files", {})):  # streams carried back, if any
             return
         self._show(work)
-        if self._disk_full(work):
+        paths = self._paths(work)
+        if self._disk_full(paths):
             self.ex.stopped(lease)
             return
         self.ex.end_lease(lease)
@@ -118,7 +121,7 @@ class JobsRun(StageRun):
         self.ex.finish(
             work,
             UnitState(reply["state"]),
-            {**details, **self._paths(work)},
+            {**details, **paths},
             reply.get("error"),
             reply.get("started"),
             reply.get("ended"),
@@ -208,10 +211,10 @@ class JobsRun(StageRun):
             outcome.ok, outcome.message = False, problem
         return outcome
 
-    def _disk_full(self, work: Work) -> bool:
-        """Its streams were written where the disk is now full: the run stops with the one
-        full-disk message, the job is not recorded done or failed (a rerun runs it)."""
-        error = disk.full(Path(self._paths(work)["stdout"]).parent, self.ctx.store.root)
+    def _disk_full(self, paths: dict[str, str]) -> bool:
+        """Its streams (`paths`) were written where the disk is now full: the run stops with
+        the one full-disk message, the job is not recorded done or failed (a rerun runs it)."""
+        error = disk.full(Path(paths["stdout"]).parent, self.ctx.store.root)
         if error is not None:
             self.ctx.ledger.fail(error)
         return error is not None
@@ -227,11 +230,12 @@ class JobsRun(StageRun):
 
     def _paths(self, work: Work) -> dict[str, str]:
         """Where a job's streams go: SCNS's `standard_output` / `standard_error` when the job
-        names them, else <run.dir>/<stage>/<job>.out and .err."""
+        names them, else <run.dir>/<stage>/<job>.out and .err (strings, not Paths: asked for
+        a few times per job)."""
         job = _job(work)
         return {
-            "stdout": job.stdout or str(self.logs / f"{work.id}.out"),
-            "stderr": job.stderr or str(self.logs / f"{work.id}.err"),
+            "stdout": job.stdout or f"{self.logs}/{work.id}.out",
+            "stderr": job.stderr or f"{self.logs}/{work.id}.err",
         }
 
 

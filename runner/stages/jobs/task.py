@@ -1,4 +1,4 @@
-"""What runs inside a job's Ray task: the job in its own process group, guarded by a watcher,
+"""What runs inside a job's Ray task: the job in the worker's jobs group, guarded by a watcher,
 stopped at its time limit, over its memory, on cancel, and when the Ray worker dies.
 
 Memory is a limit, enforced by a watchdog over the job's whole process tree (children
@@ -8,6 +8,7 @@ need a delegated cgroup the runner may write, which Ray's workers do not have.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource as rusage
 import select
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,50 +32,123 @@ MEMORY_POLL = 0.1
 # how the memory limit is enforced, as the job's result says
 MEMORY_ENFORCER = "watchdog"
 
-# The leader of a job's process group, started before the job: it holds a pipe from the Ray
-# worker, so when the worker dies (crash, OOM kill, its driver SIGKILLed) it reads EOF and kills
-# the whole group. It ignores SIGTERM, so it still guards the group during the kill grace.
-# POSIX `sh`: where that is dash it starts in a fifth of bash's time, once per job.
-_WATCHER = "trap '' TERM INT HUP; read -r _; kill -KILL 0"
+# A Ray worker runs one task at a time, so its jobs take turns in one process group, made once
+# per worker, not once per job (a process per job was a fifth of a trivial job's cost):
+# - its leader, the anchor, is a child that exited at once and is never waited for: a zombie
+#   that holds the group's id for as long as the worker lives (no later process can get it),
+#   while ending the group (`killpg`) after each job leaves the anchor, and the group, as is;
+# - the watcher, in a group of its own (the jobs' kills miss it), holds a pipe from the worker:
+#   when the worker dies (crash, OOM kill, its driver SIGKILLed) it reads EOF and kills the
+#   jobs' group. It ignores SIGTERM, so it still guards the group during a kill grace.
+# Both exist before a job starts in the group: no window in which a job runs unguarded.
+# POSIX `sh`: where that is dash it starts in a fifth of bash's time.
+_WATCHER = "trap '' TERM INT HUP; read -r _; kill -KILL -$1"
 _SHELL = "sh"
 
 
-def run_job(spec: dict[str, Any], out: Dest, err: Dest, started_to: StartTo) -> dict[str, Any]:
-    """Run one job to its end in its own process group: first say where it runs (a `Started`
-    sent to `started_to`), then return what happened, as the ledger keeps it (with its logs,
-    where they are carried back through Ray).
+def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one job to its end in the worker's jobs group: first say where it runs (a `Started`
+    sent to `spec["started_to"]`), then return what happened, as the ledger keeps it (with its
+    logs, where they are carried back through Ray).
+
+    `spec` is the job's `Job.task_spec()` with its `grace`, where its streams go (`stdout`,
+    `stderr`: a `Dest`'s fields) and where it announces its start (`started_to`: a `StartTo`'s
+    fields): plain data, which Ray passes at a fraction of the cost of our own classes
+    (`remote.plain`).
 
     A cancel from the runner arrives as KeyboardInterrupt; the group is stopped either way."""
-    announce(started_to)
+    out, err = Dest(**spec["stdout"]), Dest(**spec["stderr"])
+    announce(StartTo(**spec["started_to"]))
     node = socket.gethostname()
     started = time.time()
     cpu_before = _children_cpu()
-    watcher = subprocess.Popen(
-        [_SHELL, "-c", _WATCHER],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        process_group=0,
-    )
     proc: subprocess.Popen[bytes] | None = None
     stop = Stop()
-    try:
-        proc = _start(spec, out.here(), err.here(), group=watcher.pid)
-        stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, started)
-        if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
-            kill_group(watcher.pid, signal.SIGKILL)
-    except OSError as exc:
-        error = f"cannot start: {exc}"
-        reply = {"state": "failed", "error": error, "node": node, "started": started}
-        return {**reply, "files": collect([out, err])}
-    except BaseException:  # cancelled: no reply to carry its logs back in
-        discard([out, err])
-        raise
-    finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
-        _stop_group(watcher, proc, KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE))
+    with GROUP.turn() as group:
+        try:
+            proc = _start(spec, out.here(), err.here(), group)
+            stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, started)
+            if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
+                kill_group(group, signal.SIGKILL)
+        except OSError as exc:
+            error = f"cannot start: {exc}"
+            reply = {"state": "failed", "error": error, "node": node, "started": started}
+            return {**reply, "files": collect([out, err])}
+        except BaseException:  # cancelled: no reply to carry its logs back in
+            discard([out, err])
+            raise
+        finally:  # a cancel (KeyboardInterrupt) gets the stage's cancel_grace
+            grace = KILL_GRACE if stop.reason else spec.get("grace", KILL_GRACE)
+            _stop_group(group, proc, grace)
     assert proc is not None
     reply = _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
     return {**reply, "files": collect([out, err])}
+
+
+class JobsGroup:
+    """The process group this Ray worker's jobs run in, and its watcher (see `_WATCHER`)."""
+
+    def __init__(self) -> None:
+        self.anchor: subprocess.Popen[bytes] | None = None
+        self.watcher: subprocess.Popen[bytes] | None = None
+        self.busy = False
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[int]:
+        """The group, for one job to have to itself until it ends: a second job at once in
+        this process (never, with Ray's one task at a time per worker) would have its
+        processes killed at the first one's end, so it is refused."""
+        if self.busy:
+            raise RuntimeError("another job is running in this Ray worker's jobs group")
+        self.busy = True
+        try:
+            yield self.ready()
+        finally:
+            self.busy = False
+
+    def ready(self) -> int:
+        """The group's id, once its anchor holds it and its watcher runs (made anew when
+        either is gone: two cheap checks per job)."""
+        if self.anchor is None or not _zombie_child(self.anchor.pid):
+            # the old group's id may be anyone's now: its watcher goes without killing it
+            self._drop_watcher(kill=True)
+            self.anchor = _spawn([_SHELL, "-c", ":"], stdin=subprocess.DEVNULL)
+            os.waitid(os.P_PID, self.anchor.pid, os.WEXITED | os.WNOWAIT)  # a zombie now
+        if self.watcher is None or self.watcher.poll() is not None:
+            self._drop_watcher(kill=False)
+            argv = [_SHELL, "-c", _WATCHER, _SHELL, str(self.anchor.pid)]
+            self.watcher = _spawn(argv, stdin=subprocess.PIPE)
+        return self.anchor.pid
+
+    def _drop_watcher(self, kill: bool) -> None:
+        """Be done with the watcher (SIGKILLed first when `kill`: it ignores SIGTERM)."""
+        if self.watcher is None:
+            return
+        if kill:
+            self.watcher.kill()
+        self.watcher.wait()
+        if self.watcher.stdin is not None:
+            self.watcher.stdin.close()
+        self.watcher = None
+
+
+def _spawn(argv: list[str], stdin: int) -> subprocess.Popen[bytes]:
+    """A helper process of the jobs' group, in a process group of its own."""
+    return subprocess.Popen(
+        argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0
+    )
+
+
+def _zombie_child(pid: int) -> bool:
+    """Whether `pid` is still this process's exited, unwaited child (looked at, not reaped)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # waited for by someone else: its id is free again
+        return False
+
+
+# this worker's (made at its first job)
+GROUP = JobsGroup()
 
 
 def _start(spec: dict[str, Any], out: str, err: str, group: int) -> subprocess.Popen[bytes]:
@@ -142,24 +217,19 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _stop_group(
-    watcher: subprocess.Popen[bytes], proc: subprocess.Popen[bytes] | None, grace: float
-) -> None:
+def _stop_group(group: int, proc: subprocess.Popen[bytes] | None, grace: float) -> None:
     """SIGTERM a job still running and give it `grace` seconds to end, then SIGKILL its whole
-    group (also after a normal exit: nothing a job started outlives it), watcher included."""
+    group (also after a normal exit: nothing a job started outlives it)."""
     if proc is not None and proc.poll() is None:
-        kill_group(watcher.pid, signal.SIGTERM)
+        kill_group(group, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-    kill_group(watcher.pid, signal.SIGKILL)
+    kill_group(group, signal.SIGKILL)
     if proc is not None:
         if proc.poll() is None:  # it left the group (setsid): it is still the job's to end
             proc.kill()
         proc.wait()
-    watcher.wait()
-    if watcher.stdin is not None:  # its pipe, held open until now on purpose
-        watcher.stdin.close()
 
 
 def _outcome(
