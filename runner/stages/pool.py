@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 # a batch should keep an actor busy about this long: Ray's ~1 ms per call is then ~2%
 TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH = 4096
-# a failed item's error keeps this many of its innermost frames (the log has them all)
-ERROR_FRAMES = 3
 # worker logs, under the stage's directory
 LOGS = "logs"
 
