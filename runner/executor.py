@@ -1027,6 +1027,7 @@ class Executor:
         config = stage.config if not outcome.interrupted or record is None else record.config
         # every unit of the plan done: the next plan of this stage need not read them
         whole = state == "done" and outcome.done + outcome.skipped == outcome.total
+        units = stage.units or []
         self.ctx.ledger.save_stage(
             name,
             stage.kind,
@@ -1036,9 +1037,9 @@ class Executor:
             live.started_wall,
             time.time(),
             asdict(outcome),
-            units_digest((u.id, u.fingerprint, None) for u in stage.units or []) if whole else None,
+            units_digest([u.id for u in units], [u.fingerprint for u in units]) if whole else None,
         )
-        for unit in stage.units or []:  # now upstream data for the stages that need this one
+        for unit in units:  # now upstream data for the stages that need this one
             unit.run = False
         self.outcomes[name] = outcome
         if not outcome.ok and not outcome.interrupted:

@@ -13,7 +13,7 @@ import functools
 import glob as globlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -125,6 +125,28 @@ def load(items: dict[str, Any], digests: FileDigests | None = None) -> Iterator[
     else:
         path = Path(items["file"])
         yield from _file_items(items["file"], items.get("id"), *_stamp(path))
+
+
+class Columns(NamedTuple):
+    """A source's items as three parallel sequences: planning a million items builds no
+    object per item beyond its id (and, for a `range`, its id is its identity)."""
+
+    ids: list[str]
+    payloads: Sequence[Any]
+    identities: list[str]
+
+
+def columns(items: dict[str, Any], digests: FileDigests | None = None) -> Columns:
+    """`load`'s items as columns, in the same order."""
+    if "range" in items:
+        args = _range_args(items["range"])
+        assert args is not None
+        ids = list(map(str, range(*args)))
+        return Columns(ids, range(*args), ids)
+    loaded = list(load(items, digests))
+    return Columns(
+        [i.id for i in loaded], [i.payload for i in loaded], [i.identity for i in loaded]
+    )
 
 
 def _stamp(path: Path) -> tuple[int, int]:

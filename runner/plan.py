@@ -14,9 +14,10 @@ import gc
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from itertools import repeat
 from typing import Any
 
 from runner.cluster import ClusterInfo
@@ -30,11 +31,14 @@ from runner.spec import Pipeline
 from runner.store import Ledger, Prior, PriorUnit, UnitRow
 
 
-def units_digest(entries: Iterable[tuple[str, str, Any]]) -> str:
-    """One digest of a stage's units, (id, fingerprint, payload) in plan order: equal to the
-    ledger's record of a stage whose units all finished, no unit of it needs deciding."""
+def units_digest(ids: Sequence[str], fingerprints: Sequence[str]) -> str:
+    """One digest of a stage's units (ids and fingerprints in plan order): equal to the
+    ledger's record of a stage whose units all finished, no unit of it needs deciding. Two
+    joins and one hash: a million units take a few hundredths of a second."""
     h = hashlib.blake2b(digest_size=16)
-    h.update("\0".join(f"{uid}\0{fp}" for uid, fp, *_ in entries).encode())
+    h.update("\0".join(ids).encode())
+    h.update(b"\1")
+    h.update("\0".join(fingerprints).encode())
     return h.hexdigest()
 
 
@@ -222,21 +226,25 @@ class Decider:
             unit.run, unit.reason = True, "not finished last time"
         return unit
 
-    def units(self, entries: Iterable[tuple[str, str, Any]]) -> list[Unit]:
-        """Units of (id, fingerprint, payload), each decided as a call would decide it, with
-        the commonest case of a resumed stage (done, same fingerprint) in the loop itself."""
-        if self.finished is not None and not self.fresh:
-            entries = list(entries)
-            if units_digest(entries) == self.finished:  # a finished stage: no unit to read
-                kept = self.kept
-                return [Unit(uid, fp, payload, False, kept) for uid, fp, payload in entries]
+    def units(
+        self, ids: Sequence[str], fingerprints: Sequence[str], payloads: Sequence[Any]
+    ) -> list[Unit]:
+        """Units of parallel ids, fingerprints and payloads, each decided as a call would
+        decide it, with the commonest case of a resumed stage (done, same fingerprint) in the
+        loop itself."""
+        finished = self.finished is not None and not self.fresh
+        if finished and units_digest(ids, fingerprints) == self.finished:  # no unit to read
+            n = len(ids)
+            return list(
+                map(Unit, ids, fingerprints, payloads, repeat(False, n), repeat(self.kept, n))
+            )
         prior = self._prior()
         if self.fresh or not isinstance(prior, Prior):
-            return [self(Unit(uid, fp, payload)) for uid, fp, payload in entries]
+            return [self(Unit(*entry)) for entry in zip(ids, fingerprints, payloads, strict=True)]
         done, kept = prior.done.get, self.kept
         out: list[Unit] = []
         add = out.append
-        for uid, fp, payload in entries:
+        for uid, fp, payload in zip(ids, fingerprints, payloads, strict=True):
             if done(uid) == fp:
                 add(Unit(uid, fp, payload, False, kept))
             else:

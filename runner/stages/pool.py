@@ -93,10 +93,8 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     pending_reason = ""
     source = spec.items.get("from")
     if source is None:
-        fingerprint = digester(own)
-        units = decide.units(
-            (i.id, fingerprint(i.identity), i.payload) for i in itemsrc.load(spec.items, ctx.ledger)
-        )
+        ids, payloads, identities = itemsrc.columns(spec.items, ctx.ledger)
+        units = decide.units(ids, list(map(digester(own), identities)), payloads)
     else:
         units = _from_upstream(own, source, ctx)
         units = [decide(u) for u in units] if units is not None else None
