@@ -29,6 +29,10 @@ class UnitState(Enum):
     cancelled = "cancelled"
     preempted = "preempted"
 
+    # a member is equal only to itself, so its identity is its hash: Enum's own `__hash__`
+    # is a Python call, paid per unit wherever states are counted or sets are asked
+    __hash__ = object.__hash__
+
     @property
     def final(self) -> bool:
         """No further move in this run."""

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,14 @@ class PoolRun(StageRun):
         if work.state in (UnitState.failed, UnitState.timeout, UnitState.out_of_memory):
             self.bad.append(work)
 
+    def ended_all(self, works: Sequence[Work]) -> None:
+        states = Counter(w.state for w in works)
+        if states.keys() - {UnitState.done, UnitState.cancelled}:
+            super().ended_all(works)  # a failure among them: `bad` keeps it
+            return
+        self.left -= len(works)
+        self.final.update(states)
+
     # workers
 
     def _wanted(self) -> int:
@@ -282,10 +290,10 @@ class PoolRun(StageRun):
                 batch = [self.queue.popleft()]
             else:
                 batch = self._take()
-            for work in batch:
-                self.ex.running(work, lease.started, at=time.time())
+            self.ex.running_all(batch, lease.started, time.time())
             lease.work += batch
-            ref = lease.actor.run.remote([(w.id, w.unit.payload) for w in batch])
+            units = [w.unit for w in batch]
+            ref = lease.actor.run.remote([u.id for u in units], [u.payload for u in units])
             self.ex.watch(lease, ref, batch)
             if batch[0].suspect:
                 return
@@ -312,30 +320,33 @@ class PoolRun(StageRun):
     def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
         batch: list[Work] = tag
         reply: dict[str, Any] = value
-        done_ids = {w.id for w in batch}
-        lease.work = [w for w in lease.work if w.id not in done_ids]
+        replied = set(batch)
+        lease.work = [w for w in lease.work if w not in replied]
         self.cpu[lease] = reply["cpu"]
         if reply["log"]:
             self._land_log(lease, reply["log"])
-        if reply["outcomes"]:
-            per_item = reply["busy"] / len(reply["outcomes"])
+        status, values, seconds = reply["status"], reply["values"], reply["seconds"]
+        if status:
+            per_item = reply["busy"] / len(status)
             old = self.item_seconds
             self.item_seconds = per_item if old is None else 0.7 * old + 0.3 * per_item
-        by_id = {w.id: w for w in batch}
         now = time.time()
-        for uid, status, value_, seconds in reply["outcomes"]:
-            work = by_id[uid]
-            if work.state.final:  # cancelled while it ran: its result is dropped
-                continue
-            if status == "done":
-                self.ex.finish(work, UnitState.done, value_, None, now - seconds, now)
-            elif status == "error":
-                self.ex.failed(work, str(value_))
-            else:
-                self.ex.finish(work, UnitState.timeout, None, str(value_), now - seconds, now)
-        for uid in reversed(reply["rest"]):
-            if not by_id[uid].state.final:
-                self.ex.back(by_id[uid])
+        ran = batch[: len(status)]
+        if status.count("done") == len(ran) and not any(w.state.final for w in ran):
+            self.ex.done_all(ran, values, seconds, now)  # the commonest reply, at batch cost
+        else:
+            for work, state, result, took in zip(ran, status, values, seconds, strict=True):
+                if work.state.final:  # cancelled while it ran: its result is dropped
+                    continue
+                if state == "done":
+                    self.ex.finish(work, UnitState.done, result, None, now - took, now)
+                elif state == "error":
+                    self.ex.failed(work, str(result))
+                else:
+                    self.ex.finish(work, UnitState.timeout, None, str(result), now - took, now)
+        for work in reversed(batch[len(status) :]):
+            if not work.state.final:
+                self.ex.back(work)
         if reply["poisoned"]:
             self.draining.add(lease)
         if lease in self.draining and not lease.calls:

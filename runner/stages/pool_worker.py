@@ -78,22 +78,39 @@ class PoolActor:
     def ready(self) -> Started:
         return here()
 
-    def run(self, batch: list[tuple[str, Any]]) -> dict[str, Any]:
-        """Outcomes as (id, status, value, seconds); ids not started; busy time; CPU so far.
+    def run(self, ids: list[str], payloads: list[Any]) -> dict[str, Any]:
+        """A batch's outcomes, in its order: per item a status, a value and seconds; how many
+        at the end were not started; busy time; CPU so far.
 
-        Every value in the reply is plain data (a result that is not JSON becomes that item's
-        error), so one bad result never fails the batch it travels with."""
-        outcomes: list[tuple[str, str, Any, float]] = []
-        started = time.perf_counter()
-        for n, (uid, payload) in enumerate(batch):
+        Columns of plain data, never tuples: Ray pickles each tuple inside a reply one by one
+        and sends lists of strings and numbers as they are. A result that is not JSON becomes
+        that item's error, so one bad result never fails the batch it travels with."""
+        status: list[str] = []
+        values: list[Any] = []
+        seconds: list[float] = []
+        started = clock = time.perf_counter()
+        for uid, payload in zip(ids, payloads, strict=True):
             if self._poisoned:
-                return self._reply(outcomes, [u for u, _ in batch[n:]], started, poisoned=True)
-            t0 = time.perf_counter()
-            status, value = self._one(uid, payload)
-            outcomes.append((uid, status, value, time.perf_counter() - t0))
-            if status == "timeout":
+                break
+            state, value = self._one(uid, payload)
+            now = time.perf_counter()
+            status.append(state)
+            values.append(value)
+            seconds.append(now - clock)
+            clock = now
+            if state == "timeout":
                 self._poisoned = True
-        return self._reply(outcomes, [], started, poisoned=False)
+        return {
+            "status": status,
+            "values": values,
+            "seconds": seconds,
+            "rest": len(ids) - len(status),
+            "busy": time.perf_counter() - started,
+            "cpu": _cpu_seconds() - self._cpu0,
+            "poisoned": self._poisoned,
+            "worker": self.name,
+            "log": self._new_log(),
+        }
 
     def _one(self, uid: str, payload: Any) -> tuple[str, Any]:
         if self._threads is None:
@@ -105,23 +122,6 @@ class PoolActor:
             # the thread cannot be interrupted: report, and let the driver replace this actor
             print(f"item {uid}: step_timeout {self._timeout:g}s exceeded", file=sys.stderr)
             return "timeout", f"step_timeout {self._timeout:g}s exceeded"
-
-    def _reply(
-        self,
-        outcomes: list[tuple[str, str, Any, float]],
-        rest: list[str],
-        t0: float,
-        poisoned: bool,
-    ) -> dict[str, Any]:
-        return {
-            "outcomes": outcomes,
-            "rest": rest,
-            "busy": time.perf_counter() - t0,
-            "cpu": _cpu_seconds() - self._cpu0,
-            "poisoned": poisoned,
-            "worker": self.name,
-            "log": self._new_log(),
-        }
 
     def _new_log(self) -> bytes:
         """Without a shared filesystem, the log's bytes written since the last reply (they
@@ -224,6 +224,10 @@ def _error_text(exc: BaseException) -> str:
     return "\n".join([head, *lines])
 
 
+# results kept as they are, without the encoder's check (what it would pass unchanged)
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
 class ResultError(TypeError):
     """A worker returned a value the ledger cannot keep (not JSON)."""
 
@@ -232,6 +236,8 @@ def json_value(value: Any) -> Any:
     """`value` as the ledger keeps it: JSON values as they are, numpy values (anything with
     `tolist()`) converted; anything else raises ResultError naming its type, so the item fails
     with that message instead of being silently stringified (or crashing its whole batch)."""
+    if type(value) in _SCALARS:
+        return value  # nothing to check: the commonest result, at no cost
     converted = False
 
     def plain(obj: Any) -> Any:
