@@ -10,6 +10,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -788,7 +789,7 @@ def test_what_a_finished_job_left_running_is_killed_and_the_next_job_shares_the_
     assert first["state"] == "done"
     wait_until(lambda: not alive(pids(tmp_path / "left")[0]), what="the job's leftover to go")
     group, watcher = GROUP.ready(), GROUP.watcher
-    assert watcher is not None and watcher.poll() is None
+    assert watcher is not None and watcher.alive() and alive(watcher.pid)
     second = run_job({**spec, "started_to": started_to("b")})
     assert second["state"] == "done"
     assert (GROUP.ready(), GROUP.watcher) == (group, watcher)
@@ -800,10 +801,7 @@ def group() -> Iterator[JobsGroup]:
     made = JobsGroup()
     yield made
     if made.watcher is not None:
-        made.watcher.kill()
-        made.watcher.wait()
-        if made.watcher.stdin is not None:
-            made.watcher.stdin.close()
+        made.watcher.end(kill=True)
     if made.anchor is not None:
         with contextlib.suppress(ChildProcessError):  # the test may have reaped it
             os.waitpid(made.anchor.pid, 0)
@@ -814,15 +812,48 @@ def test_when_the_worker_goes_its_watcher_kills_the_job_running_in_the_group(
 ) -> None:
     """The watcher's pipe from the worker closing (the worker died) kills the jobs' group."""
     pgid = group.ready()
-    assert group.watcher is not None and group.watcher.stdin is not None
+    assert group.watcher is not None
+    watcher = group.watcher.pid
     job = subprocess.Popen(["sleep", "60"], process_group=pgid)
     try:
-        group.watcher.stdin.close()
+        group.watcher.end(kill=False)
+        group.watcher = None
         assert job.wait(timeout=30) == -signal.SIGKILL
-        assert group.watcher.wait(timeout=30) == 0
+        wait_until(lambda: not alive(watcher), what="the watcher to end")
     finally:
         job.kill()
         job.wait()
+
+
+# A Ray worker as it exits: SIGKILL to each of its direct children (what
+# RAY_kill_child_processes_on_worker_exit does), then the exit itself.
+WORKER_EXIT = """
+import os, signal, subprocess, sys
+from runner.stages.jobs.task import JobsGroup
+group = JobsGroup()
+job = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, process_group=group.ready())
+print(job.stdout.readline().decode().strip(), flush=True)
+children = [int(c) for c in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
+for child in children:
+    os.kill(child, signal.SIGKILL)
+os._exit(0)
+"""
+
+
+def test_a_job_s_own_children_die_when_its_worker_exits_killing_its_direct_children() -> None:
+    """Ray kills a worker's direct children as it exits; the watcher is not one of them, so
+    it still ends what the job started (a grandchild of the worker) once the worker is gone."""
+    worker = subprocess.run(
+        [sys.executable, "-c", WORKER_EXIT], capture_output=True, text=True, timeout=60
+    )
+    assert worker.returncode == 0, worker.stderr
+    grandchild = int(worker.stdout)
+    try:
+        wait_until(lambda: not alive(grandchild), what="the job's own child to be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
 
 
 def test_a_group_whose_anchor_someone_else_reaped_is_made_anew_and_left_alone(
@@ -832,10 +863,17 @@ def test_a_group_whose_anchor_someone_else_reaped_is_made_anew_and_left_alone(
     watcher take over, and the old watcher goes without killing anything."""
     old = group.ready()
     old_watcher = group.watcher
-    os.waitpid(old, 0)  # someone else in the worker waited for the anchor
-    assert group.ready() != old
-    assert old_watcher is not None and old_watcher.returncode == -signal.SIGKILL
-    assert group.watcher is not None and group.watcher.poll() is None
+    assert old_watcher is not None
+    bystander = subprocess.Popen(["sleep", "60"], process_group=old)
+    try:
+        os.waitpid(old, 0)  # someone else in the worker waited for the anchor
+        assert group.ready() != old
+        wait_until(lambda: not alive(old_watcher.pid), what="the old watcher to be killed")
+        assert bystander.poll() is None  # the old group was not killed
+        assert group.watcher is not None and group.watcher.alive()
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_a_second_job_at_once_in_one_workers_group_is_refused(group: JobsGroup) -> None:

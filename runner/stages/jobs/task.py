@@ -37,12 +37,20 @@ MEMORY_ENFORCER = "watchdog"
 # - its leader, the anchor, is a child that exited at once and is never waited for: a zombie
 #   that holds the group's id for as long as the worker lives (no later process can get it),
 #   while ending the group (`killpg`) after each job leaves the anchor, and the group, as is;
-# - the watcher, in a group of its own (the jobs' kills miss it), holds a pipe from the worker:
+# - the watcher, in a group of its own (the jobs' kills miss it), reads a pipe from the worker:
 #   when the worker dies (crash, OOM kill, its driver SIGKILLed) it reads EOF and kills the
-#   jobs' group. It ignores SIGTERM, so it still guards the group during a kill grace.
+#   jobs' group. It ignores SIGTERM, so it still guards the group during a kill grace. It is
+#   not the worker's child but its shell's background child, left to init: a Ray worker that
+#   exits kills its direct children first (`RAY_kill_child_processes_on_worker_exit`, on by
+#   default), which would end a child watcher before the EOF it waits for, and a job's own
+#   children (not the worker's direct ones) would outlive it.
 # Both exist before a job starts in the group: no window in which a job runs unguarded.
-# POSIX `sh`: where that is dash it starts in a fifth of bash's time.
-_WATCHER = "trap '' TERM INT HUP; read -r _; kill -KILL -$1"
+# POSIX `sh`: where that is dash it starts in a fifth of bash's time. The pipe comes in as the
+# shell's stdin, kept as descriptor 3 (a background list's stdin is /dev/null; dash takes no
+# descriptor above 9 in a redirection).
+_WATCHER = (
+    "trap '' TERM INT HUP; exec 3<&0; (read -r _ <&3; kill -KILL -$1) >/dev/null 2>&1 & echo $!"
+)
 _SHELL = "sh"
 
 
@@ -85,12 +93,49 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     return {**reply, "files": collect([out, err])}
 
 
+class Watcher:
+    """A jobs group's watcher (see `_WATCHER`): its pid and the pipe's end this worker holds."""
+
+    def __init__(self, anchor: int) -> None:
+        read, self.pipe = os.pipe()
+        try:
+            started = subprocess.run(
+                [_SHELL, "-c", _WATCHER, _SHELL, str(anchor)],
+                stdin=read,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                process_group=0,
+                check=True,
+            )
+            self.pid = int(started.stdout)
+        except BaseException:
+            os.close(self.pipe)
+            raise
+        finally:
+            os.close(read)
+
+    def alive(self) -> bool:
+        """Whether the watcher still reads the pipe (it is its only reader: once it is gone the
+        pipe's end here reports an error)."""
+        poll = select.poll()
+        poll.register(self.pipe, select.POLLOUT)
+        return not any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+
+    def end(self, kill: bool) -> None:
+        """Let the watcher go: SIGKILLed first when `kill` (it ignores SIGTERM), else it reads
+        EOF and ends the group as it would at the worker's death."""
+        if kill and self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        os.close(self.pipe)
+
+
 class JobsGroup:
     """The process group this Ray worker's jobs run in, and its watcher (see `_WATCHER`)."""
 
     def __init__(self) -> None:
         self.anchor: subprocess.Popen[bytes] | None = None
-        self.watcher: subprocess.Popen[bytes] | None = None
+        self.watcher: Watcher | None = None
         self.busy = False
 
     @contextlib.contextmanager
@@ -112,31 +157,23 @@ class JobsGroup:
         if self.anchor is None or not _zombie_child(self.anchor.pid):
             # the old group's id may be anyone's now: its watcher goes without killing it
             self._drop_watcher(kill=True)
-            self.anchor = _spawn([_SHELL, "-c", ":"], stdin=subprocess.DEVNULL)
+            self.anchor = subprocess.Popen(
+                [_SHELL, "-c", ":"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                process_group=0,  # the leader of a group of its own: the jobs' group
+            )
             os.waitid(os.P_PID, self.anchor.pid, os.WEXITED | os.WNOWAIT)  # a zombie now
-        if self.watcher is None or self.watcher.poll() is not None:
+        if self.watcher is None or not self.watcher.alive():
             self._drop_watcher(kill=False)
-            argv = [_SHELL, "-c", _WATCHER, _SHELL, str(self.anchor.pid)]
-            self.watcher = _spawn(argv, stdin=subprocess.PIPE)
+            self.watcher = Watcher(self.anchor.pid)
         return self.anchor.pid
 
     def _drop_watcher(self, kill: bool) -> None:
-        """Be done with the watcher (SIGKILLed first when `kill`: it ignores SIGTERM)."""
-        if self.watcher is None:
-            return
-        if kill:
-            self.watcher.kill()
-        self.watcher.wait()
-        if self.watcher.stdin is not None:
-            self.watcher.stdin.close()
-        self.watcher = None
-
-
-def _spawn(argv: list[str], stdin: int) -> subprocess.Popen[bytes]:
-    """A helper process of the jobs' group, in a process group of its own."""
-    return subprocess.Popen(
-        argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0
-    )
+        if self.watcher is not None:
+            self.watcher.end(kill)
+            self.watcher = None
 
 
 def _zombie_child(pid: int) -> bool:
