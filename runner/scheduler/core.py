@@ -114,7 +114,7 @@ class Ticket:
 _Request = Ticket
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Lane:
     """Waiting tickets that ask alike (shape, pool, labels, policy, priority...), in queue order.
 
@@ -126,6 +126,9 @@ class _Lane:
     # what decides whether a ticket fits (resources, pool, reuse, nodes), as a small number:
     # a pass remembers the shapes refused so far, and tells them apart on every ticket
     shape: int
+    priority: float
+    # no reuse tag and no node list: placed by `_admit` itself, without `_place`
+    simple: bool
     tickets: list[Ticket] = field(default_factory=list)
 
 
@@ -159,7 +162,7 @@ class Scheduler:
     _shapes: dict[tuple[object, ...], int] = field(default_factory=dict, init=False)
     _held: set[Ticket] = field(default_factory=set, init=False)
     _count: int = field(default=0, init=False)
-    _running: set[Grant] = field(default_factory=set, init=False)
+    # running grants by node (all of them: `running()`)
     _on_node: dict[int, set[Grant]] = field(default_factory=dict, init=False)
     # preemptible running grants not yet chosen as victims: by node, and how many of each
     # kind (`_victim_kind`) each node has, and of each party (priority, pool, labels)
@@ -262,7 +265,8 @@ class Scheduler:
             if lane is None:
                 shape = (resources, pool, reuse, nodes)
                 number = self._shapes.setdefault(shape, len(self._shapes))
-                lane = self._lanes[key] = _Lane(key, number)
+                simple = reuse is None and nodes is None
+                lane = self._lanes[key] = _Lane(key, number, priority, simple)
             ticket.lane = lane
             if not lane.tickets or lane.tickets[-1].order < ticket.order:
                 lane.tickets.append(ticket)
@@ -306,7 +310,8 @@ class Scheduler:
         with self._lock:
             self._quota[pool] = resources
             if pool not in self._used:  # counted from now on: what it holds already, first
-                held = [g.resources for g in (*self._running, *self._parked) if g.pool == pool]
+                running = [g for here in self._on_node.values() for g in here]
+                held = [g.resources for g in (*running, *self._parked) if g.pool == pool]
                 self._used[pool] = _sum(held)
 
     def set_capacity(self, node: int, capacity: Resources) -> None:
@@ -338,7 +343,7 @@ class Scheduler:
 
     def running(self) -> list[Grant]:
         with self._lock:
-            return list(self._running)
+            return [g for here in self._on_node.values() for g in here]
 
     # --- admission ------------------------------------------------------------------------
 
@@ -364,6 +369,14 @@ class Scheduler:
         heap += [(t.order, -1 - i, 0) for i, t in enumerate(held_list)]
         heapq.heapify(heap)
         reached = [0] * len(lanes)
+        # what each admitted ticket waited, by priority in the order first admitted, told to
+        # the metrics once a pass (`admitted_many`), and the list each lane adds to (found on
+        # its first admission)
+        waited: dict[float, list[float]] = {}
+        lane_waited: list[list[float] | None] = [None] * len(lanes)
+        # no quotas: a simple lane's ticket is placed here, not in `_place`
+        quotas = bool(self._quota)
+        place, on_node = view.place, self._on_node
         # the lane's next ticket after a grant: pushed and popped at once (often it is next)
         after: tuple[tuple[float, int], int, int] | None = None
         while heap or after is not None:
@@ -390,16 +403,59 @@ class Scheduler:
             barred = (
                 None if held is not None or reserved is None else _barred(ticket, reserved, now)
             )
-            assert ticket.lane is not None
-            shape = (ticket.lane.shape, barred is not None)
+            lane = ticket.lane
+            assert lane is not None
+            shape = (lane.shape, barred is not None)
             more = True  # whether the lane's next ticket could come to anything in this pass
             if shape not in failed or held is not None:
-                grant = self._place(ticket, now, barred)
+                if lane.simple and not quotas:
+                    # `_place` and `_new_grant`, inline: this runs once per decision
+                    node = place(ticket.resources, barred)
+                    if node is None:
+                        grant = (
+                            self._reclaim_for(ticket, None, now, barred) if self._parked else None
+                        )
+                    else:
+                        grant = Grant(
+                            ticket.owner,
+                            ticket.resources,
+                            ticket.priority,
+                            node,
+                            now - ticket.since,
+                            ticket.pool,
+                            ticket.labels,
+                            ticket.on_preempt,
+                            ticket.saves_state,
+                            ticket.elastic,
+                            now,
+                            None if ticket.duration is None else now + ticket.duration,
+                            ticket.estimated,
+                        )
+                else:
+                    grant = self._place(ticket, now, barred)
                 if grant is not None:
-                    self._grant(ticket, grant, now)
+                    # `_grant`, inline (but for preemptible grants), the metrics told at the end
+                    ticket.grant = grant
+                    if ticket.victims:
+                        ticket.victims = []
+                    ticket.hold_node = None
+                    here = on_node.get(grant.node)
+                    if here is None:
+                        here = on_node[grant.node] = set()
+                    here.add(grant)
+                    if grant.on_preempt is not None:
+                        self._preemptible(grant)
                     granted.append(ticket)
-                    if n >= 0 and i + 1 < len(tickets):
-                        after = (tickets[i + 1].order, n, i + 1)
+                    if n >= 0:
+                        waits = lane_waited[n]
+                        if waits is None:
+                            waits = lane_waited[n] = waited.setdefault(lane.priority, [])
+                        waits.append(grant.waited)
+                        ticket.lane = None
+                        if i + 1 < len(tickets):
+                            after = (tickets[i + 1].order, n, i + 1)
+                    else:
+                        waited.setdefault(ticket.priority, []).append(grant.waited)
                     continue
                 if held is None:
                     failed.add(shape)
@@ -428,13 +484,14 @@ class Scheduler:
                     head = lane.tickets[: reached[n]]
                     lane.tickets[: reached[n]] = [t for t in head if t.grant is None]
             for ticket in held_list:  # granted on their own, maybe beyond where a lane was walked
-                if ticket.grant is not None:
+                if ticket.grant is not None and ticket.lane is not None:
                     self._unqueue(ticket)
-            for ticket in granted:
-                ticket.lane = None
+                    ticket.lane = None
             for empty in [k for k, lane in self._lanes.items() if not lane.tickets]:
                 del self._lanes[empty]
             self._count -= len(granted)
+            for priority, waits in waited.items():
+                self.metrics.admitted_many(priority, waits)
             self._wake()
         return granted
 
@@ -679,33 +736,22 @@ class Scheduler:
             ticket.estimated,
         )
 
-    def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
-        ticket.grant = grant
-        if ticket.victims:
-            ticket.victims = []
-        ticket.hold_node = None
-        self._running.add(grant)
-        here = self._on_node.get(grant.node)
-        if here is None:
-            here = self._on_node[grant.node] = set()
-        here.add(grant)
-        if grant.on_preempt is not None:
-            party = _party_key(grant)
-            if party not in self._party_of:
-                self._party_of[party] = pol.Party(grant.priority, grant.pool, grant.labels)
-            self._parties[party] += 1
-            self._node_victims.setdefault(grant.node, {})[grant] = None
-            self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
-            self._avail.dirty.add(grant.node)
-        self.metrics.admitted(ticket.priority, grant.waited)
+    def _preemptible(self, grant: Grant) -> None:
+        """A grant with `on_preempt` was admitted: it may be chosen as a victim from now on."""
+        party = _party_key(grant)
+        if party not in self._party_of:
+            self._party_of[party] = pol.Party(grant.priority, grant.pool, grant.labels)
+        self._parties[party] += 1
+        self._node_victims.setdefault(grant.node, {})[grant] = None
+        self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
+        self._avail.dirty.add(grant.node)
 
     def _unrun(self, grant: Grant) -> None:
         """The grant no longer runs (released or parked)."""
-        self._running.discard(grant)
         here = self._on_node.get(grant.node)
         if here is not None:
             here.discard(grant)
-        if grant.on_preempt is not None:  # only those are ever victims (`_grant`)
+        if grant.on_preempt is not None:  # only those are ever victims (`_preemptible`)
             self._not_victim(grant)
 
     def _not_victim(self, grant: Grant) -> None:
