@@ -80,6 +80,9 @@ class Ticket:
     priority: float
     since: float
     seq: int
+    # queue order: ageing adds the same bonus per second to all, so this never changes
+    # (`Scheduler.submit` gives it: a `__post_init__` would be one call more per request)
+    order: tuple[float, int]
     pool: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     policy: pol.Policy | None = None
@@ -99,12 +102,7 @@ class Ticket:
     # victims told to make room for this request, and the node it holds meanwhile
     victims: list[Grant] = field(default_factory=list)
     hold_node: int | None = None
-    # queue order: ageing adds the same bonus per second to all, so this never changes
-    order: tuple[float, int] = field(init=False)
     lane: _Lane | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.order = (-(self.priority - AGEING_PER_SECOND * self.since), self.seq)
 
     def waiting_on_victims(self) -> bool:
         return any(not v.released and v.tag is None for v in self.victims)
@@ -130,21 +128,6 @@ class _Lane:
     # no reuse tag and no node list: placed by `_admit` itself, without `_place`
     simple: bool
     tickets: list[Ticket] = field(default_factory=list)
-
-
-def _lane_key(t: Ticket) -> tuple[object, ...]:
-    labels = tuple(sorted(t.labels.items())) if t.labels else ()
-    return (
-        t.resources,
-        t.pool,
-        t.reuse,
-        labels,
-        id(t.policy),
-        t.priority,
-        t.reserve,
-        t.duration,
-        t.nodes,
-    )
 
 
 @dataclass
@@ -242,14 +225,17 @@ class Scheduler:
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
         with self._lock:
+            since, seq = self.clock(), next(self._seq)
+            copied = dict(labels) if labels else {}
             ticket = Ticket(
                 owner,
                 resources,
                 priority,
-                self.clock(),
-                next(self._seq),
+                since,
+                seq,
+                (-(priority - AGEING_PER_SECOND * since), seq),
                 pool,
-                dict(labels or {}),
+                copied,
                 policy,
                 on_preempt,
                 saves_state,
@@ -260,7 +246,22 @@ class Scheduler:
                 estimated,
                 nodes,
             )
-            key = _lane_key(ticket)
+            # the lane: requests that ask alike. The resources by their amounts, not as
+            # `Resources` (whose hash is a Python call)
+            key = (
+                resources.cpus,
+                resources.gpus,
+                resources.memory,
+                resources.custom,
+                pool,
+                reuse,
+                tuple(sorted(copied.items())) if copied else (),
+                id(policy),
+                priority,
+                reserve,
+                duration,
+                nodes,
+            )
             lane = self._lanes.get(key)
             if lane is None:
                 shape = (resources, pool, reuse, nodes)
@@ -795,7 +796,12 @@ class Scheduler:
         if grant.released:
             return
         grant.released = True
-        self._unrun(grant)
+        # `_unrun`, inline: once per release
+        here = self._on_node.get(grant.node)
+        if here is not None:
+            here.discard(grant)
+        if grant.on_preempt is not None:
+            self._not_victim(grant)
         if grant.tag is not None and grant in self._parked:
             self._parked_del(grant)
         self._avail.give(grant.node, grant.resources)
