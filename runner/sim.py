@@ -19,7 +19,7 @@ import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +160,13 @@ class Simulation:
         self._on_grant[ticket] = then
         return ticket
 
+    def submit_all(self, asks: Iterable[tuple[str, Ask, Callable[[Grant], None]]]) -> None:
+        """`submit` for many asks (owner, ask, then) that nobody preempts: a stage's units at
+        its start, one loop instead of a call each."""
+        scheduler, on_grant = self.scheduler, self._on_grant
+        for owner, ask, then in asks:
+            on_grant[ask.submit_to(scheduler, owner, None)] = then
+
     def forget(self, ticket: Ticket) -> bool:
         """Withdraw a waiting request; False when it was already granted."""
         if self._on_grant.pop(ticket, None) is None:
@@ -189,10 +196,11 @@ class Simulation:
 
     def _admit(self) -> None:
         """Admit until nothing moves: a grant's follow-up may ask for more (arrivals)."""
-        while granted := self.scheduler.admit():
+        admit, then = self.scheduler.admit, self._on_grant.pop
+        while granted := admit():
             for ticket in granted:
                 assert ticket.grant is not None
-                self._on_grant.pop(ticket)(ticket.grant)
+                then(ticket)(ticket.grant)
 
     def _account(self, now: float) -> None:
         """Integrate the resources in use over the time that just passed."""
@@ -301,13 +309,19 @@ class SimUnits(SimStage):
     live: int = 0
     _queue: list[tuple[Unit, Ask]] = field(default_factory=list)
 
+    # set by `start`: the stage's stats, and what was measured of it (None: nothing), so that
+    # each unit's grant and end (`_Hold`) look neither up
+    stats: StageStats = field(init=False)
+    measure: StageMeasure | None = field(init=False, default=None)
+
     def start(self) -> None:
         units = self.stage.to_run
         asks = [self.ask(u) for u in units]
         shape = asks[0].resources if asks else Resources()
-        self.sim.stats[self.stage.name] = StageStats(
+        self.stats = self.sim.stats[self.stage.name] = StageStats(
             self.stage.kind, len(units), unit_label=self.label, shape=shape
         )
+        self.measure = self.sim.measure_of(self.stage.name)
         self.live = len(units)
         if not units:
             self.sim.stage_done(self.stage.name)
@@ -317,12 +331,16 @@ class SimUnits(SimStage):
         self._ask(len(units) if self.cap is None else self.cap)
 
     def _ask(self, n: int) -> None:
-        for _ in range(min(n, len(self._queue))):
-            unit, ask = self._queue.pop()
-            self.sim.submit(f"{self.stage.name}/{unit.id}", ask, _Hold(self, unit.id))
+        queue, name = self._queue, self.stage.name
+        taken = [queue.pop() for _ in range(min(n, len(queue)))]
+        self.sim.submit_all((f"{name}/{unit.id}", ask, _Hold(self, unit.id)) for unit, ask in taken)
 
     def end(self, grant: Grant) -> None:
         self.ended(grant)
+        self._left()
+
+    def _left(self) -> None:
+        """One unit fewer: the stage is done after the last, else the next may ask."""
         self.live -= 1
         if self.live == 0:
             self.sim.stage_done(self.stage.name)
@@ -339,18 +357,38 @@ class _Hold:
     grant: Grant | None = None
 
     def __call__(self, grant: Grant) -> None:
-        run, sim = self.run, self.run.sim
-        run.granted()
+        """Granted. Once per decision, so the helpers it stands for are inline: `granted`,
+        `latency` and `duration` (nothing measured: no latency, `sim_unit_seconds`), `ran`,
+        `at`; `starts` is called only when a small plan's starts are kept."""
+        run = self.run
+        sim = run.sim
+        st = run.stats
+        st.admitted += 1
+        st.running += 1
+        if st.running > st.peak:
+            st.peak = st.running
         self.grant = grant
-        start = sim.clock.now + sim.latency(run.stage.name, self.unit)
-        end = start + sim.duration(run.stage.name, self.unit)
-        sim.starts(run.stage.name, self.unit, start)
-        sim.ran(start, end)
-        sim.at(end, self.done)
+        if run.measure is None:
+            start = sim.clock.now
+            end = start + sim.unit_seconds
+        else:
+            start = sim.clock.now + sim.latency(run.stage.name, self.unit)
+            end = start + sim.duration(run.stage.name, self.unit)
+        if sim.shown_starts:
+            sim.starts(run.stage.name, self.unit, start)
+        if sim.first_start is None or start < sim.first_start:
+            sim.first_start = start
+        if end > sim.last_end:
+            sim.last_end = end
+        sim._events.add(end, self.done)
 
     def done(self) -> None:
+        """Its time is up: `SimUnits.end`, inline."""
         assert self.grant is not None
-        self.run.end(self.grant)
+        run = self.run
+        run.stats.running -= 1
+        run.sim.scheduler.release(self.grant)
+        run._left()
 
 
 # --- running and reporting -----------------------------------------------------------------
