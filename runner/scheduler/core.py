@@ -356,8 +356,9 @@ class Scheduler:
         # in `_avail`), so the resources a victim frees go to the request that evicted it
         view = self._avail
         granted: list[Ticket] = []
-        # (lane shape, barred from a reserved node) refused in this pass
-        failed: set[tuple[int, bool]] = set()
+        # (lane shape, barred from a reserved node) refused in this pass, as one number:
+        # shape * 2 + barred
+        failed: set[int] = set()
         hopeless: set[tuple[object, ...]] = set()
         # (node, earliest start) held for the first reserving request that did not fit
         reserved: tuple[int, float] | None = None
@@ -378,11 +379,17 @@ class Scheduler:
         # no quotas: a simple lane's ticket is placed here, not in `_place`
         quotas = bool(self._quota)
         place, on_node = view.place, self._on_node
-        # the lane's next ticket after a grant: pushed and popped at once (often it is next)
-        after: tuple[tuple[float, int], int, int] | None = None
-        while heap or after is not None:
-            _, n, i = heapq.heappop(heap) if after is None else heapq.heappushpop(heap, after)
-            after = None
+        # after a grant, the lane's next ticket is taken at once when it comes before every
+        # other lane's head (a lane is mostly walked in runs), without going through the heap
+        n = i = 0
+        going_on = False
+        while True:
+            if going_on:
+                going_on = False
+            elif heap:
+                _, n, i = heapq.heappop(heap)
+            else:
+                break
             if n < 0:
                 ticket = held_list[-1 - n]
                 if ticket.grant is not None or ticket.lane is None:
@@ -401,12 +408,17 @@ class Scheduler:
             if held is not None:
                 view.give(held, ticket.resources)
                 self._held.discard(ticket)
-            barred = (
-                None if held is not None or reserved is None else _barred(ticket, reserved, now)
-            )
+            if held is not None or reserved is None:
+                barred = None
+            else:
+                # the reserved node is barred to a ticket that would still run when the
+                # reservation starts (or has no duration to tell)
+                duration = ticket.duration
+                fits_before = duration is not None and now + duration <= reserved[1]
+                barred = None if fits_before else reserved[0]
             lane = ticket.lane
             assert lane is not None
-            shape = (lane.shape, barred is not None)
+            shape = lane.shape * 2 + (barred is not None)
             more = True  # whether the lane's next ticket could come to anything in this pass
             if shape not in failed or held is not None:
                 if lane.simple and not quotas:
@@ -454,7 +466,11 @@ class Scheduler:
                         waits.append(grant.waited)
                         ticket.lane = None
                         if i + 1 < len(tickets):
-                            after = (tickets[i + 1].order, n, i + 1)
+                            if not heap or tickets[i + 1].order < heap[0][0]:
+                                i += 1
+                                going_on = True
+                            else:
+                                heapq.heappush(heap, (tickets[i + 1].order, n, i + 1))
                     else:
                         waited.setdefault(ticket.priority, []).append(grant.waited)
                     continue
@@ -833,17 +849,6 @@ class Scheduler:
 def _may_use(ticket: Ticket, node: int) -> bool:
     """Whether `node` is one the ticket may run on (its `nodes`, when it names them)."""
     return ticket.nodes is None or node in ticket.nodes
-
-
-def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> int | None:
-    """The reserved node `ticket` may not use: it would still run when the reservation starts
-    (or it has no duration to tell)."""
-    if reserved is None:
-        return None
-    node, start = reserved
-    if ticket.duration is not None and now + ticket.duration <= start:
-        return None
-    return node
 
 
 def _party_key(g: Grant) -> tuple[object, ...]:
