@@ -325,8 +325,11 @@ class SimUnits(SimStage):
         self.live = len(units)
         if not units:
             self.sim.stage_done(self.stage.name)
-        # highest priority first, as the kinds queue them (popped from the end)
-        ordered = sorted(zip(units, asks, strict=True), key=lambda ua: -ua[1].priority)
+        # highest priority first, as the kinds queue them (popped from the end); one priority
+        # (the usual) needs no sort, which would call its key once a unit
+        ordered = list(zip(units, asks, strict=True))
+        if len({a.priority for a in asks}) > 1:
+            ordered.sort(key=lambda ua: -ua[1].priority)
         self._queue = ordered[::-1]
         self._ask(len(units) if self.cap is None else self.cap)
 
@@ -337,10 +340,6 @@ class SimUnits(SimStage):
 
     def end(self, grant: Grant) -> None:
         self.ended(grant)
-        self._left()
-
-    def _left(self) -> None:
-        """One unit fewer: the stage is done after the last, else the next may ask."""
         self.live -= 1
         if self.live == 0:
             self.sim.stage_done(self.stage.name)
@@ -383,12 +382,16 @@ class _Hold:
         sim._events.add(end, self.done)
 
     def done(self) -> None:
-        """Its time is up: `SimUnits.end`, inline."""
+        """Its time is up: `SimUnits.end` (and `ended`), inline: once per unit."""
         assert self.grant is not None
         run = self.run
         run.stats.running -= 1
         run.sim.scheduler.release(self.grant)
-        run._left()
+        run.live -= 1
+        if run.live == 0:
+            run.sim.stage_done(run.stage.name)
+        elif run.cap is not None:
+            run._ask(1)
 
 
 # --- running and reporting -----------------------------------------------------------------
