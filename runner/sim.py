@@ -19,8 +19,9 @@ import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,12 +161,14 @@ class Simulation:
         self._on_grant[ticket] = then
         return ticket
 
-    def submit_all(self, asks: Iterable[tuple[str, Ask, Callable[[Grant], None]]]) -> None:
-        """`submit` for many asks (owner, ask, then) that nobody preempts: a stage's units at
-        its start, one loop instead of a call each."""
-        scheduler, on_grant = self.scheduler, self._on_grant
-        for owner, ask, then in asks:
-            on_grant[ask.submit_to(scheduler, owner, None)] = then
+    def submit_all(
+        self, owners: Sequence[str], ask: Ask, thens: Sequence[Callable[[Grant], None]]
+    ) -> None:
+        """`submit` for many owners of one ask that nobody preempts (a stage's units that ask
+        alike), `thens[i]` told when `owners[i]` is granted: one batch for the scheduler
+        (`Ask.submit_all_to`), not a call each."""
+        tickets = ask.submit_all_to(self.scheduler, owners, None)
+        self._on_grant.update(zip(tickets, thens, strict=True))
 
     def forget(self, ticket: Ticket) -> bool:
         """Withdraw a waiting request; False when it was already granted."""
@@ -334,9 +337,13 @@ class SimUnits(SimStage):
         self._ask(len(units) if self.cap is None else self.cap)
 
     def _ask(self, n: int) -> None:
+        """The next `n` units ask, the runs that share an ask (most: `ask` may give units that
+        ask alike one object) as one batch each."""
         queue, name = self._queue, self.stage.name
         taken = [queue.pop() for _ in range(min(n, len(queue)))]
-        self.sim.submit_all((f"{name}/{unit.id}", ask, _Hold(self, unit.id)) for unit, ask in taken)
+        for ask, run in itertools.groupby(taken, key=itemgetter(1)):
+            ids = [unit.id for unit, _ in run]
+            self.sim.submit_all([f"{name}/{i}" for i in ids], ask, [_Hold(self, i) for i in ids])
 
     def end(self, grant: Grant) -> None:
         self.ended(grant)

@@ -25,7 +25,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from runner.resources import Resources
@@ -81,7 +81,7 @@ class Ticket:
     since: float
     seq: int
     # queue order: ageing adds the same bonus per second to all, so this never changes
-    # (`Scheduler.submit` gives it: a `__post_init__` would be one call more per request)
+    # (`Scheduler.submit_all` gives it: a `__post_init__` would be one call more per request)
     order: tuple[float, int]
     pool: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -224,28 +224,48 @@ class Scheduler:
         nodes: frozenset[int] | None = None,
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
+        return self.submit_all(
+            (owner,),
+            resources,
+            priority,
+            pool=pool,
+            labels=labels,
+            policy=policy,
+            on_preempt=on_preempt,
+            saves_state=saves_state,
+            elastic=elastic,
+            reuse=reuse,
+            duration=duration,
+            reserve=reserve,
+            estimated=estimated,
+            nodes=nodes,
+        )[0]
+
+    def submit_all(
+        self,
+        owners: Sequence[str],
+        resources: Resources,
+        priority: float = 0.0,
+        *,
+        pool: str = "",
+        labels: Mapping[str, str] | None = None,
+        policy: pol.Policy | None = None,
+        on_preempt: Notify | None = None,
+        saves_state: bool = False,
+        elastic: bool = False,
+        reuse: str | None = None,
+        duration: float | None = None,
+        reserve: bool = False,
+        estimated: float | None = None,
+        nodes: frozenset[int] | None = None,
+    ) -> list[Ticket]:
+        """`submit` for many claimants that ask alike (a stage's units, an array's jobs): a
+        ticket each, in order, as `submit` one by one would queue them, but under one lock, at
+        one reading of the clock and with one look for their lane. They share one copy of
+        `labels` (nothing changes a ticket's or a grant's labels)."""
         with self._lock:
-            since, seq = self.clock(), next(self._seq)
+            since = self.clock()
             copied = dict(labels) if labels else {}
-            ticket = Ticket(
-                owner,
-                resources,
-                priority,
-                since,
-                seq,
-                (-(priority - AGEING_PER_SECOND * since), seq),
-                pool,
-                copied,
-                policy,
-                on_preempt,
-                saves_state,
-                elastic,
-                reuse,
-                duration,
-                reserve,
-                estimated,
-                nodes,
-            )
             # the lane: requests that ask alike. The resources by their amounts, not as
             # `Resources` (whose hash is a Python call)
             key = (
@@ -268,13 +288,43 @@ class Scheduler:
                 number = self._shapes.setdefault(shape, len(self._shapes))
                 simple = reuse is None and nodes is None
                 lane = self._lanes[key] = _Lane(key, number, priority, simple)
-            ticket.lane = lane
-            if not lane.tickets or lane.tickets[-1].order < ticket.order:
-                lane.tickets.append(ticket)
+            # queue order: one clock reading, so the tickets follow one another by arrival
+            first = -(priority - AGEING_PER_SECOND * since)
+            seqs = self._seq
+            tickets = [
+                Ticket(  # positional, all fields: keywords and defaults cost per ticket
+                    owner,
+                    resources,
+                    priority,
+                    since,
+                    seq,
+                    (first, seq),
+                    pool,
+                    copied,
+                    policy,
+                    on_preempt,
+                    saves_state,
+                    elastic,
+                    reuse,
+                    duration,
+                    reserve,
+                    estimated,
+                    nodes,
+                    None,
+                    [],
+                    None,
+                    lane,
+                )
+                for owner, seq in zip(owners, seqs, strict=False)  # `seqs` never ends
+            ]
+            queue = lane.tickets
+            if not queue or not tickets or queue[-1].order < tickets[0].order:
+                queue += tickets
             else:
-                bisect.insort(lane.tickets, ticket, key=lambda t: t.order)
-            self._count += 1
-            return ticket
+                for ticket in tickets:
+                    bisect.insort(queue, ticket, key=lambda t: t.order)
+            self._count += len(tickets)
+            return tickets
 
     def admit(self) -> list[Ticket]:
         """Grant what can be granted now; the tickets admitted by this call."""
