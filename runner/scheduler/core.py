@@ -335,14 +335,33 @@ class Scheduler:
         """Stop waiting (or give back what the ticket was granted)."""
         with self._lock:
             if ticket.grant is not None:
-                self._release(ticket.grant)
+                self.release(ticket.grant)
             else:
                 self._drop(ticket)
 
     def release(self, grant: Grant) -> None:
-        """Give a grant's resources back and wake the waiters; a second release is a no-op."""
+        """Give a grant's resources back and wake the waiters; a second release is a no-op.
+        The scheduler's own releases call this too, under the lock they hold already (it is
+        reentrant): one call per release, not a public one and a private one."""
         with self._lock:
-            self._release(grant)
+            if grant.released:
+                return
+            grant.released = True
+            # `_unrun`, inline: once per release
+            here = self._on_node.get(grant.node)
+            if here is not None:
+                here.discard(grant)
+            if grant.on_preempt is not None:
+                self._not_victim(grant)
+            if grant.tag is not None and grant in self._parked:
+                self._parked_del(grant)
+            self._avail.give(grant.node, grant.resources)
+            if grant.pool in self._used:
+                self._used[grant.pool] = self._used[grant.pool] - grant.resources
+            if grant.preempted_at is not None:
+                self._victim_done(grant)
+            if self._sleepers:  # `_wake`, without the call on every release
+                self._cond.notify_all()
 
     def park(self, grant: Grant, tag: str, on_reclaim: Notify) -> None:
         """Keep a grant's resources as an idle placement group: requests with `reuse=tag`
@@ -682,7 +701,7 @@ class Scheduler:
                 taken.append(g)
             for g in taken:
                 self._parked_del(g)
-                self._release(g)  # its resources are free on the node again
+                self.release(g)  # its resources are free on the node again
                 if g.on_reclaim is not None:
                     g.on_reclaim(g, "reclaimed")
             room = self._quota_room(ticket.pool)
@@ -857,26 +876,6 @@ class Scheduler:
             self._unhold(ticket, ticket.hold_node)
             ticket.hold_node = None
         ticket.lane = None
-
-    def _release(self, grant: Grant) -> None:
-        if grant.released:
-            return
-        grant.released = True
-        # `_unrun`, inline: once per release
-        here = self._on_node.get(grant.node)
-        if here is not None:
-            here.discard(grant)
-        if grant.on_preempt is not None:
-            self._not_victim(grant)
-        if grant.tag is not None and grant in self._parked:
-            self._parked_del(grant)
-        self._avail.give(grant.node, grant.resources)
-        if grant.pool in self._used:
-            self._used[grant.pool] = self._used[grant.pool] - grant.resources
-        if grant.preempted_at is not None:
-            self._victim_done(grant)
-        if self._sleepers:  # `_wake`, without the call on every release
-            self._cond.notify_all()
 
     def _wake(self) -> None:
         """Wake the threads waiting in `acquire`, if any (a simulation has none: it skips the
