@@ -9,7 +9,9 @@ that holds it: usually the first it looks at.
 Every admission and every release changes one node, so the amounts are plain floats in lists
 (one per resource) changed in place by `take` and `give`, not a `Resources` object built per
 change; a `Resources` is built only when a caller off that path asks for a node's whole free
-bundle (`index[node]`). Custom resources (rare) go through `Resources` arithmetic.
+bundle (`index[node]`). Custom resources (rare) go through `Resources` arithmetic. An admission
+finds, takes and files again its node in one call (`place`); a release marks its node to be
+filed again at the next look.
 """
 
 from __future__ import annotations

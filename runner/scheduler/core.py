@@ -516,7 +516,8 @@ class Scheduler:
                 else:
                     grant = self._place(ticket, now, barred)
                 if grant is not None:
-                    # `_grant`, inline (but for preemptible grants), the metrics told at the end
+                    # recorded here (a preemptible grant also in `_preemptible`), the metrics
+                    # told at the end of the pass
                     ticket.grant = grant
                     if ticket.victims:
                         ticket.victims = []
