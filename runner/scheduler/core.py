@@ -263,6 +263,8 @@ class Scheduler:
         ticket each, in order, as `submit` one by one would queue them, but under one lock, at
         one reading of the clock and with one look for their lane. They share one copy of
         `labels` (nothing changes a ticket's or a grant's labels)."""
+        if not owners:
+            return []
         with self._lock:
             since = self.clock()
             copied = dict(labels) if labels else {}
