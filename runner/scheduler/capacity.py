@@ -147,10 +147,21 @@ class FreeIndex:
         never `exclude`; None when none does."""
         if self._stale:
             self._refile()
-        best: tuple[float, int] | None = None
+        found = self._search(need, exclude)
+        return None if found is None else found[0][1]
+
+    def _search(
+        self, need: Resources, exclude: int | None
+    ) -> tuple[tuple[float, int], list[tuple[float, int]]] | None:
+        """`roomiest`'s node as its filed entry, with the bucket it is filed in."""
         cpus, gpus, memory = need.cpus, need.gpus, need.memory
         free_gpus, free_mem = self._gpus, self._mem
-        for bucket in self._ordered[bisect_left(self._keys, _bucket(gpus) - 1e-6) :]:
+        key = _ROUNDED.get(gpus)  # `_bucket`, without the call when remembered
+        if key is None:
+            key = _bucket(gpus)
+        best: tuple[float, int] | None = None
+        found: list[tuple[float, int]] | None = None
+        for bucket in self._ordered[bisect_left(self._keys, key - 1e-6) :]:
             for entry in bucket:
                 # `holds`, inline: this loop runs on every placement; a bucket's nodes are in
                 # order of free CPUs, so the first without CPUs enough ends it
@@ -163,9 +174,9 @@ class FreeIndex:
                     and memory <= free_mem[node] + _EPS
                     and (not need.custom or need.fits_in(self[node]))
                 ):
-                    best = entry
+                    best, found = entry, bucket
                     break
-        return None if best is None else best[1]
+        return None if best is None or found is None else (best, found)
 
     def place(self, need: Resources, exclude: int | None = None) -> int | None:
         """`roomiest` and `take` in one: the node chosen for `need` (None when none holds it),
@@ -179,27 +190,12 @@ class FreeIndex:
             return node
         if self._stale:
             self._refile()
+        searched = self._search(need, exclude)
+        if searched is None:
+            return None
+        best, found = searched
         cpus, gpus, memory = need.cpus, need.gpus, need.memory
         free_gpus, free_mem = self._gpus, self._mem
-        key = _ROUNDED.get(gpus)  # `_bucket`, without the call when remembered
-        if key is None:
-            key = _bucket(gpus)
-        best: tuple[float, int] | None = None
-        found: list[tuple[float, int]] | None = None
-        for bucket in self._ordered[bisect_left(self._keys, key - 1e-6) :]:
-            for entry in bucket:  # as in `roomiest`
-                if cpus > -entry[0] + _EPS or (best is not None and entry >= best):
-                    break
-                node = entry[1]
-                if (
-                    node != exclude
-                    and gpus <= free_gpus[node] + _EPS
-                    and memory <= free_mem[node] + _EPS
-                ):
-                    best, found = entry, bucket
-                    break
-        if best is None or found is None:
-            return None
         node = best[1]
         # `take`, inline
         self.dirty.add(node)
