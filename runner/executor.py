@@ -144,10 +144,17 @@ class Ask:
     nodes: frozenset[int] | None = None
 
     def submit_to(self, scheduler: Scheduler, owner: str, on_preempt: Notify | None) -> Ticket:
-        """Queue this ask with `scheduler`: the one translation of an ask into a ticket, for
-        the real run (`Executor.submit`) and the simulated one (`sim.Simulation.submit`)."""
-        return scheduler.submit(
-            owner,
+        """Queue this ask with `scheduler`: for the real run (`Executor.submit`) and the
+        simulated one (`sim.Simulation.submit`)."""
+        return self.submit_all_to(scheduler, (owner,), on_preempt)[0]
+
+    def submit_all_to(
+        self, scheduler: Scheduler, owners: Sequence[str], on_preempt: Notify | None
+    ) -> list[Ticket]:
+        """Queue this ask once for each of `owners` (`Scheduler.submit_all`): the one
+        translation of an ask into tickets."""
+        return scheduler.submit_all(
+            owners,
             self.resources,
             self.priority,
             pool=self.pool,

@@ -19,8 +19,9 @@ import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +161,15 @@ class Simulation:
         self._on_grant[ticket] = then
         return ticket
 
+    def submit_all(
+        self, owners: Sequence[str], ask: Ask, thens: Sequence[Callable[[Grant], None]]
+    ) -> None:
+        """`submit` for many owners of one ask that nobody preempts (a stage's units that ask
+        alike), `thens[i]` told when `owners[i]` is granted: one batch for the scheduler
+        (`Ask.submit_all_to`), not a call each."""
+        tickets = ask.submit_all_to(self.scheduler, owners, None)
+        self._on_grant.update(zip(tickets, thens, strict=True))
+
     def forget(self, ticket: Ticket) -> bool:
         """Withdraw a waiting request; False when it was already granted."""
         if self._on_grant.pop(ticket, None) is None:
@@ -189,10 +199,11 @@ class Simulation:
 
     def _admit(self) -> None:
         """Admit until nothing moves: a grant's follow-up may ask for more (arrivals)."""
-        while granted := self.scheduler.admit():
+        admit, then = self.scheduler.admit, self._on_grant.pop
+        while granted := admit():
             for ticket in granted:
                 assert ticket.grant is not None
-                self._on_grant.pop(ticket)(ticket.grant)
+                then(ticket)(ticket.grant)
 
     def _account(self, now: float) -> None:
         """Integrate the resources in use over the time that just passed."""
@@ -301,25 +312,38 @@ class SimUnits(SimStage):
     live: int = 0
     _queue: list[tuple[Unit, Ask]] = field(default_factory=list)
 
+    # set by `start`: the stage's stats, and what was measured of it (None: nothing), so that
+    # each unit's grant and end (`_Hold`) look neither up
+    stats: StageStats = field(init=False)
+    measure: StageMeasure | None = field(init=False, default=None)
+
     def start(self) -> None:
         units = self.stage.to_run
         asks = [self.ask(u) for u in units]
         shape = asks[0].resources if asks else Resources()
-        self.sim.stats[self.stage.name] = StageStats(
+        self.stats = self.sim.stats[self.stage.name] = StageStats(
             self.stage.kind, len(units), unit_label=self.label, shape=shape
         )
+        self.measure = self.sim.measure_of(self.stage.name)
         self.live = len(units)
         if not units:
             self.sim.stage_done(self.stage.name)
-        # highest priority first, as the kinds queue them (popped from the end)
-        ordered = sorted(zip(units, asks, strict=True), key=lambda ua: -ua[1].priority)
+        # highest priority first, as the kinds queue them (popped from the end); one priority
+        # (the usual) needs no sort, which would call its key once a unit
+        ordered = list(zip(units, asks, strict=True))
+        if len({a.priority for a in asks}) > 1:
+            ordered.sort(key=lambda ua: -ua[1].priority)
         self._queue = ordered[::-1]
         self._ask(len(units) if self.cap is None else self.cap)
 
     def _ask(self, n: int) -> None:
-        for _ in range(min(n, len(self._queue))):
-            unit, ask = self._queue.pop()
-            self.sim.submit(f"{self.stage.name}/{unit.id}", ask, _Hold(self, unit.id))
+        """The next `n` units ask, the runs that share an ask (most: `ask` may give units that
+        ask alike one object) as one batch each."""
+        queue, name = self._queue, self.stage.name
+        taken = [queue.pop() for _ in range(min(n, len(queue)))]
+        for ask, run in itertools.groupby(taken, key=itemgetter(1)):
+            ids = [unit.id for unit, _ in run]
+            self.sim.submit_all([f"{name}/{i}" for i in ids], ask, [_Hold(self, i) for i in ids])
 
     def end(self, grant: Grant) -> None:
         self.ended(grant)
@@ -339,18 +363,42 @@ class _Hold:
     grant: Grant | None = None
 
     def __call__(self, grant: Grant) -> None:
-        run, sim = self.run, self.run.sim
-        run.granted()
+        """Granted. Once per decision, so the helpers it stands for are inline: `granted`,
+        `latency` and `duration` (nothing measured: no latency, `sim_unit_seconds`), `ran`,
+        `at`; `starts` is called only when a small plan's starts are kept."""
+        run = self.run
+        sim = run.sim
+        st = run.stats
+        st.admitted += 1
+        st.running += 1
+        if st.running > st.peak:
+            st.peak = st.running
         self.grant = grant
-        start = sim.clock.now + sim.latency(run.stage.name, self.unit)
-        end = start + sim.duration(run.stage.name, self.unit)
-        sim.starts(run.stage.name, self.unit, start)
-        sim.ran(start, end)
-        sim.at(end, self.done)
+        if run.measure is None:
+            start = sim.clock.now
+            end = start + sim.unit_seconds
+        else:
+            start = sim.clock.now + sim.latency(run.stage.name, self.unit)
+            end = start + sim.duration(run.stage.name, self.unit)
+        if sim.shown_starts:
+            sim.starts(run.stage.name, self.unit, start)
+        if sim.first_start is None or start < sim.first_start:
+            sim.first_start = start
+        if end > sim.last_end:
+            sim.last_end = end
+        sim._events.add(end, self.done)
 
     def done(self) -> None:
+        """Its time is up: `SimUnits.end` (and `ended`), inline: once per unit."""
         assert self.grant is not None
-        self.run.end(self.grant)
+        run = self.run
+        run.stats.running -= 1
+        run.sim.scheduler.release(self.grant)
+        run.live -= 1
+        if run.live == 0:
+            run.sim.stage_done(run.stage.name)
+        elif run.cap is not None:
+            run._ask(1)
 
 
 # --- running and reporting -----------------------------------------------------------------

@@ -114,3 +114,28 @@ def test_the_same_metrics_go_through_ray_util_metrics_too(ray_session: str) -> N
     m.set_units("work", {"running": 2, "done": 3})
     m.set_resources(Resources(cpus=1), Resources(cpus=2, gpus=4))
     assert "runner_preemptions_total" in m.render()  # the local endpoint is unchanged
+
+
+def test_admissions_told_at_once_count_as_told_one_by_one() -> None:
+    """The scheduler tells a pass's admissions in one call per priority (`admitted_many`):
+    the counters, the totals (added in the same order) and the histogram are the same."""
+    waits = [0.1, 0.7, 2.5, 0.3]
+    one, many = Metrics(), Metrics()
+    for w in waits:
+        one.admitted(5.0, w)
+    many.admitted_many(5.0, waits[:1])
+    many.admitted_many(5.0, waits[1:])
+    assert many.waited_by_priority == one.waited_by_priority
+    assert many.schedule_latency == one.schedule_latency == [4, sum(waits)]
+    assert "runner_scheduling_latency_seconds_count 4.0" in many.render()
+    assert _latency_lines(many) == _latency_lines(one)
+
+
+def _latency_lines(metrics: Metrics) -> list[str]:
+    """The scheduling-latency histogram's buckets, count and sum (not its creation time)."""
+    lines = metrics.render().splitlines()
+    return [
+        s
+        for s in lines
+        if s.startswith("runner_scheduling_latency_seconds_") and "_created" not in s
+    ]

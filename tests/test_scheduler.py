@@ -147,3 +147,28 @@ def test_a_claim_that_names_its_nodes_lands_only_on_them() -> None:
     s.admit()
     assert again.grant is not None and again.grant.node == 1
     assert nowhere.grant is None
+
+
+def test_claims_submitted_as_one_batch_queue_as_they_would_one_by_one() -> None:
+    """`submit_all` (a stage's units that ask alike) gives each owner the ticket `submit` would
+    have, in the same queue order, and the same admissions follow, by priority and arrival."""
+
+    def queue(batch: bool) -> tuple[list[tuple[float, int]], list[tuple[str, int]]]:
+        clock = Clock()
+        s = Scheduler([cpus(2), cpus(2)], clock=clock)
+        s.submit("first", cpus(1), 1.0)
+        clock.now = 5.0
+        owners = ["a", "b", "c", "d"]
+        if batch:
+            tickets = s.submit_all(owners, cpus(1), 1.0, labels={"team": "x"})
+        else:
+            tickets = [s.submit(o, cpus(1), 1.0, labels={"team": "x"}) for o in owners]
+        s.submit("urgent", cpus(1), 9.0)
+        assert s.waiting() == 6
+        granted = [(t.owner, t.grant.node) for t in s.admit() if t.grant is not None]
+        return [t.order for t in tickets], granted
+
+    assert queue(batch=True) == queue(batch=False)
+    orders, granted = queue(batch=True)
+    assert orders == sorted(orders)
+    assert [owner for owner, _ in granted] == ["urgent", "first", "a", "b"]

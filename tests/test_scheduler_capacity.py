@@ -3,7 +3,7 @@
 `FreeIndex` keeps plain floats changed in place and files nodes in buckets lazily; a random
 mix of grants, releases, capacity changes and joining nodes (fractional GPUs, memory, custom
 resources) must leave it agreeing with `Resources` arithmetic and a plain scan for the
-roomiest node.
+roomiest node, whether grants go through `roomiest` and `take` or through `place`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def test_free_index_agrees_with_a_scan(seed: int) -> None:
         assert node == _scan(free, need, exclude), step
         roll = rng.random()
         if node is not None and roll < 0.55:
-            index.take(node, need)
+            if step % 2:  # the admission path: the same node, taken and filed again at once
+                assert index.place(need, exclude) == node
+            else:
+                index.take(node, need)
             free[node] = free[node] - need
             held.append((node, need))
         elif held and roll < 0.95:

@@ -9,7 +9,9 @@ that holds it: usually the first it looks at.
 Every admission and every release changes one node, so the amounts are plain floats in lists
 (one per resource) changed in place by `take` and `give`, not a `Resources` object built per
 change; a `Resources` is built only when a caller off that path asks for a node's whole free
-bundle (`index[node]`). Custom resources (rare) go through `Resources` arithmetic.
+bundle (`index[node]`). Custom resources (rare) go through `Resources` arithmetic. An admission
+finds, takes and files again its node in one call (`place`); a release marks its node to be
+filed again at the next look.
 """
 
 from __future__ import annotations
@@ -145,10 +147,21 @@ class FreeIndex:
         never `exclude`; None when none does."""
         if self._stale:
             self._refile()
-        best: tuple[float, int] | None = None
+        found = self._search(need, exclude)
+        return None if found is None else found[0][1]
+
+    def _search(
+        self, need: Resources, exclude: int | None
+    ) -> tuple[tuple[float, int], list[tuple[float, int]]] | None:
+        """`roomiest`'s node as its filed entry, with the bucket it is filed in."""
         cpus, gpus, memory = need.cpus, need.gpus, need.memory
         free_gpus, free_mem = self._gpus, self._mem
-        for bucket in self._ordered[bisect_left(self._keys, _bucket(gpus) - 1e-6) :]:
+        key = _ROUNDED.get(gpus)  # `_bucket`, without the call when remembered
+        if key is None:
+            key = _bucket(gpus)
+        best: tuple[float, int] | None = None
+        found: list[tuple[float, int]] | None = None
+        for bucket in self._ordered[bisect_left(self._keys, key - 1e-6) :]:
             for entry in bucket:
                 # `holds`, inline: this loop runs on every placement; a bucket's nodes are in
                 # order of free CPUs, so the first without CPUs enough ends it
@@ -161,9 +174,57 @@ class FreeIndex:
                     and memory <= free_mem[node] + _EPS
                     and (not need.custom or need.fits_in(self[node]))
                 ):
-                    best = entry
+                    best, found = entry, bucket
                     break
-        return None if best is None else best[1]
+        return None if best is None or found is None else (best, found)
+
+    def place(self, need: Resources, exclude: int | None = None) -> int | None:
+        """`roomiest` and `take` in one: the node chosen for `need` (None when none holds it),
+        with `need` taken there and the node filed again at once, where it was found. This is
+        the admission path (one call per decision instead of three); releases still file their
+        nodes lazily (`give`), since a wave of them touches a node many times."""
+        if need.custom:
+            node = self.roomiest(need, exclude)
+            if node is not None:
+                self.take(node, need)
+            return node
+        if self._stale:
+            self._refile()
+        searched = self._search(need, exclude)
+        if searched is None:
+            return None
+        best, found = searched
+        cpus, gpus, memory = need.cpus, need.gpus, need.memory
+        free_gpus, free_mem = self._gpus, self._mem
+        node = best[1]
+        # `take`, inline
+        self.dirty.add(node)
+        left_cpus = self._cpus[node] = self._cpus[node] - cpus
+        left_gpus = free_gpus[node] = free_gpus[node] - gpus
+        free_mem[node] -= memory
+        self._total_cpus -= cpus
+        self._total_gpus -= gpus
+        self._total_mem -= memory
+        # filed again: out of the bucket it was found in, into the one of what it has left
+        del found[bisect_left(found, best)]
+        old_key = self._filed_key[node]
+        new_key = _ROUNDED.get(left_gpus)
+        if new_key is None:
+            new_key = _bucket(left_gpus)
+        entry = (-left_cpus, node)
+        if not found:
+            del self._buckets[old_key]
+            at = bisect_left(self._keys, old_key)
+            del self._keys[at], self._ordered[at]
+        target = self._buckets.get(new_key)
+        if target is None:
+            target = self._buckets[new_key] = []
+            at = bisect_left(self._keys, new_key)
+            self._keys.insert(at, new_key)
+            self._ordered.insert(at, target)
+        insort(target, entry)
+        self._filed[node], self._filed_key[node] = entry, new_key
+        return node
 
     def _changed(self, node: int) -> None:
         self.dirty.add(node)

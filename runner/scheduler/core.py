@@ -25,7 +25,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from runner.resources import Resources
@@ -80,6 +80,9 @@ class Ticket:
     priority: float
     since: float
     seq: int
+    # queue order: ageing adds the same bonus per second to all, so this never changes
+    # (`Scheduler.submit_all` gives it: a `__post_init__` would be one call more per request)
+    order: tuple[float, int]
     pool: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     policy: pol.Policy | None = None
@@ -99,12 +102,7 @@ class Ticket:
     # victims told to make room for this request, and the node it holds meanwhile
     victims: list[Grant] = field(default_factory=list)
     hold_node: int | None = None
-    # queue order: ageing adds the same bonus per second to all, so this never changes
-    order: tuple[float, int] = field(init=False)
     lane: _Lane | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.order = (-(self.priority - AGEING_PER_SECOND * self.since), self.seq)
 
     def waiting_on_victims(self) -> bool:
         return any(not v.released and v.tag is None for v in self.victims)
@@ -114,7 +112,7 @@ class Ticket:
 _Request = Ticket
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Lane:
     """Waiting tickets that ask alike (shape, pool, labels, policy, priority...), in queue order.
 
@@ -126,22 +124,10 @@ class _Lane:
     # what decides whether a ticket fits (resources, pool, reuse, nodes), as a small number:
     # a pass remembers the shapes refused so far, and tells them apart on every ticket
     shape: int
+    priority: float
+    # no reuse tag and no node list: placed by `_admit` itself, without `_place`
+    simple: bool
     tickets: list[Ticket] = field(default_factory=list)
-
-
-def _lane_key(t: Ticket) -> tuple[object, ...]:
-    labels = tuple(sorted(t.labels.items())) if t.labels else ()
-    return (
-        t.resources,
-        t.pool,
-        t.reuse,
-        labels,
-        id(t.policy),
-        t.priority,
-        t.reserve,
-        t.duration,
-        t.nodes,
-    )
 
 
 @dataclass
@@ -159,7 +145,7 @@ class Scheduler:
     _shapes: dict[tuple[object, ...], int] = field(default_factory=dict, init=False)
     _held: set[Ticket] = field(default_factory=set, init=False)
     _count: int = field(default=0, init=False)
-    _running: set[Grant] = field(default_factory=set, init=False)
+    # running grants by node (all of them: `running()`)
     _on_node: dict[int, set[Grant]] = field(default_factory=dict, init=False)
     # preemptible running grants not yet chosen as victims: by node, and how many of each
     # kind (`_victim_kind`) each node has, and of each party (priority, pool, labels)
@@ -238,38 +224,109 @@ class Scheduler:
         nodes: frozenset[int] | None = None,
     ) -> Ticket:
         """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
+        return self.submit_all(
+            (owner,),
+            resources,
+            priority,
+            pool=pool,
+            labels=labels,
+            policy=policy,
+            on_preempt=on_preempt,
+            saves_state=saves_state,
+            elastic=elastic,
+            reuse=reuse,
+            duration=duration,
+            reserve=reserve,
+            estimated=estimated,
+            nodes=nodes,
+        )[0]
+
+    def submit_all(
+        self,
+        owners: Sequence[str],
+        resources: Resources,
+        priority: float = 0.0,
+        *,
+        pool: str = "",
+        labels: Mapping[str, str] | None = None,
+        policy: pol.Policy | None = None,
+        on_preempt: Notify | None = None,
+        saves_state: bool = False,
+        elastic: bool = False,
+        reuse: str | None = None,
+        duration: float | None = None,
+        reserve: bool = False,
+        estimated: float | None = None,
+        nodes: frozenset[int] | None = None,
+    ) -> list[Ticket]:
+        """`submit` for many claimants that ask alike (a stage's units, an array's jobs): a
+        ticket each, in order, as `submit` one by one would queue them, but under one lock, at
+        one reading of the clock and with one look for their lane. They share one copy of
+        `labels` (nothing changes a ticket's or a grant's labels)."""
+        if not owners:
+            return []
         with self._lock:
-            ticket = Ticket(
-                owner,
-                resources,
-                priority,
-                self.clock(),
-                next(self._seq),
+            since = self.clock()
+            copied = dict(labels) if labels else {}
+            # the lane: requests that ask alike. The resources by their amounts, not as
+            # `Resources` (whose hash is a Python call)
+            key = (
+                resources.cpus,
+                resources.gpus,
+                resources.memory,
+                resources.custom,
                 pool,
-                dict(labels or {}),
-                policy,
-                on_preempt,
-                saves_state,
-                elastic,
                 reuse,
-                duration,
+                tuple(sorted(copied.items())) if copied else (),
+                id(policy),
+                priority,
                 reserve,
-                estimated,
+                duration,
                 nodes,
             )
-            key = _lane_key(ticket)
             lane = self._lanes.get(key)
             if lane is None:
                 shape = (resources, pool, reuse, nodes)
                 number = self._shapes.setdefault(shape, len(self._shapes))
-                lane = self._lanes[key] = _Lane(key, number)
-            ticket.lane = lane
-            if not lane.tickets or lane.tickets[-1].order < ticket.order:
-                lane.tickets.append(ticket)
+                simple = reuse is None and nodes is None
+                lane = self._lanes[key] = _Lane(key, number, priority, simple)
+            # queue order: one clock reading, so the tickets follow one another by arrival
+            first = -(priority - AGEING_PER_SECOND * since)
+            seqs = self._seq
+            tickets = [
+                Ticket(  # positional, all fields: keywords and defaults cost per ticket
+                    owner,
+                    resources,
+                    priority,
+                    since,
+                    seq,
+                    (first, seq),
+                    pool,
+                    copied,
+                    policy,
+                    on_preempt,
+                    saves_state,
+                    elastic,
+                    reuse,
+                    duration,
+                    reserve,
+                    estimated,
+                    nodes,
+                    None,
+                    [],
+                    None,
+                    lane,
+                )
+                for owner, seq in zip(owners, seqs, strict=False)  # `seqs` never ends
+            ]
+            queue = lane.tickets
+            if not queue or not tickets or queue[-1].order < tickets[0].order:
+                queue += tickets
             else:
-                bisect.insort(lane.tickets, ticket, key=lambda t: t.order)
-            self._count += 1
-            return ticket
+                for ticket in tickets:
+                    bisect.insort(queue, ticket, key=lambda t: t.order)
+            self._count += len(tickets)
+            return tickets
 
     def admit(self) -> list[Ticket]:
         """Grant what can be granted now; the tickets admitted by this call."""
@@ -280,14 +337,33 @@ class Scheduler:
         """Stop waiting (or give back what the ticket was granted)."""
         with self._lock:
             if ticket.grant is not None:
-                self._release(ticket.grant)
+                self.release(ticket.grant)
             else:
                 self._drop(ticket)
 
     def release(self, grant: Grant) -> None:
-        """Give a grant's resources back and wake the waiters; a second release is a no-op."""
+        """Give a grant's resources back and wake the waiters; a second release is a no-op.
+        The scheduler's own releases call this too, under the lock they hold already (it is
+        reentrant): one call per release, not a public one and a private one."""
         with self._lock:
-            self._release(grant)
+            if grant.released:
+                return
+            grant.released = True
+            # `_unrun`, inline: once per release
+            here = self._on_node.get(grant.node)
+            if here is not None:
+                here.discard(grant)
+            if grant.on_preempt is not None:
+                self._not_victim(grant)
+            if grant.tag is not None and grant in self._parked:
+                self._parked_del(grant)
+            self._avail.give(grant.node, grant.resources)
+            if grant.pool in self._used:
+                self._used[grant.pool] = self._used[grant.pool] - grant.resources
+            if grant.preempted_at is not None:
+                self._victim_done(grant)
+            if self._sleepers:  # `_wake`, without the call on every release
+                self._cond.notify_all()
 
     def park(self, grant: Grant, tag: str, on_reclaim: Notify) -> None:
         """Keep a grant's resources as an idle placement group: requests with `reuse=tag`
@@ -306,7 +382,8 @@ class Scheduler:
         with self._lock:
             self._quota[pool] = resources
             if pool not in self._used:  # counted from now on: what it holds already, first
-                held = [g.resources for g in (*self._running, *self._parked) if g.pool == pool]
+                running = [g for here in self._on_node.values() for g in here]
+                held = [g.resources for g in (*running, *self._parked) if g.pool == pool]
                 self._used[pool] = _sum(held)
 
     def set_capacity(self, node: int, capacity: Resources) -> None:
@@ -338,7 +415,7 @@ class Scheduler:
 
     def running(self) -> list[Grant]:
         with self._lock:
-            return list(self._running)
+            return [g for here in self._on_node.values() for g in here]
 
     # --- admission ------------------------------------------------------------------------
 
@@ -350,8 +427,9 @@ class Scheduler:
         # in `_avail`), so the resources a victim frees go to the request that evicted it
         view = self._avail
         granted: list[Ticket] = []
-        # (lane shape, barred from a reserved node) refused in this pass
-        failed: set[tuple[int, bool]] = set()
+        # (lane shape, barred from a reserved node) refused in this pass, as one number:
+        # shape * 2 + barred
+        failed: set[int] = set()
         hopeless: set[tuple[object, ...]] = set()
         # (node, earliest start) held for the first reserving request that did not fit
         reserved: tuple[int, float] | None = None
@@ -364,11 +442,25 @@ class Scheduler:
         heap += [(t.order, -1 - i, 0) for i, t in enumerate(held_list)]
         heapq.heapify(heap)
         reached = [0] * len(lanes)
-        # the lane's next ticket after a grant: pushed and popped at once (often it is next)
-        after: tuple[tuple[float, int], int, int] | None = None
-        while heap or after is not None:
-            _, n, i = heapq.heappop(heap) if after is None else heapq.heappushpop(heap, after)
-            after = None
+        # what each admitted ticket waited, by priority in the order first admitted, told to
+        # the metrics once a pass (`admitted_many`), and the list each lane adds to (found on
+        # its first admission)
+        waited: dict[float, list[float]] = {}
+        lane_waited: list[list[float] | None] = [None] * len(lanes)
+        # no quotas: a simple lane's ticket is placed here, not in `_place`
+        quotas = bool(self._quota)
+        place, on_node = view.place, self._on_node
+        # after a grant, the lane's next ticket is taken at once when it comes before every
+        # other lane's head (a lane is mostly walked in runs), without going through the heap
+        n = i = 0
+        going_on = False
+        while True:
+            if going_on:
+                going_on = False
+            elif heap:
+                _, n, i = heapq.heappop(heap)
+            else:
+                break
             if n < 0:
                 ticket = held_list[-1 - n]
                 if ticket.grant is not None or ticket.lane is None:
@@ -387,19 +479,72 @@ class Scheduler:
             if held is not None:
                 view.give(held, ticket.resources)
                 self._held.discard(ticket)
-            barred = (
-                None if held is not None or reserved is None else _barred(ticket, reserved, now)
-            )
-            assert ticket.lane is not None
-            shape = (ticket.lane.shape, barred is not None)
+            if held is not None or reserved is None:
+                barred = None
+            else:
+                # the reserved node is barred to a ticket that would still run when the
+                # reservation starts (or has no duration to tell)
+                duration = ticket.duration
+                fits_before = duration is not None and now + duration <= reserved[1]
+                barred = None if fits_before else reserved[0]
+            lane = ticket.lane
+            assert lane is not None
+            shape = lane.shape * 2 + (barred is not None)
             more = True  # whether the lane's next ticket could come to anything in this pass
             if shape not in failed or held is not None:
-                grant = self._place(ticket, now, barred)
+                if lane.simple and not quotas:
+                    # `_place` and `_new_grant`, inline: this runs once per decision
+                    node = place(ticket.resources, barred)
+                    if node is None:
+                        grant = (
+                            self._reclaim_for(ticket, None, now, barred) if self._parked else None
+                        )
+                    else:
+                        grant = Grant(
+                            ticket.owner,
+                            ticket.resources,
+                            ticket.priority,
+                            node,
+                            now - ticket.since,
+                            ticket.pool,
+                            ticket.labels,
+                            ticket.on_preempt,
+                            ticket.saves_state,
+                            ticket.elastic,
+                            now,
+                            None if ticket.duration is None else now + ticket.duration,
+                            ticket.estimated,
+                        )
+                else:
+                    grant = self._place(ticket, now, barred)
                 if grant is not None:
-                    self._grant(ticket, grant, now)
+                    # recorded here (a preemptible grant also in `_preemptible`), the metrics
+                    # told at the end of the pass
+                    ticket.grant = grant
+                    if ticket.victims:
+                        ticket.victims = []
+                    ticket.hold_node = None
+                    here = on_node.get(grant.node)
+                    if here is None:
+                        here = on_node[grant.node] = set()
+                    here.add(grant)
+                    if grant.on_preempt is not None:
+                        self._preemptible(grant)
                     granted.append(ticket)
-                    if n >= 0 and i + 1 < len(tickets):
-                        after = (tickets[i + 1].order, n, i + 1)
+                    if n >= 0:
+                        waits = lane_waited[n]
+                        if waits is None:
+                            waits = lane_waited[n] = waited.setdefault(lane.priority, [])
+                        waits.append(grant.waited)
+                        ticket.lane = None
+                        if i + 1 < len(tickets):
+                            if not heap or tickets[i + 1].order < heap[0][0]:
+                                i += 1
+                                going_on = True
+                            else:
+                                heapq.heappush(heap, (tickets[i + 1].order, n, i + 1))
+                    else:
+                        waited.setdefault(ticket.priority, []).append(grant.waited)
                     continue
                 if held is None:
                     failed.add(shape)
@@ -428,13 +573,14 @@ class Scheduler:
                     head = lane.tickets[: reached[n]]
                     lane.tickets[: reached[n]] = [t for t in head if t.grant is None]
             for ticket in held_list:  # granted on their own, maybe beyond where a lane was walked
-                if ticket.grant is not None:
+                if ticket.grant is not None and ticket.lane is not None:
                     self._unqueue(ticket)
-            for ticket in granted:
-                ticket.lane = None
+                    ticket.lane = None
             for empty in [k for k, lane in self._lanes.items() if not lane.tickets]:
                 del self._lanes[empty]
             self._count -= len(granted)
+            for priority, waits in waited.items():
+                self.metrics.admitted_many(priority, waits)
             self._wake()
         return granted
 
@@ -558,7 +704,7 @@ class Scheduler:
                 taken.append(g)
             for g in taken:
                 self._parked_del(g)
-                self._release(g)  # its resources are free on the node again
+                self.release(g)  # its resources are free on the node again
                 if g.on_reclaim is not None:
                     g.on_reclaim(g, "reclaimed")
             room = self._quota_room(ticket.pool)
@@ -679,33 +825,22 @@ class Scheduler:
             ticket.estimated,
         )
 
-    def _grant(self, ticket: Ticket, grant: Grant, now: float) -> None:
-        ticket.grant = grant
-        if ticket.victims:
-            ticket.victims = []
-        ticket.hold_node = None
-        self._running.add(grant)
-        here = self._on_node.get(grant.node)
-        if here is None:
-            here = self._on_node[grant.node] = set()
-        here.add(grant)
-        if grant.on_preempt is not None:
-            party = _party_key(grant)
-            if party not in self._party_of:
-                self._party_of[party] = pol.Party(grant.priority, grant.pool, grant.labels)
-            self._parties[party] += 1
-            self._node_victims.setdefault(grant.node, {})[grant] = None
-            self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
-            self._avail.dirty.add(grant.node)
-        self.metrics.admitted(ticket.priority, grant.waited)
+    def _preemptible(self, grant: Grant) -> None:
+        """A grant with `on_preempt` was admitted: it may be chosen as a victim from now on."""
+        party = _party_key(grant)
+        if party not in self._party_of:
+            self._party_of[party] = pol.Party(grant.priority, grant.pool, grant.labels)
+        self._parties[party] += 1
+        self._node_victims.setdefault(grant.node, {})[grant] = None
+        self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
+        self._avail.dirty.add(grant.node)
 
     def _unrun(self, grant: Grant) -> None:
         """The grant no longer runs (released or parked)."""
-        self._running.discard(grant)
         here = self._on_node.get(grant.node)
         if here is not None:
             here.discard(grant)
-        if grant.on_preempt is not None:  # only those are ever victims (`_grant`)
+        if grant.on_preempt is not None:  # only those are ever victims (`_preemptible`)
             self._not_victim(grant)
 
     def _not_victim(self, grant: Grant) -> None:
@@ -745,21 +880,6 @@ class Scheduler:
             ticket.hold_node = None
         ticket.lane = None
 
-    def _release(self, grant: Grant) -> None:
-        if grant.released:
-            return
-        grant.released = True
-        self._unrun(grant)
-        if grant.tag is not None and grant in self._parked:
-            self._parked_del(grant)
-        self._avail.give(grant.node, grant.resources)
-        if grant.pool in self._used:
-            self._used[grant.pool] = self._used[grant.pool] - grant.resources
-        if grant.preempted_at is not None:
-            self._victim_done(grant)
-        if self._sleepers:  # `_wake`, without the call on every release
-            self._cond.notify_all()
-
     def _wake(self) -> None:
         """Wake the threads waiting in `acquire`, if any (a simulation has none: it skips the
         condition's bookkeeping on every release)."""
@@ -781,17 +901,6 @@ class Scheduler:
 def _may_use(ticket: Ticket, node: int) -> bool:
     """Whether `node` is one the ticket may run on (its `nodes`, when it names them)."""
     return ticket.nodes is None or node in ticket.nodes
-
-
-def _barred(ticket: Ticket, reserved: tuple[int, float] | None, now: float) -> int | None:
-    """The reserved node `ticket` may not use: it would still run when the reservation starts
-    (or it has no duration to tell)."""
-    if reserved is None:
-        return None
-    node, start = reserved
-    if ticket.duration is not None and now + ticket.duration <= start:
-        return None
-    return node
 
 
 def _party_key(g: Grant) -> tuple[object, ...]:

@@ -131,6 +131,26 @@ class Metrics:
         if self.ray is not None:
             self.ray.schedule_latency.observe(waited)
 
+    def admitted_many(self, priority: float, waits: list[float]) -> None:
+        """Admissions at one priority, each with its wait, as one call: the scheduler tells them
+        once a pass, not once a decision. Added one by one, in order, so the totals are the
+        ones `admitted` gives."""
+        with self._lock:
+            entry = self.waited_by_priority.get(priority)
+            if entry is None:
+                entry = self.waited_by_priority[priority] = [0, 0.0]
+            entry[0] += len(waits)
+            total = entry[1]
+            for waited in waits:
+                total += waited
+            entry[1] = total
+        if not self.collectors:
+            return
+        for waited in waits:
+            self._schedule_latency.observe(waited)
+            if self.ray is not None:
+                self.ray.schedule_latency.observe(waited)
+
     def set_units(self, stage: str, by_state: Mapping[str, int]) -> None:
         """How many units of `stage` are in each state now (states not named drop to 0)."""
         with self._lock:

@@ -4,9 +4,12 @@ run), at most `max_concurrent` at once, for its time: measured, else
 
 from __future__ import annotations
 
-from runner.plan import StagePlan
+from runner.executor import Ask
+from runner.plan import StagePlan, Unit
+from runner.resources import Resources
 from runner.schema import JobsStage
 from runner.sim import Simulation, SimUnits
+from runner.stages.jobs.job import Job
 from runner.stages.jobs.kind import job_ask
 
 
@@ -14,4 +17,16 @@ def simulate(stage: StagePlan, sim: Simulation) -> SimUnits:
     spec = stage.spec
     assert isinstance(spec, JobsStage)
     cap = spec.max_concurrent
-    return SimUnits(sim, stage, ask=lambda unit: job_ask(unit.payload), label="job", cap=cap)
+    # one ask per kind of job (the key: what `job_ask` reads of a job): an array's tasks ask
+    # alike, and a simulated ask carries no unit's work, so 100,000 tasks share a few asks
+    asks: dict[tuple[Resources, float, float | None], Ask] = {}
+
+    def ask(unit: Unit) -> Ask:
+        job: Job = unit.payload
+        key = (job.resources, job.priority, job.time_limit)
+        shared = asks.get(key)
+        if shared is None:
+            shared = asks[key] = job_ask(job)
+        return shared
+
+    return SimUnits(sim, stage, ask=ask, label="job", cap=cap)
