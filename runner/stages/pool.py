@@ -51,6 +51,8 @@ TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH = 4096
 # worker logs, under the stage's directory
 LOGS = "logs"
+# the final states of items that failed (kept to be reported)
+BAD = frozenset({UnitState.failed, UnitState.timeout, UnitState.out_of_memory})
 
 
 # --- spec checks and planning ------------------------------------------------------------
@@ -219,13 +221,13 @@ class PoolRun(StageRun):
     def ended(self, work: Work) -> None:
         super().ended(work)
         self.final[work.state] += 1
-        if work.state in (UnitState.failed, UnitState.timeout, UnitState.out_of_memory):
+        if work.state in BAD:
             self.bad.append(work)
 
     def ended_all(self, works: Sequence[Work]) -> None:
         states = Counter(w.state for w in works)
-        if states.keys() - {UnitState.done, UnitState.cancelled}:
-            super().ended_all(works)  # a failure among them: `bad` keeps it
+        if states.keys() & BAD:
+            super().ended_all(works)  # one by one: `bad` keeps the failures
             return
         self.left -= len(works)
         self.final.update(states)
