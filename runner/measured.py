@@ -11,8 +11,9 @@ bigger run from a small one. Read here, per stage:
   each attempt's by unit), paid by each lease before its unit runs;
 - for pools, the worker time per item time (`scale`): items travel in batches with a round
   trip per batch, and may run on several threads of a worker, which items' own times do not show;
-- the run's makespan, from the first unit's start to the last unit's end (Ray's start-up
-  excluded), which the simulated run is to predict.
+- the run's makespan, from the first start of any unit's attempt (an attempt that ended early,
+  preempted or retried, is in the events) to the last unit's end (Ray's start-up excluded),
+  which the simulated run is to predict.
 """
 
 from __future__ import annotations
@@ -99,6 +100,14 @@ def measure(run_dir: Path) -> Measured:
             if record.get("kind") == "pool":
                 m.scale = _pool_scale(by_worker, sum(m.durations.values()))
             stages[name] = m
+        # a unit's row holds its last attempt: one that ended early in the last run
+        # (preempted, retried) started before it, and the run with it
+        run = ledger.last_run()
+        since = float(run["started"]) if run else 0.0
+        for event in ledger.events():
+            attempt_start = event["started"]
+            if event["kind"] == "attempt" and attempt_start is not None and event["time"] >= since:
+                first = min(first, float(attempt_start))
     finally:
         ledger.close()
     return Measured(stages, last - first if stages else None)

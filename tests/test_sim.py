@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+
+from runner.lifecycle import UnitState
+from runner.measured import measure
+from runner.store import LEDGER, Event, Ledger, UnitRow
 
 SIM_200_CPUS = ("cluster=sim", "cluster.nodes=[{cpus: 200}]")
 
@@ -172,3 +177,25 @@ def test_events_run_by_time_then_in_the_order_added() -> None:
     assert ran == ["a1", "a2", "b1", "b2", "b3"] and events.next_time() == 3.0
     events.run_until(3.0)
     assert ran[-1] == "c1" and not events
+
+
+def test_the_measured_makespan_starts_at_the_first_attempt_even_one_preempted(
+    tmp_path: Path,
+) -> None:
+    """A preempted unit's row holds its last attempt; its first one (an event) began the run,
+    so the makespan the simulator is judged against counts from there."""
+    ledger = Ledger(tmp_path / LEDGER)
+    try:
+        begun = ledger.start_run()
+        ledger.save_stage("s", "roles", "fp", {}, "done", begun, begun + 10, {}, None)
+        rows = [
+            UnitRow("s", u, "fp", UnitState.done, 2, begun + a, begun + b)
+            for u, a, b in [("rollout", 3.0, 9.0), ("train", 1.0, 3.0)]
+        ]
+        ledger.write(rows)
+        ledger.add_events(
+            [Event("s", "rollout", "attempt", begun + 1.0, None, "preempted", begun + 0.5)]
+        )
+    finally:
+        ledger.close()
+    assert measure(tmp_path).makespan == pytest.approx(8.5)
