@@ -312,19 +312,13 @@ class SimUnits(SimStage):
     live: int = 0
     _queue: list[tuple[Unit, Ask]] = field(default_factory=list)
 
-    # set by `start`: the stage's stats, and what was measured of it (None: nothing), so that
-    # each unit's grant and end (`_Hold`) look neither up
-    stats: StageStats = field(init=False)
-    measure: StageMeasure | None = field(init=False, default=None)
-
     def start(self) -> None:
         units = self.stage.to_run
         asks = [self.ask(u) for u in units]
         shape = asks[0].resources if asks else Resources()
-        self.stats = self.sim.stats[self.stage.name] = StageStats(
+        self.sim.stats[self.stage.name] = StageStats(
             self.stage.kind, len(units), unit_label=self.label, shape=shape
         )
-        self.measure = self.sim.measure_of(self.stage.name)
         self.live = len(units)
         if not units:
             self.sim.stage_done(self.stage.name)
@@ -363,42 +357,18 @@ class _Hold:
     grant: Grant | None = None
 
     def __call__(self, grant: Grant) -> None:
-        """Granted. Once per decision, so the helpers it stands for are inline: `granted`,
-        `latency` and `duration` (nothing measured: no latency, `sim_unit_seconds`), `ran`,
-        `at`; `starts` is called only when a small plan's starts are kept."""
-        run = self.run
-        sim = run.sim
-        st = run.stats
-        st.admitted += 1
-        st.running += 1
-        if st.running > st.peak:
-            st.peak = st.running
+        run, sim = self.run, self.run.sim
+        run.granted()
         self.grant = grant
-        if run.measure is None:
-            start = sim.clock.now
-            end = start + sim.unit_seconds
-        else:
-            start = sim.clock.now + sim.latency(run.stage.name, self.unit)
-            end = start + sim.duration(run.stage.name, self.unit)
-        if sim.shown_starts:
-            sim.starts(run.stage.name, self.unit, start)
-        if sim.first_start is None or start < sim.first_start:
-            sim.first_start = start
-        if end > sim.last_end:
-            sim.last_end = end
-        sim._events.add(end, self.done)
+        start = sim.clock.now + sim.latency(run.stage.name, self.unit)
+        end = start + sim.duration(run.stage.name, self.unit)
+        sim.starts(run.stage.name, self.unit, start)
+        sim.ran(start, end)
+        sim.at(end, self.done)
 
     def done(self) -> None:
-        """Its time is up: `SimUnits.end` (and `ended`), inline: once per unit."""
         assert self.grant is not None
-        run = self.run
-        run.stats.running -= 1
-        run.sim.scheduler.release(self.grant)
-        run.live -= 1
-        if run.live == 0:
-            run.sim.stage_done(run.stage.name)
-        elif run.cap is not None:
-            run._ask(1)
+        self.run.end(self.grant)
 
 
 # --- running and reporting -----------------------------------------------------------------
