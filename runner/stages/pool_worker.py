@@ -79,8 +79,9 @@ class PoolActor:
         return here()
 
     def run(self, ids: list[str], payloads: list[Any]) -> dict[str, Any]:
-        """A batch's outcomes, in its order: per item a status, a value and seconds; how many
-        at the end were not started; busy time; CPU so far.
+        """A batch's outcomes, in its order: per item a status, a value and seconds (the
+        items after the last status were not started: a timed-out item stops the batch);
+        busy time; CPU so far.
 
         Columns of plain data, never tuples: Ray pickles each tuple inside a reply one by one
         and sends lists of strings and numbers as they are. A result that is not JSON becomes
@@ -104,7 +105,6 @@ class PoolActor:
             "status": status,
             "values": values,
             "seconds": seconds,
-            "rest": len(ids) - len(status),
             "busy": time.perf_counter() - started,
             "cpu": _cpu_seconds() - self._cpu0,
             "poisoned": self._poisoned,
