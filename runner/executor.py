@@ -742,25 +742,8 @@ class Executor:
             if work.state is not running:
                 work.go(done)  # raises: a unit not running cannot end done
             work.state = done
-            unit = work.unit
-            started = end - took
-            work.result, work.error, work.started, work.ended = result, None, started, end
-            rows[(name, unit.id)] = UnitRow(
-                name,
-                unit.id,
-                unit.fingerprint,
-                done,
-                work.attempts,
-                started,
-                end,
-                took,
-                work.worker,
-                None,
-                unit.payload if work.record is None else work.record,
-                result,
-                work.node_id,
-                work.node_ip,
-            )
+            work.result, work.error, work.started, work.ended = result, None, end - took, end
+            rows[(name, work.unit.id)] = work.row()
         self.live[name].run.ended_all(works)
         self.ctx.progress.advance(name, done=len(works))
 
