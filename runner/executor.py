@@ -27,7 +27,7 @@ import math
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ NODES_EVERY = 2.0
 SIGNAL_SETTLE = 0.3
 # seconds an interrupted stage's clean-up may wait on Ray (it may be going down with the run)
 CLOSE_BOUND = 5.0
+# ... and one lease's (a kill, a group removed: milliseconds when Ray is up)
+CLEANUP_BOUND = 1.0
 # the longest single wait: signals and deadlines are looked at least this often
 WAIT_SECONDS = 0.1
 # how often `mode=cancel` requests are looked for in the run directory
@@ -435,6 +437,8 @@ class Executor:
         self.nodes: list[RayNode] = []
         self.node_seen = 0.0
         self.cancel_seen = 0.0
+        # set once stopping met a Ray that is gone: no Ray call is made after that
+        self.ray_gone = False
         cluster = plan.cluster
         for i, node_id in enumerate(cluster.node_ids):
             parts = cluster.node_partitions[i] if cluster.node_partitions else frozenset()
@@ -864,15 +868,38 @@ class Executor:
         for ref in list(lease.calls):
             self.calls.pop(ref, None)
         lease.calls.clear()
-        if kill:
-            try:
-                lease.run.kill(lease)
-            except Exception as exc:  # Ray gone or the process already dead
-                log.debug("kill: %s", exc)
-        lease.run.release(lease)
+
+        def let_go() -> None:
+            if kill:
+                try:
+                    lease.run.kill(lease)
+                except Exception as exc:  # Ray gone or the process already dead
+                    log.debug("kill: %s", exc)
+            lease.run.release(lease)
+
+        self._on_ray(let_go)
         self.leases.discard(lease)
         lease.run.leases.discard(lease)
         lease.run.lease_ended(lease)
+
+    def _on_ray(self, clean_up: Callable[[], None]) -> None:
+        """Run a lease's Ray clean-up (kill its actor, remove its groups). Once the run is
+        stopping, a signal to the whole process group may be taking the embedded Ray down: a
+        call to a GCS that is gone blocks for a minute (Ray's reconnect timeout), so the call is
+        bounded, and skipped once Ray is seen gone (its processes are then ended by pid)."""
+        if not self.ctx.stop.is_set():
+            clean_up()
+            return
+        if not self._ray_up():
+            return
+        if not bounded(clean_up, CLEANUP_BOUND):
+            log.warning("Ray did not answer while a lease was given back; going on without it")
+            self.ray_gone = True
+
+    def _ray_up(self) -> bool:
+        """Whether Ray may still be asked anything (see `cluster.ray_alive`)."""
+        self.ray_gone = self.ray_gone or not ray_alive()
+        return not self.ray_gone
 
     def stop_lease(self, lease: Lease, why: str, grace: float) -> None:
         """Ask the lease's work to stop; killed after `grace` seconds."""
@@ -1022,18 +1049,15 @@ class Executor:
             if lease.run is run:
                 self.withdraw(lease)
 
-        def end_all() -> None:
-            for lease in list(run.leases):
-                self.end_lease(lease, kill=ray_alive())
+        def close() -> None:
             try:
                 run.close()
             except Exception as exc:  # Ray gone: nothing left to remove
                 log.debug("close %s: %s", name, exc)
 
-        if not self.ctx.stop.is_set():
-            end_all()
-        elif not bounded(end_all, CLOSE_BOUND):
-            log.warning("%s: Ray did not answer while its resources were given back", name)
+        for lease in list(run.leases):
+            self.end_lease(lease, kill=self._ray_up())
+        self._on_ray(close)
         for work in run.unfinished():
             self.finish(work, UnitState.cancelled, error="cancelled")
         self._flush(force=True)
@@ -1099,7 +1123,7 @@ class Executor:
             # a signal to the whole process group reaches the embedded Ray's own processes at
             # the same moment: let them go before deciding whether Ray is still there to ask
             time.sleep(SIGNAL_SETTLE)
-        alive = ray_alive()
+        alive = self._ray_up()
         for lease in list(self.waiting.values()):
             self.withdraw(lease)
         if alive:
@@ -1114,11 +1138,11 @@ class Executor:
                     if lease.deadline is not None and now > lease.deadline:
                         self._stopped(lease)
                 self._flush()
-                if not ray_alive():
+                if not self._ray_up():
                     break
             # a signal to the whole group may take the embedded Ray down only now, under load:
             # then no lease is killed through it (a call to a dead GCS blocks for a minute)
-            alive = ray_alive()
+            alive = self._ray_up()
         for lease in list(self.leases):
             lease.stopping = lease.stopping or "interrupted"
             if alive:
@@ -1139,7 +1163,7 @@ class Executor:
             self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, interrupted=True)
         self.pending_stages = []
         self._flush(force=True)
-        if ray_alive() and not bounded(self.starts.close, CLOSE_BOUND):
+        if self._ray_up() and not bounded(self.starts.close, CLOSE_BOUND):
             log.warning("Ray did not answer while the run's inbox was removed")
 
     # --- the ledger ------------------------------------------------------------------------

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from runner import spans
+from runner import procs, spans
 from runner.store import read_ledger
-from tests.conftest import cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import ROOT, cpus_free_again, run_runner, runner_process, summary, wait_until
 
 
 def events(run_dir: Path, stage: str) -> list[dict[str, Any]]:
@@ -176,9 +179,9 @@ def test_ctrl_c_leaves_no_actor_and_no_placement_group(ray_session: str, tmp_pat
     assert "cancelled" in status.out
 
 
-def ledger_or_empty(run_dir: Path) -> dict[str, tuple[str, Any]]:
+def ledger_or_empty(run_dir: Path, stage: str = "work") -> dict[str, tuple[str, Any]]:
     try:
-        return ledger(run_dir, "work")
+        return ledger(run_dir, stage)
     except sqlite3.Error:
         return {}
 
@@ -323,3 +326,66 @@ def test_schedulemesh_switches_in_a_spec(cli, override: str, counts: str) -> Non
     assert res.code == 0, res.text
     line = next(ln for ln in res.out.splitlines() if ln.startswith("stage rlhf"))
     assert f"preemptions: {counts}" in line
+
+
+def test_what_a_victim_frees_goes_to_the_request_that_evicted_it(
+    ray_session: str, cli, tmp_path: Path
+) -> None:
+    """Two stubborn rollouts fill the 2 CPUs; train (a label rule) evicts one, which is killed
+    after its cancel_timeout; reward (priority 1.5, no rule, a gap below medium's 1.0) arrives
+    while the victim is still stopping. The victim's group is parked for reuse as it is killed:
+    it is train's, not reward's, so one eviction in all and train is admitted first."""
+    res = cli("pipeline=roles_steal", f"run.dir={tmp_path}")
+    assert res.code == 0, res.text
+    assert "rl: preemptions: label 1, same_pool 0, cross_pool 0; requeues 1;" in res.out
+    evs = events(tmp_path, "rl")
+    assert len([e for e in evs if e["event"] == "preempt requested"]) == 1
+    assert first(evs, "train/0", "admitted")["t"] < first(evs, "reward/0", "admitted")["t"]
+    assert {s for s, _ in ledger(tmp_path, "rl").values()} == {"done"}
+
+
+def test_sigterm_to_the_rlhf_examples_process_group_ends_it_cleanly(tmp_path: Path) -> None:
+    """What `timeout -s TERM` and Slurm do to the shipped example, with its reserved group:
+    exit 143 (not a minute's stall on a GCS that is gone), the ledger true, nothing left."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "run.progress=log",
+            "pipeline=rlhf",
+            f"run.dir={tmp_path}",
+            "cluster.num_cpus=2",
+            "pipeline.stages.rlhf.roles.rollout.steps=600",
+            "pipeline.stages.rlhf.roles.train.steps=300",
+        ],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_until(
+            lambda: "running" in {s for s, _ in ledger_or_empty(tmp_path, "rlhf").values()},
+            timeout=90,
+            what="a running replica",
+        )
+        family = [(p, procs.start_time(p)) for p in procs.descendants(proc.pid)]
+        os.killpg(proc.pid, signal.SIGTERM)
+        # a bound against the stall (Ray's 60 s reconnect), not a timing claim
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, out + err
+    assert "Failed to connect to GCS" not in err
+    assert "running" not in {s for s, _ in ledger(tmp_path, "rlhf").values()}
+    wait_until(
+        lambda: not any(procs.running(p, t) for p, t in family),
+        timeout=20,
+        what="every process of the run to be gone",
+    )

@@ -649,12 +649,14 @@ class Scheduler:
     def _reuse(self, ticket: Ticket, room: Resources | None, barred: int | None) -> Grant | None:
         """Best fit among parked groups of the same tag: the exact shape, else fresh resources
         when they are free, else the smallest parked group that holds the request."""
+        promised = self._promised(ticket)
         fitting = [
             g
             for g in self._parked
             if g.tag == ticket.reuse
             and ticket.resources.fits_in(g.resources)
             and _may_use(ticket, g.node)
+            and g not in promised
         ]
         if not fitting:
             return None
@@ -680,11 +682,13 @@ class Scheduler:
         if not self._parked:
             return None
         view = self._avail
-        pool_parked = [g for g in self._parked if g.pool == ticket.pool]
+        promised = self._promised(ticket)
+        parked = [g for g in self._parked if g not in promised]
+        pool_parked = [g for g in parked if g.pool == ticket.pool]
         if room is not None and not need.fits_in(_sum([room, *(g.resources for g in pool_parked)])):
             return None
         by_node: dict[int, list[Grant]] = {}
-        for g in self._parked:
+        for g in parked:
             by_node.setdefault(g.node, []).append(g)
         for node in sorted(by_node):
             here = by_node[node]
@@ -711,6 +715,12 @@ class Scheduler:
             if need.fits_in(view[node]) and (room is None or need.fits_in(room)):
                 return self._new_grant(ticket, node, need, now)
         return None
+
+    def _promised(self, ticket: Ticket) -> set[Grant]:
+        """Parked groups of victims whose preemptor still waits: what a victim frees is its
+        preemptor's alone, parked for reuse or not (a roles victim's group is parked as it is
+        killed), so no other request reuses or reclaims it meanwhile."""
+        return {v for t in self._held if t is not ticket for v in t.victims if v.tag is not None}
 
     def _preempt(self, ticket: Ticket, view: FreeIndex, now: float) -> bool:
         """Choose victims by the ticket's policy and tell them; False when none would do.
