@@ -554,6 +554,26 @@ class Executor:
         self.waiting[lease.ticket] = lease
         return lease
 
+    def lend(self, run: StageRun, ask: Ask, lender: Grant, group: Any) -> Lease:
+        """Run the ask's unit at once on what another lease of its stage holds (a reserved
+        placement group, `group`): the unit gets a grant of its own over those resources,
+        preemptible by the normal rules like any other (`Scheduler.lend`)."""
+        assert ask.work is not None
+        lease = Lease(run, ask)
+        lease.work.append(ask.work)
+        grant = self.ctx.scheduler.lend(
+            lender,
+            f"{run.name}/{ask.work.id}",
+            ask.priority,
+            labels=ask.labels,
+            on_preempt=self._flag if ask.preemptible else None,
+            saves_state=ask.saves_state,
+            elastic=ask.elastic,
+            estimated=ask.estimated,
+        )
+        self.place(lease, grant, group)
+        return lease
+
     def withdraw(self, lease: Lease) -> None:
         """An ask no longer wanted (not yet granted)."""
         if lease.ticket is not None and lease.ticket in self.waiting:

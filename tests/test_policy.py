@@ -445,3 +445,50 @@ def test_a_victim_parked_then_reclaimed_leaves_the_others_preemptible() -> None:
     s.submit("burst", Resources(cpus=1), 4.0, policy=Policy(), on_preempt=note)
     s.admit()
     assert flagged[1:] == [other.owner]
+
+
+def test_a_victims_group_parked_as_it_is_killed_is_its_preemptors_alone() -> None:
+    """The roles path: a victim's placement group is parked for reuse when it is killed. A
+    request with no right to preempt (a gap below the threshold), queued ahead of the
+    preemptor by priority, must not reuse or reclaim it."""
+    told = Recorder()
+    s = Scheduler([Resources(cpus=2)], metrics=Metrics())
+    rollouts = [
+        s.submit(f"rollout{i}", cpus1(), 1, labels={"role": "rollout"}, on_preempt=told)
+        for i in (0, 1)
+    ]
+    s.admit()
+    rules = {"role": {"train": ["rollout"]}}
+    train = s.submit(
+        "train", cpus1(), 1, labels={"role": "train"}, policy=Policy(rules), reuse="pg"
+    )
+    s.admit()
+    assert len(told.told) == 1
+    reward = s.submit(
+        "reward", cpus1(), 1.5, labels={"role": "reward"}, policy=Policy(rules), reuse="pg"
+    )
+    assert s.admit() == []
+    victim = next(t.grant for t in rollouts if t.grant and t.grant.owner == told.told[0][0])
+    assert victim is not None
+    s.park(victim, "pg", Recorder())
+    assert s.admit() == [train]
+    assert train.grant is not None and train.grant.reused is victim
+    assert reward.grant is None and len(told.told) == 1
+
+
+def test_a_lent_grant_is_preemptible_and_frees_its_lenders_resources_only_with_it() -> None:
+    """A reserved group's grant lent to a replica: the replica is a victim by the normal
+    rules; its own release gives nothing back, its lender's does."""
+    told = Recorder()
+    s = Scheduler([Resources(cpus=2)], metrics=Metrics())
+    group = s.submit("reserved", cpus1(), 10)
+    s.admit()
+    assert group.grant is not None
+    replica = s.lend(group.grant, "reward", 5, labels={"role": "reward"}, on_preempt=told)
+    train = s.submit("train", Resources(cpus=2), 10, labels={"role": "train"}, policy=Policy(RULES))
+    s.admit()
+    assert told.told == [("reward", "label")]
+    s.release(replica)
+    assert s.admit() == []  # the group still holds its CPU ...
+    s.release(group.grant)
+    assert s.admit() == [train]  # ... until it goes back to the pool

@@ -389,3 +389,51 @@ def test_sigterm_to_the_rlhf_examples_process_group_ends_it_cleanly(tmp_path: Pa
         timeout=20,
         what="every process of the run to be gone",
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "preempted"),
+    [
+        pytest.param((), True, id="train_preempts_the_reserved_group_holder"),
+        pytest.param(
+            (
+                "pipeline.stages.rl.roles.reward.steps=3",
+                "pipeline.stages.rl.roles.train.start_after=2",
+            ),
+            False,
+            id="reward_ended_so_its_group_went_back_to_the_pool",
+        ),
+    ],
+)
+def test_a_reserved_group_never_keeps_a_later_role_waiting_for_ever(
+    ray_session: str, cli, tmp_path: Path, overrides: tuple[str, ...], preempted: bool
+) -> None:
+    """ScheduleMesh's scenario 3 on 2 CPUs: reward runs in a reserved group of 1 CPU; train
+    needs both CPUs. Arriving while reward runs, train preempts it by its label rule (a
+    reserved-group replica is a victim like any other) and reward comes back in a group
+    reserved again; arriving after reward ended, train finds the group released."""
+    res = cli("pipeline=roles_reserved_hold", f"run.dir={tmp_path}", *overrides)
+    assert res.code == 0, res.text
+    rows = ledger(tmp_path, "rl")
+    assert {u: s for u, (s, _) in rows.items()} == {"reward/0": "done", "train/0": "done"}
+    evs = events(tmp_path, "rl")
+    if preempted:
+        assert first(evs, "reward/0", "preempt requested")["reason"] == "label"
+        assert first(evs, "train/0", "running")["t"] < first(evs, "reward/0", "done")["t"]
+        assert [
+            e["restored"] for e in evs if e["unit"] == "reward/0" and e["event"] == "running"
+        ] == [False, True]
+        assert rows["reward/0"][1]["steps"] == 30
+    else:
+        assert "reserved group 1 CPU for reward released: no replica left to use it" in res.err
+        assert not [e for e in evs if e["event"] == "preempt requested"]
+    wait_until(no_groups_left, what="every placement group to be removed")
+
+
+def test_the_plan_says_what_holds_what_a_role_needs(cli) -> None:
+    res = cli("pipeline=roles_reserved_hold", "mode=plan")
+    assert res.code == 0, res.text
+    assert (
+        "rl: train (2 CPU) does not fit beside the reserved groups (1 CPU for reward): it runs "
+        "once their roles have no replica left to run or sooner by preempting reward (label rule)"
+    ) in res.out

@@ -69,6 +69,8 @@ class Grant:
     tag: str | None = None
     on_reclaim: Notify | None = None
     released: bool = False
+    # for a grant lent to a unit (`Scheduler.lend`): the grant that holds its resources
+    lender: Grant | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -357,13 +359,53 @@ class Scheduler:
                 self._not_victim(grant)
             if grant.tag is not None and grant in self._parked:
                 self._parked_del(grant)
-            self._avail.give(grant.node, grant.resources)
-            if grant.pool in self._used:
-                self._used[grant.pool] = self._used[grant.pool] - grant.resources
+            if grant.lender is None:  # a lent grant's resources stay its lender's
+                self._avail.give(grant.node, grant.resources)
+                if grant.pool in self._used:
+                    self._used[grant.pool] = self._used[grant.pool] - grant.resources
             if grant.preempted_at is not None:
                 self._victim_done(grant)
             if self._sleepers:  # `_wake`, without the call on every release
                 self._cond.notify_all()
+
+    def lend(
+        self,
+        lender: Grant,
+        owner: str,
+        priority: float,
+        *,
+        labels: Mapping[str, str] | None = None,
+        on_preempt: Notify | None = None,
+        saves_state: bool = False,
+        elastic: bool = False,
+        estimated: float | None = None,
+    ) -> Grant:
+        """A unit's own grant over what `lender` holds (a reserved placement group lent to a
+        replica): preemptible by the normal rules like any grant of that unit. Released, it
+        gives nothing back, for the resources stay the lender's; so when it is chosen as a
+        victim, its lender must be released too for the preemptor to have them."""
+        with self._lock:
+            now = self.clock()
+            grant = Grant(
+                owner,
+                lender.resources,
+                priority,
+                lender.node,
+                0.0,
+                lender.pool,
+                dict(labels or {}),
+                on_preempt,
+                saves_state,
+                elastic,
+                now,
+                None,
+                estimated,
+                lender=lender,
+            )
+            self._on_node.setdefault(grant.node, set()).add(grant)
+            if on_preempt is not None:
+                self._preemptible(grant)
+            return grant
 
     def park(self, grant: Grant, tag: str, on_reclaim: Notify) -> None:
         """Keep a grant's resources as an idle placement group: requests with `reuse=tag`

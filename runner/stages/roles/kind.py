@@ -74,6 +74,8 @@ class RolesRun(StageRun):
         self.arrived: set[Work] = set()
         self.queue.clear()  # a replica is queued when its role arrives
         self.reserved: list[ReservedGroup] = []
+        # reserved groups asked for so far (a preempted replica's group is made again)
+        self.reserved_made = 0
         self.saved: dict[Lease, Any] = {}
         # victims past their cancel_timeout asked for their state, and until when to wait
         self.asking: dict[Lease, tuple[Any, float]] = {}
@@ -110,13 +112,52 @@ class RolesRun(StageRun):
     # reserved groups: leases of the stage itself, asked for first, never preempted
 
     def prepare(self) -> None:
-        if not self.works:
-            return
         for shape, role in self.rp.reserved:
-            ask = reserved_ask(self.rp, shape)
-            ask.tag = "reserved"
-            lease = self.ex.submit(self, ask)
-            self.reserved.append(ReservedGroup(shape, role, lease))
+            if self._wanted(role):
+                self._reserve(shape, role)
+
+    def _reserve(self, shape: Resources, role: str | None) -> None:
+        ask = reserved_ask(self.rp, shape)
+        ask.tag = "reserved"
+        lease = self.ex.submit(self, ask)
+        self.reserved.append(ReservedGroup(shape, role, lease))
+        self.reserved_made += 1
+
+    def _could_use(self, role: str | None, work: Work) -> bool:
+        """Whether a reserved group kept for `role` (None: for any role) may serve `work`."""
+        mine = self.role(work)
+        return mine.pg == "reserved" and (role is None or role == mine.name)
+
+    def _wanted(self, role: str | None) -> bool:
+        """Whether any replica still to finish could run in a group kept for `role`."""
+        return any(not w.state.final and self._could_use(role, w) for w in self.works)
+
+    def _let_go(self, group: ReservedGroup) -> None:
+        """A reserved group goes back to the pool: its placement group removed, its grant
+        released (or its ask withdrawn, when it was not granted yet)."""
+        if group.lease.grant is None:
+            self.ex.withdraw(group.lease)
+            self.lease_ended(group.lease)
+        else:
+            self.ex.end_lease(group.lease)
+        self.reserved.remove(group)
+
+    def _release_idle(self) -> None:
+        """Reserved groups that no replica still to run could use are released to the pool:
+        a later role that needs what they hold is not kept waiting to the stage's end."""
+        for group in list(self.reserved):
+            if group.user is None and not self._wanted(group.role):
+                log.info(
+                    "%s: reserved group %s for %s released: no replica left to use it",
+                    self.name,
+                    group.shape.describe(),
+                    group.role or "any role",
+                )
+                self._let_go(group)
+
+    def ended(self, work: Work) -> None:
+        super().ended(work)
+        self._release_idle()
 
     def _reserved_of(self, lease: Lease) -> ReservedGroup | None:
         return next((g for g in self.reserved if g.lease is lease), None)
@@ -157,11 +198,14 @@ class RolesRun(StageRun):
             yield replica_ask(self.rp, role, self.index(work), self.saves[role.name], work, reuse)
 
     def _start_in(self, group: ReservedGroup, work: Work) -> None:
+        """The replica runs in a free reserved group, on a grant of its own over the group's
+        resources: preemptible by the normal rules like a replica on a dynamic group."""
         group.user = work
-        lease = Lease(self, Ask(group.shape, self.role(work).priority, work, tag=group))
-        lease.work.append(work)
+        role = self.role(work)
+        ask = replica_ask(self.rp, role, self.index(work), self.saves[role.name], work)
+        ask.resources, ask.tag = group.shape, group
         assert group.lease.grant is not None
-        self.ex.place(lease, group.lease.grant, group.pg)
+        self.ex.lend(self, ask, group.lease.grant, group.pg)
 
     def requeue(self, work: Work) -> None:
         self.stats.requeues += 1
@@ -282,7 +326,15 @@ class RolesRun(StageRun):
         self.asking.pop(lease, None)
         group = lease.ask.tag if isinstance(lease.ask.tag, ReservedGroup) else None
         if group is not None:
+            if lease.grant is not None:
+                self.ctx.scheduler.release(lease.grant)
             group.user = None
+            if lease.stopping is not None and lease.stopping.startswith("preempted"):
+                # what the victim held is its preemptor's: the group goes back to the pool,
+                # and a new one is reserved for the role while it has replicas to run
+                self._let_go(group)
+                if self._wanted(group.role):
+                    self._reserve(group.shape, group.role)
         elif lease.ask.tag == "reserved":
             reserved = self._reserved_of(lease)
             if reserved is not None and reserved.pg is not None:
@@ -311,7 +363,7 @@ class RolesRun(StageRun):
                 for p, w in sorted(s.waited.items())
             },
             "placement_groups": {
-                "created": self.pgs.created + len(self.reserved),
+                "created": self.pgs.created + self.reserved_made,
                 "reused": self.pgs.reused,
             },
         }

@@ -12,6 +12,7 @@ from runner.identity import digest
 from runner.plan import PlanContext, StagePlan, Unit, claim, decider, result_config
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
+from runner.scheduler.policy import Party, preemption_reason
 from runner.schema import RolesStage, StageSpec
 from runner.stages.roles.settings import RoleSpec, RolesPlan, parse
 
@@ -48,6 +49,7 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
         for shape, role in roles_plan.reserved
     ]
     _check_fit(name, roles_plan, ctx)
+    notes += _beside_reserved(name, roles_plan, ctx)
     return StagePlan(
         name, "roles", spec, fp, config, units, claims, notes, "", {"roles": roles_plan}
     )
@@ -77,33 +79,98 @@ def _check_fit(name: str, rp: RolesPlan, ctx: PlanContext) -> None:
 
 
 def _deadlocks(name: str, rp: RolesPlan, ctx: PlanContext) -> list[str]:
-    """Specs that can never finish: a role waiting on one that cannot start because the
-    reserved groups, made when the stage starts and kept to its end, hold what it needs.
-    (Roles waiting on each other in a cycle are a spec error: checks.py.)"""
+    """Specs that can never finish: a role that cannot run beside the reserved groups of roles
+    that wait for it (`start_after`, directly or through other roles). A reserved group is
+    released only once no replica that may use it is left to run, and those replicas arrive
+    only after this role runs; idle groups are no one's to preempt. (Roles waiting on each
+    other in a cycle are a spec error: checks.py.)"""
     problems = []
-    after = {r.name: r.start_after for r in rp.roles.values() if isinstance(r.start_after, str)}
+    chains = {r: _waits_for(r, rp) for r in rp.roles}
+    for first in rp.roles.values():
+        if first.pg == "reserved" or not first.resources.fits_in(ctx.cluster.largest):
+            continue  # no node holds it at all: the plan's fit check says so
+        held = [
+            (shape, role, waiter)
+            for shape, role in rp.reserved
+            if (waiter := _waiter(role, first.name, rp, chains)) is not None
+        ]
+        if not held:
+            continue
+        reserved = Resources()
+        for shape, _, _ in held:
+            reserved = reserved + shape
+        room = ctx.cluster.total - reserved
+        if rp.quota is not None:
+            room = _least(room, rp.quota - reserved)
+        if first.resources.fits_in(room):
+            continue
+        role = held[0][2]
+        path = " → ".join([role, *chains[role][: chains[role].index(first.name) + 1]])
+        holders = sorted({r or "any role" for _, r, _ in held})
+        problems.append(
+            f"pipeline.stages.{name}.roles.{role}.start_after: {role} waits for {first.name} to "
+            f"run, but the reserved groups (for {', '.join(holders)}) hold "
+            f"{reserved.describe()} from the start and {first.name} needs "
+            f"{first.resources.describe()}: {first.resources.shortfall(room)}; the stage "
+            f"could never finish (cycle: {path} → reserved groups → {role})"
+        )
+    return problems
+
+
+def _beside_reserved(name: str, rp: RolesPlan, ctx: PlanContext) -> list[str]:
+    """What holds what: a role that does not fit beside the reserved groups runs once the
+    groups' roles have no replica left to run, or sooner by preempting their replicas where
+    the policy allows it."""
+    if not rp.reserved:
+        return []
     reserved = Resources()
     for shape, _ in rp.reserved:
         reserved = reserved + shape
     room = ctx.cluster.total - reserved
-    if rp.quota is not None:
-        room = _least(room, rp.quota - reserved)
-    for role, first in after.items():
-        needed = rp.roles.get(first)
-        if needed is None or not rp.reserved or needed.pg == "reserved":
+    notes = []
+    for role in rp.roles.values():
+        if role.pg == "reserved" or role.resources.fits_in(room):
             continue
-        if not needed.resources.fits_in(ctx.cluster.largest):
-            continue  # no node holds it at all: the plan's fit check says so
-        if not needed.resources.fits_in(room):
-            holders = sorted({r or "any role" for _, r in rp.reserved})
-            problems.append(
-                f"pipeline.stages.{name}.roles.{role}.start_after: {role} waits for {first} to "
-                f"run, but the reserved groups (for {', '.join(holders)}) hold "
-                f"{reserved.describe()} from the start and {first} needs "
-                f"{needed.resources.describe()}: {needed.resources.shortfall(room)}; the stage "
-                f"could never finish (cycle: {role} → {first} → reserved groups → {role})"
+        holders = sorted({r for _, r in rp.reserved if r is not None and r in rp.roles})
+        me = Party(role.priority, rp.pool, role.labels)
+        rules = {
+            h: preemption_reason(
+                me, Party(rp.roles[h].priority, rp.pool, rp.roles[h].labels), rp.policy
             )
-    return problems
+            for h in holders
+        }
+        may = [f"{h} ({why} rule)" for h, why in rules.items() if why is not None]
+        then = (
+            f"or sooner by preempting {', '.join(may)}" if may else "(no rule lets it preempt them)"
+        )
+        notes.append(
+            f"{name}: {role.name} ({role.resources.describe()}) does not fit beside the reserved "
+            f"groups ({reserved.describe()} for {', '.join(holders) or 'any role'}): it runs once "
+            f"their roles have no replica left to run {then}"
+        )
+    return notes
+
+
+def _waits_for(role: str, rp: RolesPlan) -> list[str]:
+    """The roles `role` waits to see running, nearest first (`start_after` followed)."""
+    chain: list[str] = []
+    after = rp.roles[role].start_after
+    while isinstance(after, str) and after in rp.roles and after not in chain:
+        chain.append(after)
+        after = rp.roles[after].start_after
+    return chain
+
+
+def _waiter(
+    group_role: str | None, first: str, rp: RolesPlan, chains: dict[str, list[str]]
+) -> str | None:
+    """A role whose replicas may use a reserved group kept for `group_role` (None: any role)
+    and that waits for `first` to run: the group is held until after `first` runs."""
+    for role in rp.roles.values():
+        uses = role.pg == "reserved" and group_role in (None, role.name)
+        if uses and first in chains[role.name]:
+            return role.name
+    return None
 
 
 def _least(a: Resources, b: Resources) -> Resources:
