@@ -63,13 +63,20 @@ def fill_defaults(cfg: DictConfig, overrides: list[Override]) -> None:
             kind = kinds.get(str(name), stage.get("kind"))
             if kind in STAGE_KINDS:
                 path = f"pipeline.stages.{name!s}"
-                _under(stage, defaults_of(STAGE_KINDS[kind]), path, added)
+                spec_type = STAGE_KINDS[kind]
+                _under(stage, defaults_of(spec_type), path, added, spec_type)
 
 
-def _under(node: DictConfig, defaults: dict[str, Any], path: str, skip: set[str]) -> None:
-    """Add each default `node` (at `path`) lacks; what the YAML wrote always wins."""
+def _under(
+    node: DictConfig, defaults: dict[str, Any], path: str, skip: set[str], cls: type | None = None
+) -> None:
+    """Add each default `node` (at `path`) lacks; what the YAML wrote always wins, under its
+    own name or another spelling of it (a field's `aliases` in `cls`)."""
+    spelt = {f.name: f.metadata.get("aliases", ()) for f in fields(cls)} if cls else {}
     for key, value in defaults.items():
-        if key not in node and f"{path}.{key}" not in skip:
+        if key in node or f"{path}.{key}" in skip:
+            continue
+        if not any(alias in node for alias in spelt.get(key, ())):
             node[key] = value
 
 

@@ -191,6 +191,8 @@ class Lease:
     started: Started | None = None
     # until when Ray may take to start it, or the stopping unit may take to stop
     deadline: float | None = None
+    # seconds its start may take from the grant (a kind may allow more, or less)
+    start_bound: float = START_BOUND
     # why it is stopping: "preempted: REASON", "interrupted", "retired"
     stopping: str | None = None
     # its node left the cluster: its units go back to the queue without spending a retry
@@ -603,7 +605,7 @@ class Executor:
             work.go(UnitState.granted)
         self.leases.add(lease)
         lease.run.leases.add(lease)
-        lease.deadline = time.monotonic() + START_BOUND
+        lease.deadline = time.monotonic() + lease.start_bound
         try:
             lease.run.launch(lease)
         except Exception as exc:
@@ -976,12 +978,12 @@ class Executor:
                 lease.run.name,
                 ", ".join(w.id for w in lease.work) or "a worker",
                 lease.node,
-                START_BOUND,
+                lease.start_bound,
             )
             self.end_lease(lease, kill=True)
             for work in lease.work:
                 work.go(UnitState.pending)
-                work.error = f"not started on {lease.node} within {START_BOUND:g}s"
+                work.error = f"not started on {lease.node} within {lease.start_bound:g}s"
                 lease.run.requeue(work)
 
     # --- units cancelled from outside (`mode=cancel`) --------------------------------------

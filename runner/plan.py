@@ -151,7 +151,10 @@ CODE = "_code"
 def kept_keys(spec: StageSpec) -> frozenset[str]:
     """Keys that change how units run (resources, speed, failure policy), never their results."""
     return frozenset(
-        f.name for f in fields(spec) if f.metadata.get("resource") or f.metadata.get("policy")
+        name
+        for f in fields(spec)
+        if f.metadata.get("resource") or f.metadata.get("policy")
+        for name in (f.name, *f.metadata.get("aliases", ()))
     )
 
 

@@ -284,8 +284,12 @@ class RolesStage(StageSpec):
 
     # the quota these roles share: {name, resources: {cpus, gpus, memory (8G; MB) | memory_gb}}
     pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
-    # {reserved: [{role: NAME, count} | {resources: {...}, count}], max_dynamic_pgs, reuse}
-    pg_pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
+    # {reserved: [{role: NAME, count} | {resources: {...}, count, min_priority}],
+    # max_dynamic_pgs, reuse, enable, enable_dynamic_pgs, pg_creation_timeout}; ScheduleMesh's
+    # `pg_pool_config` (with `high_priority_pg_specs`, `enable_pg_reuse`) is read as it
+    pg_pool: dict[str, Any] = field(
+        default_factory=dict, metadata={"resource": True, "aliases": ("pg_pool_config",)}
+    )
     # {label_rules, enable_label_preemption, aggressiveness: low|medium|high (or ScheduleMesh's
     # aliases), cancel_timeout, cross_pool, protected_pools}
     preemption: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})

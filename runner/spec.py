@@ -446,14 +446,21 @@ def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
         return None
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    # other spellings of a key users bring from the system a stage replaces (`aliases`)
+    spelt = {a: f.name for f in known.values() for a in f.metadata.get("aliases", ())}
     for key in data:
-        if key not in known:
+        if key not in known and key not in spelt:
             problems.add(f"{path}.{key}", unknown_key(str(key), sorted(known)))
     values: dict[str, Any] = {}
     complete = True
     for name, f in known.items():
         required = f.default == "???" or (f.default is MISSING and f.default_factory is MISSING)
         value = data.get(name, "???")
+        for alias in (a for a, n in spelt.items() if n == name and a in data):
+            if value != "???":
+                problems.add(f"{path}.{alias}", f"another spelling of {name}: give one of them")
+                continue
+            value = data[alias]
         if value == "???":
             if required:
                 problems.add(f"{path}.{name}", "missing required key")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import pytest
 from runner import procs, spans
 from runner.store import read_ledger
 from tests.conftest import ROOT, cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.test_metrics import free_port, scrape
 
 
 def events(run_dir: Path, stage: str) -> list[dict[str, Any]]:
@@ -397,11 +401,13 @@ def test_sigterm_to_the_rlhf_examples_process_group_ends_it_cleanly(tmp_path: Pa
         pytest.param((), True, id="train_preempts_the_reserved_group_holder"),
         pytest.param(
             (
-                "pipeline.stages.rl.roles.reward.steps=3",
-                "pipeline.stages.rl.roles.train.start_after=2",
+                "~pipeline.stages.rl.preemption.label_rules",
+                "pipeline.stages.rl.roles.train.priority=5",
+                "pipeline.stages.rl.roles.train.start_after=0",
+                "pipeline.stages.rl.roles.reward.steps=5",
             ),
             False,
-            id="reward_ended_so_its_group_went_back_to_the_pool",
+            id="no_rule_so_train_runs_once_reward_ended_and_its_group_went_back",
         ),
     ],
 )
@@ -409,9 +415,9 @@ def test_a_reserved_group_never_keeps_a_later_role_waiting_for_ever(
     ray_session: str, cli, tmp_path: Path, overrides: tuple[str, ...], preempted: bool
 ) -> None:
     """ScheduleMesh's scenario 3 on 2 CPUs: reward runs in a reserved group of 1 CPU; train
-    needs both CPUs. Arriving while reward runs, train preempts it by its label rule (a
-    reserved-group replica is a victim like any other) and reward comes back in a group
-    reserved again; arriving after reward ended, train finds the group released."""
+    needs both CPUs. With its label rule train preempts reward (a reserved-group replica is a
+    victim like any other) and reward comes back in a group reserved again; with no rule,
+    train waits for reward to end, and its group goes back to the pool then."""
     res = cli("pipeline=roles_reserved_hold", f"run.dir={tmp_path}", *overrides)
     assert res.code == 0, res.text
     rows = ledger(tmp_path, "rl")
@@ -420,13 +426,15 @@ def test_a_reserved_group_never_keeps_a_later_role_waiting_for_ever(
     if preempted:
         assert first(evs, "reward/0", "preempt requested")["reason"] == "label"
         assert first(evs, "train/0", "running")["t"] < first(evs, "reward/0", "done")["t"]
-        assert [
+        restored = [
             e["restored"] for e in evs if e["unit"] == "reward/0" and e["event"] == "running"
-        ] == [False, True]
+        ]
+        assert restored == [False, True]
         assert rows["reward/0"][1]["steps"] == 30
     else:
         assert "reserved group 1 CPU for reward released: no replica left to use it" in res.err
         assert not [e for e in evs if e["event"] == "preempt requested"]
+        assert first(evs, "train/0", "running")["t"] > first(evs, "reward/0", "done")["t"]
     wait_until(no_groups_left, what="every placement group to be removed")
 
 
@@ -436,4 +444,118 @@ def test_the_plan_says_what_holds_what_a_role_needs(cli) -> None:
     assert (
         "rl: train (2 CPU) does not fit beside the reserved groups (1 CPU for reward): it runs "
         "once their roles have no replica left to run or sooner by preempting reward (label rule)"
+    ) in res.out
+
+
+def test_max_dynamic_pgs_holds_replicas_take_turns_in_the_groups_allowed(
+    ray_session: str, cli, tmp_path: Path
+) -> None:
+    """Six replicas of dynamic roles, room for four at once, one dynamic group allowed: every
+    admission runs in a placement group (none runs without one), and one group is ever made."""
+    res = cli("pipeline=roles_pg_cap", f"run.dir={tmp_path}")
+    assert res.code == 0, res.text
+    assert (
+        "rl: max_dynamic_pgs 1: at most 1 of the 6 replicas of dynamic roles hold a placement "
+        "group at once; the others wait for one"
+    ) in res.err
+    evs = events(tmp_path, "rl")
+    admitted = [e["unit"] for e in evs if e["event"] == "admitted"]
+    in_group = [e["unit"] for e in evs if e["event"] == "placement group"]
+    assert len(admitted) == 6 and sorted(in_group) == sorted(admitted)
+    stats = summary(tmp_path)["stages"]["rl"]["pg_pool_stats"]["rl"]
+    assert stats["created"] == 1 and stats["peak_dynamic_in_use"] == 1 and stats["reused"] == 5
+    assert {s for s, _ in ledger(tmp_path, "rl").values()} == {"done"}
+
+
+def test_schedulemeshs_guide_configuration_runs_as_written_with_its_metrics(
+    ray_session: str, cli, tmp_path: Path
+) -> None:
+    """ScheduleMesh's RLHF guide, its `configure_preemption` and `ensure_pool` blocks pasted
+    with their key names (`tests/specs/pipeline/schedulemesh_guide.yaml`): the plan says what
+    each key became, the run preempts by the same rules, `pg_pool_stats()`'s counts are in
+    summary.json, and its four metrics are served under its names."""
+    plan = cli("pipeline=schedulemesh_guide", f"run.dir={tmp_path}", "mode=plan")
+    assert plan.code == 0, plan.text
+    for line in (
+        "rlhf: ScheduleMesh's pg_pool.high_priority_pg_specs[0] → pg_pool.reserved: a group for "
+        "any role of priority >= 8",
+        "rlhf: ScheduleMesh's pg_pool.enable_pg_reuse → reuse",
+        "rlhf: ScheduleMesh's pool.resources: {cpu, memory} → {cpus, memory}",
+        "rlhf: ScheduleMesh's preemption.label_preemption_rules → label_rules",
+        "rlhf: ScheduleMesh's preemption.preemption_aggressiveness → aggressiveness",
+    ):
+        assert line in plan.out
+    port, scrapes, done = free_port(), [], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            with contextlib.suppress(urllib.error.URLError, ConnectionError):
+                scrapes.append(scrape(port))
+            done.wait(0.1)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        res = cli(
+            "pipeline=schedulemesh_guide", f"run.dir={tmp_path}", f"cluster.metrics_port={port}"
+        )
+    finally:
+        done.set()
+        poller.join()
+    assert res.code == 0, res.text
+    stage = summary(tmp_path)["stages"]["rlhf"]
+    assert stage["preemptions"] == {"label": 0, "same_pool": 1, "cross_pool": 0}
+    stats = stage["pg_pool_stats"]["rlhf-pg-pool"]
+    assert stats["high_priority"] == 2 and stats["in_use"] == 0
+    assert stats["created"] >= 3 and stats["reused"] >= 1
+    evs = events(tmp_path, "rlhf")
+    assert first(evs, "rollout/0", "preempt requested")["reason"] == "same_pool"
+    last = next(s for s in reversed(scrapes) if "schedulemesh_preemption_count{" in s)
+    assert 'schedulemesh_preemption_count{pool="rlhf-pg-pool",reason="same_pool"} 1.0' in last
+    assert 'schedulemesh_preemption_count_total{pool="rlhf-pg-pool",reason="same_pool"} 1.0' in last
+    for name in (
+        "schedulemesh_preemption_execution_latency_ms",
+        "schedulemesh_task_schedule_latency_ms",
+        "schedulemesh_preemption_evaluation_latency_ms",
+    ):
+        assert f"# TYPE {name} histogram" in last
+    assert (
+        'schedulemesh_preemption_execution_latency_ms_count{pool="rlhf-pg-pool",'
+        'reason="same_pool"} 1.0'
+    ) in last
+
+
+def test_schedulemesh_spellings_that_cannot_be_read_name_the_key_and_the_fix(cli) -> None:
+    res = cli(
+        *SIM_8_CPUS,
+        "pipeline.stages.rlhf.preemption.aggressiveness=env:RUNNER_TEST_UNSET_LEVEL",
+        "+pipeline.stages.rlhf.roles.train.ray_options.num_cpus=2",
+        "+pipeline.stages.rlhf.pg_pool_config.max_dynamic_pgs=2",
+        "mode=plan",
+    )
+    assert res.code == 2
+    for line in (
+        "pipeline.stages.rlhf.preemption.aggressiveness: = 'env:RUNNER_TEST_UNSET_LEVEL': "
+        "$RUNNER_TEST_UNSET_LEVEL is not set",
+        "pipeline.stages.rlhf.roles.train.ray_options.num_cpus: set by the runner (the grant's "
+        "resources and placement): give the role's resources instead",
+        "pipeline.stages.rlhf.pg_pool_config: another spelling of pg_pool: give one of them",
+    ):
+        assert line in res.err
+    assert "Traceback" not in res.err
+
+
+def test_an_aggressiveness_read_from_the_environment_is_said_in_the_plan(
+    cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNNER_TEST_LEVEL", "urgent")
+    res = cli(
+        *SIM_8_CPUS,
+        "pipeline.stages.rlhf.preemption.aggressiveness=env:RUNNER_TEST_LEVEL",
+        "mode=plan",
+    )
+    assert res.code == 0, res.text
+    assert (
+        "rlhf: ScheduleMesh's preemption.aggressiveness 'env:RUNNER_TEST_LEVEL' → 'urgent' "
+        "(from $RUNNER_TEST_LEVEL)"
     ) in res.out

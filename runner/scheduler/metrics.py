@@ -6,6 +6,13 @@
 `runner_resources_capacity{resource}` (CPU, GPU, memory in bytes). `cluster.metrics_port`
 turns the endpoint on for the length of a run.
 
+Beside them, ScheduleMesh's own metrics under its names and labels, so a ScheduleMesh Grafana
+board works unchanged: `schedulemesh_preemption_count{pool,reason}` (a counter, exposed as Ray
+exposes counters: `..._total`, and the plain name as a gauge),
+`schedulemesh_preemption_execution_latency_ms{pool,reason}`,
+`schedulemesh_task_schedule_latency_ms` and `schedulemesh_preemption_evaluation_latency_ms`
+(histograms, in milliseconds).
+
 `Metrics.export_to_ray()` mirrors the same names through `ray.util.metrics`: where Ray's
 metrics export runs (`ray[default]`: each node's metrics agent), Ray serves them with its own
 prefix, as `ray_runner_preemptions_total`, `ray_runner_units` and so on, beside Ray's metrics
@@ -33,6 +40,36 @@ log = logging.getLogger(__name__)
 
 # seconds: from a scheduling pass (milliseconds) to a long wait behind a training run (hours)
 LATENCY_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200)
+# the same in milliseconds, for ScheduleMesh's `*_latency_ms` histograms
+MS_BUCKETS = tuple(1000 * b for b in LATENCY_BUCKETS)
+# a preemption decision: from well under a millisecond to a long victim search
+EVALUATION_MS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 50, 100, 500, 1000)
+SCHEDULEMESH_COUNT = "schedulemesh_preemption_count"
+
+
+class _CountLikeRay:
+    """`schedulemesh_preemption_count` as Ray's metrics agent exposes a counter: as a counter
+    (`..._total`) and, for dashboards made before Ray 2.10, under its plain name as a gauge."""
+
+    def __init__(self, counts: Counter[tuple[str, str]], lock: threading.Lock) -> None:
+        self.counts, self.lock = counts, lock
+
+    def describe(self) -> list[prom.Metric]:
+        return []  # two families share the name: not checked for duplicates by the registry
+
+    def collect(self) -> Iterator[prom.Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        help_ = "Preemptions, by victim pool and reason (ScheduleMesh's name)."
+        counter = CounterMetricFamily(SCHEDULEMESH_COUNT, help_, labels=["pool", "reason"])
+        gauge = GaugeMetricFamily(SCHEDULEMESH_COUNT, help_, labels=["pool", "reason"])
+        with self.lock:
+            counts = dict(self.counts)
+        for (pool, reason), n in sorted(counts.items()):
+            counter.add_metric([pool, reason], n)
+            gauge.add_metric([pool, reason], n)
+        yield counter
+        yield gauge
 
 
 class Metrics:
@@ -82,6 +119,28 @@ class Metrics:
             ["resource"],
             registry=self.registry,
         )
+        # ScheduleMesh's names, beside ours
+        self.registry.register(_CountLikeRay(self.preemptions, self._lock))
+        self._sm_execution = prom.Histogram(
+            "schedulemesh_preemption_execution_latency_ms",
+            "From choosing a victim to its resources coming back, in ms (ScheduleMesh's name).",
+            ["pool", "reason"],
+            buckets=MS_BUCKETS,
+            registry=self.registry,
+        )
+        self._sm_schedule = prom.Histogram(
+            "schedulemesh_task_schedule_latency_ms",
+            "From asking the scheduler to being admitted, in ms (ScheduleMesh's name).",
+            buckets=MS_BUCKETS,
+            registry=self.registry,
+        )
+        self._sm_evaluation = prom.Histogram(
+            "schedulemesh_preemption_evaluation_latency_ms",
+            "Time to decide a preemption (choose victims or find none), in ms "
+            "(ScheduleMesh's name).",
+            buckets=EVALUATION_MS_BUCKETS,
+            registry=self.registry,
+        )
 
         # the same metrics through ray.util.metrics, once `export_to_ray` is called
         self.ray: RayMirror | None = None
@@ -98,17 +157,29 @@ class Metrics:
         self._preemptions.labels(pool=pool, reason=reason).inc()
         if self.ray is not None:
             self.ray.preemptions.inc(1, tags={"pool": pool, "reason": reason})
+            self.ray.sm_preemptions.inc(1, tags={"pool": pool, "reason": reason})
 
-    def preempt_done(self, seconds: float) -> None:
-        """A victim gave its resources back `seconds` after it was chosen."""
+    def preempt_done(self, seconds: float, pool: str = "", reason: str = "") -> None:
+        """A victim of `pool` preempted for `reason` gave its resources back `seconds` after
+        it was chosen."""
         with self._lock:
             self.preempt_latency[0] += 1
             self.preempt_latency[1] += seconds
         if not self.collectors:
             return
         self._preempt_latency.observe(seconds)
+        self._sm_execution.labels(pool=pool, reason=reason).observe(1000 * seconds)
         if self.ray is not None:
             self.ray.preempt_latency.observe(seconds)
+            self.ray.sm_execution.observe(1000 * seconds, tags={"pool": pool, "reason": reason})
+
+    def preempt_evaluated(self, seconds: float) -> None:
+        """A preemption was decided (victims chosen, or none would do) in `seconds`."""
+        if not self.collectors:
+            return
+        self._sm_evaluation.observe(1000 * seconds)
+        if self.ray is not None:
+            self.ray.sm_evaluation.observe(1000 * seconds)
 
     @property
     def schedule_latency(self) -> list[float]:
@@ -127,9 +198,7 @@ class Metrics:
             entry[1] += waited
         if not self.collectors:
             return
-        self._schedule_latency.observe(waited)
-        if self.ray is not None:
-            self.ray.schedule_latency.observe(waited)
+        self._observe_wait(waited)
 
     def admitted_many(self, priority: float, waits: list[float]) -> None:
         """Admissions at one priority, each with its wait, as one call: the scheduler tells them
@@ -147,9 +216,14 @@ class Metrics:
         if not self.collectors:
             return
         for waited in waits:
-            self._schedule_latency.observe(waited)
-            if self.ray is not None:
-                self.ray.schedule_latency.observe(waited)
+            self._observe_wait(waited)
+
+    def _observe_wait(self, waited: float) -> None:
+        self._schedule_latency.observe(waited)
+        self._sm_schedule.observe(1000 * waited)
+        if self.ray is not None:
+            self.ray.schedule_latency.observe(waited)
+            self.ray.sm_schedule.observe(1000 * waited)
 
     def set_units(self, stage: str, by_state: Mapping[str, int]) -> None:
         """How many units of `stage` are in each state now (states not named drop to 0)."""
@@ -206,6 +280,26 @@ class RayMirror:
             "runner_resources_capacity",
             "Resources of the cluster (memory in bytes).",
             ("resource",),
+        )
+        # ScheduleMesh's own, as it emits them (through Ray's metrics)
+        self.sm_preemptions = rm.Counter(
+            SCHEDULEMESH_COUNT, "Preemptions, by victim pool and reason.", ("pool", "reason")
+        )
+        self.sm_execution = rm.Histogram(
+            "schedulemesh_preemption_execution_latency_ms",
+            "From choosing a victim to its resources coming back, in ms.",
+            list(MS_BUCKETS),
+            ("pool", "reason"),
+        )
+        self.sm_schedule = rm.Histogram(
+            "schedulemesh_task_schedule_latency_ms",
+            "From asking the scheduler to being admitted, in ms.",
+            list(MS_BUCKETS),
+        )
+        self.sm_evaluation = rm.Histogram(
+            "schedulemesh_preemption_evaluation_latency_ms",
+            "Time to decide a preemption, in ms.",
+            list(EVALUATION_MS_BUCKETS),
         )
 
 

@@ -38,6 +38,8 @@ class PGPool:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     created: int = 0
     reused: int = 0
+    # most groups in use at once (`stats`)
+    peak: int = 0
 
     @property
     def tag(self) -> str:
@@ -60,8 +62,21 @@ class PGPool:
         pg = make()
         with self._lock:
             self._groups[grant] = pg
+            self.peak = max(self.peak, len(self._groups) - len(self._idle))
         self.created += 1
         return pg, False
+
+    def stats(self) -> dict[str, int]:
+        """ScheduleMesh's `pg_pool_stats()` counts for these dynamic groups: made, reused, in
+        use now (and at most at once)."""
+        with self._lock:
+            in_use = len(self._groups) - len(self._idle)
+        return {
+            "created": self.created,
+            "reused": self.reused,
+            "in_use": in_use,
+            "peak_in_use": self.peak,
+        }
 
     def give_back(self, grant: Grant) -> None:
         """A replica is done with its grant: park its group for reuse, or remove it."""

@@ -14,6 +14,7 @@ from runner.quantities import MEMORY_HELP, memory_bytes
 from runner.scheduler.policy import ALIASES, THRESHOLDS, aggressiveness_level
 from runner.schema import RolesStage, StageSpec
 from runner.spec import Problems, find_cycle, import_error, unknown_key
+from runner.stages.roles.schedulemesh import ENV_PREFIX, canonical
 
 ROLE_KEYS = (
     "priority",
@@ -26,6 +27,20 @@ ROLE_KEYS = (
     "steps",
     "step_time",
     "estimated_duration",
+    "ray_options",
+)
+# actor options the runner sets itself (the grant's resources and placement, its restarts)
+OWNED_RAY_OPTIONS = (
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "resources",
+    "scheduling_strategy",
+    "placement_group",
+    "placement_group_bundle_index",
+    "placement_group_capture_child_tasks",
+    "max_restarts",
+    "max_concurrency",
 )
 RESOURCE_KEYS = ("cpus", "gpus", "memory", "memory_gb")
 PREEMPTION_KEYS = (
@@ -36,7 +51,14 @@ PREEMPTION_KEYS = (
     "protected_pools",
     "enable_label_preemption",
 )
-PG_POOL_KEYS = ("reserved", "max_dynamic_pgs", "reuse")
+PG_POOL_KEYS = (
+    "reserved",
+    "max_dynamic_pgs",
+    "reuse",
+    "enable",
+    "enable_dynamic_pgs",
+    "pg_creation_timeout",
+)
 
 
 def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, StageSpec]) -> None:
@@ -46,32 +68,41 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
     if not isinstance(spec.roles, dict) or not spec.roles:
         problems.add(f"{path}.roles", "a roles stage needs at least one role: NAME: {actor, ...}")
         return
-    for role, data in spec.roles.items():
-        _check_role(f"{path}.roles.{role}", str(role), data, spec.roles, problems)
+    read = canonical(spec)  # ScheduleMesh's spellings as the runner's
+    for role, data in read.roles.items():
+        _check_role(f"{path}.roles.{role}", str(role), data, read.roles, problems)
     after = {
         str(r): [d["start_after"]]
-        for r, d in spec.roles.items()
+        for r, d in read.roles.items()
         if isinstance(d, dict) and isinstance(d.get("start_after"), str)
     }
     if cycle := find_cycle(after):
         problems.add(f"{path}.roles.{cycle[0]}.start_after", f"a cycle: {' -> '.join(cycle)}")
-    _check_keys(f"{path}.pool", spec.pool, ("name", "resources"), problems)
-    if isinstance(spec.pool.get("resources"), dict):
+    _check_keys(f"{path}.pool", read.pool, ("name", "resources"), problems)
+    if isinstance(read.pool.get("resources"), dict):
         _check_resources(
-            f"{path}.pool.resources", spec.pool["resources"], problems, "the pool's quota"
+            f"{path}.pool.resources", read.pool["resources"], problems, "the pool's quota"
         )
-    _check_keys(f"{path}.pg_pool", spec.pg_pool, PG_POOL_KEYS, problems)
-    _check_int(
-        f"{path}.pg_pool.max_dynamic_pgs", spec.pg_pool.get("max_dynamic_pgs", 8), 0, problems
-    )
-    if not isinstance(spec.pg_pool.get("reuse", True), bool):
+    _check_pg_pool(f"{path}.pg_pool", read.pg_pool, read.roles, problems)
+    _check_preemption(f"{path}.preemption", read.preemption, problems)
+
+
+def _check_pg_pool(
+    path: str, pg: dict[str, Any], roles: Mapping[str, Any], problems: Problems
+) -> None:
+    _check_keys(path, pg, PG_POOL_KEYS, problems)
+    _check_int(f"{path}.max_dynamic_pgs", pg.get("max_dynamic_pgs", 8), 0, problems)
+    for key in ("reuse", "enable", "enable_dynamic_pgs"):
+        if not isinstance(pg.get(key, True), bool):
+            problems.add(f"{path}.{key}", f"= {pg[key]!r}: expected true or false")
+    timeout = pg.get("pg_creation_timeout", 60.0)
+    if not _number(timeout) or timeout <= 0:
+        problems.add(f"{path}.pg_creation_timeout", f"= {timeout!r}: expected seconds > 0")
+    _check_reserved(f"{path}.reserved", pg.get("reserved", []), roles, problems)
+    if pg.get("enable", True) is False and pg.get("reserved"):
         problems.add(
-            f"{path}.pg_pool.reuse", f"= {spec.pg_pool['reuse']!r}: expected true or false"
+            f"{path}.enable", "= False: no placement groups, but some are reserved (reserved)"
         )
-    _check_reserved(
-        f"{path}.pg_pool.reserved", spec.pg_pool.get("reserved", []), spec.roles, problems
-    )
-    _check_preemption(f"{path}.preemption", spec.preemption, problems)
 
 
 def _check_keys(path: str, data: Any, allowed: tuple[str, ...], problems: Problems) -> bool:
@@ -141,6 +172,21 @@ def _check_role(
         value = data.get(key)
         if value is not None and (not _number(value) or value <= 0):
             problems.add(f"{path}.{key}", f"= {value!r}: expected seconds > 0")
+    _check_ray_options(f"{path}.ray_options", data.get("ray_options", {}), problems)
+
+
+def _check_ray_options(path: str, options: Any, problems: Problems) -> None:
+    """More actor options (ScheduleMesh's `ray_options`), but not those the runner sets."""
+    if not isinstance(options, dict):
+        problems.add(path, f"= {options!r}: expected a mapping of Ray actor options")
+        return
+    for key in options:
+        if key in OWNED_RAY_OPTIONS:
+            problems.add(
+                f"{path}.{key}",
+                "set by the runner (the grant's resources and placement): give the role's "
+                "resources instead",
+            )
 
 
 def _check_replicas(path: str, value: Any, problems: Problems) -> None:
@@ -164,8 +210,11 @@ def _check_reserved(path: str, entries: Any, roles: Mapping[str, Any], problems:
         return
     for i, entry in enumerate(entries):
         where = f"{path}[{i}]"
-        if not _check_keys(where, entry, ("role", "resources", "count"), problems):
+        if not _check_keys(where, entry, ("role", "resources", "count", "min_priority"), problems):
             continue
+        low = entry.get("min_priority")
+        if low is not None and not _number(low):
+            problems.add(f"{where}.min_priority", f"= {low!r}: expected a number")
         if ("role" in entry) == ("resources" in entry):
             problems.add(where, "name either a role (its replicas' shape) or resources")
         elif "role" in entry and entry["role"] not in roles:
@@ -177,7 +226,7 @@ def _check_reserved(path: str, entries: Any, roles: Mapping[str, Any], problems:
         if "count" in entry:
             _check_int(f"{where}.count", entry["count"], 1, problems)
     wanted = {r for r, d in roles.items() if isinstance(d, dict) and d.get("pg") == "reserved"}
-    if wanted and not entries:
+    if wanted and not any(isinstance(e, dict) and "min_priority" not in e for e in entries):
         problems.add(
             path, f"roles {', '.join(sorted(wanted))} ask for pg: reserved, but none is reserved"
         )
@@ -187,7 +236,10 @@ def _check_preemption(path: str, data: Any, problems: Problems) -> None:
     if not _check_keys(path, data, PREEMPTION_KEYS, problems):
         return
     level = data.get("aggressiveness", "medium")
-    if aggressiveness_level(level) is None:
+    if isinstance(level, str) and level.startswith(ENV_PREFIX):
+        var = level[len(ENV_PREFIX) :]
+        problems.add(f"{path}.aggressiveness", f"= {level!r}: ${var} is not set")
+    elif aggressiveness_level(level) is None:
         problems.add(
             f"{path}.aggressiveness",
             f"= {level!r}: not one of {', '.join(THRESHOLDS)} "

@@ -11,6 +11,7 @@ written from here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,9 +29,9 @@ from runner.plan import StagePlan
 from runner.remote import remote
 from runner.resources import Resources
 from runner.scheduler.pgpool import PGPool, remove
-from runner.scheduler.policy import REASONS
+from runner.scheduler.policy import REASONS, Party, preemption_reason
 from runner.stages.roles.host import RoleHost, saves_state
-from runner.stages.roles.settings import RoleSpec, RolesPlan
+from runner.stages.roles.settings import Reserved, RoleSpec, RolesPlan
 from runner.store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,23 @@ EVENTS = "events.jsonl"
 
 @dataclass(eq=False)
 class ReservedGroup:
-    """A reserved placement group: granted and created when the stage starts, kept for its role."""
+    """A reserved placement group: granted and created when the stage starts, kept for the
+    replicas it serves (`Reserved.serves`)."""
 
-    shape: Resources
-    role: str | None
+    spec: Reserved
     lease: Lease
     pg: Any = None
     ready: bool = False
     # the replica running in it
     user: Work | None = None
+
+    @property
+    def shape(self) -> Resources:
+        return self.spec.shape
+
+    @property
+    def role(self) -> str | None:
+        return self.spec.role
 
 
 @dataclass
@@ -80,6 +89,10 @@ class RolesRun(StageRun):
         # victims past their cancel_timeout asked for their state, and until when to wait
         self.asking: dict[Lease, tuple[Any, float]] = {}
         self.asked_at: dict[Work, float] = {}
+        # replicas holding or waiting for a dynamic group (at most `max_dynamic_pgs`), and
+        # those granted but waiting for a group to come free
+        self.dynamic: set[Work] = set()
+        self.group_waiters: list[Lease] = []
         self.events: list[dict[str, Any]] = []
         self.stats = _Stats()
         mine = {w.unit.payload["role"] for w in self.works}
@@ -112,25 +125,21 @@ class RolesRun(StageRun):
     # reserved groups: leases of the stage itself, asked for first, never preempted
 
     def prepare(self) -> None:
-        for shape, role in self.rp.reserved:
-            if self._wanted(role):
-                self._reserve(shape, role)
+        for spec in self.rp.reserved:
+            if self._wanted(spec):
+                self._reserve(spec)
 
-    def _reserve(self, shape: Resources, role: str | None) -> None:
-        ask = reserved_ask(self.rp, shape)
+    def _reserve(self, spec: Reserved) -> None:
+        ask = reserved_ask(self.rp, spec.shape)
         ask.tag = "reserved"
         lease = self.ex.submit(self, ask)
-        self.reserved.append(ReservedGroup(shape, role, lease))
+        lease.start_bound = self.rp.pg_creation_timeout
+        self.reserved.append(ReservedGroup(spec, lease))
         self.reserved_made += 1
 
-    def _could_use(self, role: str | None, work: Work) -> bool:
-        """Whether a reserved group kept for `role` (None: for any role) may serve `work`."""
-        mine = self.role(work)
-        return mine.pg == "reserved" and (role is None or role == mine.name)
-
-    def _wanted(self, role: str | None) -> bool:
-        """Whether any replica still to finish could run in a group kept for `role`."""
-        return any(not w.state.final and self._could_use(role, w) for w in self.works)
+    def _wanted(self, spec: Reserved) -> bool:
+        """Whether any replica still to finish could run in a group of `spec`."""
+        return any(not w.state.final and spec.serves(self.role(w)) for w in self.works)
 
     def _let_go(self, group: ReservedGroup) -> None:
         """A reserved group goes back to the pool: its placement group removed, its grant
@@ -146,12 +155,12 @@ class RolesRun(StageRun):
         """Reserved groups that no replica still to run could use are released to the pool:
         a later role that needs what they hold is not kept waiting to the stage's end."""
         for group in list(self.reserved):
-            if group.user is None and not self._wanted(group.role):
+            if group.user is None and not self._wanted(group.spec):
                 log.info(
                     "%s: reserved group %s for %s released: no replica left to use it",
                     self.name,
                     group.shape.describe(),
-                    group.role or "any role",
+                    group.spec.describe(),
                 )
                 self._let_go(group)
 
@@ -163,9 +172,10 @@ class RolesRun(StageRun):
         return next((g for g in self.reserved if g.lease is lease), None)
 
     def _take_reserved(self, work: Work) -> ReservedGroup | None:
-        """A free, ready reserved group for the replica (`pick_reserved`)."""
-        free = [g for g in self.reserved if g.ready and g.user is None]
-        return pick_reserved(free, self.role(work))
+        """A free, ready reserved group that serves the replica (`pick_reserved`)."""
+        role = self.role(work)
+        free = [g for g in self.reserved if g.ready and g.user is None and g.spec.serves(role)]
+        return pick_reserved(free, role)
 
     # arrivals and asks
 
@@ -181,21 +191,44 @@ class RolesRun(StageRun):
                 self.arrived.add(work)
                 self.queue.append(work)
                 self._event(work, "arrived")
-        for work in list(self.queue):
+        # highest priority first: the first to take a free group, or a dynamic group's turn
+        for work in sorted(self.queue, key=lambda w: -self.role(w).priority):
             if work.state.final:
                 self.queue.remove(work)
                 continue
             role = self.role(work)
             self.asked_at.setdefault(work, time.monotonic())
-            if role.pg == "reserved":
-                group = self._take_reserved(work)
-                if group is not None:
-                    self.queue.remove(work)
-                    self._start_in(group, work)
-                continue
-            self.queue.remove(work)
-            reuse = self.pgs.tag if self.rp.reuse else None
-            yield replica_ask(self.rp, role, self.index(work), self.saves[role.name], work, reuse)
+            group = self._take_reserved(work)
+            if group is not None:
+                self.queue.remove(work)
+                self._start_in(group, work)
+            elif role.pg == "dynamic" and self._dynamic_turn(work):
+                self.queue.remove(work)
+                self.dynamic.add(work)
+                reuse = self.pgs.tag if self.rp.reuse and self.rp.dynamic_cap else None
+                yield replica_ask(
+                    self.rp, role, self.index(work), self.saves[role.name], work, reuse
+                )
+
+    def _dynamic_turn(self, work: Work) -> bool:
+        """Whether a replica of a dynamic role may ask now: while fewer than
+        `max_dynamic_pgs` replicas hold or wait for a dynamic group, or when it may preempt
+        one of them (its victim's group is then its own; an elastic replica preempts nobody)."""
+        cap = self.rp.dynamic_cap
+        if cap is None or len(self.dynamic) < cap:
+            return True
+        role = self.role(work)
+        if self.index(work) >= role.min:
+            return False
+        me = Party(role.priority, self.rp.pool, role.labels)
+        return any(
+            preemption_reason(me, self._party(other), self.rp.policy) is not None
+            for other in self.dynamic
+        )
+
+    def _party(self, work: Work) -> Party:
+        role = self.role(work)
+        return Party(role.priority, self.rp.pool, role.labels)
 
     def _start_in(self, group: ReservedGroup, work: Work) -> None:
         """The replica runs in a free reserved group, on a grant of its own over the group's
@@ -215,35 +248,81 @@ class RolesRun(StageRun):
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
+        lease.start_bound = self.rp.pg_creation_timeout
+        lease.deadline = time.monotonic() + lease.start_bound
         if lease.ask.tag == "reserved":
             group = self._reserved_of(lease)
             assert group is not None
             group.pg = lease.placement.new_group()
             lease.watch(group.pg.ready(), "group ready")
             return
+        if lease.placement.group is None and self.rp.dynamic_cap is not None:
+            self.pgs.sweep()  # groups reclaimed for this grant go first: Ray frees what they held
+            if not self._in_group(lease):
+                self.group_waiters.append(lease)
+                self._event(
+                    lease.work[0],
+                    "waiting for a placement group",
+                    max_dynamic_pgs=self.rp.max_dynamic_pgs,
+                )
+            return
+        self._start_actor(lease, lease.placement)
+
+    def _in_group(self, lease: Lease) -> bool:
+        """Start the replica in a dynamic group (one it took over, an idle one, or a new
+        one); False when `max_dynamic_pgs` groups are in use and none is idle."""
+        assert lease.grant is not None and lease.placement is not None
+        found = self.pgs.group_for(lease.grant, lease.placement.new_group)
+        if found is None:
+            return False
+        self._event(lease.work[0], "placement group", reused=found[1])
+        self._start_actor(lease, dataclasses.replace(lease.placement, group=found[0]))
+        return True
+
+    def _start_actor(self, lease: Lease, placement: Placement) -> None:
         work = lease.work[0]
         role = self.role(work)
-        placement = lease.placement
-        self.pgs.sweep()  # groups reclaimed for this grant go first: Ray frees what they held
-        if placement.group is None and lease.grant is not None:
-            found = self.pgs.group_for(lease.grant, placement.new_group)
-            if found is not None:
-                placement = Placement(
-                    placement.node_id, placement.node_ip, placement.resources, found[0]
-                )
-                self._event(work, "placement group", reused=found[1])
         waited = time.monotonic() - self.asked_at.pop(work, time.monotonic())
         self.stats.waited.setdefault(role.priority, []).append(waited)
+        options = placement.options(max_concurrency=2, max_restarts=0, **self._ray_options(work))
         lease.actor = (
             remote(RoleHost)
-            .options(**placement.options(max_concurrency=2, max_restarts=0))
+            .options(**options)
             .remote(role.actor, role.name, self.index(work), role.steps)
         )
-        lease.watch(lease.actor.ready.remote(), "ready")
+        self.ex.watch(lease, lease.actor.ready.remote(), "ready")
         self._event(work, "admitted", waited=round(waited, 3))
+
+    def _ray_options(self, work: Work) -> dict[str, Any]:
+        """The role's own actor options; a `name` told apart by replica (when there are
+        several) and by attempt (the last one's actor may still be going)."""
+        role = self.role(work)
+        options = dict(role.ray_options)
+        if "name" in options:
+            name = str(options["name"])
+            if role.max > 1:
+                name += f"-{self.index(work)}"
+            if work.attempts:
+                name += f"-attempt{work.attempts + 1}"
+            options["name"] = name
+        return options
 
     def tick(self) -> None:
         self.pgs.sweep()
+        # replicas waiting for a dynamic group, highest priority first, as groups come free
+        for lease in sorted(self.group_waiters, key=lambda x: -x.ask.priority):
+            if lease.closed or lease.stopping is not None:
+                continue
+            if not self._in_group(lease):
+                break
+            self.group_waiters.remove(lease)
+
+    def lease_ended(self, lease: Lease) -> None:
+        super().lease_ended(lease)
+        if lease in self.group_waiters:
+            self.group_waiters.remove(lease)
+        if lease.ask.tag is None:  # a dynamic replica's lease
+            self.dynamic.difference_update(lease.work)
 
     def on_start(self, lease: Lease) -> None:
         work = lease.work[0]
@@ -333,8 +412,8 @@ class RolesRun(StageRun):
                 # what the victim held is its preemptor's: the group goes back to the pool,
                 # and a new one is reserved for the role while it has replicas to run
                 self._let_go(group)
-                if self._wanted(group.role):
-                    self._reserve(group.shape, group.role)
+                if self._wanted(group.spec):
+                    self._reserve(group.spec)
         elif lease.ask.tag == "reserved":
             reserved = self._reserved_of(lease)
             if reserved is not None and reserved.pg is not None:
@@ -366,6 +445,7 @@ class RolesRun(StageRun):
                 "created": self.pgs.created + self.reserved_made,
                 "reused": self.pgs.reused,
             },
+            "pg_pool_stats": {self.rp.pool: self._pg_pool_stats()},
         }
         path = self.ctx.stage_dir(self.name) / EVENTS
         with atomic_path(path) as tmp:
@@ -383,6 +463,19 @@ class RolesRun(StageRun):
             outcome.ok = False
             outcome.message += "; " + problem
         return outcome
+
+    def _pg_pool_stats(self) -> dict[str, int]:
+        """ScheduleMesh's `scheduler.pg_pool_stats()` for the stage's pool: groups made and
+        reused, in use now, and the high-priority (reserved) ones made."""
+        dynamic = self.pgs.stats()
+        in_use = sum(1 for g in self.reserved if g.user is not None)
+        return {
+            "created": dynamic["created"] + self.reserved_made,
+            "reused": dynamic["reused"],
+            "in_use": dynamic["in_use"] + in_use,
+            "peak_dynamic_in_use": dynamic["peak_in_use"],
+            "high_priority": self.reserved_made,
+        }
 
     def _event(self, work: Work, what: str, **details: Any) -> None:
         self.events.append(
@@ -430,8 +523,11 @@ def reserved_ask(rp: RolesPlan, shape: Resources) -> Ask:
 
 
 class _Reserved(Protocol):
-    shape: Resources
-    role: str | None
+    @property
+    def shape(self) -> Resources: ...
+
+    @property
+    def role(self) -> str | None: ...
 
 
 _G = TypeVar("_G", bound=_Reserved)

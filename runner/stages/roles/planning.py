@@ -3,6 +3,7 @@ fit of reserved groups and quota, and the optional scaling of every shape to the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -14,7 +15,7 @@ from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.scheduler.policy import Party, preemption_reason
 from runner.schema import RolesStage, StageSpec
-from runner.stages.roles.settings import RoleSpec, RolesPlan, parse
+from runner.stages.roles.settings import Reserved, RolesPlan, parse
 
 
 def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
@@ -45,11 +46,12 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
         for r in roles_plan.roles.values()
     ]
     claims += [
-        claim(f"reserved group for {role or 'any role'}", shape, 1, ctx.cluster)
-        for shape, role in roles_plan.reserved
+        claim(f"reserved group for {g.describe()}", g.shape, 1, ctx.cluster)
+        for g in roles_plan.reserved
     ]
     _check_fit(name, roles_plan, ctx)
     notes += _beside_reserved(name, roles_plan, ctx)
+    notes += _groups_said(name, roles_plan)
     return StagePlan(
         name, "roles", spec, fp, config, units, claims, notes, "", {"roles": roles_plan}
     )
@@ -58,9 +60,7 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
 def _check_fit(name: str, rp: RolesPlan, ctx: PlanContext) -> None:
     """Reserved groups must fit together; every replica must fit in the pool's quota."""
     problems = []
-    total = Resources()
-    for shape, _ in rp.reserved:
-        total = total + shape
+    total = _held(rp.reserved)
     if rp.reserved and not total.fits_in(ctx.cluster.total):
         problems.append(
             f"pipeline.stages.{name}.pg_pool.reserved: the reserved groups need "
@@ -90,23 +90,21 @@ def _deadlocks(name: str, rp: RolesPlan, ctx: PlanContext) -> list[str]:
         if first.pg == "reserved" or not first.resources.fits_in(ctx.cluster.largest):
             continue  # no node holds it at all: the plan's fit check says so
         held = [
-            (shape, role, waiter)
-            for shape, role in rp.reserved
-            if (waiter := _waiter(role, first.name, rp, chains)) is not None
+            (group, waiter)
+            for group in rp.reserved
+            if (waiter := _waiter(group, first.name, rp, chains)) is not None
         ]
         if not held:
             continue
-        reserved = Resources()
-        for shape, _, _ in held:
-            reserved = reserved + shape
+        reserved = _held([g for g, _ in held])
         room = ctx.cluster.total - reserved
         if rp.quota is not None:
             room = _least(room, rp.quota - reserved)
         if first.resources.fits_in(room):
             continue
-        role = held[0][2]
+        role = held[0][1]
         path = " → ".join([role, *chains[role][: chains[role].index(first.name) + 1]])
-        holders = sorted({r or "any role" for _, r, _ in held})
+        holders = sorted({g.describe() for g, _ in held})
         problems.append(
             f"pipeline.stages.{name}.roles.{role}.start_after: {role} waits for {first.name} to "
             f"run, but the reserved groups (for {', '.join(holders)}) hold "
@@ -123,15 +121,13 @@ def _beside_reserved(name: str, rp: RolesPlan, ctx: PlanContext) -> list[str]:
     the policy allows it."""
     if not rp.reserved:
         return []
-    reserved = Resources()
-    for shape, _ in rp.reserved:
-        reserved = reserved + shape
+    reserved = _held(rp.reserved)
     room = ctx.cluster.total - reserved
     notes = []
     for role in rp.roles.values():
         if role.pg == "reserved" or role.resources.fits_in(room):
             continue
-        holders = sorted({r for _, r in rp.reserved if r is not None and r in rp.roles})
+        holders = sorted({r.name for g in rp.reserved for r in rp.roles.values() if g.serves(r)})
         me = Party(role.priority, rp.pool, role.labels)
         rules = {
             h: preemption_reason(
@@ -161,16 +157,41 @@ def _waits_for(role: str, rp: RolesPlan) -> list[str]:
     return chain
 
 
-def _waiter(
-    group_role: str | None, first: str, rp: RolesPlan, chains: dict[str, list[str]]
-) -> str | None:
-    """A role whose replicas may use a reserved group kept for `group_role` (None: any role)
-    and that waits for `first` to run: the group is held until after `first` runs."""
+def _waiter(group: Reserved, first: str, rp: RolesPlan, chains: dict[str, list[str]]) -> str | None:
+    """A role whose replicas may use `group` and that waits for `first` to run: the group is
+    held until after `first` runs."""
     for role in rp.roles.values():
-        uses = role.pg == "reserved" and group_role in (None, role.name)
-        if uses and first in chains[role.name]:
+        if group.serves(role) and first in chains[role.name]:
             return role.name
     return None
+
+
+def _held(groups: list[Reserved]) -> Resources:
+    total = Resources()
+    for group in groups:
+        total = total + group.shape
+    return total
+
+
+def _groups_said(name: str, rp: RolesPlan) -> list[str]:
+    """What the plan says of the stage's placement groups: ScheduleMesh's keys as read, and
+    how many replicas may hold a dynamic group at once."""
+    notes = [f"{name}: ScheduleMesh's {line}" for line in rp.said]
+    dynamic = sum(r.max for r in rp.roles.values() if r.pg == "dynamic")
+    if not rp.groups:
+        notes.append(f"{name}: pg_pool.enable is false: replicas run without placement groups")
+    elif not rp.dynamic_groups and dynamic:
+        notes.append(
+            f"{name}: enable_dynamic_pgs is false: replicas of dynamic roles run without "
+            "placement groups, pinned to their node"
+        )
+    elif dynamic > rp.max_dynamic_pgs:
+        notes.append(
+            f"{name}: max_dynamic_pgs {rp.max_dynamic_pgs}: at most {rp.max_dynamic_pgs} of the "
+            f"{dynamic} replicas of dynamic roles hold a placement group at once; the others "
+            "wait for one"
+        )
+    return notes
 
 
 def _least(a: Resources, b: Resources) -> Resources:
@@ -205,14 +226,12 @@ def autoscale(rp: RolesPlan, ctx: PlanContext) -> tuple[RolesPlan, str]:
     if factor >= 1.0:
         return rp, ""
     roles = {
-        n: RoleSpec(**{**r.__dict__, "resources": _scaled(r.resources, factor)})
+        n: dataclasses.replace(r, resources=_scaled(r.resources, factor))
         for n, r in rp.roles.items()
     }
-    reserved = [(_scaled(s, factor), role) for s, role in rp.reserved]
+    reserved = [dataclasses.replace(g, shape=_scaled(g.shape, factor)) for g in rp.reserved]
     quota = _scaled(rp.quota, factor) if rp.quota is not None else None
-    scaled = RolesPlan(
-        rp.pool, quota, rp.policy, reserved, rp.max_dynamic_pgs, rp.reuse, roles, factor
-    )
+    scaled = dataclasses.replace(rp, quota=quota, reserved=reserved, roles=roles, scale=factor)
     note = (
         f"autoscale_to_cluster: resources scaled by {factor:.3g} (the spec asks for "
         f"{size.describe()}, the cluster has {have.describe()})"

@@ -7,13 +7,14 @@ keeps them in the plan; the driver and the simulated cluster read the same objec
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.quantities import memory_bytes
 from runner.resources import Resources
 from runner.scheduler.policy import Policy, aggressiveness_level
 from runner.schema import RolesStage
+from runner.stages.roles.schedulemesh import canonical
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,34 @@ class RoleSpec:
     # for the simulated cluster: seconds per step, or the whole run
     step_time: float | None
     estimated_duration: float | None
+    # more options for the replica's actor (ScheduleMesh's `ray_options`: a name, ...)
+    ray_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """A reserved placement group: made when the stage starts, kept for the replicas that
+    may use it (of `role`; of any `pg: reserved` role when None; of any role of at least
+    `min_priority` when set: ScheduleMesh's high-priority groups)."""
+
+    shape: Resources
+    role: str | None = None
+    min_priority: float | None = None
+
+    def serves(self, role: RoleSpec) -> bool:
+        """Whether a replica of `role` may run in this group."""
+        if self.role is not None and self.role != role.name:
+            return False
+        if self.min_priority is not None:
+            return role.priority >= self.min_priority
+        return role.pg == "reserved"
+
+    def describe(self) -> str:
+        if self.role is not None:
+            return self.role
+        if self.min_priority is not None:
+            return f"roles of priority >= {self.min_priority:g}"
+        return "any role"
 
 
 @dataclass(frozen=True)
@@ -43,11 +72,24 @@ class RolesPlan:
     pool: str
     quota: Resources | None
     policy: Policy
-    reserved: list[tuple[Resources, str | None]]
+    reserved: list[Reserved]
     max_dynamic_pgs: int
     reuse: bool
     roles: dict[str, RoleSpec]
     scale: float
+    # placement groups at all (`enable`), and dynamic ones (`enable_dynamic_pgs`): without,
+    # a replica's actor is pinned to its granted node
+    groups: bool = True
+    dynamic_groups: bool = True
+    # seconds a group may take to be ready (the replica's start, for dynamic groups)
+    pg_creation_timeout: float = 60.0
+    # ScheduleMesh's spellings read, and what each became
+    said: tuple[str, ...] = ()
+
+    @property
+    def dynamic_cap(self) -> int | None:
+        """How many replicas may hold a dynamic group at once (None: no dynamic groups)."""
+        return self.max_dynamic_pgs if self.groups and self.dynamic_groups else None
 
 
 def _resources(data: Mapping[str, Any]) -> Resources:
@@ -70,7 +112,8 @@ def _replicas(value: Any) -> tuple[int, int]:
 
 def parse(name: str, spec: RolesStage) -> RolesPlan:
     """The typed settings of a checked spec, before any scaling."""
-    pre = spec.preemption
+    read = canonical(spec)
+    pre, pg = read.preemption, read.pg_pool
     policy = Policy(
         label_rules={
             k: {a: list(b) for a, b in v.items()} for k, v in pre.get("label_rules", {}).items()
@@ -82,7 +125,7 @@ def parse(name: str, spec: RolesStage) -> RolesPlan:
         label_preemption=bool(pre.get("enable_label_preemption", True)),
     )
     roles = {}
-    for role, data in spec.roles.items():
+    for role, data in read.roles.items():
         low, high = _replicas(data.get("replicas", 1))
         roles[role] = RoleSpec(
             role,
@@ -97,21 +140,27 @@ def parse(name: str, spec: RolesStage) -> RolesPlan:
             int(data.get("steps", 1)),
             data.get("step_time"),
             data.get("estimated_duration"),
+            dict(data.get("ray_options", {})),
         )
-    reserved: list[tuple[Resources, str | None]] = []
-    for entry in spec.pg_pool.get("reserved", []):
+    reserved: list[Reserved] = []
+    for entry in pg.get("reserved", []):
         role = entry.get("role")
         shape = roles[role].resources if role else _resources(entry["resources"])
         count = int(entry.get("count", roles[role].max if role else 1))
-        reserved += [(shape, role)] * count
-    quota = spec.pool.get("resources")
+        low = entry.get("min_priority")
+        reserved += [Reserved(shape, role, None if low is None else float(low))] * count
+    quota = read.pool.get("resources")
     return RolesPlan(
-        str(spec.pool.get("name", name)),
+        str(read.pool.get("name", name)),
         _resources(quota) if quota else None,
         policy,
         reserved,
-        int(spec.pg_pool.get("max_dynamic_pgs", 8)),
-        bool(spec.pg_pool.get("reuse", True)),
+        int(pg.get("max_dynamic_pgs", 8)),
+        bool(pg.get("reuse", True)),
         roles,
         1.0,
+        bool(pg.get("enable", True)),
+        bool(pg.get("enable_dynamic_pgs", True)),
+        float(pg.get("pg_creation_timeout", 60.0)),
+        tuple(read.said),
     )

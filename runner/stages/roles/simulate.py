@@ -83,9 +83,9 @@ class SimRoles(SimStage):
         if not self.replicas:
             self.sim.stage_done(self.stage.name)
             return
-        for i, (shape, role) in enumerate(self.rp.reserved):
-            ask = reserved_ask(self.rp, shape)
-            group = _Group(shape, role)
+        for i, spec in enumerate(self.rp.reserved):
+            ask = reserved_ask(self.rp, spec.shape)
+            group = _Group(spec.shape, spec.role)
             self.sim.submit(f"{self.stage.name}/reserved-{i}", ask, partial(self._ready, group))
         now = self.sim.clock.now
         for r in self.replicas:
