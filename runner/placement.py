@@ -1,13 +1,11 @@
-"""A grant made real: the node (or placement-group bundle) Ray must use, and proof of where a
-unit started.
+"""Where a grant runs (`Placement`), and proof of where a unit started (`Started`): what its
+process says first, and how a task says it (`announce`, heard by `Starts`).
 
-The scheduler decides where every unit runs; Ray has to hear about it, or the runner's
+The scheduler decides where every unit runs; the cluster has to hear about it, or the runner's
 per-node accounting is fiction on more than one node. Ray's own `ray.air.execution` managers
 do the request/acquire half of this (`ResourceRequest` → `acquire_resources` →
-`annotate_remote_entities`) but never choose a node, so the placement is written into the
-actor's or task's options here: `NodeAffinitySchedulingStrategy(node, soft=False)`, or a
-placement group whose bundle is pinned to the node by Ray's `ray.io/node-id` label (Ray >= 2.49;
-a `node:<ip>` resource would not tell apart nodes that share an IP).
+`annotate_remote_entities`) but never choose a node, so the Ray backend writes the placement
+into the actor's or task's options (`backends/ray.py`).
 """
 
 from __future__ import annotations
@@ -29,50 +27,16 @@ from runner.resources import Resources
 
 log = logging.getLogger(__name__)
 
-# the label Ray gives every node: its id
-NODE_ID_LABEL = "ray.io/node-id"
-
 
 @dataclass(frozen=True)
 class Placement:
-    """Where one grant runs: Ray's node id and IP, what it holds, and (for roles) the group."""
+    """Where one grant runs: the node's id and IP as Ray names them, what it holds, and the
+    placement group that already holds it there, if any (the backend's handle)."""
 
     node_id: str
     node_ip: str
     resources: Resources
-    # a placement group (and bundle index) that already holds the resources on that node
-    group: Any = None
-    bundle: int = 0
-
-    def options(self, **extra: Any) -> dict[str, Any]:
-        """`.options()` for the actor or task that runs on this placement."""
-        from ray.util.scheduling_strategies import (
-            NodeAffinitySchedulingStrategy,
-            PlacementGroupSchedulingStrategy,
-        )
-
-        strategy: Any
-        if self.group is not None:
-            strategy = PlacementGroupSchedulingStrategy(self.group, self.bundle)
-        else:
-            strategy = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
-        return {**self.resources.ray_options(), "scheduling_strategy": strategy, **extra}
-
-    def new_group(self) -> Any:
-        """A new one-bundle placement group of these resources that only this node can hold."""
-        from ray.util.placement_group import placement_group
-
-        bundle = {
-            "CPU": self.resources.cpus,
-            "GPU": self.resources.gpus,
-            "memory": float(int(self.resources.memory)),
-            **dict(self.resources.custom),
-        }
-        return placement_group(
-            [{k: v for k, v in bundle.items() if v > 0}],
-            strategy="STRICT_PACK",
-            bundle_label_selector=[{NODE_ID_LABEL: self.node_id}] if self.node_id else None,
-        )
+    group: object = None
 
 
 @dataclass(frozen=True)

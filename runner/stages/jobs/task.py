@@ -54,19 +54,18 @@ _WATCHER = (
 _SHELL = "sh"
 
 
-def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+def run_job(spec: dict[str, Any], started_to: dict[str, Any]) -> dict[str, Any]:
     """Run one job to its end in the worker's jobs group: first say where it runs (a `Started`
-    sent to `spec["started_to"]`), then return what happened, as the ledger keeps it (with its
-    logs, where they are carried back through Ray).
+    sent to `started_to`, a `StartTo`'s fields), then return what happened, as the ledger keeps
+    it (with its logs, where they are carried back through Ray).
 
-    `spec` is the job's `Job.task_spec()` with its `grace`, where its streams go (`stdout`,
-    `stderr`: a `Dest`'s fields) and where it announces its start (`started_to`: a `StartTo`'s
-    fields): plain data, which Ray passes at a fraction of the cost of our own classes
-    (`remote.plain`).
+    `spec` is the job's `Job.task_spec()` with its `grace` and where its streams go (`stdout`,
+    `stderr`: a `Dest`'s fields): plain data, which Ray passes at a fraction of the cost of our
+    own classes (`remote.plain`).
 
     A cancel from the runner arrives as KeyboardInterrupt; the group is stopped either way."""
     out, err = Dest(**spec["stdout"]), Dest(**spec["stderr"])
-    announce(StartTo(**spec["started_to"]))
+    announce(StartTo(**started_to))
     node = socket.gethostname()
     started = time.time()
     cpu_before = _children_cpu()

@@ -19,14 +19,15 @@ from typing import Any
 from runner import gpus, procs
 from runner.carry import pack, unpack
 from runner.merge import read_table, write_table
-from runner.placement import announce
+from runner.placement import StartTo, announce
 
 
-def run_shard(job: dict[str, Any]) -> dict[str, Any]:
+def run_shard(job: dict[str, Any], started_to: dict[str, Any]) -> dict[str, Any]:
     """Runs inside a Ray task on the node that owns the shard's GPUs: say where it runs (a
-    `Started` sent to `started_to`), check the GPUs' free memory, then run the command
-    (or the function) with its output written to the temporary name; return what happened."""
-    announce(job["started_to"])
+    `Started` sent to `started_to`, a `StartTo`'s fields), check the GPUs' free memory, then
+    run the command (or the function) with its output written to the temporary name; return
+    what happened."""
+    announce(StartTo(**started_to))
     if job.get("carry_root") is None:
         return _run(job)
     # no shared filesystem: the shard's files live in a directory of this node while it runs

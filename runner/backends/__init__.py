@@ -1,0 +1,1 @@
+"""The unit loop's backends: Ray (`ray.py`) and virtual time (`virtual.py`)."""

@@ -1,0 +1,299 @@
+"""The unit loop's backend on Ray: the remote work a kind describes, started where the
+scheduler placed it, and what came of it.
+
+- **placement**: a `Remote` becomes an actor or a task whose options carry the grant's node
+  (`NodeAffinitySchedulingStrategy(node, soft=False)`), or a placement group pinned to that
+  node by Ray's `ray.io/node-id` label (Ray >= 2.49), so Ray runs it where the runner decided.
+- **starts**: an actor answers `ready()` with where it runs; a task announces its start out of
+  band (`placement.Starts`: a file under the run directory, or the run's inbox actor); a
+  placement group is running once Ray says it is ready.
+- **one wait**: `ray.wait` over every call in flight, replies and errors told apart (cancelled,
+  the unit's own error, its worker or node lost).
+- **going down with the run**: once the run is stopping, a signal to the whole process group may
+  be taking the embedded Ray down; every call that could block on a GCS that is gone is bounded
+  and skipped once Ray is seen gone, and what a unit left running is then ended by its pid.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from runner import procs
+from runner.backend import Began, Happened, Raised, Replied
+from runner.calls import NEW_GROUP, Call, Remote
+from runner.cluster import RayNode, live_nodes, ray_alive
+from runner.lease import Lease
+from runner.placement import Placement, Started, Starts, StartTo
+from runner.remote import bounded, error_line, plain, remote
+
+log = logging.getLogger(__name__)
+
+# the tag of an actor's `ready()` call, and of a placement group's readiness
+READY = "ready"
+GROUP_READY = "group ready"
+# the longest single wait: signals and deadlines are looked at least this often
+WAIT_SECONDS = 0.1
+# how often Ray's node membership is read again
+NODES_EVERY = 2.0
+# seconds a signal is given to end the embedded Ray's processes too, before Ray is asked anything
+SIGNAL_SETTLE = 0.3
+# seconds one clean-up call may wait on Ray once stopping (milliseconds when Ray is up)
+CLEANUP_BOUND = 1.0
+# ... and the run's inbox's removal at the end
+CLOSE_BOUND = 5.0
+# seconds between SIGTERM and SIGKILL for what a unit left running after the embedded Ray died
+ORPHAN_GRACE = 1.0
+# the label Ray gives every node: its id
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+class RayBackend:
+    """Ray, as the unit loop uses it (`backend.Backend`)."""
+
+    def __init__(self, run_dir: Path, shared_fs: bool, stop: threading.Event) -> None:
+        self.stop = stop
+        # in-flight references → (lease, the kind's tag for the reply)
+        self.refs: dict[object, tuple[Lease, object]] = {}
+        # leases whose task announces its start out of band, and where it does
+        self.announced: dict[Lease, StartTo] = {}
+        self.starts = Starts(run_dir, shared_fs)
+        self.node_seen = -math.inf
+        # set once stopping met a Ray that is gone: no Ray call is made after that
+        self.gone = False
+        self.settled = False
+
+    # --- time ------------------------------------------------------------------------------
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    # --- starting work ---------------------------------------------------------------------
+
+    def launch(self, lease: Lease, work: Remote) -> None:
+        placement = lease.placement
+        assert placement is not None
+        if work.group is NEW_GROUP:
+            lease.group = _new_group(placement)
+        elif work.group is not None:
+            lease.group = work.group
+        if work.target is None:  # a placement group alone: running once Ray has reserved it
+            self._watch(lease, lease.group.ready(), GROUP_READY)  # type: ignore[attr-defined]
+            return
+        options = {**_options(placement, lease.group), **work.options}
+        made = remote(work.target).options(**options)
+        if work.actor:
+            lease.handle = made.remote(*work.args)
+            self._watch(lease, lease.handle.ready.remote(), READY)  # type: ignore[attr-defined]
+            return
+        extra: dict[str, object] = {}
+        if work.announce:
+            to = self.starts.address()
+            self.announced[lease] = to
+            extra["started_to"] = plain(to)
+        lease.handle = made.remote(*work.args, **extra)
+        self._watch(lease, lease.handle, None)
+
+    def call(self, lease: Lease, call: Call) -> None:
+        method = getattr(lease.handle, call.method)
+        self._watch(lease, method.remote(*call.args), call.tag)
+
+    def _watch(self, lease: Lease, ref: object, tag: object) -> None:
+        self.refs[ref] = (lease, tag)
+        lease.calls[ref] = tag
+
+    # --- stopping it -----------------------------------------------------------------------
+
+    def cancel(self, lease: Lease) -> None:
+        import ray
+
+        def cancel() -> None:
+            # a task that has already answered is not cancelled: Ray 2.60 can abort the driver
+            # cancelling a task as it completes ("task that was not pending")
+            done, _ = ray.wait([lease.handle], timeout=0)
+            if not done:
+                ray.cancel(lease.handle)
+
+        self._on_ray(cancel)
+
+    def kill(self, lease: Lease) -> None:
+        import ray
+
+        def kill() -> None:
+            try:
+                if lease.actor:
+                    ray.kill(lease.handle, no_restart=True)
+                    return
+                # a task that has answered (cancelled, failed, done) is not cancelled again:
+                # Ray 2.60 aborts the driver force-cancelling a task whose reply is in
+                done, _ = ray.wait([lease.handle], timeout=0)
+                if not done:
+                    ray.cancel(lease.handle, force=True)
+            except Exception as exc:  # Ray gone, the process dead already, done meanwhile
+                log.debug("kill: %s", exc)
+
+        self._on_ray(kill)
+
+    def remove_group(self, group: object) -> None:
+        def remove() -> None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(group)
+            except Exception as exc:  # already gone (Ray shut down, or removed twice)
+                log.debug("placement group: %s", exc)
+
+        self._on_ray(remove)
+
+    def _on_ray(self, clean_up: Callable[[], None]) -> None:
+        """A Ray call on the way out. Once the run is stopping, a signal to the whole process
+        group may be taking the embedded Ray down: a call to a GCS that is gone blocks for a
+        minute (Ray's reconnect timeout), so it is bounded, and skipped once Ray is seen gone
+        (its processes are then ended by pid, `orphan`)."""
+        if not self.stop.is_set():
+            clean_up()
+            return
+        if not self.alive():
+            return
+        if not bounded(clean_up, CLEANUP_BOUND):
+            log.warning("Ray did not answer while a lease was given back; going on without it")
+            self.gone = True
+
+    # --- what happened ---------------------------------------------------------------------
+
+    def wait(self, until: float) -> list[Happened]:
+        import ray
+
+        happened: list[Happened] = []
+        timeout = max(0.0, min(until, time.monotonic() + WAIT_SECONDS) - time.monotonic())
+        if self.refs:
+            refs = list(self.refs)
+            ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready and rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            for ref in ready:
+                self._deliver(ref, happened)
+        else:
+            self.stop.wait(timeout)
+        self._listen(happened)
+        return happened
+
+    def _deliver(self, ref: object, happened: list[Happened]) -> None:
+        import ray
+
+        lease, tag = self.refs.pop(ref)
+        lease.calls.pop(ref, None)
+        if lease.closed:
+            return
+        if lease in self.announced:  # it ended before its start was read: read it first
+            self._hear(lease, happened, ended=True)
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.TaskCancelledError as exc:
+            happened.append(Raised(lease, tag, error_line(exc), cancelled=True))
+        except ray.exceptions.RayTaskError as exc:
+            happened.append(Raised(lease, tag, error_line(exc)))
+        except ray.exceptions.RayError as exc:  # its worker or node died
+            died = isinstance(exc, ray.exceptions.NodeDiedError)
+            why = f"its Ray worker died on {lease.node} ({type(exc).__name__}): {error_line(exc)}"
+            happened.append(Raised(lease, tag, why, lost=True, node_died=died))
+        else:
+            if tag == GROUP_READY:
+                assert lease.placement is not None
+                where = Started(lease.placement.node_id, lease.placement.node_ip, "", 0, time.time())
+                happened.append(Began(lease, where))
+            elif isinstance(value, Started):
+                happened.append(Began(lease, value))
+            else:
+                happened.append(Replied(lease, tag, value))
+
+    def _listen(self, happened: list[Happened]) -> None:
+        """Hear the starts tasks announced since the last look."""
+        if not self.announced:
+            return
+        self.starts.turn()
+        for lease in list(self.announced):
+            if lease.closed:
+                self.starts.forget(self.announced.pop(lease))
+            else:
+                self._hear(lease, happened)
+
+    def _hear(self, lease: Lease, happened: list[Happened], ended: bool = False) -> None:
+        where = self.starts.heard(self.announced[lease], ended)
+        if where is not None:
+            del self.announced[lease]
+            happened.append(Began(lease, where))
+
+    # --- the cluster -----------------------------------------------------------------------
+
+    def nodes(self, force: bool = False) -> list[RayNode] | None:
+        now = time.monotonic()
+        if now - self.node_seen < NODES_EVERY and not force:
+            return None
+        self.node_seen = now
+        try:
+            return live_nodes()
+        except Exception as exc:  # GCS unreachable for a moment: try again later
+            log.debug("ray.nodes(): %s", exc)
+            return None
+
+    def alive(self) -> bool:
+        """Whether Ray may still be asked anything. Once stopping, the first look lets a signal
+        to the whole process group reach the embedded Ray's own processes first: they go down
+        at the same moment, and a call to a GCS that is gone blocks for a minute."""
+        if self.stop.is_set() and not self.settled:
+            self.settled = True
+            time.sleep(SIGNAL_SETTLE)
+        self.gone = self.gone or not ray_alive()
+        return not self.gone
+
+    def orphan(self, lease: Lease) -> None:
+        where = lease.started
+        if where is None or where.host != socket.gethostname():
+            return
+        if procs.alive_since(where.pid, where.time):
+            procs.kill_tree(where.pid, grace=ORPHAN_GRACE)
+
+    def close(self) -> None:
+        if self.alive() and not bounded(self.starts.close, CLOSE_BOUND):
+            log.warning("Ray did not answer while the run's inbox was removed")
+
+
+def _options(placement: Placement, group: object) -> dict[str, object]:
+    """`.options()` for the actor or task that runs on this placement: its resources, and its
+    node (or its placement group's one bundle, pinned to the node)."""
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
+
+    strategy: object
+    if group is not None:
+        strategy = PlacementGroupSchedulingStrategy(group, 0)
+    else:
+        strategy = NodeAffinitySchedulingStrategy(placement.node_id, soft=False)
+    return {**placement.resources.ray_options(), "scheduling_strategy": strategy}
+
+
+def _new_group(placement: Placement) -> object:
+    """A new one-bundle placement group of the placement's resources that only its node can
+    hold."""
+    from ray.util.placement_group import placement_group
+
+    r = placement.resources
+    bundle = {"CPU": r.cpus, "GPU": r.gpus, "memory": float(int(r.memory)), **dict(r.custom)}
+    return placement_group(
+        [{k: v for k, v in bundle.items() if v > 0}],
+        strategy="STRICT_PACK",
+        bundle_label_selector=[{NODE_ID_LABEL: placement.node_id}] if placement.node_id else None,
+    )
+
