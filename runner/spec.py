@@ -47,8 +47,9 @@ class Origins:
     roots: list[Path] = field(default_factory=list)
 
     def source(self, key: str) -> Path | str:
-        """The file that most likely set `key`, or the text of the override that did."""
-        for okey, text in self.overrides:
+        """The file that most likely set `key`, or the text of the override that did (the last
+        one: it wins)."""
+        for okey, text in reversed(self.overrides):
             if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
                 return f"command line '{text}'"
         candidates = [p for p in self.files if key == p or key.startswith(p + ".") or p == ""]
