@@ -6,6 +6,7 @@ fit, a run directory in use); `RUNNER_FULL_ERROR=1` adds the traceback.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -19,16 +20,27 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from runner import DIST, __version__, cancel, compose, hydra_job, procs, report, sim, sweep
+from runner import (
+    DIST,
+    __version__,
+    cancel,
+    completion,
+    compose,
+    hydra_job,
+    procs,
+    report,
+    sim,
+    sweep,
+)
 from runner import cluster as clusters
 from runner.errors import RunnerError
 from runner.execute import execute
 from runner.plan import Plan, StagePlanner, make_plan
 from runner.resources import Resources
 from runner.scheduler import metrics
-from runner.schema import Mode, register_configs
+from runner.schema import Mode
 from runner.spec import Origins, Spec, load
 from runner.stages.registry import KINDS
 from runner.store import RAY_PIDS, RunStore, read_ledger
@@ -55,7 +67,7 @@ def _task(cfg: DictConfig) -> None:
 def run_task(cfg: DictConfig) -> int:
     """One composed config: validate, then run, plan or report status. Returns the exit code."""
     try:
-        spec = load(cfg, {k: v.check for k, v in KINDS.items()}, _origins())
+        spec = _checked.pop() if _checked else _load(cfg)
         code = _dispatch(spec)
         sys.stdout.flush()  # here, so a closed pipe is met inside this `try`
         return code
@@ -64,10 +76,38 @@ def run_task(cfg: DictConfig) -> int:
         _quiet_stdout()
         return 128 + signal.SIGPIPE
     except RunnerError as exc:
-        if os.environ.get("RUNNER_FULL_ERROR"):
-            traceback.print_exc()
-        print(f"runner: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _error(exc)
+
+
+def _load(cfg: DictConfig) -> Spec:
+    return load(cfg, {k: v.check for k, v in KINDS.items()}, _origins())
+
+
+def _error(exc: RunnerError) -> int:
+    """Say what went wrong in one message (the traceback too with RUNNER_FULL_ERROR=1)."""
+    if os.environ.get("RUNNER_FULL_ERROR"):
+        traceback.print_exception(exc)
+    print(f"runner: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+# the spec of a single run, validated before Hydra set up its directory (see `_check_first`)
+_checked: list[Spec] = []
+
+
+def _check_first(config: DictConfig) -> None:
+    """Validate a single run's spec before Hydra creates its output directory, snapshot and
+    log file: an invalid command exits 2 and leaves nothing behind (no `runs/NAME/.hydra/`,
+    no `runner.log`). The task then uses the spec validated here."""
+    _checked.clear()
+    HydraConfig.instance().set_config(config)  # the origins and `run.dir` read it
+    cfg = copy.deepcopy(config)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        _checked.append(_load(cfg))
+    except RunnerError as exc:
+        raise SystemExit(_error(exc)) from None
 
 
 def _dispatch(spec: Spec) -> int:
@@ -239,9 +279,9 @@ OmegaConf.register_new_resolver("runner_run_dir", sweep.run_dir, replace=True)
 OmegaConf.register_new_resolver("runner_output_dir", sweep.output_dir, replace=True)
 OmegaConf.register_new_resolver("runner_snapshot_dir", sweep.snapshot_dir, replace=True)
 OmegaConf.register_new_resolver("runner_pipelines", _pipelines, replace=True)
-register_configs()
 compose.install()
-hydra_job.install()
+completion.install()
+hydra_job.install(_check_first)
 _hydra_main = hydra.main(config_path="pkg://runner.conf", config_name="config", version_base="1.3")(
     _task
 )

@@ -146,6 +146,23 @@ def test_each_attempt_keeps_its_own_snapshot_and_looking_writes_nothing(
     assert sorted(after) == before
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("pipeline=demo", "pipeline.stages.square.num_workers=abc"),
+        ("pipeline=demo", "mode=status", "pipeline.stages.square.num_workers=abc"),
+        ("pipeline=demo", "pipeline.stages.square.num_workrs=3"),
+    ],
+)
+def test_an_invalid_command_leaves_nothing_in_the_working_directory(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    res = runner_in(tmp_path, *args)
+    assert res.code == 2, res.text
+    assert res.err.startswith("runner: error: invalid spec")
+    assert list(tmp_path.iterdir()) == []  # no runs/demo/.hydra/, no runner.log
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_a_sweep_with_a_run_dir_gets_one_directory_per_job(cli, tmp_path: Path) -> None:
     res = cli(
