@@ -32,6 +32,7 @@ from runner import (
     procs,
     report,
     sim,
+    snapshot,
     sweep,
 )
 from runner import cluster as clusters
@@ -41,7 +42,7 @@ from runner.plan import Plan, StagePlanner, make_plan
 from runner.resources import Resources
 from runner.scheduler import metrics
 from runner.schema import Mode
-from runner.spec import Origins, Spec, load
+from runner.spec import READING, Origins, Spec, load
 from runner.stages.registry import KINDS
 from runner.store import RAY_PIDS, RunStore, read_ledger
 
@@ -111,15 +112,23 @@ def _check_first(config: DictConfig) -> None:
 
 
 def _dispatch(spec: Spec) -> int:
-    if spec.mode is Mode.status:
-        return _status(spec)
     if spec.mode is Mode.plan:
         return _plan_only(spec)
-    if spec.mode is Mode.report:
-        return _report(spec)
-    if spec.mode is Mode.cancel:
-        return cancel.cancel(Path(spec.run.dir), spec.units, spec.pipeline.name)
+    if spec.mode in READING:  # the run directory alone: its ledger and saved config
+        return _read(spec, Path(spec.run.dir))
     return _run(spec)
+
+
+def _read(spec: Spec, run_dir: Path) -> int:
+    """status, report or cancel of the run in `run_dir`, named by the pipeline its last
+    attempt ran (from its saved config), whatever this command's pipeline and overrides."""
+    last = snapshot.latest(run_dir)
+    name = last.pipeline if last is not None else spec.pipeline.name
+    if spec.mode is Mode.cancel:
+        return cancel.cancel(run_dir, spec.units, name)
+    if spec.mode is Mode.report:
+        return _report(run_dir, name)
+    return _status(run_dir, name, last)
 
 
 def _quiet_stdout() -> None:
@@ -137,27 +146,23 @@ def _plan_only(spec: Spec) -> int:
     return 0
 
 
-def _status(spec: Spec) -> int:
-    run_dir = Path(spec.run.dir)
+def _status(run_dir: Path, name: str, last: snapshot.Snapshot | None) -> int:
     ledger = read_ledger(run_dir)
     if ledger is None:
-        print(f"{run_dir}: no run yet (run `runner pipeline={spec.pipeline.name}` first)")
+        print(f"{run_dir}: no run yet (run `runner pipeline={name}` first)")
         return 0
     print(report.format_status(ledger, str(run_dir)))
+    if last is not None:
+        print(f"pipeline {name}; the last attempt's config: {last.path}")
     return 0
 
 
-def _report(spec: Spec) -> int:
+def _report(run_dir: Path, name: str) -> int:
     """Redraw the last run's timeline, trace and report.html from its ledger."""
-    run_dir = Path(spec.run.dir)
     ledger = read_ledger(run_dir)
-    written = (
-        report.write_run_artifacts(ledger, f"{spec.pipeline.name} {run_dir}", run_dir)
-        if ledger
-        else {}
-    )
+    written = report.write_run_artifacts(ledger, f"{name} {run_dir}", run_dir) if ledger else {}
     if not any(written.values()):
-        print(f"{run_dir}: no run to draw yet (run `runner pipeline={spec.pipeline.name}` first)")
+        print(f"{run_dir}: no run to draw yet (run `runner pipeline={name}` first)")
         return 0
     for path in written.values():
         if path:

@@ -150,7 +150,7 @@ def test_each_attempt_keeps_its_own_snapshot_and_looking_writes_nothing(
     "args",
     [
         ("pipeline=demo", "pipeline.stages.square.num_workers=abc"),
-        ("pipeline=demo", "mode=status", "pipeline.stages.square.num_workers=abc"),
+        ("pipeline=demo", "mode=status", "run.progress=loud"),
         ("pipeline=demo", "pipeline.stages.square.num_workrs=3"),
     ],
 )
