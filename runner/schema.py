@@ -193,7 +193,7 @@ class ShardStage(StageSpec):
     # or a function DataFrame -> DataFrame: {_target_: pkg.mod.fn, **kwargs}, run in a Ray task
     fn: dict[str, Any] | None = None
     # what a shard's output must hold: one_per_id (a row per input row), subset (ids of its
-    # range, none twice; fewer rows are fine), any (no id column needed)
+    # range, an id may repeat; fewer rows are fine), any (no id column needed)
     outputs: str = limited("subset", choices=["one_per_id", "subset", "any"])
     # {sort_by: COLUMN | [COLUMNS] (default: id_column), format: parquet | csv}
     merge: dict[str, Any] = field(default_factory=dict)
