@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     _codes.clear()
+    _checked.clear()
     try:
         _hydra_main()
     except hydra_job.SetupFailed as exc:  # its message is out already
