@@ -6,6 +6,7 @@ fit, a run directory in use); `RUNNER_FULL_ERROR=1` adds the traceback.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -19,17 +20,29 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from runner import DIST, __version__, cancel, compose, hydra_job, procs, report, sim, sweep
+from runner import (
+    DIST,
+    __version__,
+    cancel,
+    completion,
+    compose,
+    hydra_job,
+    procs,
+    report,
+    sim,
+    snapshot,
+    sweep,
+)
 from runner import cluster as clusters
 from runner.errors import RunnerError
 from runner.execute import execute
 from runner.plan import Plan, StagePlanner, make_plan
 from runner.resources import Resources
 from runner.scheduler import metrics
-from runner.schema import Mode, register_configs
-from runner.spec import Origins, Spec, load
+from runner.schema import Mode
+from runner.spec import READING, Origins, Spec, load
 from runner.stages.registry import KINDS
 from runner.store import RAY_PIDS, RunStore, read_ledger
 
@@ -55,7 +68,7 @@ def _task(cfg: DictConfig) -> None:
 def run_task(cfg: DictConfig) -> int:
     """One composed config: validate, then run, plan or report status. Returns the exit code."""
     try:
-        spec = load(cfg, {k: v.check for k, v in KINDS.items()}, _origins())
+        spec = _checked.pop() if _checked else _load(cfg)
         code = _dispatch(spec)
         sys.stdout.flush()  # here, so a closed pipe is met inside this `try`
         return code
@@ -64,22 +77,58 @@ def run_task(cfg: DictConfig) -> int:
         _quiet_stdout()
         return 128 + signal.SIGPIPE
     except RunnerError as exc:
-        if os.environ.get("RUNNER_FULL_ERROR"):
-            traceback.print_exc()
-        print(f"runner: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _error(exc)
+
+
+def _load(cfg: DictConfig) -> Spec:
+    return load(cfg, {k: v.check for k, v in KINDS.items()}, _origins())
+
+
+def _error(exc: RunnerError) -> int:
+    """Say what went wrong in one message (the traceback too with RUNNER_FULL_ERROR=1)."""
+    if os.environ.get("RUNNER_FULL_ERROR"):
+        traceback.print_exception(exc)
+    print(f"runner: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+# the spec of a single run, validated before Hydra set up its directory (see `_check_first`)
+_checked: list[Spec] = []
+
+
+def _check_first(config: DictConfig) -> None:
+    """Validate a single run's spec before Hydra creates its output directory, snapshot and
+    log file: an invalid command exits 2 and leaves nothing behind (no `runs/NAME/.hydra/`,
+    no `runner.log`). The task then uses the spec validated here."""
+    _checked.clear()
+    HydraConfig.instance().set_config(config)  # the origins and `run.dir` read it
+    cfg = copy.deepcopy(config)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        _checked.append(_load(cfg))
+    except RunnerError as exc:
+        raise SystemExit(_error(exc)) from None
 
 
 def _dispatch(spec: Spec) -> int:
-    if spec.mode is Mode.status:
-        return _status(spec)
     if spec.mode is Mode.plan:
         return _plan_only(spec)
-    if spec.mode is Mode.report:
-        return _report(spec)
-    if spec.mode is Mode.cancel:
-        return cancel.cancel(Path(spec.run.dir), spec.units, spec.pipeline.name)
+    if spec.mode in READING:  # the run directory alone: its ledger and saved config
+        return _read(spec, Path(spec.run.dir))
     return _run(spec)
+
+
+def _read(spec: Spec, run_dir: Path) -> int:
+    """status, report or cancel of the run in `run_dir`, named by the pipeline its last
+    attempt ran (from its saved config), whatever this command's pipeline and overrides."""
+    last = snapshot.latest(run_dir)
+    name = last.pipeline if last is not None else spec.pipeline.name
+    if spec.mode is Mode.cancel:
+        return cancel.cancel(run_dir, spec.units, name)
+    if spec.mode is Mode.report:
+        return _report(run_dir, name)
+    return _status(run_dir, name, last)
 
 
 def _quiet_stdout() -> None:
@@ -97,27 +146,23 @@ def _plan_only(spec: Spec) -> int:
     return 0
 
 
-def _status(spec: Spec) -> int:
-    run_dir = Path(spec.run.dir)
+def _status(run_dir: Path, name: str, last: snapshot.Snapshot | None) -> int:
     ledger = read_ledger(run_dir)
     if ledger is None:
-        print(f"{run_dir}: no run yet (run `runner pipeline={spec.pipeline.name}` first)")
+        print(f"{run_dir}: no run yet (run `runner pipeline={name}` first)")
         return 0
     print(report.format_status(ledger, str(run_dir)))
+    if last is not None:
+        print(f"pipeline {name}; the last attempt's config: {last.path}")
     return 0
 
 
-def _report(spec: Spec) -> int:
+def _report(run_dir: Path, name: str) -> int:
     """Redraw the last run's timeline, trace and report.html from its ledger."""
-    run_dir = Path(spec.run.dir)
     ledger = read_ledger(run_dir)
-    written = (
-        report.write_run_artifacts(ledger, f"{spec.pipeline.name} {run_dir}", run_dir)
-        if ledger
-        else {}
-    )
+    written = report.write_run_artifacts(ledger, f"{name} {run_dir}", run_dir) if ledger else {}
     if not any(written.values()):
-        print(f"{run_dir}: no run to draw yet (run `runner pipeline={spec.pipeline.name}` first)")
+        print(f"{run_dir}: no run to draw yet (run `runner pipeline={name}` first)")
         return 0
     for path in written.values():
         if path:
@@ -239,9 +284,9 @@ OmegaConf.register_new_resolver("runner_run_dir", sweep.run_dir, replace=True)
 OmegaConf.register_new_resolver("runner_output_dir", sweep.output_dir, replace=True)
 OmegaConf.register_new_resolver("runner_snapshot_dir", sweep.snapshot_dir, replace=True)
 OmegaConf.register_new_resolver("runner_pipelines", _pipelines, replace=True)
-register_configs()
 compose.install()
-hydra_job.install()
+completion.install()
+hydra_job.install(_check_first)
 _hydra_main = hydra.main(config_path="pkg://runner.conf", config_name="config", version_base="1.3")(
     _task
 )
@@ -277,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     _codes.clear()
+    _checked.clear()
     try:
         _hydra_main()
     except hydra_job.SetupFailed as exc:  # its message is out already

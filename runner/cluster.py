@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import DIST, gpus, procs
+from runner import DIST, gpus, procs, ray_auth
 from runner.errors import ClusterError, SpecError
 from runner.resources import Resources
 from runner.schema import ClusterConfig
@@ -372,6 +372,11 @@ def _init_remote(cfg: ClusterConfig) -> None:
         _require_extra("client", f"a ray:// address ({address})")
     if address != "auto":
         _wait_reachable(address, cfg.connect_timeout)
+    if not address.startswith("ray://"):  # Ray Client carries no token of its own
+        gcs = _bootstrap(address)
+        if gcs is not None:
+            bound = min(cfg.connect_timeout, ray_auth.ASK_BOUND)
+            ray_auth.authenticate(address, gcs, cfg.verbose, bound)
     try:
         with _quiet(cfg.verbose):
             ray.init(
@@ -380,10 +385,21 @@ def _init_remote(cfg: ClusterConfig) -> None:
                 logging_level=_ray_log_level(cfg.verbose),
             )
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError by Ray version
-        raise ClusterError(
-            f"could not connect to Ray at {address!r}: {exc}\n"
-            "  set RAY_ADDRESS (or cluster.address) to a running cluster, or use cluster=local"
-        ) from exc
+        hint = "\n  set RAY_ADDRESS (or cluster.address) to a running cluster, or use cluster=local"
+        if type(exc).__name__ == "AuthenticationError":  # the address is right: its own fix
+            hint = ""
+        raise ClusterError(f"could not connect to Ray at {address!r}: {exc}{hint}") from exc
+
+
+def _bootstrap(address: str) -> str | None:
+    """The GCS address `ray.init(address)` would connect to (`auto`: the cluster started on
+    this host), or None when Ray cannot tell (`ray.init` then says why)."""
+    from ray._private import services
+
+    try:
+        return services.canonicalize_bootstrap_address(address)
+    except Exception:  # ConnectionError, ValueError: left to ray.init's own message
+        return None
 
 
 def _wait_reachable(address: str, timeout: float) -> None:

@@ -7,12 +7,16 @@ kind's defaults under what its YAML wrote (and `cluster` and `run` theirs): ever
 key is then overridable as `KEY=VALUE`, and `--cfg job` shows every effective value. A
 `pipeline.stages.NAME.kind=K` override picks K's defaults; `+KEY=VALUE` still adds a key.
 
-A YAML syntax error in a spec is reported as one line naming file, line and column.
+A YAML syntax error in a spec, and an override of a key that is not there (a misspelt
+`pipeline.stages.square.num_workrs=3`), are each reported as one line: the file, line and
+column, or the key with a did-you-mean among the keys that are there.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -21,10 +25,12 @@ import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.hydra import Hydra
 from hydra.core.override_parser.types import Override
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.schema import STAGE_KINDS, ClusterConfig, RunConfig
+from runner.spec import unknown_key
 
 
 def defaults_of(cls: type) -> dict[str, Any]:
@@ -80,6 +86,38 @@ def _under(
             node[key] = value
 
 
+def missing_key(override: Override, cfg: DictConfig) -> str | None:
+    """Why `override` cannot set or delete its key, when a mapping on its path lacks the next
+    key: `command line 'TEXT': KEY: unknown key; did you mean ...? (allowed: ...)`, else None
+    (not a missing key: Hydra's own message stands)."""
+    if override.is_add() or override.is_force_add():
+        return None
+    node: object = cfg
+    parts = override.key_or_group.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+            continue
+        if not isinstance(node, DictConfig):
+            return None  # a value on the way, or a list without that entry: Hydra's message
+        keys = [str(k) for k in node if depth or k != "hydra"]
+        if part in keys:
+            node = node._get_node(part)
+            continue
+        where = ".".join(parts[:depth]) or "the config"
+        message = unknown_key(part, sorted(keys)) if keys else f"unknown key ({where} is empty)"
+        stage = depth == 3 and parts[:2] == ["pipeline", "stages"]
+        if not (stage or ".".join(parts[:depth]) in _SCHEMA_MAPPINGS or override.is_delete()):
+            message += f"; +{override.input_line} adds it"
+        return f"command line '{override.input_line}': {'.'.join(parts[: depth + 1])}: {message}"
+    return None
+
+
+# the mappings whose keys the schema fixes (and every stage's own: `pipeline.stages.NAME`); a
+# key missing from any other mapping (a worker's arguments, a job's env) may be added with `+`
+_SCHEMA_MAPPINGS = frozenset({"", "run", "cluster", "pipeline", "pipeline.stages"})
+
+
 def yaml_error(exc: BaseException) -> str | None:
     """`FILE, line L, column C: what is wrong` for a YAML syntax error (here or in its causes),
     or None when `exc` is not one."""
@@ -125,7 +163,17 @@ def install() -> None:
 
     def apply(overrides: list[Override], cfg: DictConfig) -> None:
         fill_defaults(cfg, overrides)
-        apply_overrides(overrides, cfg)
+        for override in overrides:  # one at a time: each sees the keys the ones before added
+            try:
+                apply_overrides([override], cfg)
+            except ConfigCompositionException:
+                message = missing_key(override, cfg)
+                if message is None:
+                    raise
+                if os.environ.get("RUNNER_FULL_ERROR"):
+                    traceback.print_exc()
+                full = "RUNNER_FULL_ERROR=1 shows Hydra's own error"
+                raise SystemExit(_bad(f"{message} ({full})")) from None
 
     def load_reporting_yaml(self: ConfigLoaderImpl, *args: Any, **kwargs: Any) -> DictConfig:
         try:

@@ -10,6 +10,9 @@ fault, and nothing has run, so a rerun once the directory is writable starts fro
 it was.
 
 A task's own exceptions never reach this: Hydra's `run_job` keeps them in its return value.
+
+A single run's config is also checked before any of this (`install(check=...)`): an invalid
+command creates no run directory, no `.hydra/` snapshot and no `runner.log`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,21 @@ def reporting(call: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def checked(call: F, check: Callable[[DictConfig], None]) -> F:
+    """`call` (Hydra's `run_job`) once `check` has accepted its config; `check` raises (a
+    SystemExit with the exit code, its message printed) to refuse the job before Hydra sets
+    up anything."""
+
+    @functools.wraps(call)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("config")
+        if isinstance(config, DictConfig):
+            check(config)
+        return call(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def make_dir(path: Path) -> None:
     """Create `path` as Hydra would, or end with the one message (a sweep's directory: Hydra's
     sweeper, a plugin loaded afresh, creates it where no wrapper reaches)."""
@@ -92,11 +110,13 @@ def _fail(where: Path, exc: OSError) -> NoReturn:
 _installed = False
 
 
-def install() -> None:
+def install(check: Callable[[DictConfig], None]) -> None:
     """Wrap Hydra's job set-up, once, where Hydra calls it (hydra-core is pinned to 1.3): a
-    single run's in `hydra._internal.hydra`; a sweep job's in `hydra.core.utils`, where the
-    launcher plugin, which Hydra's plugin scan executes afresh, imports it from each time. The
-    sweep's own directory is made by `prepare_sweep` from the sweep callback before any job."""
+    single run's in `hydra._internal.hydra`, after `check` of its config; a sweep job's in
+    `hydra.core.utils`, where the launcher plugin, which Hydra's plugin scan executes afresh,
+    imports it from each time (a sweep job is checked by its task, inside its own directory).
+    The sweep's own directory is made by `prepare_sweep` from the sweep callback before any
+    job."""
     global _installed
     if _installed:
         return
@@ -104,5 +124,5 @@ def install() -> None:
     from hydra._internal import hydra as hydra_run
     from hydra.core import utils
 
-    hydra_run.run_job = reporting(hydra_run.run_job)  # type: ignore[attr-defined]
+    hydra_run.run_job = checked(reporting(hydra_run.run_job), check)  # type: ignore[attr-defined]
     utils.run_job = reporting(utils.run_job)

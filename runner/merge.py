@@ -3,7 +3,9 @@
 The merge starts from the plan's list of shards, never from a listing of the directory: a
 shard counts only when its manifest exists and carries this plan's fingerprint for it, so a
 stale output of an earlier plan, or a stray file a user dropped there, is never picked up.
-Ranges without a committed output are named in `merge_summary.json`.
+Ranges without a committed output are named in `merge_summary.json`, and so are ids that more
+than one shard wrote (an id repeated within its own shard's output is not one: R2R writes a
+row per mismatched token of a sample).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from runner.identity import digest
 from runner.store import atomic_path, write_json
 
 SUMMARY = "merge_summary.json"
-# duplicate ids listed in the summary (the count is always complete)
+# ids written by more than one shard listed in the summary (the count is always complete)
 DUPLICATE_SAMPLE = 20
 
 
@@ -111,8 +113,7 @@ def merge(
     if keys and len(merged):
         merged = merged.sort_values(keys, kind="stable", ignore_index=True)
     write_table(merged, target)
-    ids = merged[id_column] if id_column in merged.columns else pd.Series([], dtype=object)
-    duplicated = ids[ids.duplicated(keep="first")].unique().tolist()
+    duplicated = _shared_ids(frames, id_column)
     summary = {
         "merge_key": merge_key(shards, sort_by, target),
         "output": str(target),
@@ -126,6 +127,15 @@ def merge(
     }
     write_json(target.parent / SUMMARY, summary)
     return summary
+
+
+def _shared_ids(frames: list[Any], id_column: str) -> list[Any]:
+    """The ids found in more than one shard's output, in the order they are met."""
+    import pandas as pd
+
+    owned = [f[id_column].drop_duplicates() for f in frames if id_column in f.columns]
+    ids = pd.concat(owned, ignore_index=True) if owned else pd.Series([], dtype=object)
+    return list(ids[ids.duplicated(keep="first")].unique())
 
 
 def _plain(value: Any) -> Any:

@@ -1,8 +1,8 @@
 """Structured configs: the one statement of every key a spec may hold, its type and its limits.
 
 `spec.py` validates composed YAML against these dataclasses (gathering every problem at once,
-which OmegaConf's own merge cannot do); they are also registered in Hydra's ConfigStore under
-the `schema` group so `--cfg` users and tools can see them. Field metadata carries the limits:
+which OmegaConf's own merge cannot do); `compose.py` puts their defaults into the composed
+config, so `--cfg job` shows every key. Field metadata carries the limits:
 `ge`/`gt`/`le` for numbers, `choices` for strings, `resource: True` for settings that change
 how fast work runs but never its result, `policy: True` for how failures are handled (retries,
 timeouts, tolerated failures): both are left out of fingerprints, so changing them reruns no
@@ -193,7 +193,7 @@ class ShardStage(StageSpec):
     # or a function DataFrame -> DataFrame: {_target_: pkg.mod.fn, **kwargs}, run in a Ray task
     fn: dict[str, Any] | None = None
     # what a shard's output must hold: one_per_id (a row per input row), subset (ids of its
-    # range, none twice; fewer rows are fine), any (no id column needed)
+    # range, an id may repeat; fewer rows are fine), any (no id column needed)
     outputs: str = limited("subset", choices=["one_per_id", "subset", "any"])
     # {sort_by: COLUMN | [COLUMNS] (default: id_column), format: parquet | csv}
     merge: dict[str, Any] = field(default_factory=dict)
@@ -306,14 +306,3 @@ STAGE_KINDS: dict[str, type[StageSpec]] = {
     "shard": ShardStage,
     "jobs": JobsStage,
 }
-
-
-def register_configs() -> None:
-    """Publish the schemas in Hydra's ConfigStore (group `schema`) for tools and `--cfg` users."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    store.store(group="schema", name="cluster", node=ClusterConfig)
-    store.store(group="schema", name="run", node=RunConfig)
-    for kind, spec_type in STAGE_KINDS.items():
-        store.store(group="schema/stage", name=kind, node=spec_type)

@@ -47,8 +47,9 @@ class Origins:
     roots: list[Path] = field(default_factory=list)
 
     def source(self, key: str) -> Path | str:
-        """The file that most likely set `key`, or the text of the override that did."""
-        for okey, text in self.overrides:
+        """The file that most likely set `key`, or the text of the override that did (the last
+        one: it wins)."""
+        for okey, text in reversed(self.overrides):
             if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
                 return f"command line '{text}'"
         candidates = [p for p in self.files if key == p or key.startswith(p + ".") or p == ""]
@@ -236,15 +237,25 @@ def _failed_import(module: str, exc: BaseException) -> str:
     return f"module {module!r} fails on import{where}: {type(exc).__name__}: {exc}"
 
 
+# the modes that only read a run directory (its ledger, the config each attempt saved): the
+# spec's stages are neither resolved nor checked, so a moved input file, or a run started with
+# overrides this command lacks (`+...follow=true`), does not stop them
+READING = frozenset({Mode.status, Mode.report, Mode.cancel})
+
+
 def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | None = None) -> Spec:
     """Validate a composed config; raise one SpecError listing every problem."""
     problems = Problems(origins)
-    data = _resolve(cfg, problems)
+    reading = _mode_of(cfg) in READING
+    data = _resolve(cfg, problems, reading)
     problems.raise_if_any()
     mode = _enum(Mode, data.get("mode", "run"), "mode", problems)
     run = build(RunConfig, data.get("run"), "run", problems)
     cluster = build(ClusterConfig, data.get("cluster"), "cluster", problems)
-    pipeline = _pipeline(data.get("pipeline"), checks, problems)
+    if reading:
+        pipeline = _named(data.get("pipeline"), problems)
+    else:
+        pipeline = _pipeline(data.get("pipeline"), checks, problems)
     units = data.get("units") or []
     if not isinstance(units, list) or not all(isinstance(u, str | int) for u in units):
         problems.add("units", f"= {units!r}: expected a list of unit names, e.g. units=[a,b]")
@@ -263,9 +274,24 @@ def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | No
     )
 
 
-def _resolve(cfg: DictConfig, problems: Problems) -> dict[str, Any]:
+def _mode_of(cfg: DictConfig) -> Mode | None:
+    """The mode the config asks for, or None when it names none that exists (`load` says
+    why)."""
     try:
-        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        return Mode(OmegaConf.select(cfg, "mode", default="run"))
+    except (OmegaConfBaseException, ValueError):
+        return None
+
+
+def _resolve(cfg: DictConfig, problems: Problems, reading: bool = False) -> dict[str, Any]:
+    """The config as plain data, interpolations resolved; `reading`: of the pipeline only its
+    name (see READING)."""
+    try:
+        if reading:
+            data: Any = {str(k): _plain(cfg, str(k)) for k in cfg if k != "pipeline"}
+            data["pipeline"] = {"name": _plain(cfg, "pipeline.name")}
+        else:
+            data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or "config"
         # OmegaConf appends full_key / object_type lines: the first line says what is wrong
@@ -276,6 +302,20 @@ def _resolve(cfg: DictConfig, problems: Problems) -> dict[str, Any]:
         return {}
     assert isinstance(data, dict)
     return {str(k): v for k, v in data.items()}
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    """The value at `key`, resolved, as plain data."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+    return value
+
+
+def _named(data: Any, problems: Problems) -> Pipeline | None:
+    """The pipeline by its name alone, for a mode that reads a run (see READING)."""
+    head = build(PipelineSpec, {**(data or {}), "stages": {}}, "pipeline", problems)
+    return None if head is None else Pipeline(head.name, {}, {})
 
 
 def _raw_value(cfg: DictConfig, key: str) -> Any:

@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner import hydra_job
+from runner.snapshot import SNAPSHOTS
 
 SWEEP_SUMMARY = "sweep_summary.csv"
 COLUMNS = ("overrides", "ok", "wall_s", "items_per_s", "cpu_utilization", "failures", "run_dir")
@@ -51,7 +52,7 @@ def snapshot_dir(mode: str) -> str | None:
     """Where Hydra keeps the composed config: one `.hydra/<time>/` per run attempt."""
     if mode != "run":
         return None
-    return ".hydra/" + datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    return f"{SNAPSHOTS}/{datetime.now().strftime('%Y-%m-%d_%H-%M-%S_%f')}"
 
 
 def sweep_args(argv: list[str]) -> list[str]:

@@ -1,8 +1,10 @@
 """A stand-in for R2R's `step_2_llm_continuation.py` with its command line and its contract:
-it reads the whole input CSV, keeps the half-open range `[--low, --high)` of `data_id`,
-continues only the mismatches (prediction != label) and writes them into `--output_path`
-under a name of its own, `generation_results_data_{L}_to_{H}_real.csv`. Each call is
-appended to `calls.log` beside the input, so a test can count them."""
+it reads the whole input CSV (step 1's comparison: one row per token of each sample, its
+`data_id` repeated), keeps the half-open range `[--low, --high)` of `data_id`, continues only
+the mismatched tokens (prediction != label) and writes one row per mismatched token into
+`--output_path` under a name of its own, `generation_results_data_{L}_to_{H}_real.csv`: a
+`data_id` repeats there as often as its sample has mismatches. Each call is appended to
+`calls.log` beside the input, so a test can count them."""
 
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ with source.open() as f:
 mismatches = [r for r in rows if r["prediction"] != r["label"]]
 target = Path(args.output_path) / f"generation_results_data_{args.low}_to_{args.high}_real.csv"
 with target.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["data_id", "prediction", "label", "continuation"])
+    fields = ["data_id", "token", "prediction", "label", "continuation"]
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     for r in mismatches:
         writer.writerow({**r, "continuation": f"because {r['label']}"})
-print(f"Generated continuations for {len(mismatches)} mismatches")
+samples = len({r["data_id"] for r in mismatches})
+print(f"Generated continuations for {len(mismatches)} mismatches in {samples} samples")
 print(f"Saved results to {target}")

@@ -16,6 +16,15 @@ def test_help_explains_usage_modes_and_pipelines() -> None:
     assert "Exit codes: 0 success" in res.out
 
 
+def test_help_offers_only_config_groups_a_user_can_choose() -> None:
+    res = run_runner("--help")
+    groups = res.out.split("== Config groups", 1)[1].split("==", 2)[1].strip().splitlines()
+    assert "cluster: local, ray, sim" in groups
+    # each a group `GROUP=OPTION` picks (pipelines: the test specs' too, by --config-dir)
+    assert sorted(g.split(":")[0] for g in groups) == ["cluster", "pipeline"]
+    assert "schema" not in res.out
+
+
 def test_python_dash_m_runner_is_the_same_program() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "runner", "pipeline=demo", "--cfg", "job"],

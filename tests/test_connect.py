@@ -1,18 +1,29 @@
 """Starting and reaching Ray: cluster=local is always a Ray of its own, cluster=ray gives up
-on an unreachable address after `cluster.connect_timeout`, and an optional part of Ray that
-is missing is named with the extra that brings it."""
+on an unreachable address after `cluster.connect_timeout`, joins a stock `ray start --head`
+with token authentication on using the token as Ray's CLI finds it (or says at once what to
+do), and an optional part of Ray that is missing is named with the extra that brings it."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from runner import cluster as clusters
+from runner import procs
 from runner.schema import ClusterConfig
-from tests.conftest import run_runner
+from tests.conftest import ROOT, TEST_SPECS, Result, run_runner, summary, wait_until
 
 
 def closed_port() -> int:
@@ -89,3 +100,127 @@ def test_cluster_local_starts_its_own_ray_whatever_ray_address_says(
     assert asked["address"] == "local"
     assert asked["include_dashboard"] is False
     assert asked["logging_level"] == 40  # ERROR: Ray's start-up warnings hidden by default
+
+
+# what tells Ray about tokens and addresses: each test sets its own
+RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@dataclass(frozen=True)
+class Head:
+    """A stock Ray head node: its port, and a home whose ~/.ray/auth_token it found."""
+
+    port: int
+    home: Path
+
+    def env(self, home: Path | None = None, **more: str) -> dict[str, str]:
+        """An environment as a user's shell on this machine has it (home: where Ray looks for
+        ~/.ray/auth_token), without any Ray variable but `more`."""
+        clean = {k: v for k, v in os.environ.items() if k not in RAY_ENV}
+        return {**clean, "HOME": str(home or self.home), **more}
+
+
+@pytest.fixture(scope="module")
+def stock_head() -> Iterator[Head]:
+    """`ray start --head --port=PORT` as a user starts it, on free ports and a temp dir of its
+    own, on a machine where Ray ran before (so ~/.ray/auth_token exists and Ray 2.60 turns
+    token authentication on). Its processes are stopped by their pids at the end (never
+    `ray stop`: other Rays run on this machine)."""
+    home = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    port = closed_port()
+    ports = {
+        f"--{flag}={closed_port()}"
+        for flag in (
+            "dashboard-port",
+            "node-manager-port",
+            "object-manager-port",
+            "dashboard-agent-grpc-port",
+            "dashboard-agent-listen-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
+    }
+    log = home / "head.log"
+    head = Head(port, home)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+             "--block", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={home / 't'}", *sorted(ports)],
+            env=head.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: "Ray runtime started" in log.read_text() or proc.poll() is not None,
+            timeout=180,
+            what="the Ray head to start",
+        )
+        assert proc.poll() is None, log.read_text()
+        assert "Token authentication is enabled" in log.read_text()
+        yield head
+    finally:
+        procs.kill_tree(proc.pid, grace=30)  # `ray start --block` and every process under it
+        proc.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def runner_with(env: dict[str, str], *args: str) -> Result:
+    """`python -m runner ARGS` from the repository root in exactly `env`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "--config-dir", str(TEST_SPECS), "run.progress=log",
+         *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_a_stock_head_with_token_auth_is_joined_with_the_token_ray_finds(
+    stock_head: Head, tmp_path: Path
+) -> None:
+    address = f"127.0.0.1:{stock_head.port}"
+    run_dir = tmp_path / "run"
+    # the README's command, as written but for the run directory
+    res = runner_with(
+        stock_head.env(RAY_ADDRESS=address), "pipeline=demo", "cluster=ray", f"run.dir={run_dir}"
+    )
+    assert res.code == 0, res.text
+    assert "InvalidAuthToken" not in res.err
+    assert f"Ray at {address} asks for a token: using ~/.ray/auth_token, as Ray's CLI does" in (
+        res.err
+    )
+    assert summary(run_dir)["ok"]
+    assert len(pd.read_parquet(run_dir / "total" / "results.parquet")) == 1000
+
+
+def test_a_stock_head_refuses_a_process_without_its_token_in_one_message(
+    stock_head: Head, tmp_path: Path
+) -> None:
+    address = f"127.0.0.1:{stock_head.port}"
+    head = f"runner: error: Ray at {address!r} refused this process: the cluster has token "
+    fix = (
+        "put the cluster's token (`ray get-auth-token` on its head node prints it) in "
+        "RAY_AUTH_TOKEN, in ~/.ray/auth_token, or in a file named by RAY_AUTH_TOKEN_PATH\n"
+    )
+    args = ("pipeline=numbers", "cluster=ray", f"run.dir={tmp_path / 'run'}")
+    elsewhere = tmp_path / "home"  # a machine where Ray never ran: no ~/.ray/auth_token
+    elsewhere.mkdir()
+    cases = {
+        "authentication on and no token was found here: ": stock_head.env(
+            elsewhere, RAY_ADDRESS=address
+        ),
+        "authentication on and does not take the token from RAY_AUTH_TOKEN: ": stock_head.env(
+            RAY_ADDRESS=address, RAY_AUTH_TOKEN="0123456789abcdef"
+        ),
+    }
+    for why, env in cases.items():
+        res = runner_with(env, *args)
+        assert res.code == 2, res.text
+        assert res.err == head + why + fix
+    disabled = runner_with(stock_head.env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), *args)
+    assert disabled.code == 2
+    assert disabled.err == (
+        f"{head}authentication on, and RAY_AUTH_MODE=disabled sends no token: unset "
+        "RAY_AUTH_MODE (or set it to token)\n"
+    )

@@ -46,6 +46,42 @@ def test_a_misspelt_key_still_gets_a_did_you_mean() -> None:
 
 
 @pytest.mark.parametrize(
+    ("override", "key", "hint"),
+    [
+        ("pipeline.stages.scale.num_workrs=3", "pipeline.stages.scale.num_workrs", "num_workers"),
+        ("pipline.stages.scale.num_workers=3", "pipline", "pipeline"),
+        ("pipeline.stages.scal.num_workers=3", "pipeline.stages.scal", "scale"),
+        ("~pipeline.stages.scal", "pipeline.stages.scal", "scale"),
+        ("pipeline.stages.scale.worker.factr=2", "pipeline.stages.scale.worker.factr", "factor"),
+    ],
+)
+def test_a_misspelt_key_path_gets_the_runners_one_line_with_a_did_you_mean(
+    cli, override: str, key: str, hint: str
+) -> None:
+    res = cli("pipeline=numbers", "mode=plan", override)
+    assert res.code == 2, res.text
+    assert res.err.startswith(
+        f"runner: error: invalid spec: command line '{override}': {key}: unknown key; "
+        f"did you mean '{hint}'? (allowed: "
+    )
+    assert res.err.count("\n") == 1  # one line
+    assert "RUNNER_FULL_ERROR=1" in res.err
+    assert "HYDRA_FULL_ERROR" not in res.err and "not in struct" not in res.err
+
+
+def test_only_a_free_form_mapping_is_offered_a_plus() -> None:
+    worker = run_runner("pipeline=numbers", "mode=plan", "pipeline.stages.scale.worker.factr=2")
+    assert "; +pipeline.stages.scale.worker.factr=2 adds it (RUNNER_FULL_ERROR" in worker.err
+    stage = run_runner("pipeline=numbers", "mode=plan", "pipeline.stages.scale.retrys=2")
+    assert "adds it" not in stage.err
+    full = run_runner(
+        "pipeline=numbers", "pipeline.stages.scale.retrys=2", env={"RUNNER_FULL_ERROR": "1"}
+    )
+    assert full.code == 2
+    assert "Traceback" in full.err and "Key 'retrys' is not in struct" in full.err
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         pytest.param(
@@ -108,6 +144,23 @@ def test_each_attempt_keeps_its_own_snapshot_and_looking_writes_nothing(
     # SQLite's own shared-memory files of the read-only ledger aside
     after = [p.name for p in run_dir.rglob("*") if not p.name.endswith(("-shm", "-wal"))]
     assert sorted(after) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("pipeline=demo", "pipeline.stages.square.num_workers=abc"),
+        ("pipeline=demo", "mode=status", "run.progress=loud"),
+        ("pipeline=demo", "pipeline.stages.square.num_workrs=3"),
+    ],
+)
+def test_an_invalid_command_leaves_nothing_in_the_working_directory(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    res = runner_in(tmp_path, *args)
+    assert res.code == 2, res.text
+    assert res.err.startswith("runner: error: invalid spec")
+    assert list(tmp_path.iterdir()) == []  # no runs/demo/.hydra/, no runner.log
 
 
 @pytest.mark.usefixtures("ray_session")

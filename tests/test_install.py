@@ -91,6 +91,27 @@ def test_shell_completion_offers_pipelines_and_every_schema_key(tmp_path: Path) 
     assert keys.out.split() == ["pipeline.stages.square.cpus_per_worker="]
 
 
+def test_shell_completion_offers_every_allowed_value_of_a_key(tmp_path: Path) -> None:
+    def complete(line: str) -> list[str]:
+        return runner_in(tmp_path, "-sc", "query=bash", env={"COMP_LINE": line}).out.split()
+
+    assert complete("runner mode=") == [
+        "mode=cancel",
+        "mode=plan",
+        "mode=report",
+        "mode=run",
+        "mode=status",
+    ]
+    assert complete("runner mode=st") == ["mode=status"]
+    assert complete("runner pipeline=demo pipeline.stages.continue.outputs=") == [
+        f"pipeline.stages.continue.outputs={v}" for v in ("any", "one_per_id", "subset")
+    ]
+    # an open value (a worker's argument) still completes to what the spec says
+    assert complete("runner pipeline=demo pipeline.stages.square.worker.exponent=") == [
+        "pipeline.stages.square.worker.exponent=2"
+    ]
+
+
 def test_the_wheel_carries_config_specs_and_data() -> None:
     """What setuptools is told to ship (the built wheel itself is checked by .ci/run)."""
     import tomllib

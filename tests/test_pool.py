@@ -18,15 +18,18 @@ def results(run_dir: Path, stage: str) -> pd.DataFrame:
     return pd.read_parquet(run_dir / stage / "results.parquet")
 
 
-def test_a_pipeline_runs_and_writes_every_result_once(cli, tmp_path: Path) -> None:
+def test_a_pipeline_runs_and_writes_every_result_once_in_the_items_order(
+    cli, tmp_path: Path
+) -> None:
     res = cli("pipeline=numbers", f"run.dir={tmp_path}")
     assert res.code == 0, res.text
     scaled = results(tmp_path, "scale")
-    assert sorted(scaled["id"].astype(int)) == list(range(50))
+    assert list(scaled["id"]) == [str(i) for i in range(50)]
     assert (scaled["result"] == scaled["input"] * 3).all()
     assert set(scaled["status"]) == {"done"}
     described = results(tmp_path, "describe")
-    assert len(described) == 50
+    # a stage `from:` another keeps its order: 0, 1, 2, ..., 10, not the text order 0, 1, 10
+    assert list(described["id"]) == [str(i) for i in range(50)]
     assert described.set_index("id").loc["7", "result"] == {"value": 21, "even": False, "digits": 2}
     stages = summary(tmp_path)["stages"]
     assert stages["scale"]["done"] == 50 and stages["describe"]["done"] == 50

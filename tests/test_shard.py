@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from runner.merge import Committed, merge
 from tests.conftest import (
     TEST_SPECS,
     cpus_free_again,
@@ -261,28 +262,42 @@ def test_the_continuation_example_runs_on_cpu(cli, tmp_path: Path) -> None:
     assert "[shard 0-299] continuing 300 prompt(s), 0 already done; GPUs: none" in res.out
 
 
-def r2r_input(tmp_path: Path, ids: int = 1000) -> tuple[Path, list[int]]:
-    """R2R's step-1 output: predictions against labels; the mismatches are what step 2 continues."""
+TOKENS = 4  # tokens per sample in the stand-in's input
+
+
+def r2r_input(tmp_path: Path, ids: int = 1000) -> tuple[Path, list[tuple[int, int]]]:
+    """R2R's step-1 output: for each token of each sample its prediction against its label
+    (a `data_id` per token); returns the mismatched (data_id, token)s, which step 2 continues
+    one row each."""
     data = tmp_path / "prediction_comparison.csv"
+    pairs = [(i, t) for i in range(ids) for t in range(TOKENS)]
     frame = pd.DataFrame(
         {
-            "data_id": range(ids),
-            "prediction": [i % 7 for i in range(ids)],
-            "label": [i % 5 for i in range(ids)],
+            "data_id": [i for i, _ in pairs],
+            "token": [t for _, t in pairs],
+            "prediction": [(i * (t + 1)) % 3 for i, t in pairs],
+            "label": [(i + t) % 3 for i, t in pairs],
         }
     )
     frame.to_csv(data, index=False)
-    return data, [i for i in range(ids) if i % 7 != i % 5]
+    return data, [(i, t) for i, t in pairs if (i * (t + 1)) % 3 != (i + t) % 3]
+
+
+def r2r_args(tmp_path: Path, data: Path, *more: str) -> tuple[str, ...]:
+    """The stand-in's pipeline on `data`, run in `tmp_path/run`."""
+    return (
+        "pipeline=shard_r2r",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.continuation.input={data}",
+        *more,
+    )
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_r2r_step_2_runs_unchanged_through_a_shard_stage(cli, tmp_path: Path) -> None:
     data, mismatches = r2r_input(tmp_path)
-    args = (
-        "pipeline=shard_r2r",
-        f"run.dir={tmp_path / 'run'}",
-        f"pipeline.stages.continuation.input={data}",
-    )
+    assert len({i for i, _ in mismatches}) < len(mismatches)  # samples with several mismatches
+    args = r2r_args(tmp_path, data)
     res = cli(*args)
     assert res.code == 0, res.text
     assert "[shard 0-249] [INFO] Task range: data_id [0, 250) (250 samples)" in res.out
@@ -296,11 +311,12 @@ def test_r2r_step_2_runs_unchanged_through_a_shard_stage(cli, tmp_path: Path) ->
     ]
 
     merged = pd.read_csv(tmp_path / "run" / "continuation" / "merged.csv")
-    assert list(merged["data_id"]) == mismatches  # every written id, once, in order
+    # every mismatched token once, a sample's tokens in the order its shard wrote them
+    assert list(zip(merged["data_id"], merged["token"], strict=True)) == mismatches
     report = merge_summary(tmp_path / "run", "continuation")
     per_shard = {s["shard"]: (s["input_ids"], s["rows"]) for s in report["shards"]}
     assert per_shard == {
-        label: (250, sum(low <= i < low + 250 for i in mismatches))
+        label: (250, sum(low <= i < low + 250 for i, _ in mismatches))
         for label, low in (("0-249", 0), ("250-499", 250), ("500-749", 500), ("750-999", 750))
     }
     assert report["duplicate_ids"] == 0 and report["missing_ranges"] == []
@@ -311,17 +327,43 @@ def test_r2r_step_2_runs_unchanged_through_a_shard_stage(cli, tmp_path: Path) ->
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_an_id_outside_its_shards_range_is_still_refused(cli, tmp_path: Path) -> None:
+    data, mismatches = r2r_input(tmp_path, ids=100)
+    low_0 = "pipeline.stages.continuation.command.7='0'"  # the second shard from 0 too
+    res = cli(*r2r_args(tmp_path, data, "pipeline.stages.continuation.num_shards=2", low_0))
+    assert res.code == 1
+    below = [i for i, _ in mismatches if i < 50]
+    sample = ", ".join(map(str, list(dict.fromkeys(below))[:5]))
+    assert f"its output has {len(below)} row(s) with ids outside 50..99: {sample}" in res.text
+    assert done(tmp_path / "run", "continuation") == {"0-49"}
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_one_per_id_rejects_an_output_of_only_mismatches(cli, tmp_path: Path) -> None:
     data, mismatches = r2r_input(tmp_path, ids=100)
-    res = cli(
-        "pipeline=shard_r2r",
-        f"run.dir={tmp_path / 'run'}",
-        f"pipeline.stages.continuation.input={data}",
-        "pipeline.stages.continuation.num_shards=1",
-        "+pipeline.stages.continuation.outputs=one_per_id",
-    )
+    one = "+pipeline.stages.continuation.outputs=one_per_id"
+    res = cli(*r2r_args(tmp_path, data, "pipeline.stages.continuation.num_shards=1", one))
     assert res.code == 1
-    assert f"its output has {len(mismatches)} row(s); its input range has 100" in res.text
+    assert f"its output has {len(mismatches)} row(s); its input range has {100 * TOKENS}" in (
+        res.text
+    )
+
+
+def test_the_merge_reports_an_id_two_shards_wrote_not_one_a_shard_repeats(
+    tmp_path: Path,
+) -> None:
+    shards = []
+    for n, ids in enumerate(([0, 0, 1, 2, 2, 2], [2, 3, 3])):  # id 2: in both shards
+        output, manifest = tmp_path / f"shard-{n}.csv", tmp_path / f"shard-{n}.manifest.json"
+        pd.DataFrame({"data_id": ids, "token": range(len(ids))}).to_csv(output, index=False)
+        manifest.write_text(json.dumps({"fingerprint": f"f{n}", "input_ids": 2}))
+        shards.append(Committed(f"shard {n}", f"f{n}", output, manifest))
+    report = merge(shards, "data_id", ["data_id"], tmp_path / "merged.csv")
+    assert report["duplicate_ids"] == 1 and report["duplicate_id_sample"] == [2]
+    merged = pd.read_csv(tmp_path / "merged.csv")
+    assert list(zip(merged["data_id"], merged["token"], strict=True)) == [
+        (0, 0), (0, 1), (1, 2), (2, 3), (2, 4), (2, 5), (2, 0), (3, 1), (3, 2)
+    ]  # fmt: skip
 
 
 def test_high_past_non_integer_ids_is_a_plan_error_pointing_at_last(cli, tmp_path: Path) -> None:

@@ -116,6 +116,12 @@ def test_a_bad_override_is_named_as_the_command_line() -> None:
     ) in result.err
 
 
+def test_a_key_set_twice_is_named_by_the_override_that_won(cli) -> None:
+    res = cli("pipeline=numbers", "mode=plan", "mode=stauts")
+    assert res.code == 2
+    assert "command line 'mode=stauts': mode: = 'stauts': not one of" in res.err
+
+
 def test_a_bad_spec_starts_no_ray() -> None:
     code = (
         "import sys; from runner.cli import main; c = main(['--config-dir', 'tests/specs', "

@@ -126,12 +126,14 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
 
 
 def _from_upstream(own: str, source: str, ctx: PlanContext) -> list[Unit] | None:
-    """The upstream stage's committed outputs as units, once it has nothing left to run."""
+    """The upstream stage's committed outputs as units, once it has nothing left to run, in
+    the upstream's own order (a range's 0, 1, 2, ..., 10: not the ledger's text order)."""
     upstream = ctx.upstream[source]
     if upstream.units is None or upstream.to_run or ctx.ledger is None:
         return None
     ids = [u.id for u in upstream.units]
-    rows = [r for r in ctx.ledger.rows(source, ids) if r.state is UnitState.done]
+    done = {r.unit: r for r in ctx.ledger.rows(source, ids) if r.state is UnitState.done}
+    rows = [done[i] for i in ids if i in done]
     return [Unit(r.unit, digest(own, r.fingerprint), r.result) for r in rows]
 
 
