@@ -30,9 +30,12 @@ class Began:
 
 @dataclass(frozen=True, slots=True)
 class Replied:
-    """A call on the lease (or its task) answered `value`."""
+    """A call on the lease (or its task) answered `value`. `ref` is the call's key in
+    `lease.calls`: the loop takes it out as it hands the reply on, so a kind counting its
+    calls in flight never sees a reply before it was told of it."""
 
     lease: Lease
+    ref: object
     tag: object
     value: object
 
@@ -44,6 +47,7 @@ class Raised:
     error (`error`, one line)."""
 
     lease: Lease
+    ref: object
     tag: object
     error: str
     cancelled: bool = False

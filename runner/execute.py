@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 from runner import report, warm
+from runner.backends.ray import RayBackend
 from runner.errors import Interrupted
 from runner.executor import Executor
 from runner.kind import RunContext, StageKind, StageOutcome
@@ -62,18 +63,21 @@ def execute(
 ) -> tuple[int, dict[str, Any]]:
     """Run the plan; return (exit code, summary) and write `summary.json`."""
     stop = threading.Event()
-    pools = any(stage.kind == "pool" for stage in plan.stages.values())
-    warm.start(warm.PICTURE + (warm.RESULTS if pools else ()))
-    scheduler = Scheduler(list(plan.cluster.nodes))
+    tables = any(kinds[stage.kind].shared_leases for stage in plan.stages.values())
+    warm.start(warm.PICTURE + (warm.RESULTS if tables else ()))
+    backend = RayBackend(store.root, plan.cluster.shared_fs, stop)
+    scheduler = Scheduler(list(plan.cluster.nodes), clock=backend.clock)
     progress = Progress(progress_mode)
-    ctx = RunContext(store, ledger, scheduler, plan.cluster, stop, progress)
+    ctx = RunContext(
+        store, ledger, plan.cluster, stop, progress, backend.clock, backend.wall, fresh=fresh
+    )
     started = time.monotonic()
     # a ledger that cannot be written (full disk, read-only directory) stops the run
     ledger.on_failure = stop.set
     run_started = ledger.start_run()
     with stop_on_signals(stop) as caught:
         try:
-            outcomes = Executor(plan, pipeline, kinds, ctx, fresh).run()
+            outcomes = Executor(plan, pipeline, kinds, ctx, scheduler, backend).run()
         finally:
             progress.close()
     if ledger.failure is not None:

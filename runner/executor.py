@@ -35,7 +35,7 @@ from runner import cancel, saved_state
 from runner.backend import Backend, Began, Happened, Raised, Replied
 from runner.cluster import RayNode
 from runner.errors import StorageError
-from runner.kind import RunContext, StageKind, StageOutcome, StageRun, Verdicts
+from runner.kind import RunContext, StageKind, StageOutcome, StageRun
 from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
 from runner.placement import Placement, Started
@@ -68,6 +68,7 @@ from runner.verdicts import (
     SetQuota,
     Stopped,
     Verdict,
+    Withdraw,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class Live:
     # the simulator replays them, `runner.measured`), and by unit for leases of one unit
     start_latencies: list[float] = field(default_factory=list)
     unit_latencies: dict[str, list[float]] = field(default_factory=dict)
+    asked: int = 0
+    shape: str = ""
     leases: int = 0
     running: int = 0
     peak: int = 0
@@ -149,7 +152,6 @@ class Executor:
             [] if sum(len(s.units or []) for s in plan.stages.values()) <= SHOWN_STARTS else None
         )
         self.busy = Resources()
-        self.accounted = self.clock()
         self.nodes = ctx.nodes
         if not self.nodes:
             cluster = plan.cluster
@@ -252,7 +254,7 @@ class Executor:
         for verdict in verdicts:
             self._apply(verdict)
 
-    def _apply(self, v: Verdict) -> None:  # noqa: C901 (one case per verdict, each one line)
+    def _apply(self, v: Verdict) -> None:
         """Carry out one verdict of a kind."""
         match v:
             case DoneAll(works, results, seconds, end):
@@ -289,9 +291,14 @@ class Executor:
                 self._stopped(lease)
             case Lend(ask, lender):
                 self.lend(lender.run, ask, lender)
+            case Withdraw(ask):
+                for lease in [x for x in self.waiting.values() if x.ask is ask]:
+                    self.withdraw(lease)
+                    lease.run.lease_ended(lease)
             case Park(lease, tag, on_reclaim):
                 if lease.grant is not None:
                     self.scheduler.park(lease.grant, tag, on_reclaim)
+                    self.by_grant.pop(lease.grant, None)
                     lease.grant = None  # kept by the scheduler now, not released with it
             case Release(grant):
                 self.scheduler.release(grant)
@@ -320,6 +327,9 @@ class Executor:
         owner = f"{run.name}/{ask.work.id if ask.work else 'worker'}"
         (lease.ticket,) = ask.submit_all_to(self.scheduler, (owner,), self._flag)
         self.waiting[lease.ticket] = lease
+        live = self.live[run.name]
+        live.asked += 1
+        live.shape = live.shape or ask.resources.describe()
         return lease
 
     def lend(self, run: StageRun, ask: Ask, lender: Lease) -> Lease:
@@ -393,11 +403,12 @@ class Executor:
         """Hear what happened until the next deadline, the next time a stage is due, or (on a
         real cluster) the next look at signals and cancel requests."""
         until = self._next_due()
-        self._account()
+        used, before = self._granted(), self.clock()
         for happened in self.backend.wait(until):
             self.moved = True
             self._deliver(happened)
-        self._account()
+        if used is not None:  # what was granted held through the time that passed
+            self.busy = self.busy + used.scale(self.clock() - before)
 
     def _next_due(self) -> float:
         """The loop's clock time by which it must look again."""
@@ -405,26 +416,27 @@ class Executor:
         due += [d for live in self.live.values() if (d := live.run.due()) is not None]
         return min(due, default=math.inf)
 
-    def _account(self) -> None:
-        """The resources granted over the time that just passed (utilization)."""
-        now = self.clock()
-        if now > self.accounted:
-            capacity = Resources()
-            for node in self.scheduler.nodes:
-                capacity = capacity + node
-            used = capacity - self.scheduler.free()
-            self.busy = self.busy + used.scale(now - self.accounted)
-            self.accounted = now
+    def _granted(self) -> Resources | None:
+        """What the scheduler has granted now, summed, for the simulated run's utilization
+        (None on a real cluster: its utilization is measured from its processes)."""
+        if not self.ctx.virtual:
+            return None
+        capacity = Resources()
+        for node in self.scheduler.nodes:
+            capacity = capacity + node
+        return capacity - self.scheduler.free()
 
     def _deliver(self, happened: Happened) -> None:
         lease = happened.lease
         match happened:
             case Began(_, where):
                 self._started(lease, where)
-            case Replied(_, tag, value):
+            case Replied(_, ref, tag, value):
+                lease.calls.pop(ref, None)
                 if not lease.closed:
                     self._apply_all(lease.run.on_reply(lease, tag, value))
-            case Raised(_, tag, error, cancelled, lost, node_died):
+            case Raised(_, ref, tag, error, cancelled, lost, node_died):
+                lease.calls.pop(ref, None)
                 self._raised(lease, tag, error, cancelled, lost, node_died)
 
     def _raised(
@@ -795,7 +807,9 @@ class Executor:
                 self.nodes[i] = RayNode(node.node_id, node.ip, Resources())
                 for lease in [x for x in self.leases if x.grant is not None and x.grant.node == i]:
                     lease.node_left = True
-                    failure = lease.run.on_failure(lease, None, f"node {node.ip} left the cluster", True)
+                    failure = lease.run.on_failure(
+                        lease, None, f"node {node.ip} left the cluster", True
+                    )
                     self._apply_all(failure)
         known = {n.node_id for n in self.nodes}
         for node_id, node in alive.items():
@@ -914,15 +928,16 @@ class Executor:
             skipped=live.skipped,
             wall=self.clock() - live.started,
             interrupted=interrupted,
+            asked=live.asked,
             leases=live.leases,
             peak=live.peak,
+            shape=live.shape,
             requeues=live.requeues,
         )
         if live.start_latencies:
             outcome.start_latency = statistics.fmean(live.start_latencies)
             outcome.start_latencies = live.unit_latencies
-        if live.preempted:
-            outcome.extra["preempted"] = dict(live.preempted)
+        outcome.preempted = dict(live.preempted)
         return outcome
 
     def _save_stage(self, live: Live, outcome: StageOutcome) -> None:
@@ -1031,13 +1046,3 @@ class Executor:
         if self.first_start is None or self.last_end is None:
             return 0.0
         return self.last_end - self.first_start
-
-
-def allowed_failures(max_failures: float, total: int) -> int:
-    """A count (>= 1) or a fraction of the stage's units (< 1)."""
-    if max_failures < 1:
-        return math.floor(max_failures * total + 1e-9)
-    return int(max_failures)
-
-
-__all__ = ["Executor", "Live", "allowed_failures"]

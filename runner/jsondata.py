@@ -9,6 +9,6 @@ from __future__ import annotations
 from typing import TypeAlias
 
 # a value JSON gives back: None, a boolean, a number, a string, or lists and objects of them
-Json: TypeAlias = None | bool | int | float | str | list["Json"] | dict[str, "Json"]
+Json: TypeAlias = bool | int | float | str | list["Json"] | dict[str, "Json"] | None
 # a JSON object
 JsonObject: TypeAlias = dict[str, Json]

@@ -90,10 +90,15 @@ class StageOutcome:
     start_latency: float | None = None
     # ... and each attempt's, by unit, for units with a lease of their own (the first 10,000)
     start_latencies: dict[str, list[float]] = field(default_factory=dict)
-    # leases granted in all, and the most running at once (the simulated run's report)
+    # leases asked for and granted in all, the most held at once, and the shape of one (the
+    # simulated run's report)
+    asked: int = 0
     leases: int = 0
     peak: int = 0
+    shape: str = ""
     requeues: int = 0
+    # victims the scheduler chose among its units, by reason
+    preempted: dict[str, int] = field(default_factory=dict)
 
 
 _BAD = (UnitState.failed, UnitState.timeout, UnitState.out_of_memory)
@@ -154,16 +159,16 @@ class StageRun:
         for work in works:
             self.ended(work)
 
-    def landed(self, lease: Lease, files: Mapping[str, bytes]) -> Iterator[Verdict]:
+    def landed(self, lease: Lease, files: Mapping[str, bytes]) -> list[Verdict]:
         """Write the files a task brought back in its reply (no shared filesystem) where they
-        belong. When the runner's side cannot take them the run stops with the one storage
-        message and the lease's unit is left for a rerun: the lease is then `Stopped`."""
+        belong; what follows when the runner's side cannot take them (none when it could):
+        the run stops with the one storage message and the lease's unit is left for a rerun."""
         try:
             carry.land(files)
         except OSError as exc:
             where = Path(exc.filename) if isinstance(exc.filename, str) else None
-            yield Fail(storage_error(self.ctx.store.root, exc, where))
-            yield Stopped(lease)
+            return [Fail(storage_error(self.ctx.store.root, exc, where)), Stopped(lease)]
+        return []
 
     # --- what a kind fills in ----------------------------------------------------------
 

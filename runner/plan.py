@@ -94,6 +94,29 @@ class Claim:
     fit: int
 
 
+@dataclass(frozen=True)
+class StageSizing:
+    """What a unit of a stage holds while it runs (its kind says: a job its own shape, a role
+    replica its role's). A pool's items share long-lived workers, so its resources are charged
+    per worker lane (`per_lane`), not per item."""
+
+    per_lane: bool
+    default: Resources | None
+    units: dict[str, Resources] = field(default_factory=dict)
+
+    def of(self, unit: str) -> Resources | None:
+        return self.units.get(unit, self.default)
+
+    @staticmethod
+    def by_unit(per_unit: Mapping[str, Resources]) -> StageSizing:
+        """Each unit's own shape: the commonest as the default, the others by unit."""
+        shapes = Counter(per_unit.values())
+        if not shapes:
+            return StageSizing(False, None)
+        default = shapes.most_common(1)[0][0]
+        return StageSizing(False, default, {u: r for u, r in per_unit.items() if r != default})
+
+
 @dataclass
 class StagePlan:
     """A stage compiled for one cluster and one ledger."""
@@ -110,8 +133,11 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
     # for deferred stages: the reason every unit will get (e.g. "input changed")
     pending_reason: str = ""
-    # kind-specific settings resolved at plan time (e.g. CPUs per worker)
-    settings: dict[str, Any] = field(default_factory=dict)
+    # the kind's own settings resolved at plan time (a dataclass of the kind's: CPUs per
+    # worker, a roles stage's typed roles), handed to its run
+    settings: object = None
+    # what each unit holds while it runs (None: the stage's first claim, one per unit)
+    sizing: StageSizing | None = None
 
     @property
     def to_run(self) -> list[Unit]:

@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.plan import Plan, StagePlan
+from runner.plan import Plan, StagePlan, StageSizing
 from runner.resources import Resources
 from runner.store import write_json
 
 PLAN_FILE = "plan.json"
-
-
-@dataclass(frozen=True)
-class StageSizing:
-    """What a unit of a stage holds while it runs. A pool's items share long-lived workers, so
-    its resources are charged per worker lane (`per_lane`), not per item."""
-
-    per_lane: bool
-    default: Resources | None
-    units: dict[str, Resources] = field(default_factory=dict)
-
-    def of(self, unit: str) -> Resources | None:
-        return self.units.get(unit, self.default)
 
 
 @dataclass(frozen=True)
@@ -103,22 +90,9 @@ def load(path: Path) -> PlanRecord | None:
 
 
 def _sizing(stage: StagePlan) -> StageSizing:
-    """Resources per unit: a job's own shape, a role's replica shape, else the stage's claim."""
-    if stage.kind == "pool":
-        return StageSizing(True, stage.claims[0].resources if stage.claims else None)
-    roles = getattr(stage.settings.get("roles"), "roles", None)
-    per_unit: dict[str, Resources] = {}
-    for unit in stage.units or []:
-        res = getattr(unit.payload, "resources", None)
-        if res is None and roles is not None and isinstance(unit.payload, dict):
-            role = roles.get(unit.payload.get("role"))
-            res = getattr(role, "resources", None)
-        if isinstance(res, Resources):
-            per_unit[unit.id] = res
-    shapes = Counter(per_unit.values())
-    if shapes:
-        default = shapes.most_common(1)[0][0]
-        return StageSizing(False, default, {u: r for u, r in per_unit.items() if r != default})
+    """Resources per unit, as its kind planned them, else the stage's claim."""
+    if stage.sizing is not None:
+        return stage.sizing
     return StageSizing(False, stage.claims[0].resources if stage.claims else None)
 
 

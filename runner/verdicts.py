@@ -169,6 +169,13 @@ class Lend:
 
 
 @dataclass(slots=True)
+class Withdraw:
+    """An ask the kind no longer wants (not granted yet)."""
+
+    ask: Ask
+
+
+@dataclass(slots=True)
 class Park:
     """Keep the ending lease's grant (and group) as an idle group that asks with `tag` reuse;
     `on_reclaim` is told, under the scheduler's lock, when another request takes it."""
@@ -225,6 +232,7 @@ Verdict: TypeAlias = (
     | End
     | Stopped
     | Lend
+    | Withdraw
     | Park
     | Release
     | RemoveGroup

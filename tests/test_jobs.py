@@ -785,12 +785,12 @@ def test_what_a_finished_job_left_running_is_killed_and_the_next_job_shares_the_
     def started_to(key: str) -> dict[str, Any]:
         return plain(StartTo(key, path=str(tmp_path / "started" / f"{key}.json")))
 
-    first = run_job({**spec, "started_to": started_to("a")})
+    first = run_job(spec, started_to("a"))
     assert first["state"] == "done"
     wait_until(lambda: not alive(pids(tmp_path / "left")[0]), what="the job's leftover to go")
     group, watcher = GROUP.ready(), GROUP.watcher
     assert watcher is not None and watcher.alive() and alive(watcher.pid)
-    second = run_job({**spec, "started_to": started_to("b")})
+    second = run_job(spec, started_to("b"))
     assert second["state"] == "done"
     assert (GROUP.ready(), GROUP.watcher) == (group, watcher)
 

@@ -157,7 +157,7 @@ def test_events_run_by_time_then_in_the_order_added() -> None:
     """Many events share a time (units that start together end together): they run in the
     order they were added, after every earlier time, with those added for the time being run
     after the ones already there."""
-    from runner.sim import Events
+    from runner.backends.virtual import Events
 
     events, ran = Events(), []
 

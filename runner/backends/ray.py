@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from runner import procs
 from runner.backend import Began, Happened, Raised, Replied
@@ -31,6 +32,11 @@ from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.lease import Lease
 from runner.placement import Placement, Started, Starts, StartTo
 from runner.remote import bounded, error_line, plain, remote
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +136,7 @@ class RayBackend:
         def kill() -> None:
             try:
                 if lease.actor:
-                    ray.kill(lease.handle, no_restart=True)
+                    ray.kill(cast("ActorHandle[Any]", lease.handle), no_restart=True)
                     return
                 # a task that has answered (cancelled, failed, done) is not cancelled again:
                 # Ray 2.60 aborts the driver force-cancelling a task whose reply is in
@@ -191,30 +197,32 @@ class RayBackend:
         import ray
 
         lease, tag = self.refs.pop(ref)
-        lease.calls.pop(ref, None)
         if lease.closed:
             return
         if lease in self.announced:  # it ended before its start was read: read it first
             self._hear(lease, happened, ended=True)
         try:
-            value = ray.get(ref)
+            value = ray.get(cast("ObjectRef[object]", ref))
         except ray.exceptions.TaskCancelledError as exc:
-            happened.append(Raised(lease, tag, error_line(exc), cancelled=True))
+            happened.append(Raised(lease, ref, tag, error_line(exc), cancelled=True))
         except ray.exceptions.RayTaskError as exc:
-            happened.append(Raised(lease, tag, error_line(exc)))
+            happened.append(Raised(lease, ref, tag, error_line(exc)))
         except ray.exceptions.RayError as exc:  # its worker or node died
             died = isinstance(exc, ray.exceptions.NodeDiedError)
             why = f"its Ray worker died on {lease.node} ({type(exc).__name__}): {error_line(exc)}"
-            happened.append(Raised(lease, tag, why, lost=True, node_died=died))
+            happened.append(Raised(lease, ref, tag, why, lost=True, node_died=died))
         else:
-            if tag == GROUP_READY:
-                assert lease.placement is not None
-                where = Started(lease.placement.node_id, lease.placement.node_ip, "", 0, time.time())
+            if tag == GROUP_READY or isinstance(value, Started):
+                lease.calls.pop(ref, None)  # not a call of the kind's: its start
+                if isinstance(value, Started):
+                    where = value
+                else:
+                    assert lease.placement is not None
+                    place = lease.placement
+                    where = Started(place.node_id, place.node_ip, "", 0, time.time())
                 happened.append(Began(lease, where))
-            elif isinstance(value, Started):
-                happened.append(Began(lease, value))
             else:
-                happened.append(Replied(lease, tag, value))
+                happened.append(Replied(lease, ref, tag, value))
 
     def _listen(self, happened: list[Happened]) -> None:
         """Hear the starts tasks announced since the last look."""
@@ -278,7 +286,7 @@ def _options(placement: Placement, group: object) -> dict[str, object]:
 
     strategy: object
     if group is not None:
-        strategy = PlacementGroupSchedulingStrategy(group, 0)
+        strategy = PlacementGroupSchedulingStrategy(cast("PlacementGroup", group), 0)
     else:
         strategy = NodeAffinitySchedulingStrategy(placement.node_id, soft=False)
     return {**placement.resources.ray_options(), "scheduling_strategy": strategy}
@@ -296,4 +304,3 @@ def _new_group(placement: Placement) -> object:
         strategy="STRICT_PACK",
         bundle_label_selector=[{NODE_ID_LABEL: placement.node_id}] if placement.node_id else None,
     )
-

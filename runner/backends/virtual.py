@@ -143,7 +143,9 @@ class VirtualBackend:
         if call.interrupts:
             for running in list(process.running):
                 self._interrupt(process, running)
-            self.events.add(self.now, partial(self._answer, process, _Call(ref, call.tag, self.now, expect)))
+            self.events.add(
+                self.now, partial(self._answer, process, _Call(ref, call.tag, self.now, expect))
+            )
             return
         begun = max(self.now, process.free_at)
         self._serve(process, _Call(ref, call.tag, begun, expect))
@@ -166,7 +168,9 @@ class VirtualBackend:
         if end >= call.began + call.expect.seconds:
             return  # it ends anyway before it would look
         call.live = False
-        early = _Call(call.ref, call.tag, call.began, Expect(end - call.began, stopped(end - call.began)))
+        early = _Call(
+            call.ref, call.tag, call.began, Expect(end - call.began, stopped(end - call.began))
+        )
         process.running.append(early)
         process.free_at = end
         self.events.add(end, partial(self._answer, process, early))
@@ -180,8 +184,7 @@ class VirtualBackend:
         lease = process.lease
         if lease.closed or call.ref not in lease.calls:
             return
-        del lease.calls[call.ref]
-        self.out.append(Replied(lease, call.tag, call.expect.reply))
+        self.out.append(Replied(lease, call.ref, call.tag, call.expect.reply))
 
     # --- stopping it -----------------------------------------------------------------------
 
@@ -198,8 +201,7 @@ class VirtualBackend:
         lease = process.lease
         if process.dead or lease.closed or call.ref not in lease.calls:
             return
-        del lease.calls[call.ref]
-        self.out.append(Raised(lease, call.tag, "cancelled", cancelled=True))
+        self.out.append(Raised(lease, call.ref, call.tag, "cancelled", cancelled=True))
 
     def kill(self, lease: Lease) -> None:
         if isinstance(lease.handle, _Process):

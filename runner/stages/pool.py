@@ -13,21 +13,24 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from runner import items as itemsrc
+from runner.calls import Call, Expect, Remote
 from runner.carry import Dest
-from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
 from runner.identity import code_digest, digest, digester
-from runner.kind import RunContext, StageOutcome
+from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
+from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
 from runner.plan import (
     PlanContext,
     StagePlan,
+    StageSizing,
     Unit,
     claim,
     decider,
@@ -36,13 +39,13 @@ from runner.plan import (
     stage_config,
 )
 from runner.plan import stage_fingerprint as fingerprint_of
-from runner.remote import remote
 from runner.resources import Resources
 from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
 from runner.stages.pool_worker import PoolActor, WorkerOutput
 from runner.stages.results import write_results
+from runner.verdicts import Back, Done, DoneAll, End, Ended, Failed, Launch, Running, Send
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +124,18 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
         [worker],
         notes,
         pending_reason,
-        {"cpus_per_worker": sizing.cpus, "max_concurrency": threads},
+        PoolSettings(sizing.cpus, threads),
+        StageSizing(True, worker.resources),
     )
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What a pool stage's run takes from its plan: each worker's CPUs and threads, as sized
+    for the cluster (and the environment variables that override the spec)."""
+
+    cpus_per_worker: float
+    max_concurrency: int
 
 
 def _from_upstream(own: str, source: str, ctx: PlanContext) -> list[Unit] | None:
@@ -151,20 +164,20 @@ def worker_output(ctx: RunContext, stage: StagePlan, index: int) -> WorkerOutput
 
 
 class PoolRun(StageRun):
-    """Worker leases fed with batches of items: the executor grants and places the workers,
-    this sizes batches, reads outcomes, and replaces workers that time out or die."""
+    """Worker leases fed with batches of items: the loop grants and places the workers, this
+    sizes batches, reads outcomes, and replaces workers that time out or die."""
 
     running_rows = False
     noun = "item"
     grace = 0.0
 
-    def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
-        super().__init__(stage, ctx, ex)
-        assert isinstance(stage.spec, PoolStage)
+    def __init__(self, stage: StagePlan, ctx: RunContext) -> None:
+        super().__init__(stage, ctx)
+        assert isinstance(stage.spec, PoolStage) and isinstance(stage.settings, PoolSettings)
         self.spec = stage.spec
         self.retries = self.spec.retries
-        self.cpus: float = stage.settings["cpus_per_worker"]
-        self.threads: int = stage.settings["max_concurrency"]
+        self.cpus = stage.settings.cpus_per_worker
+        self.threads = stage.settings.max_concurrency
         self.depth: int = self.threads + 1
         self.item_seconds: float | None = None
         self.cpu: dict[Lease, float] = {}
@@ -178,6 +191,10 @@ class PoolRun(StageRun):
         # units finished, by state, and those that failed (the rest are dropped once recorded)
         self.final: Counter[UnitState] = Counter()
         self.bad: list[Work] = []
+        # in virtual time: what a worker's time per item is, against the items' own times
+        measure = ctx.measured.stage(stage.name) if ctx.measured is not None else None
+        self.scale = measure.scale if measure is not None else 1.0
+        self.timed_out = measure.timed_out if measure is not None else set()
 
     # units: a plan unit becomes a `Work` only when it is handed to a worker, so a stage of a
     # million items holds a Work per item in flight, not per item to run
@@ -247,30 +264,26 @@ class PoolRun(StageRun):
             self.asked += 1
             yield worker_ask(self.stage)
 
-    def launch(self, lease: Lease) -> None:
-        assert lease.placement is not None
+    def launch(self, lease: Lease) -> Verdicts:
         self.asked -= 1
         self.workers_started += 1
         output = worker_output(self.ctx, self.stage, self.workers_started)
         self.log_of[lease] = Path(output.log.path)
-        lease.actor = (
-            remote(PoolActor)
-            .options(**lease.placement.options(max_concurrency=self.threads, max_restarts=0))
-            .remote(dict(self.spec.worker), self.spec.step_timeout, self.threads, output)
-        )
-        lease.watch(lease.actor.ready.remote(), "ready")
+        args = (dict(self.spec.worker), self.spec.step_timeout, self.threads, output)
+        options = {"max_concurrency": self.threads, "max_restarts": 0}
+        yield Launch(lease, Remote(PoolActor, args, actor=True, options=options))
 
     def lease_ended(self, lease: Lease) -> None:
         self.draining.discard(lease)
         self.log_of.pop(lease, None)
 
-    def on_start(self, lease: Lease) -> None:
-        self._feed(lease)
+    def on_start(self, lease: Lease) -> Verdicts:
+        return self._feed(lease)
 
-    def tick(self) -> None:
+    def tick(self) -> Verdicts:
         for lease in list(self.leases):
             if lease.started is not None and lease.stopping is None:
-                self._feed(lease)
+                yield from self._feed(lease)
 
     # batches
 
@@ -284,23 +297,50 @@ class PoolRun(StageRun):
         share = math.ceil(self._queued() / max(1, len(self.leases) * self.depth))
         return max(1, min(int(size), MAX_BATCH, share))
 
-    def _feed(self, lease: Lease) -> None:
+    def _feed(self, lease: Lease) -> Verdicts:
         """Keep `depth` batches in flight on a worker; a suspect goes alone to an idle one."""
-        assert lease.started is not None
         while lease not in self.draining and len(lease.calls) < self.depth and self._queued():
+            if lease.closed:
+                return
             if self.queue and self.queue[0].suspect:
                 if lease.calls:
                     return
                 batch = [self.queue.popleft()]
             else:
                 batch = self._take()
-            self.ex.running_all(batch, lease.started, time.time())
-            lease.work += batch
+            yield Running(batch, lease, self.ctx.wall())
             units = [w.unit for w in batch]
-            ref = lease.actor.run.remote([u.id for u in units], [u.payload for u in units])
-            self.ex.watch(lease, ref, batch)
+            args = ([u.id for u in units], [u.payload for u in units])
+            expect = partial(self._expect, batch) if self.ctx.virtual else None
+            yield Send(lease, Call("run", args, tag=batch, expect=expect))
             if batch[0].suspect:
                 return
+
+    def _expect(self, batch: list[Work]) -> Expect:
+        """A batch in virtual time: each item takes what the measured run says, times the
+        worker time per item time it measured; an item that overran its step timeout there
+        does so again, and stops the batch (its worker is then replaced)."""
+        status: list[str] = []
+        seconds: list[float] = []
+        for work in batch:
+            took = self.ctx.seconds(self.name, work.id)
+            if work.id in self.timed_out:
+                status.append("timeout")
+                seconds.append(took)
+                break
+            status.append("done")
+            seconds.append(took * self.scale)
+        busy = sum(seconds)
+        reply = {
+            "status": status,
+            "values": [None] * len(status),
+            "seconds": seconds,
+            "busy": busy,
+            "cpu": 0.0,
+            "poisoned": status[-1] == "timeout",
+            "log": b"",
+        }
+        return Expect(busy, reply)
 
     def _take(self) -> list[Work]:
         size = self._batch_size()
@@ -321,7 +361,8 @@ class PoolRun(StageRun):
 
     # outcomes
 
-    def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
+    def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
+        assert isinstance(tag, list) and isinstance(value, dict)
         batch: list[Work] = tag
         reply: dict[str, Any] = value
         replied = set(batch)
@@ -334,30 +375,31 @@ class PoolRun(StageRun):
             per_item = reply["busy"] / len(status)
             old = self.item_seconds
             self.item_seconds = per_item if old is None else 0.7 * old + 0.3 * per_item
-        now = time.time()
+        now = self.ctx.wall()
         ran = batch[: len(status)]
         if status.count("done") == len(ran) and not any(w.state.final for w in ran):
-            self.ex.done_all(ran, values, seconds, now)  # the commonest reply, at batch cost
+            yield DoneAll(ran, values, seconds, now)  # the commonest reply, at batch cost
         else:
             for work, state, result, took in zip(ran, status, values, seconds, strict=True):
                 if work.state.final:  # cancelled while it ran: its result is dropped
                     continue
                 if state == "done":
-                    self.ex.finish(work, UnitState.done, result, None, now - took, now)
+                    yield Done(work, result, now - took, now)
                 elif state == "error":
-                    self.ex.failed(work, str(result))
+                    yield Failed(work, str(result))
                 else:
-                    self.ex.finish(work, UnitState.timeout, None, str(result), now - took, now)
+                    yield Ended(work, UnitState.timeout, None, str(result), now - took, now)
         for work in reversed(batch[len(status) :]):
             if not work.state.final:
-                self.ex.back(work)
+                yield Back(work)
         if reply["poisoned"]:
             self.draining.add(lease)
         if lease in self.draining and not lease.calls:
             log.debug("%s: replacing worker on %s", self.name, lease.node)
-            self.ex.end_lease(lease, kill=True)
+            yield End(lease, kill=True)
         elif lease.stopping is None:
-            self._feed(lease)  # at once: a worker waiting for the next turn of the loop idles
+            # at once: a worker waiting for the next turn of the loop idles
+            yield from self._feed(lease)
 
     def _land_log(self, lease: Lease, data: bytes) -> None:
         """Without a shared filesystem: a batch's log lines, appended to the worker's log."""
@@ -371,7 +413,7 @@ class PoolRun(StageRun):
         except OSError as exc:  # a log is no result: the run goes on, the user is told
             log.warning("%s: cannot write worker log %s: %s", self.name, path, exc)
 
-    def on_failure(self, lease: Lease, tag: Any, error: str, lost: bool) -> None:
+    def on_failure(self, lease: Lease, tag: object, error: str, lost: bool) -> Verdicts:
         """A worker died: requeue what it held as suspects; only an item that ran alone on it
         spends a retry (it killed its worker)."""
         held = [w for w in lease.work if not w.state.final]
@@ -379,13 +421,13 @@ class PoolRun(StageRun):
         if tag == "ready" and not lease.node_left:
             target = self.spec.worker.get("_target_")
             self.start_error = f"worker {target} failed to start: {error}"
-        self.ex.end_lease(lease, kill=True)
+        yield End(lease, kill=True)
         if lone and not lease.node_left:
-            self.ex.failed(held[0], "worker process died while running this item")
+            yield Failed(held[0], "worker process died while running this item")
             return
         for work in reversed(held):
             work.suspect = not lease.node_left
-            self.ex.back(work)
+            yield Back(work)
 
     def busy(self) -> bool:
         if self.start_error:  # the stage fails: wait only for calls still out
@@ -404,15 +446,24 @@ class PoolRun(StageRun):
             outcome.message = (
                 f"{failures} item(s) failed or timed out; max_failures allows {allowed}"
             )
-        path = write_results(self.ctx, self.stage)
-        outcome.outputs.append(str(path))
+        if not self.ctx.virtual:
+            path = write_results(self.ctx, self.stage)
+            outcome.outputs.append(str(path))
         return outcome
 
 
 def worker_ask(stage: StagePlan) -> Ask:
-    """One worker's lease: its sized CPUs at the stage's priority (the simulator asks the same)."""
-    return Ask(Resources(cpus=stage.settings["cpus_per_worker"]), stage.spec.priority)
+    """One worker's lease: its sized CPUs at the stage's priority."""
+    assert isinstance(stage.settings, PoolSettings)
+    return Ask(Resources(cpus=stage.settings.cpus_per_worker), stage.spec.priority)
 
 
-def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> PoolRun:
-    return PoolRun(stage, ctx, ex)
+def open_run(stage: StagePlan, ctx: RunContext) -> PoolRun:
+    return PoolRun(stage, ctx)
+
+
+def allowed_failures(max_failures: float, total: int) -> int:
+    """A count (>= 1) or a fraction of the stage's units (< 1)."""
+    if max_failures < 1:
+        return math.floor(max_failures * total + 1e-9)
+    return int(max_failures)

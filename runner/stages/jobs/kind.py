@@ -1,5 +1,5 @@
-"""How a jobs stage runs under the executor: one lease per job with the job's own resources,
-one Ray task on the granted node, its outcome read from the task's reply."""
+"""How a jobs stage runs in the unit loop: one lease per job with the job's own resources, one
+task on the granted node (`run_job`), its outcome read from the task's reply."""
 
 from __future__ import annotations
 
@@ -10,21 +10,25 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from runner import disk
+from runner.calls import Expect, Remote
 from runner.carry import Dest
-from runner.executor import Ask, Executor, Lease, StageRun, Work
 from runner.identity import digest
-from runner.kind import RunContext, StageOutcome
+from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
+from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
 from runner.output import Tail
 from runner.plan import StagePlan, Unit
-from runner.remote import plain, remote
+from runner.remote import plain
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
+from runner.stages.jobs.planning import JobsSettings
 from runner.stages.jobs.task import run_job
+from runner.verdicts import End, Ended, Fail, Launch, Record, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,8 @@ class JobsRun(StageRun):
 
     noun = "job"
 
-    def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
-        super().__init__(stage, ctx, ex)
+    def __init__(self, stage: StagePlan, ctx: RunContext) -> None:
+        super().__init__(stage, ctx)
         assert isinstance(stage.spec, JobsStage)
         self.spec = stage.spec
         self.retries = self.spec.retries
@@ -61,9 +65,9 @@ class JobsRun(StageRun):
         # the running jobs' .out/.err, followed onto the terminal with `show_output`
         self.tail = Tail(ctx.progress)
 
-    def prepare(self) -> None:
+    def prepare(self) -> Verdicts:
         for work in self.works:  # every queued job shows as PENDING from the start
-            self.ex.record(work)
+            yield Record(work)
 
     def ask_for(self, work: Work) -> Ask:
         """Its own resources at its own priority; a job that does not fit reserves its node,
@@ -77,48 +81,65 @@ class JobsRun(StageRun):
         elsewhere every node has the declared partitions (None: any node)."""
         if partition is None or not self.ctx.cluster.node_partitions:
             return None
-        return frozenset(i for i, n in enumerate(self.ex.nodes) if partition in n.partitions)
+        return frozenset(i for i, n in enumerate(self.ctx.nodes) if partition in n.partitions)
 
-    def launch(self, lease: Lease) -> None:
-        assert lease.placement is not None
+    def launch(self, lease: Lease) -> Verdicts:
         work = lease.work[0]
         paths = self._paths(work)
-        options = lease.placement.options(max_retries=0, name=f"job {work.id}")
-        started = self.ex.start_to(lease)
-        for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
-            with contextlib.suppress(FileNotFoundError):  # not an earlier attempt's lines
-                os.unlink(paths[stream])
-            if self.spec.show_output:
-                self.tail.start(Path(paths[stream]), fresh=True)
+        if not self.ctx.virtual:
+            for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
+                with contextlib.suppress(FileNotFoundError):  # not an earlier attempt's lines
+                    os.unlink(paths[stream])
+                if self.spec.show_output:
+                    self.tail.start(Path(paths[stream]), fresh=True)
         carried = not self.ctx.cluster.shared_fs
         spec = {
             **_job(work).task_spec(),
             "grace": self.spec.cancel_grace,
             "stdout": plain(Dest(paths["stdout"], carried)),
             "stderr": plain(Dest(paths["stderr"], carried)),
-            "started_to": plain(started),
         }
-        lease.task = remote(run_job).options(**options).remote(spec)
-        lease.watch(lease.task)
+        options = {"max_retries": 0, "name": f"job {work.id}"}
+        expect = partial(self._expect, work)
+        yield Launch(lease, Remote(run_job, (spec,), options=options, announce=True, expect=expect))
 
-    def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
+    def _expect(self, work: Work) -> Expect:
+        """A job in virtual time: it takes what the measured run says, and succeeds."""
+        seconds = self.ctx.seconds(self.name, work.id)
+        now = self.ctx.wall()
+        reply = {
+            "state": UnitState.done.value,
+            "exit_code": 0,
+            "started": now,
+            "ended": now + seconds,
+        }
+        return Expect(seconds, reply)
+
+    def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
+        assert isinstance(value, dict)
         reply: dict[str, Any] = value
         work = lease.work[0]
-        if not self.landed(lease, reply.pop("files", {})):  # streams carried back, if any
-            return
+        files = reply.pop("files", {})
+        if files:  # streams carried back (no shared filesystem)
+            failed = self.landed(lease, files)
+            if failed:
+                yield from failed
+                return
         self._show(work)
         paths = self._paths(work)
-        if self._disk_full(paths):
-            self.ex.stopped(lease)
+        full = disk.full(Path(paths["stdout"]).parent, self.ctx.store.root)
+        if full is not None:  # its streams met a full disk: the run stops, one message; the
+            yield Fail(full)  # job is not recorded done or failed (a rerun runs it)
+            yield Stopped(lease)
             return
-        self.ex.end_lease(lease)
+        yield End(lease)
         self.cpu += reply.get("cpu", 0.0)
         account = _job(work).account
         if account is not None:
             self.accounts.setdefault(account, Usage()).add(reply.get("cpu", 0.0))
         details = {k: reply.get(k) for k in ("exit_code", "signal", "pid")}
         details |= {k: reply[k] for k in ("memory_limit", "peak_rss") if k in reply}
-        self.ex.finish(
+        yield Ended(
             work,
             UnitState(reply["state"]),
             {**details, **paths},
@@ -127,7 +148,7 @@ class JobsRun(StageRun):
             reply.get("ended"),
         )
 
-    def tick(self) -> None:
+    def tick(self) -> Verdicts:
         """Show the running jobs' new output lines; with `follow`, run the jobs appended to
         jobs_file since the last look."""
         for lease in self.leases:
@@ -162,13 +183,19 @@ class JobsRun(StageRun):
             for job in jobs:
                 if job.id not in known:
                     known.add(job.id)
-                    self._add(job)
+                    yield from self._add(job)
 
-    def _add(self, job: Job) -> None:
+    def due(self) -> float | None:
+        """A followed jobs_file is read again every FOLLOW_EVERY seconds."""
+        if not self.follow.on or self.follow.closed:
+            return None
+        return self.ctx.clock() + FOLLOW_EVERY
+
+    def _add(self, job: Job) -> Verdicts:
         """A job that arrived while the stage runs: skipped when the ledger has it done with
         the same fingerprint (a resumed run), failed when no node could ever hold it."""
-        upstream = [self.ex.plan.stages[n].fingerprint for n in self.spec.needs]
-        unit = Unit(job.id, digest(job.identity(), *upstream), job)
+        assert isinstance(self.stage.settings, JobsSettings)
+        unit = Unit(job.id, digest(job.identity(), *self.stage.settings.upstream), job)
         assert self.stage.units is not None
         self.stage.units.append(unit)
         prior = self.ctx.ledger.prior_units(self.name).get(job.id)
@@ -183,13 +210,13 @@ class JobsRun(StageRun):
         work.record, work.result = job.record(), self._paths(work)
         self.works.append(work)
         self.left += 1
-        self.ex.record(work)
+        yield Record(work)
         partitions = self.ctx.cluster.partitions
         if job.partition is not None and partitions is not None and job.partition not in partitions:
-            self.ex.finish(work, UnitState.failed, error=f"no node has partition {job.partition!r}")
-        elif not any(job.resources.fits_in(node) for node in self.ctx.scheduler.nodes):
+            yield Ended(work, UnitState.failed, error=f"no node has partition {job.partition!r}")
+        elif not any(job.resources.fits_in(node.capacity) for node in self.ctx.nodes):
             need = job.resources.describe()
-            self.ex.finish(work, UnitState.failed, error=f"no node can hold {need}")
+            yield Ended(work, UnitState.failed, error=f"no node can hold {need}")
         else:
             self.queue.append(work)
 
@@ -210,14 +237,6 @@ class JobsRun(StageRun):
         if problem:
             outcome.ok, outcome.message = False, problem
         return outcome
-
-    def _disk_full(self, paths: dict[str, str]) -> bool:
-        """Its streams (`paths`) were written where the disk is now full: the run stops with
-        the one full-disk message, the job is not recorded done or failed (a rerun runs it)."""
-        error = disk.full(Path(paths["stdout"]).parent, self.ctx.store.root)
-        if error is not None:
-            self.ctx.ledger.fail(error)
-        return error is not None
 
     def _show(self, work: Work) -> None:
         """With `show_output`, print the complete new lines of a job's stdout and stderr above
@@ -283,5 +302,5 @@ def _job(work: Work) -> Job:
     return job
 
 
-def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> JobsRun:
-    return JobsRun(stage, ctx, ex)
+def open_run(stage: StagePlan, ctx: RunContext) -> JobsRun:
+    return JobsRun(stage, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from runner.cluster import PARTITION_LABEL, ClusterInfo
@@ -14,6 +15,7 @@ from runner.plan import (
     Claim,
     PlanContext,
     StagePlan,
+    StageSizing,
     Unit,
     claim,
     decider,
@@ -83,7 +85,20 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     if warning := _concurrency_warning(name, spec.max_concurrent, to_run, ctx.cluster):
         log.warning(warning)
     fingerprint = digest("jobs", *(u.fingerprint for u in units))
-    return StagePlan(name, "jobs", spec, fingerprint, config, units, _claims(to_run, ctx.cluster))
+    claims = _claims(to_run, ctx.cluster)
+    settings = JobsSettings(tuple(upstream))
+    sizing = StageSizing.by_unit({u.id: u.payload.resources for u in units})
+    return StagePlan(
+        name, "jobs", spec, fingerprint, config, units, claims, settings=settings, sizing=sizing
+    )
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    """What a jobs stage's run takes from its plan: its upstream stages' fingerprints (a job
+    that arrives while the stage runs is fingerprinted as the planned ones are)."""
+
+    upstream: tuple[str, ...]
 
 
 def _config(spec: JobsStage, raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,38 +1,50 @@
-"""How a roles stage runs under the executor: a lease per replica (preemptible by policy), a
-`RoleHost` actor on it, reserved placement groups kept for their roles.
+"""How a roles stage runs in the unit loop: a lease per replica (preemptible by policy), a
+`RoleHost` actor on it, reserved placement groups kept for the replicas they serve.
 
-A replica arrives (at `start_after`), asks for its lease (or takes a free reserved group),
-starts its actor in a placement group pinned to the granted node, and runs; a victim is asked
-to stop (`ctx.cancelled`), given `cancel_timeout`, its `state()` kept, killed, and queued
-again by the executor, to be restored when admitted next. The stage's event log
-(`events.jsonl`) and its summary (preemptions by reason, requeues, waiting by priority) are
-written from here.
+A replica arrives (at `start_after`), asks for its lease (or takes a free reserved group, lent
+to it as a grant of its own), starts its actor in a placement group pinned to the granted
+node, and runs; a victim is asked to stop (`ctx.cancelled`), given `cancel_timeout`, asked for
+its `state()` once more when it did not stop, killed, and queued again by the loop, to be
+restored when admitted next. The stage's event log (`events.jsonl`) and its summary
+(preemptions by reason, requeues, waiting by priority, `pg_pool_stats`) are written from here.
+In virtual time (`cluster=sim`) a replica's run takes its steps' time and stops at its next
+step when asked.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import time
-from collections import Counter
+import math
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from runner import saved_state
-from runner.executor import Ask, Executor, Lease, StageRun, Work
-from runner.kind import RunContext, StageOutcome
-from runner.lifecycle import UnitState
-from runner.placement import Placement
+from runner.calls import NEW_GROUP, Call, Expect, Remote
+from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
+from runner.lease import Ask, Lease, Work
 from runner.plan import StagePlan
-from runner.remote import remote
 from runner.resources import Resources
-from runner.scheduler.pgpool import PGPool, remove
 from runner.scheduler.policy import REASONS, Party, preemption_reason
+from runner.stages.roles.groups import DynamicGroups
 from runner.stages.roles.host import RoleHost, saves_state
 from runner.stages.roles.settings import Reserved, RoleSpec, RolesPlan
 from runner.store import atomic_path
+from runner.verdicts import (
+    Done,
+    End,
+    Launch,
+    Lend,
+    RemoveGroup,
+    Send,
+    SetQuota,
+    Stopped,
+    Verdict,
+    Withdraw,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +59,8 @@ class ReservedGroup:
     replicas it serves (`Reserved.serves`)."""
 
     spec: Reserved
-    lease: Lease
-    pg: Any = None
+    ask: Ask
+    lease: Lease | None = None
     ready: bool = False
     # the replica running in it
     user: Work | None = None
@@ -74,20 +86,27 @@ class RolesRun(StageRun):
 
     noun = "replica"
 
-    def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
-        super().__init__(stage, ctx, ex)
-        self.rp: RolesPlan = stage.settings["roles"]
+    def __init__(self, stage: StagePlan, ctx: RunContext) -> None:
+        super().__init__(stage, ctx)
+        assert isinstance(stage.settings, RolesPlan)
+        self.rp: RolesPlan = stage.settings
         self.grace = self.rp.policy.cancel_timeout
-        self.pgs = PGPool(stage.name, ctx.scheduler, self.rp.max_dynamic_pgs, self.rp.reuse)
-        self.t0 = time.monotonic()
-        self.arrived: set[Work] = set()
+        self.groups = DynamicGroups(stage.name, self.rp.max_dynamic_pgs, self.rp.reuse)
+        self.t0 = ctx.clock()
         self.queue.clear()  # a replica is queued when its role arrives
+        # replicas not arrived yet, by role; roles running (or with nothing to run)
+        self.coming: dict[str, list[Work]] = defaultdict(list)
+        for work in self.works:
+            self.coming[self.role(work).name].append(work)
+        self.running_roles = {r for r in self.rp.roles if r not in self.coming}
+        # replicas not final yet, by role (which reserved groups are still wanted)
+        self.unfinished_of: Counter[str] = Counter(self.role(w).name for w in self.works)
         self.reserved: list[ReservedGroup] = []
+        self.to_reserve: deque[Reserved] = deque()
         # reserved groups asked for so far (a preempted replica's group is made again)
         self.reserved_made = 0
-        self.saved: dict[Lease, Any] = {}
-        # victims past their cancel_timeout asked for their state, and until when to wait
-        self.asking: dict[Lease, tuple[Any, float]] = {}
+        # what a stopping victim's state() said (its stop reply, or its last call)
+        self.saved: dict[Lease, object] = {}
         self.asked_at: dict[Work, float] = {}
         # replicas holding or waiting for a dynamic group (at most `max_dynamic_pgs`), and
         # those granted but waiting for a group to come free
@@ -95,19 +114,16 @@ class RolesRun(StageRun):
         self.group_waiters: list[Lease] = []
         self.events: list[dict[str, Any]] = []
         self.stats = _Stats()
-        mine = {w.unit.payload["role"] for w in self.works}
-        self.running_roles = {r for r in self.rp.roles if r not in mine}
         self.saves = {
             r.name: saves_state(r.actor.get("_target_", "")) for r in self.rp.roles.values()
         }
-        if self.rp.quota is not None:
-            ctx.scheduler.set_quota(self.rp.pool, self.rp.quota)
+        self.step_seconds = self._step_seconds()
         self._restore_from_ledger()
 
     def _restore_from_ledger(self) -> None:
         """Replicas preempted in an earlier run of this directory start from the state they
         saved then (a runner restart loses no work); `run.fresh` starts every one anew."""
-        if self.ex.fresh:
+        if self.ctx.fresh or self.ctx.virtual:
             return
         states = saved_state.from_ledger(self.ctx.ledger, self.name, (w.unit for w in self.works))
         for work in self.works:
@@ -122,36 +138,27 @@ class RolesRun(StageRun):
     def index(self, work: Work) -> int:
         return int(work.unit.payload["replica"])
 
-    # reserved groups: leases of the stage itself, asked for first, never preempted
+    # --- reserved groups: leases of the stage itself, asked for first --------------------
 
-    def prepare(self) -> None:
-        for spec in self.rp.reserved:
-            if self._wanted(spec):
-                self._reserve(spec)
-
-    def _reserve(self, spec: Reserved) -> None:
-        ask = reserved_ask(self.rp, spec.shape)
-        ask.tag = "reserved"
-        lease = self.ex.submit(self, ask)
-        lease.start_bound = self.rp.pg_creation_timeout
-        self.reserved.append(ReservedGroup(spec, lease))
-        self.reserved_made += 1
+    def prepare(self) -> Verdicts:
+        if self.rp.quota is not None:
+            yield SetQuota(self.rp.pool, self.rp.quota)
+        self.to_reserve.extend(spec for spec in self.rp.reserved if self._wanted(spec))
 
     def _wanted(self, spec: Reserved) -> bool:
         """Whether any replica still to finish could run in a group of `spec`."""
-        return any(not w.state.final and spec.serves(self.role(w)) for w in self.works)
+        return any(n and spec.serves(self.rp.roles[r]) for r, n in self.unfinished_of.items())
 
-    def _let_go(self, group: ReservedGroup) -> None:
+    def _let_go(self, group: ReservedGroup) -> Verdicts:
         """A reserved group goes back to the pool: its placement group removed, its grant
         released (or its ask withdrawn, when it was not granted yet)."""
-        if group.lease.grant is None:
-            self.ex.withdraw(group.lease)
-            self.lease_ended(group.lease)
-        else:
-            self.ex.end_lease(group.lease)
         self.reserved.remove(group)
+        if group.lease is None:
+            yield Withdraw(group.ask)
+        else:
+            yield End(group.lease)
 
-    def _release_idle(self) -> None:
+    def _release_idle(self) -> Verdicts:
         """Reserved groups that no replica still to run could use are released to the pool:
         a later role that needs what they hold is not kept waiting to the stage's end."""
         for group in list(self.reserved):
@@ -162,14 +169,11 @@ class RolesRun(StageRun):
                     group.shape.describe(),
                     group.spec.describe(),
                 )
-                self._let_go(group)
+                yield from self._let_go(group)
 
     def ended(self, work: Work) -> None:
         super().ended(work)
-        self._release_idle()
-
-    def _reserved_of(self, lease: Lease) -> ReservedGroup | None:
-        return next((g for g in self.reserved if g.lease is lease), None)
+        self.unfinished_of[self.role(work).name] -= 1
 
     def _take_reserved(self, work: Work) -> ReservedGroup | None:
         """A free, ready reserved group that serves the replica (`pick_reserved`)."""
@@ -177,35 +181,54 @@ class RolesRun(StageRun):
         free = [g for g in self.reserved if g.ready and g.user is None and g.spec.serves(role)]
         return pick_reserved(free, role)
 
-    # arrivals and asks
+    # --- arrivals and asks -----------------------------------------------------------------
 
-    def _has_arrived(self, role: RoleSpec) -> bool:
-        after = role.start_after
-        if isinstance(after, str):
-            return after in self.running_roles
-        return time.monotonic() - self.t0 >= float(after)
+    def _arrive(self) -> None:
+        """Roles whose time has come, or whose role to wait for runs, queue their replicas."""
+        now = self.ctx.clock()
+        for name in list(self.coming):
+            after = self.rp.roles[name].start_after
+            came = after in self.running_roles if isinstance(after, str) else now - self.t0 >= after
+            if came:
+                for work in self.coming.pop(name):
+                    self.queue.append(work)
+                    self._event(work, "arrived")
 
-    def asks(self) -> Iterator[Ask]:
-        for work in self.works:
-            if work not in self.arrived and self._has_arrived(self.role(work)):
-                self.arrived.add(work)
-                self.queue.append(work)
-                self._event(work, "arrived")
+    def due(self) -> float | None:
+        """The next role that arrives at a time of its own."""
+        times = [
+            self.t0 + float(after)
+            for name in self.coming
+            if not isinstance(after := self.rp.roles[name].start_after, str)
+        ]
+        return min(times, default=None)
+
+    def asks(self) -> Iterator[Ask | Lend]:
+        while self.to_reserve:
+            spec = self.to_reserve.popleft()
+            ask = reserved_ask(self.rp, spec.shape)
+            ask.tag = group = ReservedGroup(spec, ask)
+            self.reserved.append(group)
+            self.reserved_made += 1
+            yield ask
+        self._arrive()
+        if not self.queue:
+            return
         # highest priority first: the first to take a free group, or a dynamic group's turn
         for work in sorted(self.queue, key=lambda w: -self.role(w).priority):
             if work.state.final:
                 self.queue.remove(work)
                 continue
             role = self.role(work)
-            self.asked_at.setdefault(work, time.monotonic())
-            group = self._take_reserved(work)
-            if group is not None:
+            self.asked_at.setdefault(work, self.ctx.clock())
+            free = self._take_reserved(work)
+            if free is not None:
                 self.queue.remove(work)
-                self._start_in(group, work)
+                yield self._lend(free, work)
             elif role.pg == "dynamic" and self._dynamic_turn(work):
                 self.queue.remove(work)
                 self.dynamic.add(work)
-                reuse = self.pgs.tag if self.rp.reuse and self.rp.dynamic_cap else None
+                reuse = self.groups.tag if self.rp.reuse and self.rp.dynamic_cap else None
                 yield replica_ask(
                     self.rp, role, self.index(work), self.saves[role.name], work, reuse
                 )
@@ -230,70 +253,66 @@ class RolesRun(StageRun):
         role = self.role(work)
         return Party(role.priority, self.rp.pool, role.labels)
 
-    def _start_in(self, group: ReservedGroup, work: Work) -> None:
+    def _lend(self, group: ReservedGroup, work: Work) -> Lend:
         """The replica runs in a free reserved group, on a grant of its own over the group's
         resources: preemptible by the normal rules like a replica on a dynamic group."""
         group.user = work
         role = self.role(work)
         ask = replica_ask(self.rp, role, self.index(work), self.saves[role.name], work)
         ask.resources, ask.tag = group.shape, group
-        assert group.lease.grant is not None
-        self.ex.lend(self, ask, group.lease.grant, group.pg)
+        assert group.lease is not None
+        return Lend(ask, group.lease)
 
     def requeue(self, work: Work) -> None:
         self.stats.requeues += 1
         self.queue.append(work)
 
-    # launching
+    # --- launching -------------------------------------------------------------------------
 
-    def launch(self, lease: Lease) -> None:
-        assert lease.placement is not None
+    def launch(self, lease: Lease) -> Verdicts:
         lease.start_bound = self.rp.pg_creation_timeout
-        lease.deadline = time.monotonic() + lease.start_bound
-        if lease.ask.tag == "reserved":
-            group = self._reserved_of(lease)
-            assert group is not None
-            group.pg = lease.placement.new_group()
-            lease.watch(group.pg.ready(), "group ready")
+        lease.deadline = self.ctx.clock() + lease.start_bound
+        tag = lease.ask.tag
+        if isinstance(tag, ReservedGroup) and lease.ask.work is None:  # a reserved group
+            tag.lease = lease
+            yield Launch(lease, Remote(None, group=NEW_GROUP))
             return
-        if lease.placement.group is None and self.rp.dynamic_cap is not None:
-            self.pgs.sweep()  # groups reclaimed for this grant go first: Ray frees what they held
-            if not self._in_group(lease):
+        if lease.group is None and self.rp.dynamic_cap is not None:
+            yield from self.groups.sweep()  # reclaimed groups first: Ray frees what they held
+            assert lease.grant is not None
+            group, first = self.groups.group_for(lease.grant)
+            if group is None:  # max_dynamic_pgs groups in use, none idle: it waits for one
                 self.group_waiters.append(lease)
                 self._event(
                     lease.work[0],
                     "waiting for a placement group",
                     max_dynamic_pgs=self.rp.max_dynamic_pgs,
                 )
+                return
+            yield from self._in_group(lease, group, first)
             return
-        self._start_actor(lease, lease.placement)
+        yield from self._start_actor(lease, lease.group)
 
-    def _in_group(self, lease: Lease) -> bool:
-        """Start the replica in a dynamic group (one it took over, an idle one, or a new
-        one); False when `max_dynamic_pgs` groups are in use and none is idle."""
-        assert lease.grant is not None and lease.placement is not None
-        found = self.pgs.group_for(lease.grant, lease.placement.new_group)
-        if found is None:
-            return False
-        self._event(lease.work[0], "placement group", reused=found[1])
-        self._start_actor(lease, dataclasses.replace(lease.placement, group=found[0]))
-        return True
+    def _in_group(self, lease: Lease, group: object, first: list[Verdict]) -> Verdicts:
+        """Start the replica in its dynamic group: one it took over, or a new one (after what
+        must happen first: an idle group removed to stay within `max_dynamic_pgs`)."""
+        yield from first
+        self._event(lease.work[0], "placement group", reused=group is not NEW_GROUP)
+        yield from self._start_actor(lease, group)
+        if group is NEW_GROUP:  # the backend made it as the actor was launched
+            self.groups.made(lease)
 
-    def _start_actor(self, lease: Lease, placement: Placement) -> None:
+    def _start_actor(self, lease: Lease, group: object) -> Verdicts:
         work = lease.work[0]
         role = self.role(work)
-        waited = time.monotonic() - self.asked_at.pop(work, time.monotonic())
+        waited = self.ctx.clock() - self.asked_at.pop(work, self.ctx.clock())
         self.stats.waited.setdefault(role.priority, []).append(waited)
-        options = placement.options(max_concurrency=2, max_restarts=0, **self._ray_options(work))
-        lease.actor = (
-            remote(RoleHost)
-            .options(**options)
-            .remote(role.actor, role.name, self.index(work), role.steps)
-        )
-        self.ex.watch(lease, lease.actor.ready.remote(), "ready")
+        options = {"max_concurrency": 2, "max_restarts": 0, **self._ray_options(work)}
+        args = (role.actor, role.name, self.index(work), role.steps)
+        yield Launch(lease, Remote(RoleHost, args, actor=True, options=options, group=group))
         self._event(work, "admitted", waited=round(waited, 3))
 
-    def _ray_options(self, work: Work) -> dict[str, Any]:
+    def _ray_options(self, work: Work) -> dict[str, object]:
         """The role's own actor options; a `name` told apart by replica (when there are
         several) and by attempt (the last one's actor may still be going)."""
         role = self.role(work)
@@ -307,43 +326,100 @@ class RolesRun(StageRun):
             options["name"] = name
         return options
 
-    def tick(self) -> None:
-        self.pgs.sweep()
+    def tick(self) -> Verdicts:
+        yield from self.groups.sweep()
+        yield from self._release_idle()
         # replicas waiting for a dynamic group, highest priority first, as groups come free
         for lease in sorted(self.group_waiters, key=lambda x: -x.ask.priority):
-            if lease.closed or lease.stopping is not None:
+            if lease.closed or lease.stopping is not None or lease.grant is None:
                 continue
-            if not self._in_group(lease):
+            group, first = self.groups.group_for(lease.grant)
+            if group is None:
                 break
             self.group_waiters.remove(lease)
+            yield from self._in_group(lease, group, first)
 
     def lease_ended(self, lease: Lease) -> None:
         super().lease_ended(lease)
+        self.saved.pop(lease, None)
         if lease in self.group_waiters:
             self.group_waiters.remove(lease)
         if lease.ask.tag is None:  # a dynamic replica's lease
             self.dynamic.difference_update(lease.work)
 
-    def on_start(self, lease: Lease) -> None:
+    def on_start(self, lease: Lease) -> Verdicts:
+        tag = lease.ask.tag
+        if isinstance(tag, ReservedGroup) and lease.ask.work is None:  # a group is ready
+            tag.ready = True
+            return
         work = lease.work[0]
         self.running_roles.add(self.role(work).name)
         self._event(work, "running", restored=work.saved is not None)
-        self.ex.watch(lease, lease.actor.run.remote(work.saved), "run")
+        expect = partial(self._expect, work) if self.ctx.virtual else None
+        yield Send(lease, Call("run", (work.saved,), tag="run", expect=expect))
 
-    # replies
+    # --- virtual time ------------------------------------------------------------------------
 
-    def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
-        if tag == "group ready":
-            group = self._reserved_of(lease)
-            assert group is not None
-            group.ready, lease.deadline = True, None
+    def _step_seconds(self) -> dict[str, float]:
+        """Seconds per step by role, in virtual time: from replicas of a measured run that ran
+        unpreempted, else `step_time`, else the actor's `step_seconds`, else
+        `cluster.sim_unit_seconds`."""
+        if not self.ctx.virtual:
+            return {}
+        m = self.ctx.measured.stage(self.name) if self.ctx.measured is not None else None
+        measured: dict[str, list[float]] = defaultdict(list)
+        for unit, seconds in m.durations.items() if m is not None else ():
+            role = self.rp.roles.get(unit.rsplit("/", 1)[0])  # replica ids: ROLE/INDEX
+            if role is not None and role.steps and m is not None and m.attempts.get(unit) == 1:
+                measured[role.name].append(seconds / role.steps)
+        out = {}
+        for role in self.rp.roles.values():
+            declared = role.step_time or float(role.actor.get("step_seconds", 0) or 0) or None
+            seen = measured.get(role.name)
+            out[role.name] = sum(seen) / len(seen) if seen else declared or self.ctx.unit_seconds
+        return out
+
+    def _expect(self, work: Work) -> Expect:
+        """A replica's run in virtual time: its steps left times its step time (or its
+        `estimated_duration`); asked to stop, it stops at its next step, keeping the steps it
+        finished when its actor has `state()`."""
+        role = self.role(work)
+        step = self.step_seconds[role.name]
+        total = role.estimated_duration or role.steps * step
+        done = (
+            float(work.saved["virtual_s"])
+            if isinstance(work.saved, dict) and "virtual_s" in work.saved
+            else 0.0
+        )
+        left = max(total - done, min(step, total))
+        saves = self.saves[role.name]
+
+        def stopped(ran: float) -> dict[str, object]:
+            kept = math.floor(ran / step + 1e-9) * step if saves else 0.0
+            state = {"virtual_s": done + kept} if saves else None
+            return {"cancelled": True, "state": state, "result": None}
+
+        finished = {"cancelled": False, "state": None, "result": {"steps": role.steps}}
+        return Expect(left, finished, step=min(step, left), stopped=stopped)
+
+    # --- replies -----------------------------------------------------------------------------
+
+    def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
+        if tag == "cancel":  # its cancel() heard: its run's reply says when it stopped
             return
+        if tag == "state":  # a stubborn victim's last word before it is killed
+            self.saved[lease] = value
+            yield Stopped(lease)
+            return
+        assert isinstance(value, dict)
         reply: dict[str, Any] = value
         work = lease.work[0]
         if lease.stopping is not None or reply["cancelled"]:
             self.saved[lease] = reply["state"]
             lease.stopping = lease.stopping or "preempted: cancelled"
-            self.ex.stopped(lease)
+            if lease.preempted:
+                self._event(work, "stopped", saved=reply["state"] is not None)
+            yield Stopped(lease)
             return
         result = (
             reply["result"] if isinstance(reply["result"], dict) else {"value": reply["result"]}
@@ -352,81 +428,68 @@ class RolesRun(StageRun):
             1 for e in self.events if e["unit"] == work.id and e["event"] == "preempt requested"
         )
         self._event(work, "done")
-        self.ex.end_lease(lease, kill=True)
-        self.ex.finish(work, UnitState.done, {**result, "preemptions": preemptions})
+        yield End(lease, kill=True)
+        yield Done(work, {**result, "preemptions": preemptions})
 
-    def on_preempt(self, lease: Lease, reason: str) -> None:
+    def on_preempt(self, lease: Lease, reason: str) -> Verdicts:
         self.stats.preempted[reason] += 1
         for work in lease.work:
             self._event(work, "preempt requested", reason=reason)
+        yield from ()
 
-    def stop(self, lease: Lease) -> None:
-        if lease.actor is not None and lease.started is not None:
-            lease.actor.cancel.remote()
+    def stop(self, lease: Lease) -> Verdicts:
+        if lease.ask.work is None:  # a reserved group: nothing runs in it of its own
+            yield Stopped(lease)
+        elif lease.started is not None:
+            yield Send(lease, Call("cancel", tag="cancel", interrupts=True))
 
-    def saved_state(self, lease: Lease) -> Any:
-        """What the replica's `state()` says: from its reply when it stopped in time, else
-        asked once more (bounded) before it is killed."""
-        import ray
+    def last_call(self, lease: Lease) -> tuple[Call, float] | None:
+        """A victim that did not stop within `cancel_timeout` is asked for its `state()` once
+        more (for at most STATE_TIMEOUT) before it is killed."""
+        if lease in self.saved or not lease.work:
+            return None
+        work = lease.work[0]
+        expect = partial(self._state_now, work, lease) if self.ctx.virtual else None
+        return Call("state", tag="state", expect=expect), STATE_TIMEOUT
 
-        in_time = lease in self.saved
+    def _state_now(self, work: Work, lease: Lease) -> Expect:
+        ran = self.ctx.wall() - lease.started.time if lease.started is not None else 0.0
+        reply = self._expect(work).stopped
+        assert reply is not None
+        state = reply(ran)
+        assert isinstance(state, dict)
+        return Expect(0.0, state["state"])
+
+    def saved_state(self, lease: Lease) -> object:
+        """What the replica's `state()` said: in its stop reply, or its last call's answer
+        (none when it did not answer that either: it is killed with what it saved before)."""
         state = self.saved.pop(lease, None)
-        if not in_time and lease.actor is not None and lease.started is not None:
-            self._ask_states(lease)
-            ref, until = self.asking.pop(lease)
-            try:
-                state = ray.get(ref, timeout=max(0.0, until - time.monotonic()))
-            except Exception as exc:  # stuck or dead: killed with what was saved before
-                log.debug("state(): %s", exc)
-        what = "stopped" if in_time else "killed after cancel_timeout"
-        for work in lease.work:
-            self._event(work, what, saved=state is not None)
+        if lease.last_asked:
+            for work in lease.work:
+                self._event(work, "killed after cancel_timeout", saved=state is not None)
         return state
 
-    def _ask_states(self, lease: Lease) -> None:
-        """Ask `lease` and every other victim past its cancel_timeout for its state at once,
-        so stubborn victims cost one STATE_TIMEOUT together, not one each in turn."""
-        now = time.monotonic()
-        late = [
-            x
-            for x in self.leases
-            if x.stopping is not None
-            and x.deadline is not None
-            and x.deadline <= now
-            and x not in self.saved
-            and x.actor is not None
-            and x.started is not None
-        ]
-        for victim in [lease, *late]:
-            if victim not in self.asking:
-                self.asking[victim] = (victim.actor.state.remote(), now + STATE_TIMEOUT)
-
-    def release(self, lease: Lease) -> None:
-        self.asking.pop(lease, None)
-        group = lease.ask.tag if isinstance(lease.ask.tag, ReservedGroup) else None
-        if group is not None:
-            if lease.grant is not None:
-                self.ctx.scheduler.release(lease.grant)
-            group.user = None
-            if lease.stopping is not None and lease.stopping.startswith("preempted"):
+    def release(self, lease: Lease) -> Verdicts:
+        tag = lease.ask.tag
+        if isinstance(tag, ReservedGroup):
+            if lease.ask.work is None:  # the reserved group itself
+                if lease.group is not None:
+                    yield RemoveGroup(lease.group)
+                return
+            tag.user = None  # a replica lent the group: its own grant is released
+            if lease.preempted:
                 # what the victim held is its preemptor's: the group goes back to the pool,
                 # and a new one is reserved for the role while it has replicas to run
-                self._let_go(group)
-                if self._wanted(group.spec):
-                    self._reserve(group.spec)
-        elif lease.ask.tag == "reserved":
-            reserved = self._reserved_of(lease)
-            if reserved is not None and reserved.pg is not None:
-                remove(reserved.pg)
-            if lease.grant is not None:
-                self.ctx.scheduler.release(lease.grant)
-        elif lease.grant is not None:
-            self.pgs.give_back(lease.grant)
+                yield from self._let_go(tag)
+                if self._wanted(tag.spec):
+                    self.to_reserve.append(tag.spec)
+            return
+        yield from self.groups.give_back(lease)
 
-    def close(self) -> None:
-        self.pgs.close()
+    def close(self) -> Verdicts:
+        yield from self.groups.close()
 
-    # the end
+    # --- the end -----------------------------------------------------------------------------
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         s = self.stats
@@ -442,15 +505,16 @@ class RolesRun(StageRun):
                 for p, w in sorted(s.waited.items())
             },
             "placement_groups": {
-                "created": self.pgs.created + self.reserved_made,
-                "reused": self.pgs.reused,
+                "created": self.groups.created + self.reserved_made,
+                "reused": self.groups.reused,
             },
             "pg_pool_stats": {self.rp.pool: self._pg_pool_stats()},
         }
-        path = self.ctx.stage_dir(self.name) / EVENTS
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
-        outcome.outputs.append(str(path))
+        if not self.ctx.virtual:
+            path = self.ctx.stage_dir(self.name) / EVENTS
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
+            outcome.outputs.append(str(path))
         pre = ", ".join(f"{k} {s.preempted[k]}" for k in REASONS)
         waits = ", ".join(
             f"{p:g}: {sum(w) / len(w):.2f}s" for p, w in sorted(s.waited.items(), reverse=True)
@@ -467,7 +531,7 @@ class RolesRun(StageRun):
     def _pg_pool_stats(self) -> dict[str, int]:
         """ScheduleMesh's `scheduler.pg_pool_stats()` for the stage's pool: groups made and
         reused, in use now, and the high-priority (reserved) ones made."""
-        dynamic = self.pgs.stats()
+        dynamic = self.groups.stats()
         in_use = sum(1 for g in self.reserved if g.user is not None)
         return {
             "created": dynamic["created"] + self.reserved_made,
@@ -477,10 +541,12 @@ class RolesRun(StageRun):
             "high_priority": self.reserved_made,
         }
 
-    def _event(self, work: Work, what: str, **details: Any) -> None:
+    def _event(self, work: Work, what: str, **details: object) -> None:
+        if self.ctx.virtual:
+            return
         self.events.append(
             {
-                "t": round(time.time(), 4),
+                "t": round(self.ctx.wall(), 4),
                 "unit": work.id,
                 "role": work.unit.payload["role"],
                 "event": what,
@@ -498,8 +564,7 @@ def replica_ask(
     reuse: str | None = None,
 ) -> Ask:
     """A replica's lease: its role's resources, priority and labels in the stage's pool;
-    preemptible; replicas beyond the role's `min` are elastic and preempt nobody. The
-    simulated cluster asks the same."""
+    preemptible; replicas beyond the role's `min` are elastic and preempt nobody."""
     elastic = index >= role.min
     return Ask(
         role.resources,
@@ -518,7 +583,7 @@ def replica_ask(
 
 def reserved_ask(rp: RolesPlan, shape: Resources) -> Ask:
     """A reserved group's lease, asked for when the stage starts: at the top role priority,
-    in the stage's pool, never preempted. The simulated cluster asks the same."""
+    in the stage's pool, never preempted."""
     return Ask(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
 
 
@@ -535,7 +600,7 @@ _G = TypeVar("_G", bound=_Reserved)
 
 def pick_reserved(free: list[_G], role: RoleSpec) -> _G | None:
     """Which free reserved group a replica takes: its role's own, else one kept for no role;
-    the smallest that holds it. The simulated cluster picks the same."""
+    the smallest that holds it."""
     fits = [g for g in free if role.resources.fits_in(g.shape)]
     mine = [g for g in fits if g.role == role.name] or [g for g in fits if g.role is None]
     if not mine:
@@ -543,5 +608,5 @@ def pick_reserved(free: list[_G], role: RoleSpec) -> _G | None:
     return min(mine, key=lambda g: (g.shape.cpus + 8 * g.shape.gpus, g.shape.memory))
 
 
-def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> RolesRun:
-    return RolesRun(stage, ctx, ex)
+def open_run(stage: StagePlan, ctx: RunContext) -> RolesRun:
+    return RolesRun(stage, ctx)

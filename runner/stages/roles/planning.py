@@ -10,7 +10,15 @@ from typing import Any
 
 from runner.errors import PlanError
 from runner.identity import digest
-from runner.plan import PlanContext, StagePlan, Unit, claim, decider, result_config
+from runner.plan import (
+    PlanContext,
+    StagePlan,
+    StageSizing,
+    Unit,
+    claim,
+    decider,
+    result_config,
+)
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.scheduler.policy import Party, preemption_reason
@@ -52,9 +60,10 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     _check_fit(name, roles_plan, ctx)
     notes += _beside_reserved(name, roles_plan, ctx)
     notes += _groups_said(name, roles_plan)
-    return StagePlan(
-        name, "roles", spec, fp, config, units, claims, notes, "", {"roles": roles_plan}
+    sizing = StageSizing.by_unit(
+        {u.id: roles_plan.roles[u.payload["role"]].resources for u in units}
     )
+    return StagePlan(name, "roles", spec, fp, config, units, claims, notes, "", roles_plan, sizing)
 
 
 def _check_fit(name: str, rp: RolesPlan, ctx: PlanContext) -> None:

@@ -1,6 +1,6 @@
-"""How a shard stage runs under the executor: one lease per shard (its CPUs and GPUs on one
-node), one Ray task there, a commit on the runner's side, the shards' output on the terminal,
-and the merge."""
+"""How a shard stage runs in the unit loop: one lease per shard (its CPUs and GPUs on one
+node), one task there (`run_shard`), a commit on the runner's side, the shards' output on the
+terminal, and the merge."""
 
 from __future__ import annotations
 
@@ -8,24 +8,27 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from runner import disk, procs
+from runner.calls import Expect, Remote
 from runner.carry import pack, under
-from runner.executor import Ask, Executor, Lease, StageRun, Work
-from runner.kind import RunContext, StageOutcome
+from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
+from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
 from runner.merge import Committed, manifest_of, merge, read_table, write_table
 from runner.output import Tail
-from runner.plan import StagePlan
-from runner.remote import remote
+from runner.plan import StagePlan, Unit
 from runner.resources import Resources
 from runner.schema import ShardStage
 from runner.stages.shard.files import Files, commit, launch_values, tail
+from runner.stages.shard.planning import ShardSettings
 from runner.stages.shard.ranges import Shard
 from runner.stages.shard.slots import GpuSlots
 from runner.stages.shard.task import run_shard
+from runner.verdicts import Done, End, Fail, Failed, Launch, Lend, Record, Requeue, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +46,19 @@ class ShardRun(StageRun):
     grace = CANCEL_GRACE
     noun = "shard"
 
-    def __init__(self, stage: StagePlan, ctx: RunContext, ex: Executor) -> None:
+    def __init__(self, stage: StagePlan, ctx: RunContext) -> None:
         assert isinstance(stage.spec, ShardStage)
         self.spec = stage.spec
+        self.ctx = ctx
         self.root = ctx.stage_dir(stage.name) / "shards"
-        self.root.mkdir(exist_ok=True)
+        if not ctx.virtual:
+            self.root.mkdir(exist_ok=True)
         units = stage.units or []
         self.shards = {u.id: _shard(u.payload) for u in units}
         width = max(4, len(str(len(units) - 1)))
         self.files = {u.id: self._files(self.shards[u.id], width) for u in units}
         self.adopted = self._adopt_committed(stage)
-        super().__init__(stage, ctx, ex)
+        super().__init__(stage, ctx)
         self.retries = self.spec.retries
         self.cap = self.spec.max_parallel
         self.cpu = 0.0
@@ -61,9 +66,8 @@ class ShardRun(StageRun):
         self.tail = Tail(ctx.progress)
         self.failures: list[str] = []
         # the GPU groups to ask for by name, where the cluster names its GPUs (else Ray picks)
-        self.slots = GpuSlots.of(
-            stage.settings.get("gpu_groups"), self.spec.gpus_per_shard, ctx.cluster.nodes
-        )
+        groups = stage.settings.gpu_groups if isinstance(stage.settings, ShardSettings) else None
+        self.slots = GpuSlots.of(groups, self.spec.gpus_per_shard, ctx.cluster.nodes)
         self.requeued: Counter[str] = Counter()
 
     @property
@@ -81,7 +85,10 @@ class ShardRun(StageRun):
     def _adopt_committed(self, stage: StagePlan) -> int:
         """A done shard whose output vanished runs again; a shard committed by a run that died
         before its ledger write is recorded done without running (not on a fresh run)."""
-        adopted = []
+        adopted: list[Unit] = []
+        if self.ctx.virtual:  # nothing was written, nothing is read
+            self._adopted_units = adopted
+            return 0
         for unit in stage.units or []:
             committed = manifest_of(self._committed(unit.id, unit.fingerprint)) is not None
             if not unit.run and not committed:
@@ -92,13 +99,12 @@ class ShardRun(StageRun):
         self._adopted_units = adopted
         return len(adopted)
 
-    def prepare(self) -> None:
+    def prepare(self) -> Verdicts:
         """Record adopted shards done; write each queued shard's slice of the input; record it
         pending (the ranges then live in the ledger: a resume plans without reading the input)."""
         for unit in self._adopted_units:
-            work = Work(self.name, unit, UnitState.done, result={"adopted": True})
-            self.ex.record(work)
-        if not self.works:
+            yield Record(Work(self.name, unit, UnitState.done, result={"adopted": True}))
+        if not self.works or self.ctx.virtual:
             return
         frame = read_table(Path(self.spec.input))
         ids = frame[self.spec.id_column]
@@ -110,9 +116,9 @@ class ShardRun(StageRun):
             if stale or work.unit.reason == "fresh run":
                 f.part.unlink(missing_ok=True)  # not this config's partial output
             procs.reap_group(f.pid)
-            self.ex.record(work)
+            yield Record(work)
 
-    def asks(self) -> Iterable[Ask]:
+    def asks(self) -> Iterable[Ask | Lend]:
         """With named GPUs, only as many asks as there are free groups (`ask_for` takes one)."""
         if self.slots is not None:
             room = self.asked + self.slots.spare()
@@ -128,61 +134,83 @@ class ShardRun(StageRun):
 
     def lease_ended(self, lease: Lease) -> None:
         super().lease_ended(lease)
-        if self.slots is not None and lease.ask.tag is not None:
+        if self.slots is not None and isinstance(lease.ask.tag, tuple):
             self.slots.give(lease.ask.tag)
 
-    def launch(self, lease: Lease) -> None:
-        assert lease.placement is not None
+    def launch(self, lease: Lease) -> Verdicts:
         work = lease.work[0]
+        shard = self.shards[work.id]
+        job = {} if self.ctx.virtual else self._job(lease, work)
+        options = {"max_retries": 0, "name": f"shard {shard.label}"}
+        expect = partial(self._expect, work)
+        yield Launch(
+            lease, Remote(run_shard, (job,), options=options, announce=True, expect=expect)
+        )
+
+    def _job(self, lease: Lease, work: Work) -> dict[str, Any]:
+        """What the shard's task is handed: its command or function, its placeholders' values,
+        its GPUs, where it logs; without a shared filesystem, its files too."""
         shard, f = self.shards[work.id], self.files[work.id]
         f.part_owner.write_text(work.unit.fingerprint)
         self.tail.start(f.log)
-        values = launch_values(work.unit, f, self.spec.id_column, work.attempts + 1)
-        job = {
+        job: dict[str, Any] = {
             "label": shard.label,
             "attempt": work.attempts + 1,
             "command": self.spec.command,
             "fn": self.spec.fn,
-            "values": values,
+            "values": launch_values(work.unit, f, self.spec.id_column, work.attempts + 1),
             "gpus": self.spec.gpus_per_shard,
             # the GPUs (NVML indices) the shard must use, over Ray's pick; None: Ray's pick
-            "gpu_ids": list(lease.ask.tag) if lease.ask.tag is not None else None,
+            "gpu_ids": list(lease.ask.tag) if isinstance(lease.ask.tag, tuple) else None,
             "min_gpu_memory_gb": self.spec.min_gpu_memory_gb,
             "cwd": os.getcwd(),
             "log": str(f.log.resolve()),
             "pid": str(f.pid.resolve()),
-            "started_to": self.ex.start_to(lease),
         }
         if not self.ctx.cluster.shared_fs:  # its files travel with it, and back in its reply
             job["carry_root"] = str(self.root.resolve())
             job["stage_in"] = pack(self.root, [f.input, f.done, f.part, f.log, f.out_dir])
-        options = lease.placement.options(max_retries=0, name=f"shard {shard.label}")
-        lease.task = remote(run_shard).options(**options).remote(job)
-        lease.watch(lease.task)
+        return job
 
-    def on_reply(self, lease: Lease, tag: Any, value: Any) -> None:
+    def _expect(self, work: Work) -> Expect:
+        """A shard in virtual time: it takes what the measured run says, and succeeds."""
+        seconds = self.ctx.seconds(self.name, work.id)
+        now = self.ctx.wall()
+        reply = {"ok": True, "cuda_visible_devices": None, "started": now, "ended": now + seconds}
+        return Expect(seconds, reply)
+
+    def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
+        assert isinstance(value, dict)
         reply: dict[str, Any] = value
         work = lease.work[0]
-        if not self.landed(lease, under(self.root, reply.pop("files", {}))):  # carried back
-            return
+        files = reply.pop("files", {})
+        if files:  # carried back (no shared filesystem)
+            failed = self.landed(lease, under(self.root, files))
+            if failed:
+                yield from failed
+                return
         self._show(work)
         if lease.stopping is not None and not reply["ok"]:
             # cancelled (mode=cancel, Ctrl-C): its command was killed, which is no failure
-            self.ex.stopped(lease)
+            yield Stopped(lease)
             return
-        full = disk.full(self.root, self.ctx.store.root)
+        full = None if self.ctx.virtual else disk.full(self.root, self.ctx.store.root)
         if full is not None:  # its log or output met a full disk: the run stops, one message
-            self.ctx.ledger.fail(full)
-            self.ex.stopped(lease)
+            yield Fail(full)
+            yield Stopped(lease)
             return
-        self.ex.end_lease(lease)
+        yield End(lease)
         self.cpu += reply.get("cpu", 0.0)
         if reply.get("requeue") and self._requeue(lease, work, reply["requeue"]):
+            yield Requeue(work, reply["requeue"])
             return
         shard, f = self.shards[work.id], self.files[work.id]
-        error = (
-            reply["error"] if not reply["ok"] else commit(f, shard, work.unit, self.spec.id_column)
-        )
+        if not reply["ok"]:
+            error = reply["error"]
+        elif self.ctx.virtual:
+            error = None
+        else:
+            error = commit(f, shard, work.unit, self.spec.id_column)
         if reply.get("requeue"):
             error = f"{reply['requeue']} ({GPU_REQUEUES + 1} times in a row: counted as a failure)"
         if error is None:
@@ -193,7 +221,7 @@ class ShardRun(StageRun):
                 "started": reply["started"],
                 "ended": reply["ended"],
             }
-            self.ex.finish(work, UnitState.done, result, None, reply["started"], reply["ended"])
+            yield Done(work, result, reply["started"], reply["ended"])
             return
         if work.attempts > self.retries:
             last = tail(f.log)
@@ -202,43 +230,47 @@ class ShardRun(StageRun):
                 f"last lines of {f.log}:\n" + "\n".join(f"    {ln}" for ln in last)
             )
             self.failures.append(error)
-        self.ex.failed(work, error)
+        yield Failed(work, error)
 
     def _requeue(self, lease: Lease, work: Work, reason: str) -> bool:
-        """The shard landed on GPUs short of free memory, no fault of its own: back to the queue
-        with the reason, no retry spent (at most GPU_REQUEUES times; after that it counts as a
-        failure). Named GPUs that were short are not asked for again by this stage."""
+        """Whether the shard that landed on GPUs short of free memory, no fault of its own,
+        goes back to the queue with the reason, no retry spent (at most GPU_REQUEUES times;
+        after that it counts as a failure). Named GPUs that were short are not asked for
+        again by this stage."""
         if self.requeued[work.id] >= GPU_REQUEUES:
             return False
         self.requeued[work.id] += 1
         group = lease.ask.tag
-        if self.slots is not None and group is not None and not self.slots.retire(group):
+        if self.slots is not None and isinstance(group, tuple) and not self.slots.retire(group):
             reason += f"; GPU(s) {','.join(map(str, group))} not used again by this stage"
         log.warning("%s: shard %s queued again: %s", self.name, self.shards[work.id].label, reason)
-        self.ex.requeue_free(work, reason)
         return True
 
-    def stop(self, lease: Lease) -> None:
+    def stop(self, lease: Lease) -> Verdicts:
         """Ray interrupts the task, which kills its command's process group; the recorded
         group is killed here too, in case the task cannot run its cleanup."""
-        super().stop(lease)
-        for work in lease.work:
-            procs.reap_group(self.files[work.id].pid)
+        yield from super().stop(lease)
+        if not self.ctx.virtual:
+            for work in lease.work:
+                procs.reap_group(self.files[work.id].pid)
 
-    def tick(self) -> None:
+    def tick(self) -> Verdicts:
         for lease in self.leases:
             for work in lease.work:
                 self._show(work)
+        yield from ()
 
     def _show(self, work: Work) -> None:
         """Print the complete new lines of a shard's log, prefixed with its range."""
-        if self.spec.show_output:
+        if self.spec.show_output and not self.ctx.virtual:
             self.tail.show(self.files[work.id].log, f"[shard {self.shards[work.id].label}] ")
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         outcome.cpu_seconds = self.cpu
         outcome.done += self.adopted
         outcome.skipped -= self.adopted
+        if self.ctx.virtual:  # nothing was written: nothing to merge
+            return outcome
         sort_by = self.spec.merge.get("sort_by") or self.spec.id_column
         keys = [sort_by] if isinstance(sort_by, str) else list(sort_by)
         target = self.ctx.stage_dir(self.name) / f"merged.{self.fmt}"
@@ -278,5 +310,5 @@ def _shard(payload: dict[str, Any]) -> Shard:
     return Shard(payload["index"], payload["low"], payload["high"], payload["rows"])
 
 
-def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> ShardRun:
-    return ShardRun(stage, ctx, ex)
+def open_run(stage: StagePlan, ctx: RunContext) -> ShardRun:
+    return ShardRun(stage, ctx)

@@ -4,6 +4,7 @@ the cluster (and NVML, on a local cluster) before anything starts."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,18 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     shard_claim = claim("shard", resources, len(shards), ctx.cluster)
     if spec.max_parallel is not None and shard_claim.fit > spec.max_parallel:
         notes.append(f"{name}: max_parallel {spec.max_parallel} of {shard_claim.fit} that fit")
-    plan = StagePlan(name, "shard", spec, fp, config, units, [shard_claim], notes)
-    if groups:
-        plan.settings["gpu_groups"] = groups
-    return plan
+    settings = ShardSettings(groups or None)
+    return StagePlan(
+        name, "shard", spec, fp, config, units, [shard_claim], notes, settings=settings
+    )
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What a shard stage's run takes from its plan: the GPU groups (NVML indices) it asks for
+    by name, where the cluster names its GPUs (None: Ray picks a node's GPUs)."""
+
+    gpu_groups: list[list[int]] | None
 
 
 def _check_high(name: str, spec: ShardStage, shards: list[Shard]) -> None:
