@@ -201,8 +201,9 @@ class ShardRun(StageRun):
             return
         yield End(lease)
         self.cpu += reply.get("cpu", 0.0)
-        if reply.get("requeue") and self._requeue(lease, work, reply["requeue"]):
-            yield Requeue(work, reply["requeue"])
+        requeued = self._requeue(lease, work, reply["requeue"]) if reply.get("requeue") else None
+        if requeued is not None:
+            yield Requeue(work, requeued)
             return
         shard, f = self.shards[work.id], self.files[work.id]
         if not reply["ok"]:
@@ -232,19 +233,19 @@ class ShardRun(StageRun):
             self.failures.append(error)
         yield Failed(work, error)
 
-    def _requeue(self, lease: Lease, work: Work, reason: str) -> bool:
-        """Whether the shard that landed on GPUs short of free memory, no fault of its own,
-        goes back to the queue with the reason, no retry spent (at most GPU_REQUEUES times;
-        after that it counts as a failure). Named GPUs that were short are not asked for
-        again by this stage."""
+    def _requeue(self, lease: Lease, work: Work, reason: str) -> str | None:
+        """Why the shard that landed on GPUs short of free memory, no fault of its own, goes
+        back to the queue, no retry spent (None: it does not, after GPU_REQUEUES times it
+        counts as a failure). Named GPUs that were short are not asked for again by this
+        stage."""
         if self.requeued[work.id] >= GPU_REQUEUES:
-            return False
+            return None
         self.requeued[work.id] += 1
         group = lease.ask.tag
         if self.slots is not None and isinstance(group, tuple) and not self.slots.retire(group):
             reason += f"; GPU(s) {','.join(map(str, group))} not used again by this stage"
         log.warning("%s: shard %s queued again: %s", self.name, self.shards[work.id].label, reason)
-        return True
+        return reason
 
     def stop(self, lease: Lease) -> Verdicts:
         """Ray interrupts the task, which kills its command's process group; the recorded
