@@ -11,10 +11,8 @@ written from here.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -28,10 +26,8 @@ from runner.plan import StagePlan
 from runner.remote import remote
 from runner.resources import Resources
 from runner.scheduler.pgpool import PGPool, remove
-from runner.scheduler.policy import REASONS
 from runner.stages.roles.host import RoleHost, saves_state
 from runner.stages.roles.settings import RoleSpec, RolesPlan
-from runner.store import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +51,6 @@ class ReservedGroup:
 
 @dataclass
 class _Stats:
-    preempted: Counter[str] = field(default_factory=Counter)
-    requeues: int = 0
     waited: dict[float, list[float]] = field(default_factory=dict)
 
 
@@ -164,7 +158,6 @@ class RolesRun(StageRun):
         self.ex.place(lease, group.lease.grant, group.pg)
 
     def requeue(self, work: Work) -> None:
-        self.stats.requeues += 1
         self.queue.append(work)
 
     # launching
@@ -233,7 +226,6 @@ class RolesRun(StageRun):
         self.ex.finish(work, UnitState.done, {**result, "preemptions": preemptions})
 
     def on_preempt(self, lease: Lease, reason: str) -> None:
-        self.stats.preempted[reason] += 1
         for work in lease.work:
             self._event(work, "preempt requested", reason=reason)
 
@@ -299,9 +291,8 @@ class RolesRun(StageRun):
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         s = self.stats
+        # preemptions and requeues are counted from the run's recorded events (`history`)
         outcome.extra = {
-            "preemptions": {k: s.preempted[k] for k in REASONS},
-            "requeues": s.requeues,
             "waiting_s_by_priority": {
                 f"{p:g}": {
                     "units": len(w),
@@ -315,33 +306,23 @@ class RolesRun(StageRun):
                 "reused": self.pgs.reused,
             },
         }
-        path = self.ctx.stage_dir(self.name) / EVENTS
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
-        outcome.outputs.append(str(path))
-        pre = ", ".join(f"{k} {s.preempted[k]}" for k in REASONS)
-        waits = ", ".join(
-            f"{p:g}: {sum(w) / len(w):.2f}s" for p, w in sorted(s.waited.items(), reverse=True)
-        )
-        outcome.message = (
-            f"preemptions: {pre}; requeues {s.requeues}; mean wait by priority {waits}"
-        )
+        # the event log of every attempt, written from the ledger with the run's pictures
+        outcome.outputs.append(str(self.ctx.stage_dir(self.name) / EVENTS))
         problem = self.failure_budget()
         if problem:
-            outcome.ok = False
-            outcome.message += "; " + problem
+            outcome.ok, outcome.message = False, problem
         return outcome
 
     def _event(self, work: Work, what: str, **details: Any) -> None:
-        self.events.append(
-            {
-                "t": round(time.time(), 4),
-                "unit": work.id,
-                "role": work.unit.payload["role"],
-                "event": what,
-                **details,
-            }
-        )
+        record = {
+            "t": round(time.time(), 4),
+            "unit": work.id,
+            "role": work.unit.payload["role"],
+            "event": what,
+            **details,
+        }
+        self.events.append(record)
+        self.ctx.ledger.add_log(self.name, record)  # kept across attempts: `events.jsonl`
 
 
 def replica_ask(
