@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import attempt, summary
+from tests.conftest import attempt
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -130,7 +130,7 @@ def test_a_full_disk_under_an_output_stops_the_run_naming_it_and_a_rerun_finishe
         filler.unlink()
         again = cli(*args)
         assert again.code == 0, again.text
-        assert summary(run_dir)["stages"]["work"]["skipped"] == 100  # nothing ran twice
+        assert attempt(run_dir)["stages"]["work"]["skipped"] == 100  # nothing ran twice
         table = pd.read_parquet(stage_dir / "results.parquet")
         assert sorted(table["id"].astype(int)) == list(range(100))
     finally:

@@ -4,9 +4,10 @@
 A replica arrives (at `start_after`), asks for its lease (or takes a free reserved group),
 starts its actor in a placement group pinned to the granted node, and runs; a victim is asked
 to stop (`ctx.cancelled`), given `cancel_timeout`, its `state()` kept, killed, and queued
-again by the executor, to be restored when admitted next. The stage's event log
-(`events.jsonl`) and its summary (preemptions by reason, requeues, waiting by priority) are
-written from here.
+again by the executor, to be restored when admitted next. The stage's event log goes to the
+ledger as it happens (`events.jsonl`, every attempt's, is written from there with the run's
+pictures); its waiting time by priority and placement groups are summed up here, its
+preemptions and requeues counted from the run's recorded events (`history`).
 """
 
 from __future__ import annotations
