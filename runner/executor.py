@@ -753,18 +753,22 @@ class Executor:
     # --- how units end --------------------------------------------------------------------
 
     def done_all(
-        self, works: Sequence[Work], results: Sequence[Any], seconds: Sequence[float], end: float
+        self,
+        works: Sequence[Work],
+        results: Sequence[Any],
+        seconds: Sequence[float],
+        ends: Sequence[float],
     ) -> None:
         """`finish(work, done, result, started=end - seconds, ended=end)` for running units
-        whose ends were heard together at `end` (a pool batch's reply): the stage and the
-        progress told once. Kept lean: for a million trivial items this is most of the
-        driver's work."""
+        whose ends were heard together (a pool batch's reply, each item's own end): the
+        stage and the progress told once. Kept lean: for a million trivial items this is most
+        of the driver's work."""
         if not works:
             return
         running, done = UnitState.running, UnitState.done
         name = works[0].stage
         rows = self.rows
-        for work, result, took in zip(works, results, seconds, strict=True):
+        for work, result, took, end in zip(works, results, seconds, ends, strict=True):
             if work.state is not running:
                 work.go(done)  # raises: a unit not running cannot end done
             work.state = done
@@ -799,9 +803,7 @@ class Executor:
         self._row(work)
         if live.run.running_rows:  # a coarse unit: its end is on disk before anything else
             self.urgent = True
-        if state is not UnitState.cancelled:
-            ok = state is UnitState.done
-            self.ctx.progress.advance(work.stage, done=int(ok), failed=int(not ok))
+        self.ctx.progress.ended(work.stage, state)
 
     def failed(self, work: Work, error: str, state: UnitState = UnitState.failed) -> None:
         """The unit's own failure: run it again while retries last, else it ends `state`."""
@@ -984,6 +986,7 @@ class Executor:
             for work in lease.work:
                 work.go(UnitState.pending)
                 work.error = f"not started on {lease.node} within {lease.start_bound:g}s"
+                self.event(work, "retry", work.error)  # a requeue, counted with the others
                 lease.run.requeue(work)
 
     # --- units cancelled from outside (`mode=cancel`) --------------------------------------
@@ -995,14 +998,10 @@ class Executor:
             return
         self.cancel_seen = now
         for request in cancel.pending(self.ctx.store.root):
-            known: dict[str, str] = {}
-            for name in request.units:
-                for live in self.live.values():
-                    work = live.run.find(name)
-                    if work is not None:
-                        known[name] = work.stage
-                        self.cancel(work)
-            request.answer(known, [u for u in request.units if u not in known])
+            for stage, unit in request.resolve({n: live.run for n, live in self.live.items()}):
+                work = self.live[stage].run.find(unit)
+                if work is not None:
+                    self.cancel(work)
 
     def cancel(self, work: Work) -> None:
         """Stop one unit with its stage's grace and record it CANCELLED: a lease of its own is
@@ -1130,7 +1129,7 @@ class Executor:
             state,
             live.started_wall,
             time.time(),
-            asdict(outcome),
+            _recorded(run, outcome),
             units_digest([u.id for u in units], [u.fingerprint for u in units]) if whole else None,
         )
         for unit in units:  # now upstream data for the stages that need this one
@@ -1218,6 +1217,12 @@ class Executor:
         for node in self.ctx.scheduler.nodes:
             capacity = capacity + node
         REGISTRY.set_resources(capacity - self.ctx.scheduler.free(), capacity)
+
+
+def _recorded(run: StageRun, outcome: StageOutcome) -> dict[str, Any] | None:
+    """The stage's outcome as the ledger records it; none for an attempt that ran none of its
+    units, so the stage keeps what the last attempt that ran it recorded."""
+    return asdict(outcome) if run.size else None
 
 
 def _lost_reason(lease: Lease, exc: BaseException) -> str:

@@ -25,7 +25,15 @@ from runner.quantities import duration_seconds, memory_bytes
 from runner.remote import plain
 from runner.stages.jobs.task import GROUP, JobsGroup, run_job
 from runner.store import UnitRow, read_ledger
-from tests.conftest import Result, cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import (
+    Result,
+    attempt,
+    cpus_free_again,
+    run_runner,
+    runner_process,
+    unit_states,
+    wait_until,
+)
 
 SPEC = "tests/specs/pipeline"
 Cli = Callable[..., Result]
@@ -105,7 +113,7 @@ class TestOnTheSessionRay:
         assert "skip      3  done" in edited.out
         again = cli(*args)
         assert again.code == 0
-        assert summary(tmp_path)["stages"]["work"]["skipped"] == 4
+        assert attempt(tmp_path)["stages"]["work"]["skipped"] == 4
         assert [marks(scratch, j) for j in "abcd"] == [1, 1, 1, 1]
 
     def test_a_job_over_its_time_limit_is_timeout_and_its_processes_are_gone(
@@ -311,7 +319,7 @@ def test_sigkill_of_the_runner_then_the_same_command_finishes_only_the_rest(
     assert {r.state for r in rows(tmp_path).values()} == {UnitState.done}
     assert [marks(scratch, f"quick[{n}]") for n in (1, 2)] == [1, 1]
     assert [marks(scratch, f"slow[{n}]") for n in (1, 2)] == [2, 2]
-    assert summary(tmp_path)["stages"]["work"]["skipped"] == 2
+    assert attempt(tmp_path)["stages"]["work"]["skipped"] == 2
     wait_until(cpus_free_again, what="every job's CPU to be free")
 
 
@@ -723,7 +731,7 @@ def test_a_followed_jobs_file_runs_lines_appended_after_the_start_until_close(
     again = run_runner(*args, env=env)
     assert again.code == 0, again.text
     assert [marks(scratch, j) for j in ("first", "later")] == [1, 1]
-    assert summary(tmp_path / "run")["stages"]["work"]["skipped"] == 2
+    assert attempt(tmp_path / "run")["stages"]["work"]["skipped"] == 2
     wait_until(cpus_free_again, what="every job's CPU to be free")
 
 
@@ -748,7 +756,7 @@ def test_mode_cancel_stops_a_running_pool_item_and_a_running_shard_too(
 
     (scratch / "gate").unlink()
     out, err = proc.communicate(timeout=90)
-    items, slices = rows_of(run, "items"), rows_of(run, "slices")
+    items, slices = unit_states(run, "items"), unit_states(run, "slices")
     assert items == {"3": UnitState.cancelled} | {str(i): UnitState.done for i in (0, 1, 2, 4, 5)}
     assert slices == {"0-599": UnitState.cancelled, "600-1199": UnitState.done}
     assert proc.returncode == 0, out + err
@@ -756,15 +764,6 @@ def test_mode_cancel_stops_a_running_pool_item_and_a_running_shard_too(
     merged = pd.read_csv(run / "slices" / "merged.csv")
     assert merged["id"].min() == 600 and merged["id"].is_unique
     wait_until(cpus_free_again, what="every unit's CPU to be free")
-
-
-def rows_of(run_dir: Path, stage: str) -> dict[str, UnitState]:
-    ledger = read_ledger(run_dir)
-    assert ledger is not None
-    try:
-        return {r.unit: r.state for r in ledger.rows(stage)}
-    finally:
-        ledger.close()
 
 
 @pytest.mark.usefixtures("ray_session")

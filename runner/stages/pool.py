@@ -334,20 +334,22 @@ class PoolRun(StageRun):
             per_item = reply["busy"] / len(status)
             old = self.item_seconds
             self.item_seconds = per_item if old is None else 0.7 * old + 0.3 * per_item
-        now = time.time()
+        ends = end_to_end(seconds, reply["ended"])
         ran = batch[: len(status)]
         if status.count("done") == len(ran) and not any(w.state.final for w in ran):
-            self.ex.done_all(ran, values, seconds, now)  # the commonest reply, at batch cost
+            self.ex.done_all(ran, values, seconds, ends)  # the commonest reply, at batch cost
         else:
-            for work, state, result, took in zip(ran, status, values, seconds, strict=True):
+            for work, state, result, took, end in zip(
+                ran, status, values, seconds, ends, strict=True
+            ):
                 if work.state.final:  # cancelled while it ran: its result is dropped
                     continue
                 if state == "done":
-                    self.ex.finish(work, UnitState.done, result, None, now - took, now)
+                    self.ex.finish(work, UnitState.done, result, None, end - took, end)
                 elif state == "error":
                     self.ex.failed(work, str(result))
                 else:
-                    self.ex.finish(work, UnitState.timeout, None, str(result), now - took, now)
+                    self.ex.finish(work, UnitState.timeout, None, str(result), end - took, end)
         for work in reversed(batch[len(status) :]):
             if not work.state.final:
                 self.ex.back(work)
@@ -407,6 +409,17 @@ class PoolRun(StageRun):
         path = write_results(self.ctx, self.stage)
         outcome.outputs.append(str(path))
         return outcome
+
+
+def end_to_end(seconds: Sequence[float], last: float) -> list[float]:
+    """When each item of a batch ended: its worker ran them one after another, the last
+    ending at `last`, each taking its own `seconds`. So each item's span is when it really ran
+    and the items of a worker never overlap (a lane per worker in the timeline and trace);
+    item i+1 starts exactly where item i ended (end - seconds, the same float)."""
+    ends = [last] * len(seconds)
+    for i in range(len(seconds) - 1, 0, -1):
+        ends[i - 1] = ends[i] - seconds[i]
+    return ends
 
 
 def worker_ask(stage: StagePlan) -> Ask:

@@ -4,18 +4,17 @@
 A replica arrives (at `start_after`), asks for its lease (or takes a free reserved group),
 starts its actor in a placement group pinned to the granted node, and runs; a victim is asked
 to stop (`ctx.cancelled`), given `cancel_timeout`, its `state()` kept, killed, and queued
-again by the executor, to be restored when admitted next. The stage's event log
-(`events.jsonl`) and its summary (preemptions by reason, requeues, waiting by priority) are
-written from here.
+again by the executor, to be restored when admitted next. The stage's event log goes to the
+ledger as it happens (`events.jsonl`, every attempt's, is written from there with the run's
+pictures); its waiting time by priority and placement groups are summed up here, its
+preemptions and requeues counted from the run's recorded events (`history`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -29,10 +28,9 @@ from runner.plan import StagePlan
 from runner.remote import remote
 from runner.resources import Resources
 from runner.scheduler.pgpool import PGPool, remove
-from runner.scheduler.policy import REASONS, Party, preemption_reason
+from runner.scheduler.policy import Party, preemption_reason
 from runner.stages.roles.host import RoleHost, saves_state
 from runner.stages.roles.settings import Reserved, RoleSpec, RolesPlan
-from runner.store import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +62,6 @@ class ReservedGroup:
 
 @dataclass
 class _Stats:
-    preempted: Counter[str] = field(default_factory=Counter)
-    requeues: int = 0
     waited: dict[float, list[float]] = field(default_factory=dict)
 
 
@@ -241,7 +237,6 @@ class RolesRun(StageRun):
         self.ex.lend(self, ask, group.lease.grant, group.pg)
 
     def requeue(self, work: Work) -> None:
-        self.stats.requeues += 1
         self.queue.append(work)
 
     # launching
@@ -356,7 +351,6 @@ class RolesRun(StageRun):
         self.ex.finish(work, UnitState.done, {**result, "preemptions": preemptions})
 
     def on_preempt(self, lease: Lease, reason: str) -> None:
-        self.stats.preempted[reason] += 1
         for work in lease.work:
             self._event(work, "preempt requested", reason=reason)
 
@@ -430,9 +424,8 @@ class RolesRun(StageRun):
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         s = self.stats
+        # preemptions and requeues are counted from the run's recorded events (`history`)
         outcome.extra = {
-            "preemptions": {k: s.preempted[k] for k in REASONS},
-            "requeues": s.requeues,
             "waiting_s_by_priority": {
                 f"{p:g}": {
                     "units": len(w),
@@ -447,21 +440,11 @@ class RolesRun(StageRun):
             },
             "pg_pool_stats": {self.rp.pool: self._pg_pool_stats()},
         }
-        path = self.ctx.stage_dir(self.name) / EVENTS
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
-        outcome.outputs.append(str(path))
-        pre = ", ".join(f"{k} {s.preempted[k]}" for k in REASONS)
-        waits = ", ".join(
-            f"{p:g}: {sum(w) / len(w):.2f}s" for p, w in sorted(s.waited.items(), reverse=True)
-        )
-        outcome.message = (
-            f"preemptions: {pre}; requeues {s.requeues}; mean wait by priority {waits}"
-        )
+        # the event log of every attempt, written from the ledger with the run's pictures
+        outcome.outputs.append(str(self.ctx.stage_dir(self.name) / EVENTS))
         problem = self.failure_budget()
         if problem:
-            outcome.ok = False
-            outcome.message += "; " + problem
+            outcome.ok, outcome.message = False, problem
         return outcome
 
     def _pg_pool_stats(self) -> dict[str, int]:
@@ -478,15 +461,15 @@ class RolesRun(StageRun):
         }
 
     def _event(self, work: Work, what: str, **details: Any) -> None:
-        self.events.append(
-            {
-                "t": round(time.time(), 4),
-                "unit": work.id,
-                "role": work.unit.payload["role"],
-                "event": what,
-                **details,
-            }
-        )
+        record = {
+            "t": round(time.time(), 4),
+            "unit": work.id,
+            "role": work.unit.payload["role"],
+            "event": what,
+            **details,
+        }
+        self.events.append(record)
+        self.ctx.ledger.add_log(self.name, record)  # kept across attempts: `events.jsonl`
 
 
 def replica_ask(
