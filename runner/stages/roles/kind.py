@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from runner import saved_state
-from runner.executor import Ask, Executor, Lease, StageRun, Work
+from runner.executor import Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.placement import Placement
@@ -29,6 +29,7 @@ from runner.remote import remote
 from runner.resources import Resources
 from runner.scheduler.pgpool import PGPool, remove
 from runner.scheduler.policy import REASONS
+from runner.scheduler.request import Request
 from runner.stages.roles.host import RoleHost, saves_state
 from runner.stages.roles.settings import RoleSpec, RolesPlan
 from runner.store import atomic_path
@@ -113,9 +114,7 @@ class RolesRun(StageRun):
         if not self.works:
             return
         for shape, role in self.rp.reserved:
-            ask = reserved_ask(self.rp, shape)
-            ask.tag = "reserved"
-            lease = self.ex.submit(self, ask)
+            lease = self.ex.submit(Lease(self, reserved_ask(self.rp, shape), tag="reserved"))
             self.reserved.append(ReservedGroup(shape, role, lease))
 
     def _reserved_of(self, lease: Lease) -> ReservedGroup | None:
@@ -134,7 +133,7 @@ class RolesRun(StageRun):
             return after in self.running_roles
         return time.monotonic() - self.t0 >= float(after)
 
-    def asks(self) -> Iterator[Ask]:
+    def asks(self) -> Iterator[Lease]:
         for work in self.works:
             if work not in self.arrived and self._has_arrived(self.role(work)):
                 self.arrived.add(work)
@@ -154,11 +153,12 @@ class RolesRun(StageRun):
                 continue
             self.queue.remove(work)
             reuse = self.pgs.tag if self.rp.reuse else None
-            yield replica_ask(self.rp, role, self.index(work), self.saves[role.name], work, reuse)
+            ask = replica_ask(self.rp, role, self.index(work), self.saves[role.name], reuse)
+            yield Lease(self, ask, work)
 
     def _start_in(self, group: ReservedGroup, work: Work) -> None:
         group.user = work
-        lease = Lease(self, Ask(group.shape, self.role(work).priority, work, tag=group))
+        lease = Lease(self, Request(group.shape, self.role(work).priority), work, tag=group)
         lease.work.append(work)
         assert group.lease.grant is not None
         self.ex.place(lease, group.lease.grant, group.pg)
@@ -171,7 +171,7 @@ class RolesRun(StageRun):
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
-        if lease.ask.tag == "reserved":
+        if lease.tag == "reserved":
             group = self._reserved_of(lease)
             assert group is not None
             group.pg = lease.placement.new_group()
@@ -280,10 +280,10 @@ class RolesRun(StageRun):
 
     def release(self, lease: Lease) -> None:
         self.asking.pop(lease, None)
-        group = lease.ask.tag if isinstance(lease.ask.tag, ReservedGroup) else None
+        group = lease.tag if isinstance(lease.tag, ReservedGroup) else None
         if group is not None:
             group.user = None
-        elif lease.ask.tag == "reserved":
+        elif lease.tag == "reserved":
             reserved = self._reserved_of(lease)
             if reserved is not None and reserved.pg is not None:
                 remove(reserved.pg)
@@ -349,17 +349,15 @@ def replica_ask(
     role: RoleSpec,
     index: int,
     saves: bool,
-    work: Work | None = None,
     reuse: str | None = None,
-) -> Ask:
+) -> Request:
     """A replica's lease: its role's resources, priority and labels in the stage's pool;
     preemptible; replicas beyond the role's `min` are elastic and preempt nobody. The
     simulated cluster asks the same."""
     elastic = index >= role.min
-    return Ask(
+    return Request(
         role.resources,
         role.priority,
-        work,
         pool=rp.pool,
         labels=role.labels,
         policy=None if elastic else rp.policy,
@@ -371,10 +369,10 @@ def replica_ask(
     )
 
 
-def reserved_ask(rp: RolesPlan, shape: Resources) -> Ask:
+def reserved_ask(rp: RolesPlan, shape: Resources) -> Request:
     """A reserved group's lease, asked for when the stage starts: at the top role priority,
     in the stage's pool, never preempted. The simulated cluster asks the same."""
-    return Ask(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
+    return Request(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
 
 
 class _Reserved(Protocol):
