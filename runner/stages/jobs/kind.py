@@ -67,8 +67,7 @@ class JobsRun(StageRun):
             self.ex.record(work)
 
     def ask_for(self, work: Work) -> Lease:
-        """Its own resources at its own priority; a job that does not fit reserves its node,
-        and jobs behind it backfill only when their time limit ends them before it starts."""
+        """Its own resources at its own priority (`job_ask`)."""
         job = _job(work)
         return Lease(self, job_ask(job, self._nodes_of(job.partition)), work)
 
@@ -271,10 +270,18 @@ class Follow:
 
 
 def job_ask(job: Job, nodes: frozenset[int] | None = None) -> Request:
-    """Its own resources at its own priority, on `nodes` (its partition's) when given; a job
-    that does not fit reserves its node, and jobs behind it backfill only when their time
-    limit ends them before it starts. The simulated cluster asks the same."""
-    return Request(job.resources, job.priority, duration=job.time_limit, reserve=True, nodes=nodes)
+    """Its own resources at its own priority, on `nodes` (its partition's) when given, and a
+    whole node to itself when `exclusive`; a job that does not fit reserves its node, and jobs
+    behind it backfill only when their time limit ends them before it starts. The simulated
+    cluster asks the same."""
+    return Request(
+        job.resources,
+        job.priority,
+        duration=job.time_limit,
+        reserve=True,
+        nodes=nodes,
+        exclusive=job.exclusive,
+    )
 
 
 def _job(work: Work) -> Job:

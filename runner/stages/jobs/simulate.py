@@ -19,11 +19,11 @@ def simulate(stage: StagePlan, sim: Simulation) -> SimUnits:
     cap = spec.max_concurrent
     # one ask per kind of job (the key: what `job_ask` reads of a job): an array's tasks ask
     # alike, and a simulated ask carries no unit's work, so 100,000 tasks share a few asks
-    asks: dict[tuple[Resources, float, float | None], Request] = {}
+    asks: dict[tuple[Resources, float, float | None, bool], Request] = {}
 
     def ask(unit: Unit) -> Request:
         job: Job = unit.payload
-        key = (job.resources, job.priority, job.time_limit)
+        key = (job.resources, job.priority, job.time_limit, job.exclusive)
         shared = asks.get(key)
         if shared is None:
             shared = asks[key] = job_ask(job)
