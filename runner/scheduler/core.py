@@ -74,10 +74,6 @@ class Grant:
     tag: str | None = None
     on_reclaim: Notify | None = None
     released: bool = False
-    # once it may be chosen as a victim: its party as the policy sees it (priority, pool,
-    # labels), and what tells it from other victims (`_victim_kind`), worked out once
-    party: tuple[object, ...] = ()
-    kind: tuple[object, ...] = ()
 
 
 @dataclass(eq=False, slots=True)
@@ -773,7 +769,7 @@ class Scheduler:
                     g
                     for victims in self._node_victims.values()
                     for g in victims
-                    if g.party in reasons and (g.node == node or g.request.pool == pool)
+                    if _party_key(g) in reasons and (g.node == node or g.request.pool == pool)
                 ]
                 yield node, self._base(node), here
         else:
@@ -794,7 +790,7 @@ class Scheduler:
             if not kinds or (base, kinds) in seen:
                 continue
             seen.add((base, kinds))
-            yield node, base, [g for g in self._node_victims[node] if g.party in reasons]
+            yield node, base, [g for g in self._node_victims[node] if _party_key(g) in reasons]
 
     def _base(self, node: int) -> Resources:
         """What a preemptor could have on `node` before any victim: free and parked."""
@@ -810,7 +806,7 @@ class Scheduler:
     ) -> None:
         """Tell the chosen victims (counted by reason); the ticket holds `node` for itself."""
         for g in victims:
-            reason = reasons[g.party]
+            reason = reasons[_party_key(g)]
             g.preempted, g.preempted_at = reason, now
             self._not_victim(g)
             self.metrics.preempted(g.request.pool, reason)
@@ -841,14 +837,13 @@ class Scheduler:
 
     def _preemptible(self, grant: Grant) -> None:
         """A grant with `on_preempt` was admitted: it may be chosen as a victim from now on."""
-        party = grant.party = _party_key(grant)
+        party = _party_key(grant)
         if party not in self._party_of:
             request = grant.request
             self._party_of[party] = pol.Party(request.priority, request.pool, request.labels)
         self._parties[party] += 1
-        kind = grant.kind = _victim_kind(grant)
         self._node_victims.setdefault(grant.node, {})[grant] = None
-        self._node_kinds.setdefault(grant.node, Counter())[kind] += 1
+        self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
         self._avail.dirty.add(grant.node)
 
     def _unrun(self, grant: Grant) -> None:
@@ -865,9 +860,9 @@ class Scheduler:
         if victims is None or grant not in victims:
             return
         del victims[grant]
-        self._parties[grant.party] -= 1
+        self._parties[_party_key(grant)] -= 1
         self._avail.dirty.add(grant.node)
-        kinds, kind = self._node_kinds[grant.node], grant.kind
+        kinds, kind = self._node_kinds[grant.node], _victim_kind(grant)
         kinds[kind] -= 1
         if not kinds[kind]:
             del kinds[kind]
@@ -920,11 +915,11 @@ def _party_key(g: Grant) -> tuple[object, ...]:
 
 def _victim_kind(g: Grant) -> tuple[object, ...]:
     """What tells victims apart when choosing (`_candidate`): grants of one kind on one node
-    are interchangeable. Starts with the party key (`Grant.party`)."""
+    are interchangeable. Starts with the party key."""
     r = g.request
     lost_from = None if r.saves_state else g.since
     left_from = None if r.estimated is None else (r.estimated, g.since)  # work left ranks them
-    return (*g.party, g.holds, r.elastic, lost_from, left_from)
+    return (*_party_key(g), g.holds, r.elastic, lost_from, left_from)
 
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:
