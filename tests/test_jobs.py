@@ -950,8 +950,8 @@ def test_nothing_runs_beside_an_exclusive_job_on_its_node(
     cli: Cli, tmp_path: Path, scratch: Path
 ) -> None:
     """On the session's one 2-CPU node four half-CPU jobs fit at once; the exclusive one
-    starts once `first` has ended, the others after it, and the ledger's times and nodes
-    show no job beside it while it ran."""
+    starts once `first` has ended, the lower-priority ones after it, and the ledger's times
+    and nodes show no job beside it while it ran."""
     res = cli(*exclusive_args(tmp_path, scratch))
     assert res.code == 0, res.text
     found = rows(tmp_path / "run")
@@ -963,5 +963,4 @@ def test_nothing_runs_beside_an_exclusive_job_on_its_node(
     assert found["first"].ended <= alone.started  # ahead of it by priority
     # behind it by priority: kept off its node while it waited, though they fitted beside `first`
     assert found["beside-a"].started >= alone.ended and found["beside-b"].started >= alone.ended
-    assert max_overlap(found) == 2  # the two smaller ones then ran together
     wait_until(cpus_free_again, what="every job's CPU to be free")
