@@ -249,3 +249,21 @@ def test_an_exclusive_request_neither_preempts_nor_reuses() -> None:
     for fields in ({"policy": Policy()}, {"reuse": "pg:x"}):
         with pytest.raises(ValueError, match="exclusive"):
             s.submit(Request(cpus(1), exclusive=True, **fields), ["a"])  # type: ignore[arg-type]
+
+
+def test_an_exclusive_request_reserves_a_node_that_only_parked_groups_keep_from_emptying() -> None:
+    """Parked groups never end, but an exclusive request reclaims them: the node with one is
+    still the node it reserves, so a job behind it with no time limit is held back."""
+    clock = Clock()
+    s = Scheduler([cpus(4)], clock=clock)
+    idle = admitted(s, ask(s, "idle", cpus(2)))
+    assert idle is not None
+    s.park(idle, "pg:x", lambda g, reason: None)
+    first = admitted(s, ask(s, "first", cpus(1), duration=10.0, reserve=True))
+    assert first is not None
+    alone = ask(s, "alone", cpus(1), 5.0, exclusive=True, reserve=True)
+    small = ask(s, "small", cpus(1), 1.0, reserve=True)
+    assert s.admit() == []
+    clock.now = 10.0
+    s.release(first)
+    assert s.admit() == [alone] and small.grant is None

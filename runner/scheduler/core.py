@@ -605,17 +605,21 @@ class Scheduler:
                 break
             if not request.resources.fits_in(capacity) or not _may_use(request, node):
                 continue
+            # an exclusive request counts the node's parked groups as free: it reclaims them
+            free = self._base(node) if request.exclusive else self._avail[node]
             need = self._need(request, node)
-            start = self._start_on(node, need, now, None if best is None else best[0])
+            start = self._start_on(node, need, free, now, None if best is None else best[0])
             if start is not None and (best is None or (start, node) < best):
                 best = (start, node)
         return None if best is None else (best[1], best[0])
 
-    def _start_on(self, node: int, need: Resources, now: float, beat: float | None) -> float | None:
-        """When `need` would be free on `node` as its grants end at their `ends` (one without
-        is taken to end any moment, so nothing backfills before it); None when not before
-        `beat` (the best start found elsewhere), or never."""
-        avail, start = self._avail[node], now
+    def _start_on(
+        self, node: int, need: Resources, free: Resources, now: float, beat: float | None
+    ) -> float | None:
+        """When `need` would be free on `node` (`free` there now) as its grants end at their
+        `ends` (one without is taken to end any moment, so nothing backfills before it); None
+        when not before `beat` (the best start found elsewhere), or never."""
+        avail, start = free, now
         here = self._on_node.get(node, ())
         for g in sorted(here, key=lambda g: now if g.ends is None else g.ends):
             if need.fits_in(avail) or (beat is not None and start >= beat):
