@@ -4,8 +4,8 @@ Every stage kind used to drive its own loop; now a kind is a `StageRun` that say
 for resources, launch on a placement, read a reply and conclude, and the `Executor` owns the
 rest for all running stages at once, on one thread:
 
-- **asks → grants → placements**: a kind's `Ask` becomes a scheduler ticket; a grant becomes a
-  `Lease` whose `Placement` names the Ray node the scheduler chose, and the kind launches its
+- **asks → grants → placements**: a kind's `Lease` asks the scheduler with a `Request`; once
+  granted, its `Placement` names the Ray node the scheduler chose, and the kind launches its
   actor or task with `placement.options()`, so Ray runs it where the runner decided.
 - **running means running**: a unit is RUNNING when its process says so (a `Started` message:
   an actor's `ready()` reply, or the file a task writes as it starts), with the
@@ -41,9 +41,9 @@ from runner.placement import Placement, Started, Starts, StartTo
 from runner.plan import Plan, PlanContext, StagePlan, Unit, units_digest
 from runner.remote import bounded, error_line
 from runner.resources import Resources
-from runner.scheduler.core import Grant, Notify, Scheduler, Ticket
+from runner.scheduler.core import Grant, Ticket
 from runner.scheduler.metrics import REGISTRY
-from runner.scheduler.policy import Policy
+from runner.scheduler.request import Request
 from runner.spec import Pipeline
 from runner.store import Event, UnitRow, storage_error
 
@@ -118,67 +118,16 @@ class Work:
         return row
 
 
-@dataclass(eq=False, slots=True)
-class Ask:
-    """A request for one lease: resources on one node, at a priority, for some work."""
-
-    resources: Resources
-    priority: float
-    # the unit the lease is for; None for a lease that serves many (a pool worker)
-    work: Work | None = None
-    pool: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    policy: Policy | None = None
-    preemptible: bool = False
-    saves_state: bool = False
-    elastic: bool = False
-    reuse: str | None = None
-    # what the kind wants to remember with the lease (e.g. a reserved group)
-    tag: Any = None
-    # the longest the lease is held (a job's time limit); with `reserve`, when it does not fit
-    # it holds back requests behind it that would still run when it could start (backfill)
-    duration: float | None = None
-    reserve: bool = False
-    # how long the unit is expected to run in all (a role's `estimated_duration`): victims
-    # are chosen by the work they have left
-    estimated: float | None = None
-    # the only nodes (scheduler indices) it may run on, e.g. a job's partition; None: any
-    nodes: frozenset[int] | None = None
-
-    def submit_to(self, scheduler: Scheduler, owner: str, on_preempt: Notify | None) -> Ticket:
-        """Queue this ask with `scheduler`: for the real run (`Executor.submit`) and the
-        simulated one (`sim.Simulation.submit`)."""
-        return self.submit_all_to(scheduler, (owner,), on_preempt)[0]
-
-    def submit_all_to(
-        self, scheduler: Scheduler, owners: Sequence[str], on_preempt: Notify | None
-    ) -> list[Ticket]:
-        """Queue this ask once for each of `owners` (`Scheduler.submit_all`): the one
-        translation of an ask into tickets."""
-        return scheduler.submit_all(
-            owners,
-            self.resources,
-            self.priority,
-            pool=self.pool,
-            labels=self.labels,
-            policy=self.policy,
-            on_preempt=on_preempt if self.preemptible else None,
-            saves_state=self.saves_state,
-            elastic=self.elastic,
-            reuse=self.reuse,
-            duration=self.duration,
-            reserve=self.reserve,
-            estimated=self.estimated,
-            nodes=self.nodes,
-        )
-
-
 @dataclass(eq=False)
 class Lease:
     """A grant in use: its placement, the calls in flight on it, and the units it carries."""
 
     run: StageRun
-    ask: Ask
+    request: Request
+    # the unit the lease is for; None for a lease that serves many (a pool worker)
+    unit: Work | None = None
+    # what the kind wants to remember with the lease (e.g. a reserved group)
+    tag: Any = None
     ticket: Ticket | None = None
     grant: Grant | None = None
     placement: Placement | None = None
@@ -287,8 +236,8 @@ class StageRun:
     def prepare(self) -> None:
         """Before the first ask: files to write, groups to reserve."""
 
-    def ask_for(self, work: Work) -> Ask:
-        """The lease one unit needs."""
+    def ask_for(self, work: Work) -> Lease:
+        """The lease one unit needs (not yet asked for)."""
         raise NotImplementedError
 
     def launch(self, lease: Lease) -> None:
@@ -362,8 +311,8 @@ class StageRun:
     def close(self) -> None:
         """The stage is over (its leases are gone): remove what it made for itself."""
 
-    def asks(self) -> Iterable[Ask]:
-        """New asks: one per queued unit, as far as `cap` allows."""
+    def asks(self) -> Iterable[Lease]:
+        """New leases to ask for: one per queued unit, as far as `cap` allows."""
         while self.queue and (self.cap is None or self.asked < self.cap):
             work = self.queue.popleft()
             if work.state.final:
@@ -373,7 +322,7 @@ class StageRun:
 
     def lease_ended(self, lease: Lease) -> None:
         """Bookkeeping when one of this stage's leases ends."""
-        if lease.ask.work is not None:
+        if lease.unit is not None:
             self.asked -= 1
 
     def busy(self) -> bool:
@@ -540,39 +489,26 @@ class Executor:
 
     def _ask(self) -> None:
         for live in self.live.values():
-            for ask in live.run.asks():
-                self.submit(live.run, ask)
+            for lease in live.run.asks():
+                self.submit(lease)
 
-    def submit(self, run: StageRun, ask: Ask) -> Lease:
-        """Queue an ask with the scheduler; the lease starts when it is granted."""
-        lease = Lease(run, ask)
-        if ask.work is not None:
-            lease.work.append(ask.work)
-        lease.ticket = ask.submit_to(
-            self.ctx.scheduler,
-            f"{run.name}/{ask.work.id if ask.work else 'worker'}",
-            self._flag,
-        )
+    def submit(self, lease: Lease) -> Lease:
+        """Queue a lease's request with the scheduler; the lease starts when it is granted."""
+        if lease.unit is not None:
+            lease.work.append(lease.unit)
+        owner = f"{lease.run.name}/{lease.unit.id if lease.unit else 'worker'}"
+        (lease.ticket,) = self.ctx.scheduler.submit(lease.request, (owner,), self._flag)
         self.waiting[lease.ticket] = lease
         return lease
 
-    def lend(self, run: StageRun, ask: Ask, lender: Grant, group: Any) -> Lease:
-        """Run the ask's unit at once on what another lease of its stage holds (a reserved
+    def lend(self, lease: Lease, lender: Grant, group: Any) -> Lease:
+        """Run the lease's unit at once on what another lease of its stage holds (a reserved
         placement group, `group`): the unit gets a grant of its own over those resources,
         preemptible by the normal rules like any other (`Scheduler.lend`)."""
-        assert ask.work is not None
-        lease = Lease(run, ask)
-        lease.work.append(ask.work)
-        grant = self.ctx.scheduler.lend(
-            lender,
-            f"{run.name}/{ask.work.id}",
-            ask.priority,
-            labels=ask.labels,
-            on_preempt=self._flag if ask.preemptible else None,
-            saves_state=ask.saves_state,
-            elastic=ask.elastic,
-            estimated=ask.estimated,
-        )
+        assert lease.unit is not None
+        lease.work.append(lease.unit)
+        owner = f"{lease.run.name}/{lease.unit.id}"
+        grant = self.ctx.scheduler.lend(lender, lease.request, owner, self._flag)
         self.place(lease, grant, group)
         return lease
 
@@ -1011,11 +947,11 @@ class Executor:
             return
         log.info("%s: cancelling %s", work.stage, work.id)
         for lease in list(self.leases):
-            if lease.ask.work is work:
+            if lease.unit is work:
                 self.stop_lease(lease, "cancelled", lease.run.grace)
                 return
         for lease in list(self.waiting.values()):
-            if lease.ask.work is work:
+            if lease.unit is work:
                 self.withdraw(lease)
                 lease.run.lease_ended(lease)
         run = self.live[work.stage].run

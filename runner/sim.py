@@ -25,13 +25,13 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.executor import Ask
 from runner.measured import Measured, StageMeasure, measure
 from runner.plan import Plan, StagePlan, StagePlanner, Unit, make_plan
 from runner.resources import Resources
 from runner.scheduler.core import Grant, Notify, Scheduler, Ticket
 from runner.scheduler.metrics import Metrics
 from runner.scheduler.policy import REASONS
+from runner.scheduler.request import Request
 from runner.spec import Spec
 
 if TYPE_CHECKING:
@@ -151,23 +151,23 @@ class Simulation:
     def submit(
         self,
         owner: str,
-        ask: Ask,
+        request: Request,
         then: Callable[[Grant], None],
         on_preempt: Notify | None = None,
     ) -> Ticket:
-        """Queue an ask with the scheduler as the executor does (`Executor.submit`); `then` is
-        called with the grant once it is admitted."""
-        ticket = ask.submit_to(self.scheduler, owner, on_preempt)
+        """Queue a request with the scheduler as the executor does (`Executor.submit`); `then`
+        is called with the grant once it is admitted."""
+        (ticket,) = self.scheduler.submit(request, (owner,), on_preempt)
         self._on_grant[ticket] = then
         return ticket
 
     def submit_all(
-        self, owners: Sequence[str], ask: Ask, thens: Sequence[Callable[[Grant], None]]
+        self, owners: Sequence[str], request: Request, thens: Sequence[Callable[[Grant], None]]
     ) -> None:
-        """`submit` for many owners of one ask that nobody preempts (a stage's units that ask
-        alike), `thens[i]` told when `owners[i]` is granted: one batch for the scheduler
-        (`Ask.submit_all_to`), not a call each."""
-        tickets = ask.submit_all_to(self.scheduler, owners, None)
+        """`submit` for many owners of one request that nobody preempts (a stage's units that
+        ask alike), `thens[i]` told when `owners[i]` is granted: one batch for the scheduler,
+        not a call each."""
+        tickets = self.scheduler.submit(request, owners)
         self._on_grant.update(zip(tickets, thens, strict=True))
 
     def forget(self, ticket: Ticket) -> bool:
@@ -305,12 +305,12 @@ class SimUnits(SimStage):
     """Units that each hold their own lease for their time (jobs, shards): the kind's `ask`
     for each unit, a start-up latency after the grant, then the unit's duration."""
 
-    ask: Callable[[Unit], Ask] = field(default=lambda u: Ask(Resources(), 0.0))
+    ask: Callable[[Unit], Request] = field(default=lambda u: Request(Resources()))
     label: str = "unit"
     # at most this many asked for or running at once (a stage's `max_concurrent`)
     cap: int | None = None
     live: int = 0
-    _queue: list[tuple[Unit, Ask]] = field(default_factory=list)
+    _queue: list[tuple[Unit, Request]] = field(default_factory=list)
 
     def start(self) -> None:
         units = self.stage.to_run

@@ -882,3 +882,84 @@ def test_a_second_job_at_once_in_one_workers_group_is_refused(group: JobsGroup) 
         pass
     with group.turn() as pgid:  # free again once the first job's turn is over
         assert pgid == group.ready()
+
+
+# --- SCNS's exclusive: true: a node to itself --------------------------------------------------
+
+EXCLUSIVE = [
+    {"name": "first", "priority": 9, "cpus_per_task": 0.5, "script": "sleep 1"},
+    {"name": "alone", "priority": 5, "cpus_per_task": 0.5, "exclusive": True, "script": "sleep 1"},
+    {"name": "beside-a", "priority": 0, "cpus_per_task": 0.5, "script": "sleep 1"},
+    {"name": "beside-b", "priority": 0, "cpus_per_task": 0.5, "script": "sleep 1"},
+]
+
+
+def exclusive_args(tmp_path: Path, scratch: Path) -> tuple[str, ...]:
+    """Four half-CPU jobs, one of them exclusive: on 2 CPUs all four would fit at once."""
+    file = tmp_path / "jobs.json"
+    file.write_text(json.dumps(EXCLUSIVE))
+    return (
+        "pipeline=jobs_file",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+    )
+
+
+def test_the_plan_says_an_exclusive_job_needs_a_whole_node(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    args = exclusive_args(tmp_path, scratch)
+    res = cli(*args, "mode=plan", "cluster.num_cpus=2")
+    assert res.code == 0, res.text
+    assert "exclusive job 'alone' (a whole node each): 0.5 CPU each; 1 wanted, 1 fit at once" in (
+        res.out
+    )
+    assert "job of 'first', 'beside-a', 'beside-b': 0.5 CPU each; 3 wanted, 3 fit at once" in (
+        res.out
+    )
+    huge = json.loads(json.dumps(EXCLUSIVE))
+    huge[1]["cpus_per_task"] = 4
+    (tmp_path / "jobs.json").write_text(json.dumps(huge))
+    res = cli(*args, "mode=plan", "cluster.num_cpus=2")
+    assert res.code == 2
+    assert (
+        "pipeline.stages.work: one exclusive job 'alone' (a whole node each) needs 4 CPU, more "
+        "than any node has" in res.err
+    )
+
+
+def test_an_exclusive_job_runs_alone_on_the_simulated_node(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    """`cluster=sim` drives the same scheduler: `first` runs, `alone` waits for the node to
+    empty (the two smaller jobs wait behind it, although they would fit beside `first`), then
+    the two run together: three virtual seconds, not one."""
+    res = cli(*exclusive_args(tmp_path, scratch), "cluster=sim", "cluster.nodes=[{cpus: 2}]")
+    assert res.code == 0, res.text
+    assert (
+        "units in the order they started: work/first, work/alone, work/beside-a, work/beside-b"
+        in res.out
+    )
+    assert "makespan from the first unit's start: 3 virtual seconds" in res.out
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_nothing_runs_beside_an_exclusive_job_on_its_node(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    """On the session's one 2-CPU node four half-CPU jobs fit at once; the exclusive one
+    starts once `first` has ended, the lower-priority ones after it, and the ledger's times
+    and nodes show no job beside it while it ran."""
+    res = cli(*exclusive_args(tmp_path, scratch))
+    assert res.code == 0, res.text
+    found = rows(tmp_path / "run")
+    assert {r.state for r in found.values()} == {UnitState.done}
+    alone = found.pop("alone")
+    assert {r.node_id for r in found.values()} == {alone.node_id}  # they share its node
+    for name, r in found.items():
+        assert r.ended <= alone.started or r.started >= alone.ended, (name, r, alone)
+    assert found["first"].ended <= alone.started  # ahead of it by priority
+    # behind it by priority: kept off its node while it waited, though they fitted beside `first`
+    assert found["beside-a"].started >= alone.ended and found["beside-b"].started >= alone.ended
+    wait_until(cpus_free_again, what="every job's CPU to be free")

@@ -21,7 +21,7 @@ from typing import Any
 
 from runner import items as itemsrc
 from runner.carry import Dest
-from runner.executor import Ask, Executor, Lease, StageRun, Work, allowed_failures
+from runner.executor import Executor, Lease, StageRun, Work, allowed_failures
 from runner.identity import code_digest, digest, digester
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
@@ -38,6 +38,7 @@ from runner.plan import (
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.remote import remote
 from runner.resources import Resources
+from runner.scheduler.request import Request
 from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
@@ -240,12 +241,12 @@ class PoolRun(StageRun):
         left = self._queued() + sum(len(x.work) for x in self.leases)
         return min(self.spec.num_workers, left)
 
-    def asks(self) -> Iterator[Ask]:
+    def asks(self) -> Iterator[Lease]:
         if self.start_error:
             return
         while len(self.leases) - len(self.draining) + self.asked < self._wanted():
             self.asked += 1
-            yield worker_ask(self.stage)
+            yield Lease(self, worker_ask(self.stage))
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -422,9 +423,9 @@ def end_to_end(seconds: Sequence[float], last: float) -> list[float]:
     return ends
 
 
-def worker_ask(stage: StagePlan) -> Ask:
+def worker_ask(stage: StagePlan) -> Request:
     """One worker's lease: its sized CPUs at the stage's priority (the simulator asks the same)."""
-    return Ask(Resources(cpus=stage.settings["cpus_per_worker"]), stage.spec.priority)
+    return Request(Resources(cpus=stage.settings["cpus_per_worker"]), stage.spec.priority)
 
 
 def open_run(stage: StagePlan, ctx: RunContext, ex: Executor) -> PoolRun:

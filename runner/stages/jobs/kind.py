@@ -15,13 +15,14 @@ from typing import Any
 
 from runner import disk
 from runner.carry import Dest
-from runner.executor import Ask, Executor, Lease, StageRun, Work
+from runner.executor import Executor, Lease, StageRun, Work
 from runner.identity import digest
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.output import Tail
 from runner.plan import StagePlan, Unit
 from runner.remote import plain, remote
+from runner.scheduler.request import Request
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.task import run_job
@@ -65,11 +66,10 @@ class JobsRun(StageRun):
         for work in self.works:  # every queued job shows as PENDING from the start
             self.ex.record(work)
 
-    def ask_for(self, work: Work) -> Ask:
-        """Its own resources at its own priority; a job that does not fit reserves its node,
-        and jobs behind it backfill only when their time limit ends them before it starts."""
+    def ask_for(self, work: Work) -> Lease:
+        """Its own resources at its own priority (`job_ask`)."""
         job = _job(work)
-        return job_ask(job, work, self._nodes_of(job.partition))
+        return Lease(self, job_ask(job, self._nodes_of(job.partition)), work)
 
     def _nodes_of(self, partition: str | None) -> frozenset[int] | None:
         """The nodes a job of `partition` may run on: on a Ray cluster, those whose labels
@@ -269,12 +269,18 @@ class Follow:
         return True
 
 
-def job_ask(job: Job, work: Work | None = None, nodes: frozenset[int] | None = None) -> Ask:
-    """Its own resources at its own priority, on `nodes` (its partition's) when given; a job
-    that does not fit reserves its node, and jobs behind it backfill only when their time
-    limit ends them before it starts. The simulated cluster asks the same."""
-    return Ask(
-        job.resources, job.priority, work, duration=job.time_limit, reserve=True, nodes=nodes
+def job_ask(job: Job, nodes: frozenset[int] | None = None) -> Request:
+    """Its own resources at its own priority, on `nodes` (its partition's) when given, and a
+    whole node to itself when `exclusive`; a job that does not fit reserves its node, and jobs
+    behind it backfill only when their time limit ends them before it starts. The simulated
+    cluster asks the same."""
+    return Request(
+        job.resources,
+        job.priority,
+        duration=job.time_limit,
+        reserve=True,
+        nodes=nodes,
+        exclusive=job.exclusive,
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from runner import saved_state
-from runner.executor import Ask, Executor, Lease, StageRun, Work
+from runner.executor import Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.placement import Placement
@@ -29,6 +29,7 @@ from runner.remote import remote
 from runner.resources import Resources
 from runner.scheduler.pgpool import PGPool, remove
 from runner.scheduler.policy import Party, preemption_reason
+from runner.scheduler.request import Request
 from runner.stages.roles.host import RoleHost, saves_state
 from runner.stages.roles.settings import Reserved, RoleSpec, RolesPlan
 
@@ -126,9 +127,7 @@ class RolesRun(StageRun):
                 self._reserve(spec)
 
     def _reserve(self, spec: Reserved) -> None:
-        ask = reserved_ask(self.rp, spec.shape)
-        ask.tag = "reserved"
-        lease = self.ex.submit(self, ask)
+        lease = self.ex.submit(Lease(self, reserved_ask(self.rp, spec.shape), tag="reserved"))
         lease.start_bound = self.rp.pg_creation_timeout
         self.reserved.append(ReservedGroup(spec, lease))
         self.reserved_made += 1
@@ -181,7 +180,7 @@ class RolesRun(StageRun):
             return after in self.running_roles
         return time.monotonic() - self.t0 >= float(after)
 
-    def asks(self) -> Iterator[Ask]:
+    def asks(self) -> Iterator[Lease]:
         for work in self.works:
             if work not in self.arrived and self._has_arrived(self.role(work)):
                 self.arrived.add(work)
@@ -202,9 +201,8 @@ class RolesRun(StageRun):
                 self.queue.remove(work)
                 self.dynamic.add(work)
                 reuse = self.pgs.tag if self.rp.reuse and self.rp.dynamic_cap else None
-                yield replica_ask(
-                    self.rp, role, self.index(work), self.saves[role.name], work, reuse
-                )
+                ask = replica_ask(self.rp, role, self.index(work), self.saves[role.name], reuse)
+                yield Lease(self, ask, work)
 
     def _dynamic_turn(self, work: Work) -> bool:
         """Whether a replica of a dynamic role may ask now: while fewer than
@@ -231,10 +229,10 @@ class RolesRun(StageRun):
         resources: preemptible by the normal rules like a replica on a dynamic group."""
         group.user = work
         role = self.role(work)
-        ask = replica_ask(self.rp, role, self.index(work), self.saves[role.name], work)
-        ask.resources, ask.tag = group.shape, group
+        ask = replica_ask(self.rp, role, self.index(work), self.saves[role.name])
+        lease = Lease(self, dataclasses.replace(ask, resources=group.shape), work, tag=group)
         assert group.lease.grant is not None
-        self.ex.lend(self, ask, group.lease.grant, group.pg)
+        self.ex.lend(lease, group.lease.grant, group.pg)
 
     def requeue(self, work: Work) -> None:
         self.queue.append(work)
@@ -245,7 +243,7 @@ class RolesRun(StageRun):
         assert lease.placement is not None
         lease.start_bound = self.rp.pg_creation_timeout
         lease.deadline = time.monotonic() + lease.start_bound
-        if lease.ask.tag == "reserved":
+        if lease.tag == "reserved":
             group = self._reserved_of(lease)
             assert group is not None
             group.pg = lease.placement.new_group()
@@ -305,7 +303,7 @@ class RolesRun(StageRun):
     def tick(self) -> None:
         self.pgs.sweep()
         # replicas waiting for a dynamic group, highest priority first, as groups come free
-        for lease in sorted(self.group_waiters, key=lambda x: -x.ask.priority):
+        for lease in sorted(self.group_waiters, key=lambda x: -x.request.priority):
             if lease.closed or lease.stopping is not None:
                 continue
             if not self._in_group(lease):
@@ -316,7 +314,7 @@ class RolesRun(StageRun):
         super().lease_ended(lease)
         if lease in self.group_waiters:
             self.group_waiters.remove(lease)
-        if lease.ask.tag is None:  # a dynamic replica's lease
+        if lease.tag is None:  # a dynamic replica's lease
             self.dynamic.difference_update(lease.work)
 
     def on_start(self, lease: Lease) -> None:
@@ -397,7 +395,7 @@ class RolesRun(StageRun):
 
     def release(self, lease: Lease) -> None:
         self.asking.pop(lease, None)
-        group = lease.ask.tag if isinstance(lease.ask.tag, ReservedGroup) else None
+        group = lease.tag if isinstance(lease.tag, ReservedGroup) else None
         if group is not None:
             if lease.grant is not None:
                 self.ctx.scheduler.release(lease.grant)
@@ -408,7 +406,7 @@ class RolesRun(StageRun):
                 self._let_go(group)
                 if self._wanted(group.spec):
                     self._reserve(group.spec)
-        elif lease.ask.tag == "reserved":
+        elif lease.tag == "reserved":
             reserved = self._reserved_of(lease)
             if reserved is not None and reserved.pg is not None:
                 remove(reserved.pg)
@@ -477,17 +475,15 @@ def replica_ask(
     role: RoleSpec,
     index: int,
     saves: bool,
-    work: Work | None = None,
     reuse: str | None = None,
-) -> Ask:
+) -> Request:
     """A replica's lease: its role's resources, priority and labels in the stage's pool;
     preemptible; replicas beyond the role's `min` are elastic and preempt nobody. The
     simulated cluster asks the same."""
     elastic = index >= role.min
-    return Ask(
+    return Request(
         role.resources,
         role.priority,
-        work,
         pool=rp.pool,
         labels=role.labels,
         policy=None if elastic else rp.policy,
@@ -499,10 +495,10 @@ def replica_ask(
     )
 
 
-def reserved_ask(rp: RolesPlan, shape: Resources) -> Ask:
+def reserved_ask(rp: RolesPlan, shape: Resources) -> Request:
     """A reserved group's lease, asked for when the stage starts: at the top role priority,
     in the stage's pool, never preempted. The simulated cluster asks the same."""
-    return Ask(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
+    return Request(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
 
 
 class _Reserved(Protocol):

@@ -13,7 +13,7 @@ from typing import Any
 
 from runner import disk, procs
 from runner.carry import pack, under
-from runner.executor import Ask, Executor, Lease, StageRun, Work
+from runner.executor import Executor, Lease, StageRun, Work
 from runner.kind import RunContext, StageOutcome
 from runner.lifecycle import UnitState
 from runner.merge import Committed, manifest_of, merge, read_table, write_table
@@ -21,6 +21,7 @@ from runner.output import Tail
 from runner.plan import StagePlan
 from runner.remote import remote
 from runner.resources import Resources
+from runner.scheduler.request import Request
 from runner.schema import ShardStage
 from runner.stages.shard.files import Files, commit, launch_values, tail
 from runner.stages.shard.ranges import Shard
@@ -112,24 +113,24 @@ class ShardRun(StageRun):
             procs.reap_group(f.pid)
             self.ex.record(work)
 
-    def asks(self) -> Iterable[Ask]:
+    def asks(self) -> Iterable[Lease]:
         """With named GPUs, only as many asks as there are free groups (`ask_for` takes one)."""
         if self.slots is not None:
             room = self.asked + self.slots.spare()
             self.cap = room if self.spec.max_parallel is None else min(self.spec.max_parallel, room)
         return super().asks()
 
-    def ask_for(self, work: Work) -> Ask:
+    def ask_for(self, work: Work) -> Lease:
         if self.slots is None:
-            return shard_ask(self.spec, work)
+            return Lease(self, shard_ask(self.spec), work)
         group = self.slots.take()
         resources = self.slots.resources(group, self.spec.cpus_per_shard)
-        return Ask(resources, self.spec.priority, work, tag=group)
+        return Lease(self, Request(resources, self.spec.priority), work, tag=group)
 
     def lease_ended(self, lease: Lease) -> None:
         super().lease_ended(lease)
-        if self.slots is not None and lease.ask.tag is not None:
-            self.slots.give(lease.ask.tag)
+        if self.slots is not None and lease.tag is not None:
+            self.slots.give(lease.tag)
 
     def launch(self, lease: Lease) -> None:
         assert lease.placement is not None
@@ -146,7 +147,7 @@ class ShardRun(StageRun):
             "values": values,
             "gpus": self.spec.gpus_per_shard,
             # the GPUs (NVML indices) the shard must use, over Ray's pick; None: Ray's pick
-            "gpu_ids": list(lease.ask.tag) if lease.ask.tag is not None else None,
+            "gpu_ids": list(lease.tag) if lease.tag is not None else None,
             "min_gpu_memory_gb": self.spec.min_gpu_memory_gb,
             "cwd": os.getcwd(),
             "log": str(f.log.resolve()),
@@ -211,7 +212,7 @@ class ShardRun(StageRun):
         if self.requeued[work.id] >= GPU_REQUEUES:
             return False
         self.requeued[work.id] += 1
-        group = lease.ask.tag
+        group = lease.tag
         if self.slots is not None and group is not None and not self.slots.retire(group):
             reason += f"; GPU(s) {','.join(map(str, group))} not used again by this stage"
         log.warning("%s: shard %s queued again: %s", self.name, self.shards[work.id].label, reason)
@@ -267,11 +268,11 @@ class ShardRun(StageRun):
         return outcome
 
 
-def shard_ask(spec: ShardStage, work: Work | None = None) -> Ask:
+def shard_ask(spec: ShardStage) -> Request:
     """A shard's CPUs and GPUs at the stage's priority (without GPU groups from the inventory:
     Ray picks the node's GPUs); the simulated cluster asks the same."""
     resources = Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard)
-    return Ask(resources, spec.priority, work)
+    return Request(resources, spec.priority)
 
 
 def _shard(payload: dict[str, Any]) -> Shard:
