@@ -39,7 +39,7 @@ from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started, Starts, StartTo
 from runner.plan import Plan, PlanContext, StagePlan, Unit, units_digest
-from runner.remote import bounded, error_line
+from runner.remote import ActorKills, bounded, error_line
 from runner.resources import Resources
 from runner.scheduler.core import Grant, Ticket
 from runner.scheduler.metrics import REGISTRY
@@ -269,11 +269,13 @@ class StageRun:
                 ray.cancel(lease.task)
 
     def kill(self, lease: Lease) -> None:
-        """End what runs on the lease now."""
+        """End what runs on the lease now (an actor whose start was not heard yet: once Ray
+        has made it, `ActorKills`)."""
         import ray
 
         if lease.actor is not None:
-            ray.kill(lease.actor, no_restart=True)
+            up = lease.started is not None or self.ctx.stop.is_set()
+            self.ex.kills.kill(lease.actor, now=up)
         if lease.task is not None:
             # a task that has answered (cancelled, failed, done) is not cancelled again: Ray
             # 2.60 aborts the driver force-cancelling a task whose reply is in ("Tried to
@@ -390,6 +392,8 @@ class Executor:
         self.cancel_seen = 0.0
         # set once stopping met a Ray that is gone: no Ray call is made after that
         self.ray_gone = False
+        # actors of ended leases killed once they are up (`ActorKills`)
+        self.kills = ActorKills()
         cluster = plan.cluster
         for i, node_id in enumerate(cluster.node_ids):
             parts = cluster.node_partitions[i] if cluster.node_partitions else frozenset()
@@ -406,6 +410,7 @@ class Executor:
                 self._admit()
                 self._preemptions()
                 self._wait()
+                self.kills.reap()
                 self._listen()
                 for live in list(self.live.values()):
                     live.run.tick()
@@ -1120,6 +1125,8 @@ class Executor:
             self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, interrupted=True)
         self.pending_stages = []
         self._flush(force=True)
+        # actors still coming up: killed once up (at most CLOSE_BOUND), at once when stopping
+        self._on_ray(lambda: self.kills.close(0.0 if self.ctx.stop.is_set() else CLOSE_BOUND))
         if self._ray_up() and not bounded(self.starts.close, CLOSE_BOUND):
             log.warning("Ray did not answer while the run's inbox was removed")
 

@@ -188,3 +188,11 @@ class SlowStart:
 
     def restore(self, state: dict[str, Any]) -> None:
         self._rollout.restore(state)
+
+
+class Made:
+    """An actor that writes `path` as it is made: whether Ray made it before it was killed."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
