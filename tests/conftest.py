@@ -41,6 +41,17 @@ def ray_session() -> Iterator[str]:
         ray.shutdown()
 
 
+# The rlhf example's demo needs rollout/1 and reward still running once train runs (then the
+# burst preempts rollout/1); with the example's 4 s and 1 s of steps, a train actor that Ray
+# takes 7 s to start (four busy loops beside the suite on 2 cores) runs after both ended, and
+# the burst takes a free group instead. Longer steps keep the demo's order under load.
+RLHF_ROLLOUT_STEPS = 200
+RLHF_UNHURRIED = (
+    f"pipeline.stages.rlhf.roles.rollout.steps={RLHF_ROLLOUT_STEPS}",
+    "pipeline.stages.rlhf.roles.reward.steps=150",
+)
+
+
 @dataclass
 class Result:
     """What a user sees of one `runner` invocation."""
