@@ -3,8 +3,12 @@
 The running runner holds the run directory's lock, so a second command cannot act on the run
 itself. It leaves a request in `<run.dir>/cancel-requests/` instead; the running executor reads
 the requests about twice a second, stops the named units with their stage's grace, records them
-CANCELLED, and answers beside the request which names it knew. The cancelling command then
+CANCELLED, and answers beside the request which units those are. The cancelling command then
 waits for the ledger to show the units final.
+
+A unit is named by its id (`units=[3]`) or by its stage and id (`units=[square/3]`; a role
+replica `rlhf/rollout/0`). An id that units of two running stages have is refused, with both
+candidates named, and so is a name no unit has: such a request cancels nothing (exit 2).
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from runner.errors import RunnerError
 from runner.lifecycle import UnitState
+from runner.plan import StagePlan
 from runner.store import Ledger, read_ledger, write_json
 
 REQUESTS = "cancel-requests"
@@ -32,6 +39,50 @@ class CancelError(RunnerError):
     exit_code = 2
 
 
+class Running(Protocol):
+    """A running stage as far as naming its units goes (the executor's `StageRun`)."""
+
+    @property
+    def stage(self) -> StagePlan: ...
+
+    @property
+    def works(self) -> Sequence[Any]: ...
+
+
+def holds(run: Running, unit: str) -> bool:
+    """Whether `unit` is one of the running stage's units (looked for without touching them)."""
+    return any(u.id == unit for u in run.stage.to_run) or any(w.id == unit for w in run.works)
+
+
+@dataclass
+class Named:
+    """What the names of a request are among the running stages: (stage, unit) each, or the
+    names no unit has, or those that name units of more than one stage."""
+
+    units: list[tuple[str, str]] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve(names: Sequence[str], stages: Mapping[str, Running]) -> Named:
+    """Each name as a unit id of one stage or as `STAGE/ID`."""
+    named = Named()
+    for name in names:
+        found: list[tuple[str, str]] = []
+        for stage, run in stages.items():
+            if holds(run, name):
+                found.append((stage, name))
+            if name.startswith(f"{stage}/") and holds(run, name[len(stage) + 1 :]):
+                found.append((stage, name[len(stage) + 1 :]))
+        if not found:
+            named.unknown.append(name)
+        elif len(found) > 1:
+            named.ambiguous[name] = [f"{stage}/{unit}" for stage, unit in found]
+        else:
+            named.units += found
+    return named
+
+
 @dataclass
 class Request:
     """One cancel request as the executor reads it."""
@@ -39,10 +90,21 @@ class Request:
     path: Path
     units: list[str]
 
-    def answer(self, known: dict[str, str], unknown: list[str]) -> None:
-        """Say which units are being cancelled (by stage) and which names no stage has."""
-        write_json(_answer_path(self.path), {"known": known, "unknown": unknown})
+    def resolve(self, stages: Mapping[str, Running]) -> list[tuple[str, str]]:
+        """The (stage, unit) pairs to cancel, answered beside the request; none when a name
+        is unknown or ambiguous (the answer says which, and the command exits 2)."""
+        named = resolve(self.units, stages)
+        refused = bool(named.unknown or named.ambiguous)
+        write_json(
+            _answer_path(self.path),
+            {
+                "known": [] if refused else named.units,
+                "unknown": named.unknown,
+                "ambiguous": named.ambiguous,
+            },
+        )
         self.path.unlink(missing_ok=True)
+        return [] if refused else named.units
 
 
 def pending(run_dir: Path) -> list[Request]:
@@ -79,19 +141,15 @@ def cancel(run_dir: Path, units: list[str], pipeline: str) -> int:
             f"(start one with `runner pipeline={pipeline}`)"
         )
     try:
-        known, unknown = _ask(run_dir, units)
-        if unknown:
-            raise CancelError(
-                f"{run_dir}: no unit of the running run is named "
-                f"{', '.join(repr(u) for u in unknown)}"
-            )
+        known = _ask(run_dir, units)
         return _await_end(ledger, known)
     finally:
         ledger.close()
 
 
-def _ask(run_dir: Path, units: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Leave the request; the runner's answer: {unit: its stage} and the names it lacks."""
+def _ask(run_dir: Path, units: list[str]) -> list[tuple[str, str]]:
+    """Leave the request; the runner's answer: the (stage, unit) pairs it is cancelling, or
+    a CancelError for names it cannot tell (none are cancelled then)."""
     folder = run_dir / REQUESTS
     folder.mkdir(exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.json"
@@ -108,31 +166,44 @@ def _ask(run_dir: Path, units: list[str]) -> tuple[dict[str, str], list[str]]:
         time.sleep(0.05)
     found = json.loads(answer.read_text())
     answer.unlink(missing_ok=True)
-    return dict(found["known"]), list(found["unknown"])
+    problems = [
+        f"{name!r} is a unit of {len(stages)} stages: {', '.join(stages)}; "
+        f"name one as units=[{stages[0]}]"
+        for name, stages in found.get("ambiguous", {}).items()
+    ]
+    if found["unknown"]:
+        names = ", ".join(repr(u) for u in found["unknown"])
+        problems.insert(0, f"no unit of the running run is named {names}")
+    if problems:
+        raise CancelError(f"{run_dir}: nothing cancelled: {'; '.join(problems)}")
+    return [(str(stage), str(unit)) for stage, unit in found["known"]]
 
 
-def _await_end(ledger: Ledger, known: dict[str, str]) -> int:
+def _await_end(ledger: Ledger, known: list[tuple[str, str]]) -> int:
     """Wait (bounded) until every cancelled unit is final in the ledger; say how each ended."""
     deadline = time.monotonic() + END_BOUND
+    wanted = set(known)
     while True:
         states = {
-            unit: r.state
-            for stage in set(known.values())
+            (stage, r.unit): r.state
+            for stage in {s for s, _ in known}
             for r in ledger.rows(stage)
-            if (unit := r.unit) in known and known[unit] == stage
+            if (stage, r.unit) in wanted
         }
-        if all(s.final for s in states.values()) and len(states) == len(known):
+        if all(s.final for s in states.values()) and len(states) == len(wanted):
             break
         if time.monotonic() > deadline:
-            left = sorted(u for u in known if u not in states or not states[u].final)
+            left = sorted(
+                f"{s}/{u}" for s, u in known if not (st := states.get((s, u))) or not st.final
+            )
             print(f"still stopping after {END_BOUND:g}s: {', '.join(left)}")
             return 1
         time.sleep(0.1)
     code = 0
-    for unit, state in states.items():
+    for (stage, unit), state in states.items():
         if state is UnitState.cancelled:
-            print(f"{known[unit]}/{unit}: CANCELLED")
+            print(f"{stage}/{unit}: CANCELLED")
         else:
-            print(f"{known[unit]}/{unit}: {state.label} before it could be cancelled")
+            print(f"{stage}/{unit}: {state.label} before it could be cancelled")
             code = 1
     return code

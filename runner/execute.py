@@ -1,4 +1,4 @@
-"""Run a plan: the executor under signal handling, then the summary and the timeline.
+"""Run a plan: the executor under signal handling, then the summary and the pictures.
 
 The executor (executor.py) runs every stage in one loop on this thread and looks at the stop
 event at least every 0.1 s, so SIGINT/SIGTERM are handled at once: admit nothing new, stop
@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from runner import report, warm
+from runner import history, planfile, report, warm
 from runner.backends.ray import RayBackend
 from runner.errors import Interrupted
 from runner.executor import Executor
-from runner.kind import RunContext, StageKind, StageOutcome
+from runner.kind import RunContext, StageKind
 from runner.plan import Plan
 from runner.progress import Progress
 from runner.scheduler import Scheduler
@@ -61,7 +61,8 @@ def execute(
     progress_mode: str,
     fresh: bool,
 ) -> tuple[int, dict[str, Any]]:
-    """Run the plan; return (exit code, summary) and write `summary.json`."""
+    """Run the plan; return (exit code, summary of the whole run) and write `summary.json`,
+    which describes every attempt of the run directory (`history`)."""
     stop = threading.Event()
     tables = any(kinds[stage.kind].shared_leases for stage in plan.stages.values())
     warm.start(warm.PICTURE + (warm.RESULTS if tables else ()))
@@ -82,45 +83,17 @@ def execute(
             progress.close()
     if ledger.failure is not None:
         raise ledger.failure
-    summary = make_summary(plan, outcomes, time.monotonic() - started)
-    code = 128 + caught[0] if caught else 0 if all(o.ok for o in outcomes.values()) else 1
-    ledger.end_run(run_started, code)  # before the report, which shows it
-    summary.update(
-        report.write_run_artifacts(ledger, f"{plan.pipeline} {store.root}", store.root, plan)
+    attempt = history.attempt_summary(
+        plan, outcomes, time.monotonic() - started, ledger, run_started
     )
+    code = 128 + caught[0] if caught else 0 if all(o.ok for o in outcomes.values()) else 1
+    ledger.end_run(run_started, code, attempt)  # before the report, which shows it
+    summary = history.whole_run(ledger)
+    # an attempt that ran nothing keeps the plan of the one that did (the report shows it)
+    keep = not history.ran_something(attempt) and (store.root / planfile.PLAN_FILE).exists()
+    title = f"{plan.pipeline} {store.root}"
+    summary.update(report.write_run_artifacts(ledger, title, store.root, None if keep else plan))
     write_json(store.root / SUMMARY, summary)
     if caught:
         raise Interrupted(caught[0])
     return code, summary
-
-
-def make_summary(plan: Plan, outcomes: Mapping[str, StageOutcome], wall: float) -> dict[str, Any]:
-    """Per-stage counts, wall time and CPU utilization (CPU seconds / (wall × cluster CPUs))."""
-    cpus = plan.cluster.total.cpus
-    stages = {}
-    for name, o in outcomes.items():
-        stages[name] = {
-            "kind": o.kind,
-            "ok": o.ok,
-            "total": o.total,
-            "done": o.done,
-            "failed": o.failed,
-            "timeout": o.timeout,
-            "cancelled": o.cancelled,
-            "skipped": o.skipped,
-            "wall_s": round(o.wall, 3),
-            "cpu_s": round(o.cpu_seconds, 3),
-            "cpu_utilization": round(o.cpu_seconds / (o.wall * cpus), 3) if o.wall else None,
-            "message": o.message,
-            "outputs": o.outputs,
-            **o.extra,
-        }
-    total_cpu = sum(o.cpu_seconds for o in outcomes.values())
-    return {
-        "pipeline": plan.pipeline,
-        "ok": all(o.ok for o in outcomes.values()) and len(outcomes) == len(plan.stages),
-        "wall_s": round(wall, 3),
-        "cluster_cpus": cpus,
-        "cpu_utilization": round(total_cpu / (wall * cpus), 3) if wall and cpus else None,
-        "stages": stages,
-    }

@@ -257,8 +257,8 @@ class Executor:
     def _apply(self, v: Verdict) -> None:
         """Carry out one verdict of a kind."""
         match v:
-            case DoneAll(works, results, seconds, end):
-                self.done_all(works, results, seconds, end)
+            case DoneAll(works, results, seconds, ends):
+                self.done_all(works, results, seconds, ends)
             case Done(work, result, started, ended):
                 self.finish(work, UnitState.done, result, None, started, ended)
             case Running(works, lease, at):
@@ -325,11 +325,11 @@ class Executor:
         if ask.work is not None:
             lease.work.append(ask.work)
         owner = f"{run.name}/{ask.work.id if ask.work else 'worker'}"
-        (lease.ticket,) = ask.submit_all_to(self.scheduler, (owner,), self._flag)
+        (lease.ticket,) = self.scheduler.submit(ask.request, (owner,), self._flag)
         self.waiting[lease.ticket] = lease
         live = self.live[run.name]
         live.asked += 1
-        live.shape = live.shape or ask.resources.describe()
+        live.shape = live.shape or ask.request.resources.describe()
         return lease
 
     def lend(self, run: StageRun, ask: Ask, lender: Lease) -> Lease:
@@ -339,14 +339,7 @@ class Executor:
         lease = Lease(run, ask)
         lease.work.append(ask.work)
         grant = self.scheduler.lend(
-            lender.grant,
-            f"{run.name}/{ask.work.id}",
-            ask.priority,
-            labels=ask.labels,
-            on_preempt=self._flag if ask.preemptible else None,
-            saves_state=ask.saves_state,
-            elastic=ask.elastic,
-            estimated=ask.estimated,
+            lender.grant, ask.request, f"{run.name}/{ask.work.id}", self._flag
         )
         self.place(lease, grant, lender.group)
         return lease
@@ -521,25 +514,29 @@ class Executor:
             self.starts.append(f"{stage}/{unit}")
 
     def done_all(
-        self, works: Sequence[Work], results: Sequence[object], seconds: Sequence[float], end: float
+        self,
+        works: Sequence[Work],
+        results: Sequence[object],
+        seconds: Sequence[float],
+        ends: Sequence[float],
     ) -> None:
         """`finish(work, done, result, started=end - seconds, ended=end)` for running units
-        whose ends were heard together at `end` (a pool batch's reply): the stage and the
-        progress told once. Kept lean: for a million trivial items this is most of the
-        driver's work."""
+        whose ends were heard together (a pool batch's reply, each item's own end): the stage
+        and the progress told once. Kept lean: for a million trivial items this is most of
+        the driver's work."""
         if not works:
             return
         running, done = UnitState.running, UnitState.done
         name = works[0].stage
         rows, keep = self.rows, self.keep_rows
-        for work, result, took in zip(works, results, seconds, strict=True):
+        for work, result, took, end in zip(works, results, seconds, ends, strict=True):
             if work.state is not running:
                 work.go(done)  # raises: a unit not running cannot end done
             work.state = done
             work.result, work.error, work.started, work.ended = result, None, end - took, end
             if keep:
                 rows[(name, work.unit.id)] = work.row()
-        self._ended_at(end)
+        self._ended_at(ends[-1])
         self.live[name].run.ended_all(works)
         self.ctx.progress.advance(name, done=len(works))
 
@@ -575,9 +572,7 @@ class Executor:
         self._row(work)
         if live.run.running_rows:  # a coarse unit: its end is on disk before anything else
             self.urgent = True
-        if state is not UnitState.cancelled:
-            ok = state is UnitState.done
-            self.ctx.progress.advance(work.stage, done=int(ok), failed=int(not ok))
+        self.ctx.progress.ended(work.stage, state)
 
     def failed(self, work: Work, error: str, state: UnitState = UnitState.failed) -> None:
         """The unit's own failure: run it again while retries last, else it ends `state`."""
@@ -736,6 +731,7 @@ class Executor:
             for work in lease.work:
                 work.go(UnitState.pending)
                 work.error = f"not started on {lease.node} within {lease.start_bound:g}s"
+                self.event(work, "retry", work.error)  # a requeue, counted with the others
                 lease.run.requeue(work)
 
     def _late(self, lease: Lease, now: float) -> None:
@@ -759,14 +755,10 @@ class Executor:
             return
         self.cancel_seen = now
         for request in cancel.pending(self.ctx.store.root):
-            known: dict[str, str] = {}
-            for name in request.units:
-                for live in self.live.values():
-                    work = live.run.find(name)
-                    if work is not None:
-                        known[name] = work.stage
-                        self.cancel(work)
-            request.answer(known, [u for u in request.units if u not in known])
+            for stage, unit in request.resolve({n: live.run for n, live in self.live.items()}):
+                work = self.live[stage].run.find(unit)
+                if work is not None:
+                    self.cancel(work)
 
     def cancel(self, work: Work) -> None:
         """Stop one unit with its stage's grace and record it CANCELLED: a lease of its own is
@@ -850,7 +842,7 @@ class Executor:
             self.withdraw(lease)
             lease.run.lease_ended(lease)
             for work in lease.work:
-                need = lease.ask.resources.describe()
+                need = lease.ask.request.resources.describe()
                 why = f"{work.stage}/{work.id} needs {need}, which nothing running will free"
                 why += f" (held: {held})" if held else " (no node holds it)"
                 log.error("%s; failed", why)
@@ -961,7 +953,9 @@ class Executor:
             state,
             live.started_wall,
             self.wall(),
-            asdict(outcome),
+            # none for an attempt that ran none of its units: the stage keeps what the last
+            # attempt that ran it recorded
+            asdict(outcome) if live.run.size else None,
             units_digest([u.id for u in units], [u.fingerprint for u in units]) if whole else None,
         )
 

@@ -8,16 +8,14 @@ says what should happen to them by returning verdicts (`verdicts.py`), never by 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from runner.lifecycle import UnitState, move
 from runner.placement import Placement, Started
 from runner.plan import Unit
-from runner.resources import Resources
-from runner.scheduler.core import Grant, Notify, Scheduler, Ticket
-from runner.scheduler.policy import Policy
+from runner.scheduler.core import Grant, Ticket
+from runner.scheduler.request import Request
 from runner.store import UnitRow
 
 if TYPE_CHECKING:
@@ -75,52 +73,14 @@ class Work:
 
 @dataclass(eq=False, slots=True)
 class Ask:
-    """A request for one lease: resources on one node, at a priority, for some work."""
+    """What a kind asks for one lease: the scheduler's `Request` (shared by many asks that ask
+    alike), the unit the lease is for, and what the kind remembers with it."""
 
-    resources: Resources
-    priority: float
+    request: Request
     # the unit the lease is for; None for a lease that serves many (a pool worker)
     work: Work | None = None
-    pool: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    policy: Policy | None = None
-    preemptible: bool = False
-    saves_state: bool = False
-    elastic: bool = False
-    reuse: str | None = None
     # what the kind wants to remember with the lease (e.g. a reserved group)
     tag: object = None
-    # the longest the lease is held (a job's time limit); with `reserve`, when it does not fit
-    # it holds back requests behind it that would still run when it could start (backfill)
-    duration: float | None = None
-    reserve: bool = False
-    # how long the unit is expected to run in all (a role's `estimated_duration`): victims
-    # are chosen by the work they have left
-    estimated: float | None = None
-    # the only nodes (scheduler indices) it may run on, e.g. a job's partition; None: any
-    nodes: frozenset[int] | None = None
-
-    def submit_all_to(
-        self, scheduler: Scheduler, owners: Sequence[str], on_preempt: Notify | None
-    ) -> list[Ticket]:
-        """Queue this ask once for each of `owners` (`Scheduler.submit_all`): the one
-        translation of an ask into tickets."""
-        return scheduler.submit_all(
-            owners,
-            self.resources,
-            self.priority,
-            pool=self.pool,
-            labels=self.labels,
-            policy=self.policy,
-            on_preempt=on_preempt if self.preemptible else None,
-            saves_state=self.saves_state,
-            elastic=self.elastic,
-            reuse=self.reuse,
-            duration=self.duration,
-            reserve=self.reserve,
-            estimated=self.estimated,
-            nodes=self.nodes,
-        )
 
 
 @dataclass(eq=False)

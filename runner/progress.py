@@ -1,4 +1,5 @@
-"""Progress of running stages: done / total, rate, ETA and failures.
+"""Progress of running stages: done / total, rate, ETA, and the units that ended otherwise
+(failed, timed out, cancelled, each by its name).
 
 On a terminal, rich draws one bar per running stage, and output that stages print through
 `Progress.print` (shard output, job output) goes above the bars, never through them. When the
@@ -29,6 +30,8 @@ from rich.progress import (
 from rich.progress import Progress as Bars
 from rich.text import Text
 
+from runner.lifecycle import UnitState
+
 BAR_WIDTH = 24
 
 
@@ -38,8 +41,28 @@ class _Stage:
     started: float
     done: int = 0
     failed: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
     finished: bool = False
     task: TaskID | None = None
+
+    @property
+    def ended(self) -> int:
+        """Units in a final state."""
+        return self.done + self.failed + self.timed_out + self.cancelled
+
+    def note(self) -> str:
+        """'failed 2 timed out 5 cancelled 1': the ends other than done, each by its name."""
+        ends = (
+            ("failed", self.failed),
+            ("timed out", self.timed_out),
+            ("cancelled", self.cancelled),
+        )
+        return " ".join(f"{name} {n}" for name, n in ends if n)
+
+
+# how a unit's final state is counted (the ledger's names); any other counts as failed
+_ENDS = {"done": "done", "timeout": "timed_out", "cancelled": "cancelled"}
 
 
 @dataclass
@@ -74,9 +97,20 @@ class Progress:
             s = self._stages[stage]
             s.done += done
             s.failed += failed
-            if self._bars is not None and s.task is not None:
-                note = f"failed {s.failed}" if s.failed else ""
-                self._bars.update(s.task, advance=done + failed, failed=note)
+            self._moved(s, done + failed)
+
+    def ended(self, stage: str, state: UnitState) -> None:
+        """One unit reached its final `state`: counted under its own name (a timed-out unit
+        is `timed out`, not `failed`)."""
+        with self._lock:
+            s = self._stages[stage]
+            counter = _ENDS.get(state.value, "failed")
+            setattr(s, counter, getattr(s, counter) + 1)
+            self._moved(s, 1)
+
+    def _moved(self, s: _Stage, count: int) -> None:
+        if self._bars is not None and s.task is not None:
+            self._bars.update(s.task, advance=count, failed=s.note())
 
     def finish(self, stage: str) -> None:
         with self._lock:
@@ -151,9 +185,9 @@ class RateColumn(ProgressColumn):
 
 
 def line(name: str, s: _Stage) -> str:
-    """'check [#####-----] 30/60 ETA 0:02 12.3/s failed 2'."""
+    """'check [#####-----] 30/60 ETA 0:02 12.3/s failed 2 timed out 1'."""
     elapsed = max(time.monotonic() - s.started, 1e-6)
-    count = s.done + s.failed
+    count = s.ended
     rate = count / elapsed
     text = f"{name} "
     if s.total:
@@ -164,8 +198,8 @@ def line(name: str, s: _Stage) -> str:
     else:
         text += f"{count}"
     text += f" {rate:.1f}/s"
-    if s.failed:
-        text += f" failed {s.failed}"
+    if note := s.note():
+        text += f" {note}"
     return text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -9,37 +10,53 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from runner import planfile, procs, report_html, spans, timeline, trace
+from runner import history, planfile, procs, report_html, spans, timeline, trace
 from runner.lifecycle import UnitState
 from runner.plan import Plan, StagePlan
-from runner.store import Ledger, UnitRow
+from runner.scheduler.policy import REASONS
+from runner.store import Ledger, UnitRow, atomic_path
 
 SAMPLE = 5
 # what every run writes beside its ledger, by the summary key that names it
 ARTIFACTS = ("timeline", "trace", "report")
+# a stage's own event log (a roles stage's), in its directory
+STAGE_LOG = "events.jsonl"
 
 
 def write_run_artifacts(
     ledger: Ledger, title: str, root: Path, plan: Plan | None = None
 ) -> dict[str, str | None]:
-    """Write the last run's timeline picture, trace and HTML report into `root`; return their
-    paths by name (None when there is nothing to draw). At the end of a run `plan` is given and
+    """Write the run's timeline picture, trace, HTML report and stage event logs into `root`,
+    all of the whole run (every attempt, `history`); return the paths by name (None when there
+    is nothing to draw). At the end of an attempt that ran something `plan` is given and
     recorded (`plan.json`); `mode=report` reads that record back."""
     if plan is not None:
         planfile.record(plan, root / planfile.PLAN_FILE)
     record = planfile.load(root / planfile.PLAN_FILE)
-    view = spans.read(ledger, record)
     written: dict[str, str | None] = dict.fromkeys(ARTIFACTS)
     if not ledger.stages():
         return written
+    view = spans.read(ledger, record)
+    for stage in ledger.logged_stages():
+        write_log(ledger, stage, root / stage / STAGE_LOG)
     picture = None
     if view.slices:
         picture = timeline.draw(view, title, root / timeline.PICTURE).path
         written["timeline"] = str(picture)
         written["trace"] = str(trace.write(view, title, root / trace.TRACE))
-    page = report_html.write(ledger, view, record, title, picture, root / report_html.REPORT)
+    summary = history.whole_run(ledger)
+    page = report_html.write(
+        ledger, view, record, summary, title, picture, root / report_html.REPORT
+    )
     written["report"] = str(page)
     return written
+
+
+def write_log(ledger: Ledger, stage: str, path: Path) -> None:
+    """A stage's event log over every attempt (`events.jsonl`), one JSON object a line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in ledger.log(stage)))
 
 
 def format_plan(plan: Plan) -> str:
@@ -93,42 +110,60 @@ def _sample(ids: list[str], total: int) -> str:
 
 
 def format_summary(summary: dict[str, Any], run_dir: str) -> str:
-    """The end-of-run table, one row per stage."""
-    header = ("stage", "kind", "done", "failed", "timeout", "skipped", "wall", "cpu util")
-    rows = []
-    for name, s in summary["stages"].items():
-        util = "-" if s["cpu_utilization"] is None else f"{100 * s['cpu_utilization']:.0f}%"
-        rows.append(
-            (
-                name,
-                s["kind"],
-                s["done"],
-                s["failed"],
-                s["timeout"],
-                s["skipped"],
-                f"{s['wall_s']:.1f}s",
-                util,
-            )
+    """The end-of-run table of the attempt that just ended, one row per stage, with what each
+    stage said (its requeues and preemptions too); then the whole run's files."""
+    attempt = summary["attempts"][-1]
+    stages: dict[str, Any] = attempt["stages"]
+    header = ("stage", "kind", "done", "failed", "timeout", "cancelled", "skipped", "wall")
+    rows = [
+        (
+            name,
+            s["kind"],
+            *(s[k] for k in ("done", "failed", "timeout", "cancelled", "skipped")),
+            f"{s['wall_s']:.1f}s",
+            "-" if s["cpu_utilization"] is None else f"{100 * s['cpu_utilization']:.0f}%",
         )
-    lines = _table(header, rows)
+        for name, s in stages.items()
+    ]
+    lines = _table((*header, "cpu util"), rows)
     accounts = [
         (name, account, use["jobs"], f"{use['cpu_s']:.1f}")
-        for name, s in summary["stages"].items()
+        for name, s in stages.items()
         for account, use in s.get("accounts", {}).items()
     ]
     if accounts:  # SCNS's accounting: what each account's jobs used
         lines += _table(("stage", "account", "jobs", "cpu-seconds"), accounts)
-    for name, s in summary["stages"].items():
+    for name, s in stages.items():
         if s["message"]:
             lines.append(f"{name}: {s['message']}")
-        for out in s["outputs"]:
-            lines.append(f"{name}: wrote {out}")
-    for artifact in ARTIFACTS:
-        if summary.get(artifact):
-            lines.append(f"{artifact}: {summary[artifact]}")
-    state = "succeeded" if summary["ok"] else "did not succeed"
-    lines.append(f"run {state} in {summary['wall_s']:.1f}s; run dir {run_dir}")
+        if requeued := requeue_line(s):
+            lines.append(f"{name}: {requeued}")
+        lines += [f"{name}: wrote {out}" for out in s["outputs"]]
+    lines += [f"{a}: {summary[a]}" for a in ARTIFACTS if summary.get(a)]
+    state = "succeeded" if attempt["ok"] else "did not succeed"
+    lines.append(f"run {state} in {attempt['wall_s']:.1f}s; run dir {run_dir}")
+    if len(summary["attempts"]) > 1:
+        n = len(summary["attempts"])
+        lines.append(f"attempt {n} of this run; summary.json and report.html describe all {n}")
     return "\n".join(lines)
+
+
+def requeue_line(stage: dict[str, Any]) -> str:
+    """'preemptions: label 1, same_pool 1, cross_pool 0; requeues 2; mean wait by priority
+    10: 0.01s, ...' for a stage whose units were queued again or waited by priority, else ''."""
+    preemptions: dict[str, int] = stage.get("preemptions", {})
+    waits: dict[str, dict[str, float]] = stage.get("waiting_s_by_priority", {})
+    if not (stage.get("requeues") or any(preemptions.values()) or waits):
+        return ""
+    reasons = [*REASONS, *(r for r in preemptions if r not in REASONS)]
+    line = f"preemptions: {', '.join(f'{r} {preemptions.get(r, 0)}' for r in reasons)}"
+    line += f"; requeues {stage.get('requeues', 0)}"
+    if waits:
+        by_priority = sorted(waits.items(), key=lambda w: float(w[0]), reverse=True)
+        line += "; mean wait by priority " + ", ".join(
+            f"{p}: {w['mean_s']:.2f}s" for p, w in by_priority
+        )
+    return line
 
 
 def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
@@ -141,51 +176,54 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
         # a runner that died without ending its run (SIGKILL, a lost machine) left stages
         # marked running: they are not
         stages = [{**s, "state": "interrupted"} if s["state"] == "running" else s for s in stages]
+    counts_of = {s["stage"]: ledger.counts(s["stage"]) for s in stages}
+    lines = [f"run dir {run_dir}", *_status_table(stages, counts_of)]
+    if gone is not None:
+        lines.append(gone)
+    jobs = {s["stage"]: sum(counts_of[s["stage"]].values()) for s in stages if s["kind"] == "jobs"}
+    lines += _jobs_tables(ledger, jobs, run_dir)
+    lines += _not_done(ledger, counts_of, run_dir, limit)
+    return "\n".join(lines)
+
+
+def _status_table(stages: list[dict[str, Any]], counts_of: dict[str, dict[str, int]]) -> list[str]:
     header = ("stage", "kind", "state", "done", "failed", "timeout", "cancelled", "ended")
     rows = []
-    counts_of = {s["stage"]: ledger.counts(s["stage"]) for s in stages}
     for s in stages:
         counts = counts_of[s["stage"]]
         ended = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["ended"])) if s["ended"] else "-"
         )
-        rows.append(
-            (
-                s["stage"],
-                s["kind"],
-                s["state"],
-                counts.get("done", 0),
-                counts.get("failed", 0),
-                counts.get("timeout", 0),
-                counts.get("cancelled", 0),
-                ended,
-            )
-        )
-    lines = [f"run dir {run_dir}", *_table(header, rows)]
-    if gone is not None:
-        lines.append(gone)
-    jobs = {s["stage"]: sum(counts_of[s["stage"]].values()) for s in stages if s["kind"] == "jobs"}
-    lines += _jobs_tables(ledger, jobs, run_dir)
-    # counted and read by SQLite: a stage of a million units shows its first `limit` only
+        states = ("done", "failed", "timeout", "cancelled")
+        rows.append((s["stage"], s["kind"], s["state"], *(counts.get(k, 0) for k in states), ended))
+    return _table(header, rows)
+
+
+def _not_done(
+    ledger: Ledger, counts_of: dict[str, dict[str, int]], run_dir: str, limit: int
+) -> list[str]:
+    """The units not done, the first `limit` of them (counted and read by SQLite: a stage of a
+    million units shows a page), and where their stages' whole stories are."""
     not_done = {
-        s["stage"]: sum(n for k, n in counts_of[s["stage"]].items() if k != "done") for s in stages
+        stage: sum(n for k, n in counts.items() if k != "done")
+        for stage, counts in counts_of.items()
     }
     total = sum(not_done.values())
+    if not total:
+        return []
     bad: list[UnitRow] = []
-    for s in stages:
-        if not_done[s["stage"]] and len(bad) < limit:
-            bad += ledger.rows(s["stage"], unfinished=True, limit=limit - len(bad))
-    if total:
-        lines.append("")
-        lines.append(f"units not done ({total}):")
-        lines += _table(
-            ("stage", "unit", "state", "attempts", "error"),
-            [(r.stage, r.unit, r.state.value, r.attempts, _first_line(r.error)[:80]) for r in bad],
-        )
-        if total > limit:
-            lines.append(f"... and {total - limit} more")
-        lines += _where_to_look(sorted(k for k, n in not_done.items() if n), Path(run_dir))
-    return "\n".join(lines)
+    for stage, n in not_done.items():
+        if n and len(bad) < limit:
+            bad += ledger.rows(stage, unfinished=True, limit=limit - len(bad))
+    lines = ["", f"units not done ({total}):"]
+    lines += _table(
+        ("stage", "unit", "state", "attempts", "error"),
+        [(r.stage, r.unit, r.state.value, r.attempts, _first_line(r.error)[:80]) for r in bad],
+    )
+    if total > limit:
+        lines.append(f"... and {total - limit} more")
+    lines += _where_to_look(sorted(k for k, n in not_done.items() if n), Path(run_dir))
+    return lines
 
 
 def runner_gone(ledger: Ledger) -> str | None:

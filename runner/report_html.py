@@ -1,8 +1,9 @@
 """`report.html`: one self-contained page about a run, to read or attach to an issue.
 
-Per stage its summary (units by state, retries, preemptions by reason, waiting time by
-priority, utilization), the timeline picture embedded as a base64 PNG, the slowest units,
-the failures with their error lines, and the plan's reasons. Nothing is loaded from
+Of the whole run, every attempt of it: per stage its summary (units by state, requeues,
+preemptions by reason, waiting time by priority, lanes, utilization), the timeline picture
+embedded as a base64 PNG with its lane count, the attempts, the slowest units, the failures
+with their error lines, and the plan's reasons. Nothing is loaded from
 elsewhere: styles are inline, the picture is a data URL.
 """
 
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,26 @@ pre{margin:0;white-space:pre-wrap;font-size:12px}img{max-width:100%}.muted{color
 
 
 def render(
-    ledger: Ledger, view: RunView, plan: PlanRecord | None, title: str, picture: Path | None
+    ledger: Ledger,
+    view: RunView,
+    plan: PlanRecord | None,
+    summary: dict[str, Any],
+    title: str,
+    picture: Path | None,
 ) -> str:
-    """The page's HTML."""
-    run = ledger.last_run() or {}
-    parts = [f"<h1>{_e(title)}</h1>", _run_line(run, view, plan)]
-    parts += ["<h2>Stages</h2>", _stages_table(ledger, view, plan)]
+    """The page's HTML, of the whole run (`summary` is `history.whole_run`)."""
+    parts = [f"<h1>{_e(title)}</h1>", _run_line(summary, view, plan)]
+    parts += ["<h2>Stages</h2>", _stages_table(ledger, view, plan, summary)]
     if picture is not None and picture.exists():
         data = base64.b64encode(picture.read_bytes()).decode()
-        parts += ["<h2>Timeline</h2>", f'<img alt="timeline" src="data:image/png;base64,{data}">']
+        lanes = len(view.tracks())
+        parts += [
+            "<h2>Timeline</h2>",
+            f'<img alt="timeline" src="data:image/png;base64,{data}">',
+            f'<p class="muted" id="lanes">{lanes} lane{"s" * (lanes != 1)}: '
+            "one per worker or role replica</p>",
+        ]
+    parts += ["<h2>Attempts</h2>", _attempts(summary)]
     parts += ["<h2>Slowest units</h2>", _slowest(view)]
     parts += ["<h2>Failures</h2>", _failures(ledger)]
     parts += ["<h2>Plan</h2>", _plan(plan)]
@@ -56,20 +68,21 @@ def write(
     ledger: Ledger,
     view: RunView,
     plan: PlanRecord | None,
+    summary: dict[str, Any],
     title: str,
     picture: Path | None,
     path: Path,
 ) -> Path:
     """Write the page to `path` atomically and return it."""
     with atomic_path(path) as tmp:
-        tmp.write_text(render(ledger, view, plan, title, picture), encoding="utf-8")
+        tmp.write_text(render(ledger, view, plan, summary, title, picture), encoding="utf-8")
     return path
 
 
-def _run_line(run: dict[str, Any], view: RunView, plan: PlanRecord | None) -> str:
-    started = run.get("started")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "-"
-    code = run.get("exit_code")
+def _run_line(summary: dict[str, Any], view: RunView, plan: PlanRecord | None) -> str:
+    every = summary["attempts"]
+    started = every[0]["started"] if every else None
+    code = summary.get("exit_code")
     where = f" on {_e(plan.where)}" if plan else ""
     usage = ", ".join(
         f"{name} mean {view.mean_use(name):.2g} of {cap:g} ({100 * view.mean_use(name) / cap:.0f}%)"
@@ -77,44 +90,79 @@ def _run_line(run: dict[str, Any], view: RunView, plan: PlanRecord | None) -> st
         if cap
     )
     return (
-        f"<p>started {when}{where}; exit code {'-' if code is None else code}; "
+        f"<p>started {_when(started)}{where}; exit code {'-' if code is None else code}; "
         f"{len(view.slices)} unit attempts over {view.end - view.start:.1f}s"
         f"{'; ' + _e(usage) if usage else ''}</p>"
     )
 
 
-def _stages_table(ledger: Ledger, view: RunView, plan: PlanRecord | None) -> str:
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def _attempts(summary: dict[str, Any]) -> str:
+    """One row per attempt of the run: when, how it ended, how many units it set out to run
+    and what became of them."""
+    rows = []
+    for a in summary["attempts"]:
+        stages = a.get("stages", {})
+        did = _pairs(
+            (k, n)
+            for k in ("done", "failed", "timeout", "cancelled", "skipped")
+            if (n := sum(s.get(k, 0) for s in stages.values()))
+        )
+        code = a["exit_code"]
+        rows.append(
+            (
+                str(a["attempt"]),
+                _when(a["started"]),
+                _when(a["ended"]) if a["ended"] else "never ended (its runner was killed)",
+                "-" if code is None else str(code),
+                str(a.get("units_run", "-")),
+                did or "-",
+                f"{a['wall_s']:.1f}s" if "wall_s" in a else "-",
+            )
+        )
+    header = ("attempt", "started", "ended", "exit code", "units to run", "units", "wall")
+    return _table(header, rows)
+
+
+def _stages_table(
+    ledger: Ledger, view: RunView, plan: PlanRecord | None, summary: dict[str, Any]
+) -> str:
     header = (
         "stage",
         "kind",
         "state",
         "units by state",
-        "retries",
+        "requeues",
         "preemptions by reason",
         "waiting by priority",
+        "lanes",
         "wall",
         "utilization",
     )
+    lanes = Counter(track.split("/", 1)[0] for _, track in view.tracks())
     rows = []
     for st in ledger.stages():
-        outcome = json.loads(st["summary"]) if st["summary"] else {}
-        extra = outcome.get("extra", {})
-        counts = ledger.counts(st["stage"])
-        wall = float(outcome.get("wall", 0.0))
-        util = _utilization(view, plan, st["stage"], wall, float(outcome.get("cpu_seconds", 0)))
+        name = st["stage"]
+        whole = summary["stages"].get(name, {})
+        wall = float(whole.get("wall_s", 0.0))
+        util = _utilization(view, plan, name, wall, float(whole.get("cpu_s", 0.0)))
         rows.append(
             (
-                st["stage"],
+                name,
                 st["kind"],
                 st["state"],
-                _pairs(sorted(counts.items())),
-                str(_retries(view, st["stage"])),
-                _pairs((k, v) for k, v in extra.get("preemptions", {}).items()) or "-",
+                _pairs(sorted(ledger.counts(name).items())),
+                str(whole.get("requeues", 0)),
+                _pairs(whole.get("preemptions", {}).items()) or "-",
                 _pairs(
                     (p, f"{w['mean_s']:.2f}s mean, {w['max_s']:.2f}s max, {w['units']} units")
-                    for p, w in extra.get("waiting_s_by_priority", {}).items()
+                    for p, w in whole.get("waiting_s_by_priority", {}).items()
                 )
                 or "-",
+                str(lanes.get(name, 0)),
                 f"{wall:.1f}s",
                 util,
             )
@@ -136,13 +184,6 @@ def _utilization(
     if cpu_seconds and plan.capacity.cpus:
         parts.append(f"CPU time {100 * cpu_seconds / (wall * plan.capacity.cpus):.0f}%")
     return ", ".join(parts) or "-"
-
-
-def _retries(view: RunView, stage: str) -> int:
-    """Extra attempts of the stage's units (recorded retries when there are more of them)."""
-    extra = sum(max(s.attempts - 1, 0) for s in view.slices if s.stage == stage)
-    recorded = sum(1 for m in view.moments if m.stage == stage and m.kind == "retry")
-    return max(extra, recorded)
 
 
 def _slowest(view: RunView) -> str:

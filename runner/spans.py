@@ -2,13 +2,16 @@
 (preemptions, retries, timeouts) with their reason, and resources in use over time.
 
 The trace, the timeline picture and the HTML report all draw this one view, so they agree.
-A track is a worker (pool, shard), a replica (roles) or a job slot; slices that overlap on one
-worker or node (a job queue on one host) are packed into numbered slots, because a trace track
-must hold one slice at a time.
+A track (a lane) is what held a placement of its own: a worker (pool, shard, a job's Ray
+worker) or a role replica; a pool's items are laid end to end on their worker, as they ran.
+Slices that still overlap on one lane (items of a worker running several at once) are packed
+into numbered slots, because a trace track must hold one slice at a time. The view covers
+every attempt of the run: a unit's last attempt is its ledger row, the earlier ones are events.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable
@@ -26,6 +29,9 @@ from runner.store import Ledger
 DETAIL_LIMIT = 2_000
 # seconds between two units on one track that still count as back to back
 BACK_TO_BACK = 0.05
+# seconds two slices of one lane may overlap and still be one after the other: two clocks
+# (a worker's wall clock, its items' own timers) never agree to the microsecond
+SLACK = 0.001
 # kinds whose units are their own track (a replica keeps its lane across attempts and actors)
 UNIT_TRACKS = frozenset({"roles"})
 UNKNOWN_NODE = "unknown node"
@@ -99,58 +105,57 @@ class RunView:
         return total / (end - start)
 
 
-def read(ledger: Ledger, plan: PlanRecord | None = None, since: float | None = None) -> RunView:
-    """The view of the ledger's last run (units started since it began, or since `since`)."""
-    if since is None:
-        run = ledger.last_run()
-        since = run["started"] if run else 0.0
-    kinds = {s["stage"]: s["kind"] for s in ledger.stages()}
-    raw: list[tuple[str, dict[str, Any]]] = []
-    where: dict[tuple[str, str], tuple[str, str | None, str]] = {}
-    for stage, kind in kinds.items():
-        if kind not in UNIT_TRACKS and ledger.span_count(stage, since) > DETAIL_LIMIT:
-            rows = _coalesced(ledger.spans_by_worker(stage, since))
-        else:
-            rows = ledger.spans(stage, since)
-        for row in rows:
-            node = row["node_ip"] or _host(row["worker"])
-            lane = row["unit"] if kind in UNIT_TRACKS else row["worker"] or row["unit"]
-            where[(stage, row["unit"])] = (node, row["node_id"], f"{stage}/{lane}")
-            raw.append((stage, row))
-    events = [e for e in ledger.events() if e["time"] >= since]
-    retried = {(e["stage"], e["unit"]) for e in events if e["kind"] == "retry"}
+def read(ledger: Ledger, plan: PlanRecord | None = None, since: float = 0.0) -> RunView:
+    """The view of the whole run, every attempt of it (or of the attempts since `since`): each
+    unit's last attempt from its row, the earlier ones from the events, on the lane the kind
+    gives it (`lane_of`)."""
     pending: list[Slice] = []
-    for stage, row in raw:
-        node, node_id, lane = where[(stage, row["unit"])]
-        pending.append(
-            Slice(
-                stage,
-                row["unit"],
-                node,
-                lane,
-                row["started"],
-                row["ended"],
-                row["state"],
-                row["attempts"],
-                node_id,
-            )
-        )
-    for e in events:
-        if e["kind"] == "attempt" and e["started"] is not None:
-            node, node_id, lane = where.get(
-                (e["stage"], e["unit"]), (UNKNOWN_NODE, None, f"{e['stage']}/{e['unit']}")
-            )
-            if e["lane"]:
-                lane = f"{e['stage']}/{e['lane']}"
-            state = e["detail"] or "done"
-            pending.append(
-                Slice(e["stage"], e["unit"], node, lane, e["started"], e["time"], state, 0, node_id)
-            )
+    for record in ledger.stages():
+        pending += _stage_slices(ledger, record["stage"], record["kind"], since)
     slices = _pack(pending)
-    moments = _moments(slices, events, retried)
-    view = RunView(slices, moments)
+    events = ledger.events(since, moments=True)
+    retried = {(e["stage"], e["unit"]) for e in events if e["kind"] == "retry"}
+    view = RunView(slices, _moments(slices, events, retried))
     _usage(view, plan)
     return view
+
+
+def lane_of(kind: str, unit: str, worker: str | None) -> str:
+    """The lane a unit's attempt is drawn on: a lane is what holds a placement of its own, a
+    role replica (across its attempts and actors) or the worker (a pool or shard worker, a
+    job's Ray worker) that ran it."""
+    return unit if kind in UNIT_TRACKS or not worker else worker
+
+
+def _stage_slices(ledger: Ledger, stage: str, kind: str, since: float) -> list[Slice]:
+    """The stage's unit attempts as slices; above DETAIL_LIMIT of them a worker's back-to-back
+    units of one state are one slice (read in order, a chunk at a time)."""
+    many = ledger.span_count(stage, since) + ledger.attempt_count(stage, since) > DETAIL_LIMIT
+    rows: Iterable[dict[str, Any]]
+    if many and kind not in UNIT_TRACKS:
+        rows = _coalesced(
+            heapq.merge(
+                ledger.spans_by_worker(stage, since),
+                ledger.attempts_by_lane(stage, since),
+                key=lambda r: (r["worker"] or "", r["started"], r["unit"]),
+            )
+        )
+    else:
+        rows = itertools.chain(ledger.spans(stage, since), ledger.attempts_by_lane(stage, since))
+    return [
+        Slice(
+            stage,
+            row["unit"],
+            row["node_ip"] or _host(row["worker"]),
+            f"{stage}/{lane_of(kind, row['unit'], row['worker'])}",
+            row["started"],
+            row["ended"],
+            row["state"],
+            row["attempts"],
+            row["node_id"],
+        )
+        for row in rows
+    ]
 
 
 def _coalesced(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,7 +207,7 @@ def _pack(slices: list[Slice]) -> list[Slice]:
         group.sort(key=lambda s: (s.start, s.end))
         ends: list[float] = []
         for s in group:
-            slot = next((i for i, end in enumerate(ends) if end <= s.start), len(ends))
+            slot = next((i for i, end in enumerate(ends) if end <= s.start + SLACK), len(ends))
             if slot == len(ends):
                 ends.append(s.end)
             ends[slot] = s.end

@@ -52,8 +52,9 @@ class UnitRow:
 
 @dataclass(slots=True)
 class Event:
-    """A moment in a unit's life worth drawing: an attempt that ended early (kind `attempt`,
-    from `started` to `time`, outcome in `detail`), a `preempted` or `retry` mark."""
+    """A moment in a unit's life worth drawing: an attempt that ended early or that a later
+    attempt replaced (kind `attempt`, from `started` to `time`, outcome in `detail`), a
+    `preempted` or `retry` mark."""
 
     stage: str
     unit: str
@@ -62,6 +63,8 @@ class Event:
     lane: str | None = None
     detail: str | None = None
     started: float | None = None
+    # the IP of the node it happened on, where known
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +112,53 @@ CREATE TABLE IF NOT EXISTS units (
     PRIMARY KEY (stage, unit)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY, started REAL, ended REAL, exit_code INTEGER, pid INTEGER
+    id INTEGER PRIMARY KEY, started REAL, ended REAL, exit_code INTEGER, pid INTEGER,
+    summary TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
-    stage TEXT, unit TEXT, kind TEXT, time REAL, lane TEXT, detail TEXT, started REAL
+    stage TEXT, unit TEXT, kind TEXT, time REAL, lane TEXT, detail TEXT, started REAL, node TEXT
 );
+CREATE TABLE IF NOT EXISTS log (stage TEXT, run INTEGER, record TEXT);
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, digest TEXT
 );
 """
+# A unit's row holds its last attempt. When a later attempt of the run starts it again (a
+# resume after Ctrl-C, a rerun of a failed unit, `run.fresh`), the attempt it replaces is kept
+# as an `attempt` event, so the run's record keeps every attempt. A `pending` row with an end
+# is a done one that `supersede` set back.
+_KEEP_ATTEMPTS = """
+CREATE TRIGGER IF NOT EXISTS earlier_attempt BEFORE UPDATE OF started ON units
+WHEN OLD.ended IS NOT NULL AND OLD.started IS NOT NULL AND NEW.started IS NOT OLD.started
+BEGIN
+    INSERT INTO events (stage, unit, kind, time, lane, detail, started, node)
+    VALUES (OLD.stage, OLD.unit, 'attempt', OLD.ended, OLD.worker,
+            CASE OLD.state WHEN 'pending' THEN 'done' ELSE OLD.state END, OLD.started,
+            OLD.node_ip);
+END;
+"""
+_UNIT_COLUMNS = (
+    "stage",
+    "unit",
+    "fingerprint",
+    "state",
+    "attempts",
+    "started",
+    "ended",
+    "duration",
+    "worker",
+    "error",
+    "input",
+    "result",
+    "node_id",
+    "node_ip",
+)
+# an upsert, not INSERT OR REPLACE: a replaced row is updated in place, which the trigger sees
+_WRITE_UNITS = (
+    f"INSERT INTO units ({', '.join(_UNIT_COLUMNS)}) VALUES ({','.join('?' * 14)}) "
+    "ON CONFLICT (stage, unit) DO UPDATE SET "
+    + ", ".join(f"{c}=excluded.{c}" for c in _UNIT_COLUMNS[2:])
+)
 
 
 def storage_error(root: Path, exc: BaseException, path: Path | None = None) -> StorageError:
@@ -149,6 +190,8 @@ class Ledger:
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self._path, self._readonly = path, readonly
         self._lock = threading.Lock()
+        # the id of the run attempt this runner records (`start_run`), for the stages' logs
+        self.run_id: int | None = None
         # the first write that failed (a full disk, a read-only directory); later writes are
         # skipped: every committed transaction is whole, so the ledger stays consistent
         self.failure: StorageError | None = None
@@ -194,14 +237,21 @@ class Ledger:
     def close(self) -> None:
         self._db.close()
 
+    def _has(self, table: str, column: str) -> bool:
+        """Whether the ledger's `table` has `column` (a ledger of an older runner may not);
+        the caller holds the lock."""
+        return column in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+
     def _migrate(self) -> None:
         """Add the columns a ledger written by an older runner lacks."""
         have = {r[1] for r in self._db.execute("PRAGMA table_info(units)")}
         for column in ("node_id", "node_ip"):
             if column not in have:
                 self._db.execute(f"ALTER TABLE units ADD COLUMN {column} TEXT")
-        if "units_digest" not in {r[1] for r in self._db.execute("PRAGMA table_info(stages)")}:
-            self._db.execute("ALTER TABLE stages ADD COLUMN units_digest TEXT")
+        for table, column in (("stages", "units_digest"), ("runs", "summary"), ("events", "node")):
+            if not self._has(table, column):
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        self._db.executescript(_KEEP_ATTEMPTS)
 
     def stage(self, stage: str) -> StageRecord | None:
         with self._lock:
@@ -232,13 +282,15 @@ class Ledger:
         units: str | None = None,
     ) -> None:
         """Record a stage; `units` (a `units_digest`) only when every unit of its plan is done:
-        any other record, a running one included, forgets it."""
+        any other record, a running one included, forgets it. Without a `summary` the one
+        recorded before is kept (an attempt that ran none of its units has nothing to add)."""
         with self._lock, self._writing() as ok:
             if not ok:
                 return
             self._db.execute(
                 "INSERT OR REPLACE INTO stages (stage, kind, fingerprint, config, state, started, "
-                "ended, summary, units_digest) VALUES (?,?,?,?,?,?,?,?,?)",
+                "ended, summary, units_digest) VALUES (?,?,?,?,?,?,?,"
+                "COALESCE(?, (SELECT summary FROM stages WHERE stage=?)),?)",
                 (
                     stage,
                     kind,
@@ -248,6 +300,7 @@ class Ledger:
                     started,
                     ended,
                     json.dumps(summary) if summary else None,
+                    stage,
                     units,
                 ),
             )
@@ -302,9 +355,7 @@ class Ledger:
             if not ok:
                 return
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO units VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", params
-            )
+            self._db.executemany(_WRITE_UNITS, params)
             self._db.execute("COMMIT")
 
     def rows(
@@ -351,22 +402,26 @@ class Ledger:
                 )
 
     def start_run(self) -> float:
-        """Record that a run starts now; return its start time."""
+        """Record that a run attempt starts now; return its start time."""
         now = time.time()
         with self._lock, self._writing() as ok:
             if ok:
-                self._db.execute(
+                cursor = self._db.execute(
                     "INSERT INTO runs (started, pid) VALUES (?, ?)", (now, os.getpid())
                 )
+                self.run_id = cursor.lastrowid
         return now
 
-    def end_run(self, started: float, exit_code: int) -> None:
+    def end_run(
+        self, started: float, exit_code: int, summary: dict[str, Any] | None = None
+    ) -> None:
+        """Record the attempt's end, its exit code and what it did (`summary`)."""
         with self._lock, self._writing() as ok:
             if not ok:
                 return
             self._db.execute(
-                "UPDATE runs SET ended=?, exit_code=? WHERE started=?",
-                (time.time(), exit_code, started),
+                "UPDATE runs SET ended=?, exit_code=?, summary=? WHERE started=?",
+                (time.time(), exit_code, json.dumps(summary) if summary else None, started),
             )
 
     def last_run(self) -> dict[str, Any] | None:
@@ -381,21 +436,121 @@ class Ledger:
                 return None
         return dict(zip(keys, row, strict=True)) if row else None
 
+    def runs(self) -> list[dict[str, Any]]:
+        """Every attempt of the run, first first: id, started, ended, exit_code, pid and
+        summary (what it did, None when its runner never ended it)."""
+        keys = ("id", "started", "ended", "exit_code", "pid", "summary")
+        with self._lock:
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(runs)")}
+            if not have:
+                return []
+            columns = [k if k in have else "NULL" for k in keys]
+            rows = self._db.execute(f"SELECT {', '.join(columns)} FROM runs ORDER BY id").fetchall()
+        found = [dict(zip(keys, r, strict=True)) for r in rows]
+        for run in found:
+            run["summary"] = _load(run["summary"])
+        return found
+
     def add_events(self, events: Iterable[Event]) -> None:
-        params = [(e.stage, e.unit, e.kind, e.time, e.lane, e.detail, e.started) for e in events]
+        params = [
+            (e.stage, e.unit, e.kind, e.time, e.lane, e.detail, e.started, e.node) for e in events
+        ]
         if params:
             with self._lock, self._writing() as ok:
                 if ok:
-                    self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", params)
+                    self._db.executemany(
+                        "INSERT INTO events (stage, unit, kind, time, lane, detail, started, "
+                        "node) VALUES (?,?,?,?,?,?,?,?)",
+                        params,
+                    )
 
-    def events(self) -> list[dict[str, Any]]:
-        keys = ("stage", "unit", "kind", "time", "lane", "detail", "started")
+    def events(self, since: float = 0.0, moments: bool = False) -> list[dict[str, Any]]:
+        """The recorded events since `since`; with `moments`, all but the `attempt` ones."""
+        keys = ("stage", "unit", "kind", "time", "lane", "detail", "started", "node")
+        with self._lock:
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
+            if not have:  # a ledger written before events existed
+                return []
+            columns = [k if k in have else "NULL" for k in keys]  # older ledgers lack nodes
+            query = f"SELECT {', '.join(columns)} FROM events WHERE time >= ?"
+            if moments:
+                query += " AND kind != 'attempt'"
+            rows = self._db.execute(query, (since,)).fetchall()
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def event_counts(self, since: float = 0.0) -> dict[tuple[str, str, str], int]:
+        """How many events of each (stage, kind, detail) were recorded since `since`, counted
+        by SQLite: the summary's preemptions by reason and requeues, and the report's."""
         with self._lock:
             try:
-                rows = self._db.execute(f"SELECT {', '.join(keys)} FROM events").fetchall()
-            except sqlite3.OperationalError:  # a ledger written before events existed
+                rows = self._db.execute(
+                    "SELECT stage, kind, COALESCE(detail, ''), COUNT(*) FROM events "
+                    "WHERE time >= ? GROUP BY stage, kind, detail",
+                    (since,),
+                ).fetchall()
+            except sqlite3.OperationalError:
+                return {}
+        found: dict[tuple[str, str, str], int] = {}
+        for stage, kind, detail, n in rows:
+            found[(stage, kind, detail)] = found.get((stage, kind, detail), 0) + n
+        return found
+
+    def attempt_count(self, stage: str, since: float) -> int:
+        """How many earlier attempts of the stage's units (`attempt` events) ended since `since`."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM events WHERE stage=? AND kind='attempt' AND time >= ? "
+                "AND started IS NOT NULL",
+                (stage, since),
+            ).fetchone()
+        return int(row[0])
+
+    def attempts_by_lane(self, stage: str, since: float) -> Iterator[dict[str, Any]]:
+        """The earlier attempts of the stage's units as `spans_by_worker` rows (state from the
+        event's detail, the lane as worker), in the same order, a chunk at a time."""
+        with self._lock:
+            node = "node" if self._has("events", "node") else "NULL"
+        query = (
+            f"SELECT unit, COALESCE(detail, 'done'), 0, started, time, lane, NULL, {node} "
+            "FROM events WHERE stage=? AND kind='attempt' AND time >= ? AND started IS NOT NULL "
+            "ORDER BY lane, started, unit"
+        )
+        keys = ("unit", "state", "attempts", "started", "ended", "worker", "node_id", "node_ip")
+        for chunk in self._chunks(query, (stage, since)):
+            for r in chunk:
+                yield dict(zip(keys, r, strict=True))
+
+    def add_log(self, stage: str, record: dict[str, Any]) -> None:
+        """Keep one record of a stage's own event log (a roles stage's `events.jsonl`), under
+        the run attempt that wrote it."""
+        text = json.dumps(record, default=str)
+        with self._lock, self._writing() as ok:
+            if ok:
+                self._db.execute(
+                    "INSERT INTO log (stage, run, record) VALUES (?,?,?)",
+                    (stage, self.run_id, text),
+                )
+
+    def log(self, stage: str) -> list[dict[str, Any]]:
+        """The stage's event log over every attempt, in the order it was written; each record
+        says which attempt (`attempt`, the run's id) wrote it."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT run, record FROM log WHERE stage=? ORDER BY rowid", (stage,)
+                ).fetchall()
+            except sqlite3.OperationalError:  # a ledger written before logs were kept
                 return []
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [{**json.loads(record), "attempt": run} for run, record in rows]
+
+    def logged_stages(self) -> list[str]:
+        """The stages that have an event log."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT DISTINCT stage FROM log").fetchall()
+            except sqlite3.OperationalError:
+                return []
+        return sorted(r[0] for r in rows)
 
     def spans(self, stage: str, since: float) -> list[dict[str, Any]]:
         """Unit, state, attempts, started, ended, worker (and node_id, node_ip where the ledger

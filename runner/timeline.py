@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 PICTURE = "timeline.png"
 MAX_ROWS = 60
+# pixels an inch of the saved picture
+DPI = 100
 # the picture's width (inches), and a character's width at the labels' 8 points (DejaVu Sans)
 WIDTH, CHAR_IN = 13.0, 0.07
 STATE_COLOURS = {
@@ -100,7 +102,7 @@ def draw(view: RunView, title: str, path: Path, max_rows: int = MAX_ROWS) -> Dra
     from matplotlib.patches import Patch
 
     rows, index = rows_for(view, max_rows)
-    height = 2.6 + 0.24 * len(rows)
+    height = height_of(len(rows))
     fig = Figure(figsize=(WIDTH, height))
     top, bottom = fig.subplots(
         2, 1, sharex=True, height_ratios=[0.24 * len(rows) + 0.6, 1.6], squeeze=True
@@ -152,9 +154,14 @@ def draw(view: RunView, title: str, path: Path, max_rows: int = MAX_ROWS) -> Dra
     _margins(fig, height, rows, [str(h.get_label()) for h in handles], list(view.usage))
     path.parent.mkdir(parents=True, exist_ok=True)
     # zlib level 1: a fifth of the default level's time, for a few percent larger file
-    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 1})
     marks = sum(1 for m in view.moments if (m.node, m.track) in index)
     return Drawing(path, lanes, rows, len(view.slices), marks)
+
+
+def height_of(rows: int) -> float:
+    """The picture's height in inches for `rows` rows (`DPI` pixels an inch)."""
+    return 2.6 + 0.24 * rows
 
 
 def _margins(

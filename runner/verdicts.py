@@ -37,12 +37,13 @@ class Done:
 
 @dataclass(slots=True)
 class DoneAll:
-    """Units that finished together (a pool batch), each after its `seconds`, all by `end`."""
+    """Units whose ends were heard together (a pool batch), each after its `seconds`, ending
+    at its own `ends` (wall clock)."""
 
     works: Sequence[Work]
     results: Sequence[object]
     seconds: Sequence[float]
-    end: float
+    ends: Sequence[float]
 
 
 @dataclass(slots=True)

@@ -41,6 +41,17 @@ def ray_session() -> Iterator[str]:
         ray.shutdown()
 
 
+# The rlhf example's demo needs rollout/1 and reward still running once train runs (then the
+# burst preempts rollout/1); with the example's 4 s and 1 s of steps, a train actor that Ray
+# takes 7 s to start (four busy loops beside the suite on 2 cores) runs after both ended, and
+# the burst takes a free group instead. Longer steps keep the demo's order under load.
+RLHF_ROLLOUT_STEPS = 200
+RLHF_UNHURRIED = (
+    f"pipeline.stages.rlhf.roles.rollout.steps={RLHF_ROLLOUT_STEPS}",
+    "pipeline.stages.rlhf.roles.reward.steps=150",
+)
+
+
 @dataclass
 class Result:
     """What a user sees of one `runner` invocation."""
@@ -117,7 +128,26 @@ def runner_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Resul
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
+    """The whole run's summary (every attempt of it)."""
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def unit_states(run_dir: Path, stage: str) -> dict[str, Any]:
+    """The stage's units by id, with the state the ledger holds for each."""
+    from runner.store import read_ledger
+
+    ledger = read_ledger(run_dir)
+    assert ledger is not None
+    try:
+        return {r.unit: r.state for r in ledger.rows(stage)}
+    finally:
+        ledger.close()
+
+
+def attempt(run_dir: Path) -> dict[str, Any]:
+    """What the last attempt of the run did (`summary.json`'s last `attempts` entry)."""
+    last: dict[str, Any] = summary(run_dir)["attempts"][-1]
+    return last
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:

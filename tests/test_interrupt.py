@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import attempt, cpus_free_again, run_runner, runner_process, wait_until
 
 
 def done_units(run_dir: Path) -> int:
@@ -50,7 +50,7 @@ def test_sigkill_mid_pychecker_then_rerun_finishes_the_rest_once(ray_session, tm
     assert set(table[table["id"].str.endswith("-correct")]["result"].map(lambda r: r["score"])) == {
         1.0
     }
-    assert summary(tmp_path)["stages"]["check"]["skipped"] >= first
+    assert attempt(tmp_path)["stages"]["check"]["skipped"] >= first
 
 
 @pytest.mark.parametrize(

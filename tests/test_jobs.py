@@ -25,7 +25,15 @@ from runner.quantities import duration_seconds, memory_bytes
 from runner.remote import plain
 from runner.stages.jobs.task import GROUP, JobsGroup, run_job
 from runner.store import UnitRow, read_ledger
-from tests.conftest import Result, cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import (
+    Result,
+    attempt,
+    cpus_free_again,
+    run_runner,
+    runner_process,
+    unit_states,
+    wait_until,
+)
 
 SPEC = "tests/specs/pipeline"
 Cli = Callable[..., Result]
@@ -105,7 +113,7 @@ class TestOnTheSessionRay:
         assert "skip      3  done" in edited.out
         again = cli(*args)
         assert again.code == 0
-        assert summary(tmp_path)["stages"]["work"]["skipped"] == 4
+        assert attempt(tmp_path)["stages"]["work"]["skipped"] == 4
         assert [marks(scratch, j) for j in "abcd"] == [1, 1, 1, 1]
 
     def test_a_job_over_its_time_limit_is_timeout_and_its_processes_are_gone(
@@ -311,7 +319,7 @@ def test_sigkill_of_the_runner_then_the_same_command_finishes_only_the_rest(
     assert {r.state for r in rows(tmp_path).values()} == {UnitState.done}
     assert [marks(scratch, f"quick[{n}]") for n in (1, 2)] == [1, 1]
     assert [marks(scratch, f"slow[{n}]") for n in (1, 2)] == [2, 2]
-    assert summary(tmp_path)["stages"]["work"]["skipped"] == 2
+    assert attempt(tmp_path)["stages"]["work"]["skipped"] == 2
     wait_until(cpus_free_again, what="every job's CPU to be free")
 
 
@@ -723,7 +731,7 @@ def test_a_followed_jobs_file_runs_lines_appended_after_the_start_until_close(
     again = run_runner(*args, env=env)
     assert again.code == 0, again.text
     assert [marks(scratch, j) for j in ("first", "later")] == [1, 1]
-    assert summary(tmp_path / "run")["stages"]["work"]["skipped"] == 2
+    assert attempt(tmp_path / "run")["stages"]["work"]["skipped"] == 2
     wait_until(cpus_free_again, what="every job's CPU to be free")
 
 
@@ -748,7 +756,7 @@ def test_mode_cancel_stops_a_running_pool_item_and_a_running_shard_too(
 
     (scratch / "gate").unlink()
     out, err = proc.communicate(timeout=90)
-    items, slices = rows_of(run, "items"), rows_of(run, "slices")
+    items, slices = unit_states(run, "items"), unit_states(run, "slices")
     assert items == {"3": UnitState.cancelled} | {str(i): UnitState.done for i in (0, 1, 2, 4, 5)}
     assert slices == {"0-599": UnitState.cancelled, "600-1199": UnitState.done}
     assert proc.returncode == 0, out + err
@@ -756,15 +764,6 @@ def test_mode_cancel_stops_a_running_pool_item_and_a_running_shard_too(
     merged = pd.read_csv(run / "slices" / "merged.csv")
     assert merged["id"].min() == 600 and merged["id"].is_unique
     wait_until(cpus_free_again, what="every unit's CPU to be free")
-
-
-def rows_of(run_dir: Path, stage: str) -> dict[str, UnitState]:
-    ledger = read_ledger(run_dir)
-    assert ledger is not None
-    try:
-        return {r.unit: r.state for r in ledger.rows(stage)}
-    finally:
-        ledger.close()
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -883,3 +882,84 @@ def test_a_second_job_at_once_in_one_workers_group_is_refused(group: JobsGroup) 
         pass
     with group.turn() as pgid:  # free again once the first job's turn is over
         assert pgid == group.ready()
+
+
+# --- SCNS's exclusive: true: a node to itself --------------------------------------------------
+
+EXCLUSIVE = [
+    {"name": "first", "priority": 9, "cpus_per_task": 0.5, "script": "sleep 1"},
+    {"name": "alone", "priority": 5, "cpus_per_task": 0.5, "exclusive": True, "script": "sleep 1"},
+    {"name": "beside-a", "priority": 0, "cpus_per_task": 0.5, "script": "sleep 1"},
+    {"name": "beside-b", "priority": 0, "cpus_per_task": 0.5, "script": "sleep 1"},
+]
+
+
+def exclusive_args(tmp_path: Path, scratch: Path) -> tuple[str, ...]:
+    """Four half-CPU jobs, one of them exclusive: on 2 CPUs all four would fit at once."""
+    file = tmp_path / "jobs.json"
+    file.write_text(json.dumps(EXCLUSIVE))
+    return (
+        "pipeline=jobs_file",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.cwd={scratch}",
+        f"pipeline.stages.work.jobs_file={file}",
+    )
+
+
+def test_the_plan_says_an_exclusive_job_needs_a_whole_node(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    args = exclusive_args(tmp_path, scratch)
+    res = cli(*args, "mode=plan", "cluster.num_cpus=2")
+    assert res.code == 0, res.text
+    assert "exclusive job 'alone' (a whole node each): 0.5 CPU each; 1 wanted, 1 fit at once" in (
+        res.out
+    )
+    assert "job of 'first', 'beside-a', 'beside-b': 0.5 CPU each; 3 wanted, 3 fit at once" in (
+        res.out
+    )
+    huge = json.loads(json.dumps(EXCLUSIVE))
+    huge[1]["cpus_per_task"] = 4
+    (tmp_path / "jobs.json").write_text(json.dumps(huge))
+    res = cli(*args, "mode=plan", "cluster.num_cpus=2")
+    assert res.code == 2
+    assert (
+        "pipeline.stages.work: one exclusive job 'alone' (a whole node each) needs 4 CPU, more "
+        "than any node has" in res.err
+    )
+
+
+def test_an_exclusive_job_runs_alone_on_the_simulated_node(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    """`cluster=sim` drives the same scheduler: `first` runs, `alone` waits for the node to
+    empty (the two smaller jobs wait behind it, although they would fit beside `first`), then
+    the two run together: three virtual seconds, not one."""
+    res = cli(*exclusive_args(tmp_path, scratch), "cluster=sim", "cluster.nodes=[{cpus: 2}]")
+    assert res.code == 0, res.text
+    assert (
+        "units in the order they started: work/first, work/alone, work/beside-a, work/beside-b"
+        in res.out
+    )
+    assert "makespan from the first unit's start: 3 virtual seconds" in res.out
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_nothing_runs_beside_an_exclusive_job_on_its_node(
+    cli: Cli, tmp_path: Path, scratch: Path
+) -> None:
+    """On the session's one 2-CPU node four half-CPU jobs fit at once; the exclusive one
+    starts once `first` has ended, the lower-priority ones after it, and the ledger's times
+    and nodes show no job beside it while it ran."""
+    res = cli(*exclusive_args(tmp_path, scratch))
+    assert res.code == 0, res.text
+    found = rows(tmp_path / "run")
+    assert {r.state for r in found.values()} == {UnitState.done}
+    alone = found.pop("alone")
+    assert {r.node_id for r in found.values()} == {alone.node_id}  # they share its node
+    for name, r in found.items():
+        assert r.ended <= alone.started or r.started >= alone.ended, (name, r, alone)
+    assert found["first"].ended <= alone.started  # ahead of it by priority
+    # behind it by priority: kept off its node while it waited, though they fitted beside `first`
+    assert found["beside-a"].started >= alone.ended and found["beside-b"].started >= alone.ended
+    wait_until(cpus_free_again, what="every job's CPU to be free")

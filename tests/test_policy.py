@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from runner.resources import Resources
-from runner.scheduler import Scheduler
+from runner.scheduler import Request, Scheduler
 from runner.scheduler.core import Grant
 from runner.scheduler.metrics import Metrics
 from runner.scheduler.policy import (
@@ -19,6 +19,7 @@ from runner.scheduler.policy import (
     preemption_reason,
     remaining,
 )
+from tests.scheduling import admitted, ask
 
 RULES = {"role": {"train": ["reward", "rollout"], "reward": ["rollout"]}}
 
@@ -329,7 +330,8 @@ def test_a_preemptor_takes_several_victims_at_once_and_each_is_counted_by_reason
     metrics, told = Metrics(), Recorder()
     s = Scheduler([Resources(cpus=4)], metrics=metrics)
     for i in range(4):
-        t = s.submit(
+        t = ask(
+            s,
             f"rollout{i}",
             Resources(cpus=1),
             1,
@@ -340,8 +342,8 @@ def test_a_preemptor_takes_several_victims_at_once_and_each_is_counted_by_reason
         )
         s.admit()
         assert t.grant is not None
-    train = s.submit(
-        "train", Resources(cpus=3), 1, pool="a", labels={"role": "train"}, policy=Policy(RULES)
+    train = ask(
+        s, "train", Resources(cpus=3), 1, pool="a", labels={"role": "train"}, policy=Policy(RULES)
     )
     assert s.admit() == []
     assert len(told.told) == 3  # three of the four equal rollouts: no fewer would do
@@ -354,21 +356,21 @@ def test_a_preemptor_takes_several_victims_at_once_and_each_is_counted_by_reason
     assert train.grant is not None and metrics.preempt_latency[0] == 3
 
 
-def test_grants_without_on_preempt_are_never_victims() -> None:
+def test_grants_of_requests_not_preemptible_are_never_victims() -> None:
     s = Scheduler([Resources(cpus=2)], metrics=Metrics())
-    assert s.acquire("pool-worker", Resources(cpus=2), 0, timeout=0) is not None
-    t = s.submit("train", Resources(cpus=2), 100, policy=Policy(aggressiveness="high"))
-    assert s.admit() == [] and t.victims == []
+    assert admitted(s, ask(s, "pool-worker", Resources(cpus=2), 0)) is not None
+    t = ask(s, "train", Resources(cpus=2), 100, policy=Policy(aggressiveness="high"))
+    assert s.admit() == [] and not t.victims
 
 
 def test_a_waiting_preemptor_keeps_what_its_victims_free_from_lower_requests() -> None:
     told = Recorder()
     s = Scheduler([Resources(cpus=2)], metrics=Metrics())
-    victim = s.submit("low", Resources(cpus=2), 0, on_preempt=told)
+    victim = ask(s, "low", Resources(cpus=2), 0, on_preempt=told)
     s.admit()
-    s.submit("high", Resources(cpus=2), 5, policy=Policy())
+    ask(s, "high", Resources(cpus=2), 5, policy=Policy())
     s.admit()
-    s.submit("small", Resources(cpus=1), 1)
+    ask(s, "small", Resources(cpus=1), 1)
     assert victim.grant is not None
     s.release(victim.grant)
     assert [t.owner for t in s.admit()] == ["high"]
@@ -376,16 +378,16 @@ def test_a_waiting_preemptor_keeps_what_its_victims_free_from_lower_requests() -
 
 def test_parked_groups_are_reused_by_best_fit_never_big_for_small() -> None:
     s = Scheduler([Resources(cpus=8)], metrics=Metrics())
-    big = s.acquire("big", Resources(cpus=4), 0, timeout=0)
-    small = s.acquire("small", Resources(cpus=1), 0, timeout=0)
-    filler = s.acquire("filler", Resources(cpus=3), 0, timeout=0)
+    big = admitted(s, ask(s, "big", Resources(cpus=4), 0))
+    small = admitted(s, ask(s, "small", Resources(cpus=1), 0))
+    filler = admitted(s, ask(s, "filler", Resources(cpus=3), 0))
     assert big and small and filler
     s.park(big, "pg:x", Recorder())
     s.park(small, "pg:x", Recorder())
-    t = s.submit("next", Resources(cpus=1), 0, reuse="pg:x")
+    t = ask(s, "next", Resources(cpus=1), 0, reuse="pg:x")
     s.admit()
     assert t.grant is not None and t.grant.reused is small
-    t2 = s.submit("other-stage", Resources(cpus=2), 0)
+    t2 = ask(s, "other-stage", Resources(cpus=2), 0)
     s.admit()
     assert t2.grant is not None and s.free().cpus == 2  # the idle big group was reclaimed
 
@@ -395,10 +397,10 @@ def test_a_pool_quota_holds_and_preemption_frees_quota_within_the_pool() -> None
     s = Scheduler([Resources(cpus=16)], metrics=Metrics())
     s.set_quota("rl", Resources(cpus=4))
     for i in range(2):
-        s.submit(f"r{i}", Resources(cpus=2), 0, pool="rl", on_preempt=told)
+        ask(s, f"r{i}", Resources(cpus=2), 0, pool="rl", on_preempt=told)
     s.admit()
-    assert s.acquire("over", Resources(cpus=1), 0, timeout=0, pool="rl") is None
-    s.submit("train", Resources(cpus=2), 5, pool="rl", policy=Policy())
+    assert admitted(s, ask(s, "over", Resources(cpus=1), 0, pool="rl")) is None
+    ask(s, "train", Resources(cpus=2), 5, pool="rl", policy=Policy())
     s.admit()
     assert [r for _, r in told.told] == ["same_pool"]
 
@@ -411,10 +413,10 @@ def test_a_roles_estimated_duration_spares_the_replica_about_to_finish() -> None
         now, told = [0.0], Recorder()
         s = Scheduler([Resources(cpus=2)], clock=lambda now=now: now[0], metrics=Metrics())
         for name, estimate in (("first", first), ("second", second)):
-            s.submit(name, cpus1(), 0, on_preempt=told, saves_state=True, estimated=estimate)
+            ask(s, name, cpus1(), 0, on_preempt=told, saves_state=True, estimated=estimate)
         s.admit()
         now[0] = 10.0
-        s.submit("train", cpus1(), 5, policy=Policy())
+        ask(s, "train", cpus1(), 5, policy=Policy())
         s.admit()
         assert told.told == [(victim, "same_pool")]
 
@@ -434,15 +436,15 @@ def test_a_victim_parked_then_reclaimed_leaves_the_others_preemptible() -> None:
     def note(grant: Grant, reason: str) -> None:
         flagged.append(grant.owner)
 
-    low = [s.acquire(f"low{i}", Resources(cpus=1), 1.0, timeout=0, on_preempt=note) for i in (0, 1)]
+    low = [admitted(s, ask(s, f"low{i}", Resources(cpus=1), 1.0, on_preempt=note)) for i in (0, 1)]
     assert low[0] is not None and low[1] is not None
-    train = s.submit("train", Resources(cpus=1), 10.0, policy=Policy(), on_preempt=note)
+    train = ask(s, "train", Resources(cpus=1), 10.0, policy=Policy(), on_preempt=note)
     s.admit()
     assert len(flagged) == 1
     victim, other = (low[0], low[1]) if flagged == ["low0"] else (low[1], low[0])
     s.park(victim, "pg", lambda g, r: None)  # its group kept for reuse ...
     assert s.admit() == [train]  # ... and reclaimed by train
-    s.submit("burst", Resources(cpus=1), 4.0, policy=Policy(), on_preempt=note)
+    ask(s, "burst", Resources(cpus=1), 4.0, policy=Policy(), on_preempt=note)
     s.admit()
     assert flagged[1:] == [other.owner]
 
@@ -454,18 +456,16 @@ def test_a_victims_group_parked_as_it_is_killed_is_its_preemptors_alone() -> Non
     told = Recorder()
     s = Scheduler([Resources(cpus=2)], metrics=Metrics())
     rollouts = [
-        s.submit(f"rollout{i}", cpus1(), 1, labels={"role": "rollout"}, on_preempt=told)
+        ask(s, f"rollout{i}", cpus1(), 1, on_preempt=told, labels={"role": "rollout"})
         for i in (0, 1)
     ]
     s.admit()
     rules = {"role": {"train": ["rollout"]}}
-    train = s.submit(
-        "train", cpus1(), 1, labels={"role": "train"}, policy=Policy(rules), reuse="pg"
-    )
+    train = ask(s, "train", cpus1(), 1, labels={"role": "train"}, policy=Policy(rules), reuse="pg")
     s.admit()
     assert len(told.told) == 1
-    reward = s.submit(
-        "reward", cpus1(), 1.5, labels={"role": "reward"}, policy=Policy(rules), reuse="pg"
+    reward = ask(
+        s, "reward", cpus1(), 1.5, labels={"role": "reward"}, policy=Policy(rules), reuse="pg"
     )
     assert s.admit() == []
     victim = next(t.grant for t in rollouts if t.grant and t.grant.owner == told.told[0][0])
@@ -481,14 +481,26 @@ def test_a_lent_grant_is_preemptible_and_frees_its_lenders_resources_only_with_i
     rules; its own release gives nothing back, its lender's does."""
     told = Recorder()
     s = Scheduler([Resources(cpus=2)], metrics=Metrics())
-    group = s.submit("reserved", cpus1(), 10)
-    s.admit()
-    assert group.grant is not None
-    replica = s.lend(group.grant, "reward", 5, labels={"role": "reward"}, on_preempt=told)
-    train = s.submit("train", Resources(cpus=2), 10, labels={"role": "train"}, policy=Policy(RULES))
+    group = admitted(s, ask(s, "reserved", cpus1(), 10))
+    assert group is not None
+    lent = Request(cpus1(), 5, labels={"role": "reward"}, preemptible=True)
+    replica = s.lend(group, lent, "reward", told)
+    assert replica.lender is group and replica.resources == group.resources
+    train = ask(s, "train", Resources(cpus=2), 10, labels={"role": "train"}, policy=Policy(RULES))
     s.admit()
     assert told.told == [("reward", "label")]
     s.release(replica)
     assert s.admit() == []  # the group still holds its CPU ...
-    s.release(group.grant)
+    s.release(group)
     assert s.admit() == [train]  # ... until it goes back to the pool
+
+
+def test_a_quota_set_while_a_lent_grant_runs_counts_its_resources_once() -> None:
+    """A lent grant holds its lender's resources: a pool's quota set while both run counts them
+    once (the lent grant's release gives nothing back, so counting it too would never end)."""
+    s = Scheduler([Resources(cpus=4)], metrics=Metrics())
+    group = admitted(s, ask(s, "reserved", Resources(cpus=2), 10, pool="rl"))
+    assert group is not None
+    s.lend(group, Request(Resources(cpus=2), 5, pool="rl"), "reward")
+    s.set_quota("rl", Resources(cpus=3))
+    assert admitted(s, ask(s, "more", cpus1(), 1, pool="rl")) is not None

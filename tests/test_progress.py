@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import termios
+from pathlib import Path
 
 from runner.progress import Progress
 from tests.conftest import ROOT, TEST_SPECS
@@ -85,18 +86,23 @@ def screen_lines(raw: str) -> list[str]:
     return [ESCAPES.sub("", line.rstrip("\r").split("\r")[-1]) for line in raw.split("\n")]
 
 
-def test_a_jobs_stage_with_show_output_prints_job_lines_above_its_bar(
-    ray_session: str, tmp_path
-) -> None:
-    raw = run_in_a_terminal(
+def runner_in_a_terminal(ray_session: str, run_dir: Path, *args: str) -> str:
+    """`runner ARGS` on the session's Ray with a terminal of its own: what it received."""
+    return run_in_a_terminal(
         "from runner.cli import main; main()",
         "--config-dir",
         str(TEST_SPECS),
-        "pipeline=jobs_chatty",
         "cluster=ray",
-        f"run.dir={tmp_path / 'run'}",
+        f"run.dir={run_dir}",
+        *args,
         env={"RAY_ADDRESS": ray_session},
     )
+
+
+def test_a_jobs_stage_with_show_output_prints_job_lines_above_its_bar(
+    ray_session: str, tmp_path
+) -> None:
+    raw = runner_in_a_terminal(ray_session, tmp_path / "run", "pipeline=jobs_chatty")
     lines = screen_lines(raw)
     for job in "ab":
         for i in range(1, 13):
@@ -132,3 +138,20 @@ def test_printed_output_goes_to_stdout_when_there_are_no_bars(capsys) -> None:
     p.print("[shard 1-3] hello")
     p.close()
     assert capsys.readouterr().out == "[shard 1-3] hello\n"
+
+
+def test_units_that_timed_out_are_counted_as_timed_out_not_failed(
+    ray_session: str, tmp_path
+) -> None:
+    raw = runner_in_a_terminal(
+        ray_session,
+        tmp_path / "run",
+        "pipeline=misbehave",
+        "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
+        "+pipeline.stages.work.worker.hang=[2,5]",
+        "+pipeline.stages.work.step_timeout=1",
+        "pipeline.stages.work.max_failures=2",
+    )
+    final = [ln for ln in screen_lines(raw) if re.match(r"work \[#+\] 12/12 ", ln)]
+    assert final, raw
+    assert final[-1].endswith(" timed out 2") and "failed" not in final[-1]

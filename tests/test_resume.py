@@ -11,7 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import (
+    ROOT,
+    attempt,
+    cpus_free_again,
+    run_runner,
+    runner_process,
+    wait_until,
+)
 
 
 def done_units(run_dir: Path) -> set[str]:
@@ -85,7 +92,7 @@ def test_touching_a_shard_input_reruns_nothing_and_reads_no_rows(cli, tmp_path) 
     assert "skip      2  done" in cli(*args, "mode=plan").out
     rerun = cli(*args)
     assert rerun.code == 0
-    assert summary(tmp_path / "run")["stages"]["copy"]["skipped"] == 2
+    assert attempt(tmp_path / "run")["stages"]["copy"]["skipped"] == 2
     # the run remembered the touched file's digest: the next plan trusts size and mtime
     db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
     (mtime,) = db.execute("SELECT mtime_ns FROM files WHERE path=?", (str(source),)).fetchone()

@@ -18,7 +18,16 @@ import pytest
 
 from runner import procs, spans
 from runner.store import read_ledger
-from tests.conftest import ROOT, cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import (
+    RLHF_ROLLOUT_STEPS,
+    RLHF_UNHURRIED,
+    ROOT,
+    cpus_free_again,
+    run_runner,
+    runner_process,
+    summary,
+    wait_until,
+)
 from tests.test_metrics import free_port, scrape
 
 
@@ -53,7 +62,7 @@ def no_groups_left() -> bool:
 def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
     ray_session: str, cli, tmp_path: Path
 ) -> None:
-    res = cli("pipeline=rlhf", f"run.dir={tmp_path}")
+    res = cli("pipeline=rlhf", f"run.dir={tmp_path}", *RLHF_UNHURRIED)
     assert res.code == 0, res.text
     assert "autoscale_to_cluster: resources scaled by 0.25" in res.err
     assert "rlhf: preemptions: label 1, same_pool 1, cross_pool 0; requeues 2;" in res.out
@@ -82,9 +91,12 @@ def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
     assert {s for s, _ in rows.values()} == {"done"}
     for unit in reasons:
         result = rows[unit][1]
-        assert result["steps"] == 40  # finished every step after its restore
+        assert result["steps"] == RLHF_ROLLOUT_STEPS  # finished every step after its restore
         assert result["preemptions"] == 1
-        assert len(result["restored_from"]) == 1 and 0 < result["restored_from"][0] < 40
+        assert (
+            len(result["restored_from"]) == 1
+            and 0 < result["restored_from"][0] < RLHF_ROLLOUT_STEPS
+        )
 
     # what the timeline, the trace and the report draw: each preempted attempt and its mark
     drawn = read_ledger(tmp_path)
@@ -97,7 +109,7 @@ def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
 
     wait_until(no_groups_left, what="every placement group to be removed")
     wait_until(cpus_free_again, what="every role actor to be gone")
-    again = cli("pipeline=rlhf", f"run.dir={tmp_path}", "mode=plan")
+    again = cli("pipeline=rlhf", f"run.dir={tmp_path}", *RLHF_UNHURRIED, "mode=plan")
     assert "skip      5  done" in again.out
 
 
@@ -497,7 +509,10 @@ def test_schedulemeshs_guide_configuration_runs_as_written_with_its_metrics(
     poller.start()
     try:
         res = cli(
-            "pipeline=schedulemesh_guide", f"run.dir={tmp_path}", f"cluster.metrics_port={port}"
+            "pipeline=schedulemesh_guide",
+            f"run.dir={tmp_path}",
+            f"cluster.metrics_port={port}",
+            *RLHF_UNHURRIED,  # rollout/0 still runs once train does, under load too
         )
     finally:
         done.set()

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from runner.resources import Resources
-from runner.scheduler import Scheduler
+from runner.scheduler import Request, Scheduler
 from runner.scheduler.core import AGEING_PER_SECOND
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.scheduling import Clock, admitted, ask
 
 
 def cpus(n: float) -> Resources:
@@ -25,61 +16,51 @@ def cpus(n: float) -> Resources:
 
 def test_a_claim_lands_on_a_node_that_holds_it_whole() -> None:
     s = Scheduler([cpus(2), cpus(4)])
-    grant = s.acquire("a", cpus(3), timeout=0)
+    grant = admitted(s, ask(s, "a", cpus(3)))
     assert grant is not None and grant.node == 1
-    assert s.acquire("b", cpus(3), timeout=0) is None  # 1 + 2 free, but on no one node
+    assert admitted(s, ask(s, "b", cpus(3))) is None  # 1 + 2 free, but on no one node
 
 
 def test_released_resources_go_to_the_highest_priority_waiter() -> None:
     s = Scheduler([cpus(1)])
-    held = s.acquire("holder", cpus(1), timeout=0)
+    held = admitted(s, ask(s, "holder", cpus(1)))
     assert held is not None
-    order: list[str] = []
-
-    def wait(name: str, priority: float) -> None:
-        grant = s.acquire(name, cpus(1), priority, timeout=10)
-        assert grant is not None
-        order.append(name)
-        s.release(grant)
-
-    low = threading.Thread(target=wait, args=("low", 0.0))
-    high = threading.Thread(target=wait, args=("high", 5.0))
-    low.start()
-    high.start()
-    while s.waiting() < 2:
-        pass
+    low = ask(s, "low", cpus(1), 0.0)
+    high = ask(s, "high", cpus(1), 5.0)
+    assert s.admit() == [] and s.waiting() == 2
     s.release(held)
-    low.join()
-    high.join()
-    assert order == ["high", "low"]
+    assert s.admit() == [high]
+    assert high.grant is not None
+    s.release(high.grant)
+    assert s.admit() == [low]
 
 
 def test_ageing_lets_a_long_waiting_low_priority_claim_overtake() -> None:
     clock = Clock()
     s = Scheduler([cpus(1)], clock=clock)
-    held = s.acquire("holder", cpus(1), timeout=0)
+    held = admitted(s, ask(s, "holder", cpus(1)))
     assert held is not None
-    old = s.submit("old-low", cpus(1), 0.0)
+    old = ask(s, "old-low", cpus(1), 0.0)
     clock.now = 2.0 / AGEING_PER_SECOND  # two priority points of waiting
-    new = s.submit("new-high", cpus(1), 1.0)
+    new = ask(s, "new-high", cpus(1), 1.0)
     s.release(held)
     assert s.admit() == [old] and new.grant is None
 
 
 def test_a_small_claim_backfills_past_one_that_does_not_fit() -> None:
     s = Scheduler([cpus(2)])
-    assert s.acquire("a", cpus(1.5), timeout=0) is not None
-    assert s.acquire("big", cpus(1), timeout=0) is None
-    assert s.acquire("small", cpus(0.5), timeout=0) is not None
+    assert admitted(s, ask(s, "a", cpus(1.5))) is not None
+    assert admitted(s, ask(s, "big", cpus(1))) is None
+    assert admitted(s, ask(s, "small", cpus(0.5))) is not None
 
 
 def reserved_node(clock: Clock) -> Scheduler:
     """One 2-CPU node: a 1-CPU job holding it until t=100 (its time limit), and a 2-CPU job
     waiting behind it with a reservation."""
     s = Scheduler([cpus(2)], clock=clock)
-    s.submit("running", cpus(1), 10.0, duration=100.0, reserve=True)
+    ask(s, "running", cpus(1), 10.0, duration=100.0, reserve=True)
     assert [t.owner for t in s.admit()] == ["running"]
-    s.submit("big", cpus(2), 5.0, reserve=True)
+    ask(s, "big", cpus(2), 5.0, reserve=True)
     assert s.admit() == []
     return s
 
@@ -97,14 +78,14 @@ def test_a_reserved_head_lets_only_jobs_that_end_before_it_backfill(
 ) -> None:
     clock = Clock()
     s = reserved_node(clock)
-    s.submit("small", cpus(1), 1.0, duration=duration, reserve=True)
+    ask(s, "small", cpus(1), 1.0, duration=duration, reserve=True)
     assert [t.owner for t in s.admit()] == (["small"] if admitted else [])
 
 
 def test_the_reserved_head_starts_when_the_job_before_it_ends() -> None:
     clock = Clock()
     s = reserved_node(clock)
-    small = s.submit("small", cpus(1), 1.0, reserve=True)
+    small = ask(s, "small", cpus(1), 1.0, reserve=True)
     (running,) = s.running()
     clock.now = 40.0
     s.release(running)
@@ -114,19 +95,19 @@ def test_the_reserved_head_starts_when_the_job_before_it_ends() -> None:
 
 def test_requests_that_ask_no_reservation_still_backfill_past_each_other() -> None:
     s = Scheduler([cpus(2)])
-    s.submit("running", cpus(1), 10.0)
-    s.submit("big", cpus(2), 5.0)
-    s.submit("small", cpus(1), 1.0)
+    ask(s, "running", cpus(1), 10.0)
+    ask(s, "big", cpus(2), 5.0)
+    ask(s, "small", cpus(1), 1.0)
     assert [t.owner for t in s.admit()] == ["running", "small"]
 
 
 def test_a_reservation_bars_only_its_own_node() -> None:
     clock = Clock()
     s = Scheduler([cpus(2), cpus(1)], clock=clock)
-    s.submit("running", cpus(1), 10.0, duration=100.0, reserve=True)
-    s.submit("big", cpus(2), 5.0, reserve=True)
-    s.submit("small", cpus(1), 1.0, reserve=True)
-    s.submit("small-too", cpus(1), 0.0, reserve=True)
+    ask(s, "running", cpus(1), 10.0, duration=100.0, reserve=True)
+    ask(s, "big", cpus(2), 5.0, reserve=True)
+    ask(s, "small", cpus(1), 1.0, reserve=True)
+    ask(s, "small-too", cpus(1), 0.0, reserve=True)
     assert [t.owner for t in s.admit()] == ["running", "small"]
     assert [g.node for g in s.running() if g.owner == "small"] == [1]
 
@@ -135,14 +116,14 @@ def test_a_claim_that_names_its_nodes_lands_only_on_them() -> None:
     """A job's partition: the roomier node is passed over, and a claim held back on its only
     node does not hold back an equal claim that may use another."""
     s = Scheduler([cpus(4), cpus(1)])
-    only_small = s.submit("debug-1", cpus(1), nodes=frozenset({1}))
-    again = s.submit("debug-2", cpus(1), nodes=frozenset({1}))
-    anywhere = s.submit("any", cpus(1))
+    only_small = ask(s, "debug-1", cpus(1), nodes=frozenset({1}))
+    again = ask(s, "debug-2", cpus(1), nodes=frozenset({1}))
+    anywhere = ask(s, "any", cpus(1))
     s.admit()
     assert only_small.grant is not None and only_small.grant.node == 1
     assert again.grant is None  # node 1 is full; node 0 is not its to use
     assert anywhere.grant is not None and anywhere.grant.node == 0
-    nowhere = s.submit("lost", cpus(1), nodes=frozenset())
+    nowhere = ask(s, "lost", cpus(1), nodes=frozenset())
     s.release(only_small.grant)
     s.admit()
     assert again.grant is not None and again.grant.node == 1
@@ -150,20 +131,21 @@ def test_a_claim_that_names_its_nodes_lands_only_on_them() -> None:
 
 
 def test_claims_submitted_as_one_batch_queue_as_they_would_one_by_one() -> None:
-    """`submit_all` (a stage's units that ask alike) gives each owner the ticket `submit` would
-    have, in the same queue order, and the same admissions follow, by priority and arrival."""
+    """One `submit` for many owners (a stage's units that ask alike) gives each owner the
+    ticket one `submit` each would have, in the same queue order, and the same admissions
+    follow, by priority and arrival."""
 
     def queue(batch: bool) -> tuple[list[tuple[float, int]], list[tuple[str, int]]]:
         clock = Clock()
         s = Scheduler([cpus(2), cpus(2)], clock=clock)
-        s.submit("first", cpus(1), 1.0)
+        ask(s, "first", cpus(1), 1.0)
         clock.now = 5.0
         owners = ["a", "b", "c", "d"]
         if batch:
-            tickets = s.submit_all(owners, cpus(1), 1.0, labels={"team": "x"})
+            tickets = s.submit(Request(cpus(1), 1.0, labels={"team": "x"}), owners)
         else:
-            tickets = [s.submit(o, cpus(1), 1.0, labels={"team": "x"}) for o in owners]
-        s.submit("urgent", cpus(1), 9.0)
+            tickets = [ask(s, o, cpus(1), 1.0, labels={"team": "x"}) for o in owners]
+        ask(s, "urgent", cpus(1), 9.0)
         assert s.waiting() == 6
         granted = [(t.owner, t.grant.node) for t in s.admit() if t.grant is not None]
         return [t.order for t in tickets], granted
@@ -172,3 +154,116 @@ def test_claims_submitted_as_one_batch_queue_as_they_would_one_by_one() -> None:
     orders, granted = queue(batch=True)
     assert orders == sorted(orders)
     assert [owner for owner, _ in granted] == ["urgent", "first", "a", "b"]
+
+
+def test_tickets_and_grants_hold_the_request_itself() -> None:
+    """One request for many owners: every ticket and grant holds that very value (a field
+    added to `Request` is read through it, nowhere copied)."""
+    s = Scheduler([cpus(4)], clock=Clock())
+    request = Request(cpus(1), 3.0, labels={"team": "x"}, duration=60.0)
+    tickets = s.submit(request, ["a", "b"])
+    s.admit()
+    assert all(t.request is request for t in tickets)
+    assert all(t.grant is not None and t.grant.request is request for t in tickets)
+    assert [g.ends for g in s.running()] == [60.0, 60.0]
+
+
+def test_a_preemptible_request_must_say_whom_to_tell() -> None:
+    s = Scheduler([cpus(1)])
+    with pytest.raises(ValueError, match="on_preempt"):
+        s.submit(Request(cpus(1), preemptible=True), ["a"])
+
+
+# --- exclusive: a node to itself -----------------------------------------------------------
+
+
+def test_an_exclusive_request_waits_for_its_node_to_empty_then_holds_it_whole() -> None:
+    """SCNS's `exclusive: true`: on one 4-CPU node with a 1-CPU job running, an exclusive
+    1-CPU job waits although 3 CPUs are free; once the node is empty it starts, and a 1-CPU
+    job asked meanwhile waits until it ends."""
+    s = Scheduler([cpus(4)])
+    running = admitted(s, ask(s, "running", cpus(1)))
+    assert running is not None
+    alone = ask(s, "alone", cpus(1), exclusive=True)
+    assert s.admit() == []
+    s.release(running)
+    assert s.admit() == [alone]
+    assert alone.grant is not None
+    assert alone.grant.resources == cpus(1) and alone.grant.holds == cpus(4)
+    beside = ask(s, "beside", cpus(1))
+    assert s.admit() == [] and s.free() == Resources()
+    s.release(alone.grant)
+    assert s.admit() == [beside]
+
+
+def test_an_exclusive_request_takes_the_smallest_empty_node_that_holds_it() -> None:
+    s = Scheduler([cpus(8), cpus(2), cpus(4), cpus(2)])
+    assert admitted(s, ask(s, "busy", cpus(1), nodes=frozenset({1}))) is not None
+    alone = admitted(s, ask(s, "alone", cpus(2), exclusive=True))
+    assert alone is not None and alone.node == 3  # node 1 is smaller too, but not empty
+    big = admitted(s, ask(s, "big", cpus(3), exclusive=True))
+    assert big is not None and big.node == 2
+    pinned = admitted(s, ask(s, "pinned", cpus(1), exclusive=True, nodes=frozenset({1, 3})))
+    assert pinned is None  # both of its nodes are in use
+
+
+def test_smaller_jobs_do_not_keep_an_exclusive_jobs_node_busy() -> None:
+    """The exclusive job reserves the node that empties soonest: a job behind it that would
+    still run then is held back (it would otherwise start in the free CPUs, and the next one
+    after it, and the node would never empty); one that ends before then backfills."""
+    clock = Clock()
+    s = Scheduler([cpus(4)], clock=clock)
+    first = admitted(s, ask(s, "first", cpus(1), duration=10.0, reserve=True))
+    assert first is not None
+    alone = ask(s, "alone", cpus(1), 5.0, exclusive=True, duration=5.0, reserve=True)
+    long = ask(s, "long", cpus(1), 1.0, duration=100.0, reserve=True)
+    short = ask(s, "short", cpus(1), 1.0, duration=5.0, reserve=True)
+    assert s.admit() == [short]  # ends at 5, before the node empties at 10
+    clock.now = 10.0
+    s.release(first)
+    assert short.grant is not None
+    s.release(short.grant)
+    assert s.admit() == [alone]
+    assert long.grant is None and s.admit() == []
+    clock.now = 15.0
+    assert alone.grant is not None
+    s.release(alone.grant)
+    assert s.admit() == [long]
+
+
+def test_parked_groups_are_reclaimed_to_empty_a_node_for_an_exclusive_request() -> None:
+    told: list[str] = []
+    s = Scheduler([cpus(4)])
+    idle = admitted(s, ask(s, "idle", cpus(2)))
+    assert idle is not None
+    s.park(idle, "pg:x", lambda g, reason: told.append(f"{g.owner} {reason}"))
+    alone = admitted(s, ask(s, "alone", cpus(1), exclusive=True))
+    assert alone is not None and alone.holds == cpus(4)
+    assert told == ["idle reclaimed"]
+
+
+def test_an_exclusive_request_neither_preempts_nor_reuses() -> None:
+    from runner.scheduler.policy import Policy
+
+    s = Scheduler([cpus(4)])
+    for fields in ({"policy": Policy()}, {"reuse": "pg:x"}):
+        with pytest.raises(ValueError, match="exclusive"):
+            s.submit(Request(cpus(1), exclusive=True, **fields), ["a"])  # type: ignore[arg-type]
+
+
+def test_an_exclusive_request_reserves_a_node_that_only_parked_groups_keep_from_emptying() -> None:
+    """Parked groups never end, but an exclusive request reclaims them: the node with one is
+    still the node it reserves, so a job behind it with no time limit is held back."""
+    clock = Clock()
+    s = Scheduler([cpus(4)], clock=clock)
+    idle = admitted(s, ask(s, "idle", cpus(2)))
+    assert idle is not None
+    s.park(idle, "pg:x", lambda g, reason: None)
+    first = admitted(s, ask(s, "first", cpus(1), duration=10.0, reserve=True))
+    assert first is not None
+    alone = ask(s, "alone", cpus(1), 5.0, exclusive=True, reserve=True)
+    small = ask(s, "small", cpus(1), 1.0, reserve=True)
+    assert s.admit() == []
+    clock.now = 10.0
+    s.release(first)
+    assert s.admit() == [alone] and small.grant is None

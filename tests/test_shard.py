@@ -16,10 +16,10 @@ import pytest
 from runner.merge import Committed, merge
 from tests.conftest import (
     TEST_SPECS,
+    attempt,
     cpus_free_again,
     run_runner,
     runner_process,
-    summary,
     wait_until,
 )
 
@@ -131,7 +131,7 @@ def test_the_merge_reads_only_this_plans_committed_shards(cli, tmp_path: Path) -
     assert report["missing_ranges"] == [] and report["duplicate_ids"] == 0
     again = cli(*args)
     assert again.code == 0, again.text
-    assert summary(tmp_path)["stages"]["generate"]["skipped"] == 3
+    assert attempt(tmp_path)["stages"]["generate"]["skipped"] == 3
     assert merge_summary(tmp_path, "generate") == report
 
 
@@ -141,7 +141,7 @@ def test_a_done_shard_whose_output_was_deleted_runs_again(cli, tmp_path: Path) -
     assert cli(*args).code == 0
     (tmp_path / "generate" / "shards" / "shard-0001.parquet").unlink()
     assert cli(*args).code == 0
-    stage = summary(tmp_path)["stages"]["generate"]
+    stage = attempt(tmp_path)["stages"]["generate"]
     assert (stage["done"], stage["skipped"]) == (1, 2)
     assert merge_summary(tmp_path, "generate")["total_rows"] == PROMPTS
 
@@ -161,7 +161,7 @@ def test_sigkill_mid_stage_then_rerun_runs_only_unfinished_shards_and_merges_the
 
     again = run_runner("pipeline=shard_slow", "cluster=ray", f"run.dir={killed}", env=env)
     assert again.code == 0, again.text
-    assert summary(killed)["stages"]["generate"]["skipped"] >= len(finished)
+    assert attempt(killed)["stages"]["generate"]["skipped"] >= len(finished)
     rows = shard_rows(killed, "generate")
     assert all(rows[u]["attempts"] == 1 for u in finished)  # never run again
     assert cli("pipeline=shard_slow", f"run.dir={clean}").code == 0

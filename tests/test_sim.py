@@ -10,6 +10,7 @@ import pytest
 from runner.lifecycle import UnitState
 from runner.measured import measure
 from runner.store import LEDGER, Event, Ledger, UnitRow
+from tests.conftest import RLHF_UNHURRIED
 
 SIM_200_CPUS = ("cluster=sim", "cluster.nodes=[{cpus: 200}]")
 
@@ -125,10 +126,11 @@ def test_a_simulation_of_a_measured_run_preempts_alike_and_takes_about_as_long(
     """`cluster.sim_durations_from` replays a real run's unit times and start-up latencies:
     the same preemptions by reason (they follow from arrival order), and a makespan near the
     real one (the band is wide here: the 15% check is a benchmark, on a quiet machine)."""
-    real = cli("pipeline=rlhf", f"run.dir={tmp_path}")
+    real = cli("pipeline=rlhf", f"run.dir={tmp_path}", *RLHF_UNHURRIED)
     assert real.code == 0, real.text
     sim = cli(
         "pipeline=rlhf",
+        *RLHF_UNHURRIED,
         "cluster=sim",
         "cluster.nodes=[{cpus: 2}]",
         f"cluster.sim_durations_from={tmp_path}",

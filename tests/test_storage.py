@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import summary
+from tests.conftest import attempt
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -130,7 +130,7 @@ def test_a_full_disk_under_an_output_stops_the_run_naming_it_and_a_rerun_finishe
         filler.unlink()
         again = cli(*args)
         assert again.code == 0, again.text
-        assert summary(run_dir)["stages"]["work"]["skipped"] == 100  # nothing ran twice
+        assert attempt(run_dir)["stages"]["work"]["skipped"] == 100  # nothing ran twice
         table = pd.read_parquet(stage_dir / "results.parquet")
         assert sorted(table["id"].astype(int)) == list(range(100))
     finally:
@@ -162,7 +162,7 @@ def test_a_full_disk_hit_by_a_units_own_writes_stops_the_run_and_a_rerun_finishe
     remount(small_disk, "size=64m")
     again = cli(*args)
     assert again.code == 0, again.text
-    stages = summary(run_dir)["stages"]
+    stages = attempt(run_dir)["stages"]
     assert stages["talk"]["done"] + stages["talk"]["skipped"] == 1
     assert stages["slices"]["done"] == 1
     if hog == "talk":

@@ -37,7 +37,7 @@ def test_a_sweep_runs_each_job_in_its_own_dir_and_a_rerun_resumes(cli, tmp_path:
     again = cli(*args)
     assert again.code == 0, again.text
     for job in jobs:
-        stages = json.loads((job / "summary.json").read_text())["stages"]
+        stages = json.loads((job / "summary.json").read_text())["attempts"][-1]["stages"]
         assert stages["scale"]["skipped"] == 50 and stages["scale"]["done"] == 0
 
 

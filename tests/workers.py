@@ -168,3 +168,31 @@ class Returns:
             "set": lambda: {item},
             "datetime": lambda: datetime.datetime(2026, 1, 2),
         }[self.kind]()
+
+
+class SlowStart:
+    """A role actor (`runner.examples.rlhf.Rollout`) that takes `start_seconds` to be built,
+    as one loading a model does: a replica granted meanwhile has not started yet."""
+
+    def __init__(self, start_seconds: float, **rollout: Any) -> None:
+        from runner.examples.rlhf import Rollout
+
+        time.sleep(start_seconds)
+        self._rollout = Rollout(**rollout)
+
+    def run(self, ctx: Any) -> dict[str, Any]:
+        return self._rollout.run(ctx)
+
+    def state(self) -> dict[str, Any]:
+        return self._rollout.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._rollout.restore(state)
+
+
+class Made:
+    """An actor that writes `path` as it is made: whether Ray made it before it was killed."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))

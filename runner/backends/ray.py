@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from runner import procs
 from runner.backend import Began, Happened, Raised, Replied
@@ -31,11 +31,10 @@ from runner.calls import NEW_GROUP, Call, Remote
 from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.lease import Lease
 from runner.placement import Placement, Started, Starts, StartTo
-from runner.remote import bounded, error_line, plain, remote
+from runner.remote import ActorKills, bounded, error_line, plain, remote
 
 if TYPE_CHECKING:
     from ray import ObjectRef
-    from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
 
 log = logging.getLogger(__name__)
@@ -73,6 +72,8 @@ class RayBackend:
         # set once stopping met a Ray that is gone: no Ray call is made after that
         self.gone = False
         self.settled = False
+        # actors of ended leases, killed once Ray has made them (`ActorKills`)
+        self.kills = ActorKills()
 
     # --- time ------------------------------------------------------------------------------
 
@@ -136,7 +137,9 @@ class RayBackend:
         def kill() -> None:
             try:
                 if lease.actor:
-                    ray.kill(cast("ActorHandle[Any]", lease.handle), no_restart=True)
+                    # one whose start was not heard yet: once Ray has made it (`ActorKills`)
+                    up = lease.started is not None or self.stop.is_set()
+                    self.kills.kill(lease.handle, now=up)
                     return
                 # a task that has answered (cancelled, failed, done) is not cancelled again:
                 # Ray 2.60 aborts the driver force-cancelling a task whose reply is in
@@ -190,6 +193,7 @@ class RayBackend:
                 self._deliver(ref, happened)
         else:
             self.stop.wait(timeout)
+        self.kills.reap()
         self._listen(happened)
         return happened
 
@@ -272,6 +276,8 @@ class RayBackend:
             procs.kill_tree(where.pid, grace=ORPHAN_GRACE)
 
     def close(self) -> None:
+        # actors still coming up: killed once up (at most CLOSE_BOUND), at once when stopping
+        self._on_ray(lambda: self.kills.close(0.0 if self.stop.is_set() else CLOSE_BOUND))
         if self.alive() and not bounded(self.starts.close, CLOSE_BOUND):
             log.warning("Ray did not answer while the run's inbox was removed")
 

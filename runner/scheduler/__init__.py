@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from runner.scheduler.core import Grant, Scheduler
+from runner.scheduler.core import Grant, Scheduler, Ticket
+from runner.scheduler.request import Request
 
-__all__ = ["Grant", "Scheduler"]
+__all__ = ["Grant", "Request", "Scheduler", "Ticket"]

@@ -1,20 +1,29 @@
 """Admission by priority against per-node capacity, shared by every stage of a run.
 
 Ray has no priorities: whoever asks first gets the CPUs. Here every resource claim (a pool
-worker, a job, a shard, a role replica) waits in one queue ordered by priority plus an ageing
-bonus, so low priority cannot starve forever. Requests that do not fit are passed over for
-smaller ones behind them (backfill), except past a request that asked for a reservation (a
-job): the first of those that does not fit reserves the node where it could start soonest, by
-the `duration` (time limit) of the grants there, and a request behind it lands on that node
-only when its own duration ends it before then, as Slurm's backfill does; one without a
-duration never does. Pools may have quotas. A request that carries a
-preemption `Policy` may take the resources of preemptible grants (`on_preempt`): the victims
-are told, the request holds its node until they give their resources back. A grant may also be
-parked (an idle placement group kept for reuse): any request may reclaim it, and requests with
-the same `reuse` tag take it over whole, best fit first.
+worker, a job, a shard, a role replica) is a `Request` (`scheduler/request.py`) that waits in
+one queue ordered by priority plus an ageing bonus, so low priority cannot starve forever.
+Requests that do not fit are passed over for smaller ones behind them (backfill), except past a
+request that asked for a reservation (a job): the first of those that does not fit reserves the
+node where it could start soonest, by the `duration` (time limit) of the grants there, and a
+request behind it lands on that node only when its own duration ends it before then, as
+Slurm's backfill does; one without a duration never does. An `exclusive` request takes a whole
+empty node (and reserves one the same way when none is empty). Pools may have quotas. A request
+that carries a preemption `Policy` may take the resources of preemptible grants (`on_preempt`):
+the victims are told, the request holds its node until they give their resources back. A grant
+may also be parked (an idle placement group kept for reuse): any request may reclaim it, and
+requests with the same `reuse` tag take it over whole, best fit first; what a victim frees,
+parked or not, is its waiting preemptor's alone (`_promised`). A grant may be lent (`lend`: a
+reserved group to a role replica): the unit's own grant over the lender's resources, a victim
+by the normal rules, whose release gives nothing back (the lender's does).
 
-The core is pure Python and never blocks except in `acquire`: a simulated cluster drives it in
-virtual time through `clock`, `submit`, `admit` and `release`.
+One admission pass (`admit`) walks the waiting tickets in queue order (`_Merge`: the lanes of
+requests that ask alike, merged) and for each one: places it (`_place`: fresh resources, a
+parked group it reuses, or parked groups reclaimed), else notes its reservation and tries
+preemption (`_refused`, `_preempt`).
+
+The core is pure Python and never blocks: the executor, and a simulated cluster in virtual
+time, drive it through `clock`, `submit`, `admit` and `release`.
 """
 
 from __future__ import annotations
@@ -25,13 +34,14 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from runner.resources import Resources
 from runner.scheduler import policy as pol
 from runner.scheduler.capacity import FreeIndex
 from runner.scheduler.metrics import REGISTRY, Metrics
+from runner.scheduler.request import Request
 
 # priority points a waiting request gains per second of waiting
 AGEING_PER_SECOND = 0.01
@@ -42,24 +52,22 @@ Notify = Callable[["Grant", str], None]
 
 @dataclass(eq=False, slots=True)
 class Grant:
-    """Resources handed to one claimant on one node, until released (or parked)."""
+    """A request's resources on one node, until released (or parked)."""
 
     owner: str
+    request: Request
+    # what it runs with: the request's resources, or the whole parked group it took over
     resources: Resources
-    priority: float
+    # what it keeps from everyone else on its node: `resources`, or the whole node for an
+    # exclusive request (Ray is told only `resources`: the unit runs with what it asked for)
+    holds: Resources
     node: int
     waited: float
-    pool: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    # set when the grant may be preempted: told (victim, reason) when it is chosen
-    on_preempt: Notify | None = None
-    saves_state: bool = False
-    elastic: bool = False
-    since: float = 0.0
-    # when it will have ended at the latest (its time limit), if it has one
+    since: float
+    # when it will have ended at the latest (its request's duration), if it has one
     ends: float | None = None
-    # how long it is expected to run in all (a role's `estimated_duration`), if estimated
-    estimated: float | None = None
+    # told (victim, reason) when it is chosen as a victim; None: it is never one
+    on_preempt: Notify | None = None
     # the reason once it was chosen as a victim, and when
     preempted: str | None = None
     preempted_at: float | None = None
@@ -75,43 +83,23 @@ class Grant:
 
 @dataclass(eq=False, slots=True)
 class Ticket:
-    """A waiting request; `grant` is set once it is admitted."""
+    """A request waiting for one owner; `grant` is set once it is admitted."""
 
     owner: str
-    resources: Resources
-    priority: float
+    request: Request
     since: float
-    seq: int
     # queue order: ageing adds the same bonus per second to all, so this never changes
-    # (`Scheduler.submit_all` gives it: a `__post_init__` would be one call more per request)
     order: tuple[float, int]
-    pool: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    policy: pol.Policy | None = None
+    # the request's grant is a victim to be told through this (None unless preemptible)
     on_preempt: Notify | None = None
-    saves_state: bool = False
-    elastic: bool = False
-    reuse: str | None = None
-    # the longest it will hold its grant (a job's time limit), if known
-    duration: float | None = None
-    # when it does not fit, hold back requests behind it that would delay it (backfill rule)
-    reserve: bool = False
-    # how long it is expected to run in all, for victim choice (work left), if estimated
-    estimated: float | None = None
-    # the only nodes it may run on (a job's partition); None: any node
-    nodes: frozenset[int] | None = None
     grant: Grant | None = None
-    # victims told to make room for this request, and the node it holds meanwhile
-    victims: list[Grant] = field(default_factory=list)
+    # victims told to make room for this ticket, and the node it holds meanwhile
+    victims: Sequence[Grant] = ()
     hold_node: int | None = None
     lane: _Lane | None = field(default=None, repr=False)
 
     def waiting_on_victims(self) -> bool:
         return any(not v.released and v.tag is None for v in self.victims)
-
-
-# kept for callers of the first version
-_Request = Ticket
 
 
 @dataclass(eq=False, slots=True)
@@ -123,18 +111,98 @@ class _Lane:
     further can come of (no preemption, no reservation), instead of walking every ticket."""
 
     key: tuple[object, ...]
-    # what decides whether a ticket fits (resources, pool, reuse, nodes), as a small number:
-    # a pass remembers the shapes refused so far, and tells them apart on every ticket
+    # what decides whether a ticket fits (resources, pool, reuse, nodes, exclusive), as a small
+    # number: a pass remembers the shapes refused so far, and tells them apart on every ticket
     shape: int
-    priority: float
-    # no reuse tag and no node list: placed by `_admit` itself, without `_place`
+    # no reuse tag, no node list, not exclusive: placed straight from the free index
     simple: bool
     tickets: list[Ticket] = field(default_factory=list)
 
 
+def _order(ticket: Ticket) -> tuple[float, int]:
+    return ticket.order
+
+
+class _Merge:
+    """The waiting tickets of one pass in queue order: the lanes merged by a heap of lane heads,
+    and the tickets that hold a node for their victims (`held`), each visited on its own.
+
+    After a ticket, `leave = True` says nothing more can come of its lane in this pass: the
+    lane's further tickets are not visited. A lane is mostly walked in runs: its next ticket is
+    taken at once while it comes before every other lane's head, without the heap."""
+
+    def __init__(self, lanes: list[_Lane], held: list[Ticket]) -> None:
+        self.lanes, self.held = lanes, held
+        # how far each lane was walked (its tickets before that may have been granted)
+        self.reached = [0] * len(lanes)
+        self.leave = False
+
+    def __iter__(self) -> Iterator[Ticket]:
+        lanes, held, reached = self.lanes, self.held, self.reached
+        # (order, lane number, index in lane); a held ticket is lane -1 - its index in `held`
+        heap = [(lane.tickets[0].order, n, 0) for n, lane in enumerate(lanes)]
+        heap += [(t.order, -1 - i, 0) for i, t in enumerate(held)]
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _, n, i = pop(heap)
+            if n < 0:
+                ticket = held[-1 - n]
+                if ticket.grant is None and ticket.lane is not None:
+                    yield ticket
+                    self.leave = False
+                continue
+            tickets = lanes[n].tickets
+            end = len(tickets)
+            while i < end:
+                ticket = tickets[i]
+                i += 1
+                if ticket.hold_node is not None or ticket.grant is not None:
+                    continue  # held at the start of the pass: visited on its own
+                reached[n] = i
+                yield ticket
+                if self.leave:
+                    self.leave = False
+                    break
+                if i < end and heap and heap[0][0] <= tickets[i].order:
+                    push(heap, (tickets[i].order, n, i))  # another lane's head comes first
+                    break
+
+
+@dataclass(eq=False, slots=True)
+class _Pass:
+    """What one admission pass has decided and learnt so far."""
+
+    now: float
+    # a pool has a quota: every request is placed through `_place_any`, which minds it
+    quotas: bool
+    granted: list[Ticket] = field(default_factory=list)
+    # what each admitted ticket waited, by priority in the order first admitted (the metrics
+    # are told once a pass, `admitted_many`)
+    waited: dict[float, list[float]] = field(default_factory=dict)
+    # (lane shape, barred from the reserved node) refused so far, as one number:
+    # shape * 2 + barred; a ticket of a refused shape is not placed again in this pass
+    failed: set[int] = field(default_factory=set)
+    # preemptors (resources, pool, priority, labels) that found no victims in this pass
+    hopeless: set[tuple[object, ...]] = field(default_factory=set)
+    # (node, earliest start) held for the first reserving request that did not fit
+    reserved: tuple[int, float] | None = None
+
+    def barred(self, request: Request) -> int | None:
+        """The reserved node, to a request that would still run when the reservation starts
+        (or has no duration to tell); None when it may go anywhere."""
+        reserved = self.reserved
+        if reserved is None:
+            return None
+        duration = request.duration
+        if duration is not None and self.now + duration <= reserved[1]:
+            return None
+        return reserved[0]
+
+
 @dataclass
 class Scheduler:
-    """Grants resource claims by priority; thread-safe; time comes from `clock`."""
+    """Grants resource requests by priority; thread-safe; time comes from `clock`."""
 
     nodes: list[Resources]
     clock: Callable[[], float] = time.monotonic
@@ -164,171 +232,74 @@ class Scheduler:
     _quota: dict[str, Resources] = field(default_factory=dict, init=False)
     # what is granted to each pool that has a quota (others are not counted)
     _used: dict[str, Resources] = field(default_factory=dict, init=False)
-    # held by every public method: a plain lock (a condition's `with` costs a Python call);
-    # `acquire` waits on `_cond`, built on it
+    # held by every public method (reentrant: `release` is called under it too)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
-    _cond: threading.Condition = field(init=False)
     _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
-    # threads waiting in `acquire`
-    _sleepers: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.nodes = list(self.nodes)
         self._avail = FreeIndex(self.nodes)
-        self._cond = threading.Condition(self._lock)
 
     # --- asking and giving back -----------------------------------------------------------
 
-    def acquire(
-        self,
-        owner: str,
-        resources: Resources,
-        priority: float = 0.0,
-        timeout: float | None = None,
-        cancelled: Callable[[], bool] = lambda: False,
-        **claim: object,
-    ) -> Grant | None:
-        """Wait for a grant; None on timeout (0 = try once) or when `cancelled()` turns true.
-        `claim` takes `submit`'s keywords (pool, labels, policy, on_preempt, ...)."""
-        ticket = self.submit(owner, resources, priority, **claim)  # type: ignore[arg-type]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while True:
-                self._admit()
-                if ticket.grant is not None:
-                    return ticket.grant
-                left = None if deadline is None else deadline - time.monotonic()
-                if cancelled() or (left is not None and left <= 0):
-                    self._drop(ticket)
-                    return None
-                self._sleepers += 1
-                try:
-                    self._cond.wait(0.2 if left is None else min(left, 0.2))
-                finally:
-                    self._sleepers -= 1
-
     def submit(
-        self,
-        owner: str,
-        resources: Resources,
-        priority: float = 0.0,
-        *,
-        pool: str = "",
-        labels: Mapping[str, str] | None = None,
-        policy: pol.Policy | None = None,
-        on_preempt: Notify | None = None,
-        saves_state: bool = False,
-        elastic: bool = False,
-        reuse: str | None = None,
-        duration: float | None = None,
-        reserve: bool = False,
-        estimated: float | None = None,
-        nodes: frozenset[int] | None = None,
-    ) -> Ticket:
-        """Queue a request without waiting; `admit()` (or any `acquire`) grants it later."""
-        return self.submit_all(
-            (owner,),
-            resources,
-            priority,
-            pool=pool,
-            labels=labels,
-            policy=policy,
-            on_preempt=on_preempt,
-            saves_state=saves_state,
-            elastic=elastic,
-            reuse=reuse,
-            duration=duration,
-            reserve=reserve,
-            estimated=estimated,
-            nodes=nodes,
-        )[0]
-
-    def submit_all(
-        self,
-        owners: Sequence[str],
-        resources: Resources,
-        priority: float = 0.0,
-        *,
-        pool: str = "",
-        labels: Mapping[str, str] | None = None,
-        policy: pol.Policy | None = None,
-        on_preempt: Notify | None = None,
-        saves_state: bool = False,
-        elastic: bool = False,
-        reuse: str | None = None,
-        duration: float | None = None,
-        reserve: bool = False,
-        estimated: float | None = None,
-        nodes: frozenset[int] | None = None,
+        self, request: Request, owners: Sequence[str], on_preempt: Notify | None = None
     ) -> list[Ticket]:
-        """`submit` for many claimants that ask alike (a stage's units, an array's jobs): a
-        ticket each, in order, as `submit` one by one would queue them, but under one lock, at
-        one reading of the clock and with one look for their lane. They share one copy of
-        `labels` (nothing changes a ticket's or a grant's labels)."""
+        """Queue `request` once for each of `owners` (one, or a stage's units that ask alike),
+        a ticket each, in order, at one reading of the clock; `admit()` grants them later.
+        A preemptible request's grants are told through `on_preempt` when chosen as victims."""
+        if request.preemptible and on_preempt is None:
+            raise ValueError("a preemptible request needs on_preempt, to tell its victims")
+        if request.exclusive and (request.policy is not None or request.reuse is not None):
+            raise ValueError("an exclusive request neither preempts nor reuses parked groups")
         if not owners:
             return []
+        notify = on_preempt if request.preemptible else None
         with self._lock:
             since = self.clock()
-            copied = dict(labels) if labels else {}
-            # the lane: requests that ask alike. The resources by their amounts, not as
-            # `Resources` (whose hash is a Python call)
-            key = (
-                resources.cpus,
-                resources.gpus,
-                resources.memory,
-                resources.custom,
-                pool,
-                reuse,
-                tuple(sorted(copied.items())) if copied else (),
-                id(policy),
-                priority,
-                reserve,
-                duration,
-                nodes,
-            )
-            lane = self._lanes.get(key)
-            if lane is None:
-                shape = (resources, pool, reuse, nodes)
-                number = self._shapes.setdefault(shape, len(self._shapes))
-                simple = reuse is None and nodes is None
-                lane = self._lanes[key] = _Lane(key, number, priority, simple)
+            lane = self._lane_of(request)
             # queue order: one clock reading, so the tickets follow one another by arrival
-            first = -(priority - AGEING_PER_SECOND * since)
-            seqs = self._seq
+            first = -(request.priority - AGEING_PER_SECOND * since)
             tickets = [
-                Ticket(  # positional, all fields: keywords and defaults cost per ticket
-                    owner,
-                    resources,
-                    priority,
-                    since,
-                    seq,
-                    (first, seq),
-                    pool,
-                    copied,
-                    policy,
-                    on_preempt,
-                    saves_state,
-                    elastic,
-                    reuse,
-                    duration,
-                    reserve,
-                    estimated,
-                    nodes,
-                    None,
-                    [],
-                    None,
-                    lane,
-                )
-                for owner, seq in zip(owners, seqs, strict=False)  # `seqs` never ends
+                # positional, all fields: keywords and defaults cost per ticket
+                Ticket(owner, request, since, (first, seq), notify, None, (), None, lane)
+                for owner, seq in zip(owners, self._seq, strict=False)  # `_seq` never ends
             ]
             queue = lane.tickets
-            if not queue or not tickets or queue[-1].order < tickets[0].order:
+            if not queue or queue[-1].order < tickets[0].order:
                 queue += tickets
             else:
                 for ticket in tickets:
-                    bisect.insort(queue, ticket, key=lambda t: t.order)
+                    bisect.insort(queue, ticket, key=_order)
             self._count += len(tickets)
             return tickets
+
+    def _lane_of(self, request: Request) -> _Lane:
+        """The lane of requests that ask alike, keyed by the request's amounts (a `Resources`
+        hash is a Python call) and what else orders or places it."""
+        r, labels = request.resources, request.labels
+        key = (
+            r.cpus,
+            r.gpus,
+            r.memory,
+            r.custom,
+            request.pool,
+            request.reuse,
+            tuple(sorted(labels.items())) if labels else (),
+            id(request.policy),
+            request.priority,
+            request.reserve,
+            request.duration,
+            request.nodes,
+            request.exclusive,
+        )
+        lane = self._lanes.get(key)
+        if lane is None:
+            shape = (r, request.pool, request.reuse, request.nodes, request.exclusive)
+            number = self._shapes.setdefault(shape, len(self._shapes))
+            simple = request.reuse is None and request.nodes is None and not request.exclusive
+            lane = self._lanes[key] = _Lane(key, number, simple)
+        return lane
 
     def admit(self) -> list[Ticket]:
         """Grant what can be granted now; the tickets admitted by this call."""
@@ -344,9 +315,9 @@ class Scheduler:
                 self._drop(ticket)
 
     def release(self, grant: Grant) -> None:
-        """Give a grant's resources back and wake the waiters; a second release is a no-op.
-        The scheduler's own releases call this too, under the lock they hold already (it is
-        reentrant): one call per release, not a public one and a private one."""
+        """Give a grant's resources back; a second release is a no-op. The scheduler's own
+        releases call this too, under the lock they hold already (it is reentrant): one call
+        per release, not a public one and a private one."""
         with self._lock:
             if grant.released:
                 return
@@ -360,50 +331,40 @@ class Scheduler:
             if grant.tag is not None and grant in self._parked:
                 self._parked_del(grant)
             if grant.lender is None:  # a lent grant's resources stay its lender's
-                self._avail.give(grant.node, grant.resources)
-                if grant.pool in self._used:
-                    self._used[grant.pool] = self._used[grant.pool] - grant.resources
+                self._avail.give(grant.node, grant.holds)
+                pool = grant.request.pool
+                if pool in self._used:
+                    self._used[pool] = self._used[pool] - grant.holds
             if grant.preempted_at is not None:
                 self._victim_done(grant)
-            if self._sleepers:  # `_wake`, without the call on every release
-                self._cond.notify_all()
 
     def lend(
-        self,
-        lender: Grant,
-        owner: str,
-        priority: float,
-        *,
-        labels: Mapping[str, str] | None = None,
-        on_preempt: Notify | None = None,
-        saves_state: bool = False,
-        elastic: bool = False,
-        estimated: float | None = None,
+        self, lender: Grant, request: Request, owner: str, on_preempt: Notify | None = None
     ) -> Grant:
         """A unit's own grant over what `lender` holds (a reserved placement group lent to a
-        replica): preemptible by the normal rules like any grant of that unit. Released, it
-        gives nothing back, for the resources stay the lender's; so when it is chosen as a
-        victim, its lender must be released too for the preemptor to have them."""
+        replica, `request` the replica's): preemptible by the normal rules like any grant of
+        that unit. Released, it gives nothing back, for the resources stay the lender's; so
+        when it is chosen as a victim, its lender must be released too for the preemptor to
+        have them."""
+        if request.preemptible and on_preempt is None:
+            raise ValueError("a preemptible request needs on_preempt, to tell its victims")
         with self._lock:
             now = self.clock()
+            duration = request.duration
             grant = Grant(
                 owner,
+                request,
                 lender.resources,
-                priority,
+                lender.holds,
                 lender.node,
                 0.0,
-                lender.pool,
-                dict(labels or {}),
-                on_preempt,
-                saves_state,
-                elastic,
                 now,
-                None,
-                estimated,
+                None if duration is None else now + duration,
+                on_preempt if request.preemptible else None,
                 lender=lender,
             )
             self._on_node.setdefault(grant.node, set()).add(grant)
-            if on_preempt is not None:
+            if grant.on_preempt is not None:
                 self._preemptible(grant)
             return grant
 
@@ -417,7 +378,6 @@ class Scheduler:
             self._victim_done(grant)
             grant.tag, grant.on_reclaim = tag, on_reclaim
             self._parked_add(grant)
-            self._wake()
 
     def set_quota(self, pool: str, resources: Resources) -> None:
         """At most `resources` may be granted to requests of `pool` at once."""
@@ -425,7 +385,11 @@ class Scheduler:
             self._quota[pool] = resources
             if pool not in self._used:  # counted from now on: what it holds already, first
                 running = [g for here in self._on_node.values() for g in here]
-                held = [g.resources for g in (*running, *self._parked) if g.pool == pool]
+                held = [
+                    g.holds
+                    for g in (*running, *self._parked)
+                    if g.request.pool == pool and g.lender is None  # a lent one: its lender's
+                ]
                 self._used[pool] = _sum(held)
 
     def set_capacity(self, node: int, capacity: Resources) -> None:
@@ -434,14 +398,12 @@ class Scheduler:
         with self._lock:
             self._avail[node] = self._avail[node] + (capacity - self.nodes[node])
             self.nodes[node] = capacity
-            self._wake()
 
     def add_node(self, capacity: Resources) -> int:
         """A node joined; its index."""
         with self._lock:
             self.nodes.append(capacity)
             self._avail.append(capacity)
-            self._wake()
             return len(self.nodes) - 1
 
     # --- looking --------------------------------------------------------------------------
@@ -449,7 +411,7 @@ class Scheduler:
     def free(self) -> Resources:
         """What is not granted now, summed over nodes (parked groups count as granted)."""
         with self._lock:
-            return _sum([self._avail.total(), *(t.resources for t in self._held)])
+            return _sum([self._avail.total(), *(t.request.resources for t in self._held)])
 
     def waiting(self) -> int:
         with self._lock:
@@ -459,311 +421,342 @@ class Scheduler:
         with self._lock:
             return [g for here in self._on_node.values() for g in here]
 
-    # --- admission ------------------------------------------------------------------------
+    # --- admission: one pass, then each ticket placed, or refused ------------------------
 
     def _admit(self) -> list[Ticket]:
-        """One pass over the waiting tickets in queue order (the lanes merged): grant what fits,
-        reserve for the first job that does not, preempt for those that may."""
-        now = self.clock()
-        # what a preemptor holds while its victims stop is kept from everyone else (it is not
-        # in `_avail`), so the resources a victim frees go to the request that evicted it
-        view = self._avail
-        granted: list[Ticket] = []
-        # (lane shape, barred from a reserved node) refused in this pass, as one number:
-        # shape * 2 + barred
-        failed: set[int] = set()
-        hopeless: set[tuple[object, ...]] = set()
-        # (node, earliest start) held for the first reserving request that did not fit
-        reserved: tuple[int, float] | None = None
+        """One pass over the waiting tickets in queue order (`_Merge`): each is placed, or
+        else reserves and preempts (`_decide`); the granted then leave their lanes."""
+        p = _Pass(self.clock(), bool(self._quota))
         lanes = [lane for lane in self._lanes.values() if lane.tickets]
-        # (order, lane number, index in lane); held tickets are visited on their own (lane -1)
-        heap: list[tuple[tuple[float, int], int, int]] = [
-            (lane.tickets[0].order, n, 0) for n, lane in enumerate(lanes)
-        ]
-        held_list = sorted(self._held, key=lambda t: t.order)
-        heap += [(t.order, -1 - i, 0) for i, t in enumerate(held_list)]
-        heapq.heapify(heap)
-        reached = [0] * len(lanes)
-        # what each admitted ticket waited, by priority in the order first admitted, told to
-        # the metrics once a pass (`admitted_many`), and the list each lane adds to (found on
-        # its first admission)
-        waited: dict[float, list[float]] = {}
-        lane_waited: list[list[float] | None] = [None] * len(lanes)
-        # no quotas: a simple lane's ticket is placed here, not in `_place`
-        quotas = bool(self._quota)
-        place, on_node = view.place, self._on_node
-        # after a grant, the lane's next ticket is taken at once when it comes before every
-        # other lane's head (a lane is mostly walked in runs), without going through the heap
-        n = i = 0
-        going_on = False
-        while True:
-            if going_on:
-                going_on = False
-            elif heap:
-                _, n, i = heapq.heappop(heap)
+        merge = _Merge(lanes, sorted(self._held, key=_order))
+        decide = self._decide
+        for ticket in merge:
+            if not decide(ticket, p):
+                merge.leave = True
+        if p.granted:
+            self._settle(p, merge)
+        return p.granted
+
+    def _decide(self, ticket: Ticket, p: _Pass) -> bool:
+        """Grant the ticket if it can be placed now (a ticket holding a node for its victims
+        may be granted what it holds), else `_refused`. False when nothing more can come of
+        its lane in this pass."""
+        held = ticket.hold_node
+        if held is None:
+            barred = None if p.reserved is None else p.barred(ticket.request)
+        else:
+            self._unhold(ticket, held)  # what it held is its own to be granted
+            barred = None
+        lane = ticket.lane
+        assert lane is not None
+        shape = lane.shape * 2 + (barred is not None)
+        if held is not None or shape not in p.failed:
+            if lane.simple and not p.quotas:
+                grant = self._place(ticket, p.now, barred)
             else:
-                break
-            if n < 0:
-                ticket = held_list[-1 - n]
-                if ticket.grant is not None or ticket.lane is None:
-                    continue
-            else:
-                tickets = lanes[n].tickets
-                while i < len(tickets) and (
-                    tickets[i].hold_node is not None or tickets[i].grant is not None
-                ):
-                    i += 1  # held at the start of the pass: visited on its own
-                if i >= len(tickets):
-                    continue
-                ticket = tickets[i]
-                reached[n] = i + 1
-            held = ticket.hold_node
-            if held is not None:
-                view.give(held, ticket.resources)
-                self._held.discard(ticket)
-            if held is not None or reserved is None:
-                barred = None
-            else:
-                # the reserved node is barred to a ticket that would still run when the
-                # reservation starts (or has no duration to tell)
-                duration = ticket.duration
-                fits_before = duration is not None and now + duration <= reserved[1]
-                barred = None if fits_before else reserved[0]
-            lane = ticket.lane
-            assert lane is not None
-            shape = lane.shape * 2 + (barred is not None)
-            more = True  # whether the lane's next ticket could come to anything in this pass
-            if shape not in failed or held is not None:
-                if lane.simple and not quotas:
-                    # `_place` and `_new_grant`, inline: this runs once per decision
-                    node = place(ticket.resources, barred)
-                    if node is None:
-                        grant = (
-                            self._reclaim_for(ticket, None, now, barred) if self._parked else None
-                        )
-                    else:
-                        grant = Grant(
-                            ticket.owner,
-                            ticket.resources,
-                            ticket.priority,
-                            node,
-                            now - ticket.since,
-                            ticket.pool,
-                            ticket.labels,
-                            ticket.on_preempt,
-                            ticket.saves_state,
-                            ticket.elastic,
-                            now,
-                            None if ticket.duration is None else now + ticket.duration,
-                            ticket.estimated,
-                        )
-                else:
-                    grant = self._place(ticket, now, barred)
-                if grant is not None:
-                    # recorded here (a preemptible grant also in `_preemptible`), the metrics
-                    # told at the end of the pass
-                    ticket.grant = grant
-                    if ticket.victims:
-                        ticket.victims = []
-                    ticket.hold_node = None
-                    here = on_node.get(grant.node)
-                    if here is None:
-                        here = on_node[grant.node] = set()
-                    here.add(grant)
-                    if grant.on_preempt is not None:
-                        self._preemptible(grant)
-                    granted.append(ticket)
-                    if n >= 0:
-                        waits = lane_waited[n]
-                        if waits is None:
-                            waits = lane_waited[n] = waited.setdefault(lane.priority, [])
-                        waits.append(grant.waited)
-                        ticket.lane = None
-                        if i + 1 < len(tickets):
-                            if not heap or tickets[i + 1].order < heap[0][0]:
-                                i += 1
-                                going_on = True
-                            else:
-                                heapq.heappush(heap, (tickets[i + 1].order, n, i + 1))
-                    else:
-                        waited.setdefault(ticket.priority, []).append(grant.waited)
-                    continue
+                grant = self._place_any(ticket, p.now, barred)
+            if grant is not None:
+                self._granted(ticket, grant, p)
                 if held is None:
-                    failed.add(shape)
-            if reserved is None and held is None and ticket.reserve:
-                reserved = self._reservation(ticket, view, now)
+                    ticket.lane = None  # out of its lane at `_settle` (a held one: there)
+                return True
+            if held is None:
+                p.failed.add(shape)
+        return self._refused(ticket, held, p)
+
+    def _granted(self, ticket: Ticket, grant: Grant, p: _Pass) -> None:
+        """The ticket is admitted: its grant runs on its node (a victim from now on, when
+        preemptible), and the pass counts it."""
+        ticket.grant = grant
+        if ticket.victims:
+            ticket.victims = ()
+        ticket.hold_node = None
+        here = self._on_node.get(grant.node)
+        if here is None:
+            here = self._on_node[grant.node] = set()
+        here.add(grant)
+        if grant.on_preempt is not None:
+            self._preemptible(grant)
+        p.granted.append(ticket)
+        priority = ticket.request.priority
+        waits = p.waited.get(priority)
+        if waits is None:
+            waits = p.waited[priority] = []
+        waits.append(grant.waited)
+
+    def _refused(self, ticket: Ticket, held: int | None, p: _Pass) -> bool:
+        """A ticket that was not placed: the first one that asks for a reservation makes the
+        pass's; one that held a node holds it again while its victims stop; one with a
+        policy looks for victims. False when nothing more can come of its lane this pass."""
+        request = ticket.request
+        if held is None and p.reserved is None and request.reserve:
+            p.reserved = self._reservation(request, p.now)
+        if held is not None:
+            self._hold(ticket, held)
+            if ticket.waiting_on_victims():
+                return True
+        if request.policy is None:
+            return False
+        key = (request.resources, request.pool, request.priority, tuple(request.labels.items()))
+        if key in p.hopeless or not self._evaluate(ticket, p.now):
+            p.hopeless.add(key)
+            return False
+        node = ticket.hold_node
+        if node is not None and node != held:  # its victims are elsewhere: hold that node
             if held is not None:
-                self._hold(ticket, held)
-                if ticket.waiting_on_victims():
-                    continue
-            if ticket.policy is None:
-                more = False
-            else:
-                key = (ticket.resources, ticket.pool, ticket.priority, tuple(ticket.labels.items()))
-                if key in hopeless or not self._evaluate(ticket, view, now):
-                    hopeless.add(key)
-                    more = False
-                elif ticket.hold_node is not None and ticket.hold_node != held:
-                    if held is not None:
-                        self._unhold(ticket, held)
-                    self._hold(ticket, ticket.hold_node)
-            if n >= 0 and more and i + 1 < len(lanes[n].tickets):
-                heapq.heappush(heap, (lanes[n].tickets[i + 1].order, n, i + 1))
-        if granted:
-            for n, lane in enumerate(lanes):
-                if reached[n]:
-                    head = lane.tickets[: reached[n]]
-                    lane.tickets[: reached[n]] = [t for t in head if t.grant is None]
-            for ticket in held_list:  # granted on their own, maybe beyond where a lane was walked
-                if ticket.grant is not None and ticket.lane is not None:
-                    self._unqueue(ticket)
-                    ticket.lane = None
-            for empty in [k for k, lane in self._lanes.items() if not lane.tickets]:
-                del self._lanes[empty]
-            self._count -= len(granted)
-            for priority, waits in waited.items():
-                self.metrics.admitted_many(priority, waits)
-            self._wake()
-        return granted
+                self._unhold(ticket, held)
+            self._hold(ticket, node)
+        return True
+
+    def _settle(self, p: _Pass, merge: _Merge) -> None:
+        """After a pass that granted: the granted leave their lanes, empty lanes go, the
+        metrics are told."""
+        for lane, reached in zip(merge.lanes, merge.reached, strict=True):
+            if reached:
+                head = lane.tickets[:reached]
+                lane.tickets[:reached] = [t for t in head if t.grant is None]
+        for ticket in merge.held:  # granted on their own, maybe beyond where a lane was walked
+            if ticket.grant is not None and ticket.lane is not None:
+                self._unqueue(ticket)
+                ticket.lane = None
+        for empty in [k for k, lane in self._lanes.items() if not lane.tickets]:
+            del self._lanes[empty]
+        self._count -= len(p.granted)
+        for priority, waits in p.waited.items():
+            self.metrics.admitted_many(priority, waits)
 
     def _hold(self, ticket: Ticket, node: int) -> None:
         """The ticket keeps `node`'s room for itself while its victims stop."""
         ticket.hold_node = node
-        self._avail.take(node, ticket.resources)
+        self._avail.take(node, ticket.request.resources)
         self._held.add(ticket)
 
     def _unhold(self, ticket: Ticket, node: int) -> None:
-        self._avail.give(node, ticket.resources)
+        self._avail.give(node, ticket.request.resources)
         self._held.discard(ticket)
 
-    def _reservation(self, ticket: Ticket, view: FreeIndex, now: float) -> tuple[int, float] | None:
-        """The node where `ticket` could start soonest, and when: running grants end at their
-        `ends` (one without is taken to end any moment, so nothing backfills before it).
-        Nodes are looked at in order and a tie goes to the first, so a node stops being looked
-        at once it could not start before the best so far (none can start before `now`)."""
+    # --- placing --------------------------------------------------------------------------
+
+    def _place(self, ticket: Ticket, now: float, barred: int | None) -> Grant | None:
+        """A plain request (no quota anywhere, no reuse tag, no node list, not exclusive): on
+        the roomiest node that holds it, never `barred`, else on parked groups reclaimed.
+        The free index finds the node and takes from it in one call: this runs once per
+        decision."""
+        resources = ticket.request.resources
+        node = self._avail.place(resources, barred)
+        if node is None:
+            return self._reclaim_for(ticket, None, now, barred) if self._parked else None
+        return self._new_grant(ticket, node, now, resources, resources)
+
+    def _place_any(self, ticket: Ticket, now: float, barred: int | None) -> Grant | None:
+        """`_place` for any request, never on `barred`: a parked group it may reuse, fresh
+        resources (`_fresh_node`), or parked groups reclaimed, within its pool's quota."""
+        request = ticket.request
+        room = self._quota_room(request.pool) if self._quota else None
+        if request.reuse is not None:
+            taken = self._reuse(ticket, room, barred, now)
+            if taken is not None:
+                return taken
+        node = self._fresh_node(request, room, barred)
+        if node is not None:
+            return self._take(ticket, node, now)
+        return self._reclaim_for(ticket, room, now, barred) if self._parked else None
+
+    def _fresh_node(
+        self, request: Request, room: Resources | None, barred: int | None
+    ) -> int | None:
+        """Where `request` fits in free resources now, never `barred`: the roomiest node that
+        holds it (only among its `nodes` when it names them), or for an exclusive request the
+        smallest empty node; None when none does, or its pool's quota (`room`) is short."""
+        if request.exclusive:
+            return self._empty_node(request, room, barred)
+        if room is not None and not request.resources.fits_in(room):
+            return None
+        return self._roomiest_of(request, barred)
+
+    def _roomiest_of(self, request: Request, barred: int | None) -> int | None:
+        """The roomiest node that holds `request`, never `barred`, only among its `nodes` when
+        it names them (a job's partition: a few nodes, looked at one by one)."""
+        if request.nodes is None:
+            return self._avail.roomiest(request.resources, barred)
+        fits = [
+            n
+            for n in sorted(request.nodes)
+            if n != barred and n < len(self.nodes) and self._avail.holds(n, request.resources)
+        ]
+        return max(fits, key=self._avail.cpus, default=None)
+
+    def _empty_node(
+        self, request: Request, room: Resources | None, barred: int | None
+    ) -> int | None:
+        """For an exclusive request: the smallest node that holds it with nothing granted or
+        held there (the lowest numbered among equals), never `barred`, within the quota."""
+        nodes = self.nodes
+        candidates = range(len(nodes)) if request.nodes is None else sorted(request.nodes)
+        empty = [
+            n
+            for n in candidates
+            if n != barred
+            and n < len(nodes)
+            and request.resources.fits_in(nodes[n])
+            and (room is None or nodes[n].fits_in(room))
+            and self._avail.holds(n, nodes[n])
+        ]
+        return min(empty, key=lambda n: _size(nodes[n]), default=None)
+
+    def _take(self, ticket: Ticket, node: int, now: float) -> Grant:
+        """Grant the ticket fresh resources on `node`: its own, or the whole node for an
+        exclusive request, taken from the node's free resources and its pool's quota."""
+        request = ticket.request
+        holds = self.nodes[node] if request.exclusive else request.resources
+        self._avail.take(node, holds)
+        if request.pool in self._used:
+            self._used[request.pool] = self._used[request.pool] + holds
+        return self._new_grant(ticket, node, now, request.resources, holds)
+
+    def _new_grant(
+        self, ticket: Ticket, node: int, now: float, resources: Resources, holds: Resources
+    ) -> Grant:
+        """The one place an admitted grant is made (a lent one: `lend`): what it holds is
+        already taken by the caller."""
+        duration = ticket.request.duration
+        return Grant(  # positional: keywords make a class call build a dict
+            ticket.owner,
+            ticket.request,
+            resources,
+            holds,
+            node,
+            now - ticket.since,
+            now,
+            None if duration is None else now + duration,
+            ticket.on_preempt,
+        )
+
+    def _need(self, request: Request, node: int) -> Resources:
+        """What `request` takes of `node`: its resources, or the whole node when exclusive."""
+        return self.nodes[node] if request.exclusive else request.resources
+
+    def _reservation(self, request: Request, now: float) -> tuple[int, float] | None:
+        """The node where `request` could start soonest, and when (`_start_on`). Nodes are
+        looked at in order and a tie goes to the first, so a node stops being looked at once
+        it could not start before the best so far (none can start before `now`)."""
         best: tuple[float, int] | None = None
         for node, capacity in enumerate(self.nodes):
             if best is not None and best[0] <= now:
                 break
-            if not ticket.resources.fits_in(capacity) or not _may_use(ticket, node):
+            if not request.resources.fits_in(capacity) or not _may_use(request, node):
                 continue
-            here = self._on_node.get(node, ())
-            avail, start = view[node], now
-            for g in sorted(here, key=lambda g: now if g.ends is None else g.ends):
-                if ticket.resources.fits_in(avail) or (best is not None and start >= best[0]):
-                    break
-                avail, start = avail + g.resources, max(start, g.ends or now)
-            if ticket.resources.fits_in(avail) and (best is None or (start, node) < best):
+            # an exclusive request counts the node's parked groups as free: it reclaims them
+            free = self._base(node) if request.exclusive else self._avail[node]
+            need = self._need(request, node)
+            start = self._start_on(node, need, free, now, None if best is None else best[0])
+            if start is not None and (best is None or (start, node) < best):
                 best = (start, node)
         return None if best is None else (best[1], best[0])
 
-    def _place(self, ticket: Ticket, now: float, barred: int | None) -> Grant | None:
-        """A grant for `ticket` on the roomiest node that holds it, never on node `barred`
-        (reserved for a request ahead): a parked group it may reuse, fresh resources, or
-        resources of parked groups reclaimed."""
-        need = ticket.resources
-        room = self._quota_room(ticket.pool) if self._quota else None
-        if ticket.reuse is not None:
-            taken = self._reuse(ticket, room, barred)
-            if taken is not None:
-                return taken
-        if room is None or need.fits_in(room):
-            if ticket.nodes is None:  # `_roomiest_of`, without the call in the common case
-                node = self._avail.roomiest(need, barred)
-            else:
-                node = self._roomiest_of(ticket, barred)
-            if node is not None:
-                return self._new_grant(ticket, node, need, now)
-        return self._reclaim_for(ticket, room, now, barred) if self._parked else None
+    def _start_on(
+        self, node: int, need: Resources, free: Resources, now: float, beat: float | None
+    ) -> float | None:
+        """When `need` would be free on `node` (`free` there now) as its grants end at their
+        `ends` (one without is taken to end any moment, so nothing backfills before it); None
+        when not before `beat` (the best start found elsewhere), or never."""
+        avail, start = free, now
+        here = self._on_node.get(node, ())
+        for g in sorted(here, key=lambda g: now if g.ends is None else g.ends):
+            if need.fits_in(avail) or (beat is not None and start >= beat):
+                break
+            avail, start = avail + g.holds, max(start, g.ends or now)
+        return start if need.fits_in(avail) else None
 
-    def _roomiest_of(self, ticket: Ticket, barred: int | None) -> int | None:
-        """The roomiest node that holds `ticket`, never `barred`, only among its `nodes` when
-        it names them (a job's partition: a few nodes, looked at one by one)."""
-        if ticket.nodes is None:
-            return self._avail.roomiest(ticket.resources, barred)
-        fits = [
-            n
-            for n in sorted(ticket.nodes)
-            if n != barred and n < len(self.nodes) and self._avail.holds(n, ticket.resources)
-        ]
-        return max(fits, key=self._avail.cpus, default=None)
+    # --- parked groups: reused whole, or reclaimed ---------------------------------------
 
-    def _reuse(self, ticket: Ticket, room: Resources | None, barred: int | None) -> Grant | None:
+    def _reuse(
+        self, ticket: Ticket, room: Resources | None, barred: int | None, now: float
+    ) -> Grant | None:
         """Best fit among parked groups of the same tag: the exact shape, else fresh resources
         when they are free, else the smallest parked group that holds the request."""
+        request = ticket.request
         promised = self._promised(ticket)
         fitting = [
             g
             for g in self._parked
-            if g.tag == ticket.reuse
-            and ticket.resources.fits_in(g.resources)
-            and _may_use(ticket, g.node)
+            if g.tag == request.reuse
+            and request.resources.fits_in(g.resources)
+            and _may_use(request, g.node)
             and g not in promised
         ]
         if not fitting:
             return None
         best = min(fitting, key=lambda g: _size(g.resources))
-        fresh_ok = room is None or ticket.resources.fits_in(room)
+        fresh_ok = room is None or request.resources.fits_in(room)
         if (
-            best.resources != ticket.resources
+            best.resources != request.resources
             and fresh_ok
-            and self._roomiest_of(ticket, barred) is not None
+            and self._roomiest_of(request, barred) is not None
         ):
             return None
         self._parked_del(best)
         best.released = True  # taken over whole: its resources stay granted
-        grant = self._new_grant(ticket, best.node, best.resources, self.clock(), take=False)
+        grant = self._new_grant(ticket, best.node, now, best.resources, best.holds)
         grant.reused = best
         return grant
 
     def _reclaim_for(
         self, ticket: Ticket, room: Resources | None, now: float, barred: int | None
     ) -> Grant | None:
-        """Free parked groups (on one node, and of the same pool when the quota is short)."""
-        need = ticket.resources
-        if not self._parked:
-            return None
-        view = self._avail
+        """Fresh resources made by reclaiming parked groups: node by node (never `barred`),
+        where the free resources and the groups parked there hold the request, the groups
+        it takes (`_to_reclaim`) are freed and their owners told; the grant on the first such
+        node where the request then fits (and its pool's quota, refreshed, holds it)."""
+        request = ticket.request
         promised = self._promised(ticket)
-        parked = [g for g in self._parked if g not in promised]
-        pool_parked = [g for g in parked if g.pool == ticket.pool]
-        if room is not None and not need.fits_in(_sum([room, *(g.resources for g in pool_parked)])):
-            return None
+        parked = [g for g in self._parked if g not in promised] if promised else self._parked
+        if room is not None:
+            pool_parked = [g.holds for g in parked if g.request.pool == request.pool]
+            if not request.resources.fits_in(_sum([room, *pool_parked])):
+                return None
         by_node: dict[int, list[Grant]] = {}
         for g in parked:
             by_node.setdefault(g.node, []).append(g)
         for node in sorted(by_node):
-            here = by_node[node]
-            if (
-                node == barred
-                or not _may_use(ticket, node)
-                or not need.fits_in(_sum([view[node], *(g.resources for g in here)]))
-            ):
+            if node == barred or not _may_use(request, node):
                 continue
-            taken: list[Grant] = []
-            for g in sorted(here, key=lambda g: -_size(g.resources)):
-                quota_ok = room is None or need.fits_in(
-                    _sum([room, *(t.resources for t in taken if t.pool == ticket.pool)])
-                )
-                if need.fits_in(_sum([view[node], *(t.resources for t in taken)])) and quota_ok:
-                    break
-                taken.append(g)
+            need = self._need(request, node)
+            taken = self._to_reclaim(need, request.pool, node, by_node[node], room)
+            if taken is None:
+                continue
             for g in taken:
-                self._parked_del(g)
-                self.release(g)  # its resources are free on the node again
-                if g.on_reclaim is not None:
-                    g.on_reclaim(g, "reclaimed")
-            room = self._quota_room(ticket.pool)
-            if need.fits_in(view[node]) and (room is None or need.fits_in(room)):
-                return self._new_grant(ticket, node, need, now)
+                self._reclaim(g)
+            room = self._quota_room(request.pool)
+            if self._avail.holds(node, need) and (room is None or need.fits_in(room)):
+                return self._take(ticket, node, now)
         return None
 
-    def _evaluate(self, ticket: Ticket, view: FreeIndex, now: float) -> bool:
-        """`_preempt`, timed for the metrics (ScheduleMesh's evaluation latency)."""
-        started = time.perf_counter()
-        chosen = self._preempt(ticket, view, now)
-        self.metrics.preempt_evaluated(time.perf_counter() - started)
-        return chosen
+    def _to_reclaim(
+        self, need: Resources, pool: str, node: int, here: list[Grant], room: Resources | None
+    ) -> list[Grant] | None:
+        """The parked groups on `node` to free for `need`: the largest first, until what is
+        free there with them holds it (and the pool's quota with those of its own pool);
+        None when even all of them would not make room on the node."""
+        free = self._avail[node]
+        if not need.fits_in(_sum([free, *(g.holds for g in here)])):
+            return None
+        taken: list[Grant] = []
+        for g in sorted(here, key=lambda g: -_size(g.holds)):
+            quota_ok = room is None or need.fits_in(
+                _sum([room, *(t.holds for t in taken if t.request.pool == pool)])
+            )
+            if quota_ok and need.fits_in(_sum([free, *(t.holds for t in taken)])):
+                break
+            taken.append(g)
+        return taken
+
+    def _reclaim(self, g: Grant) -> None:
+        """A parked group's resources are free on its node again; its owner is told."""
+        self._parked_del(g)
+        self.release(g)
+        if g.on_reclaim is not None:
+            g.on_reclaim(g, "reclaimed")
 
     def _promised(self, ticket: Ticket) -> set[Grant]:
         """Parked groups of victims whose preemptor still waits: what a victim frees is its
@@ -771,45 +764,37 @@ class Scheduler:
         killed), so no other request reuses or reclaims it meanwhile."""
         return {v for t in self._held if t is not ticket for v in t.victims if v.tag is not None}
 
-    def _preempt(self, ticket: Ticket, view: FreeIndex, now: float) -> bool:
-        """Choose victims by the ticket's policy and tell them; False when none would do.
+    def _parked_add(self, grant: Grant) -> None:
+        self._parked.append(grant)
+        self._parked_on[grant.node] = self._parked_on.get(grant.node, Resources()) + grant.holds
+        self._avail.dirty.add(grant.node)
 
-        Nodes whose free resources and victims are alike (same kinds, as many of each) offer
-        the same choice: only the first of them is searched (a later one never wins a tie)."""
-        assert ticket.policy is not None
-        me = pol.Party(ticket.priority, ticket.pool, ticket.labels)
-        reasons: dict[tuple[object, ...], str] = {}
-        for party, count in self._parties.items():
-            if count:
-                reason = pol.preemption_reason(me, self._party_of[party], ticket.policy)
-                if reason is not None:
-                    reasons[party] = reason
+    def _parked_del(self, grant: Grant) -> None:
+        self._parked.remove(grant)
+        self._parked_on[grant.node] = self._parked_on[grant.node] - grant.holds
+        self._avail.dirty.add(grant.node)
+
+    # --- preemption -----------------------------------------------------------------------
+
+    def _evaluate(self, ticket: Ticket, now: float) -> bool:
+        """`_preempt`, timed for the metrics (ScheduleMesh's evaluation latency)."""
+        started = time.perf_counter()
+        chosen = self._preempt(ticket, now)
+        self.metrics.preempt_evaluated(time.perf_counter() - started)
+        return chosen
+
+    def _preempt(self, ticket: Ticket, now: float) -> bool:
+        """Choose victims by the ticket's policy where the fewest and cheapest will do, and
+        tell them (`_evict`); False when none would do."""
+        request = ticket.request
+        reasons = self._reasons(request)
         if not reasons:
             return False
-        room = self._quota_room(ticket.pool)
-        pool_mates = room is not None and not ticket.resources.fits_in(room)
-        seen: set[tuple[object, ...]] = set()
+        room = self._quota_room(request.pool)
         best: tuple[tuple[object, ...], int, list[pol.Candidate]] | None = None
-        for node in range(len(self.nodes)) if pool_mates else self._first_of_each_look():
-            base = view[node] + self._parked_on.get(node, Resources())
-            if pool_mates:
-                here = [
-                    g
-                    for victims in self._node_victims.values()
-                    for g in victims
-                    if _party_key(g) in reasons and (g.node == node or g.pool == ticket.pool)
-                ]
-            else:
-                kinds = frozenset(
-                    (k, n) for k, n in self._node_kinds[node].items() if n and k[:3] in reasons
-                )
-                if not kinds or (base, kinds) in seen:
-                    continue
-                seen.add((base, kinds))
-                here = [g for g in self._node_victims[node] if _party_key(g) in reasons]
-            cands = [_candidate(g, now) for g in here]
-            enough = _enough(ticket.resources, node, base, room, ticket.pool)
-            chosen = pol.choose_victims(cands, enough)
+        for node, base, here in self._victims_by_node(request, reasons, room):
+            enough = _enough(request.resources, node, base, room, request.pool)
+            chosen = pol.choose_victims([_candidate(g, now) for g in here], enough)
             if chosen is not None:
                 rank = (len(chosen), *pol.set_cost(chosen))
                 if best is None or rank < best[0]:
@@ -817,17 +802,80 @@ class Scheduler:
         if best is None:
             return False
         _, node, chosen = best
-        victims = [c.key for c in chosen if isinstance(c.key, Grant)]
+        self._evict(ticket, node, [c.key for c in chosen if isinstance(c.key, Grant)], reasons, now)
+        return True
+
+    def _reasons(self, request: Request) -> dict[tuple[object, ...], str]:
+        """The parties (priority, pool, labels) with victims running that `request`'s policy
+        may preempt, each with the reason it may."""
+        assert request.policy is not None
+        me = pol.Party(request.priority, request.pool, request.labels)
+        reasons: dict[tuple[object, ...], str] = {}
+        for party, count in self._parties.items():
+            if count:
+                reason = pol.preemption_reason(me, self._party_of[party], request.policy)
+                if reason is not None:
+                    reasons[party] = reason
+        return reasons
+
+    def _victims_by_node(
+        self, request: Request, reasons: dict[tuple[object, ...], str], room: Resources | None
+    ) -> Iterator[tuple[int, Resources, list[Grant]]]:
+        """(node, its free resources with its parked groups, the victims `reasons` allow) for
+        each node worth searching: when the pool's quota is short, every node with the pool's
+        own victims anywhere (they free quota); else one node of each look."""
+        if room is not None and not request.resources.fits_in(room):
+            pool = request.pool
+            for node in range(len(self.nodes)):
+                here = [
+                    g
+                    for victims in self._node_victims.values()
+                    for g in victims
+                    if _party_key(g) in reasons and (g.node == node or g.request.pool == pool)
+                ]
+                yield node, self._base(node), here
+        else:
+            yield from self._victims_by_look(reasons)
+
+    def _victims_by_look(
+        self, reasons: dict[tuple[object, ...], str]
+    ) -> Iterator[tuple[int, Resources, list[Grant]]]:
+        """`_victims_by_node` for one node of each look: nodes whose free resources and victims
+        are alike (same kinds, as many of each) offer the same choice, and a later one never
+        wins a tie."""
+        seen: set[tuple[object, ...]] = set()
+        for node in self._first_of_each_look():
+            base = self._base(node)
+            kinds = frozenset(
+                (k, n) for k, n in self._node_kinds[node].items() if n and k[:3] in reasons
+            )
+            if not kinds or (base, kinds) in seen:
+                continue
+            seen.add((base, kinds))
+            yield node, base, [g for g in self._node_victims[node] if _party_key(g) in reasons]
+
+    def _base(self, node: int) -> Resources:
+        """What a preemptor could have on `node` before any victim: free and parked."""
+        return self._avail[node] + self._parked_on.get(node, Resources())
+
+    def _evict(
+        self,
+        ticket: Ticket,
+        node: int,
+        victims: list[Grant],
+        reasons: dict[tuple[object, ...], str],
+        now: float,
+    ) -> None:
+        """Tell the chosen victims (counted by reason); the ticket holds `node` for itself."""
         for g in victims:
             reason = reasons[_party_key(g)]
             g.preempted, g.preempted_at = reason, now
             self._not_victim(g)
-            self.metrics.preempted(g.pool, reason)
+            self.metrics.preempted(g.request.pool, reason)
             assert g.on_preempt is not None
             g.on_preempt(g, reason)
         ticket.victims = victims
         ticket.hold_node = node
-        return True
 
     def _first_of_each_look(self) -> list[int]:
         """One node of each look (free resources, parked groups and victims alike), the lowest
@@ -841,54 +889,20 @@ class Scheduler:
                     del self._alike[old]
             kinds = self._node_kinds.get(node)
             if kinds:
-                base = self._avail[node] + self._parked_on.get(node, Resources())
-                look = (base, frozenset(kinds.items()))
+                look = (self._base(node), frozenset(kinds.items()))
                 self._look[node] = look
                 self._alike.setdefault(look, set()).add(node)
         self._avail.dirty.clear()
         return sorted(min(nodes) for nodes in self._alike.values())
 
-    def _parked_add(self, grant: Grant) -> None:
-        self._parked.append(grant)
-        self._parked_on[grant.node] = self._parked_on.get(grant.node, Resources()) + grant.resources
-        self._avail.dirty.add(grant.node)
-
-    def _parked_del(self, grant: Grant) -> None:
-        self._parked.remove(grant)
-        self._parked_on[grant.node] = self._parked_on[grant.node] - grant.resources
-        self._avail.dirty.add(grant.node)
-
     # --- bookkeeping ----------------------------------------------------------------------
-
-    def _new_grant(
-        self, ticket: Ticket, node: int, resources: Resources, now: float, take: bool = True
-    ) -> Grant:
-        if take:
-            self._avail.take(node, resources)
-            if ticket.pool in self._used:
-                self._used[ticket.pool] = self._used[ticket.pool] + resources
-        return Grant(
-            ticket.owner,
-            resources,
-            ticket.priority,
-            node,
-            now - ticket.since,
-            ticket.pool,
-            ticket.labels,
-            ticket.on_preempt,
-            ticket.saves_state,
-            ticket.elastic,
-            now,
-            # positional, as all above: keywords make a class call build a dict
-            None if ticket.duration is None else now + ticket.duration,
-            ticket.estimated,
-        )
 
     def _preemptible(self, grant: Grant) -> None:
         """A grant with `on_preempt` was admitted: it may be chosen as a victim from now on."""
         party = _party_key(grant)
         if party not in self._party_of:
-            self._party_of[party] = pol.Party(grant.priority, grant.pool, grant.labels)
+            request = grant.request
+            self._party_of[party] = pol.Party(request.priority, request.pool, request.labels)
         self._parties[party] += 1
         self._node_victims.setdefault(grant.node, {})[grant] = None
         self._node_kinds.setdefault(grant.node, Counter())[_victim_kind(grant)] += 1
@@ -922,7 +936,7 @@ class Scheduler:
         lane = ticket.lane
         if lane is None:
             return False
-        i = bisect.bisect_left(lane.tickets, ticket.order, key=lambda t: t.order)
+        i = bisect.bisect_left(lane.tickets, ticket.order, key=_order)
         if i < len(lane.tickets) and lane.tickets[i] is ticket:
             del lane.tickets[i]
             if not lane.tickets and self._lanes.get(lane.key) is lane:
@@ -931,7 +945,7 @@ class Scheduler:
         return False
 
     def _drop(self, ticket: Ticket) -> None:
-        """A waiting ticket gives up (withdrawn, timed out): out of the queue, its hold freed."""
+        """A waiting ticket gives up (withdrawn): out of the queue, its hold freed."""
         if self._unqueue(ticket):
             self._count -= 1
         if ticket.hold_node is not None and ticket in self._held:
@@ -939,16 +953,10 @@ class Scheduler:
             ticket.hold_node = None
         ticket.lane = None
 
-    def _wake(self) -> None:
-        """Wake the threads waiting in `acquire`, if any (a simulation has none: it skips the
-        condition's bookkeeping on every release)."""
-        if self._sleepers:
-            self._cond.notify_all()
-
     def _victim_done(self, grant: Grant) -> None:
         if grant.preempted_at is not None:
             seconds = self.clock() - grant.preempted_at
-            self.metrics.preempt_done(seconds, grant.pool, grant.preempted or "")
+            self.metrics.preempt_done(seconds, grant.request.pool, grant.preempted or "")
             grant.preempted_at = None
 
     def _quota_room(self, pool: str) -> Resources | None:
@@ -958,27 +966,30 @@ class Scheduler:
         return quota - self._used.get(pool, Resources())
 
 
-def _may_use(ticket: Ticket, node: int) -> bool:
-    """Whether `node` is one the ticket may run on (its `nodes`, when it names them)."""
-    return ticket.nodes is None or node in ticket.nodes
+def _may_use(request: Request, node: int) -> bool:
+    """Whether `node` is one the request may run on (its `nodes`, when it names them)."""
+    return request.nodes is None or node in request.nodes
 
 
 def _party_key(g: Grant) -> tuple[object, ...]:
-    return (g.priority, g.pool, tuple(sorted(g.labels.items())))
+    r = g.request
+    return (r.priority, r.pool, tuple(sorted(r.labels.items())))
 
 
 def _victim_kind(g: Grant) -> tuple[object, ...]:
     """What tells victims apart when choosing (`_candidate`): grants of one kind on one node
     are interchangeable. Starts with the party key."""
-    lost_from = None if g.saves_state else g.since
-    left_from = None if g.estimated is None else (g.estimated, g.since)  # work left ranks them
-    return (*_party_key(g), g.resources, g.elastic, lost_from, left_from)
+    r = g.request
+    lost_from = None if r.saves_state else g.since
+    left_from = None if r.estimated is None else (r.estimated, g.since)  # work left ranks them
+    return (*_party_key(g), g.holds, r.elastic, lost_from, left_from)
 
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:
-    lost = 0.0 if g.saves_state else now - g.since
-    left = pol.remaining(g.estimated, now - g.since)
-    return pol.Candidate(g, g.node, g.resources, g.priority, g.pool, lost, g.elastic, left)
+    r = g.request
+    lost = 0.0 if r.saves_state else now - g.since
+    left = pol.remaining(r.estimated, now - g.since)
+    return pol.Candidate(g, g.node, g.holds, r.priority, r.pool, lost, r.elastic, left)
 
 
 def _enough(

@@ -40,6 +40,7 @@ from runner.plan import (
 )
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
+from runner.scheduler.request import Request
 from runner.schema import PoolStage, StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
@@ -262,7 +263,7 @@ class PoolRun(StageRun):
             return
         while len(self.leases) - len(self.draining) + self.asked < self._wanted():
             self.asked += 1
-            yield worker_ask(self.stage)
+            yield Ask(worker_request(self.stage))
 
     def launch(self, lease: Lease) -> Verdicts:
         self.asked -= 1
@@ -375,20 +376,23 @@ class PoolRun(StageRun):
             per_item = reply["busy"] / len(status)
             old = self.item_seconds
             self.item_seconds = per_item if old is None else 0.7 * old + 0.3 * per_item
-        now = self.ctx.wall()
+        # the worker's clock when its last item ended (in virtual time: now)
+        ends = end_to_end(seconds, reply.get("ended") or self.ctx.wall())
         ran = batch[: len(status)]
         if status.count("done") == len(ran) and not any(w.state.final for w in ran):
-            yield DoneAll(ran, values, seconds, now)  # the commonest reply, at batch cost
+            yield DoneAll(ran, values, seconds, ends)  # the commonest reply, at batch cost
         else:
-            for work, state, result, took in zip(ran, status, values, seconds, strict=True):
+            for work, state, result, took, end in zip(
+                ran, status, values, seconds, ends, strict=True
+            ):
                 if work.state.final:  # cancelled while it ran: its result is dropped
                     continue
                 if state == "done":
-                    yield Done(work, result, now - took, now)
+                    yield Done(work, result, end - took, end)
                 elif state == "error":
                     yield Failed(work, str(result))
                 else:
-                    yield Ended(work, UnitState.timeout, None, str(result), now - took, now)
+                    yield Ended(work, UnitState.timeout, None, str(result), end - took, end)
         for work in reversed(batch[len(status) :]):
             if not work.state.final:
                 yield Back(work)
@@ -452,10 +456,21 @@ class PoolRun(StageRun):
         return outcome
 
 
-def worker_ask(stage: StagePlan) -> Ask:
+def end_to_end(seconds: Sequence[float], last: float) -> list[float]:
+    """When each item of a batch ended: its worker ran them one after another, the last
+    ending at `last`, each taking its own `seconds`. So each item's span is when it really ran
+    and the items of a worker never overlap (a lane per worker in the timeline and trace);
+    item i+1 starts exactly where item i ended (end - seconds, the same float)."""
+    ends = [last] * len(seconds)
+    for i in range(len(seconds) - 1, 0, -1):
+        ends[i - 1] = ends[i] - seconds[i]
+    return ends
+
+
+def worker_request(stage: StagePlan) -> Request:
     """One worker's lease: its sized CPUs at the stage's priority."""
     assert isinstance(stage.settings, PoolSettings)
-    return Ask(Resources(cpus=stage.settings.cpus_per_worker), stage.spec.priority)
+    return Request(Resources(cpus=stage.settings.cpus_per_worker), stage.spec.priority)
 
 
 def open_run(stage: StagePlan, ctx: RunContext) -> PoolRun:

@@ -79,9 +79,10 @@ class PoolActor:
         return here()
 
     def run(self, ids: list[str], payloads: list[Any]) -> dict[str, Any]:
-        """A batch's outcomes, in its order: per item a status, a value and seconds (the
-        items after the last status were not started: a timed-out item stops the batch);
-        busy time; CPU so far.
+        """A batch's outcomes, in its order: per item a status, a value and seconds, the
+        items run one after another (the items after the last status were not started: a
+        timed-out item stops the batch); when the last ended (this node's clock); busy time;
+        CPU so far.
 
         Columns of plain data, never tuples: Ray pickles each tuple inside a reply one by one
         and sends lists of strings and numbers as they are. A result that is not JSON becomes
@@ -106,6 +107,7 @@ class PoolActor:
             "values": values,
             "seconds": seconds,
             "busy": time.perf_counter() - started,
+            "ended": time.time(),
             "cpu": _cpu_seconds() - self._cpu0,
             "poisoned": self._poisoned,
             "worker": self.name,

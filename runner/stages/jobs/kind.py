@@ -24,6 +24,7 @@ from runner.lifecycle import UnitState
 from runner.output import Tail
 from runner.plan import StagePlan, Unit
 from runner.remote import plain
+from runner.scheduler.request import Request
 from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.planning import JobsSettings
@@ -73,7 +74,7 @@ class JobsRun(StageRun):
         """Its own resources at its own priority; a job that does not fit reserves its node,
         and jobs behind it backfill only when their time limit ends them before it starts."""
         job = _job(work)
-        return job_ask(job, work, self._nodes_of(job.partition))
+        return Ask(job_request(job, self._nodes_of(job.partition)), work)
 
     def _nodes_of(self, partition: str | None) -> frozenset[int] | None:
         """The nodes a job of `partition` may run on: on a Ray cluster, those whose labels
@@ -288,12 +289,17 @@ class Follow:
         return True
 
 
-def job_ask(job: Job, work: Work | None = None, nodes: frozenset[int] | None = None) -> Ask:
-    """Its own resources at its own priority, on `nodes` (its partition's) when given; a job
-    that does not fit reserves its node, and jobs behind it backfill only when their time
-    limit ends them before it starts. The simulated cluster asks the same."""
-    return Ask(
-        job.resources, job.priority, work, duration=job.time_limit, reserve=True, nodes=nodes
+def job_request(job: Job, nodes: frozenset[int] | None = None) -> Request:
+    """Its own resources at its own priority, on `nodes` (its partition's) when given, and a
+    whole node to itself when `exclusive`; a job that does not fit reserves its node, and jobs
+    behind it backfill only when their time limit ends them before it starts."""
+    return Request(
+        job.resources,
+        job.priority,
+        duration=job.time_limit,
+        reserve=True,
+        nodes=nodes,
+        exclusive=job.exclusive,
     )
 
 

@@ -134,16 +134,28 @@ def _check_partitions(name: str, jobs: list[Job], cluster: ClusterInfo) -> None:
         )
 
 
-def _shapes(jobs: list[Job]) -> dict[Resources, list[str]]:
-    shapes: dict[Resources, list[str]] = {}
+def _shapes(jobs: list[Job]) -> dict[tuple[Resources, bool], list[str]]:
+    """Job ids by what they claim: their resources, and whether they need a node to itself."""
+    shapes: dict[tuple[Resources, bool], list[str]] = {}
     for job in jobs:
-        shapes.setdefault(job.resources, []).append(job.id)
+        shapes.setdefault((job.resources, job.exclusive), []).append(job.id)
     return shapes
 
 
 def _claims(jobs: list[Job], cluster: ClusterInfo) -> list[Claim]:
-    """One claim per resource shape; a shape no node can hold is a plan error naming its jobs."""
-    return [claim(_label(ids), res, len(ids), cluster) for res, ids in _shapes(jobs).items()]
+    """One claim per shape; a shape no node can hold is a plan error naming its jobs."""
+    return [_claim(_label(ids), *shape, len(ids), cluster) for shape, ids in _shapes(jobs).items()]
+
+
+def _claim(
+    label: str, resources: Resources, exclusive: bool, count: int, cluster: ClusterInfo
+) -> Claim:
+    """How many jobs of one shape fit at once: node by node (`claim`); an exclusive job
+    (SCNS's `exclusive: true`) takes a whole node, so one on each node that holds it."""
+    if not exclusive:
+        return claim(label, resources, count, cluster)
+    whole = sum(1 for node in cluster.nodes if resources.fits_in(node))
+    return Claim(f"exclusive {label} (a whole node each)", resources, count, min(count, whole))
 
 
 def _label(ids: list[str]) -> str:
@@ -159,7 +171,7 @@ def _concurrency_warning(
     """Say how many jobs can really run at once when `max_concurrent` asks for more."""
     if wanted is None or len(jobs) < 2:
         return None
-    can = max(claim("", res, wanted, cluster).fit for res in _shapes(jobs))
+    can = max(_claim("", *shape, wanted, cluster).fit for shape in _shapes(jobs))
     if can >= min(wanted, len(jobs)):
         return None
     return (

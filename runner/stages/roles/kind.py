@@ -13,7 +13,7 @@ step when asked.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 from collections import Counter, defaultdict, deque
@@ -28,11 +28,11 @@ from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
 from runner.lease import Ask, Lease, Work
 from runner.plan import StagePlan
 from runner.resources import Resources
-from runner.scheduler.policy import REASONS, Party, preemption_reason
+from runner.scheduler.policy import Party, preemption_reason
+from runner.scheduler.request import Request
 from runner.stages.roles.groups import DynamicGroups
 from runner.stages.roles.host import RoleHost, saves_state
 from runner.stages.roles.settings import Reserved, RoleSpec, RolesPlan
-from runner.store import atomic_path
 from runner.verdicts import (
     Done,
     End,
@@ -76,8 +76,6 @@ class ReservedGroup:
 
 @dataclass
 class _Stats:
-    preempted: Counter[str] = field(default_factory=Counter)
-    requeues: int = 0
     waited: dict[float, list[float]] = field(default_factory=dict)
 
 
@@ -206,7 +204,7 @@ class RolesRun(StageRun):
     def asks(self) -> Iterator[Ask | Lend]:
         while self.to_reserve:
             spec = self.to_reserve.popleft()
-            ask = reserved_ask(self.rp, spec.shape)
+            ask = Ask(reserved_request(self.rp, spec.shape))
             ask.tag = group = ReservedGroup(spec, ask)
             self.reserved.append(group)
             self.reserved_made += 1
@@ -229,9 +227,10 @@ class RolesRun(StageRun):
                 self.queue.remove(work)
                 self.dynamic.add(work)
                 reuse = self.groups.tag if self.rp.reuse and self.rp.dynamic_cap else None
-                yield replica_ask(
-                    self.rp, role, self.index(work), self.saves[role.name], work, reuse
+                request = replica_request(
+                    self.rp, role, self.index(work), self.saves[role.name], reuse
                 )
+                yield Ask(request, work)
 
     def _dynamic_turn(self, work: Work) -> bool:
         """Whether a replica of a dynamic role may ask now: while fewer than
@@ -258,13 +257,12 @@ class RolesRun(StageRun):
         resources: preemptible by the normal rules like a replica on a dynamic group."""
         group.user = work
         role = self.role(work)
-        ask = replica_ask(self.rp, role, self.index(work), self.saves[role.name], work)
-        ask.resources, ask.tag = group.shape, group
+        request = replica_request(self.rp, role, self.index(work), self.saves[role.name])
+        ask = Ask(dataclasses.replace(request, resources=group.shape), work, group)
         assert group.lease is not None
         return Lend(ask, group.lease)
 
     def requeue(self, work: Work) -> None:
-        self.stats.requeues += 1
         self.queue.append(work)
 
     # --- launching -------------------------------------------------------------------------
@@ -330,7 +328,7 @@ class RolesRun(StageRun):
         yield from self.groups.sweep()
         yield from self._release_idle()
         # replicas waiting for a dynamic group, highest priority first, as groups come free
-        for lease in sorted(self.group_waiters, key=lambda x: -x.ask.priority):
+        for lease in sorted(self.group_waiters, key=lambda x: -x.ask.request.priority):
             if lease.closed or lease.stopping is not None or lease.grant is None:
                 continue
             group, first = self.groups.group_for(lease.grant)
@@ -432,7 +430,6 @@ class RolesRun(StageRun):
         yield Done(work, {**result, "preemptions": preemptions})
 
     def on_preempt(self, lease: Lease, reason: str) -> Verdicts:
-        self.stats.preempted[reason] += 1
         for work in lease.work:
             self._event(work, "preempt requested", reason=reason)
         yield from ()
@@ -493,9 +490,9 @@ class RolesRun(StageRun):
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
         s = self.stats
+        # preemptions and requeues: counted by the loop (`StageOutcome`), and for the run's
+        # summary from its recorded events (`history`), which the report's line reads
         outcome.extra = {
-            "preemptions": {k: s.preempted[k] for k in REASONS},
-            "requeues": s.requeues,
             "waiting_s_by_priority": {
                 f"{p:g}": {
                     "units": len(w),
@@ -511,21 +508,11 @@ class RolesRun(StageRun):
             "pg_pool_stats": {self.rp.pool: self._pg_pool_stats()},
         }
         if not self.ctx.virtual:
-            path = self.ctx.stage_dir(self.name) / EVENTS
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
-            outcome.outputs.append(str(path))
-        pre = ", ".join(f"{k} {s.preempted[k]}" for k in REASONS)
-        waits = ", ".join(
-            f"{p:g}: {sum(w) / len(w):.2f}s" for p, w in sorted(s.waited.items(), reverse=True)
-        )
-        outcome.message = (
-            f"preemptions: {pre}; requeues {s.requeues}; mean wait by priority {waits}"
-        )
+            # the event log of every attempt, written from the ledger with the run's pictures
+            outcome.outputs.append(str(self.ctx.stage_dir(self.name) / EVENTS))
         problem = self.failure_budget()
         if problem:
-            outcome.ok = False
-            outcome.message += "; " + problem
+            outcome.ok, outcome.message = False, problem
         return outcome
 
     def _pg_pool_stats(self) -> dict[str, int]:
@@ -544,32 +531,26 @@ class RolesRun(StageRun):
     def _event(self, work: Work, what: str, **details: object) -> None:
         if self.ctx.virtual:
             return
-        self.events.append(
-            {
-                "t": round(self.ctx.wall(), 4),
-                "unit": work.id,
-                "role": work.unit.payload["role"],
-                "event": what,
-                **details,
-            }
-        )
+        record = {
+            "t": round(self.ctx.wall(), 4),
+            "unit": work.id,
+            "role": work.unit.payload["role"],
+            "event": what,
+            **details,
+        }
+        self.events.append(record)
+        self.ctx.ledger.add_log(self.name, record)  # kept across attempts: `events.jsonl`
 
 
-def replica_ask(
-    rp: RolesPlan,
-    role: RoleSpec,
-    index: int,
-    saves: bool,
-    work: Work | None = None,
-    reuse: str | None = None,
-) -> Ask:
+def replica_request(
+    rp: RolesPlan, role: RoleSpec, index: int, saves: bool, reuse: str | None = None
+) -> Request:
     """A replica's lease: its role's resources, priority and labels in the stage's pool;
     preemptible; replicas beyond the role's `min` are elastic and preempt nobody."""
     elastic = index >= role.min
-    return Ask(
+    return Request(
         role.resources,
         role.priority,
-        work,
         pool=rp.pool,
         labels=role.labels,
         policy=None if elastic else rp.policy,
@@ -581,10 +562,10 @@ def replica_ask(
     )
 
 
-def reserved_ask(rp: RolesPlan, shape: Resources) -> Ask:
+def reserved_request(rp: RolesPlan, shape: Resources) -> Request:
     """A reserved group's lease, asked for when the stage starts: at the top role priority,
     in the stage's pool, never preempted."""
-    return Ask(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
+    return Request(shape, max(r.priority for r in rp.roles.values()), pool=rp.pool)
 
 
 class _Reserved(Protocol):

@@ -22,6 +22,7 @@ from runner.merge import Committed, manifest_of, merge, read_table, write_table
 from runner.output import Tail
 from runner.plan import StagePlan, Unit
 from runner.resources import Resources
+from runner.scheduler.request import Request
 from runner.schema import ShardStage
 from runner.stages.shard.files import Files, commit, launch_values, tail
 from runner.stages.shard.planning import ShardSettings
@@ -127,10 +128,10 @@ class ShardRun(StageRun):
 
     def ask_for(self, work: Work) -> Ask:
         if self.slots is None:
-            return shard_ask(self.spec, work)
+            return Ask(shard_request(self.spec), work)
         group = self.slots.take()
         resources = self.slots.resources(group, self.spec.cpus_per_shard)
-        return Ask(resources, self.spec.priority, work, tag=group)
+        return Ask(Request(resources, self.spec.priority), work, tag=group)
 
     def lease_ended(self, lease: Lease) -> None:
         super().lease_ended(lease)
@@ -300,11 +301,10 @@ class ShardRun(StageRun):
         return outcome
 
 
-def shard_ask(spec: ShardStage, work: Work | None = None) -> Ask:
+def shard_request(spec: ShardStage) -> Request:
     """A shard's CPUs and GPUs at the stage's priority (without GPU groups from the inventory:
-    Ray picks the node's GPUs); the simulated cluster asks the same."""
-    resources = Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard)
-    return Ask(resources, spec.priority, work)
+    Ray picks the node's GPUs)."""
+    return Request(Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard), spec.priority)
 
 
 def _shard(payload: dict[str, Any]) -> Shard:
