@@ -450,6 +450,38 @@ def test_a_reserved_group_never_keeps_a_later_role_waiting_for_ever(
     wait_until(no_groups_left, what="every placement group to be removed")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "started", "preemptions"),
+    [
+        ((), "rl/reward/0, rl/train/0, rl/reward/0", "label 1"),
+        (
+            (
+                "~pipeline.stages.rl.preemption.label_rules",
+                "pipeline.stages.rl.roles.train.priority=5",
+                "pipeline.stages.rl.roles.train.start_after=0",
+                "pipeline.stages.rl.roles.reward.steps=5",
+            ),
+            "rl/reward/0, rl/train/0",
+            "label 0",
+        ),
+    ],
+    ids=["train_preempts_the_holder", "train_waits_for_the_group_to_go_back"],
+)
+def test_the_simulated_cluster_runs_the_reserved_group_scenario_as_ray_does(
+    cli, overrides: tuple[str, ...], started: str, preemptions: str
+) -> None:
+    """`cluster=sim` is the same loop and the same roles code: both replicas run, in the real
+    run's order, with its preemptions (it used to end with 1 of 2 replicas admitted)."""
+    res = cli(
+        "pipeline=roles_reserved_hold", "cluster=sim", "cluster.nodes=[{cpus: 2}]", *overrides
+    )
+    assert res.code == 0, res.text
+    assert f"units in the order they started: {started}\n" in res.out
+    assert "stage rl (roles): 2 replica(s)," in res.out
+    assert f"preemptions: {preemptions}, same_pool 0, cross_pool 0" in res.out
+    assert "reserved group 1 CPU for reward released: no replica left to use it" in res.err
+
+
 def test_the_plan_says_what_holds_what_a_role_needs(cli) -> None:
     res = cli("pipeline=roles_reserved_hold", "mode=plan")
     assert res.code == 0, res.text
