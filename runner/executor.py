@@ -52,9 +52,9 @@ from runner.verdicts import (
     DoneAll,
     End,
     Ended,
-    Fail,
     Failed,
     Launch,
+    LeaseVerdict,
     Lend,
     Lost,
     Note,
@@ -64,9 +64,11 @@ from runner.verdicts import (
     RemoveGroup,
     Requeue,
     Running,
+    SchedulerVerdict,
     Send,
     SetQuota,
     Stopped,
+    UnitVerdict,
     Verdict,
     Withdraw,
 )
@@ -255,7 +257,18 @@ class Executor:
             self._apply(verdict)
 
     def _apply(self, v: Verdict) -> None:
-        """Carry out one verdict of a kind."""
+        """Carry out one verdict of a kind: on its units, its leases or the scheduler."""
+        if isinstance(v, UnitVerdict):
+            self._apply_unit(v)
+        elif isinstance(v, LeaseVerdict):
+            self._apply_lease(v)
+        elif isinstance(v, SchedulerVerdict):
+            self._apply_scheduler(v)
+        else:
+            self.ctx.ledger.fail(v.error)
+
+    def _apply_unit(self, v: UnitVerdict) -> None:
+        """What happened to units: move them through their states and record them."""
         match v:
             case DoneAll(works, results, seconds, ends):
                 self.done_all(works, results, seconds, ends)
@@ -263,9 +276,6 @@ class Executor:
                 self.finish(work, UnitState.done, result, None, started, ended)
             case Running(works, lease, at):
                 self.running_all(works, lease, at)
-            case Send(lease, call):
-                if not lease.closed:
-                    self.backend.call(lease, call)
             case Failed(work, error, state):
                 self.failed(work, error, state)
             case Ended(work, state, result, error, started, ended):
@@ -280,6 +290,13 @@ class Executor:
                 self._row(work)
             case Note(work, kind, detail):
                 self.event(work, kind, detail)
+
+    def _apply_lease(self, v: LeaseVerdict) -> None:
+        """Orders for a lease, carried out on the backend."""
+        match v:
+            case Send(lease, call):
+                if not lease.closed:
+                    self.backend.call(lease, call)
             case Launch(lease, remote):
                 lease.actor = remote.actor
                 self.backend.launch(lease, remote)
@@ -289,6 +306,12 @@ class Executor:
                 self.end_lease(lease, kill)
             case Stopped(lease):
                 self._stopped(lease)
+            case RemoveGroup(group):
+                self.backend.remove_group(group)
+
+    def _apply_scheduler(self, v: SchedulerVerdict) -> None:
+        """Orders for the scheduler: lend, withdraw, park or release a grant, set a quota."""
+        match v:
             case Lend(ask, lender):
                 self.lend(lender.run, ask, lender)
             case Withdraw(ask):
@@ -302,12 +325,8 @@ class Executor:
                     lease.grant = None  # kept by the scheduler now, not released with it
             case Release(grant):
                 self.scheduler.release(grant)
-            case RemoveGroup(group):
-                self.backend.remove_group(group)
             case SetQuota(pool, resources):
                 self.scheduler.set_quota(pool, resources)
-            case Fail(error):
-                self.ctx.ledger.fail(error)
 
     # --- asking and granting -------------------------------------------------------------
 
@@ -817,15 +836,7 @@ class Executor:
         due can never be admitted: no end of a running unit can change what holds them back
         (a reserved group kept for a role that waits on theirs, a node too small). They fail
         with the reason instead of waiting for ever."""
-        now = self.clock()
-        if self.moved or not self.live:
-            return
-        if not self.ctx.virtual and now - self.stuck_seen < STUCK_EVERY:
-            return  # on a real cluster a look costs a walk over the leases: once a second
-        self.stuck_seen = now
-        if any(x.work or x.calls or x.started is None for x in self.leases):
-            return
-        if any(live.run.due() is not None for live in self.live.values()):
+        if not self._idle_for_a_look():
             return
         granted = self.scheduler.admit()
         if granted:  # granted after all (released meanwhile): not stuck
@@ -837,6 +848,23 @@ class Executor:
         if not self.waiting:
             self._no_progress()
             return
+        self._fail_unadmittable()
+
+    def _idle_for_a_look(self) -> bool:
+        """Whether the loop stands still: nothing moved, ran, is in flight or is due (looked
+        at once a second on a real cluster, where a look costs a walk over the leases)."""
+        now = self.clock()
+        if self.moved or not self.live:
+            return False
+        if not self.ctx.virtual and now - self.stuck_seen < STUCK_EVERY:
+            return False
+        self.stuck_seen = now
+        if any(x.work or x.calls or x.started is None for x in self.leases):
+            return False
+        return all(live.run.due() is None for live in self.live.values())
+
+    def _fail_unadmittable(self) -> None:
+        """Every waiting lease's units fail, naming what they need and what holds it."""
         held = ", ".join(sorted(f"{x.run.name}/{x.ask.tag or 'lease'}" for x in self.leases))
         for lease in list(self.waiting.values()):
             self.withdraw(lease)
@@ -964,31 +992,9 @@ class Executor:
         for lease in list(self.waiting.values()):
             self.withdraw(lease)
         if self.ctx.stop.is_set() and self.leases and self.backend.alive():
-            for lease in list(self.leases):
-                self.stop_lease(lease, "interrupted", lease.run.grace)
-            # every lease has a deadline now; this bound only guards against one that has not
-            bound = self.clock() + max((x.run.grace for x in self.leases), default=0) + 10
-            while any(not x.closed for x in self.leases) and self.clock() < bound:
-                for happened in self.backend.wait(self.clock() + WAIT_SECONDS):
-                    self._deliver(happened)
-                now = self.clock()
-                for lease in list(self.leases):
-                    if lease.deadline is not None and now > lease.deadline:
-                        self._stopped(lease)
-                self._flush()
-                if not self.backend.alive():
-                    break
+            self._stop_leases_with_grace()
         for lease in list(self.leases):
-            lease.stopping = lease.stopping or "interrupted"
-            if self.backend.alive():
-                self._stopped(lease)
-            else:  # the cluster is gone (SIGTERM to the whole group): nothing to ask; what
-                # its workers leave behind is ended by pid (they are in a group of their own)
-                self.end_lease(lease)
-                self.backend.orphan(lease)
-                for work in lease.work:
-                    if not work.state.final:
-                        self.finish(work, UnitState.cancelled, error="cancelled")
+            self._end_at_shutdown(lease)
         for name in list(self.live):
             self._close_stage(name, interrupted=True)
         for name in self.pending_stages:
@@ -997,6 +1003,38 @@ class Executor:
         self.pending_stages = []
         self._flush(force=True)
         self.backend.close()
+
+    def _stop_leases_with_grace(self) -> None:
+        """Ask every lease to stop and wait, each up to its stage's grace, for them to close."""
+        for lease in list(self.leases):
+            self.stop_lease(lease, "interrupted", lease.run.grace)
+        # every lease has a deadline now; this bound only guards against one that has not
+        bound = self.clock() + max((x.run.grace for x in self.leases), default=0) + 10
+        while any(not x.closed for x in self.leases) and self.clock() < bound:
+            for happened in self.backend.wait(self.clock() + WAIT_SECONDS):
+                self._deliver(happened)
+            now = self.clock()
+            for lease in list(self.leases):
+                if lease.deadline is not None and now > lease.deadline:
+                    self._stopped(lease)
+            self._flush()
+            if not self.backend.alive():
+                break
+
+    def _end_at_shutdown(self, lease: Lease) -> None:
+        """A lease still open once the grace is over: stopped now, or, when the cluster is
+        gone, ended here and its workers left to be ended by pid."""
+        lease.stopping = lease.stopping or "interrupted"
+        if self.backend.alive():
+            self._stopped(lease)
+            return
+        # the cluster is gone (SIGTERM to the whole group): nothing to ask; what its workers
+        # leave behind is ended by pid (they are in a group of their own)
+        self.end_lease(lease)
+        self.backend.orphan(lease)
+        for work in lease.work:
+            if not work.state.final:
+                self.finish(work, UnitState.cancelled, error="cancelled")
 
     # --- the ledger ------------------------------------------------------------------------
 

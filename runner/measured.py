@@ -22,10 +22,11 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runner.errors import SpecError
 from runner.lifecycle import UnitState
-from runner.store import read_ledger
+from runner.store import Ledger, read_ledger
 
 # units that ran to an end of their own (a cancelled one tells nothing of its time)
 _ENDED = (UnitState.done, UnitState.failed, UnitState.timeout, UnitState.out_of_memory)
@@ -71,46 +72,65 @@ def measure(run_dir: Path) -> Measured:
         stages: dict[str, StageMeasure] = {}
         first, last = float("inf"), float("-inf")
         for record in ledger.stages():
-            name = str(record["stage"])
-            rows = [
-                r
-                for r in ledger.rows(name)
-                if r.state in _ENDED and r.started is not None and r.ended is not None
-            ]
-            if not rows:
+            measured = _measure_stage(ledger, record)
+            if measured is None:
                 continue
-            m = StageMeasure()
-            by_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
-            for r in rows:
-                assert r.started is not None and r.ended is not None
-                m.durations[r.unit] = max(0.0, r.ended - r.started)
-                m.attempts[r.unit] = r.attempts
-                if r.state is UnitState.timeout:
-                    m.timed_out.add(r.unit)
-                by_worker[r.worker or r.unit].append((r.started, r.ended))
-                first, last = min(first, r.started), max(last, r.ended)
-            m.mean = sum(m.durations.values()) / len(m.durations)
-            summary = json.loads(record["summary"]) if record.get("summary") else {}
-            began = record.get("started")
-            if isinstance(summary.get("start_latency"), int | float):
-                m.latency = float(summary["start_latency"])
-                m.latencies = dict(summary.get("start_latencies") or {})
-            elif isinstance(began, int | float):  # an older ledger: the stage's first start
-                m.latency = max(0.0, min(r.started or 0.0 for r in rows) - float(began))
-            if record.get("kind") == "pool":
-                m.scale = _pool_scale(by_worker, sum(m.durations.values()))
-            stages[name] = m
-        # a unit's row holds its last attempt: one that ended early in the last run
-        # (preempted, retried) started before it, and the run with it
-        run = ledger.last_run()
-        since = float(run["started"]) if run else 0.0
-        for event in ledger.events():
-            attempt_start = event["started"]
-            if event["kind"] == "attempt" and attempt_start is not None and event["time"] >= since:
-                first = min(first, float(attempt_start))
+            stages[str(record["stage"])], (began, ended) = measured
+            first, last = min(first, began), max(last, ended)
+        first = min(first, _first_attempt(ledger))
     finally:
         ledger.close()
     return Measured(stages, last - first if stages else None)
+
+
+def _measure_stage(
+    ledger: Ledger, record: dict[str, Any]
+) -> tuple[StageMeasure, tuple[float, float]] | None:
+    """One stage's measure and the span of its units (first start, last end); None when no
+    unit of it ran to an end of its own."""
+    rows = [
+        r
+        for r in ledger.rows(str(record["stage"]))
+        if r.state in _ENDED and r.started is not None and r.ended is not None
+    ]
+    if not rows:
+        return None
+    m = StageMeasure()
+    by_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    first, last = float("inf"), float("-inf")
+    for r in rows:
+        assert r.started is not None and r.ended is not None
+        m.durations[r.unit] = max(0.0, r.ended - r.started)
+        m.attempts[r.unit] = r.attempts
+        if r.state is UnitState.timeout:
+            m.timed_out.add(r.unit)
+        by_worker[r.worker or r.unit].append((r.started, r.ended))
+        first, last = min(first, r.started), max(last, r.ended)
+    m.mean = sum(m.durations.values()) / len(m.durations)
+    summary = json.loads(record["summary"]) if record.get("summary") else {}
+    began = record.get("started")
+    if isinstance(summary.get("start_latency"), int | float):
+        m.latency = float(summary["start_latency"])
+        m.latencies = dict(summary.get("start_latencies") or {})
+    elif isinstance(began, int | float):  # an older ledger: the stage's first start
+        m.latency = max(0.0, first - float(began))
+    if record.get("kind") == "pool":
+        m.scale = _pool_scale(by_worker, sum(m.durations.values()))
+    return m, (first, last)
+
+
+def _first_attempt(ledger: Ledger) -> float:
+    """The first start of an attempt in the ledger's last run (inf when none): a unit's row
+    holds its last attempt, and one that ended early (preempted, retried) started before it,
+    and the run with it."""
+    run = ledger.last_run()
+    since = float(run["started"]) if run else 0.0
+    first = float("inf")
+    for event in ledger.events():
+        attempt_start = event["started"]
+        if event["kind"] == "attempt" and attempt_start is not None and event["time"] >= since:
+            first = min(first, float(attempt_start))
+    return first
 
 
 def _pool_scale(by_worker: dict[str, list[tuple[float, float]]], item_time: float) -> float:

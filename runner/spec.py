@@ -495,12 +495,7 @@ def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
     complete = True
     for name, f in known.items():
         required = f.default == "???" or (f.default is MISSING and f.default_factory is MISSING)
-        value = data.get(name, "???")
-        for alias in (a for a, n in spelt.items() if n == name and a in data):
-            if value != "???":
-                problems.add(f"{path}.{alias}", f"another spelling of {name}: give one of them")
-                continue
-            value = data[alias]
+        value = _given(name, data, spelt, path, problems)
         if value == "???":
             if required:
                 problems.add(f"{path}.{name}", "missing required key")
@@ -514,6 +509,20 @@ def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
             continue
         values[name] = value
     return cls(**values) if complete else None
+
+
+def _given(
+    name: str, data: dict[str, Any], spelt: dict[str, str], path: str, problems: Problems
+) -> Any:
+    """The value `data` gives field `name`, under its name or one alias ("???" when none);
+    both spellings given is reported, and the field's own name wins."""
+    value = data.get(name, "???")
+    for alias in (a for a, n in spelt.items() if n == name and a in data):
+        if value != "???":
+            problems.add(f"{path}.{alias}", f"another spelling of {name}: give one of them")
+            continue
+        value = data[alias]
+    return value
 
 
 def _coerce(tp: Any, value: Any) -> Any:
@@ -552,27 +561,18 @@ def _check(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
 
 
 def _check_one(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
-    origin = typing.get_origin(tp)
+    """Why `value` does not fit the one type `tp` (an option of a union) and `limits`;
+    "expected" alone when its type is wrong."""
     if tp is Any:
         return None
-    if tp is bool:
-        return None if isinstance(value, bool) else "expected"
-    if tp is int:
-        return _limits(value, limits) if _is_int(value) else "expected"
-    if tp is float:
-        numeric = _is_int(value) or isinstance(value, float)
-        return _limits(value, limits) if numeric else "expected"
+    if tp in (bool, int, float):
+        return _check_number(tp, value, limits)
     if tp is str:
-        if not isinstance(value, str):
-            return "expected"
-        choices = limits.get("choices")
-        if choices and value not in choices:
-            hint = did_you_mean(value, choices)
-            return f"not one of {', '.join(choices)}{hint}"
-        return None
+        return _check_str(value, limits)
     if isinstance(tp, type) and issubclass(tp, Enum):
         allowed = [m.value for m in tp]
         return None if value in allowed else f"not one of {', '.join(allowed)}"
+    origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         ok = isinstance(value, list) and all(_check_one(item_tp, v, {}) is None for v in value)
@@ -580,6 +580,25 @@ def _check_one(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
     if origin is dict:
         return None if isinstance(value, dict) else "expected"
     raise TypeError(f"schema type {tp!r} is not supported by the validator")
+
+
+def _check_number(tp: type, value: Any, limits: dict[str, Any]) -> str | None:
+    """A boolean, an integer (not a boolean) or a number (an integer too), within `limits`."""
+    if tp is bool:
+        return None if isinstance(value, bool) else "expected"
+    numeric = _is_int(value) or (tp is float and isinstance(value, float))
+    return _limits(value, limits) if numeric else "expected"
+
+
+def _check_str(value: Any, limits: dict[str, Any]) -> str | None:
+    """A string, one of the field's `choices` when it has them."""
+    if not isinstance(value, str):
+        return "expected"
+    choices = limits.get("choices")
+    if choices and value not in choices:
+        hint = did_you_mean(value, choices)
+        return f"not one of {', '.join(choices)}{hint}"
+    return None
 
 
 def _is_int(value: Any) -> bool:

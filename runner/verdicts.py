@@ -216,27 +216,15 @@ class Fail:
     error: StorageError
 
 
-Verdict: TypeAlias = (
-    Done
-    | DoneAll
-    | Running
-    | Failed
-    | Ended
-    | Lost
-    | Back
-    | Requeue
-    | Record
-    | Note
-    | Launch
-    | Send
-    | Cancel
-    | End
-    | Stopped
-    | Lend
-    | Withdraw
-    | Park
-    | Release
-    | RemoveGroup
-    | SetQuota
-    | Fail
+UnitVerdict: TypeAlias = (
+    Done | DoneAll | Running | Failed | Ended | Lost | Back | Requeue | Record | Note
 )
+"""What happened to units: the loop moves them through their states."""
+
+LeaseVerdict: TypeAlias = Launch | Send | Cancel | End | Stopped | RemoveGroup
+"""Orders for a lease: the loop carries them out on the backend."""
+
+SchedulerVerdict: TypeAlias = Lend | Withdraw | Park | Release | SetQuota
+"""Orders for the scheduler: asks, grants and quotas."""
+
+Verdict: TypeAlias = UnitVerdict | LeaseVerdict | SchedulerVerdict | Fail

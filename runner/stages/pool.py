@@ -371,11 +371,29 @@ class PoolRun(StageRun):
         self.cpu[lease] = reply["cpu"]
         if reply["log"]:
             self._land_log(lease, reply["log"])
-        status, values, seconds = reply["status"], reply["values"], reply["seconds"]
+        self._learn_item_time(reply)
+        yield from self._outcomes(batch, reply)
+        if reply["poisoned"]:
+            self.draining.add(lease)
+        if lease in self.draining and not lease.calls:
+            log.debug("%s: replacing worker on %s", self.name, lease.node)
+            yield End(lease, kill=True)
+        elif lease.stopping is None:
+            # at once: a worker waiting for the next turn of the loop idles
+            yield from self._feed(lease)
+
+    def _learn_item_time(self, reply: dict[str, Any]) -> None:
+        """The mean time of an item on a worker, smoothed over the batches replied so far."""
+        status = reply["status"]
         if status:
             per_item = reply["busy"] / len(status)
             old = self.item_seconds
             self.item_seconds = per_item if old is None else 0.7 * old + 0.3 * per_item
+
+    def _outcomes(self, batch: list[Work], reply: dict[str, Any]) -> Verdicts:
+        """Each item of a replied batch: done, failed or timed out as the worker says; the
+        items it did not reach go back to the queue."""
+        status, values, seconds = reply["status"], reply["values"], reply["seconds"]
         # the worker's clock when its last item ended (in virtual time: now)
         ends = end_to_end(seconds, reply.get("ended") or self.ctx.wall())
         ran = batch[: len(status)]
@@ -396,14 +414,6 @@ class PoolRun(StageRun):
         for work in reversed(batch[len(status) :]):
             if not work.state.final:
                 yield Back(work)
-        if reply["poisoned"]:
-            self.draining.add(lease)
-        if lease in self.draining and not lease.calls:
-            log.debug("%s: replacing worker on %s", self.name, lease.node)
-            yield End(lease, kill=True)
-        elif lease.stopping is None:
-            # at once: a worker waiting for the next turn of the loop idles
-            yield from self._feed(lease)
 
     def _land_log(self, lease: Lease, data: bytes) -> None:
         """Without a shared filesystem: a batch's log lines, appended to the worker's log."""

@@ -267,21 +267,10 @@ def _good_command(command: list[Any]) -> bool:
 
 def _resolve(job: JobSpec, spec: JobsStage, defaults: _Defaults, report: Report) -> list[Job]:
     """The job with the stage's defaults, expanded over its array; [] after a problem."""
-    memory, limit = defaults.memory, defaults.time_limit
     ok = _one_of(job, report, ("memory", "memory_per_node"), ("cwd", "current_working_directory"))
-    memory_key = "memory" if job.memory is not None else "memory_per_node"
-    memory_text = job.memory if job.memory is not None else job.memory_per_node
-    if memory_text is not None:
-        parsed_memory = memory_bytes(memory_text)
-        if parsed_memory is None:
-            report(memory_key, f"= {memory_text!r}: {MEMORY_HELP}")
-            ok = False
-        memory = parsed_memory or 0
-    if job.time_limit is not None:
-        limit = duration_seconds(job.time_limit)
-        if limit is None:
-            report("time_limit", f"= {job.time_limit!r}: {DURATION_HELP}")
-            ok = False
+    memory, memory_ok = _memory(job, defaults, report)
+    limit, limit_ok = _time_limit(job, defaults, report)
+    ok = ok and memory_ok and limit_ok
     indices: list[int | None] = [None]
     if job.array is not None:
         parsed = array_indices(job.array)
@@ -298,6 +287,38 @@ def _resolve(job: JobSpec, spec: JobsStage, defaults: _Defaults, report: Report)
     # an array's tasks mostly share one directory: resolved and checked once each
     places: dict[str, Path] = {}
     jobs = [_one(job, spec, index, resources, limit, places) for index in indices]
+    if not _directories_exist(job, spec, jobs, report):
+        return []
+    return jobs if ok else []
+
+
+def _memory(job: JobSpec, defaults: _Defaults, report: Report) -> tuple[int, bool]:
+    """The job's memory in bytes (the stage's when it gives none), and whether it parsed."""
+    memory_key = "memory" if job.memory is not None else "memory_per_node"
+    memory_text = job.memory if job.memory is not None else job.memory_per_node
+    if memory_text is None:
+        return defaults.memory, True
+    parsed_memory = memory_bytes(memory_text)
+    if parsed_memory is None:
+        report(memory_key, f"= {memory_text!r}: {MEMORY_HELP}")
+        return 0, False
+    return parsed_memory, True
+
+
+def _time_limit(job: JobSpec, defaults: _Defaults, report: Report) -> tuple[float | None, bool]:
+    """The job's time limit in seconds (the stage's when it gives none), and whether it
+    parsed."""
+    if job.time_limit is None:
+        return defaults.time_limit, True
+    limit = duration_seconds(job.time_limit)
+    if limit is None:
+        report("time_limit", f"= {job.time_limit!r}: {DURATION_HELP}")
+        return None, False
+    return limit, True
+
+
+def _directories_exist(job: JobSpec, spec: JobsStage, jobs: list[Job], report: Report) -> bool:
+    """Whether every task's working directory exists; the first missing one is reported."""
     seen: set[str] = set()
     for resolved in jobs:
         if resolved.cwd in seen:
@@ -309,8 +330,8 @@ def _resolve(job: JobSpec, spec: JobsStage, defaults: _Defaults, report: Report)
             where = "" if Path(given).is_absolute() else f" (relative to {os.getcwd()})"
             key = "current_working_directory" if job.current_working_directory else "cwd"
             report(key, f"= {given!r}: no such directory{where}")
-            return []
-    return jobs if ok else []
+            return False
+    return True
 
 
 def _one_of(job: JobSpec, report: Report, *pairs: tuple[str, str]) -> bool:

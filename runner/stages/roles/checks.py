@@ -144,13 +144,7 @@ def _check_role(
 ) -> None:
     if not _check_keys(path, data, ROLE_KEYS, problems):
         return
-    target = data.get("actor", {}).get("_target_") if isinstance(data.get("actor"), dict) else None
-    if not isinstance(target, str) or not target:
-        problems.add(
-            f"{path}.actor._target_", "missing: name the role's actor class, pkg.mod.Class"
-        )
-    elif (error := import_error(target)) is not None:
-        problems.add(f"{path}.actor._target_", f"= {target!r}: cannot import: {error}")
+    _check_actor(path, data, problems)
     if "priority" in data and not _number(data["priority"]):
         problems.add(f"{path}.priority", f"= {data['priority']!r}: expected a number")
     _check_replicas(f"{path}.replicas", data.get("replicas", 1), problems)
@@ -160,19 +154,36 @@ def _check_role(
         problems.add(f"{path}.labels", f"= {labels!r}: expected a mapping of strings")
     if data.get("pg", "dynamic") not in ("reserved", "dynamic"):
         problems.add(f"{path}.pg", f"= {data['pg']!r}: not one of reserved, dynamic")
-    after = data.get("start_after", 0)
-    if isinstance(after, str):
-        if after == role or after not in roles:
-            others = ", ".join(r for r in roles if r != role)
-            problems.add(f"{path}.start_after", f"= {after!r}: not another role (roles: {others})")
-    elif not _number(after) or after < 0:
-        problems.add(f"{path}.start_after", f"= {after!r}: expected seconds >= 0 or a role name")
+    _check_start_after(path, role, data.get("start_after", 0), roles, problems)
     _check_int(f"{path}.steps", data.get("steps", 1), 1, problems)
     for key in ("step_time", "estimated_duration"):
         value = data.get(key)
         if value is not None and (not _number(value) or value <= 0):
             problems.add(f"{path}.{key}", f"= {value!r}: expected seconds > 0")
     _check_ray_options(f"{path}.ray_options", data.get("ray_options", {}), problems)
+
+
+def _check_actor(path: str, data: dict[str, Any], problems: Problems) -> None:
+    """The role's actor class is named and can be imported."""
+    target = data.get("actor", {}).get("_target_") if isinstance(data.get("actor"), dict) else None
+    if not isinstance(target, str) or not target:
+        problems.add(
+            f"{path}.actor._target_", "missing: name the role's actor class, pkg.mod.Class"
+        )
+    elif (error := import_error(target)) is not None:
+        problems.add(f"{path}.actor._target_", f"= {target!r}: cannot import: {error}")
+
+
+def _check_start_after(
+    path: str, role: str, after: Any, roles: Mapping[str, Any], problems: Problems
+) -> None:
+    """Seconds after the stage starts, or another role whose start this one waits for."""
+    if isinstance(after, str):
+        if after == role or after not in roles:
+            others = ", ".join(r for r in roles if r != role)
+            problems.add(f"{path}.start_after", f"= {after!r}: not another role (roles: {others})")
+    elif not _number(after) or after < 0:
+        problems.add(f"{path}.start_after", f"= {after!r}: expected seconds >= 0 or a role name")
 
 
 def _check_ray_options(path: str, options: Any, problems: Problems) -> None:
