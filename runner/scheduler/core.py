@@ -689,7 +689,7 @@ class Scheduler:
         shapes = self._parked_by_tag.get(request.reuse) if request.reuse is not None else None
         if not shapes:
             return None
-        promised = self._promised(ticket)
+        promised: set[Grant] | None = None  # built when first needed: it walks held tickets
         # the smallest shape that holds the request, and among equals the first parked: for
         # each shape that holds it, its first usable group (parked order), then the least
         best: Grant | None = None
@@ -698,7 +698,11 @@ class Scheduler:
             if not request.resources.fits_in(shape):
                 continue
             for g in parked:
-                if _may_use(request, g.node) and g not in promised:
+                if not _may_use(request, g.node):
+                    continue
+                if promised is None:
+                    promised = self._promised(ticket)
+                if g not in promised:
                     key = (_size(shape), self._parked_seq[g])
                     if key < best_key:
                         best, best_key = g, key
@@ -726,8 +730,9 @@ class Scheduler:
         it takes (`_to_reclaim`) are freed and their owners told; the grant on the first such
         node where the request then fits (and its pool's quota, refreshed, holds it)."""
         request = ticket.request
-        promised = self._promised(ticket)
+        promised: set[Grant] | None = None  # built when first needed: it walks held tickets
         if room is not None:
+            promised = self._promised(ticket)
             parked = [g for g in self._parked if g not in promised]
             pool_parked = [g.holds for g in parked if g.request.pool == request.pool]
             if not request.resources.fits_in(_sum([room, *pool_parked])):
@@ -739,6 +744,8 @@ class Scheduler:
             # not even with every group parked there (promised or not): skip it unlisted
             if not need.fits_in(self._avail[node] + self._parked_on[node]):
                 continue
+            if promised is None:
+                promised = self._promised(ticket)
             here = [g for g in self._parked_at[node] if g not in promised]
             if not here:
                 continue
