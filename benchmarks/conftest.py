@@ -35,15 +35,22 @@ def ray_session() -> Iterator[None]:
 
 @pytest.fixture
 def compare(benchmark: Any) -> Callable[..., None]:
-    """compare(runner_fn, baseline_fn, rounds): time both, record the ratio runner/baseline."""
+    """compare(runner_fn, baseline_fn, rounds, setup): time both, record the ratio
+    runner/baseline; `setup` (untimed, before each round of runner_fn) returns its arguments,
+    for a runner that uses up what it is given (a plan is run once)."""
 
-    def run(runner_fn: Callable[[], Any], baseline_fn: Callable[[], Any], rounds: int = 3) -> None:
+    def run(
+        runner_fn: Callable[..., Any],
+        baseline_fn: Callable[[], Any],
+        rounds: int = 3,
+        setup: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
+    ) -> None:
         baseline = []
         for _ in range(rounds):
             t0 = time.perf_counter()
             baseline_fn()
             baseline.append(time.perf_counter() - t0)
-        benchmark.pedantic(runner_fn, rounds=rounds, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(runner_fn, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
         ours = benchmark.stats.stats.median
         base = statistics.median(baseline)
         benchmark.extra_info.update(baseline_median_s=base, ratio=ours / base)

@@ -25,12 +25,12 @@ from runner.executor import Executor
 from runner.kind import RunContext, StageKind, StageOutcome
 from runner.lease import Lease
 from runner.measured import Measured, measure
-from runner.plan import make_plan
+from runner.plan import Plan, make_plan
 from runner.progress import Progress
 from runner.scheduler.core import Scheduler
 from runner.scheduler.metrics import Metrics
 from runner.scheduler.policy import REASONS
-from runner.spec import Spec
+from runner.spec import Pipeline, Spec
 from runner.store import RunStore
 
 
@@ -49,16 +49,76 @@ class SimStage:
 
 
 def simulate(spec: Spec, kinds: Mapping[str, StageKind], cluster: ClusterInfo) -> dict[str, object]:
-    """Plan for the simulated cluster (every unit runs: no ledger) and run it in virtual time.
-
-    Python's cyclic garbage collector is off meanwhile: a big simulation makes millions of
-    short-lived objects, and each collection walks every object of the plan again; the cycles
-    are collected once at the end."""
+    """Plan for the simulated cluster (every unit runs: no ledger) and run it in virtual time
+    (`run_plan`); the report's summary."""
     started = time.perf_counter()
     source = spec.cluster.sim_durations_from
     measured = measure(Path(source)) if source else None
     planners = {k: v.plan for k, v in kinds.items()}
     plan = make_plan(spec.pipeline, planners, cluster, None, True)
+    run = run_plan(plan, spec.pipeline, kinds, cluster, measured, spec.cluster.sim_unit_seconds)
+    return run.summary(time.perf_counter() - started)
+
+
+@dataclass
+class SimRun:
+    """A plan run in virtual time: what the loop, the scheduler and the clock were left with."""
+
+    plan: Plan
+    cluster: ClusterInfo
+    kinds: Mapping[str, StageKind]
+    measured: Measured | None
+    executor: Executor
+    scheduler: Scheduler
+    outcomes: dict[str, StageOutcome]
+    span: float
+
+    def summary(self, wall_s: float) -> dict[str, object]:
+        """What the report says (`format_report`), `wall_s` the seconds it took."""
+        stages = {n: _stage(o, self.kinds) for n, o in self.outcomes.items()}
+        total, span, measured = self.cluster.total, self.span, self.measured
+        busy = self.executor.busy
+        waited = {
+            f"{p:g}": {"units": int(n), "mean_s": round(t / n, 3) if n else 0.0}
+            for p, (n, t) in sorted(self.scheduler.metrics.waited_by_priority.items())
+        }
+        return {
+            "pipeline": self.plan.pipeline,
+            "cluster": self.cluster.where,
+            "virtual_s": round(span, 3),
+            "makespan_s": round(self.executor.makespan(), 3),
+            "measured_makespan_s": (
+                None
+                if measured is None or measured.makespan is None
+                else round(measured.makespan, 3)
+            ),
+            "wall_s": round(wall_s, 3),
+            "utilization": {
+                "cpu": busy.cpus / (total.cpus * span) if total.cpus and span else None,
+                "gpu": busy.gpus / (total.gpus * span) if total.gpus and span else None,
+            },
+            "started_in_order": self.executor.starts or [],
+            "waiting_s_by_priority": waited,
+            "ok": all(o.ok for o in self.outcomes.values()),
+            "problems": [f"{n}: {o.message}" for n, o in self.outcomes.items() if not o.ok],
+            "stages": {n: s.__dict__ for n, s in stages.items()},
+        }
+
+
+def run_plan(
+    plan: Plan,
+    pipeline: Pipeline,
+    kinds: Mapping[str, StageKind],
+    cluster: ClusterInfo,
+    measured: Measured | None = None,
+    unit_seconds: float = 1.0,
+) -> SimRun:
+    """Run a plan made for the simulated cluster in virtual time: the real unit loop and
+    scheduler on the virtual backend (a benchmark times this alone, on a plan made once).
+
+    Python's cyclic garbage collector is off meanwhile: a big simulation makes millions of
+    short-lived objects, and each collection walks every object of the plan again; the cycles
+    are collected once at the end."""
     backend = VirtualBackend(LatencyOf(measured))
     scheduler = Scheduler(list(cluster.nodes), clock=backend.clock, metrics=Metrics(False))
     collecting = gc.isenabled()
@@ -78,40 +138,15 @@ def simulate(spec: Spec, kinds: Mapping[str, StageKind], cluster: ClusterInfo) -
                 fresh=True,
                 virtual=True,
                 measured=measured,
-                unit_seconds=spec.cluster.sim_unit_seconds,
+                unit_seconds=unit_seconds,
             )
-            executor = Executor(plan, spec.pipeline, kinds, ctx, scheduler, backend)
+            executor = Executor(plan, pipeline, kinds, ctx, scheduler, backend)
             outcomes = executor.run()
             store.close()
     finally:
         if collecting:
             gc.enable()
-    stages = {n: _stage(o, kinds) for n, o in outcomes.items()}
-    total, span = cluster.total, backend.now
-    busy = executor.busy
-    waited = {
-        f"{p:g}": {"units": int(n), "mean_s": round(t / n, 3) if n else 0.0}
-        for p, (n, t) in sorted(scheduler.metrics.waited_by_priority.items())
-    }
-    return {
-        "pipeline": plan.pipeline,
-        "cluster": cluster.where,
-        "virtual_s": round(span, 3),
-        "makespan_s": round(executor.makespan(), 3),
-        "measured_makespan_s": (
-            None if measured is None or measured.makespan is None else round(measured.makespan, 3)
-        ),
-        "wall_s": round(time.perf_counter() - started, 3),
-        "utilization": {
-            "cpu": busy.cpus / (total.cpus * span) if total.cpus and span else None,
-            "gpu": busy.gpus / (total.gpus * span) if total.gpus and span else None,
-        },
-        "started_in_order": executor.starts or [],
-        "waiting_s_by_priority": waited,
-        "ok": all(o.ok for o in outcomes.values()),
-        "problems": [f"{n}: {o.message}" for n, o in outcomes.items() if not o.ok],
-        "stages": {n: s.__dict__ for n, s in stages.items()},
-    }
+    return SimRun(plan, cluster, kinds, measured, executor, scheduler, outcomes, backend.now)
 
 
 def _stage(outcome: StageOutcome, kinds: Mapping[str, StageKind]) -> SimStage:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import Counter
@@ -228,7 +229,16 @@ class Scheduler:
     _look: dict[int, tuple[object, ...]] = field(default_factory=dict, init=False)
     _alike: dict[tuple[object, ...], set[int]] = field(default_factory=dict, init=False)
     _party_of: dict[tuple[object, ...], pol.Party] = field(default_factory=dict, init=False)
-    _parked: list[Grant] = field(default_factory=list, init=False)
+    # parked groups in the order they were parked (a dict: removed in O(1), order kept), and
+    # the same by tag and shape (`_reuse`) and by node (`_reclaim_for`): a lookup per
+    # admission must not walk every parked group (tens of thousands at scale)
+    _parked: dict[Grant, None] = field(default_factory=dict, init=False)
+    _parked_by_tag: dict[str, dict[Resources, dict[Grant, None]]] = field(
+        default_factory=dict, init=False
+    )
+    _parked_at: dict[int, dict[Grant, None]] = field(default_factory=dict, init=False)
+    _parked_seq: dict[Grant, int] = field(default_factory=dict, init=False)
+    _parked_count: itertools.count[int] = field(default_factory=itertools.count, init=False)
     _quota: dict[str, Resources] = field(default_factory=dict, init=False)
     # what is granted to each pool that has a quota (others are not counted)
     _used: dict[str, Resources] = field(default_factory=dict, init=False)
@@ -676,18 +686,29 @@ class Scheduler:
         """Best fit among parked groups of the same tag: the exact shape, else fresh resources
         when they are free, else the smallest parked group that holds the request."""
         request = ticket.request
-        promised = self._promised(ticket)
-        fitting = [
-            g
-            for g in self._parked
-            if g.tag == request.reuse
-            and request.resources.fits_in(g.resources)
-            and _may_use(request, g.node)
-            and g not in promised
-        ]
-        if not fitting:
+        shapes = self._parked_by_tag.get(request.reuse) if request.reuse is not None else None
+        if not shapes:
             return None
-        best = min(fitting, key=lambda g: _size(g.resources))
+        promised: set[Grant] | None = None  # built when first needed: it walks held tickets
+        # the smallest shape that holds the request, and among equals the first parked: for
+        # each shape that holds it, its first usable group (parked order), then the least
+        best: Grant | None = None
+        best_key: tuple[float, int] = (math.inf, 0)
+        for shape, parked in shapes.items():
+            if not request.resources.fits_in(shape):
+                continue
+            for g in parked:
+                if not _may_use(request, g.node):
+                    continue
+                if promised is None:
+                    promised = self._promised(ticket)
+                if g not in promised:
+                    key = (_size(shape), self._parked_seq[g])
+                    if key < best_key:
+                        best, best_key = g, key
+                    break
+        if best is None:
+            return None
         fresh_ok = room is None or request.resources.fits_in(room)
         if (
             best.resources != request.resources
@@ -709,20 +730,26 @@ class Scheduler:
         it takes (`_to_reclaim`) are freed and their owners told; the grant on the first such
         node where the request then fits (and its pool's quota, refreshed, holds it)."""
         request = ticket.request
-        promised = self._promised(ticket)
-        parked = [g for g in self._parked if g not in promised] if promised else self._parked
+        promised: set[Grant] | None = None  # built when first needed: it walks held tickets
         if room is not None:
+            promised = self._promised(ticket)
+            parked = [g for g in self._parked if g not in promised]
             pool_parked = [g.holds for g in parked if g.request.pool == request.pool]
             if not request.resources.fits_in(_sum([room, *pool_parked])):
                 return None
-        by_node: dict[int, list[Grant]] = {}
-        for g in parked:
-            by_node.setdefault(g.node, []).append(g)
-        for node in sorted(by_node):
+        for node in sorted(self._parked_at):
             if node == barred or not _may_use(request, node):
                 continue
             need = self._need(request, node)
-            taken = self._to_reclaim(need, request.pool, node, by_node[node], room)
+            # not even with every group parked there (promised or not): skip it unlisted
+            if not need.fits_in(self._avail[node] + self._parked_on[node]):
+                continue
+            if promised is None:
+                promised = self._promised(ticket)
+            here = [g for g in self._parked_at[node] if g not in promised]
+            if not here:
+                continue
+            taken = self._to_reclaim(need, request.pool, node, here, room)
             if taken is None:
                 continue
             for g in taken:
@@ -765,12 +792,28 @@ class Scheduler:
         return {v for t in self._held if t is not ticket for v in t.victims if v.tag is not None}
 
     def _parked_add(self, grant: Grant) -> None:
-        self._parked.append(grant)
+        assert grant.tag is not None
+        self._parked[grant] = None
+        self._parked_seq[grant] = next(self._parked_count)
+        by_shape = self._parked_by_tag.setdefault(grant.tag, {})
+        by_shape.setdefault(grant.resources, {})[grant] = None
+        self._parked_at.setdefault(grant.node, {})[grant] = None
         self._parked_on[grant.node] = self._parked_on.get(grant.node, Resources()) + grant.holds
         self._avail.dirty.add(grant.node)
 
     def _parked_del(self, grant: Grant) -> None:
-        self._parked.remove(grant)
+        del self._parked[grant]
+        del self._parked_seq[grant]
+        assert grant.tag is not None
+        by_shape = self._parked_by_tag[grant.tag]
+        same = by_shape[grant.resources]
+        del same[grant]
+        if not same:
+            del by_shape[grant.resources]
+        here = self._parked_at[grant.node]
+        del here[grant]
+        if not here:
+            del self._parked_at[grant.node]
         self._parked_on[grant.node] = self._parked_on[grant.node] - grant.holds
         self._avail.dirty.add(grant.node)
 
