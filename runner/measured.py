@@ -90,7 +90,7 @@ def measure(run_dir: Path) -> Measured:
                 by_worker[r.worker or r.unit].append((r.started, r.ended))
                 first, last = min(first, r.started), max(last, r.ended)
             m.mean = sum(m.durations.values()) / len(m.durations)
-            summary = json.loads(record["summary"]) if record.get("summary") else {}
+            summary = json.loads(record["summary"] or "{}")
             began = record.get("started")
             if isinstance(summary.get("start_latency"), int | float):
                 m.latency = float(summary["start_latency"])
