@@ -102,7 +102,7 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
         ids, payloads, identities = itemsrc.columns(spec.items, ctx.ledger)
         units = decide.units(ids, list(map(digester(own), identities)), payloads)
     else:
-        units = _from_upstream(own, source, ctx)
+        units = _from_upstream(own, str(source), ctx)
         units = [decide(u) for u in units] if units is not None else None
         pending_reason = f"known when '{source}' has run"
     total = ctx.cluster.total.cpus

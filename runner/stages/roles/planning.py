@@ -37,7 +37,9 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
             notes.append(f"{name}: {note}")
     config = result_config(spec, raw)
     config["roles"] = {
-        r: {"actor": d.get("actor"), "steps": d.get("steps", 1)} for r, d in spec.roles.items()
+        r: {"actor": d.get("actor"), "steps": d.get("steps", 1)}
+        for r, d in spec.roles.items()
+        if isinstance(d, dict)  # `parse` has refused any other
     }
     own, fp = fingerprint_of(config, [ctx.upstream[n].fingerprint for n in spec.needs])
     decide = decider(name, config, ctx)

@@ -274,7 +274,7 @@ class ShardRun(StageRun):
         if self.ctx.virtual:  # nothing was written: nothing to merge
             return outcome
         sort_by = self.spec.merge.get("sort_by") or self.spec.id_column
-        keys = [sort_by] if isinstance(sort_by, str) else list(sort_by)
+        keys = [sort_by] if isinstance(sort_by, str) else [str(k) for k in _listed(sort_by)]
         target = self.ctx.stage_dir(self.name) / f"merged.{self.fmt}"
         units = self.stage.units or []
         summary = merge(
@@ -313,3 +313,8 @@ def _shard(payload: dict[str, Any]) -> Shard:
 
 def open_run(stage: StagePlan, ctx: RunContext) -> ShardRun:
     return ShardRun(stage, ctx)
+
+
+def _listed(value: object) -> list[object]:
+    """The columns of a `merge.sort_by` given as a list (its check allows a string or a list)."""
+    return value if isinstance(value, list) else []
