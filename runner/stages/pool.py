@@ -86,7 +86,7 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
             spec.needs.append(upstream)
 
 
-def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:
     """Units from the items (or the upstream outputs), a worker claim sized for the cluster."""
     assert isinstance(spec, PoolStage)
     code = code_digest(str(spec.worker.get("_target_", "")))
