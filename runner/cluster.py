@@ -15,11 +15,10 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner import DIST, gpus, procs, ray_auth
 from runner.errors import ClusterError, SpecError
@@ -94,7 +93,7 @@ def live_nodes() -> list[RayNode]:
     for node in ray.nodes():  # type: ignore[no-untyped-call]
         if not node.get("Alive"):
             continue
-        res: dict[str, Any] = node.get("Resources", {})
+        res: dict[str, float] = node.get("Resources", {})
         capacity = Resources(
             cpus=float(res.get("CPU", 0)),
             gpus=float(res.get("GPU", 0)),
@@ -118,7 +117,7 @@ def live_nodes() -> list[RayNode]:
 PARTITION_LABEL = "runner.partition"
 
 
-def partitions_of(labels: dict[str, Any]) -> frozenset[str]:
+def partitions_of(labels: Mapping[str, str]) -> frozenset[str]:
     """The partitions a node belongs to, from its Ray node labels."""
     found = {str(v) for k, v in labels.items() if k == PARTITION_LABEL and v}
     prefix = f"{PARTITION_LABEL}/"
@@ -131,7 +130,7 @@ def partitions_of(labels: dict[str, Any]) -> frozenset[str]:
 _RAY_OWN = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 
-def _custom(res: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+def _custom(res: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
     """A node's custom resources (e.g. `runner_gpu_<i>`), so the scheduler accounts for them."""
     return tuple(
         sorted((k, float(v)) for k, v in res.items() if k not in _RAY_OWN and ":" not in k)
@@ -188,11 +187,11 @@ def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
         if problems:
             continue
         node = Resources(
-            cpus=float(entry.get("cpus", 0)),
-            gpus=float(entry.get("gpus", 0)),
-            memory=float(entry.get("memory", 0)) * (1 << 30),
+            cpus=_amount(entry, "cpus", 0),
+            gpus=_amount(entry, "gpus", 0),
+            memory=_amount(entry, "memory", 0) * (1 << 30),
         )
-        nodes += [node] * int(entry.get("count", 1))
+        nodes += [node] * int(_amount(entry, "count", 1))
     if problems:
         raise SpecError(problems)
     if not nodes:
@@ -460,3 +459,9 @@ def _quiet(verbose: bool) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def _amount(entry: Mapping[str, object], key: str, default: float) -> float:
+    """A simulated node's amount of `key` (its entry was checked: numbers only)."""
+    value = entry.get(key, default)
+    return float(value) if isinstance(value, int | float) else default

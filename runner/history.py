@@ -116,7 +116,7 @@ def attempts(ledger: Ledger) -> list[dict[str, Any]]:
     return found
 
 
-def ran_something(attempt: Mapping[str, Any]) -> bool:
+def ran_something(attempt: Mapping[str, object]) -> bool:
     """Whether the attempt had units to run (one whose runner never ended it surely had)."""
     return "stages" not in attempt or bool(attempt.get("units_run"))
 
@@ -175,7 +175,7 @@ def _whole_stage(
     return stage
 
 
-def _summed(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def _summed(parts: Iterable[Mapping[str, object]]) -> dict[str, Any]:
     """Numbers added key by key (nested mappings too): what several attempts used in all."""
     total: dict[str, Any] = {}
     for part in parts:

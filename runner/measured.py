@@ -22,11 +22,10 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from runner.errors import SpecError
 from runner.lifecycle import UnitState
-from runner.store import Ledger, read_ledger
+from runner.store import Ledger, StageRow, read_ledger
 
 # units that ran to an end of their own (a cancelled one tells nothing of its time)
 _ENDED = (UnitState.done, UnitState.failed, UnitState.timeout, UnitState.out_of_memory)
@@ -84,7 +83,7 @@ def measure(run_dir: Path) -> Measured:
 
 
 def _measure_stage(
-    ledger: Ledger, record: dict[str, Any]
+    ledger: Ledger, record: StageRow
 ) -> tuple[StageMeasure, tuple[float, float]] | None:
     """One stage's measure and the span of its units (first start, last end); None when no
     unit of it ran to an end of its own."""
@@ -107,7 +106,7 @@ def _measure_stage(
         by_worker[r.worker or r.unit].append((r.started, r.ended))
         first, last = min(first, r.started), max(last, r.ended)
     m.mean = sum(m.durations.values()) / len(m.durations)
-    summary = json.loads(record["summary"]) if record.get("summary") else {}
+    summary = json.loads(record["summary"] or "{}")
     began = record.get("started")
     if isinstance(summary.get("start_latency"), int | float):
         m.latency = float(summary["start_latency"])

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from itertools import repeat
-from typing import Any
 
 from runner.cluster import ClusterInfo
 from runner.errors import PlanError
@@ -48,7 +47,7 @@ class Unit:
 
     id: str
     fingerprint: str
-    payload: Any
+    payload: object
     run: bool = True
     reason: str = "new"
 
@@ -61,8 +60,8 @@ class Unit:
         ended: float | None = None,
         worker: str | None = None,
         error: str | None = None,
-        result: Any = None,
-        record: Any = None,
+        result: object = None,
+        record: object = None,
     ) -> UnitRow:
         """This unit's ledger row: its duration is the span once both ends are known, its
         input the payload unless `record` says how the ledger keeps it."""
@@ -126,7 +125,7 @@ class StagePlan:
     spec: StageSpec
     fingerprint: str
     # the config the fingerprint hashed, kept in the ledger to explain later changes
-    config: dict[str, Any]
+    config: dict[str, object]
     # None while the units depend on an upstream stage that has not run yet
     units: list[Unit] | None
     claims: list[Claim] = field(default_factory=list)
@@ -167,7 +166,7 @@ class PlanContext:
 
 
 # how a stage kind plans one stage: (name, spec, raw keys, context) -> StagePlan
-StagePlanner = Callable[[str, StageSpec, dict[str, Any], PlanContext], StagePlan]
+StagePlanner = Callable[[str, StageSpec, dict[str, object], PlanContext], StagePlan]
 
 
 # the key of a stage config that holds the digest of its worker's source
@@ -184,7 +183,7 @@ def kept_keys(spec: StageSpec) -> frozenset[str]:
     )
 
 
-def stage_config(spec: StageSpec, raw: dict[str, Any], code: str = "") -> dict[str, Any]:
+def stage_config(spec: StageSpec, raw: dict[str, object], code: str = "") -> dict[str, object]:
     """What the ledger records of a stage to explain the next plan: every key but `needs`, and
     the digest of the worker's source when it has one."""
     config = {k: v for k, v in raw.items() if k != "needs"}
@@ -193,20 +192,20 @@ def stage_config(spec: StageSpec, raw: dict[str, Any], code: str = "") -> dict[s
     return config
 
 
-def result_config(spec: StageSpec, raw: dict[str, Any], code: str = "") -> dict[str, Any]:
+def result_config(spec: StageSpec, raw: dict[str, object], code: str = "") -> dict[str, object]:
     """The keys of a stage that change its results: resource and policy keys and `needs` left
     out, the digest of the worker's source in."""
     kept = kept_keys(spec)
     return {k: v for k, v in stage_config(spec, raw, code).items() if k not in kept}
 
 
-def stage_fingerprint(config: dict[str, Any], upstream: list[str]) -> tuple[str, str]:
+def stage_fingerprint(config: dict[str, object], upstream: list[str]) -> tuple[str, str]:
     """(fingerprint of the config alone, fingerprint of config + upstream stages)."""
     own = digest(json.dumps(config, sort_keys=True, default=str))
     return own, digest(own, *upstream)
 
 
-def changed_paths(old: Any, new: Any, prefix: str) -> list[str]:
+def changed_paths(old: object, new: object, prefix: str) -> list[str]:
     """Dotted key paths whose values differ between two configs."""
     if isinstance(old, dict) and isinstance(new, dict):
         paths = []
@@ -256,7 +255,7 @@ class Decider:
         return unit
 
     def units(
-        self, ids: Sequence[str], fingerprints: Sequence[str], payloads: Sequence[Any]
+        self, ids: Sequence[str], fingerprints: Sequence[str], payloads: Sequence[object]
     ) -> list[Unit]:
         """Units of parallel ids, fingerprints and payloads, each decided as a call would
         decide it, with the commonest case of a resumed stage (done, same fingerprint) in the
@@ -283,7 +282,7 @@ class Decider:
 
 def decider(
     name: str,
-    config: dict[str, Any],
+    config: dict[str, object],
     ctx: PlanContext,
     kept: frozenset[str] = frozenset(),
 ) -> Decider:

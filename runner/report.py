@@ -14,7 +14,7 @@ from runner import history, planfile, procs, report_html, spans, timeline, trace
 from runner.lifecycle import UnitState
 from runner.plan import Plan, StagePlan
 from runner.scheduler.policy import REASONS
-from runner.store import Ledger, UnitRow, atomic_path
+from runner.store import Ledger, StageRow, UnitRow, atomic_path
 
 SAMPLE = 5
 # what every run writes beside its ledger, by the summary key that names it
@@ -175,7 +175,7 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
     if gone is not None:
         # a runner that died without ending its run (SIGKILL, a lost machine) left stages
         # marked running: they are not
-        stages = [{**s, "state": "interrupted"} if s["state"] == "running" else s for s in stages]
+        stages = [s | {"state": "interrupted"} if s["state"] == "running" else s for s in stages]
     counts_of = {s["stage"]: ledger.counts(s["stage"]) for s in stages}
     lines = [f"run dir {run_dir}", *_status_table(stages, counts_of)]
     if gone is not None:
@@ -186,7 +186,7 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _status_table(stages: list[dict[str, Any]], counts_of: dict[str, dict[str, int]]) -> list[str]:
+def _status_table(stages: list[StageRow], counts_of: dict[str, dict[str, int]]) -> list[str]:
     header = ("stage", "kind", "state", "done", "failed", "timeout", "cancelled", "ended")
     rows = []
     for s in stages:

@@ -50,7 +50,8 @@ def from_ledger(ledger: Ledger, stage: str, units: Iterable[Unit]) -> dict[str, 
     wanted = {u.id: u.fingerprint for u in units}
     found: dict[str, Any] = {}
     for row in ledger.rows(stage, wanted, unfinished=True):
-        mine = row.fingerprint == wanted[row.unit] and isinstance(row.result, dict)
-        if mine and row.result.get(KEY) is not None:
-            found[row.unit] = row.result[KEY]
+        result = row.result
+        mine = row.fingerprint == wanted[row.unit]
+        if mine and isinstance(result, dict) and result.get(KEY) is not None:
+            found[row.unit] = result[KEY]
     return found

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TypeVar
 
 from omegaconf import MISSING
+
+T = TypeVar("T")
 
 
 class Mode(Enum):
@@ -28,17 +30,17 @@ class Mode(Enum):
     cancel = "cancel"
 
 
-def resource(default: Any = MISSING, **limits: Any) -> Any:
+def resource(default: T, **limits: object) -> T:
     """A field that only sets resources or speed: never part of a unit's fingerprint."""
     return field(default=default, metadata={"resource": True, **limits})
 
 
-def policy(default: Any = MISSING, **limits: Any) -> Any:
+def policy(default: T, **limits: object) -> T:
     """A field about failures (retries, timeouts): never part of a unit's fingerprint."""
     return field(default=default, metadata={"policy": True, **limits})
 
 
-def limited(default: Any = MISSING, **limits: Any) -> Any:
+def limited(default: T, **limits: object) -> T:
     """A field with limits the validator checks (`ge`, `gt`, `le`, `choices`)."""
     return field(default=default, metadata=limits)
 
@@ -70,7 +72,7 @@ class ClusterConfig:
     # local: serve the Ray dashboard on 127.0.0.1 (needs the `dashboard` extra: ray[default])
     dashboard: bool = False
     # sim: nodes as [{count, cpus, gpus, gpu_memory_gb, memory (GB)}]
-    nodes: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[dict[str, object]] = field(default_factory=list)
     # sim: seconds a unit (a pool item, a role step) takes when its spec declares no duration
     sim_unit_seconds: float = limited(1.0, gt=0)
     # sim: a finished run's directory; units take the time they took there (`runner.measured`)
@@ -138,9 +140,9 @@ class PoolStage(StageSpec):
     # items per actor call: `auto` sizes batches from measured item time
     batch_size: str | int = resource("auto", choices=["auto"], ge=1)
     # the worker: {_target_: pkg.mod.Class, **kwargs}, built once per actor, called per item
-    worker: dict[str, Any] = MISSING
+    worker: dict[str, object] = MISSING
     # one of {range: N | [start, stop]}, {list: [...]}, {glob: PATTERN}, {file: PATH}, {from: STAGE}
-    items: dict[str, Any] = MISSING
+    items: dict[str, object] = MISSING
 
 
 @dataclass
@@ -150,7 +152,7 @@ class PipelineSpec:
     # the pipeline's name; the default run directory is runs/<name>
     name: str = MISSING
     # stages by name
-    stages: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,12 +193,12 @@ class ShardStage(StageSpec):
     # {gpus} {shard} {done}
     command: list[str] | None = None
     # or a function DataFrame -> DataFrame: {_target_: pkg.mod.fn, **kwargs}, run in a Ray task
-    fn: dict[str, Any] | None = None
+    fn: dict[str, object] | None = None
     # what a shard's output must hold: one_per_id (a row per input row), subset (ids of its
     # range, an id may repeat; fewer rows are fine), any (no id column needed)
     outputs: str = limited("subset", choices=["one_per_id", "subset", "any"])
     # {sort_by: COLUMN | [COLUMNS] (default: id_column), format: parquet | csv}
-    merge: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, object] = field(default_factory=dict)
     # stream each shard's output lines to the terminal, prefixed [shard LOW-HIGH]
     show_output: bool = resource(True)
 
@@ -220,7 +222,7 @@ class JobSpec:
     # killed (whole process group) after this long: 90s, 10m, 2h (a plain number is minutes)
     time_limit: str | int | float | None = None
     # environment variables, added to the stage's `env`
-    env: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, object] = field(default_factory=dict)
     # working directory (must exist); null: the stage's `cwd`
     cwd: str | None = None
     # `1-100`, `0-30:10` or `1,3,5`: one job per index, RUNNER_ARRAY_INDEX and {index} set
@@ -237,7 +239,7 @@ class JobSpec:
     # the job wants a node to itself
     exclusive: bool = False
     # SCNS's name for `env` (both are applied)
-    environment: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, object] = field(default_factory=dict)
     # SCNS's name for `cwd`
     current_working_directory: str | None = None
     # files for the job's stdout / stderr, relative to its cwd (null: <run.dir>/<stage>/JOB.out)
@@ -252,7 +254,7 @@ class JobsStage(StageSpec):
     """Heterogeneous shell jobs, each with its own resources and time limit, run as they fit."""
 
     # the jobs: {name, script | command, cpus_per_task, memory, gpus, time_limit, env, cwd, array}
-    jobs: list[Any] = field(default_factory=list)
+    jobs: list[object] = field(default_factory=list)
     # more jobs with the same keys, from a YAML/JSON list or a JSONL file
     jobs_file: str | None = None
     # keep reading lines appended to the JSONL `jobs_file`, running them as they come, until
@@ -264,7 +266,7 @@ class JobsStage(StageSpec):
     gpus: float = resource(0.0, ge=0)
     time_limit: str | int | float | None = resource(None)
     # environment variables of every job
-    env: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, object] = field(default_factory=dict)
     # working directory of every job (null: where runner was started)
     cwd: str | None = None
     # at most this many jobs of the stage at once (null: as many as resources allow)
@@ -283,20 +285,20 @@ class RolesStage(StageSpec):
     """Long-running role replicas with priorities, placement-group pools and preemption."""
 
     # the quota these roles share: {name, resources: {cpus, gpus, memory (8G; MB) | memory_gb}}
-    pool: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
+    pool: dict[str, object] = field(default_factory=dict, metadata={"resource": True})
     # {reserved: [{role: NAME, count} | {resources: {...}, count, min_priority}],
     # max_dynamic_pgs, reuse, enable, enable_dynamic_pgs, pg_creation_timeout}; ScheduleMesh's
     # `pg_pool_config` (with `high_priority_pg_specs`, `enable_pg_reuse`) is read as it
-    pg_pool: dict[str, Any] = field(
+    pg_pool: dict[str, object] = field(
         default_factory=dict, metadata={"resource": True, "aliases": ("pg_pool_config",)}
     )
     # {label_rules, enable_label_preemption, aggressiveness: low|medium|high (or ScheduleMesh's
     # aliases), cancel_timeout, cross_pool, protected_pools}
-    preemption: dict[str, Any] = field(default_factory=dict, metadata={"resource": True})
+    preemption: dict[str, object] = field(default_factory=dict, metadata={"resource": True})
     # scale every role's resources down in proportion when the cluster is smaller than the spec
     autoscale_to_cluster: bool = resource(False)
     # NAME: {priority, replicas: N | {min, max}, resources, labels, pg, start_after, actor, steps}
-    roles: dict[str, Any] = field(default=MISSING, metadata={"resource": True})
+    roles: dict[str, object] = field(default=MISSING, metadata={"resource": True})
 
 
 # every stage kind's schema, by the name users write as `kind:`

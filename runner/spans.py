@@ -17,11 +17,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
 from runner.planfile import PlanRecord
 from runner.resources import Resources
-from runner.store import Ledger
+from runner.store import EventRow, Ledger, SpanRow
 
 # above this many units in a stage, back-to-back units of one state on one track are drawn as
 # one slice ("first … (N units)"): thousands of pool items cannot be told apart on a screen,
@@ -131,7 +130,7 @@ def _stage_slices(ledger: Ledger, stage: str, kind: str, since: float) -> list[S
     """The stage's unit attempts as slices; above DETAIL_LIMIT of them a worker's back-to-back
     units of one state are one slice (read in order, a chunk at a time)."""
     many = ledger.span_count(stage, since) + ledger.attempt_count(stage, since) > DETAIL_LIMIT
-    rows: Iterable[dict[str, Any]]
+    rows: Iterable[SpanRow]
     if many and kind not in UNIT_TRACKS:
         rows = _coalesced(
             heapq.merge(
@@ -158,11 +157,11 @@ def _stage_slices(ledger: Ledger, stage: str, kind: str, since: float) -> list[S
     ]
 
 
-def _coalesced(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def _coalesced(rows: Iterable[SpanRow]) -> list[SpanRow]:
     """Back-to-back rows of one state on one worker merged into one row each; `rows` come
     ordered by worker, then start, and only the run being merged is held."""
-    out: list[dict[str, Any]] = []
-    first: dict[str, Any] | None = None
+    out: list[SpanRow] = []
+    first: SpanRow | None = None
     count, last_end = 0, 0.0
     for row in rows:
         if first is not None and (
@@ -174,8 +173,7 @@ def _coalesced(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             first = None
         last_end = row["ended"]
         if first is None:
-            first, count = dict(row), 1
-            first["first"] = row["unit"]
+            first, count = row.copy(), 1
             continue
         count += 1
         first["ended"] = max(first["ended"], row["ended"])
@@ -185,10 +183,9 @@ def _coalesced(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _merged(first: dict[str, Any], count: int) -> dict[str, Any]:
-    unit = first.pop("first")
+def _merged(first: SpanRow, count: int) -> SpanRow:
     if count > 1:
-        first["unit"] = f"{unit} … ({count} units)"
+        first["unit"] = f"{first['unit']} … ({count} units)"
     return first
 
 
@@ -221,7 +218,7 @@ def _pack(slices: list[Slice]) -> list[Slice]:
 
 
 def _moments(
-    slices: list[Slice], events: list[dict[str, Any]], retried: set[tuple[str, str]]
+    slices: list[Slice], events: list[EventRow], retried: set[tuple[str, str]]
 ) -> list[Moment]:
     """Recorded preemptions and retries on the track of the attempt they hit; a timeout at the
     end of its slice; a retry at the start of a unit that took more than one attempt."""

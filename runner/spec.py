@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import SpecError
@@ -82,7 +81,7 @@ class Origins:
 
 def _yaml_has(path: Path, dotted: str) -> bool:
     try:
-        node: Any = yaml.safe_load(path.read_text())
+        node: object = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return False
     for part in dotted.split(".") if dotted else []:
@@ -163,7 +162,7 @@ class Pipeline:
     name: str
     stages: dict[str, StageSpec]
     # each stage's validated keys as written (defaults filled), for fingerprints and diffs
-    raw: dict[str, dict[str, Any]]
+    raw: dict[str, dict[str, object]]
 
 
 @dataclass
@@ -175,7 +174,7 @@ class Spec:
     cluster: ClusterConfig
     pipeline: Pipeline
     # the composed config as plain data, for the run directory's record
-    composed: dict[str, Any]
+    composed: dict[str, object]
     # mode=cancel: the units to cancel in the running run
     units: list[str] = field(default_factory=list)
 
@@ -204,7 +203,7 @@ def import_error(target: str) -> str | None:
     for cut in range(len(parts) - 1, 0, -1):
         module = ".".join(parts[:cut])
         try:
-            obj: Any = importlib.import_module(module)
+            obj: object = importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name and module.startswith(exc.name):
                 continue
@@ -283,13 +282,14 @@ def _mode_of(cfg: DictConfig) -> Mode | None:
         return None
 
 
-def _resolve(cfg: DictConfig, problems: Problems, reading: bool = False) -> dict[str, Any]:
+def _resolve(cfg: DictConfig, problems: Problems, reading: bool = False) -> dict[str, object]:
     """The config as plain data, interpolations resolved; `reading`: of the pipeline only its
     name (see READING)."""
     try:
         if reading:
-            data: Any = {str(k): _plain(cfg, str(k)) for k in cfg if k != "pipeline"}
-            data["pipeline"] = {"name": _plain(cfg, "pipeline.name")}
+            read = {str(k): _plain(cfg, str(k)) for k in cfg if k != "pipeline"}
+            read["pipeline"] = {"name": _plain(cfg, "pipeline.name")}
+            data: object = read
         else:
             data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:
@@ -304,7 +304,7 @@ def _resolve(cfg: DictConfig, problems: Problems, reading: bool = False) -> dict
     return {str(k): v for k, v in data.items()}
 
 
-def _plain(cfg: DictConfig, key: str) -> Any:
+def _plain(cfg: DictConfig, key: str) -> object:
     """The value at `key`, resolved, as plain data."""
     value = OmegaConf.select(cfg, key, throw_on_missing=False)
     if OmegaConf.is_config(value):
@@ -312,23 +312,25 @@ def _plain(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _named(data: Any, problems: Problems) -> Pipeline | None:
+def _named(data: object, problems: Problems) -> Pipeline | None:
     """The pipeline by its name alone, for a mode that reads a run (see READING)."""
-    head = build(PipelineSpec, {**(data or {}), "stages": {}}, "pipeline", problems)
+    named = data if isinstance(data, dict) else {}
+    head = build(PipelineSpec, {**named, "stages": {}}, "pipeline", problems)
     return None if head is None else Pipeline(head.name, {}, {})
 
 
-def _raw_value(cfg: DictConfig, key: str) -> Any:
+def _raw_value(cfg: DictConfig, key: str) -> object:
     """The unresolved text of `key` (`${...}`), or None."""
-    node: Any = cfg
+    node: Node | None = cfg
     for part in key.split("."):
         if not isinstance(node, DictConfig) or part not in node:
             return None
-        node = node._get_node(part)
+        found = node._get_node(part)
+        node = found if isinstance(found, Node) else None
     return node._value() if node is not None else None
 
 
-def _pipeline(data: Any, checks: Mapping[str, KindCheck], problems: Problems) -> Pipeline | None:
+def _pipeline(data: object, checks: Mapping[str, KindCheck], problems: Problems) -> Pipeline | None:
     if not isinstance(data, dict):
         problems.add("pipeline", "missing: choose one with pipeline=NAME")
         return None
@@ -338,7 +340,7 @@ def _pipeline(data: Any, checks: Mapping[str, KindCheck], problems: Problems) ->
         problems.add("pipeline.stages", "a pipeline needs at least one stage")
         return None
     stages: dict[str, StageSpec] = {}
-    raw: dict[str, dict[str, Any]] = {}
+    raw: dict[str, dict[str, object]] = {}
     for name, stage_data in stages_data.items():
         anchor_paths(f"pipeline.stages.{name}", stage_data, problems.origins)
         built = _stage(str(name), stage_data, problems)
@@ -356,7 +358,9 @@ def _pipeline(data: Any, checks: Mapping[str, KindCheck], problems: Problems) ->
     return Pipeline(head.name, {n: stages[n] for n in order}, {n: raw[n] for n in order})
 
 
-def _stage(name: str, data: Any, problems: Problems) -> tuple[StageSpec, dict[str, Any]] | None:
+def _stage(
+    name: str, data: object, problems: Problems
+) -> tuple[StageSpec, dict[str, object]] | None:
     path = f"pipeline.stages.{name}"
     if not isinstance(data, dict):
         problems.add(path, f"= {data!r}: expected a mapping with at least `kind`")
@@ -385,7 +389,7 @@ PATH_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
-def anchor_paths(path: str, data: Any, origins: Origins | None) -> None:
+def anchor_paths(path: str, data: object, origins: Origins | None) -> None:
     """Make a stage's relative data paths absolute, in place: relative to the directory of the
     spec that wrote them (see `Origins.base`), so a spec runs the same from any directory;
     without origins (no Hydra), relative to the working directory."""
@@ -405,7 +409,7 @@ def anchor_paths(path: str, data: Any, origins: Origins | None) -> None:
             parent[key] = str(expanded)
 
 
-def _walk(node: Any, keys: tuple[str, ...]) -> Iterator[tuple[dict[str, Any], str]]:
+def _walk(node: object, keys: tuple[str, ...]) -> Iterator[tuple[dict[str, object], str]]:
     """The (mapping, key) pairs `keys` reaches in `node`; `*` stands for every list entry."""
     if not keys:
         return
@@ -476,7 +480,7 @@ def _topological(stages: Mapping[str, StageSpec]) -> list[str] | None:
 T = typing.TypeVar("T")
 
 
-def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
+def build(cls: type[T], data: object, path: str, problems: Problems) -> T | None:
     """Check `data` against dataclass `cls` field by field.
 
     Bad optional values are reported and replaced by their defaults, so later checks still
@@ -491,7 +495,7 @@ def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
     for key in data:
         if key not in known and key not in spelt:
             problems.add(f"{path}.{key}", unknown_key(str(key), sorted(known)))
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     complete = True
     for name, f in known.items():
         required = f.default == "???" or (f.default is MISSING and f.default_factory is MISSING)
@@ -512,8 +516,8 @@ def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
 
 
 def _given(
-    name: str, data: dict[str, Any], spelt: dict[str, str], path: str, problems: Problems
-) -> Any:
+    name: str, data: Mapping[str, object], spelt: dict[str, str], path: str, problems: Problems
+) -> object:
     """The value `data` gives field `name`, under its name or one alias ("???" when none);
     both spellings given is reported, and the field's own name wins."""
     value = data.get(name, "???")
@@ -525,7 +529,7 @@ def _given(
     return value
 
 
-def _coerce(tp: Any, value: Any) -> Any:
+def _coerce(tp: object, value: object) -> object:
     """Numbers and booleans written as strings (`${oc.env:N}` gives strings) become typed, as
     OmegaConf's structured configs would convert them."""
     if not isinstance(value, str):
@@ -542,7 +546,7 @@ def _coerce(tp: Any, value: Any) -> Any:
     return value
 
 
-def _check(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
+def _check(tp: object, value: object, limits: Mapping[str, object]) -> str | None:
     """Why `value` does not fit type `tp` and `limits`, or None when it does."""
     options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
     if value is None:
@@ -560,10 +564,10 @@ def _check(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
     return limit_errors[0] if limit_errors else f"expected {_describe(tp, limits)}"
 
 
-def _check_one(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
+def _check_one(tp: object, value: object, limits: Mapping[str, object]) -> str | None:
     """Why `value` does not fit the one type `tp` (an option of a union) and `limits`;
     "expected" alone when its type is wrong."""
-    if tp is Any:
+    if tp is object:  # anything goes (a job of a list, checked by its kind)
         return None
     if tp in (bool, int, float):
         return _check_number(tp, value, limits)
@@ -582,7 +586,7 @@ def _check_one(tp: Any, value: Any, limits: dict[str, Any]) -> str | None:
     raise TypeError(f"schema type {tp!r} is not supported by the validator")
 
 
-def _check_number(tp: type, value: Any, limits: dict[str, Any]) -> str | None:
+def _check_number(tp: object, value: object, limits: Mapping[str, object]) -> str | None:
     """A boolean, an integer (not a boolean) or a number (an integer too), within `limits`."""
     if tp is bool:
         return None if isinstance(value, bool) else "expected"
@@ -590,39 +594,55 @@ def _check_number(tp: type, value: Any, limits: dict[str, Any]) -> str | None:
     return _limits(value, limits) if numeric else "expected"
 
 
-def _check_str(value: Any, limits: dict[str, Any]) -> str | None:
+def _check_str(value: object, limits: Mapping[str, object]) -> str | None:
     """A string, one of the field's `choices` when it has them."""
     if not isinstance(value, str):
         return "expected"
-    choices = limits.get("choices")
+    choices = _choices(limits)
     if choices and value not in choices:
         hint = did_you_mean(value, choices)
         return f"not one of {', '.join(choices)}{hint}"
     return None
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _limits(value: float, limits: dict[str, Any]) -> str | None:
-    if "ge" in limits and value < limits["ge"]:
-        return f"must be >= {limits['ge']}"
-    if "gt" in limits and value <= limits["gt"]:
-        return f"must be > {limits['gt']}"
-    if "le" in limits and value > limits["le"]:
-        return f"must be <= {limits['le']}"
+def _limits(value: object, limits: Mapping[str, object]) -> str | None:
+    """Which of the field's limits a number breaks (a number's type was checked before)."""
+    if not isinstance(value, int | float):
+        return None
+    ge, gt, le = (_bound(limits, key) for key in ("ge", "gt", "le"))
+    if ge is not None and value < ge:
+        return f"must be >= {ge}"
+    if gt is not None and value <= gt:
+        return f"must be > {gt}"
+    if le is not None and value > le:
+        return f"must be <= {le}"
     return None
 
 
-def _describe(tp: Any, limits: dict[str, Any] | None = None) -> str:
+def _bound(limits: Mapping[str, object], key: str) -> float | None:
+    """A field's numeric limit `key` (`ge`, `gt`, `le`), or None when it has none."""
+    bound = limits.get(key)
+    return bound if isinstance(bound, int | float) else None
+
+
+def _choices(limits: Mapping[str, object] | None) -> list[str]:
+    """The strings a field allows (`choices`), empty when any string goes."""
+    choices = limits.get("choices") if limits else None
+    return [str(c) for c in choices] if isinstance(choices, list) else []
+
+
+def _describe(tp: object, limits: Mapping[str, object] | None = None) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     parts = []
     for option in typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,):
         if option is type(None):
             parts.append("null")
-        elif option is str and limits and limits.get("choices"):
-            parts.extend(repr(c) for c in limits["choices"])
+        elif option is str and _choices(limits):
+            parts.extend(repr(c) for c in _choices(limits))
         elif option in names:
             parts.append(names[option])
         elif typing.get_origin(option) is list:
@@ -636,7 +656,7 @@ def _describe(tp: Any, limits: dict[str, Any] | None = None) -> str:
     return " or ".join(parts)
 
 
-def _enum(enum: type[Mode], value: Any, path: str, problems: Problems) -> Mode | None:
+def _enum(enum: type[Mode], value: object, path: str, problems: Problems) -> Mode | None:
     try:
         return enum(value)
     except ValueError:

@@ -15,13 +15,14 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, TypeVar
 
 from runner.errors import RunLockedError, StorageError
+from runner.jsondata import Json, JsonObject
 from runner.lifecycle import UnitState
 
 LEDGER = "ledger.sqlite"
@@ -43,8 +44,9 @@ class UnitRow:
     duration: float | None = None
     worker: str | None = None
     error: str | None = None
-    input: Any = None
-    result: Any = None
+    # what the kind gave and got back: JSON when read from the ledger
+    input: object = None
+    result: object = None
     # the Ray node the unit ran on (its id) and that node's IP
     node_id: str | None = None
     node_ip: str | None = None
@@ -94,10 +96,75 @@ class StageRecord:
     """What the ledger remembers of a stage: its fingerprint and the config it hashed."""
 
     fingerprint: str
-    config: dict[str, Any]
+    config: JsonObject
     state: str
     # `units_digest` of the stage's units when the stage ended with every one of them done
     units: str | None = None
+
+
+# a value SQLite gives back or takes as a parameter
+SqlValue = str | bytes | int | float | None
+R = TypeVar("R")
+
+
+class StageRow(TypedDict):
+    """A stage's row in `Ledger.stages`: its summary is the JSON text the ledger keeps."""
+
+    stage: str
+    kind: str
+    state: str
+    started: float | None
+    ended: float | None
+    summary: str | None
+
+
+class LastRun(TypedDict):
+    """The latest run attempt's record (`Ledger.last_run`)."""
+
+    started: float
+    ended: float | None
+    exit_code: int | None
+    pid: int | None
+
+
+class RunRow(LastRun):
+    """One run attempt's record (`Ledger.runs`), with what it did."""
+
+    id: int
+    summary: Json
+
+
+class EventRow(TypedDict):
+    """One recorded event (`Ledger.events`), the fields of `Event`."""
+
+    stage: str
+    unit: str
+    kind: str
+    time: float
+    lane: str | None
+    detail: str | None
+    started: float | None
+    node: str | None
+
+
+class SpanRow(TypedDict):
+    """A unit's (or an earlier attempt's) span on a timeline (`Ledger.spans_by_worker`)."""
+
+    unit: str
+    state: str
+    attempts: int
+    started: float
+    ended: float
+    worker: str | None
+    node_id: str | None
+    node_ip: str | None
+
+
+class FullSpanRow(SpanRow):
+    """A span with the unit's duration and error (`Ledger.spans`)."""
+
+    duration: float | None
+    error: str | None
 
 
 _SCHEMA = """
@@ -261,24 +328,26 @@ class Ledger:
         units = row[8] if len(row) > 8 else None  # older ledgers lack the column
         return StageRecord(row[2], json.loads(row[3]), row[4], units)
 
-    def stages(self) -> list[dict[str, Any]]:
+    def stages(self) -> list[StageRow]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT stage, kind, state, started, ended, summary FROM stages ORDER BY started"
             ).fetchall()
-        keys = ("stage", "kind", "state", "started", "ended", "summary")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [
+            StageRow(stage=s, kind=k, state=st, started=a, ended=e, summary=sm)
+            for s, k, st, a, e, sm in rows
+        ]
 
     def save_stage(
         self,
         stage: str,
         kind: str,
         fingerprint: str,
-        config: dict[str, Any],
+        config: Mapping[str, object],
         state: str,
         started: float | None = None,
         ended: float | None = None,
-        summary: dict[str, Any] | None = None,
+        summary: Mapping[str, object] | None = None,
         units: str | None = None,
     ) -> None:
         """Record a stage; `units` (a `units_digest`) only when every unit of its plan is done:
@@ -371,7 +440,7 @@ class Ledger:
         ledger order or, `by_start`, by start (never started last), at most `limit` of them:
         the filters and the order are SQLite's, so a status of a million units reads a page."""
         query = "SELECT * FROM units WHERE stage=?" + (" AND state != 'done'" if unfinished else "")
-        params: tuple[Any, ...] = (stage,)
+        params: tuple[SqlValue, ...] = (stage,)
         if state is not None:
             query += " AND state = ?"
             params += (state.value,)
@@ -413,7 +482,7 @@ class Ledger:
         return now
 
     def end_run(
-        self, started: float, exit_code: int, summary: dict[str, Any] | None = None
+        self, started: float, exit_code: int, summary: Mapping[str, object] | None = None
     ) -> None:
         """Record the attempt's end, its exit code and what it did (`summary`)."""
         with self._lock, self._writing() as ok:
@@ -424,9 +493,8 @@ class Ledger:
                 (time.time(), exit_code, json.dumps(summary) if summary else None, started),
             )
 
-    def last_run(self) -> dict[str, Any] | None:
+    def last_run(self) -> LastRun | None:
         """The latest run's record (started, ended, exit_code, pid), or None."""
-        keys = ("started", "ended", "exit_code", "pid")
         with self._lock:
             try:
                 row = self._db.execute(
@@ -434,9 +502,11 @@ class Ledger:
                 ).fetchone()
             except sqlite3.OperationalError:
                 return None
-        return dict(zip(keys, row, strict=True)) if row else None
+        if not row:
+            return None
+        return LastRun(started=row[0], ended=row[1], exit_code=row[2], pid=row[3])
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[RunRow]:
         """Every attempt of the run, first first: id, started, ended, exit_code, pid and
         summary (what it did, None when its runner never ended it)."""
         keys = ("id", "started", "ended", "exit_code", "pid", "summary")
@@ -446,10 +516,10 @@ class Ledger:
                 return []
             columns = [k if k in have else "NULL" for k in keys]
             rows = self._db.execute(f"SELECT {', '.join(columns)} FROM runs ORDER BY id").fetchall()
-        found = [dict(zip(keys, r, strict=True)) for r in rows]
-        for run in found:
-            run["summary"] = _load(run["summary"])
-        return found
+        return [
+            RunRow(id=i, started=s, ended=e, exit_code=c, pid=p, summary=_load(sm))
+            for i, s, e, c, p, sm in rows
+        ]
 
     def add_events(self, events: Iterable[Event]) -> None:
         params = [
@@ -464,7 +534,7 @@ class Ledger:
                         params,
                     )
 
-    def events(self, since: float = 0.0, moments: bool = False) -> list[dict[str, Any]]:
+    def events(self, since: float = 0.0, moments: bool = False) -> list[EventRow]:
         """The recorded events since `since`; with `moments`, all but the `attempt` ones."""
         keys = ("stage", "unit", "kind", "time", "lane", "detail", "started", "node")
         with self._lock:
@@ -476,7 +546,10 @@ class Ledger:
             if moments:
                 query += " AND kind != 'attempt'"
             rows = self._db.execute(query, (since,)).fetchall()
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [
+            EventRow(stage=s, unit=u, kind=k, time=t, lane=la, detail=d, started=st, node=n)
+            for s, u, k, t, la, d, st, n in rows
+        ]
 
     def event_counts(self, since: float = 0.0) -> dict[tuple[str, str, str], int]:
         """How many events of each (stage, kind, detail) were recorded since `since`, counted
@@ -505,7 +578,7 @@ class Ledger:
             ).fetchone()
         return int(row[0])
 
-    def attempts_by_lane(self, stage: str, since: float) -> Iterator[dict[str, Any]]:
+    def attempts_by_lane(self, stage: str, since: float) -> Iterator[SpanRow]:
         """The earlier attempts of the stage's units as `spans_by_worker` rows (state from the
         event's detail, the lane as worker), in the same order, a chunk at a time."""
         with self._lock:
@@ -515,12 +588,10 @@ class Ledger:
             "FROM events WHERE stage=? AND kind='attempt' AND time >= ? AND started IS NOT NULL "
             "ORDER BY lane, started, unit"
         )
-        keys = ("unit", "state", "attempts", "started", "ended", "worker", "node_id", "node_ip")
-        for chunk in self._chunks(query, (stage, since)):
-            for r in chunk:
-                yield dict(zip(keys, r, strict=True))
+        for chunk in self._chunks(query, (stage, since), _span):
+            yield from chunk
 
-    def add_log(self, stage: str, record: dict[str, Any]) -> None:
+    def add_log(self, stage: str, record: Mapping[str, object]) -> None:
         """Keep one record of a stage's own event log (a roles stage's `events.jsonl`), under
         the run attempt that wrote it."""
         text = json.dumps(record, default=str)
@@ -531,7 +602,7 @@ class Ledger:
                     (stage, self.run_id, text),
                 )
 
-    def log(self, stage: str) -> list[dict[str, Any]]:
+    def log(self, stage: str) -> list[JsonObject]:
         """The stage's event log over every attempt, in the order it was written; each record
         says which attempt (`attempt`, the run's id) wrote it."""
         with self._lock:
@@ -552,24 +623,20 @@ class Ledger:
                 return []
         return sorted(r[0] for r in rows)
 
-    def spans(self, stage: str, since: float) -> list[dict[str, Any]]:
+    def spans(self, stage: str, since: float) -> list[FullSpanRow]:
         """Unit, state, attempts, started, ended, worker (and node_id, node_ip where the ledger
         has them, else None) of the units that ran since `since`: what a timeline or a trace
         needs, without decoding every unit's input and result."""
-        keys = ["unit", "state", "attempts", "started", "ended", "worker", "duration", "error"]
+        keys = ["unit", "state", "attempts", "started", "ended", "worker"]
         with self._lock:
             have = {r[1] for r in self._db.execute("PRAGMA table_info(units)")}
-            nodes = [k for k in ("node_id", "node_ip") if k in have]
+            nodes = [k if k in have else "NULL" for k in ("node_id", "node_ip")]
             rows = self._db.execute(
-                f"SELECT {', '.join(keys + nodes)} FROM units "
+                f"SELECT {', '.join(keys + nodes)}, duration, error FROM units "
                 "WHERE stage=? AND started >= ? AND ended IS NOT NULL",
                 (stage, since),
             ).fetchall()
-        found = [dict(zip(keys + nodes, r, strict=True)) for r in rows]
-        for row in found:
-            row.setdefault("node_id", None)
-            row.setdefault("node_ip", None)
-        return found
+        return [FullSpanRow(**_span(*r[:8]), duration=r[8], error=r[9]) for r in rows]
 
     def span_count(self, stage: str, since: float) -> int:
         """How many units of the stage ran since `since` (what `spans` would return)."""
@@ -580,26 +647,22 @@ class Ledger:
             ).fetchone()
         return int(row[0])
 
-    def spans_by_worker(self, stage: str, since: float) -> Iterator[dict[str, Any]]:
+    def spans_by_worker(self, stage: str, since: float) -> Iterator[SpanRow]:
         """What `spans` returns but `duration` and `error`, ordered by worker then start and
         read a chunk at a time, so a stage of a million units is drawn without holding a
         million rows."""
         keys = ["unit", "state", "attempts", "started", "ended", "worker"]
         with self._lock:
             have = {r[1] for r in self._db.execute("PRAGMA table_info(units)")}
-        nodes = [k for k in ("node_id", "node_ip") if k in have]
+        nodes = [k if k in have else "NULL" for k in ("node_id", "node_ip")]
         query = (
             f"SELECT {', '.join(keys + nodes)} FROM units "
             "WHERE stage=? AND started >= ? AND ended IS NOT NULL ORDER BY worker, started, unit"
         )
-        for chunk in self._chunks(query, (stage, since)):
-            for r in chunk:
-                row = dict(zip(keys + nodes, r, strict=True))
-                row.setdefault("node_id", None)
-                row.setdefault("node_ip", None)
-                yield row
+        for chunk in self._chunks(query, (stage, since), _span):
+            yield from chunk
 
-    def result_rows(self, stage: str) -> Iterator[list[tuple[Any, ...]]]:
+    def result_rows(self, stage: str) -> Iterator[list[tuple[SqlValue, ...]]]:
         """The stage's units as (unit, input, result, state, attempts, duration, worker, error)
         tuples, input and result as the JSON text the ledger keeps, a chunk at a time: what a
         results table is built from, column by column."""
@@ -607,12 +670,19 @@ class Ledger:
             "SELECT unit, input, result, state, attempts, duration, worker, error "
             "FROM units WHERE stage=?",
             (stage,),
+            _columns,
         )
 
     def _chunks(
-        self, query: str, params: tuple[Any, ...], size: int = 50_000
-    ) -> Iterator[list[tuple[Any, ...]]]:
-        """A query's rows in lists of `size`, the lock held only while each list is read."""
+        self,
+        query: str,
+        params: tuple[SqlValue, ...],
+        make: Callable[..., R],
+        size: int = 50_000,
+    ) -> Iterator[list[R]]:
+        """A query's rows in lists of `size`, each row made into what `make` builds from its
+        columns (SQLite's rows are untyped: `make` says what the query's columns are), the
+        lock held only while each list is read."""
         with self._lock:
             cursor = self._db.execute(query, params)
         while True:
@@ -620,7 +690,7 @@ class Ledger:
                 chunk = cursor.fetchmany(size)
             if not chunk:
                 return
-            yield chunk
+            yield [make(*r) for r in chunk]
 
     def file_digest(self, path: str, size: int, mtime_ns: int) -> str | None:
         """The content digest recorded for a file with this size and mtime, if any."""
@@ -671,7 +741,7 @@ _ENCODE = json.JSONEncoder(default=str).encode
 _STATES = {s.value: s for s in UnitState}
 
 
-def _dump(value: Any) -> str | None:
+def _dump(value: object) -> str | None:
     """A value as the ledger keeps it (JSON text); integers, the commonest pool payload and
     result, skip the encoder."""
     if value is None:
@@ -681,8 +751,37 @@ def _dump(value: Any) -> str | None:
     return _ENCODE(value)
 
 
-def _load(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+def _load(text: str | None) -> Json:
+    found: Json = None if text is None else json.loads(text)
+    return found
+
+
+def _span(
+    unit: str,
+    state: str,
+    attempts: int,
+    started: float,
+    ended: float,
+    worker: str | None,
+    node_id: str | None,
+    node_ip: str | None,
+) -> SpanRow:
+    """A span from the columns a span query selects, in its order."""
+    return SpanRow(
+        unit=unit,
+        state=state,
+        attempts=attempts,
+        started=started,
+        ended=ended,
+        worker=worker,
+        node_id=node_id,
+        node_ip=node_ip,
+    )
+
+
+def _columns(*row: SqlValue) -> tuple[SqlValue, ...]:
+    """A row as SQLite gives it."""
+    return row
 
 
 class RunStore:
@@ -762,7 +861,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: object) -> None:
     """Write JSON atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -86,7 +86,7 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
             spec.needs.append(upstream)
 
 
-def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:
     """Units from the items (or the upstream outputs), a worker claim sized for the cluster."""
     assert isinstance(spec, PoolStage)
     code = code_digest(str(spec.worker.get("_target_", "")))
@@ -102,7 +102,7 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
         ids, payloads, identities = itemsrc.columns(spec.items, ctx.ledger)
         units = decide.units(ids, list(map(digester(own), identities)), payloads)
     else:
-        units = _from_upstream(own, source, ctx)
+        units = _from_upstream(own, str(source), ctx)
         units = [decide(u) for u in units] if units is not None else None
         pending_reason = f"known when '{source}' has run"
     total = ctx.cluster.total.cpus

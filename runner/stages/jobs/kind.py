@@ -304,7 +304,8 @@ def job_request(job: Job, nodes: frozenset[int] | None = None) -> Request:
 
 
 def _job(work: Work) -> Job:
-    job: Job = work.unit.payload
+    job = work.unit.payload
+    assert isinstance(job, Job)  # the jobs planner's payload
     return job
 
 

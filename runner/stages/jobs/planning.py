@@ -71,7 +71,7 @@ def _jobs(name: str, spec: JobsStage) -> list[Job]:
     return jobs
 
 
-def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:
     """One unit per job (fingerprint: what it runs, its env and cwd, its upstream stages),
     one claim per job shape, and a warning when `max_concurrent` asks for more than fits."""
     assert isinstance(spec, JobsStage)
@@ -81,13 +81,13 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     upstream = [ctx.upstream[n].fingerprint for n in spec.needs]
     decide = decider(name, config, ctx, kept_keys(spec))
     units = [decide(Unit(j.id, digest(j.identity(), *upstream), j)) for j in jobs]
-    to_run: list[Job] = [u.payload for u in units if u.run]
+    to_run = [j for j, u in zip(jobs, units, strict=True) if u.run]
     if warning := _concurrency_warning(name, spec.max_concurrent, to_run, ctx.cluster):
         log.warning(warning)
     fingerprint = digest("jobs", *(u.fingerprint for u in units))
     claims = _claims(to_run, ctx.cluster)
     settings = JobsSettings(tuple(upstream))
-    sizing = StageSizing.by_unit({u.id: u.payload.resources for u in units})
+    sizing = StageSizing.by_unit({j.id: j.resources for j in jobs})
     return StagePlan(
         name, "jobs", spec, fingerprint, config, units, claims, settings=settings, sizing=sizing
     )
@@ -101,11 +101,12 @@ class JobsSettings:
     upstream: tuple[str, ...]
 
 
-def _config(spec: JobsStage, raw: dict[str, Any]) -> dict[str, Any]:
+def _config(spec: JobsStage, raw: dict[str, object]) -> dict[str, Any]:
     """The stage's config as the ledger records it, with each inline job's resource keys left
     out (a job's fingerprint never holds its resources)."""
     config = stage_config(spec, raw)
-    flat = [submit_body(job) for job in config.get("jobs", [])]
+    jobs = config.get("jobs", [])
+    flat = [submit_body(job) for job in jobs] if isinstance(jobs, list) else []
     config["jobs"] = [
         {k: v for k, v in job.items() if k not in RESOURCE_KEYS} if isinstance(job, dict) else job
         for job in flat

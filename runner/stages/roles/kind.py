@@ -32,6 +32,7 @@ from runner.scheduler.policy import Party, preemption_reason
 from runner.scheduler.request import Request
 from runner.stages.roles.groups import DynamicGroups
 from runner.stages.roles.host import RoleHost, saves_state
+from runner.stages.roles.planning import replica_of
 from runner.stages.roles.settings import Reserved, RoleSpec, RolesPlan
 from runner.verdicts import (
     Done,
@@ -131,10 +132,10 @@ class RolesRun(StageRun):
                 log.info("%s: %s resumes from the state it saved last time", self.name, work.id)
 
     def role(self, work: Work) -> RoleSpec:
-        return self.rp.roles[work.unit.payload["role"]]
+        return self.rp.roles[replica_of(work.unit)[0]]
 
     def index(self, work: Work) -> int:
-        return int(work.unit.payload["replica"])
+        return replica_of(work.unit)[1]
 
     # --- reserved groups: leases of the stage itself, asked for first --------------------
 
@@ -534,7 +535,7 @@ class RolesRun(StageRun):
         record = {
             "t": round(self.ctx.wall(), 4),
             "unit": work.id,
-            "role": work.unit.payload["role"],
+            "role": replica_of(work.unit)[0],
             "event": what,
             **details,
         }

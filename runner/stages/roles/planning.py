@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
 
 from runner.errors import PlanError
 from runner.identity import digest
@@ -26,7 +25,7 @@ from runner.schema import RolesStage, StageSpec
 from runner.stages.roles.settings import Reserved, RolesPlan, parse
 
 
-def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:
     """One unit per replica (up to `max`); claims per role and per reserved group."""
     assert isinstance(spec, RolesStage)
     roles_plan = parse(name, spec)
@@ -36,15 +35,17 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
         if note:
             notes.append(f"{name}: {note}")
     config = result_config(spec, raw)
-    config["roles"] = {
-        r: {"actor": d.get("actor"), "steps": d.get("steps", 1)} for r, d in spec.roles.items()
+    config["roles"] = roles_config = {
+        r: {"actor": d.get("actor"), "steps": d.get("steps", 1)}
+        for r, d in spec.roles.items()
+        if isinstance(d, dict)  # `parse` has refused any other
     }
     own, fp = fingerprint_of(config, [ctx.upstream[n].fingerprint for n in spec.needs])
     decide = decider(name, config, ctx)
     units = []
     for role in roles_plan.roles.values():
         role_fp = digest(
-            own, role.name, json.dumps(config["roles"][role.name], sort_keys=True, default=str)
+            own, role.name, json.dumps(roles_config[role.name], sort_keys=True, default=str)
         )
         for i in range(role.max):
             payload = {"role": role.name, "replica": i}
@@ -61,9 +62,16 @@ def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> S
     notes += _beside_reserved(name, roles_plan, ctx)
     notes += _groups_said(name, roles_plan)
     sizing = StageSizing.by_unit(
-        {u.id: roles_plan.roles[u.payload["role"]].resources for u in units}
+        {u.id: roles_plan.roles[replica_of(u)[0]].resources for u in units}
     )
     return StagePlan(name, "roles", spec, fp, config, units, claims, notes, "", roles_plan, sizing)
+
+
+def replica_of(unit: Unit) -> tuple[str, int]:
+    """The role and replica index of a unit this planner made (its payload)."""
+    payload = unit.payload
+    assert isinstance(payload, dict)
+    return str(payload["role"]), int(payload["replica"])
 
 
 def _check_fit(name: str, rp: RolesPlan, ctx: PlanContext) -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from runner.merge import read_table, write_table
 from runner.plan import Unit
@@ -86,7 +86,40 @@ class Files:
         return self._at(".out.fingerprint")
 
 
-def contract(command: list[str] | None, outputs: str) -> dict[str, Any]:
+class Contract(TypedDict):
+    """What a shard's commit checks (see `contract`)."""
+
+    outputs: str
+    output_dir: bool
+    done: bool
+
+
+class ShardPayload(TypedDict):
+    """A shard unit's payload, as the shard planner builds it and the ledger keeps it: the
+    input, the range and its contract."""
+
+    input: str
+    id_column: str
+    num_shards: int
+    contract: Contract
+    index: int
+    # ids of the input (integers, numbers or strings), both included
+    low: object
+    high: object
+    rows: int
+    end: object
+    ids: int
+    count: int
+
+
+def payload_of(unit: Unit) -> ShardPayload:
+    """The payload of a unit the shard planner made (a `ShardPayload`)."""
+    payload = unit.payload
+    assert isinstance(payload, dict)
+    return cast(ShardPayload, payload)
+
+
+def contract(command: list[str] | None, outputs: str) -> Contract:
     """What a shard's commit checks, kept in each unit's payload: the `outputs` policy, and
     whether the command writes into `{output_dir}` and resumes from `{done}`."""
     argv = " ".join(command or [])
@@ -97,8 +130,8 @@ def launch_values(unit: Unit, files: Files, id_column: str, attempt: int) -> dic
     """Every placeholder of a shard's command (`{gpus}` is added on its node), with `{done}`
     written and `{output_dir}` readied: emptied unless it holds this config's partial output
     and the command resumes from `{done}`."""
-    p, f = unit.payload, files
-    terms = p.get("contract", {})
+    p, f = payload_of(unit), files
+    terms = p["contract"]
     if terms.get("output_dir"):
         owner = f.out_dir_owner.read_text() if f.out_dir_owner.is_file() else None
         fresh = unit.reason == "fresh run" and attempt == 1
@@ -177,9 +210,9 @@ def tail(path: Path) -> list[str]:
 def commit(files: Files, shard: Shard, unit: Unit, id_column: str) -> str | None:
     """Check the shard's output against the stage's `outputs` policy, then put it into place
     atomically and write the manifest; why not, when it cannot be committed."""
-    f, p = files, unit.payload
-    terms = p.get("contract", {})
-    policy = terms.get("outputs", "one_per_id")
+    f, p = files, payload_of(unit)
+    terms = p["contract"]
+    policy = terms["outputs"]
     if terms.get("output_dir"):
         error = _commit_dir(f)
         if error is not None:
@@ -245,7 +278,7 @@ def _commit_dir(f: Files) -> str | None:
     return None
 
 
-def _outside(part: Path, id_column: str, payload: dict[str, Any]) -> str | None:
+def _outside(part: Path, id_column: str, payload: ShardPayload) -> str | None:
     """Why an output breaks the `subset` policy: an id outside the shard's range. An id may
     repeat inside it (R2R writes one row per mismatched token of a sample); one that another
     shard wrote too is outside this one's range, or counted by the merge."""

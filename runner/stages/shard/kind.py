@@ -24,7 +24,7 @@ from runner.plan import StagePlan, Unit
 from runner.resources import Resources
 from runner.scheduler.request import Request
 from runner.schema import ShardStage
-from runner.stages.shard.files import Files, commit, launch_values, tail
+from runner.stages.shard.files import Files, ShardPayload, commit, launch_values, payload_of, tail
 from runner.stages.shard.planning import ShardSettings
 from runner.stages.shard.ranges import Shard
 from runner.stages.shard.slots import GpuSlots
@@ -55,7 +55,7 @@ class ShardRun(StageRun):
         if not ctx.virtual:
             self.root.mkdir(exist_ok=True)
         units = stage.units or []
-        self.shards = {u.id: _shard(u.payload) for u in units}
+        self.shards = {u.id: _shard(payload_of(u)) for u in units}
         width = max(4, len(str(len(units) - 1)))
         self.files = {u.id: self._files(self.shards[u.id], width) for u in units}
         self.adopted = self._adopt_committed(stage)
@@ -274,7 +274,7 @@ class ShardRun(StageRun):
         if self.ctx.virtual:  # nothing was written: nothing to merge
             return outcome
         sort_by = self.spec.merge.get("sort_by") or self.spec.id_column
-        keys = [sort_by] if isinstance(sort_by, str) else list(sort_by)
+        keys = [sort_by] if isinstance(sort_by, str) else [str(k) for k in _listed(sort_by)]
         target = self.ctx.stage_dir(self.name) / f"merged.{self.fmt}"
         units = self.stage.units or []
         summary = merge(
@@ -307,9 +307,14 @@ def shard_request(spec: ShardStage) -> Request:
     return Request(Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard), spec.priority)
 
 
-def _shard(payload: dict[str, Any]) -> Shard:
+def _shard(payload: ShardPayload) -> Shard:
     return Shard(payload["index"], payload["low"], payload["high"], payload["rows"])
 
 
 def open_run(stage: StagePlan, ctx: RunContext) -> ShardRun:
     return ShardRun(stage, ctx)
+
+
+def _listed(value: object) -> list[object]:
+    """The columns of a `merge.sort_by` given as a list (its check allows a string or a list)."""
+    return value if isinstance(value, list) else []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner import gpus
 from runner.errors import PlanError
@@ -28,7 +27,7 @@ from runner.stages.shard.files import contract
 from runner.stages.shard.ranges import Shard, input_identity, recorded, split
 
 
-def plan(name: str, spec: StageSpec, raw: dict[str, Any], ctx: PlanContext) -> StagePlan:
+def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:
     """One unit per id range; a claim of CPUs and GPUs per shard; a GPU check against the
     cluster (and NVML, on a local cluster)."""
     assert isinstance(spec, ShardStage)
