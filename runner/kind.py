@@ -256,7 +256,11 @@ class StageRun:
         yield from ()
 
     def conclude(self, outcome: StageOutcome) -> StageOutcome:
-        """Results, merges, the stage's verdict."""
+        """Results, merges, the stage's verdict: by default, failed by `failure_budget` (a
+        kind that adds nothing here still fails a stage whose units failed)."""
+        problem = self.failure_budget()
+        if problem:
+            outcome.ok, outcome.message = False, problem
         return outcome
 
     def failure_budget(self) -> str | None:

@@ -1,13 +1,20 @@
 """The stage kinds by name: what each kind is made of, in one place the CLI reads.
 
 Driver-side only; the packages themselves import nothing, so that worker processes stay light.
-A new kind is a package of its own and one line here.
+A new kind is a package of its own and one line here; a kind kept outside `runner/` (a
+user's, or the tests' `sleep` kind) is one `register(NAME, KIND)` call, or one entry
+`NAME=package.module:ATTRIBUTE` in the environment variable `RUNNER_KINDS` (comma-separated),
+read when this module is first imported, so a runner started as a subprocess has it too.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+
 from runner.kind import StageKind
-from runner.schema import JobsStage, PoolStage, RolesStage, ShardStage
+from runner.schema import STAGE_KINDS, JobsStage, PoolStage, RolesStage, ShardStage
 from runner.stages import pool
 from runner.stages.jobs import kind as jobs_kind
 from runner.stages.jobs import planning as jobs_planning
@@ -53,3 +60,38 @@ KINDS: dict[str, StageKind] = {
         noun="job",
     ),
 }
+
+
+# where kinds from outside `runner/` are named for a runner process: NAME=module:ATTRIBUTE,...
+ENV = "RUNNER_KINDS"
+
+
+def register(name: str, kind: StageKind) -> None:
+    """Add a stage kind, which specs then name as `kind: NAME`: its schema joins the spec's
+    (`schema.STAGE_KINDS`, what the validator, composition and completion read)."""
+    KINDS[name] = kind
+    STAGE_KINDS[name] = kind.spec_type
+
+
+def register_entries(value: str) -> None:
+    """Register each `NAME=module:ATTRIBUTE` of `value`; a bad entry exits 2 with one message."""
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        name, _, where = entry.partition("=")
+        module, _, attribute = where.partition(":")
+        try:
+            kind = getattr(importlib.import_module(module), attribute) if attribute else None
+        except (ImportError, AttributeError) as exc:
+            kind, problem = None, f"{type(exc).__name__}: {exc}"
+        else:
+            problem = "not a StageKind"
+        if not name or not isinstance(kind, StageKind):
+            print(
+                f"runner: error: {ENV}: {entry!r}: {problem}; "
+                "allowed: NAME=package.module:ATTRIBUTE naming a runner.kind.StageKind",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        register(name, kind)
+
+
+register_entries(os.environ.get(ENV, ""))

@@ -234,10 +234,7 @@ class JobsRun(StageRun):
                 name: {"jobs": u.jobs, "cpu_s": round(u.cpu, 3)}
                 for name, u in sorted(self.accounts.items())
             }
-        problem = self.failure_budget()
-        if problem:
-            outcome.ok, outcome.message = False, problem
-        return outcome
+        return super().conclude(outcome)
 
     def _show(self, work: Work) -> None:
         """With `show_output`, print the complete new lines of a job's stdout and stderr above

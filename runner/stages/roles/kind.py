@@ -511,10 +511,7 @@ class RolesRun(StageRun):
         if not self.ctx.virtual:
             # the event log of every attempt, written from the ledger with the run's pictures
             outcome.outputs.append(str(self.ctx.stage_dir(self.name) / EVENTS))
-        problem = self.failure_budget()
-        if problem:
-            outcome.ok, outcome.message = False, problem
-        return outcome
+        return super().conclude(outcome)
 
     def _pg_pool_stats(self) -> dict[str, int]:
         """ScheduleMesh's `scheduler.pg_pool_stats()` for the stage's pool: groups made and
