@@ -8,7 +8,7 @@ of a first run a resume costs; the floor is the CLI itself (Hydra compose, ledge
 
 Checkpoint and merge: the same 8 frames written and merged with the stage's own code (each
 shard written under a temporary name as its task does, then `runner.stages.shard.files.commit`:
-row count from the parquet footer, fsync, rename, manifest; then `runner.merge.merge`:
+row count from the parquet footer, fsync, rename, manifest; then `runner.stages.shard.merge.merge`:
 manifests checked, frames read, concatenated, sorted by id, written atomically, duplicate ids
 counted, a summary written)
 against what a hand-written script does for the same merged file: `to_parquet` per frame, then
@@ -154,9 +154,9 @@ def _frames(source: Path) -> list[Any]:
 
 def _commit_and_merge(frames: list[Any], root: Path) -> None:
     """The stage's checkpoint protocol: the task's write, the driver's `commit`, the merge."""
-    from runner.merge import Committed, merge, write_table
     from runner.plan import Unit
     from runner.stages.shard.files import Files, commit
+    from runner.stages.shard.merge import Committed, merge, write_table
     from runner.stages.shard.ranges import Shard
 
     root.mkdir()

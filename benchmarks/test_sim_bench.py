@@ -54,8 +54,9 @@ class Planned(NamedTuple):
 def make_plan() -> Planned:
     from runner.cluster import describe_sim
     from runner.plan import make_plan as plan_of
-    from runner.schema import ClusterConfig, JobsStage, StageSpec
+    from runner.schema import ClusterConfig, StageSpec
     from runner.spec import Pipeline
+    from runner.stages.jobs.schema import JobsStage
     from runner.stages.registry import KINDS
 
     stages: dict[str, StageSpec] = {}
@@ -168,7 +169,7 @@ def test_scheduler_decisions_10k_units_64_nodes(
 
 SCALE_NODES = "cluster.nodes=[{count: 1000, cpus: 96, gpus: 8, gpu_memory_gb: 80, memory: 1024}]"
 SCALE_UNITS = 100_000
-SCALE_GOAL_S = 10.0
+SCALE_GOAL_S = 5.0
 
 
 def test_scale_100k_units_1000_nodes_with_preemption(
@@ -219,7 +220,7 @@ def test_scale_100k_units_1000_nodes_with_preemption(
 # --- the simulator predicts the real run --------------------------------------------------------
 
 # the goal: the simulated makespan (from the first unit's start) within this of the real one
-PREDICT_GOAL = 0.15
+PREDICT_GOAL = 0.10  # the one-loop issue: within 10% for every shipped example
 
 
 @pytest.mark.parametrize("example", ["demo", "jobs", "rlhf"])

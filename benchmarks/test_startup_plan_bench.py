@@ -66,8 +66,9 @@ def test_startup_to_first_unit(compare: Callable[..., None], tmp_path: Path) -> 
 def test_planning_cost_per_unit(compare: Callable[..., None], benchmark, units: int) -> None:  # type: ignore[no-untyped-def]
     from runner.cluster import describe_local
     from runner.plan import make_plan
-    from runner.schema import ClusterConfig, PoolStage
+    from runner.schema import ClusterConfig
     from runner.spec import Pipeline
+    from runner.stages.pool.schema import PoolStage
     from runner.stages.registry import KINDS
 
     raw = {

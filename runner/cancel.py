@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from runner.errors import RunnerError
 from runner.lifecycle import UnitState
@@ -39,6 +39,13 @@ class CancelError(RunnerError):
     exit_code = 2
 
 
+class HasId(Protocol):
+    """A unit's work, as far as its id goes (the executor's `Work`)."""
+
+    @property
+    def id(self) -> str: ...
+
+
 class Running(Protocol):
     """A running stage as far as naming its units goes (the executor's `StageRun`)."""
 
@@ -46,7 +53,7 @@ class Running(Protocol):
     def stage(self) -> StagePlan: ...
 
     @property
-    def works(self) -> Sequence[Any]: ...
+    def works(self) -> Sequence[HasId]: ...
 
 
 def holds(run: Running, unit: str) -> bool:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class Dest:
         if not self.carried:
             return self.path
         return os.path.join(tempfile.gettempdir(), f"runner-{self.stem}-{Path(self.path).name}")
+
+
+class DestFields(TypedDict):
+    """A `Dest`'s fields, as it travels in a task's arguments (`remote.plain`)."""
+
+    path: str
+    carried: bool
+    stem: str
 
 
 def collect(dests: Iterable[Dest]) -> dict[str, bytes]:

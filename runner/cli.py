@@ -16,6 +16,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -37,7 +38,7 @@ from runner import (
 )
 from runner import cluster as clusters
 from runner.errors import RunnerError
-from runner.execute import execute
+from runner.execute import Sharing, execute
 from runner.plan import Plan, StagePlanner, make_plan
 from runner.resources import Resources
 from runner.scheduler import metrics
@@ -58,6 +59,11 @@ SPECS_DIR = PACKAGE_DIR / "specs"
 _codes: list[int] = []
 
 
+def note_exit(code: int) -> None:
+    """A job of this invocation ended with `code` (the command exits with the highest)."""
+    _codes.append(code)
+
+
 def _task(cfg: DictConfig) -> None:
     code = run_task(cfg)
     _codes.append(code)
@@ -68,8 +74,8 @@ def _task(cfg: DictConfig) -> None:
 def run_task(cfg: DictConfig) -> int:
     """One composed config: validate, then run, plan or report status. Returns the exit code."""
     try:
-        spec = _checked.pop() if _checked else _load(cfg)
-        code = _dispatch(spec)
+        spec = _checked.pop() if _checked else load_spec(cfg)
+        code = dispatch(spec)
         sys.stdout.flush()  # here, so a closed pipe is met inside this `try`
         return code
     except BrokenPipeError:
@@ -77,14 +83,15 @@ def run_task(cfg: DictConfig) -> int:
         _quiet_stdout()
         return 128 + signal.SIGPIPE
     except RunnerError as exc:
-        return _error(exc)
+        return report_error(exc)
 
 
-def _load(cfg: DictConfig) -> Spec:
-    return load(cfg, {k: v.check for k, v in KINDS.items()}, _origins())
+def load_spec(cfg: DictConfig) -> Spec:
+    """A composed config validated (a sweep's job too: Hydra's config of the job set first)."""
+    return load(cfg, KINDS, _origins())
 
 
-def _error(exc: RunnerError) -> int:
+def report_error(exc: RunnerError) -> int:
     """Say what went wrong in one message (the traceback too with RUNNER_FULL_ERROR=1)."""
     if os.environ.get("RUNNER_FULL_ERROR"):
         traceback.print_exception(exc)
@@ -106,12 +113,13 @@ def _check_first(config: DictConfig) -> None:
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
     try:
-        _checked.append(_load(cfg))
+        _checked.append(load_spec(cfg))
     except RunnerError as exc:
-        raise SystemExit(_error(exc)) from None
+        raise SystemExit(report_error(exc)) from None
 
 
-def _dispatch(spec: Spec) -> int:
+def dispatch(spec: Spec) -> int:
+    """Carry out a validated spec's mode; its exit code."""
     if spec.mode is Mode.plan:
         return _plan_only(spec)
     if spec.mode in READING:  # the run directory alone: its ledger and saved config
@@ -151,7 +159,7 @@ def _status(run_dir: Path, name: str, last: snapshot.Snapshot | None) -> int:
     if ledger is None:
         print(f"{run_dir}: no run yet (run `runner pipeline={name}` first)")
         return 0
-    print(report.format_status(ledger, str(run_dir)))
+    print(report.format_status(ledger, str(run_dir), KINDS))
     if last is not None:
         print(f"pipeline {name}; the last attempt's config: {last.path}")
     return 0
@@ -180,6 +188,12 @@ def _simulate(spec: Spec) -> int:
 def _run(spec: Spec) -> int:
     if spec.cluster.kind == "sim":
         return _simulate(spec)
+    return run_spec(spec)[0]
+
+
+def run_spec(spec: Spec, sharing: Sharing | None = None) -> tuple[int, dict[str, Any]]:
+    """Run a validated spec on Ray (the embedded one, or the one this process is connected to:
+    a sweep's, `runner.launcher`, with its `sharing`); the exit code and the run's summary."""
     store = RunStore(Path(spec.run.dir))
     ledger = store.open()
     try:
@@ -205,15 +219,30 @@ def _run(spec: Spec) -> int:
                 ledger.supersede(plan.stages)
             if metrics.REGISTRY.ray is None:  # Ray's metrics agent exports them where it runs
                 metrics.REGISTRY.export_to_ray()
-            metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
-            with metrics.serving(spec.cluster.metrics_port):
+            if sharing is None:
+                metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
+            port = spec.cluster.metrics_port if sharing is None else None  # the sweep's
+            with metrics.serving(port):
                 code, summary = execute(
-                    plan, spec.pipeline, KINDS, store, ledger, spec.run.progress, spec.run.fresh
+                    plan,
+                    spec.pipeline,
+                    KINDS,
+                    store,
+                    ledger,
+                    spec.run.progress,
+                    spec.run.fresh,
+                    sharing,
                 )
         print(report.format_summary(summary, str(store.root)))
-        return code
+        return code, summary
     finally:
         store.close()
+
+
+def is_pipeline(task: object) -> bool:
+    """Whether a sweep's task function is the `runner` command's own (its jobs are pipelines,
+    run side by side in this process by `runner.launcher`), not another Hydra app's."""
+    return task is _task
 
 
 def _announce(plan: Plan) -> None:
@@ -284,8 +313,8 @@ OmegaConf.register_new_resolver("runner_run_dir", sweep.run_dir, replace=True)
 OmegaConf.register_new_resolver("runner_output_dir", sweep.output_dir, replace=True)
 OmegaConf.register_new_resolver("runner_snapshot_dir", sweep.snapshot_dir, replace=True)
 OmegaConf.register_new_resolver("runner_pipelines", _pipelines, replace=True)
-compose.install()
-completion.install()
+compose.install(KINDS)
+completion.install(KINDS)
 hydra_job.install(_check_first)
 _hydra_main = hydra.main(config_path="pkg://runner.conf", config_name="config", version_base="1.3")(
     _task
@@ -329,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 1)
     except SystemExit as exc:
         if isinstance(exc.code, int) and exc.code:
+            if _codes:  # a sweep: the highest exit code of its jobs
+                return max([*_codes, exc.code])
             # Hydra exits 1 on a composition error (unknown pipeline, bad override): a usage
             # error, so exit 2 as for any other bad spec
-            return 2 if exc.code == 1 and not _codes else exc.code
+            return 2 if exc.code == 1 else exc.code
         return 0 if exc.code is None or exc.code == 0 else 1
     return max(_codes, default=0)

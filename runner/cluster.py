@@ -53,6 +53,18 @@ class ClusterInfo:
             total = total + node
         return total
 
+    def ray_nodes(self) -> list[RayNode]:
+        """Its nodes as the loop follows them (ids, IPs, capacity, partitions), by index."""
+        return [
+            RayNode(
+                node_id,
+                self.node_ips[i],
+                self.nodes[i],
+                self.node_partitions[i] if self.node_partitions else frozenset(),
+            )
+            for i, node_id in enumerate(self.node_ids)
+        ]
+
     @property
     def largest(self) -> Resources:
         """The most of each resource any single node has (a unit must fit on one node)."""

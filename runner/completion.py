@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from hydra.plugins.completion_plugin import CompletionPlugin
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.base import Container
 
-from runner.schema import STAGE_KINDS, ClusterConfig, Mode, RunConfig
+from runner.schema import ClusterConfig, Mode, RunConfig
+from runner.spec import KindSchema
 
 # the schema of the keys directly under each top-level mapping
 _SECTIONS: dict[str, type] = {"run": RunConfig, "cluster": ClusterConfig}
 
 
-def choices(config: DictConfig, key: str) -> list[str]:
-    """Every value the schema allows for `key` (a dotted path of the composed `config`), or
-    nothing when its values are open (a number, a path, a free-form mapping's entry)."""
+def choices(config: DictConfig, key: str, kinds: Mapping[str, KindSchema]) -> list[str]:
+    """Every value the schema allows for `key` (a dotted path of the composed `config`; a
+    stage's keys from its kind's schema in `kinds`), or nothing when its values are open (a
+    number, a path, a free-form mapping's entry)."""
     parts = key.split(".")
     if parts == ["mode"]:
         return [m.value for m in Mode]
@@ -33,7 +35,8 @@ def choices(config: DictConfig, key: str) -> list[str]:
         schema = _SECTIONS.get(parts[0])
     elif len(parts) == 4 and parts[:2] == ["pipeline", "stages"]:
         kind = OmegaConf.select(config, f"pipeline.stages.{parts[2]}.kind", default=None)
-        schema = STAGE_KINDS.get(str(kind))
+        found_kind = kinds.get(str(kind))
+        schema = found_kind.spec_type if found_kind is not None else None
     if schema is None:
         return []
     found = {f.name: f for f in dataclasses.fields(schema)}.get(parts[-1])
@@ -48,23 +51,26 @@ def choices(config: DictConfig, key: str) -> list[str]:
 _installed = False
 
 
-def install() -> None:
-    """Complete `KEY=PARTIAL` from `choices` where the schema fixes the values, once (Hydra's
-    completion offers no hook; hydra-core is pinned to 1.3)."""
+def install(kinds: Mapping[str, KindSchema]) -> None:
+    """Complete `KEY=PARTIAL` from `choices` (a stage's keys from its kind in `kinds`) where
+    the schema fixes the values, once (Hydra's completion offers no hook; hydra-core is pinned
+    to 1.3)."""
     global _installed
     if _installed:
         return
     _installed = True
-    matches = staticmethod(_matching(CompletionPlugin._get_matches))
+    matches = staticmethod(_matching(CompletionPlugin._get_matches, kinds))
     CompletionPlugin._get_matches = matches  # type: ignore[method-assign,assignment]
 
 
-def _matching(get_matches: Callable[[Any, str], list[str]]) -> Callable[[Any, str], list[str]]:
-    def matches(config: Any, word: str) -> list[str]:
+def _matching(
+    get_matches: Callable[[Container, str], list[str]], kinds: Mapping[str, KindSchema]
+) -> Callable[[Container, str], list[str]]:
+    def matches(config: Container, word: str) -> list[str]:
         key, eq, partial = word.partition("=")
         # the whole config only: Hydra calls this again on nested nodes with the word's tail
         if eq and isinstance(config, DictConfig) and config._get_parent() is None:
-            allowed = choices(config, key)
+            allowed = choices(config, key, kinds)
             if allowed:
                 return [f"{key}={c}" for c in allowed if c.startswith(partial)]
         return get_matches(config, word)

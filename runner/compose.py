@@ -17,25 +17,26 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
 
 import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.hydra import Hydra
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.schema import STAGE_KINDS, ClusterConfig, RunConfig
-from runner.spec import unknown_key
+from runner.schema import ClusterConfig, RunConfig
+from runner.spec import KindSchema, unknown_key
 
 
-def defaults_of(cls: type) -> dict[str, Any]:
+def defaults_of(cls: type) -> dict[str, object]:
     """The fields of dataclass `cls` that have a default, with it (required ones left out)."""
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for f in fields(cls):
         if f.default_factory is not MISSING:
             out[f.name] = f.default_factory()
@@ -44,9 +45,13 @@ def defaults_of(cls: type) -> dict[str, Any]:
     return out
 
 
-def fill_defaults(cfg: DictConfig, overrides: list[Override]) -> None:
-    """Put the schema's defaults under the composed values of `cfg`, in place."""
-    kinds = {
+def fill_defaults(
+    cfg: DictConfig, overrides: list[Override], kinds: Mapping[str, KindSchema]
+) -> None:
+    """Put the schema's defaults (each stage's from its kind in `kinds`) under the composed
+    values of `cfg`, in place."""
+    # stages whose kind an override picks
+    picked = {
         o.key_or_group.split(".")[2]: str(o.value())
         for o in overrides
         if not o.is_delete()
@@ -66,15 +71,18 @@ def fill_defaults(cfg: DictConfig, overrides: list[Override]) -> None:
         for name, stage in stages.items_ex(resolve=False):
             if not isinstance(stage, DictConfig):
                 continue
-            kind = kinds.get(str(name), stage.get("kind"))
-            if kind in STAGE_KINDS:
+            kind = kinds.get(str(picked.get(str(name), stage.get("kind"))))
+            if kind is not None:
                 path = f"pipeline.stages.{name!s}"
-                spec_type = STAGE_KINDS[kind]
-                _under(stage, defaults_of(spec_type), path, added, spec_type)
+                _under(stage, defaults_of(kind.spec_type), path, added, kind.spec_type)
 
 
 def _under(
-    node: DictConfig, defaults: dict[str, Any], path: str, skip: set[str], cls: type | None = None
+    node: DictConfig,
+    defaults: dict[str, object],
+    path: str,
+    skip: set[str],
+    cls: type | None = None,
 ) -> None:
     """Add each default `node` (at `path`) lacks; what the YAML wrote always wins, under its
     own name or another spelling of it (a field's `aliases` in `cls`)."""
@@ -150,8 +158,9 @@ def _bad(message: str) -> int:
 _installed = False
 
 
-def install() -> None:
-    """Hook into Hydra's composition, once: `fill_defaults` between the defaults list and the
+def install(kinds: Mapping[str, KindSchema]) -> None:
+    """Hook into Hydra's composition, once: `fill_defaults` (with the schemas of `kinds`, the
+    stage kinds by name, read at each composition) between the defaults list and the
     overrides, and YAML syntax errors as one line naming file, line and column (Hydra offers
     no public hook for either; hydra-core is pinned to 1.3)."""
     global _installed
@@ -162,7 +171,7 @@ def install() -> None:
     load = ConfigLoaderImpl._load_configuration_impl
 
     def apply(overrides: list[Override], cfg: DictConfig) -> None:
-        fill_defaults(cfg, overrides)
+        fill_defaults(cfg, overrides, kinds)
         for override in overrides:  # one at a time: each sees the keys the ones before added
             try:
                 apply_overrides([override], cfg)
@@ -175,9 +184,16 @@ def install() -> None:
                 full = "RUNNER_FULL_ERROR=1 shows Hydra's own error"
                 raise SystemExit(_bad(f"{message} ({full})")) from None
 
-    def load_reporting_yaml(self: ConfigLoaderImpl, *args: Any, **kwargs: Any) -> DictConfig:
+    def load_reporting_yaml(
+        self: ConfigLoaderImpl,
+        config_name: str | None,
+        overrides: list[str],
+        run_mode: RunMode,
+        from_shell: bool = True,
+        validate_sweep_overrides: bool = True,
+    ) -> DictConfig:
         try:
-            cfg = load(self, *args, **kwargs)
+            cfg = load(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
             # Hydra resolves its output directory (from run.dir, pipeline.name) outside any
             # error handling of ours: a bad interpolation there would end in a traceback
             for key in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -196,17 +212,18 @@ def install() -> None:
 
     ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[method-assign]
     ConfigLoaderImpl._load_configuration_impl = load_reporting_yaml  # type: ignore[method-assign]
-    Hydra.get_mode = _get_mode(Hydra.get_mode)  # type: ignore[method-assign]
+    Hydra.get_mode = _get_mode  # type: ignore[method-assign]
 
 
-def _get_mode(get_mode: Any) -> Any:
+# Hydra's own `get_mode`, which `_get_mode` replaces
+_hydra_get_mode = Hydra.get_mode
+
+
+def _get_mode(self: Hydra, config_name: str | None, overrides: list[str]) -> RunMode | None:
     """Hydra composes the whole config twice per run: once only to read `hydra.mode`, once to
     run. The runner's config never sets `hydra.mode`; unless the command line does (`-m`, or
     a `hydra.mode=` override), the answer is "not set" (a plain run) without the first one."""
-
-    def mode(self: Hydra, config_name: str | None, overrides: list[str]) -> Any:
-        if {"-m", "--multirun"} & set(sys.argv[1:]) or any("hydra.mode" in o for o in overrides):
-            return get_mode(self, config_name, overrides)
-        return None
-
-    return mode
+    if {"-m", "--multirun"} & set(sys.argv[1:]) or any("hydra.mode" in o for o in overrides):
+        mode: RunMode | None = _hydra_get_mode(self, config_name, overrides)
+        return mode
+    return None

@@ -61,3 +61,13 @@ class Interrupted(RunnerError):
     def __init__(self, signum: int) -> None:
         self.exit_code = 128 + signum
         super().__init__(f"interrupted by signal {signum}: running units were cancelled")
+
+
+class SweepJobFailed(RunnerError):
+    """A sweep's pipeline job ended with a non-zero exit code: its `JobReturn` is FAILED with
+    this, which the sweeper raises once the batch has ended (the `runner` command says it in
+    one line and exits with the highest code of its jobs)."""
+
+    def __init__(self, job: str, code: int) -> None:
+        self.exit_code = code
+        super().__init__(f"sweep job {job} ended with exit {code} (see its run directory)")

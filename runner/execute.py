@@ -12,12 +12,14 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 from runner import history, planfile, report, warm
 from runner.backends.ray import RayBackend
+from runner.cluster import RayNode
 from runner.errors import Interrupted
 from runner.executor import Executor
 from runner.kind import RunContext, StageKind
@@ -52,6 +54,21 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+@dataclass
+class Sharing:
+    """A run that is one job of a sweep, side by side with the others in this process
+    (`runner.launcher`): one scheduler admits every unit of every job, over the nodes as the
+    jobs' loops follow them; the sweep handles the signals, stops each job through `stop` and
+    notes the signal in `caught` (shared by all its jobs)."""
+
+    scheduler: Scheduler
+    nodes: list[RayNode]
+    caught: list[int]
+    stop: threading.Event = field(default_factory=threading.Event)
+    # put before each progress line: the job's overrides
+    label: str = ""
+
+
 def execute(
     plan: Plan,
     pipeline: Pipeline,
@@ -60,25 +77,36 @@ def execute(
     ledger: Ledger,
     progress_mode: str,
     fresh: bool,
+    sharing: Sharing | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Run the plan; return (exit code, summary of the whole run) and write `summary.json`,
     which describes every attempt of the run directory (`history`)."""
-    stop = threading.Event()
+    stop = threading.Event() if sharing is None else sharing.stop
     tables = any(kinds[stage.kind].shared_leases for stage in plan.stages.values())
     warm.start(warm.PICTURE + (warm.RESULTS if tables else ()))
     backend = RayBackend(store.root, plan.cluster.shared_fs, stop)
-    scheduler = Scheduler(list(plan.cluster.nodes), clock=backend.clock)
-    progress = Progress(progress_mode)
+    if sharing is None:
+        scheduler = Scheduler(list(plan.cluster.nodes), clock=backend.clock)
+        progress = Progress(progress_mode)
+    else:  # several jobs' lines mix: periodic lines, each named by its job
+        scheduler = sharing.scheduler
+        progress = Progress("off" if progress_mode == "off" else "log", label=sharing.label)
     ctx = RunContext(
         store, ledger, plan.cluster, stop, progress, backend.clock, backend.wall, fresh=fresh
     )
+    if sharing is not None:
+        ctx.nodes = sharing.nodes
     started = time.monotonic()
     # a ledger that cannot be written (full disk, read-only directory) stops the run
     ledger.on_failure = stop.set
     run_started = ledger.start_run()
-    with stop_on_signals(stop) as caught:
+    signals: AbstractContextManager[list[int]] = (
+        stop_on_signals(stop) if sharing is None else nullcontext(sharing.caught)
+    )
+    with signals as caught:
         try:
-            outcomes = Executor(plan, pipeline, kinds, ctx, scheduler, backend).run()
+            executor = Executor(plan, pipeline, kinds, ctx, scheduler, backend, sharing is not None)
+            outcomes = executor.run()
         finally:
             progress.close()
     if ledger.failure is not None:

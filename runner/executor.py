@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -89,6 +90,11 @@ STUCK_EVERY = 1.0
 MEASURED_UNITS = 10_000
 # a small plan's units are listed in the order they started (the simulated run's report)
 SHOWN_STARTS = 20
+# held while a loop changes the cluster's membership (its scheduler and nodes may be shared)
+_MEMBERSHIP = threading.Lock()
+# grants a unit (or a stage's worker leases, one after another) may get that the cluster does
+# not start within their bound before the unit fails (the stage, for workers) naming why
+START_TRIES = 3
 
 
 @dataclass
@@ -123,9 +129,14 @@ class Executor:
         ctx: RunContext,
         scheduler: Scheduler,
         backend: Backend,
+        shared: bool = False,
     ) -> None:
         self.plan, self.pipeline, self.kinds, self.ctx = plan, pipeline, kinds, ctx
         self.scheduler, self.backend = scheduler, backend
+        # a scheduler (and `ctx.nodes`) shared with other loops (a sweep's jobs): this loop's
+        # tickets are known by it, and membership changes are made once for all
+        self.tenant: object = self if shared else None
+        self.gone: set[str] = set()
         self.clock, self.wall = backend.clock, backend.wall
         self.outcomes: dict[str, StageOutcome] = {}
         self.live: dict[str, Live] = {}
@@ -134,6 +145,9 @@ class Executor:
         self.leases: set[Lease] = set()
         self.by_grant: dict[Grant, Lease] = {}
         self.flagged: list[tuple[Grant, str]] = []
+        # grants in a row not started within their bound: by unit, or by stage for the leases
+        # of no unit (a pool's workers); forgotten once one starts
+        self.unstarted: Counter[Work | str] = Counter()
         self.rows: dict[tuple[str, str], UnitRow] = {}
         self.events: list[Event] = []
         # the ledger is written for a real run only (a simulated one has nothing to resume)
@@ -156,10 +170,7 @@ class Executor:
         self.busy = Resources()
         self.nodes = ctx.nodes
         if not self.nodes:
-            cluster = plan.cluster
-            for i, node_id in enumerate(cluster.node_ids):
-                parts = cluster.node_partitions[i] if cluster.node_partitions else frozenset()
-                self.nodes.append(RayNode(node_id, cluster.node_ips[i], cluster.nodes[i], parts))
+            self.nodes += plan.cluster.ray_nodes()
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -344,7 +355,7 @@ class Executor:
         if ask.work is not None:
             lease.work.append(ask.work)
         owner = f"{run.name}/{ask.work.id if ask.work else 'worker'}"
-        (lease.ticket,) = self.scheduler.submit(ask.request, (owner,), self._flag)
+        (lease.ticket,) = self.scheduler.submit(ask.request, (owner,), self._flag, self.tenant)
         self.waiting[lease.ticket] = lease
         live = self.live[run.name]
         live.asked += 1
@@ -374,7 +385,7 @@ class Executor:
         self.flagged.append((grant, reason))
 
     def _admit(self) -> None:
-        for ticket in self.scheduler.admit():
+        for ticket in self.scheduler.admit(self.tenant):
             lease = self.waiting.pop(ticket, None)
             if lease is None:
                 continue
@@ -473,6 +484,10 @@ class Executor:
         if lease.closed:
             return
         lease.started = where
+        if self.unstarted:
+            keys: list[Work | str] = list(lease.work) or [lease.run.name]
+            for key in keys:
+                self.unstarted.pop(key, None)
         live = self.live[lease.run.name]
         latency = max(0.0, where.time - lease.granted_at)
         live.start_latencies.append(latency)
@@ -731,27 +746,47 @@ class Executor:
                 self._stopped(lease)
 
     def _deadlines(self) -> None:
+        """Leases past their deadline: a stopping one is killed (after its last call), one
+        not started gives its grant back. Past means at or after it: virtual time stops the
+        clock exactly at the deadline it waits for."""
         now = self.clock()
         for lease in list(self.leases):
-            if lease.deadline is None or now <= lease.deadline or lease.closed:
+            if lease.deadline is None or now < lease.deadline or lease.closed:
                 continue
+            self.moved = True  # what it frees or queues again is for the next turn
             if lease.stopping is not None:
                 self._late(lease, now)
+            else:
+                self._not_started(lease)
+
+    def _not_started(self, lease: Lease) -> None:
+        """Granted, but the cluster never started it on that node: the grant goes back and
+        its units to the queue, no retry spent; `START_TRIES` such grants in a row fail them
+        (a stage's worker leases: the stage), naming why, instead of asking for ever."""
+        name = lease.run.name
+        keys: list[Work | str] = list(lease.work) or [name]
+        for key in keys:
+            self.unstarted[key] += 1
+        why = f"not started on {lease.node} within {lease.start_bound:g}s"
+        log.warning(
+            "%s: Ray did not start %s on node %s within %gs; queued again",
+            name,
+            ", ".join(w.id for w in lease.work) or "a worker",
+            lease.node,
+            lease.start_bound,
+        )
+        self.end_lease(lease, kill=True)
+        for work in lease.work:
+            if self.unstarted[work] >= START_TRIES:
+                del self.unstarted[work]
+                self.finish(work, UnitState.failed, error=f"{why}, {START_TRIES} times")
                 continue
-            # granted, but the cluster never started it on that node: give the grant back
-            log.warning(
-                "%s: Ray did not start %s on node %s within %gs; queued again",
-                lease.run.name,
-                ", ".join(w.id for w in lease.work) or "a worker",
-                lease.node,
-                lease.start_bound,
-            )
-            self.end_lease(lease, kill=True)
-            for work in lease.work:
-                work.go(UnitState.pending)
-                work.error = f"not started on {lease.node} within {lease.start_bound:g}s"
-                self.event(work, "retry", work.error)  # a requeue, counted with the others
-                lease.run.requeue(work)
+            work.go(UnitState.pending)
+            work.error = why
+            self.event(work, "retry", why)  # a requeue, counted with the others
+            lease.run.requeue(work)
+        if not lease.work and self.unstarted[name] >= START_TRIES and name in self.live:
+            self._close_stage(name, message=f"workers {why}, {START_TRIES} times in a row")
 
     def _late(self, lease: Lease, now: float) -> None:
         """A stopping lease past its grace: its kind's last call first (a victim's state),
@@ -811,23 +846,31 @@ class Executor:
         if alive_list is None:
             return
         alive = {n.node_id: n for n in alive_list}
-        for i, node in enumerate(self.nodes):
-            if node.node_id not in alive and node.capacity != Resources():
-                log.warning("node %s left the cluster; its units are queued again", node.ip)
-                self.scheduler.set_capacity(i, Resources())
-                self.nodes[i] = RayNode(node.node_id, node.ip, Resources())
-                for lease in [x for x in self.leases if x.grant is not None and x.grant.node == i]:
-                    lease.node_left = True
-                    failure = lease.run.on_failure(
-                        lease, None, f"node {node.ip} left the cluster", True
-                    )
-                    self._apply_all(failure)
-        known = {n.node_id for n in self.nodes}
-        for node_id, node in alive.items():
-            if node_id not in known:
-                log.info("node %s joined the cluster: %s", node.ip, node.capacity.describe())
-                self.scheduler.add_node(node.capacity)
-                self.nodes.append(node)
+        with _MEMBERSHIP:  # the scheduler and the nodes may be shared with other loops
+            left = [
+                (i, node)
+                for i, node in enumerate(self.nodes)
+                if node.node_id not in alive and node.node_id not in self.gone
+            ]
+            for i, node in left:
+                self.gone.add(node.node_id)
+                if node.capacity != Resources():  # the first loop to see it go
+                    log.warning("node %s left the cluster; its units are queued again", node.ip)
+                    self.scheduler.set_capacity(i, Resources())
+                    self.nodes[i] = RayNode(node.node_id, node.ip, Resources())
+            known = {n.node_id for n in self.nodes}
+            for node_id, node in alive.items():
+                if node_id not in known:
+                    log.info("node %s joined the cluster: %s", node.ip, node.capacity.describe())
+                    self.scheduler.add_node(node.capacity)
+                    self.nodes.append(node)
+        for i, node in left:
+            for lease in [x for x in self.leases if x.grant is not None and x.grant.node == i]:
+                lease.node_left = True
+                failure = lease.run.on_failure(
+                    lease, None, f"node {node.ip} left the cluster", True
+                )
+                self._apply_all(failure)
 
     # --- waits without end ---------------------------------------------------------------
 
@@ -838,7 +881,7 @@ class Executor:
         with the reason instead of waiting for ever."""
         if not self._idle_for_a_look():
             return
-        granted = self.scheduler.admit()
+        granted = self.scheduler.admit(self.tenant)
         if granted:  # granted after all (released meanwhile): not stuck
             for ticket in granted:
                 lease = self.waiting.pop(ticket, None)
@@ -848,6 +891,10 @@ class Executor:
         if not self.waiting:
             self._no_progress()
             return
+        if self.tenant is not None and self.scheduler.tenants_hold(
+            self.tenant, self.by_grant.__contains__
+        ):
+            return  # another job's units hold what these wait for: they end in time
         self._fail_unadmittable()
 
     def _idle_for_a_look(self) -> bool:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,36 @@ class Gpu:
         )
 
 
+class _Memory(Protocol):
+    """`nvmlDeviceGetMemoryInfo`'s answer: bytes."""
+
+    total: int
+    free: int
+    used: int
+
+
+class _Pci(Protocol):
+    """`nvmlDeviceGetPciInfo`'s answer, as far as it is read."""
+
+    busId: bytes | str
+
+
+class Nvml(Protocol):
+    """The part of the pynvml module read here (names and handles as NVML's C API has them;
+    strings are bytes in older pynvml versions)."""
+
+    def nvmlDeviceGetCount(self) -> int: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> object: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: object) -> _Memory: ...
+    def nvmlDeviceGetPciInfo(self, handle: object) -> _Pci: ...
+    def nvmlDeviceGetUUID(self, handle: object) -> bytes | str: ...
+    def nvmlDeviceGetName(self, handle: object) -> bytes | str: ...
+    # absent on some platforms and fakes: looked for before it is called
+    def nvmlDeviceGetTopologyCommonAncestor(self, a: object, b: object) -> int: ...
+
+
 @contextmanager
-def _nvml() -> Iterator[Any]:
+def _nvml() -> Iterator[Nvml | None]:
     """The initialised pynvml module, or None when NVML (or a GPU driver) is absent."""
     try:
         import pynvml
@@ -77,11 +105,11 @@ def inventory(cuda_visible: str | None = None) -> list[Gpu]:
     return _visible(found, visible)
 
 
-def _text(value: Any) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _read(nvml: Any, index: int) -> Gpu:
+def _read(nvml: Nvml, index: int) -> Gpu:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
     try:

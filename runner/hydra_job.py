@@ -26,7 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import StorageError
+from runner.errors import StorageError, SweepJobFailed
 from runner.store import storage_error
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,7 +122,28 @@ def install(check: Callable[[DictConfig], None]) -> None:
         return
     _installed = True
     from hydra._internal import hydra as hydra_run
+    from hydra._internal import utils as hydra_utils
     from hydra.core import utils
 
     hydra_run.run_job = checked(reporting(hydra_run.run_job), check)  # type: ignore[attr-defined]
     utils.run_job = reporting(utils.run_job)
+    hydra_utils.run_and_report = failed_jobs_in_one_line(hydra_utils.run_and_report)
+
+
+def failed_jobs_in_one_line(run_and_report: F) -> F:
+    """Hydra's `run_and_report` (the command's outermost call), where a sweep's failed
+    pipeline job, raised by the sweeper once its batch has ended, is one line and its exit
+    code, not Hydra's report of an exception."""
+
+    @functools.wraps(run_and_report)
+    def wrapper(func: Callable[[], Any]) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except SweepJobFailed as exc:
+                print(f"runner: error: {exc}", file=sys.stderr)
+                raise SystemExit(exc.exit_code) from None
+
+        return run_and_report(guarded)
+
+    return wrapper  # type: ignore[return-value]

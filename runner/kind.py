@@ -21,7 +21,7 @@ from runner.cluster import ClusterInfo, RayNode
 from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
 from runner.measured import Measured
-from runner.plan import StagePlan, StagePlanner, Unit
+from runner.plan import PlanContext, StagePlan, StagePlanner, Unit
 from runner.progress import Progress
 from runner.schema import StageSpec
 from runner.spec import KindCheck
@@ -283,7 +283,7 @@ class StageKind:
 
     spec_type: type[StageSpec]
     check: KindCheck
-    plan: StagePlanner
+    planner: StagePlanner
     open: StageOpener
     # the spec's keys that hold paths, relative to the spec's directory (`*`: every item)
     path_keys: tuple[tuple[str, ...], ...] = ()
@@ -293,3 +293,15 @@ class StageKind:
     unit_tracks: bool = False
     # many units share one lease (a pool's worker): the simulator scales their times
     shared_leases: bool = False
+    # `mode=status` lists its units as a batch system lists jobs: state, exit code or signal,
+    # start, end, node, stdout and stderr
+    job_table: bool = False
+
+    def plan(
+        self, name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext
+    ) -> StagePlan:
+        """The kind's plan of one stage (`planner`), marked with what a reader of the run
+        without the kinds' registry needs of the kind (`plan.json` keeps it)."""
+        stage = self.planner(name, spec, raw, ctx)
+        stage.unit_tracks = self.unit_tracks
+        return stage

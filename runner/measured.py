@@ -9,8 +9,9 @@ bigger run from a small one. Read here, per stage:
 - the start-up latency: the mean time from a lease's grant to its process's start (Ray
   starting a worker process or an actor; the executor keeps it in the stage's summary, and
   each attempt's by unit), paid by each lease before its unit runs;
-- for pools, the worker time per item time (`scale`): items travel in batches with a round
-  trip per batch, and may run on several threads of a worker, which items' own times do not show;
+- the worker time per unit time (`scale`), read by kinds whose units share a worker (a
+  pool's items travel in batches with a round trip per batch, and may run on several threads
+  of a worker, which items' own times do not show);
 - the run's makespan, from the first start of any unit's attempt (an attempt that ended early,
   preempted or retried, is in the events) to the last unit's end (Ray's start-up excluded),
   which the simulated run is to predict.
@@ -43,6 +44,7 @@ class StageMeasure:
     latency: float = 0.0
     # each attempt's start-up latency, by unit, where the run kept them
     latencies: dict[str, list[float]] = field(default_factory=dict)
+    # worker time per unit time (1 where each unit held a worker of its own)
     scale: float = 1.0
 
 
@@ -113,8 +115,7 @@ def _measure_stage(
         m.latencies = dict(summary.get("start_latencies") or {})
     elif isinstance(began, int | float):  # an older ledger: the stage's first start
         m.latency = max(0.0, first - float(began))
-    if record.get("kind") == "pool":
-        m.scale = _pool_scale(by_worker, sum(m.durations.values()))
+    m.scale = _worker_scale(by_worker, sum(m.durations.values()))
     return m, (first, last)
 
 
@@ -132,10 +133,11 @@ def _first_attempt(ledger: Ledger) -> float:
     return first
 
 
-def _pool_scale(by_worker: dict[str, list[tuple[float, float]]], item_time: float) -> float:
-    """Worker time per item time: the span each worker was busy (first item's start to last
-    item's end), summed, over the items' own times summed. Above 1 where batches' round trips
-    cost; below 1 where a worker ran items on several threads at once. The simulated worker
-    runs its items one after another for their time times this."""
+def _worker_scale(by_worker: dict[str, list[tuple[float, float]]], item_time: float) -> float:
+    """Worker time per unit time: the span each worker was busy (first unit's start to last
+    unit's end), summed, over the units' own times summed. Above 1 where batches' round trips
+    cost; below 1 where a worker ran units on several threads at once. A simulated worker that
+    many units share (a pool's) runs them one after another for their time times this; a kind
+    whose units each hold their own lease does not read it."""
     busy = sum(max(e for _, e in spans) - min(s for s, _ in spans) for spans in by_worker.values())
     return busy / item_time if item_time > 0 and busy > 0 else 1.0

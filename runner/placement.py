@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -21,9 +20,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypedDict, cast
 
 from runner.resources import Resources
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,16 @@ class Placement:
     group: object = None
 
 
+class StartedFields(TypedDict):
+    """A `Started`'s fields, as a task sends them (JSON, or through the `Inbox`)."""
+
+    node_id: str
+    node_ip: str
+    host: str
+    pid: int
+    time: float
+
+
 @dataclass(frozen=True)
 class Started:
     """Sent by a unit's process as its first words: it really runs, here, since `time`."""
@@ -48,6 +60,12 @@ class Started:
     host: str
     pid: int
     time: float
+
+    def fields(self) -> StartedFields:
+        """The fields as plain data, to travel (cheaper than `dataclasses.asdict`)."""
+        return StartedFields(
+            node_id=self.node_id, node_ip=self.node_ip, host=self.host, pid=self.pid, time=self.time
+        )
 
     @property
     def worker(self) -> str:
@@ -60,6 +78,24 @@ class Started:
         return self.host == socket.gethostname()
 
 
+class _Post(Protocol):
+    def remote(self, key: str, where: StartedFields) -> ObjectRef[None]: ...
+
+
+class _Take(Protocol):
+    def remote(self, wait: float) -> ObjectRef[dict[str, StartedFields]]: ...
+
+
+class InboxHandle(Protocol):
+    """Ray's handle of the run's `Inbox` actor: its methods, called with `.remote(...)`."""
+
+    @property
+    def post(self) -> _Post: ...
+
+    @property
+    def take(self) -> _Take: ...
+
+
 @dataclass(frozen=True)
 class StartTo:
     """Where one task announces its start: a file under the run directory, when every node
@@ -67,8 +103,15 @@ class StartTo:
 
     key: str
     path: str | None = None
-    # the run's `Inbox` actor (a Ray actor handle)
-    inbox: Any = None
+    inbox: InboxHandle | None = None
+
+
+class StartToFields(TypedDict):
+    """A `StartTo`'s fields, as it travels in a task's arguments (`remote.plain`)."""
+
+    key: str
+    path: str | None
+    inbox: InboxHandle | None
 
 
 def announce(to: StartTo) -> Started:
@@ -84,10 +127,10 @@ def announce(to: StartTo) -> Started:
     if to.inbox is not None:
         import ray
 
-        ray.get(to.inbox.post.remote(to.key, dataclasses.asdict(where)))
+        ray.get(to.inbox.post.remote(to.key, where.fields()))
         return where
     assert to.path is not None
-    text = json.dumps(dataclasses.asdict(where)).encode()
+    text = json.dumps(where.fields()).encode()
     try:
         fd = os.open(to.path, _NEW_FILE, 0o644)
     except FileNotFoundError:  # the first task of the run to announce makes the directory
@@ -110,14 +153,14 @@ class Inbox:
     flight per second while idle, none while no task is starting)."""
 
     def __init__(self) -> None:
-        self.box: dict[str, dict[str, Any]] = {}
+        self.box: dict[str, StartedFields] = {}
         self.came = asyncio.Event()
 
-    async def post(self, key: str, where: dict[str, Any]) -> None:
+    async def post(self, key: str, where: StartedFields) -> None:
         self.box[key] = where
         self.came.set()
 
-    async def take(self, wait: float) -> dict[str, dict[str, Any]]:
+    async def take(self, wait: float) -> dict[str, StartedFields]:
         if not self.box:
             self.came.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -143,8 +186,8 @@ class Starts:
 
     def __init__(self, root: Path, shared_fs: bool) -> None:
         self.root, self.shared_fs = root, shared_fs
-        self.inbox: Any = None
-        self.taking: Any = None
+        self.inbox: InboxHandle | None = None
+        self.taking: ObjectRef[dict[str, StartedFields]] | None = None
         self.came: dict[str, Started] = {}
         # the start files there at this turn's listing
         self.there: set[str] = set()
@@ -174,7 +217,8 @@ class Starts:
 
             here_id = ray.get_runtime_context().get_node_id()
             strategy = NodeAffinitySchedulingStrategy(here_id, soft=False)
-            self.inbox = remote(Inbox).options(num_cpus=0, scheduling_strategy=strategy).remote()
+            made = remote(Inbox).options(num_cpus=0, scheduling_strategy=strategy)
+            self.inbox = cast(InboxHandle, made.remote())  # Ray's handle of an Inbox
         return StartTo(key, inbox=self.inbox)
 
     def heard(self, to: StartTo, ended: bool = False) -> Started | None:
@@ -219,8 +263,10 @@ class Starts:
         """Remove the inbox (Ray must be alive)."""
         if self.inbox is not None:
             import ray
+            from ray.actor import ActorHandle
 
-            ray.kill(self.inbox)
+            if isinstance(self.inbox, ActorHandle):  # it is: made by `address`
+                ray.kill(self.inbox)
             self.inbox = self.taking = None
 
 

@@ -137,6 +137,10 @@ class StagePlan:
     settings: object = None
     # what each unit holds while it runs (None: the stage's first claim, one per unit)
     sizing: StageSizing | None = None
+    # each unit drawn on a track of its own across its attempts (a role replica), not on the
+    # worker that ran it: its kind's `StageKind.unit_tracks`, kept in `plan.json` for the
+    # picture and the trace
+    unit_tracks: bool = False
 
     @property
     def to_run(self) -> list[Unit]:

@@ -12,7 +12,6 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner.plan import Plan, StagePlan, StageSizing
 from runner.resources import Resources
@@ -32,11 +31,13 @@ class PlanRecord:
     reasons: dict[str, list[tuple[str, str, int]]]
     claims: dict[str, list[str]]
     notes: dict[str, list[str]]
+    # the stages whose units are each drawn on a track of their own (`StagePlan.unit_tracks`)
+    unit_tracks: frozenset[str] = frozenset()
 
 
 def record(plan: Plan, path: Path) -> None:
     """Write the plan's record to `path` (JSON, atomically)."""
-    stages: dict[str, Any] = {}
+    stages: dict[str, dict[str, object]] = {}
     for name, stage in plan.stages.items():
         sizing = _sizing(stage)
         # by the run's end the executor has cleared `run` of every unit it saw through, so the
@@ -55,6 +56,7 @@ def record(plan: Plan, path: Path) -> None:
                 for c in stage.claims
             ],
             "notes": list(stage.notes),
+            "unit_tracks": stage.unit_tracks,
         }
     write_json(
         path,
@@ -84,6 +86,8 @@ def load(path: Path) -> PlanRecord | None:
             },
             claims={name: list(s["claims"]) for name, s in stages.items()},
             notes={name: list(s["notes"]) for name, s in stages.items()},
+            # absent from a plan.json written before it was kept
+            unit_tracks=frozenset(n for n, s in stages.items() if s.get("unit_tracks")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

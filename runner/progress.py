@@ -72,6 +72,8 @@ class Progress:
     mode: str = "auto"  # auto | bar | log | off
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     log_every: float = 10.0
+    # put before each stage's name: a sweep's job (its overrides), whose lines mix with others'
+    label: str = ""
     _stages: dict[str, _Stage] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
@@ -118,7 +120,7 @@ class Progress:
             s.finished = True
             if self._bars is not None and s.task is not None:
                 self._bars.remove_task(s.task)
-                self._bars.console.print(line(stage, s), markup=False, highlight=False)
+                self._bars.console.print(line(self.label + stage, s), markup=False, highlight=False)
                 s.task = None
 
     def print(self, text: str) -> None:
@@ -169,7 +171,7 @@ class Progress:
 
     def _log(self) -> None:
         with self._lock:
-            lines = [line(name, s) for name, s in self._stages.items() if not s.finished]
+            lines = [line(self.label + n, s) for n, s in self._stages.items() if not s.finished]
         if lines:
             self.stream.write("".join(f"progress {text}\n" for text in lines))
             self.stream.flush()

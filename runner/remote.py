@@ -12,11 +12,39 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+    from ray import ObjectRef
 
 log = logging.getLogger(__name__)
 
-_made: dict[Any, Any] = {}
+
+class RemoteCall(Protocol):
+    """An actor's method as Ray hands it: called with `.remote(...)`, it answers a reference."""
+
+    def remote(self, *args: object, **kwargs: object) -> ObjectRef[object]: ...
+
+
+class Made(Protocol):
+    """A function or a class as `ray.remote` makes it: options set, then started with
+    `.remote(...)` (a task's reference, or an actor's handle)."""
+
+    def options(self, **options: object) -> Made: ...
+
+    def remote(self, *args: object, **kwargs: object) -> object: ...
+
+
+@runtime_checkable
+class Actor(Protocol):
+    """A Ray actor's handle, as far as asking whether it is up goes (every actor has it)."""
+
+    @property
+    def __ray_ready__(self) -> RemoteCall: ...
+
+
+_made: dict[Callable[..., object], Made] = {}
 _lock = threading.Lock()
 
 # a traceback's last line: `SomeError: message`, `pkg.mod.CustomException: message`, `SystemExit`
@@ -25,17 +53,20 @@ _EXCEPTION_LINE = re.compile(r"[\w.]*(Error|Exception|Interrupt|Exit|Expired)(:|
 MAX_ERROR = 300
 
 
-def remote(target: Any) -> Any:
+def remote(target: object) -> Made:
     """`ray.remote(target)`, made once per target (stages run on threads: made under a lock)."""
+    if not callable(target):
+        raise TypeError(f"not a function or a class for Ray to run: {target!r}")
     with _lock:
         if target not in _made:
             import ray
 
-            _made[target] = ray.remote(target)
+            # Ray's own types follow the target's signature; the kinds call it by `Made`
+            _made[target] = cast(Made, ray.remote(target))
         return _made[target]
 
 
-def plain(obj: Any) -> dict[str, Any]:
+def plain(obj: DataclassInstance) -> dict[str, object]:
     """A dataclass instance as a dict of its fields (shallow), to travel as a task's argument:
     Ray packs builtins with msgpack, while an instance of a class of ours in the arguments
     takes its pickle path, about 0.3 ms of CPU more per task (driver and worker together)."""
@@ -67,11 +98,11 @@ class ActorKills:
 
     def __init__(self) -> None:
         # the answer to `__ray_ready__`, and its actor
-        self.pending: dict[Any, Any] = {}
+        self.pending: dict[ObjectRef[object], Actor] = {}
 
-    def kill(self, actor: Any, now: bool) -> None:
+    def kill(self, actor: object, now: bool) -> None:
         """Kill `actor` now (it is known to be up, or the run is stopping), else once up."""
-        if now:
+        if now or not isinstance(actor, Actor):
             _kill(actor)
         else:
             self.pending[actor.__ray_ready__.remote()] = actor
@@ -99,10 +130,13 @@ class ActorKills:
         self.pending.clear()
 
 
-def _kill(actor: Any) -> None:
+def _kill(actor: object) -> None:
     import ray
+    from ray.actor import ActorHandle
 
     try:
+        if not isinstance(actor, ActorHandle):
+            raise ValueError(f"not an actor: {actor!r}")  # as ray.kill says it
         ray.kill(actor, no_restart=True)
     except Exception as exc:  # gone already
         log.debug("kill: %s", exc)

@@ -6,15 +6,19 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from runner import history, planfile, procs, report_html, spans, timeline, trace
+from runner.jsondata import json_list, json_number, json_object
 from runner.lifecycle import UnitState
 from runner.plan import Plan, StagePlan
 from runner.scheduler.policy import REASONS
 from runner.store import Ledger, StageRow, UnitRow, atomic_path
+
+if TYPE_CHECKING:
+    from runner.kind import StageKind
 
 SAMPLE = 5
 # what every run writes beside its ledger, by the summary key that names it
@@ -109,27 +113,30 @@ def _sample(ids: list[str], total: int) -> str:
     return f"[{shown}{', ...' if total > SAMPLE else ''}]"
 
 
-def format_summary(summary: dict[str, Any], run_dir: str) -> str:
+def format_summary(summary: Mapping[str, object], run_dir: str) -> str:
     """The end-of-run table of the attempt that just ended, one row per stage, with what each
     stage said (its requeues and preemptions too); then the whole run's files."""
-    attempt = summary["attempts"][-1]
-    stages: dict[str, Any] = attempt["stages"]
+    every = json_list(summary["attempts"])
+    attempt = json_object(every[-1])
+    stages = {str(k): json_object(v) for k, v in json_object(attempt["stages"]).items()}
     header = ("stage", "kind", "done", "failed", "timeout", "cancelled", "skipped", "wall")
     rows = [
         (
             name,
             s["kind"],
             *(s[k] for k in ("done", "failed", "timeout", "cancelled", "skipped")),
-            f"{s['wall_s']:.1f}s",
-            "-" if s["cpu_utilization"] is None else f"{100 * s['cpu_utilization']:.0f}%",
+            f"{json_number(s['wall_s']):.1f}s",
+            "-"
+            if s["cpu_utilization"] is None
+            else f"{100 * json_number(s['cpu_utilization']):.0f}%",
         )
         for name, s in stages.items()
     ]
     lines = _table((*header, "cpu util"), rows)
     accounts = [
-        (name, account, use["jobs"], f"{use['cpu_s']:.1f}")
+        (name, account, use["jobs"], f"{json_number(use['cpu_s']):.1f}")
         for name, s in stages.items()
-        for account, use in s.get("accounts", {}).items()
+        for account, use in ((a, json_object(u)) for a, u in json_object(s.get("accounts")).items())
     ]
     if accounts:  # SCNS's accounting: what each account's jobs used
         lines += _table(("stage", "account", "jobs", "cpu-seconds"), accounts)
@@ -138,21 +145,21 @@ def format_summary(summary: dict[str, Any], run_dir: str) -> str:
             lines.append(f"{name}: {s['message']}")
         if requeued := requeue_line(s):
             lines.append(f"{name}: {requeued}")
-        lines += [f"{name}: wrote {out}" for out in s["outputs"]]
+        lines += [f"{name}: wrote {out}" for out in json_list(s["outputs"])]
     lines += [f"{a}: {summary[a]}" for a in ARTIFACTS if summary.get(a)]
     state = "succeeded" if attempt["ok"] else "did not succeed"
-    lines.append(f"run {state} in {attempt['wall_s']:.1f}s; run dir {run_dir}")
-    if len(summary["attempts"]) > 1:
-        n = len(summary["attempts"])
+    lines.append(f"run {state} in {json_number(attempt['wall_s']):.1f}s; run dir {run_dir}")
+    if len(every) > 1:
+        n = len(every)
         lines.append(f"attempt {n} of this run; summary.json and report.html describe all {n}")
     return "\n".join(lines)
 
 
-def requeue_line(stage: dict[str, Any]) -> str:
+def requeue_line(stage: Mapping[str, object]) -> str:
     """'preemptions: label 1, same_pool 1, cross_pool 0; requeues 2; mean wait by priority
     10: 0.01s, ...' for a stage whose units were queued again or waited by priority, else ''."""
-    preemptions: dict[str, int] = stage.get("preemptions", {})
-    waits: dict[str, dict[str, float]] = stage.get("waiting_s_by_priority", {})
+    preemptions = json_object(stage.get("preemptions"))
+    waits = json_object(stage.get("waiting_s_by_priority"))
     if not (stage.get("requeues") or any(preemptions.values()) or waits):
         return ""
     reasons = [*REASONS, *(r for r in preemptions if r not in REASONS)]
@@ -161,13 +168,16 @@ def requeue_line(stage: dict[str, Any]) -> str:
     if waits:
         by_priority = sorted(waits.items(), key=lambda w: float(w[0]), reverse=True)
         line += "; mean wait by priority " + ", ".join(
-            f"{p}: {w['mean_s']:.2f}s" for p, w in by_priority
+            f"{p}: {json_number(json_object(w).get('mean_s')):.2f}s" for p, w in by_priority
         )
     return line
 
 
-def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
-    """The ledger of a run directory: per stage its state and counts, then unfinished units."""
+def format_status(
+    ledger: Ledger, run_dir: str, kinds: Mapping[str, StageKind], limit: int = 20
+) -> str:
+    """The ledger of a run directory: per stage its state and counts, a table of the units of
+    each stage whose kind lists them as jobs (`StageKind.job_table`), then unfinished units."""
     stages = ledger.stages()
     if not stages:
         return f"{run_dir}: no stage has run yet"
@@ -180,7 +190,11 @@ def format_status(ledger: Ledger, run_dir: str, limit: int = 20) -> str:
     lines = [f"run dir {run_dir}", *_status_table(stages, counts_of)]
     if gone is not None:
         lines.append(gone)
-    jobs = {s["stage"]: sum(counts_of[s["stage"]].values()) for s in stages if s["kind"] == "jobs"}
+    jobs = {
+        s["stage"]: sum(counts_of[s["stage"]].values())
+        for s in stages
+        if (kind := kinds.get(s["kind"])) is not None and kind.job_table
+    }
     lines += _jobs_tables(ledger, jobs, run_dir)
     lines += _not_done(ledger, counts_of, run_dir, limit)
     return "\n".join(lines)
@@ -261,7 +275,7 @@ def _where_to_look(stages: list[str], root: Path) -> list[str]:
 def _jobs_tables(
     ledger: Ledger, stages: dict[str, int], run_dir: str, limit: int = 50
 ) -> list[str]:
-    """One table per `jobs` stage (name → its count of jobs), as Slurm users read a queue:
+    """One table per stage of jobs (name → its count of jobs), as Slurm users read a queue:
     state, exit code or signal, start, end, node and where the job's stdout/stderr are
     (relative to the run directory); the first `limit` jobs by start."""
     lines: list[str] = []
@@ -309,7 +323,7 @@ def _under(path: str | None, root: Path) -> str:
     return os.path.relpath(path, root) if Path(path).is_relative_to(root) else path
 
 
-def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: Iterable[tuple[object, ...]]) -> list[str]:
     text = [tuple(str(c) for c in header), *(tuple(str(c) for c in r) for r in rows)]
     widths = [max(len(r[i]) for r in text) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in text]

@@ -13,10 +13,10 @@ import base64
 import html
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
+from runner.jsondata import json_list, json_number, json_object
 from runner.planfile import PlanRecord
 from runner.spans import RunView
 from runner.store import Ledger, atomic_path
@@ -37,7 +37,7 @@ def render(
     ledger: Ledger,
     view: RunView,
     plan: PlanRecord | None,
-    summary: dict[str, Any],
+    summary: Mapping[str, object],
     title: str,
     picture: Path | None,
 ) -> str:
@@ -68,7 +68,7 @@ def write(
     ledger: Ledger,
     view: RunView,
     plan: PlanRecord | None,
-    summary: dict[str, Any],
+    summary: Mapping[str, object],
     title: str,
     picture: Path | None,
     path: Path,
@@ -79,9 +79,9 @@ def write(
     return path
 
 
-def _run_line(summary: dict[str, Any], view: RunView, plan: PlanRecord | None) -> str:
-    every = summary["attempts"]
-    started = every[0]["started"] if every else None
+def _run_line(summary: Mapping[str, object], view: RunView, plan: PlanRecord | None) -> str:
+    every = json_list(summary["attempts"])
+    started = json_number(json_object(every[0])["started"]) if every else None
     code = summary.get("exit_code")
     where = f" on {_e(plan.where)}" if plan else ""
     usage = ", ".join(
@@ -100,27 +100,29 @@ def _when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
 
 
-def _attempts(summary: dict[str, Any]) -> str:
+def _attempts(summary: Mapping[str, object]) -> str:
     """One row per attempt of the run: when, how it ended, how many units it set out to run
     and what became of them."""
     rows = []
-    for a in summary["attempts"]:
-        stages = a.get("stages", {})
+    for a in map(json_object, json_list(summary["attempts"])):
+        stages = [json_object(s) for s in json_object(a.get("stages")).values()]
         did = _pairs(
             (k, n)
             for k in ("done", "failed", "timeout", "cancelled", "skipped")
-            if (n := sum(s.get(k, 0) for s in stages.values()))
+            if (n := int(sum(json_number(s.get(k, 0)) for s in stages)))
         )
         code = a["exit_code"]
         rows.append(
             (
                 str(a["attempt"]),
-                _when(a["started"]),
-                _when(a["ended"]) if a["ended"] else "never ended (its runner was killed)",
+                _when(json_number(a["started"])),
+                _when(json_number(a["ended"]))
+                if a["ended"]
+                else "never ended (its runner was killed)",
                 "-" if code is None else str(code),
                 str(a.get("units_run", "-")),
                 did or "-",
-                f"{a['wall_s']:.1f}s" if "wall_s" in a else "-",
+                f"{json_number(a['wall_s']):.1f}s" if "wall_s" in a else "-",
             )
         )
     header = ("attempt", "started", "ended", "exit code", "units to run", "units", "wall")
@@ -128,7 +130,7 @@ def _attempts(summary: dict[str, Any]) -> str:
 
 
 def _stages_table(
-    ledger: Ledger, view: RunView, plan: PlanRecord | None, summary: dict[str, Any]
+    ledger: Ledger, view: RunView, plan: PlanRecord | None, summary: Mapping[str, object]
 ) -> str:
     header = (
         "stage",
@@ -146,9 +148,9 @@ def _stages_table(
     rows = []
     for st in ledger.stages():
         name = st["stage"]
-        whole = summary["stages"].get(name, {})
-        wall = float(whole.get("wall_s", 0.0))
-        util = _utilization(view, plan, name, wall, float(whole.get("cpu_s", 0.0)))
+        whole = json_object(json_object(summary["stages"]).get(name))
+        wall = json_number(whole.get("wall_s", 0.0))
+        util = _utilization(view, plan, name, wall, json_number(whole.get("cpu_s", 0.0)))
         rows.append(
             (
                 name,
@@ -156,10 +158,10 @@ def _stages_table(
                 st["state"],
                 _pairs(sorted(ledger.counts(name).items())),
                 str(whole.get("requeues", 0)),
-                _pairs(whole.get("preemptions", {}).items()) or "-",
+                _pairs(json_object(whole.get("preemptions")).items()) or "-",
                 _pairs(
                     (p, f"{w['mean_s']:.2f}s mean, {w['max_s']:.2f}s max, {w['units']} units")
-                    for p, w in whole.get("waiting_s_by_priority", {}).items()
+                    for p, w in _waits(whole)
                 )
                 or "-",
                 str(lanes.get(name, 0)),
@@ -168,6 +170,12 @@ def _stages_table(
             )
         )
     return _table(header, rows)
+
+
+def _waits(stage: Mapping[str, object]) -> list[tuple[str, Mapping[str, object]]]:
+    """A stage's waiting times by priority: (priority, {mean_s, max_s, units})."""
+    waits = json_object(stage.get("waiting_s_by_priority"))
+    return [(p, json_object(w)) for p, w in waits.items()]
 
 
 def _utilization(
@@ -243,7 +251,7 @@ def _cell(value: str) -> str:
     return f'<td class="n">{_e(value)}</td>' if numeric else f"<td>{_e(value)}</td>"
 
 
-def _pairs(items: Iterable[tuple[Any, Any]]) -> str:
+def _pairs(items: Iterable[tuple[object, object]]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in items)
 
 

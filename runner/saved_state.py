@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 from runner.plan import Unit
 from runner.store import Ledger
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 KEY = "saved_state"
 
 
-def as_result(stage: str, unit: str, state: Any) -> dict[str, Any] | None:
+def as_result(stage: str, unit: str, state: object) -> dict[str, object] | None:
     """The ledger `result` that keeps `state` for a unit not yet done, or None when the state
     is absent or JSON would not give it back unchanged."""
     if state is None:
@@ -44,11 +43,11 @@ def as_result(stage: str, unit: str, state: Any) -> dict[str, Any] | None:
     return {KEY: state}
 
 
-def from_ledger(ledger: Ledger, stage: str, units: Iterable[Unit]) -> dict[str, Any]:
+def from_ledger(ledger: Ledger, stage: str, units: Iterable[Unit]) -> dict[str, object]:
     """The saved states the ledger holds for these units (by unit id): rows not done whose
     fingerprint is the unit's own, so a changed unit never resumes from an old state."""
     wanted = {u.id: u.fingerprint for u in units}
-    found: dict[str, Any] = {}
+    found: dict[str, object] = {}
     for row in ledger.rows(stage, wanted, unfinished=True):
         result = row.result
         mine = row.fingerprint == wanted[row.unit]

@@ -46,6 +46,8 @@ class SimStage:
     shape: str
     preemptions: dict[str, int]
     requeues: int
+    # its units share leases (a pool's workers): the report gives a lease's shape
+    shared_leases: bool
 
 
 def simulate(spec: Spec, kinds: Mapping[str, StageKind], cluster: ClusterInfo) -> dict[str, object]:
@@ -161,6 +163,7 @@ def _stage(outcome: StageOutcome, kinds: Mapping[str, StageKind]) -> SimStage:
         outcome.shape,
         {k: int(preempted.get(k, 0)) for k in REASONS},
         outcome.requeues,
+        kind.shared_leases,
     )
 
 
@@ -192,7 +195,7 @@ def format_report(summary: Mapping[str, object]) -> str:
     for name, s in stages.items():
         pre = ", ".join(f"{k} {v}" for k, v in s["preemptions"].items())
         at_once = f"{s['peak']} ran at once"
-        if s["kind"] == "pool" or s["noun"] == "worker":
+        if s["shared_leases"]:
             at_once += f" ({s['shape']} each)"
         lines.append(
             f"stage {name} ({s['kind']}): {s['units']} {s['noun']}(s), {s['admitted']} admitted, "

@@ -31,8 +31,6 @@ BACK_TO_BACK = 0.05
 # seconds two slices of one lane may overlap and still be one after the other: two clocks
 # (a worker's wall clock, its items' own timers) never agree to the microsecond
 SLACK = 0.001
-# kinds whose units are their own track (a replica keeps its lane across attempts and actors)
-UNIT_TRACKS = frozenset({"roles"})
 UNKNOWN_NODE = "unknown node"
 
 
@@ -106,11 +104,13 @@ class RunView:
 
 def read(ledger: Ledger, plan: PlanRecord | None = None, since: float = 0.0) -> RunView:
     """The view of the whole run, every attempt of it (or of the attempts since `since`): each
-    unit's last attempt from its row, the earlier ones from the events, on the lane the kind
-    gives it (`lane_of`)."""
+    unit's last attempt from its row, the earlier ones from the events, on the lane its kind
+    gives it (`lane_of`; `plan` names the stages whose units are tracks of their own)."""
     pending: list[Slice] = []
+    own_tracks = plan.unit_tracks if plan is not None else frozenset()
     for record in ledger.stages():
-        pending += _stage_slices(ledger, record["stage"], record["kind"], since)
+        stage = record["stage"]
+        pending += _stage_slices(ledger, stage, stage in own_tracks, since)
     slices = _pack(pending)
     events = ledger.events(since, moments=True)
     retried = {(e["stage"], e["unit"]) for e in events if e["kind"] == "retry"}
@@ -119,19 +119,19 @@ def read(ledger: Ledger, plan: PlanRecord | None = None, since: float = 0.0) -> 
     return view
 
 
-def lane_of(kind: str, unit: str, worker: str | None) -> str:
+def lane_of(unit_tracks: bool, unit: str, worker: str | None) -> str:
     """The lane a unit's attempt is drawn on: a lane is what holds a placement of its own, a
-    role replica (across its attempts and actors) or the worker (a pool or shard worker, a
-    job's Ray worker) that ran it."""
-    return unit if kind in UNIT_TRACKS or not worker else worker
+    unit of a kind whose units are tracks of their own (a role replica, across its attempts
+    and actors) or the worker (a pool or shard worker, a job's Ray worker) that ran it."""
+    return unit if unit_tracks or not worker else worker
 
 
-def _stage_slices(ledger: Ledger, stage: str, kind: str, since: float) -> list[Slice]:
+def _stage_slices(ledger: Ledger, stage: str, unit_tracks: bool, since: float) -> list[Slice]:
     """The stage's unit attempts as slices; above DETAIL_LIMIT of them a worker's back-to-back
     units of one state are one slice (read in order, a chunk at a time)."""
     many = ledger.span_count(stage, since) + ledger.attempt_count(stage, since) > DETAIL_LIMIT
     rows: Iterable[SpanRow]
-    if many and kind not in UNIT_TRACKS:
+    if many and not unit_tracks:
         rows = _coalesced(
             heapq.merge(
                 ledger.spans_by_worker(stage, since),
@@ -146,7 +146,7 @@ def _stage_slices(ledger: Ledger, stage: str, kind: str, since: float) -> list[S
             stage,
             row["unit"],
             row["node_ip"] or _host(row["worker"]),
-            f"{stage}/{lane_of(kind, row['unit'], row['worker'])}",
+            f"{stage}/{lane_of(unit_tracks, row['unit'], row['worker'])}",
             row["started"],
             row["ended"],
             row["state"],

@@ -17,20 +17,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 from omegaconf import DictConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import SpecError
-from runner.schema import (
-    STAGE_KINDS,
-    ClusterConfig,
-    Mode,
-    PipelineSpec,
-    RunConfig,
-    StageSpec,
-)
+from runner.schema import ClusterConfig, Mode, PipelineSpec, RunConfig, StageSpec
 
 
 @dataclass
@@ -183,6 +177,22 @@ class Spec:
 KindCheck = Callable[[str, StageSpec, "Problems", Mapping[str, StageSpec]], None]
 
 
+class KindSchema(Protocol):
+    """What the validator, composition (`compose.py`) and completion (`completion.py`) read of
+    a stage kind: its schema, its own checks, and its keys that hold data paths. The CLI hands
+    them the kinds' registry (`runner.kind.StageKind` is one), which they never import."""
+
+    @property
+    def spec_type(self) -> type[StageSpec]: ...
+
+    @property
+    def check(self) -> KindCheck: ...
+
+    # the spec's keys that hold paths, relative to the spec's directory (`*`: every item)
+    @property
+    def path_keys(self) -> tuple[tuple[str, ...], ...]: ...
+
+
 def did_you_mean(word: str, allowed: Iterable[str]) -> str:
     """'; did you mean 'x'?' when a close match exists, else ''."""
     match = difflib.get_close_matches(word, list(allowed), n=1, cutoff=0.6)
@@ -242,8 +252,9 @@ def _failed_import(module: str, exc: BaseException) -> str:
 READING = frozenset({Mode.status, Mode.report, Mode.cancel})
 
 
-def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | None = None) -> Spec:
-    """Validate a composed config; raise one SpecError listing every problem."""
+def load(cfg: DictConfig, kinds: Mapping[str, KindSchema], origins: Origins | None = None) -> Spec:
+    """Validate a composed config against the schemas of `kinds` (the stage kinds by name);
+    raise one SpecError listing every problem."""
     problems = Problems(origins)
     reading = _mode_of(cfg) in READING
     data = _resolve(cfg, problems, reading)
@@ -254,7 +265,7 @@ def load(cfg: DictConfig, checks: Mapping[str, KindCheck], origins: Origins | No
     if reading:
         pipeline = _named(data.get("pipeline"), problems)
     else:
-        pipeline = _pipeline(data.get("pipeline"), checks, problems)
+        pipeline = _pipeline(data.get("pipeline"), kinds, problems)
     units = data.get("units") or []
     if not isinstance(units, list) or not all(isinstance(u, str | int) for u in units):
         problems.add("units", f"= {units!r}: expected a list of unit names, e.g. units=[a,b]")
@@ -330,7 +341,7 @@ def _raw_value(cfg: DictConfig, key: str) -> object:
     return node._value() if node is not None else None
 
 
-def _pipeline(data: object, checks: Mapping[str, KindCheck], problems: Problems) -> Pipeline | None:
+def _pipeline(data: object, kinds: Mapping[str, KindSchema], problems: Problems) -> Pipeline | None:
     if not isinstance(data, dict):
         problems.add("pipeline", "missing: choose one with pipeline=NAME")
         return None
@@ -342,13 +353,12 @@ def _pipeline(data: object, checks: Mapping[str, KindCheck], problems: Problems)
     stages: dict[str, StageSpec] = {}
     raw: dict[str, dict[str, object]] = {}
     for name, stage_data in stages_data.items():
-        anchor_paths(f"pipeline.stages.{name}", stage_data, problems.origins)
-        built = _stage(str(name), stage_data, problems)
+        anchor_paths(f"pipeline.stages.{name}", stage_data, problems.origins, kinds)
+        built = _stage(str(name), stage_data, kinds, problems)
         if built is not None:
             stages[str(name)], raw[str(name)] = built
     for name, stage in stages.items():
-        if (check := checks.get(stage.kind)) is not None:
-            check(name, stage, problems, stages)
+        kinds[stage.kind].check(name, stage, problems, stages)
     _check_needs(stages, problems)
     if head is None or len(stages) != len(stages_data):
         return None
@@ -359,21 +369,20 @@ def _pipeline(data: object, checks: Mapping[str, KindCheck], problems: Problems)
 
 
 def _stage(
-    name: str, data: object, problems: Problems
+    name: str, data: object, kinds: Mapping[str, KindSchema], problems: Problems
 ) -> tuple[StageSpec, dict[str, object]] | None:
     path = f"pipeline.stages.{name}"
     if not isinstance(data, dict):
         problems.add(path, f"= {data!r}: expected a mapping with at least `kind`")
         return None
     kind = data.get("kind")
-    if kind not in STAGE_KINDS:
-        allowed = ", ".join(sorted(STAGE_KINDS))
-        hint = did_you_mean(str(kind), STAGE_KINDS) if isinstance(kind, str) else ""
+    if kind not in kinds:
+        allowed = ", ".join(sorted(kinds))
+        hint = did_you_mean(str(kind), kinds) if isinstance(kind, str) else ""
         what = "missing stage kind" if kind is None else f"= {kind!r}: unknown stage kind"
         problems.add(f"{path}.kind", f"{what}{hint} (allowed: {allowed})")
         return None
-    spec_type = STAGE_KINDS[kind]
-    stage = build(spec_type, data, path, problems)
+    stage = build(kinds[str(kind)].spec_type, data, path, problems)
     if stage is None:
         return None
     assert isinstance(stage, StageSpec)
@@ -381,21 +390,16 @@ def _stage(
     return stage, raw
 
 
-# keys of a stage (by kind) that name a file, a glob pattern or a directory
-PATH_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "pool": (("items", "file"), ("items", "glob")),
-    "jobs": (("jobs_file",), ("cwd",), ("jobs", "*", "cwd")),
-    "shard": (("input",),),
-}
-
-
-def anchor_paths(path: str, data: object, origins: Origins | None) -> None:
-    """Make a stage's relative data paths absolute, in place: relative to the directory of the
-    spec that wrote them (see `Origins.base`), so a spec runs the same from any directory;
-    without origins (no Hydra), relative to the working directory."""
-    if not isinstance(data, dict):
+def anchor_paths(
+    path: str, data: object, origins: Origins | None, kinds: Mapping[str, KindSchema]
+) -> None:
+    """Make a stage's relative data paths (its kind's `path_keys`: a file, a glob pattern, a
+    directory) absolute, in place: relative to the directory of the spec that wrote them (see
+    `Origins.base`), so a spec runs the same from any directory; without origins (no Hydra),
+    relative to the working directory."""
+    if not isinstance(data, dict) or (kind := kinds.get(str(data.get("kind")))) is None:
         return
-    for keys in PATH_KEYS.get(str(data.get("kind")), ()):
+    for keys in kind.path_keys:
         for parent, key in _walk(data, keys):
             value = parent.get(key)
             if not isinstance(value, str) or not value:

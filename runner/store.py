@@ -784,6 +784,32 @@ def _columns(*row: SqlValue) -> tuple[SqlValue, ...]:
     return row
 
 
+def hold(root: Path, what: str, instead: str) -> int:
+    """Create `root` and take its lock (a run's directory, a sweep's), or fail at once naming
+    the runner that holds it; the lock's descriptor (closing it releases the lock)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise storage_error(root, exc) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockedError(
+            f"{what} {root} is in use by another runner (pid {holder}); "
+            f"wait for it to finish or {instead}"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise storage_error(root, exc) from None
+    return fd
+
+
 class RunStore:
     """One run directory, held by one runner at a time."""
 
@@ -794,24 +820,8 @@ class RunStore:
 
     def open(self) -> Ledger:
         """Create the directory, take the lock (or fail at once), open the ledger."""
+        self._lock_fd = hold(self.root, "run directory", "set run.dir to another directory")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise storage_error(self.root, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunLockedError(
-                f"run directory {self.root} is in use by another runner (pid {holder}); "
-                "wait for it to finish or set run.dir to another directory"
-            ) from None
-        self._lock_fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
             self.ledger = Ledger(self.root / LEDGER)
         except OSError as exc:
             self.close()

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runner import hydra_job
 from runner.snapshot import SNAPSHOTS
@@ -35,9 +36,14 @@ def run_dir(default: str) -> str:
         hc = HydraConfig.get()
     except ValueError:
         return default
-    if hc.mode is RunMode.MULTIRUN and hc.runtime.output_dir:
-        return str(hc.runtime.output_dir)
-    return default
+    if hc.mode is not RunMode.MULTIRUN:
+        return default
+    # not yet set while a sweeper composes (HydraConfig is then the sweep's, or in a process
+    # that ran a sweep before, the last one's)
+    runtime = hc.runtime
+    assert isinstance(runtime, DictConfig)  # the typed node Hydra keeps, not a dataclass
+    output_dir = None if OmegaConf.is_missing(runtime, "output_dir") else runtime.output_dir
+    return str(output_dir) if output_dir else default
 
 
 def output_dir(mode: str, run_dir: str) -> str:
@@ -65,6 +71,13 @@ def sweep_args(argv: list[str]) -> list[str]:
     ]
 
 
+def job_name(overrides: Sequence[str], exclude_keys: Sequence[str]) -> str:
+    """A sweep job as the summary names it: its overrides but those its directory's name
+    leaves out (`hydra.job.config.override_dirname.exclude_keys`), the pipeline shown."""
+    hidden = set(exclude_keys) - {"pipeline"}
+    return " ".join(o for o in overrides if o.split("=")[0].lstrip("+~") not in hidden)
+
+
 class SweepSummary(Callback):
     """Collects this sweep's jobs and writes their key figures, best first."""
 
@@ -79,20 +92,29 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = HydraConfig.get()
         if hc.mode is RunMode.MULTIRUN:
-            hidden = set(hc.job.config.override_dirname.exclude_keys) - {"pipeline"}
-            shown = [o for o in job_return.overrides or [] if o.split("=")[0] not in hidden]
-            overrides = " ".join(shown)
+            overrides = job_name(
+                job_return.overrides or [], hc.job.config.override_dirname.exclude_keys
+            )
             self.jobs.append((overrides, Path(HydraConfig.get().runtime.output_dir)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.jobs:
-            return
-        rows = sorted((figures(o, d) for o, d in self.jobs), key=_rank)
-        out = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
-        hydra_job.writing(out.parent, lambda: _write_summary(out, rows))
-        print(format_table(rows))
-        print(f"sweep summary: {out}")
-        self.jobs = []
+        jobs, self.jobs = self.jobs, []
+        if jobs and not str(config.hydra.launcher.get("_target_", "")).endswith(RUNNER_LAUNCHER):
+            summarize(Path(config.hydra.sweep.dir), jobs)
+
+
+# the runner's own launcher writes the summary after each batch (`runner.launcher`), failed
+# jobs too: the sweeper raises a failed job before `on_multirun_end` is called
+RUNNER_LAUNCHER = ".RunnerLauncher"
+
+
+def summarize(sweep_dir: Path, jobs: list[tuple[str, Path]]) -> None:
+    """Rank the jobs best first: print the table and write `sweep_summary.csv`."""
+    rows = sorted((figures(o, d) for o, d in jobs), key=_rank)
+    out = sweep_dir / SWEEP_SUMMARY
+    hydra_job.writing(out.parent, lambda: _write_summary(out, rows))
+    print(format_table(rows))
+    print(f"sweep summary: {out}")
 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]]) -> None:

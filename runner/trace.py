@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Required, TypedDict
 
 from runner.spans import RunView
 from runner.store import atomic_path
@@ -31,11 +31,29 @@ COLOURS = {
 }
 
 
-def events(view: RunView, title: str) -> list[dict[str, Any]]:
+class TraceEvent(TypedDict, total=False):
+    """One event of the Chrome trace-event format, as far as this file writes them."""
+
+    name: Required[str]
+    # the phase: M metadata, X a complete slice, i an instant, C a counter
+    ph: Required[str]
+    pid: Required[int]
+    tid: int
+    # microseconds since the epoch; a slice's duration
+    ts: int
+    dur: int
+    cat: str
+    # an instant's scope: t its thread, p its process
+    s: str
+    cname: str
+    args: Required[dict[str, object]]
+
+
+def events(view: RunView, title: str) -> list[TraceEvent]:
     """The trace events of a run: metadata, slices, instants and counters."""
     pids: dict[str, int] = {}
     tids: dict[tuple[str, str], int] = {}
-    out: list[dict[str, Any]] = []
+    out: list[TraceEvent] = []
     for node, track in view.tracks():
         pid = pids.setdefault(node, PID_BASE + 1 + len(pids))
         tids[(node, track)] = len(tids) + 1
@@ -44,9 +62,8 @@ def events(view: RunView, title: str) -> list[dict[str, Any]]:
     node_ids = {s.node: s.node_id for s in view.slices if s.node_id}
     for node, pid in pids.items():
         out.append(_meta("process_name", pid, 0, f"Node {node}"))
-        out.append(_meta("process_labels", pid, 0, f"runner {title}"))
-        if node in node_ids:
-            out[-1]["args"]["labels"] += f" node_id={node_ids[node]}"
+        labels = f"runner {title}" + (f" node_id={node_ids[node]}" if node in node_ids else "")
+        out.append(_meta("process_labels", pid, 0, labels))
     for s in view.slices:
         out.append(
             {
@@ -93,7 +110,7 @@ def write(view: RunView, title: str, path: Path) -> Path:
     return path
 
 
-def _counters(view: RunView) -> list[dict[str, Any]]:
+def _counters(view: RunView) -> list[TraceEvent]:
     """Counter tracks on a `cluster` process: in use and capacity, per resource."""
     out = [_meta("process_name", PID_BASE, 0, "cluster (runner)")]
     for name, steps in view.usage.items():
@@ -112,9 +129,9 @@ def _counters(view: RunView) -> list[dict[str, Any]]:
     return out
 
 
-def _meta(name: str, pid: int, tid: int, value: str | int) -> dict[str, Any]:
+def _meta(name: str, pid: int, tid: int, value: str | int) -> TraceEvent:
     key = {"process_labels": "labels", "thread_sort_index": "sort_index"}.get(name, "name")
-    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": {key: value}}
+    return TraceEvent(name=name, ph="M", pid=pid, tid=tid, args={key: value})
 
 
 def _us(t: float) -> int:

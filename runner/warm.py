@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # what the timeline picture imports (timeline.draw)
 PICTURE = ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.dates")
-# what results.parquet imports (stages/results.py), pandas through pyarrow's first array
+# what results.parquet imports (stages/pool/results.py), pandas through pyarrow's first array
 RESULTS = ("pandas",)
 
 

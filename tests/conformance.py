@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import pytest
 
-from runner import procs, schema
+from runner import procs
 from runner.lifecycle import UnitState
 from runner.stages import registry
 from runner.store import UnitRow, read_ledger
@@ -100,15 +100,14 @@ class KindConformance:
         if not self.entry:
             yield
             return
-        kinds, specs = dict(registry.KINDS), dict(schema.STAGE_KINDS)
+        kinds = dict(registry.KINDS)
         registry.register_entries(self.entry)
         monkeypatch.setenv(registry.ENV, self.entry)
         try:
             yield
         finally:
-            for now, before in ((registry.KINDS, kinds), (schema.STAGE_KINDS, specs)):
-                now.clear()
-                now.update(before)  # type: ignore[arg-type]
+            registry.KINDS.clear()
+            registry.KINDS.update(kinds)
 
     # --- the suite -----------------------------------------------------------------------
 

@@ -87,15 +87,17 @@ def cli(
 
 def runner_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start `python -m runner ARGS` as a user would, from the repository root."""
+    flags = [a for a in args if a in ("-m", "--multirun")]
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "runner",
+            *flags,
             "--config-dir",
             str(TEST_SPECS),
             "run.progress=log",
-            *args,
+            *[a for a in args if a not in flags],
         ],
         cwd=ROOT,
         env={**os.environ, **(env or {})},

@@ -47,7 +47,7 @@ def test_worker_side_modules_import_nothing_of_the_driver() -> None:
     """What a fresh pool worker, job task, role replica or shard task imports."""
     code = (
         "import sys\n"
-        "import runner.stages.pool_worker, runner.stages.jobs.task, runner.stages.roles.host\n"
+        "import runner.stages.pool.worker, runner.stages.jobs.task, runner.stages.roles.host\n"
         "import runner.stages.shard.task, runner.build\n"
         "runner.build.build({'_target_': 'runner.examples.rlhf.Rollout'})\n"
         "heavy = ('hydra', 'omegaconf', 'runner.executor', 'runner.scheduler', 'runner.plan')\n"

@@ -480,9 +480,9 @@ def test_scns_submit_bodies_plan_as_written(tmp_path: Path) -> None:
 
 
 def test_scns_fields_resolve_onto_the_job(tmp_path: Path) -> None:
-    from runner.schema import JobsStage
     from runner.spec import Problems
     from runner.stages.jobs.job import load_jobs
+    from runner.stages.jobs.schema import JobsStage
 
     body = {
         "job": {
@@ -517,9 +517,9 @@ def test_scns_fields_resolve_onto_the_job(tmp_path: Path) -> None:
 
 
 def test_scns_names_and_ours_for_one_setting_are_refused_together(tmp_path: Path) -> None:
-    from runner.schema import JobsStage
     from runner.spec import Problems
     from runner.stages.jobs.job import load_jobs
+    from runner.stages.jobs.schema import JobsStage
 
     body = {"name": "j", "script": "true", "memory": "1G", "memory_per_node": "2G"}
     problems = Problems(None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from runner.backends.virtual import VirtualBackend
 from runner.cluster import ClusterInfo, RayNode
-from runner.executor import Executor
+from runner.executor import START_TRIES, Executor
 from runner.kind import RunContext, StageKind, StageOutcome, StageRun
 from runner.lease import Lease, Work
 from runner.lifecycle import UnitState
@@ -186,3 +186,69 @@ def test_a_cancelled_unit_ends_cancelled_and_the_others_complete(tmp_path: Path)
     assert work["0"].ended == 3.0
     assert work["1"].state is UnitState.done and work["1"].ended == 10.0
     assert (outcome.done, outcome.cancelled, outcome.failed) == (1, 1, 0)
+
+
+def test_a_unit_past_its_timeout_ends_timeout_after_its_retries(tmp_path: Path) -> None:
+    """A 10s unit with a 4s timeout and one retry: timed out at 4s, run again, timed out at
+    8s, and it ends TIMEOUT; a unit within its timeout is done."""
+    stages = {
+        "slow": sleep(seconds=10, timeout=4, retries=1),
+        "quick": sleep(seconds=3, timeout=4),
+    }
+    ran = run_loop(tmp_path, stages, [2])
+    slow, quick = ran.units["slow"]["0"], ran.units["quick"]["0"]
+    assert slow.state is UnitState.timeout and slow.attempts == 2
+    assert (slow.started, slow.ended) == (4.0, 8.0)
+    assert slow.error == "timeout: 4s exceeded"
+    assert quick.state is UnitState.done and quick.ended == 3.0
+    assert (ran.outcomes["slow"].timeout, ran.outcomes["slow"].ok) == (1, False)
+    assert ran.outcomes["quick"].ok
+
+
+def test_a_lease_started_late_goes_back_to_the_queue_without_spending_a_retry(
+    tmp_path: Path,
+) -> None:
+    """The cluster takes 61s to start the first lease (its bound is 60s, `START_BOUND`): the
+    grant goes back at 60s and the unit, granted again, starts at once; retries 0, yet done."""
+    launches: list[float] = []
+
+    def latency(lease: Lease) -> float:
+        launches.append(1.0)
+        return 61.0 if len(launches) == 1 else 0.0
+
+    ran = run_loop(tmp_path, {"work": sleep(seconds=5)}, [1], latency=latency)
+    work = ran.units["work"]["0"]
+    assert work.state is UnitState.done and work.attempts == 1
+    assert (work.started, work.ended) == (60.0, 65.0)
+    assert ran.outcomes["work"].ok and ran.now == 65.0
+
+
+def test_a_lease_that_never_starts_within_its_bound_fails_after_a_few_tries(
+    tmp_path: Path,
+) -> None:
+    """Every start takes 61s against the 60s bound: the unit is granted again `START_TRIES`
+    times, then fails naming why, instead of going back to the queue for ever."""
+    ran = run_loop(tmp_path, {"work": sleep(seconds=5)}, [1], latency=lambda lease: 61.0)
+    work, outcome = ran.units["work"]["0"], ran.outcomes["work"]
+    assert work.state is UnitState.failed and work.attempts == 0
+    assert work.error == f"not started on 10.0.0.1 within 60s, {START_TRIES} times"
+    assert ran.now == 60.0 * START_TRIES
+    assert not outcome.ok and outcome.failed == 1
+
+
+def test_two_preemptors_on_one_node_evict_only_what_each_needs(tmp_path: Path) -> None:
+    """Seven CPUs: six one-CPU preemptible `low` units and a one-CPU `gate`; when gate ends,
+    two `high` units of 2 CPUs arrive together, with 1 CPU free: the first evicts one victim,
+    the second two, three in all. (The first's hold was counted as its whole 2 CPUs taken
+    while its victim still held one, so the second evicted three.)"""
+    stages = {
+        "low": sleep(units=6, seconds=10, cpus=1, preemptible=True),
+        "gate": sleep(seconds=1, cpus=1),
+        "high": sleep(units=2, seconds=2, cpus=2, priority=5.0, needs=["gate"]),
+    }
+    ran = run_loop(tmp_path, stages, [7])
+    assert ran.outcomes["low"].preempted == {"same_pool": 3}
+    assert ran.outcomes["low"].requeues == 3
+    assert {(w.started, w.ended) for w in ran.units["high"].values()} == {(1.0, 3.0)}
+    assert {w.state for w in ran.units["low"].values()} == {UnitState.done}
+    assert all(o.ok for o in ran.outcomes.values())

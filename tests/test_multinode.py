@@ -186,3 +186,50 @@ def test_a_node_that_leaves_mid_run_has_its_units_requeued_and_the_run_finishes(
     assert final[lost].node_id != doomed.node_id  # ran again on a node still there
     assert "left the cluster" in err
     time.sleep(0)  # keep the node list in the module cluster as it was for later tests
+
+
+def test_a_sweep_survives_a_node_that_leaves_each_job_requeues_its_own_units(
+    nodes: ThreeNodes, tmp_path: Path
+) -> None:
+    """Two jobs of a sweep side by side on the cluster; a node that ran units of both leaves:
+    each job (each its own loop over the one shared scheduler) requeues its own units, and
+    both finish."""
+    doomed = nodes.cluster.add_node(num_cpus=2, object_store_memory=80 << 20)
+    nodes.cluster.wait_for_nodes()
+    proc = runner_process(
+        "-m",
+        "cluster=ray",
+        "pipeline=node_loss",
+        "pipeline.stages.work.retries=0,1",
+        f"hydra.sweep.dir={tmp_path}",
+        env=nodes.env(),
+    )
+
+    def jobs() -> list[Path]:
+        return sorted(tmp_path.glob("*retries=*"))
+
+    def on_doomed(job: Path) -> bool:
+        try:
+            found = rows(job, "work").values()
+        except (sqlite3.OperationalError, AssertionError):  # being created
+            return False
+        return any(r.state is UnitState.running and r.node_id == doomed.node_id for r in found)
+
+    try:
+        wait_until(
+            lambda: len(jobs()) == 2 and any(on_doomed(j) for j in jobs()),
+            timeout=90,
+            what="a job's unit running on the doomed node",
+        )
+        nodes.cluster.remove_node(doomed)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out + err
+    for job in jobs():
+        final = rows(job, "work")
+        assert {r.state for r in final.values()} == {UnitState.done}, job
+        assert all(r.node_id != doomed.node_id for r in final.values())
+    assert "left the cluster" in err

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from runner.stages.results import _json_column
+from runner.stages.pool.results import _json_column
 
 CASES: list[list[Any]] = [
     [i * i for i in range(50)],

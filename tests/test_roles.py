@@ -606,3 +606,18 @@ def test_an_aggressiveness_read_from_the_environment_is_said_in_the_plan(
         "rlhf: ScheduleMesh's preemption.aggressiveness 'env:RUNNER_TEST_LEVEL' → 'urgent' "
         "(from $RUNNER_TEST_LEVEL)"
     ) in res.out
+
+
+def test_high_priority_groups_beside_a_reserved_that_is_not_a_list_are_named(cli) -> None:
+    """ScheduleMesh's `high_priority_pg_specs` join `reserved` only when that is a list;
+    otherwise both keys are named, no traceback."""
+    res = cli(
+        *SIM_8_CPUS,
+        "pipeline.stages.rlhf.pg_pool.reserved=5",
+        "+pipeline.stages.rlhf.pg_pool.high_priority_pg_specs=[{cpu: 1}]",
+        "mode=plan",
+    )
+    assert res.code == 2, res.text
+    assert "pipeline.stages.rlhf.pg_pool.reserved: = 5: expected a list of" in res.err
+    assert "pipeline.stages.rlhf.pg_pool.high_priority_pg_specs: unknown key" in res.err
+    assert "Traceback" not in res.err

@@ -267,3 +267,25 @@ def test_an_exclusive_request_reserves_a_node_that_only_parked_groups_keep_from_
     clock.now = 10.0
     s.release(first)
     assert s.admit() == [alone] and small.grant is None
+
+
+def test_a_shared_scheduler_hands_each_tenant_only_its_own_grants() -> None:
+    """Two loops (a sweep's jobs) share one scheduler: whichever admits, each one is handed
+    its own grants, once, and a loop whose ticket waits while another's grant holds the node
+    is told that another tenant holds resources (it is not stuck)."""
+    s = Scheduler([Resources(cpus=2)])
+    a, b = object(), object()
+    one = Request(Resources(cpus=1))
+    (ta,) = s.submit(one, ("a/0",), None, a)
+    (tb,) = s.submit(one, ("b/0",), None, b)
+    assert s.admit(a) == [ta]  # a's pass granted b's ticket too, kept for b
+    assert s.admit(a) == []
+    assert s.admit(b) == [tb]
+    (tc,) = s.submit(Request(Resources(cpus=2)), ("a/1",), None, a)
+    assert s.admit(a) == []
+    assert tb.grant is not None and ta.grant is not None
+    assert s.tenants_hold(a, lambda g: g is ta.grant)
+    s.release(tb.grant)
+    assert not s.tenants_hold(a, lambda g: g is ta.grant)
+    s.release(ta.grant)
+    assert s.admit(b) == [] and s.admit(a) == [tc]

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from runner.merge import Committed, merge
+from runner.stages.shard.merge import Committed, merge
 from tests.conftest import (
     TEST_SPECS,
     attempt,

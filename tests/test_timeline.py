@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from runner import spans, timeline
+from runner import planfile, spans, timeline
+from runner.cluster import ClusterInfo
+from runner.plan import Plan, StagePlan
+from runner.resources import Resources
+from runner.schema import StageSpec
 from runner.store import Ledger, UnitRow, UnitState
 
 
@@ -110,3 +114,21 @@ def test_a_stage_of_many_units_is_drawn_as_runs_of_back_to_back_units(tmp_path: 
     )
     drawing = timeline.draw(view, "many units", tmp_path / "timeline.png")
     assert drawing.bars == 4
+
+
+def test_a_stage_whose_kind_draws_each_unit_on_a_track_of_its_own_is_drawn_so_from_its_plan(
+    tmp_path: Path,
+) -> None:
+    """The picture and the trace read which stages draw each unit on its own track (a role
+    replica's, across its attempts) from `plan.json`, as the stage's kind declared it
+    (`StageKind.unit_tracks`), whatever the kind is called; other stages by worker."""
+    ledger = many_lanes(tmp_path, 3)
+    stage = StagePlan("check", "pool", StageSpec(kind="pool"), "fp", {}, [], unit_tracks=True)
+    cluster = ClusterInfo((Resources(cpus=2),), "here")
+    planfile.record(Plan("p", cluster, {"check": stage}), tmp_path / planfile.PLAN_FILE)
+    record = planfile.load(tmp_path / planfile.PLAN_FILE)
+    assert record is not None and record.unit_tracks == {"check"}
+    own = {s.track for s in spans.read(ledger, record).slices}
+    assert own == {f"check/item{i}-{j}" for i in range(3) for j in range(2)}
+    by_worker = {s.track for s in spans.read(ledger).slices}
+    assert by_worker == {f"check/host{i}:{1000 + i}" for i in range(3)}

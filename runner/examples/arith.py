@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class Power:
     """Raise a number to `exponent`."""
@@ -18,6 +16,6 @@ class Power:
 class Describe:
     """Say whether a number is even, and how many digits it has."""
 
-    def __call__(self, item: Any) -> dict[str, Any]:
+    def __call__(self, item: int | str) -> dict[str, int | bool]:
         value = int(item)
         return {"value": value, "even": value % 2 == 0, "digits": len(str(abs(value)))}

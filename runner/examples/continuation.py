@@ -24,7 +24,10 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CORPUS = Path(__file__).resolve().parents[1] / "specs" / "data" / "continuation" / "corpus.txt"
 END = "."
@@ -69,14 +72,18 @@ def model(corpus: str = str(CORPUS), order: int = 3) -> NGram:
     return NGram(Path(corpus).read_text(), order)
 
 
-def continuation(uid: Any, prompt: str, seed: int = 0, max_words: int = 12) -> str:
+def continuation(uid: object, prompt: str, seed: int = 0, max_words: int = 12) -> str:
     """The continuation of one prompt; the same (seed, id) always gives the same text."""
     return model().continue_(str(prompt), random.Random(f"{seed}:{uid}"), max_words)
 
 
 def continue_frame(
-    frame: Any, seed: int = 0, max_words: int = 12, id_column: str = "id", column: str = "prompt"
-) -> Any:
+    frame: pd.DataFrame,
+    seed: int = 0,
+    max_words: int = 12,
+    id_column: str = "id",
+    column: str = "prompt",
+) -> pd.DataFrame:
     """`fn` form: the frame with a `continuation` column added."""
     out = frame.copy()
     out["continuation"] = [
@@ -102,7 +109,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _rows(args: argparse.Namespace) -> Any:
+def _rows(args: argparse.Namespace) -> tuple[pd.DataFrame, int]:
     import pandas as pd
 
     path = Path(args.input)

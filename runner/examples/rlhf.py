@@ -8,7 +8,7 @@ result records the steps done and where each restore resumed from.
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
 
 
 class Context(Protocol):
@@ -22,6 +22,20 @@ class Context(Protocol):
     def cancelled(self) -> bool: ...
 
 
+class Progress(TypedDict):
+    """A replica's result: the steps done, and the step each restore resumed from."""
+
+    steps: int
+    restored_from: list[int]
+
+
+class Saved(TypedDict):
+    """A replica's state: the step it reached, and the steps it resumed from before."""
+
+    step: int
+    restored_from: list[int]
+
+
 class RoleActor:
     """A role replica that works in steps. `ignore_cancel` makes it a badly behaved one that
     never looks at `ctx.cancelled` (the runner then kills it after `cancel_timeout`)."""
@@ -32,18 +46,18 @@ class RoleActor:
         self.step = 0
         self.restored_from: list[int] = []
 
-    def run(self, ctx: Context) -> dict[str, Any]:
+    def run(self, ctx: Context) -> Progress:
         while self.step < ctx.steps:
             if ctx.cancelled and not self.ignore_cancel:
                 break
             time.sleep(self.step_seconds)
             self.step += 1
-        return {"steps": self.step, "restored_from": list(self.restored_from)}
+        return Progress(steps=self.step, restored_from=list(self.restored_from))
 
-    def state(self) -> dict[str, Any]:
-        return {"step": self.step, "restored_from": list(self.restored_from)}
+    def state(self) -> Saved:
+        return Saved(step=self.step, restored_from=list(self.restored_from))
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: Saved) -> None:
         self.step = int(state["step"])
         self.restored_from = [*state["restored_from"], self.step]
 

@@ -80,6 +80,9 @@ class Grant:
     released: bool = False
     # for a grant lent to a unit (`Scheduler.lend`): the grant that holds its resources
     lender: Grant | None = None
+    # the ticket it was evicted for (or its lent grant was): what it frees on the node that
+    # ticket holds is that ticket's, out of everyone else's view
+    preemptor: Ticket | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -94,10 +97,12 @@ class Ticket:
     # the request's grant is a victim to be told through this (None unless preemptible)
     on_preempt: Notify | None = None
     grant: Grant | None = None
-    # victims told to make room for this ticket, and the node it holds meanwhile
+    # victims told to make room for this ticket, the node it holds meanwhile, and what it
+    # holds there: what was free when it chose them (up to its need), then what they free
     victims: Sequence[Grant] = ()
     hold_node: int | None = None
     lane: _Lane | None = field(default=None, repr=False)
+    holding: Resources | None = None
 
     def waiting_on_victims(self) -> bool:
         return any(not v.released and v.tag is None for v in self.victims)
@@ -245,6 +250,10 @@ class Scheduler:
     # held by every public method (reentrant: `release` is called under it too)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
+    # shared by several loops (a sweep's jobs side by side): whose each ticket is, and the
+    # tickets granted by one tenant's `admit` that are another's, until that one asks
+    _tenant_of: dict[Ticket, object] = field(default_factory=dict, init=False)
+    _granted_for: dict[object, list[Ticket]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.nodes = list(self.nodes)
@@ -253,11 +262,16 @@ class Scheduler:
     # --- asking and giving back -----------------------------------------------------------
 
     def submit(
-        self, request: Request, owners: Sequence[str], on_preempt: Notify | None = None
+        self,
+        request: Request,
+        owners: Sequence[str],
+        on_preempt: Notify | None = None,
+        tenant: object = None,
     ) -> list[Ticket]:
         """Queue `request` once for each of `owners` (one, or a stage's units that ask alike),
         a ticket each, in order, at one reading of the clock; `admit()` grants them later.
-        A preemptible request's grants are told through `on_preempt` when chosen as victims."""
+        A preemptible request's grants are told through `on_preempt` when chosen as victims.
+        A scheduler shared by several loops knows each one's tickets by its `tenant`."""
         if request.preemptible and on_preempt is None:
             raise ValueError("a preemptible request needs on_preempt, to tell its victims")
         if request.exclusive and (request.policy is not None or request.reuse is not None):
@@ -282,6 +296,8 @@ class Scheduler:
                 for ticket in tickets:
                     bisect.insort(queue, ticket, key=_order)
             self._count += len(tickets)
+            if tenant is not None:
+                self._tenant_of.update(dict.fromkeys(tickets, tenant))
             return tickets
 
     def _lane_of(self, request: Request) -> _Lane:
@@ -311,14 +327,31 @@ class Scheduler:
             lane = self._lanes[key] = _Lane(key, number, simple)
         return lane
 
-    def admit(self) -> list[Ticket]:
-        """Grant what can be granted now; the tickets admitted by this call."""
+    def admit(self, tenant: object = None) -> list[Ticket]:
+        """Grant what can be granted now; the tickets admitted by this call (for a `tenant`:
+        its own, including those another tenant's call admitted since it last asked)."""
         with self._lock:
-            return self._admit()
+            granted = self._admit()
+            if not self._tenant_of and not self._granted_for:
+                return granted
+            for ticket in granted:
+                owner = self._tenant_of.pop(ticket, None)
+                self._granted_for.setdefault(owner, []).append(ticket)
+            return self._granted_for.pop(tenant, [])
+
+    def tenants_hold(self, tenant: object, mine: Callable[[Grant], bool]) -> bool:
+        """Whether grants that are not `tenant`'s (`mine` says which are) hold resources, or
+        tickets of other tenants wait: a loop that shares the scheduler is not stuck while
+        another's units may still end and free what it waits for."""
+        with self._lock:
+            if any(t is not tenant for t in self._tenant_of.values()):
+                return True
+            return any(not mine(g) for here in self._on_node.values() for g in here)
 
     def withdraw(self, ticket: Ticket) -> None:
         """Stop waiting (or give back what the ticket was granted)."""
         with self._lock:
+            self._tenant_of.pop(ticket, None)
             if ticket.grant is not None:
                 self.release(ticket.grant)
             else:
@@ -341,7 +374,12 @@ class Scheduler:
             if grant.tag is not None and grant in self._parked:
                 self._parked_del(grant)
             if grant.lender is None:  # a lent grant's resources stay its lender's
-                self._avail.give(grant.node, grant.holds)
+                taker = grant.preemptor
+                if taker is not None and taker.hold_node == grant.node and taker in self._held:
+                    # a victim's resources go to its preemptor, never through the free index
+                    taker.holding = (taker.holding or Resources()) + grant.holds
+                else:
+                    self._avail.give(grant.node, grant.holds)
                 pool = grant.request.pool
                 if pool in self._used:
                     self._used[pool] = self._used[pool] - grant.holds
@@ -421,7 +459,7 @@ class Scheduler:
     def free(self) -> Resources:
         """What is not granted now, summed over nodes (parked groups count as granted)."""
         with self._lock:
-            return _sum([self._avail.total(), *(t.request.resources for t in self._held)])
+            return _sum([self._avail.total(), *(t.holding or Resources() for t in self._held)])
 
     def waiting(self) -> int:
         with self._lock:
@@ -480,7 +518,7 @@ class Scheduler:
         ticket.grant = grant
         if ticket.victims:
             ticket.victims = ()
-        ticket.hold_node = None
+        ticket.hold_node = ticket.holding = None
         here = self._on_node.get(grant.node)
         if here is None:
             here = self._on_node[grant.node] = set()
@@ -515,6 +553,7 @@ class Scheduler:
         if node is not None and node != held:  # its victims are elsewhere: hold that node
             if held is not None:
                 self._unhold(ticket, held)
+                ticket.holding = None  # what it holds there is found anew
             self._hold(ticket, node)
         return True
 
@@ -536,13 +575,20 @@ class Scheduler:
             self.metrics.admitted_many(priority, waits)
 
     def _hold(self, ticket: Ticket, node: int) -> None:
-        """The ticket keeps `node`'s room for itself while its victims stop."""
+        """The ticket keeps `node`'s room for itself while its victims stop: what is free
+        there when it first holds it (up to its need), and what its victims free as they go
+        (`release`). Not its whole need at once: its victims' resources are not free yet, and
+        counting them as taken too would make the next preemptor on the node evict twice
+        what it needs, and keep the ticket from what its victims gave back."""
         ticket.hold_node = node
-        self._avail.take(node, ticket.request.resources)
+        if ticket.holding is None:
+            ticket.holding = _within(ticket.request.resources, self._avail[node])
+        self._avail.take(node, ticket.holding)
         self._held.add(ticket)
 
     def _unhold(self, ticket: Ticket, node: int) -> None:
-        self._avail.give(node, ticket.request.resources)
+        if ticket.holding is not None:
+            self._avail.give(node, ticket.holding)
         self._held.discard(ticket)
 
     # --- placing --------------------------------------------------------------------------
@@ -689,7 +735,6 @@ class Scheduler:
         shapes = self._parked_by_tag.get(request.reuse) if request.reuse is not None else None
         if not shapes:
             return None
-        promised: set[Grant] | None = None  # built when first needed: it walks held tickets
         # the smallest shape that holds the request, and among equals the first parked: for
         # each shape that holds it, its first usable group (parked order), then the least
         best: Grant | None = None
@@ -700,9 +745,7 @@ class Scheduler:
             for g in parked:
                 if not _may_use(request, g.node):
                     continue
-                if promised is None:
-                    promised = self._promised(ticket)
-                if g not in promised:
+                if not self._promised(g, ticket):
                     key = (_size(shape), self._parked_seq[g])
                     if key < best_key:
                         best, best_key = g, key
@@ -730,10 +773,8 @@ class Scheduler:
         it takes (`_to_reclaim`) are freed and their owners told; the grant on the first such
         node where the request then fits (and its pool's quota, refreshed, holds it)."""
         request = ticket.request
-        promised: set[Grant] | None = None  # built when first needed: it walks held tickets
         if room is not None:
-            promised = self._promised(ticket)
-            parked = [g for g in self._parked if g not in promised]
+            parked = [g for g in self._parked if not self._promised(g, ticket)]
             pool_parked = [g.holds for g in parked if g.request.pool == request.pool]
             if not request.resources.fits_in(_sum([room, *pool_parked])):
                 return None
@@ -744,9 +785,7 @@ class Scheduler:
             # not even with every group parked there (promised or not): skip it unlisted
             if not need.fits_in(self._avail[node] + self._parked_on[node]):
                 continue
-            if promised is None:
-                promised = self._promised(ticket)
-            here = [g for g in self._parked_at[node] if g not in promised]
+            here = [g for g in self._parked_at[node] if not self._promised(g, ticket)]
             if not here:
                 continue
             taken = self._to_reclaim(need, request.pool, node, here, room)
@@ -785,11 +824,15 @@ class Scheduler:
         if g.on_reclaim is not None:
             g.on_reclaim(g, "reclaimed")
 
-    def _promised(self, ticket: Ticket) -> set[Grant]:
-        """Parked groups of victims whose preemptor still waits: what a victim frees is its
-        preemptor's alone, parked for reuse or not (a roles victim's group is parked as it is
-        killed), so no other request reuses or reclaims it meanwhile."""
-        return {v for t in self._held if t is not ticket for v in t.victims if v.tag is not None}
+    def _promised(self, g: Grant, ticket: Ticket) -> bool:
+        """Whether parked group `g` is a victim's whose preemptor (not `ticket`) still waits:
+        what a victim frees is its preemptor's alone, parked for reuse or not (a roles victim's
+        group is parked as it is killed), so no other request reuses or reclaims it meanwhile.
+        One look at the victim's own preemptor, not a walk over every held ticket's victims."""
+        taker = g.preemptor
+        return (
+            taker is not None and taker is not ticket and taker in self._held and g in taker.victims
+        )
 
     def _parked_add(self, grant: Grant) -> None:
         assert grant.tag is not None
@@ -913,6 +956,9 @@ class Scheduler:
         for g in victims:
             reason = reasons[_party_key(g)]
             g.preempted, g.preempted_at = reason, now
+            g.preemptor = ticket
+            if g.lender is not None:  # what it frees is its lender's, released with it
+                g.lender.preemptor = ticket
             self._not_victim(g)
             self.metrics.preempted(g.request.pool, reason)
             assert g.on_preempt is not None
@@ -993,7 +1039,7 @@ class Scheduler:
             self._count -= 1
         if ticket.hold_node is not None and ticket in self._held:
             self._unhold(ticket, ticket.hold_node)
-            ticket.hold_node = None
+            ticket.hold_node = ticket.holding = None
         ticket.lane = None
 
     def _victim_done(self, grant: Grant) -> None:
@@ -1050,6 +1096,17 @@ def _enough(
         return need.fits_in(_sum([room, *(c.resources for c in chosen if c.pool == pool)]))
 
     return enough
+
+
+def _within(need: Resources, free: Resources) -> Resources:
+    """As much of `need` as `free` has now, amount by amount (none of what is short)."""
+    have = dict(free.custom)
+    return Resources(
+        max(0.0, min(need.cpus, free.cpus)),
+        max(0.0, min(need.gpus, free.gpus)),
+        max(0.0, min(need.memory, free.memory)),
+        tuple((k, max(0.0, min(v, have.get(k, 0.0)))) for k, v in need.custom),
+    )
 
 
 def _sum(parts: list[Resources]) -> Resources:

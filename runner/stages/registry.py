@@ -14,16 +14,19 @@ import os
 import sys
 
 from runner.kind import StageKind
-from runner.schema import STAGE_KINDS, JobsStage, PoolStage, RolesStage, ShardStage
-from runner.stages import pool
 from runner.stages.jobs import kind as jobs_kind
 from runner.stages.jobs import planning as jobs_planning
+from runner.stages.jobs.schema import JobsStage
+from runner.stages.pool import kind as pool
+from runner.stages.pool.schema import PoolStage
 from runner.stages.roles import checks as roles_checks
 from runner.stages.roles import kind as roles_kind
 from runner.stages.roles import planning as roles_planning
+from runner.stages.roles.schema import RolesStage
 from runner.stages.shard import checks as shard_checks
 from runner.stages.shard import kind as shard_kind
 from runner.stages.shard import planning as shard_planning
+from runner.stages.shard.schema import ShardStage
 
 KINDS: dict[str, StageKind] = {
     "pool": StageKind(
@@ -58,6 +61,7 @@ KINDS: dict[str, StageKind] = {
         jobs_kind.open_run,
         path_keys=(("jobs_file",), ("cwd",), ("jobs", "*", "cwd")),
         noun="job",
+        job_table=True,
     ),
 }
 
@@ -68,9 +72,8 @@ ENV = "RUNNER_KINDS"
 
 def register(name: str, kind: StageKind) -> None:
     """Add a stage kind, which specs then name as `kind: NAME`: its schema joins the spec's
-    (`schema.STAGE_KINDS`, what the validator, composition and completion read)."""
+    (the CLI hands `KINDS` to the validator, composition and completion)."""
     KINDS[name] = kind
-    STAGE_KINDS[name] = kind.spec_type
 
 
 def register_entries(value: str) -> None:

@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from runner.quantities import DURATION_HELP, MEMORY_HELP, duration_seconds, memory_bytes
 from runner.resources import Resources
-from runner.schema import JobSpec, JobsStage
 from runner.spec import Problems
 from runner.spec import build as build_spec  # the one validator: job keys read as stage keys
+from runner.stages.jobs.schema import JobSpec, JobsStage
+from runner.stages.jobs.task import JobTask
 
 # a job's name becomes its log file names: keep it to a safe, shell-friendly alphabet
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -63,7 +63,7 @@ class Job:
         what = {"script": self.script} if self.script is not None else {"command": self.command}
         return json.dumps({**what, "env": self.env, "cwd": self.cwd}, sort_keys=True)
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         """The job as the ledger keeps it (the `input` of its row)."""
         what = {"script": self.script} if self.script is not None else {"command": self.command}
         scns = {"account": self.account, "partition": self.partition}
@@ -78,19 +78,18 @@ class Job:
             "priority": self.priority,
         }
 
-    def task_spec(self) -> dict[str, Any]:
+    def task_spec(self) -> JobTask:
         """What the Ray task needs to start the job."""
         env = {**self.env, "RUNNER_JOB_NAME": self.id}
         if self.index is not None:
             env["RUNNER_ARRAY_INDEX"] = str(self.index)
-        return {
-            "argv": self.argv,
-            "env": env,
-            "cwd": self.cwd,
-            "time_limit": self.time_limit,
-            # bytes its whole process tree may hold (0: no limit)
-            "memory": int(self.resources.memory),
-        }
+        return JobTask(
+            argv=self.argv,
+            env=env,
+            cwd=self.cwd,
+            time_limit=self.time_limit,
+            memory=int(self.resources.memory),
+        )
 
 
 # reports one problem of one job: (key below the job, message)
@@ -143,9 +142,9 @@ def _defaults(spec: JobsStage, path: str, problems: Problems) -> _Defaults:
     return _Defaults(memory, limit)
 
 
-def _entries(spec: JobsStage, path: str, problems: Problems) -> list[tuple[str, Report, Any]]:
+def _entries(spec: JobsStage, path: str, problems: Problems) -> list[tuple[str, Report, object]]:
     """(where, how to report a problem, raw mapping) for every job entry."""
-    entries: list[tuple[str, Report, Any]] = []
+    entries: list[tuple[str, Report, object]] = []
     for n, data in enumerate(spec.jobs):
         key = f"{path}.jobs.{n}"
         entries.append((f"jobs.{n}", _reporter(problems, key), data))
@@ -168,7 +167,7 @@ def _file_reporter(problems: Problems, key: str, where: str) -> Report:
     return lambda sub, message: problems.add(key, f"{where}{'.' + sub if sub else ''}: {message}")
 
 
-def closes(data: Any) -> bool:
+def closes(data: object) -> bool:
     """The line `{"close": true}` that ends a followed jobs_file."""
     return isinstance(data, dict) and data == {"close": True}
 
@@ -178,7 +177,7 @@ def complete_lines(text: str) -> list[str]:
     return text.split("\n")[:-1]
 
 
-def _read_jobs_file(value: str, follow: bool = False) -> list[Any] | str:
+def _read_jobs_file(value: str, follow: bool = False) -> list[object] | str:
     """The job mappings of a YAML/JSON list or a JSONL file, or why they cannot be read (a
     followed file may be empty; its close line and an unfinished last line are left out)."""
     path = Path(value)
@@ -195,7 +194,7 @@ def _read_jobs_file(value: str, follow: bool = False) -> list[Any] | str:
     if not text.strip() and not follow:
         return "the file is empty; expected a list of jobs ({name, script | command, ...})"
     if path.suffix == ".jsonl":
-        found: list[Any] = []
+        found: list[object] = []
         for n, line in enumerate(complete_lines(text) if follow else text.splitlines(), 1):
             if line.strip():
                 try:
@@ -206,7 +205,7 @@ def _read_jobs_file(value: str, follow: bool = False) -> list[Any] | str:
                     found.append(data)
         return found
     try:
-        rows: Any = yaml.safe_load(text)
+        rows: object = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -217,7 +216,7 @@ def _read_jobs_file(value: str, follow: bool = False) -> list[Any] | str:
     return rows
 
 
-def read_line(name: str, spec: JobsStage, data: Any, where: str) -> tuple[list[Job], list[str]]:
+def read_line(name: str, spec: JobsStage, data: object, where: str) -> tuple[list[Job], list[str]]:
     """One job appended to a followed jobs_file, read as `load_jobs` reads any: its jobs, or
     the problems that keep it from running."""
     problems = Problems(None)
@@ -229,14 +228,14 @@ def read_line(name: str, spec: JobsStage, data: Any, where: str) -> tuple[list[J
     return jobs, [f"{key}: {message}" for key, message in problems.items]
 
 
-def submit_body(data: Any) -> Any:
+def submit_body(data: object) -> object:
     """SCNS's submit body, `{job: {...}, script: ...}`, as one flat job; anything else as is."""
     if isinstance(data, dict) and isinstance(data.get("job"), dict):
         return {**data["job"], **{k: v for k, v in data.items() if k != "job"}}
     return data
 
 
-def _validated(data: Any, report: Report) -> JobSpec | None:
+def _validated(data: object, report: Report) -> JobSpec | None:
     """The entry checked against `JobSpec` (types, unknown keys); None when unusable."""
     found = Problems(None)
     job = build_spec(JobSpec, data, "", found)
@@ -261,7 +260,7 @@ def _validated(data: Any, report: Report) -> JobSpec | None:
     return job if ok else None
 
 
-def _good_command(command: list[Any]) -> bool:
+def _good_command(command: Sequence[object]) -> bool:
     return bool(command) and all(isinstance(w, str | int | float) for w in command)
 
 

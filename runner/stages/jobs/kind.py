@@ -25,9 +25,9 @@ from runner.output import Tail
 from runner.plan import StagePlan, Unit
 from runner.remote import plain
 from runner.scheduler.request import Request
-from runner.schema import JobsStage
 from runner.stages.jobs.job import Job, closes, complete_lines, read_line
 from runner.stages.jobs.planning import JobsSettings
+from runner.stages.jobs.schema import JobsStage
 from runner.stages.jobs.task import run_job
 from runner.verdicts import End, Ended, Fail, Launch, Record, Stopped
 

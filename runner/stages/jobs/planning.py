@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from runner.cluster import PARTITION_LABEL, ClusterInfo
 from runner.errors import PlanError
@@ -23,9 +22,10 @@ from runner.plan import (
     stage_config,
 )
 from runner.resources import Resources
-from runner.schema import JobsStage, StageSpec
+from runner.schema import StageSpec
 from runner.spec import Problems
 from runner.stages.jobs.job import Job, load_jobs, submit_body
+from runner.stages.jobs.schema import JobsStage
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class JobsSettings:
     upstream: tuple[str, ...]
 
 
-def _config(spec: JobsStage, raw: dict[str, object]) -> dict[str, Any]:
+def _config(spec: JobsStage, raw: dict[str, object]) -> dict[str, object]:
     """The stage's config as the ledger records it, with each inline job's resource keys left
     out (a job's fingerprint never holds its resources)."""
     config = stage_config(spec, raw)

@@ -18,12 +18,32 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
-from runner.carry import Dest, collect, discard
-from runner.placement import StartTo, announce
+from runner.carry import Dest, DestFields, collect, discard
+from runner.placement import StartTo, StartToFields, announce
 from runner.procs import kill_group, signal_name, tree_rss
 from runner.resources import gib
+
+
+class JobTask(TypedDict):
+    """What a job's task needs to start it (`Job.task_spec`)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    time_limit: float | None
+    # bytes its whole process tree may hold (0: no limit)
+    memory: int
+
+
+class JobRun(JobTask):
+    """`run_job`'s argument: the job, its stage's `cancel_grace`, where its streams go."""
+
+    grace: float
+    stdout: DestFields
+    stderr: DestFields
+
 
 # seconds between SIGTERM and SIGKILL when a job's process group is stopped
 KILL_GRACE = 3.0
@@ -54,7 +74,7 @@ _WATCHER = (
 _SHELL = "sh"
 
 
-def run_job(spec: dict[str, Any], started_to: dict[str, Any]) -> dict[str, Any]:
+def run_job(spec: JobRun, started_to: StartToFields) -> dict[str, object]:
     """Run one job to its end in the worker's jobs group: first say where it runs (a `Started`
     sent to `started_to`, a `StartTo`'s fields), then return what happened, as the ledger keeps
     it (with its logs, where they are carried back through Ray).
@@ -187,7 +207,7 @@ def _zombie_child(pid: int) -> bool:
 GROUP = JobsGroup()
 
 
-def _start(spec: dict[str, Any], out: str, err: str, group: int) -> subprocess.Popen[bytes]:
+def _start(spec: JobTask, out: str, err: str, group: int) -> subprocess.Popen[bytes]:
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         return subprocess.Popen(
             spec["argv"],
@@ -274,8 +294,8 @@ def _outcome(
     node: str,
     started: float,
     cpu: float,
-    spec: dict[str, Any],
-) -> dict[str, Any]:
+    spec: JobTask,
+) -> dict[str, object]:
     code = proc.returncode
     sig = signal_name(-code) if code < 0 else None
     memory = spec.get("memory") or 0

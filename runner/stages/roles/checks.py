@@ -8,13 +8,14 @@ user's role names), so their keys are checked here by hand.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TypeGuard
 
 from runner.quantities import MEMORY_HELP, memory_bytes
 from runner.scheduler.policy import ALIASES, THRESHOLDS, aggressiveness_level
-from runner.schema import RolesStage, StageSpec
+from runner.schema import StageSpec
 from runner.spec import Problems, find_cycle, import_error, unknown_key
 from runner.stages.roles.schedulemesh import ENV_PREFIX, canonical
+from runner.stages.roles.schema import RolesStage
 
 ROLE_KEYS = (
     "priority",
@@ -78,7 +79,7 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
     }
     if cycle := find_cycle(after):
         problems.add(f"{path}.roles.{cycle[0]}.start_after", f"a cycle: {' -> '.join(cycle)}")
-    _check_keys(f"{path}.pool", read.pool, ("name", "resources"), problems)
+    _is_keyed(read.pool, f"{path}.pool", ("name", "resources"), problems)
     if isinstance(read.pool.get("resources"), dict):
         _check_resources(
             f"{path}.pool.resources", read.pool["resources"], problems, "the pool's quota"
@@ -88,9 +89,9 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
 
 
 def _check_pg_pool(
-    path: str, pg: dict[str, Any], roles: Mapping[str, Any], problems: Problems
+    path: str, pg: Mapping[str, object], roles: Mapping[str, object], problems: Problems
 ) -> None:
-    _check_keys(path, pg, PG_POOL_KEYS, problems)
+    _is_keyed(pg, path, PG_POOL_KEYS, problems)
     _check_int(f"{path}.max_dynamic_pgs", pg.get("max_dynamic_pgs", 8), 0, problems)
     for key in ("reuse", "enable", "enable_dynamic_pgs"):
         if not isinstance(pg.get(key, True), bool):
@@ -105,7 +106,10 @@ def _check_pg_pool(
         )
 
 
-def _check_keys(path: str, data: Any, allowed: tuple[str, ...], problems: Problems) -> bool:
+def _is_keyed(
+    data: object, path: str, allowed: tuple[str, ...], problems: Problems
+) -> TypeGuard[Mapping[object, object]]:
+    """Whether `data` (at `path`) is a mapping; each key not in `allowed` is named."""
     if not isinstance(data, dict):
         problems.add(path, f"= {data!r}: expected a mapping with keys {', '.join(allowed)}")
         return False
@@ -115,17 +119,18 @@ def _check_keys(path: str, data: Any, allowed: tuple[str, ...], problems: Proble
     return True
 
 
-def _number(value: Any) -> bool:
+def _number(value: object) -> TypeGuard[float]:
+    """An int or a float, not a boolean."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_int(path: str, value: Any, low: int, problems: Problems) -> None:
+def _check_int(path: str, value: object, low: int, problems: Problems) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         problems.add(path, f"= {value!r}: expected an integer >= {low}")
 
 
-def _check_resources(path: str, data: Any, problems: Problems, what: str = "a replica") -> None:
-    if not _check_keys(path, data, RESOURCE_KEYS, problems):
+def _check_resources(path: str, data: object, problems: Problems, what: str = "a replica") -> None:
+    if not _is_keyed(data, path, RESOURCE_KEYS, problems):
         return
     for key, value in data.items():
         if key == "memory":
@@ -140,9 +145,9 @@ def _check_resources(path: str, data: Any, problems: Problems, what: str = "a re
 
 
 def _check_role(
-    path: str, role: str, data: Any, roles: Mapping[str, Any], problems: Problems
+    path: str, role: str, data: object, roles: Mapping[str, object], problems: Problems
 ) -> None:
-    if not _check_keys(path, data, ROLE_KEYS, problems):
+    if not _is_keyed(data, path, ROLE_KEYS, problems):
         return
     _check_actor(path, data, problems)
     if "priority" in data and not _number(data["priority"]):
@@ -163,9 +168,10 @@ def _check_role(
     _check_ray_options(f"{path}.ray_options", data.get("ray_options", {}), problems)
 
 
-def _check_actor(path: str, data: dict[str, Any], problems: Problems) -> None:
+def _check_actor(path: str, data: Mapping[object, object], problems: Problems) -> None:
     """The role's actor class is named and can be imported."""
-    target = data.get("actor", {}).get("_target_") if isinstance(data.get("actor"), dict) else None
+    actor = data.get("actor")
+    target = actor.get("_target_") if isinstance(actor, Mapping) else None
     if not isinstance(target, str) or not target:
         problems.add(
             f"{path}.actor._target_", "missing: name the role's actor class, pkg.mod.Class"
@@ -175,7 +181,7 @@ def _check_actor(path: str, data: dict[str, Any], problems: Problems) -> None:
 
 
 def _check_start_after(
-    path: str, role: str, after: Any, roles: Mapping[str, Any], problems: Problems
+    path: str, role: str, after: object, roles: Mapping[str, object], problems: Problems
 ) -> None:
     """Seconds after the stage starts, or another role whose start this one waits for."""
     if isinstance(after, str):
@@ -186,7 +192,7 @@ def _check_start_after(
         problems.add(f"{path}.start_after", f"= {after!r}: expected seconds >= 0 or a role name")
 
 
-def _check_ray_options(path: str, options: Any, problems: Problems) -> None:
+def _check_ray_options(path: str, options: object, problems: Problems) -> None:
     """More actor options (ScheduleMesh's `ray_options`), but not those the runner sets."""
     if not isinstance(options, dict):
         problems.add(path, f"= {options!r}: expected a mapping of Ray actor options")
@@ -200,9 +206,9 @@ def _check_ray_options(path: str, options: Any, problems: Problems) -> None:
             )
 
 
-def _check_replicas(path: str, value: Any, problems: Problems) -> None:
+def _check_replicas(path: str, value: object, problems: Problems) -> None:
     if isinstance(value, dict):
-        if not _check_keys(path, value, ("min", "max"), problems):
+        if not _is_keyed(value, path, ("min", "max"), problems):
             return
         low, high = value.get("min", 1), value.get("max", value.get("min", 1))
         _check_int(f"{path}.min", low, 0, problems)
@@ -213,7 +219,9 @@ def _check_replicas(path: str, value: Any, problems: Problems) -> None:
         _check_int(path, value, 1, problems)
 
 
-def _check_reserved(path: str, entries: Any, roles: Mapping[str, Any], problems: Problems) -> None:
+def _check_reserved(
+    path: str, entries: object, roles: Mapping[str, object], problems: Problems
+) -> None:
     if not isinstance(entries, list):
         problems.add(
             path, f"= {entries!r}: expected a list of {{role: NAME}} or {{resources: ...}}"
@@ -221,7 +229,7 @@ def _check_reserved(path: str, entries: Any, roles: Mapping[str, Any], problems:
         return
     for i, entry in enumerate(entries):
         where = f"{path}[{i}]"
-        if not _check_keys(where, entry, ("role", "resources", "count", "min_priority"), problems):
+        if not _is_keyed(entry, where, ("role", "resources", "count", "min_priority"), problems):
             continue
         low = entry.get("min_priority")
         if low is not None and not _number(low):
@@ -243,8 +251,8 @@ def _check_reserved(path: str, entries: Any, roles: Mapping[str, Any], problems:
         )
 
 
-def _check_preemption(path: str, data: Any, problems: Problems) -> None:
-    if not _check_keys(path, data, PREEMPTION_KEYS, problems):
+def _check_preemption(path: str, data: object, problems: Problems) -> None:
+    if not _is_keyed(data, path, PREEMPTION_KEYS, problems):
         return
     level = data.get("aggressiveness", "medium")
     if isinstance(level, str) and level.startswith(ENV_PREFIX):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Any
+from collections.abc import Mapping
+from typing import Protocol, TypedDict, runtime_checkable
 
 from runner.build import build
 from runner.placement import Started, here
@@ -27,28 +28,59 @@ class RoleContext:
         return self._flag.is_set()
 
 
+@runtime_checkable
+class Role(Protocol):
+    """The user's role object: it runs, polling its context."""
+
+    def run(self, ctx: RoleContext) -> object: ...
+
+
+@runtime_checkable
+class SavesState(Protocol):
+    """A role object that keeps its progress (`state()`), so a preempted replica resumes."""
+
+    def state(self) -> object: ...
+
+
+@runtime_checkable
+class Restores(Protocol):
+    """A role object that takes back a state it saved."""
+
+    def restore(self, state: object) -> None: ...
+
+
+class HostReply(TypedDict):
+    """What `RoleHost.run` answers: whether it was asked to stop, its state, its result."""
+
+    cancelled: bool
+    state: object
+    result: object
+
+
 class RoleHost:
     """Runs inside a Ray actor (two threads: `run` and `cancel` / `state` beside it)."""
 
-    def __init__(self, actor: dict[str, Any], role: str, replica: int, steps: int) -> None:
+    def __init__(self, actor: Mapping[str, object], role: str, replica: int, steps: int) -> None:
         self._flag = threading.Event()
-        self.obj: Any = build(actor)  # the user's role object: run(ctx), maybe state()/restore()
+        self.obj = build(actor)  # a Role, maybe SavesState and Restores
         self.ctx = RoleContext(role, replica, steps, self._flag)
 
     def ready(self) -> Started:
         return here()
 
-    def run(self, saved: Any) -> dict[str, Any]:
-        if saved is not None and hasattr(self.obj, "restore"):
+    def run(self, saved: object) -> HostReply:
+        if saved is not None and isinstance(self.obj, Restores):
             self.obj.restore(saved)
+        if not isinstance(self.obj, Role):
+            raise AttributeError(f"{type(self.obj).__name__!r} object has no attribute 'run'")
         result = self.obj.run(self.ctx)
-        return {"cancelled": self._flag.is_set(), "state": self.state(), "result": result}
+        return HostReply(cancelled=self._flag.is_set(), state=self.state(), result=result)
 
     def cancel(self) -> None:
         self._flag.set()
 
-    def state(self) -> Any:
-        return self.obj.state() if hasattr(self.obj, "state") else None
+    def state(self) -> object:
+        return self.obj.state() if isinstance(self.obj, SavesState) else None
 
 
 def saves_state(target: str) -> bool:

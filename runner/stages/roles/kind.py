@@ -93,6 +93,12 @@ class RolesRun(StageRun):
         self.groups = DynamicGroups(stage.name, self.rp.max_dynamic_pgs, self.rp.reuse)
         self.t0 = ctx.clock()
         self.queue.clear()  # a replica is queued when its role arrives
+        # each replica's role and index, read from its unit once: they are asked for several
+        # times per admission (100,000s of replicas at scale)
+        self._replica: dict[Work, tuple[RoleSpec, int]] = {}
+        for work in self.works:
+            name, index = replica_of(work.unit)
+            self._replica[work] = (self.rp.roles[name], index)
         # replicas not arrived yet, by role; roles running (or with nothing to run)
         self.coming: dict[str, list[Work]] = defaultdict(list)
         for work in self.works:
@@ -112,6 +118,9 @@ class RolesRun(StageRun):
         self.dynamic: set[Work] = set()
         self.group_waiters: list[Lease] = []
         self.events: list[dict[str, Any]] = []
+        # times each replica was asked to stop as a victim (its result says so): counted, not
+        # looked up in `events` at each end (a walk over every event per replica)
+        self.preempt_asks: Counter[Work] = Counter()
         self.stats = _Stats()
         self.saves = {
             r.name: saves_state(r.actor.get("_target_", "")) for r in self.rp.roles.values()
@@ -132,10 +141,10 @@ class RolesRun(StageRun):
                 log.info("%s: %s resumes from the state it saved last time", self.name, work.id)
 
     def role(self, work: Work) -> RoleSpec:
-        return self.rp.roles[replica_of(work.unit)[0]]
+        return self._replica[work][0]
 
     def index(self, work: Work) -> int:
-        return replica_of(work.unit)[1]
+        return self._replica[work][1]
 
     # --- reserved groups: leases of the stage itself, asked for first --------------------
 
@@ -423,15 +432,13 @@ class RolesRun(StageRun):
         result = (
             reply["result"] if isinstance(reply["result"], dict) else {"value": reply["result"]}
         )
-        preemptions = sum(
-            1 for e in self.events if e["unit"] == work.id and e["event"] == "preempt requested"
-        )
         self._event(work, "done")
         yield End(lease, kill=True)
-        yield Done(work, {**result, "preemptions": preemptions})
+        yield Done(work, {**result, "preemptions": self.preempt_asks[work]})
 
     def on_preempt(self, lease: Lease, reason: str) -> Verdicts:
         for work in lease.work:
+            self.preempt_asks[work] += 1
             self._event(work, "preempt requested", reason=reason)
         yield from ()
 
@@ -532,7 +539,7 @@ class RolesRun(StageRun):
         record = {
             "t": round(self.ctx.wall(), 4),
             "unit": work.id,
-            "role": replica_of(work.unit)[0],
+            "role": self.role(work).name,
             "event": what,
             **details,
         }

@@ -21,7 +21,8 @@ from runner.plan import (
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.scheduler.policy import Party, preemption_reason
-from runner.schema import RolesStage, StageSpec
+from runner.schema import StageSpec
+from runner.stages.roles.schema import RolesStage
 from runner.stages.roles.settings import Reserved, RolesPlan, parse
 
 

@@ -10,11 +10,10 @@ one set of messages for both spellings.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from runner.schema import RolesStage
+from runner.stages.roles.schema import RolesStage
 
 # ScheduleMesh: a task of at least this priority takes one of `high_priority_pg_specs`
 HIGH_PRIORITY = 8.0
@@ -42,13 +41,13 @@ def resources(data: object, path: str, said: list[str]) -> object:
     return out
 
 
-def _keys(data: Mapping[Any, Any]) -> str:
+def _keys(data: Iterable[object]) -> str:
     return "{" + ", ".join(map(str, data)) + "}"
 
 
 def renamed(
-    data: Mapping[str, Any], names: Mapping[str, str], path: str, said: list[str]
-) -> dict[str, Any]:
+    data: Mapping[str, object], names: Mapping[str, str], path: str, said: list[str]
+) -> dict[str, object]:
     """`data` with ScheduleMesh's key names as the runner's (the runner's own, when both are
     given, is kept and the other left for the checks to name as unknown)."""
     out = dict(data)
@@ -59,13 +58,14 @@ def renamed(
     return out
 
 
-def pg_pool(data: Mapping[str, Any], path: str, said: list[str]) -> dict[str, Any]:
+def pg_pool(data: Mapping[str, object], path: str, said: list[str]) -> dict[str, object]:
     """`pg_pool_config` as `pg_pool`: `enable_pg_reuse` is `reuse`, and each of
     `high_priority_pg_specs` a reserved group for any role of priority >= 8."""
     out = renamed(data, PG_POOL_NAMES, path, said)
     specs = out.pop("high_priority_pg_specs", None)
-    if isinstance(specs, list):
-        reserved = list(out.get("reserved", []))
+    given = out.get("reserved", [])
+    if isinstance(specs, list) and isinstance(given, list):
+        reserved = list(given)
         for i, spec in enumerate(specs):
             where = f"{path}.high_priority_pg_specs[{i}]"
             shape = resources(spec, where, [])
@@ -75,7 +75,7 @@ def pg_pool(data: Mapping[str, Any], path: str, said: list[str]) -> dict[str, An
             )
         out["reserved"] = reserved
     elif specs is not None:
-        out["high_priority_pg_specs"] = specs  # not a list: the checks say so
+        out["high_priority_pg_specs"] = specs  # it or `reserved` not a list: the checks say so
     return out
 
 
@@ -94,10 +94,10 @@ def aggressiveness(value: object) -> tuple[object, str | None]:
 class Canonical:
     """A roles stage's free-form sections in the runner's spelling, and what was mapped."""
 
-    pool: dict[str, Any]
-    pg_pool: dict[str, Any]
-    preemption: dict[str, Any]
-    roles: dict[str, Any]
+    pool: dict[str, object]
+    pg_pool: dict[str, object]
+    preemption: dict[str, object]
+    roles: dict[str, object]
     # one line per key mapped, for the plan
     said: list[str]
 
@@ -116,7 +116,7 @@ def canonical(spec: RolesStage) -> Canonical:
     if note is not None:
         preemption["aggressiveness"] = level
         said.append(f"preemption.{note}")
-    roles: dict[str, Any] = {}
+    roles: dict[str, object] = {}
     for name, data in spec.roles.items():
         if isinstance(data, Mapping) and "resources" in data:
             where = f"roles.{name}.resources"

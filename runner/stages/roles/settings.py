@@ -6,15 +6,114 @@ keeps them in the plan; the driver and the simulated cluster read the same objec
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict, cast
 
 from runner.quantities import memory_bytes
 from runner.resources import Resources
 from runner.scheduler.policy import Policy, aggressiveness_level
-from runner.schema import RolesStage
-from runner.stages.roles.schedulemesh import canonical
+from runner.stages.roles.schedulemesh import Canonical, canonical
+from runner.stages.roles.schema import RolesStage
+
+
+class ActorConfig(TypedDict, total=False):
+    """A role's actor as Hydra instantiates it: its class, and its constructor's keyword
+    arguments beside it (`step_seconds` is one the simulated cluster reads)."""
+
+    _target_: str
+    step_seconds: float
+
+
+class ResourcesData(TypedDict, total=False):
+    """A replica's (or a quota's, or a reserved group's) resources as the spec gives them."""
+
+    cpus: float
+    gpus: float
+    # 8G; a plain number is megabytes
+    memory: str | float
+    memory_gb: float
+
+
+class ReplicaRange(TypedDict, total=False):
+    """`replicas: {min, max}`."""
+
+    min: int
+    max: int
+
+
+class RoleData(TypedDict, total=False):
+    """One role as the spec gives it (the keys checks.py allows)."""
+
+    priority: float
+    replicas: int | ReplicaRange
+    resources: ResourcesData
+    labels: dict[str, object]
+    pg: str
+    start_after: float | str
+    actor: ActorConfig
+    steps: int
+    step_time: float | None
+    estimated_duration: float | None
+    ray_options: dict[str, object]
+
+
+class ReservedData(TypedDict, total=False):
+    """One `pg_pool.reserved` entry: a role's shape, or resources (of some minimum priority)."""
+
+    role: str
+    resources: ResourcesData
+    count: int
+    min_priority: float
+
+
+class PgPoolData(TypedDict, total=False):
+    """The stage's `pg_pool`."""
+
+    reserved: list[ReservedData]
+    max_dynamic_pgs: int
+    reuse: bool
+    enable: bool
+    enable_dynamic_pgs: bool
+    pg_creation_timeout: float
+
+
+class PreemptionData(TypedDict, total=False):
+    """The stage's `preemption`."""
+
+    label_rules: dict[str, dict[str, list[str]]]
+    aggressiveness: str
+    cancel_timeout: float
+    cross_pool: bool
+    protected_pools: list[str]
+    enable_label_preemption: bool
+
+
+class PoolData(TypedDict, total=False):
+    """The stage's `pool`: the quota its roles share."""
+
+    name: str
+    resources: ResourcesData
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A roles stage's free-form sections once checks.py found no problem in them: the
+    shapes it checked, typed."""
+
+    pool: PoolData
+    pg_pool: PgPoolData
+    preemption: PreemptionData
+    roles: dict[str, RoleData]
+
+    @classmethod
+    def of(cls, read: Canonical) -> Checked:
+        """The sections read as checks.py checked them: parse runs only on a checked spec."""
+        return cls(
+            cast(PoolData, read.pool),
+            cast(PgPoolData, read.pg_pool),
+            cast(PreemptionData, read.preemption),
+            cast(dict[str, RoleData], read.roles),
+        )
 
 
 @dataclass(frozen=True)
@@ -30,13 +129,13 @@ class RoleSpec:
     pg: str
     # seconds after the stage starts, or the name of a role that must be running first
     start_after: float | str
-    actor: dict[str, Any]
+    actor: ActorConfig
     steps: int
     # for the simulated cluster: seconds per step, or the whole run
     step_time: float | None
     estimated_duration: float | None
     # more options for the replica's actor (ScheduleMesh's `ray_options`: a name, ...)
-    ray_options: dict[str, Any] = field(default_factory=dict)
+    ray_options: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,7 +191,7 @@ class RolesPlan:
         return self.max_dynamic_pgs if self.groups and self.dynamic_groups else None
 
 
-def _resources(data: Mapping[str, Any]) -> Resources:
+def _resources(data: ResourcesData) -> Resources:
     """`memory` reads like a job's (`8G`; a plain number is megabytes, as ScheduleMesh's
     `ensure_pool` takes it); `memory_gb` is the older spelling. checks.py allows one of them."""
     memory = float(data.get("memory_gb", 0)) * (1 << 30)
@@ -103,7 +202,7 @@ def _resources(data: Mapping[str, Any]) -> Resources:
     )
 
 
-def _replicas(value: Any) -> tuple[int, int]:
+def _replicas(value: int | ReplicaRange) -> tuple[int, int]:
     if isinstance(value, dict):
         low = int(value.get("min", 1))
         return low, int(value["max"]) if "max" in value else low
@@ -113,7 +212,8 @@ def _replicas(value: Any) -> tuple[int, int]:
 def parse(name: str, spec: RolesStage) -> RolesPlan:
     """The typed settings of a checked spec, before any scaling."""
     read = canonical(spec)
-    pre, pg = read.preemption, read.pg_pool
+    checked = Checked.of(read)
+    pre, pg = checked.preemption, checked.pg_pool
     policy = Policy(
         label_rules={
             k: {a: list(b) for a, b in v.items()} for k, v in pre.get("label_rules", {}).items()
@@ -125,36 +225,29 @@ def parse(name: str, spec: RolesStage) -> RolesPlan:
         label_preemption=bool(pre.get("enable_label_preemption", True)),
     )
     roles = {}
-    for role, data in read.roles.items():
+    for role, data in checked.roles.items():
         low, high = _replicas(data.get("replicas", 1))
         roles[role] = RoleSpec(
             role,
             float(data.get("priority", spec.priority)),
             low,
             high,
-            _resources(data.get("resources", {"cpus": 1})),
+            _resources(data.get("resources", ResourcesData(cpus=1))),
             {**spec.labels, **{str(k): str(v) for k, v in data.get("labels", {}).items()}},
             str(data.get("pg", "dynamic")),
             data.get("start_after", 0.0),
-            dict(data.get("actor", {})),
+            ActorConfig(**data.get("actor", {})),
             int(data.get("steps", 1)),
             data.get("step_time"),
             data.get("estimated_duration"),
             dict(data.get("ray_options", {})),
         )
-    reserved: list[Reserved] = []
-    for entry in pg.get("reserved", []):
-        role = entry.get("role")
-        shape = roles[role].resources if role else _resources(entry["resources"])
-        count = int(entry.get("count", roles[role].max if role else 1))
-        low = entry.get("min_priority")
-        reserved += [Reserved(shape, role, None if low is None else float(low))] * count
-    quota = read.pool.get("resources")
+    quota = checked.pool.get("resources")
     return RolesPlan(
-        str(read.pool.get("name", name)),
+        str(checked.pool.get("name", name)),
         _resources(quota) if quota else None,
         policy,
-        reserved,
+        _reserved(pg.get("reserved", []), roles),
         int(pg.get("max_dynamic_pgs", 8)),
         bool(pg.get("reuse", True)),
         roles,
@@ -164,3 +257,15 @@ def parse(name: str, spec: RolesStage) -> RolesPlan:
         float(pg.get("pg_creation_timeout", 60.0)),
         tuple(read.said),
     )
+
+
+def _reserved(entries: list[ReservedData], roles: dict[str, RoleSpec]) -> list[Reserved]:
+    """The reserved groups, each entry `count` times (a role's entry: once per replica)."""
+    reserved: list[Reserved] = []
+    for entry in entries:
+        role = entry.get("role")
+        shape = roles[role].resources if role else _resources(entry["resources"])
+        count = int(entry.get("count", roles[role].max if role else 1))
+        low = entry.get("min_priority")
+        reserved += [Reserved(shape, role, None if low is None else float(low))] * count
+    return reserved

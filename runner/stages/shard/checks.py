@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runner.schema import ShardStage, StageSpec
+from runner.schema import StageSpec
 from runner.spec import Problems, did_you_mean, import_error, unknown_key
+from runner.stages.shard.schema import ShardStage
 
 PLACEHOLDERS = ("input", "output", "output_dir", "low", "high", "last", "gpus", "shard", "done")
 INPUT_SUFFIXES = (".csv", ".parquet")

@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import TypedDict, cast
 
-from runner.merge import read_table, write_table
 from runner.plan import Unit
+from runner.stages.shard.merge import read_table, write_table
 from runner.stages.shard.ranges import Shard
 from runner.store import write_json
 
@@ -183,7 +183,7 @@ def write_done_ids(part: Path, done: Path, id_column: str) -> None:
     done.write_text("".join(f"{i}\n" for i in ids))
 
 
-def _resumable_ids(path: Path, id_column: str) -> Iterable[Any]:
+def _resumable_ids(path: Path, id_column: str) -> Iterable[object]:
     """The ids of a partial line-format output, its cut-off last line dropped first; any
     other file (a parquet cannot be half written and read) is removed: it starts again."""
     if path.suffix.lower() not in LINE_SUFFIXES:

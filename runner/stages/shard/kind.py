@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from runner import disk, procs
 from runner.calls import Expect, Remote
@@ -18,17 +18,17 @@ from runner.carry import pack, under
 from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
 from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
-from runner.merge import Committed, manifest_of, merge, read_table, write_table
 from runner.output import Tail
 from runner.plan import StagePlan, Unit
 from runner.resources import Resources
 from runner.scheduler.request import Request
-from runner.schema import ShardStage
 from runner.stages.shard.files import Files, ShardPayload, commit, launch_values, payload_of, tail
+from runner.stages.shard.merge import Committed, manifest_of, merge, read_table, write_table
 from runner.stages.shard.planning import ShardSettings
 from runner.stages.shard.ranges import Shard
+from runner.stages.shard.schema import ShardStage
 from runner.stages.shard.slots import GpuSlots
-from runner.stages.shard.task import run_shard
+from runner.stages.shard.task import ShardJob, ShardReply, run_shard
 from runner.verdicts import Done, End, Fail, Failed, Launch, Lend, Record, Requeue, Stopped
 
 log = logging.getLogger(__name__)
@@ -141,33 +141,32 @@ class ShardRun(StageRun):
     def launch(self, lease: Lease) -> Verdicts:
         work = lease.work[0]
         shard = self.shards[work.id]
-        job = {} if self.ctx.virtual else self._job(lease, work)
+        job = None if self.ctx.virtual else self._job(lease, work)  # virtual: never run
         options = {"max_retries": 0, "name": f"shard {shard.label}"}
         expect = partial(self._expect, work)
         yield Launch(
             lease, Remote(run_shard, (job,), options=options, announce=True, expect=expect)
         )
 
-    def _job(self, lease: Lease, work: Work) -> dict[str, Any]:
+    def _job(self, lease: Lease, work: Work) -> ShardJob:
         """What the shard's task is handed: its command or function, its placeholders' values,
         its GPUs, where it logs; without a shared filesystem, its files too."""
         shard, f = self.shards[work.id], self.files[work.id]
         f.part_owner.write_text(work.unit.fingerprint)
         self.tail.start(f.log)
-        job: dict[str, Any] = {
-            "label": shard.label,
-            "attempt": work.attempts + 1,
-            "command": self.spec.command,
-            "fn": self.spec.fn,
-            "values": launch_values(work.unit, f, self.spec.id_column, work.attempts + 1),
-            "gpus": self.spec.gpus_per_shard,
-            # the GPUs (NVML indices) the shard must use, over Ray's pick; None: Ray's pick
-            "gpu_ids": list(lease.ask.tag) if isinstance(lease.ask.tag, tuple) else None,
-            "min_gpu_memory_gb": self.spec.min_gpu_memory_gb,
-            "cwd": os.getcwd(),
-            "log": str(f.log.resolve()),
-            "pid": str(f.pid.resolve()),
-        }
+        job = ShardJob(
+            label=shard.label,
+            attempt=work.attempts + 1,
+            command=self.spec.command,
+            fn=self.spec.fn,
+            values=launch_values(work.unit, f, self.spec.id_column, work.attempts + 1),
+            gpus=self.spec.gpus_per_shard,
+            gpu_ids=list(lease.ask.tag) if isinstance(lease.ask.tag, tuple) else None,
+            min_gpu_memory_gb=self.spec.min_gpu_memory_gb,
+            cwd=os.getcwd(),
+            log=str(f.log.resolve()),
+            pid=str(f.pid.resolve()),
+        )
         if not self.ctx.cluster.shared_fs:  # its files travel with it, and back in its reply
             job["carry_root"] = str(self.root.resolve())
             job["stage_in"] = pack(self.root, [f.input, f.done, f.part, f.log, f.out_dir])
@@ -177,12 +176,12 @@ class ShardRun(StageRun):
         """A shard in virtual time: it takes what the measured run says, and succeeds."""
         seconds = self.ctx.seconds(self.name, work.id)
         now = self.ctx.wall()
-        reply = {"ok": True, "cuda_visible_devices": None, "started": now, "ended": now + seconds}
+        reply = ShardReply(ok=True, cuda_visible_devices=None, started=now, ended=now + seconds)
         return Expect(seconds, reply)
 
     def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
         assert isinstance(value, dict)
-        reply: dict[str, Any] = value
+        reply = cast(ShardReply, value)  # what run_shard (or _expect) answered
         work = lease.work[0]
         files = reply.pop("files", {})
         if files:  # carried back (no shared filesystem)

@@ -22,9 +22,10 @@ from runner.plan import (
 )
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
-from runner.schema import ShardStage, StageSpec
+from runner.schema import StageSpec
 from runner.stages.shard.files import contract
 from runner.stages.shard.ranges import Shard, input_identity, recorded, split
+from runner.stages.shard.schema import ShardStage
 
 
 def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:

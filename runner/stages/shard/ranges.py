@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner.errors import InputError
 from runner.identity import FileDigests, file_digest
-from runner.schema import ShardStage
+from runner.stages.shard.schema import ShardStage
 from runner.store import Ledger
 
 
@@ -28,10 +27,11 @@ class Shard:
     half-open bound (None past the last of non-integer ids); `ids` counts the unique ids."""
 
     index: int
-    low: Any
-    high: Any
+    # ids of the input: integers, numbers or strings
+    low: object
+    high: object
     rows: int
-    end: Any = None
+    end: object = None
     ids: int = 0
 
     @property
@@ -101,14 +101,16 @@ def split(path: Path, id_column: str, num_shards: int, key: str = "input") -> li
     ]
 
 
-def past(last: Any) -> Any:
+def past(last: object) -> int | None:
     """The half-open bound after the last id: last + 1 for integer ids, else None (there is
     no next id to name)."""
     return last + 1 if isinstance(last, int) and not isinstance(last, bool) else None
 
 
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds (what JSON and the ledger take)."""
+    item = getattr(value, "item", None)
+    return item() if item is not None else value
 
 
 def recorded(ledger: Ledger | None, name: str, spec: ShardStage, source: str) -> list[Shard]:

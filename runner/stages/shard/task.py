@@ -14,15 +14,54 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TextIO, TypedDict
 
 from runner import gpus, procs
 from runner.carry import pack, unpack
-from runner.merge import read_table, write_table
-from runner.placement import StartTo, announce
+from runner.placement import StartTo, StartToFields, announce
+from runner.stages.shard.merge import read_table, write_table
 
 
-def run_shard(job: dict[str, Any], started_to: dict[str, Any]) -> dict[str, Any]:
+class ShardJob(TypedDict):
+    """What a shard's task is handed (`ShardRun._job`)."""
+
+    label: str
+    attempt: int
+    # the command's argv, or else the function's spec ({_target_, **kwargs})
+    command: list[str] | None
+    fn: dict[str, object] | None
+    # the command's placeholders (`{input}`, `{output}`, ...; `{gpus}` is added here)
+    values: dict[str, str]
+    gpus: float
+    # the GPUs (NVML indices) the shard must use, over Ray's pick; None: Ray's pick
+    gpu_ids: list[int] | None
+    min_gpu_memory_gb: float
+    cwd: str
+    log: str
+    pid: str
+    # without a shared filesystem: the run directory's root on the runner's node, and the
+    # shard's files (under it) that travel with the task
+    carry_root: NotRequired[str]
+    stage_in: NotRequired[dict[str, bytes]]
+
+
+class ShardReply(TypedDict):
+    """What a shard's task answers (in virtual time, the simulated cluster in its place)."""
+
+    ok: bool
+    cuda_visible_devices: str | None
+    started: float
+    ended: NotRequired[float]
+    error: NotRequired[str | None]
+    # why it goes back to the queue, no retry spent: its GPUs were short of free memory
+    requeue: NotRequired[str]
+    worker: NotRequired[str]
+    cpu: NotRequired[float]
+    # without a shared filesystem: the shard's files, back from its node
+    files: NotRequired[dict[str, bytes]]
+
+
+def run_shard(job: ShardJob, started_to: StartToFields) -> ShardReply:
     """Runs inside a Ray task on the node that owns the shard's GPUs: say where it runs (a
     `Started` sent to `started_to`, a `StartTo`'s fields), check the GPUs' free memory, then
     run the command (or the function) with its output written to the temporary name; return
@@ -44,7 +83,7 @@ def run_shard(job: dict[str, Any], started_to: dict[str, Any]) -> dict[str, Any]
         shutil.rmtree(here, ignore_errors=True)
 
 
-def _moved(job: dict[str, Any], root: str, here: str) -> dict[str, Any]:
+def _moved(job: ShardJob, root: str, here: str) -> ShardJob:
     """The job with its paths under `root` moved under `here`."""
 
     def move(path: str) -> str:
@@ -54,20 +93,20 @@ def _moved(job: dict[str, Any], root: str, here: str) -> dict[str, Any]:
     return {**job, "values": values, "log": move(job["log"]), "pid": move(job["pid"])}
 
 
-def _run(job: dict[str, Any]) -> dict[str, Any]:
+def _run(job: ShardJob) -> ShardReply:
     started = time.time()
     chosen = job.get("gpu_ids")
     if chosen is not None:  # the GPUs the runner chose, by name: over Ray's own pick
         cuda = ",".join(map(str, chosen))
     else:
         cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "") if job["gpus"] > 0 else ""
-    reply: dict[str, Any] = {
-        "ok": False,
-        "error": None,
-        "cuda_visible_devices": cuda,
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-        "started": started,
-    }
+    reply = ShardReply(
+        ok=False,
+        error=None,
+        cuda_visible_devices=cuda,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        started=started,
+    )
     before = os.times()
     with open(job["log"], "a", buffering=1, errors="replace") as logf:
         logf.write(
@@ -118,12 +157,12 @@ def _visible(cuda: str, by_index: bool) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _run_command(job: dict[str, Any], cuda: str, logf: Any) -> str | None:
+def _run_command(job: ShardJob, cuda: str, logf: TextIO) -> str | None:
     """Run the argv in its own process group; its output goes to the shard's log."""
     import subprocess
 
     values = {**job["values"], "gpus": cuda}
-    argv = [arg.format(**values) for arg in job["command"]]
+    argv = [arg.format(**values) for arg in job["command"] or []]
     if argv[0] in ("python", "python3"):
         argv[0] = sys.executable  # the interpreter (and environment) running the runner
     env = {
@@ -174,13 +213,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_fn(job: dict[str, Any], logf: Any) -> str | None:
+def _run_fn(job: ShardJob, logf: TextIO) -> str | None:
     from hydra.utils import get_method
 
-    spec = dict(job["fn"])
-    fn = get_method(spec.pop("_target_"))
+    spec = dict(job["fn"] or {})
+    target = str(spec.pop("_target_"))
+    fn = get_method(target)
     frame = read_table(Path(job["values"]["input"]))
     result = fn(frame, **spec)
     write_table(result, Path(job["values"]["output"]))
-    logf.write(f"--- runner: {job['fn']['_target_']}: {len(frame)} rows in, {len(result)} out\n")
+    logf.write(f"--- runner: {target}: {len(frame)} rows in, {len(result)} out\n")
     return None

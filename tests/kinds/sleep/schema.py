@@ -17,7 +17,10 @@ class SleepStage(StageSpec):
     seconds: float = limited(1.0, ge=0)
     # CPUs each unit's task holds
     cpus: float = resource(1.0, gt=0)
-    # times a failed unit is tried again
+    # seconds a unit may sleep before it is stopped and recorded as timeout (then tried again
+    # while `retries` last, as a failure is)
+    timeout: float | None = policy(None, gt=0)
+    # times a failed (or timed-out) unit is tried again
     retries: int = policy(0, ge=0)
     # unit -> how many of its first attempts fail (after sleeping): to test retries
     fail: dict[str, int] = field(default_factory=dict, metadata={"policy": True})

@@ -18,9 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import cast
 
-from runner import items as itemsrc
 from runner.calls import Call, Expect, Remote
 from runner.carry import Dest
 from runner.identity import code_digest, digest, digester
@@ -41,11 +40,13 @@ from runner.plan import (
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.scheduler.request import Request
-from runner.schema import PoolStage, StageSpec
+from runner.schema import StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
 from runner.spec import Problems, did_you_mean, import_error
-from runner.stages.pool_worker import PoolActor, WorkerOutput
-from runner.stages.results import write_results
+from runner.stages.pool import items as itemsrc
+from runner.stages.pool.results import write_results
+from runner.stages.pool.schema import PoolStage
+from runner.stages.pool.worker import BatchReply, PoolActor, WorkerOutput
 from runner.verdicts import Back, Done, DoneAll, End, Ended, Failed, Launch, Running, Send
 
 log = logging.getLogger(__name__)
@@ -332,15 +333,15 @@ class PoolRun(StageRun):
             status.append("done")
             seconds.append(took * self.scale)
         busy = sum(seconds)
-        reply = {
-            "status": status,
-            "values": [None] * len(status),
-            "seconds": seconds,
-            "busy": busy,
-            "cpu": 0.0,
-            "poisoned": status[-1] == "timeout",
-            "log": b"",
-        }
+        reply = BatchReply(
+            status=status,
+            values=[None] * len(status),
+            seconds=seconds,
+            busy=busy,
+            cpu=0.0,
+            poisoned=status[-1] == "timeout",
+            log=b"",
+        )
         return Expect(busy, reply)
 
     def _take(self) -> list[Work]:
@@ -365,7 +366,7 @@ class PoolRun(StageRun):
     def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
         assert isinstance(tag, list) and isinstance(value, dict)
         batch: list[Work] = tag
-        reply: dict[str, Any] = value
+        reply = cast(BatchReply, value)  # what PoolActor.run (or _expect) answered
         replied = set(batch)
         lease.work = [w for w in lease.work if w not in replied]
         self.cpu[lease] = reply["cpu"]
@@ -382,7 +383,7 @@ class PoolRun(StageRun):
             # at once: a worker waiting for the next turn of the loop idles
             yield from self._feed(lease)
 
-    def _learn_item_time(self, reply: dict[str, Any]) -> None:
+    def _learn_item_time(self, reply: BatchReply) -> None:
         """The mean time of an item on a worker, smoothed over the batches replied so far."""
         status = reply["status"]
         if status:
@@ -390,7 +391,7 @@ class PoolRun(StageRun):
             old = self.item_seconds
             self.item_seconds = per_item if old is None else 0.7 * old + 0.3 * per_item
 
-    def _outcomes(self, batch: list[Work], reply: dict[str, Any]) -> Verdicts:
+    def _outcomes(self, batch: list[Work], reply: BatchReply) -> Verdicts:
         """Each item of a replied batch: done, failed or timed out as the worker says; the
         items it did not reach go back to the queue."""
         status, values, seconds = reply["status"], reply["values"], reply["seconds"]

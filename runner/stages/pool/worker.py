@@ -19,11 +19,12 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import BinaryIO, NotRequired, TextIO, TypedDict
 
 from runner.build import build, locate
 from runner.carry import Dest
@@ -31,6 +32,28 @@ from runner.placement import Started, here
 
 # a failed item's error keeps this many of its innermost frames (the log has them all)
 ERROR_FRAMES = 3
+
+# the worker as built from its spec: called once per item with its payload
+Worker = Callable[[object], object]
+
+
+class BatchReply(TypedDict):
+    """What `PoolActor.run` answers for a batch (and the simulated cluster in its place)."""
+
+    # per item run, in the batch's order: done, error or timeout; its result or error; seconds
+    status: list[str]
+    values: list[object]
+    seconds: list[float]
+    # seconds the batch took in all, and the worker's CPU seconds so far
+    busy: float
+    cpu: float
+    # an item overran step_timeout: the worker takes no more
+    poisoned: bool
+    # the log's new bytes (without a shared filesystem)
+    log: bytes
+    # when the last item ended (the worker's clock) and which worker ran it: not in virtual time
+    ended: NotRequired[float]
+    worker: NotRequired[str]
 
 
 @dataclass(frozen=True)
@@ -49,7 +72,7 @@ class PoolActor:
 
     def __init__(
         self,
-        worker: dict[str, Any],
+        worker: Mapping[str, object],
         step_timeout: float | None,
         threads: int,
         output: WorkerOutput | None = None,
@@ -66,7 +89,7 @@ class PoolActor:
         if not isinstance(locate(str(worker["_target_"])), type) and "_partial_" not in worker:
             # a plain function is the worker itself, called per item with the spec's kwargs
             worker = {**worker, "_partial_": True}
-        self._fn = build(worker)
+        self._fn = _worker(build(worker))
         self._timeout = step_timeout
         self._threads = _DaemonThreads(threads) if step_timeout else None
         # set once an item overran step_timeout: its thread is stuck, so take no more items
@@ -78,7 +101,7 @@ class PoolActor:
     def ready(self) -> Started:
         return here()
 
-    def run(self, ids: list[str], payloads: list[Any]) -> dict[str, Any]:
+    def run(self, ids: list[str], payloads: list[object]) -> BatchReply:
         """A batch's outcomes, in its order: per item a status, a value and seconds, the
         items run one after another (the items after the last status were not started: a
         timed-out item stops the batch); when the last ended (this node's clock); busy time;
@@ -88,7 +111,7 @@ class PoolActor:
         and sends lists of strings and numbers as they are. A result that is not JSON becomes
         that item's error, so one bad result never fails the batch it travels with."""
         status: list[str] = []
-        values: list[Any] = []
+        values: list[object] = []
         seconds: list[float] = []
         started = clock = time.perf_counter()
         for uid, payload in zip(ids, payloads, strict=True):
@@ -102,19 +125,19 @@ class PoolActor:
             clock = now
             if state == "timeout":
                 self._poisoned = True
-        return {
-            "status": status,
-            "values": values,
-            "seconds": seconds,
-            "busy": time.perf_counter() - started,
-            "ended": time.time(),
-            "cpu": _cpu_seconds() - self._cpu0,
-            "poisoned": self._poisoned,
-            "worker": self.name,
-            "log": self._new_log(),
-        }
+        return BatchReply(
+            status=status,
+            values=values,
+            seconds=seconds,
+            busy=time.perf_counter() - started,
+            ended=time.time(),
+            cpu=_cpu_seconds() - self._cpu0,
+            poisoned=self._poisoned,
+            worker=self.name,
+            log=self._new_log(),
+        )
 
-    def _one(self, uid: str, payload: Any) -> tuple[str, Any]:
+    def _one(self, uid: str, payload: object) -> tuple[str, object]:
         if self._threads is None:
             return _call(self._fn, uid, payload)
         future = self._threads.submit(self._fn, uid, payload)
@@ -133,6 +156,18 @@ class PoolActor:
         sys.stdout.flush()
         sys.stderr.flush()
         return self._log_reader.read()
+
+
+def _worker(built: object) -> Worker:
+    """The built worker, called per item; one that is not callable fails each item with
+    the TypeError calling it raises."""
+    if callable(built):
+        return built
+
+    def uncallable(payload: object) -> object:
+        raise TypeError(f"{type(built).__name__!r} object is not callable")
+
+    return uncallable
 
 
 def _capture(output: WorkerOutput) -> None:
@@ -189,14 +224,14 @@ class _DaemonThreads:
     at exit (ThreadPoolExecutor joins its threads, so a killed actor would linger)."""
 
     def __init__(self, count: int) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future[tuple[str, Any]], Any, str, Any]] = (
+        self._jobs: queue.SimpleQueue[tuple[Future[tuple[str, object]], Worker, str, object]] = (
             queue.SimpleQueue()
         )
         for n in range(count):
             threading.Thread(target=self._serve, name=f"item-{n}", daemon=True).start()
 
-    def submit(self, fn: Any, uid: str, payload: Any) -> Future[tuple[str, Any]]:
-        future: Future[tuple[str, Any]] = Future()
+    def submit(self, fn: Worker, uid: str, payload: object) -> Future[tuple[str, object]]:
+        future: Future[tuple[str, object]] = Future()
         self._jobs.put((future, fn, uid, payload))
         return future
 
@@ -206,7 +241,7 @@ class _DaemonThreads:
             future.set_result(_call(fn, uid, payload))
 
 
-def _call(fn: Any, uid: str, payload: Any) -> tuple[str, Any]:
+def _call(fn: Worker, uid: str, payload: object) -> tuple[str, object]:
     """One item: ("done", its result as JSON data) or ("error", type, message and the last
     frames); the whole traceback goes to the worker's log."""
     try:
@@ -234,7 +269,7 @@ class ResultError(TypeError):
     """A worker returned a value the ledger cannot keep (not JSON)."""
 
 
-def json_value(value: Any) -> Any:
+def json_value(value: object) -> object:
     """`value` as the ledger keeps it: JSON values as they are, numpy values (anything with
     `tolist()`) converted; anything else raises ResultError naming its type, so the item fails
     with that message instead of being silently stringified (or crashing its whole batch)."""
@@ -242,11 +277,12 @@ def json_value(value: Any) -> Any:
         return value  # nothing to check: the commonest result, at no cost
     converted = False
 
-    def plain(obj: Any) -> Any:
+    def plain(obj: object) -> object:
         nonlocal converted
-        if callable(getattr(obj, "tolist", None)):
+        tolist = getattr(obj, "tolist", None)
+        if callable(tolist):
             converted = True
-            return obj.tolist()
+            return tolist()
         kind = type(obj)
         name = kind.__qualname__ if kind.__module__ == "builtins" else repr(kind)[8:-2]
         raise ResultError(f"a {name} cannot be stored")

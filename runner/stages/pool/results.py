@@ -1,4 +1,4 @@
-"""A stage's committed results table, written from the ledger (the source of truth).
+"""A pool stage's committed results table, written from the ledger (the source of truth).
 
 Results are written once the stage has nothing left to run, from the ledger rows of the
 plan's units: a resumed run's table holds every unit exactly once, old and new alike.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from runner.kind import RunContext
 from runner.plan import StagePlan
 from runner.store import atomic_path
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 RESULTS = "results.parquet"
 
@@ -59,7 +62,7 @@ def write_results(ctx: RunContext, stage: StagePlan) -> Path:
 DECODE_ROWS = 100_000
 
 
-def _json_column(texts: Any) -> Any:
+def _json_column(texts: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     """A column of JSON texts as native Arrow values where they agree on one type (numbers,
     structs); else the JSON texts themselves.
 
@@ -89,7 +92,7 @@ def _json_column(texts: Any) -> Any:
     return pa.chunked_array([p if p.type == kind else pa.nulls(len(p), kind) for p in parts], kind)
 
 
-def _read_json(texts: Any) -> Any:
+def _read_json(texts: pa.ChunkedArray) -> pa.ChunkedArray | None:
     """The column read by `pyarrow.json` as one block (one type inferred for all rows), or
     None where its reading would differ from `pa.array` of the decoded values."""
     import pyarrow as pa
@@ -125,13 +128,13 @@ def _read_json(texts: Any) -> Any:
     return column
 
 
-def _holds(kind: Any, test: Callable[[Any], bool]) -> bool:
+def _holds(kind: pa.DataType, test: Callable[[pa.DataType], bool]) -> bool:
     """Whether an Arrow type, or a type nested in it, passes `test`: the reader's timestamps
     (`pa.array` keeps such strings as strings) and doubles (perhaps from huge integers)."""
     return test(kind) or any(_holds(kind.field(i).type, test) for i in range(kind.num_fields))
 
 
-def _column(values: list[Any]) -> Any:
+def _column(values: list[object]) -> pa.Array:
     """Native Arrow types where the values agree on one (numbers, structs), else JSON text."""
     import pyarrow as pa
 

@@ -13,14 +13,42 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from runner.identity import digest
 from runner.store import atomic_path, write_json
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 SUMMARY = "merge_summary.json"
 # ids written by more than one shard listed in the summary (the count is always complete)
 DUPLICATE_SAMPLE = 20
+
+
+class ShardOutput(TypedDict):
+    """One committed shard in the merge's summary."""
+
+    shard: str
+    # the ids of its input range, as its manifest lists them
+    input_ids: object
+    rows: int
+    output: str
+
+
+class MergeSummary(TypedDict):
+    """What `merge_summary.json` holds."""
+
+    # what the merged output depends on (`merge_key`): an equal key finds it up to date
+    merge_key: str
+    output: str
+    total_rows: int
+    shards: list[ShardOutput]
+    committed_shards: int
+    planned_shards: int
+    missing_ranges: list[str]
+    duplicate_ids: int
+    duplicate_id_sample: list[object]
 
 
 @dataclass(frozen=True)
@@ -33,18 +61,20 @@ class Committed:
     manifest: Path
 
 
-def manifest_of(shard: Committed) -> dict[str, Any] | None:
+def manifest_of(shard: Committed) -> dict[str, object] | None:
     """The shard's manifest when it commits this plan's output, else None."""
     try:
-        data: dict[str, Any] = json.loads(shard.manifest.read_text())
+        data: object = json.loads(shard.manifest.read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
         return None
     if data.get("fingerprint") != shard.fingerprint or not shard.output.is_file():
         return None
     return data
 
 
-def read_table(path: Path) -> Any:
+def read_table(path: Path) -> pd.DataFrame:
     """A shard output or input as a DataFrame; its suffix tells the format (CSV, parquet,
     JSONL)."""
     import pandas as pd
@@ -55,7 +85,7 @@ def read_table(path: Path) -> Any:
     return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
 
 
-def write_table(frame: Any, path: Path) -> None:
+def write_table(frame: pd.DataFrame, path: Path) -> None:
     """Write a DataFrame atomically in the format its suffix names."""
     with atomic_path(path) as tmp:
         if path.suffix == ".csv":
@@ -71,11 +101,11 @@ def merge_key(shards: list[Committed], sort_by: list[str], target: Path) -> str:
     return digest(target.name, *sort_by, *commits)
 
 
-def up_to_date(shards: list[Committed], sort_by: list[str], target: Path) -> dict[str, Any] | None:
+def up_to_date(shards: list[Committed], sort_by: list[str], target: Path) -> MergeSummary | None:
     """The summary of an earlier merge of exactly these shards, when it is complete and its
     output is still there: a resumed run with nothing left to do then reads no data."""
     try:
-        summary: dict[str, Any] = json.loads((target.parent / SUMMARY).read_text())
+        summary: MergeSummary = json.loads((target.parent / SUMMARY).read_text())
     except (OSError, ValueError):
         return None
     fresh = summary.get("merge_key") == merge_key(shards, sort_by, target)
@@ -85,14 +115,16 @@ def up_to_date(shards: list[Committed], sort_by: list[str], target: Path) -> dic
 
 def merge(
     shards: list[Committed], id_column: str, sort_by: list[str], target: Path
-) -> dict[str, Any]:
+) -> MergeSummary:
     """Write the committed shards of the plan, sorted, to `target`; return the summary."""
     import pandas as pd
 
-    if (summary := up_to_date(shards, sort_by, target)) is not None:
-        return summary
+    if (earlier := up_to_date(shards, sort_by, target)) is not None:
+        return earlier
 
-    frames, per_shard, missing = [], [], []
+    frames: list[pd.DataFrame] = []
+    per_shard: list[ShardOutput] = []
+    missing: list[str] = []
     for shard in shards:
         manifest = manifest_of(shard)
         if manifest is None:
@@ -114,7 +146,7 @@ def merge(
         merged = merged.sort_values(keys, kind="stable", ignore_index=True)
     write_table(merged, target)
     duplicated = _shared_ids(frames, id_column)
-    summary = {
+    summary: MergeSummary = {
         "merge_key": merge_key(shards, sort_by, target),
         "output": str(target),
         "total_rows": len(merged),
@@ -129,7 +161,7 @@ def merge(
     return summary
 
 
-def _shared_ids(frames: list[Any], id_column: str) -> list[Any]:
+def _shared_ids(frames: list[pd.DataFrame], id_column: str) -> list[object]:
     """The ids found in more than one shard's output, in the order they are met."""
     import pandas as pd
 
@@ -138,6 +170,7 @@ def _shared_ids(frames: list[Any], id_column: str) -> list[Any]:
     return list(ids[ids.duplicated(keep="first")].unique())
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> object:
     """numpy scalars as Python values, for JSON."""
-    return value.item() if hasattr(value, "item") else value
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value

@@ -13,9 +13,9 @@ import functools
 import glob as globlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from runner.identity import FileDigests, file_digest
 
@@ -23,17 +23,21 @@ SOURCES = ("range", "list", "glob", "file", "from")
 OPTIONS = ("id",)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
+# one row of an item file: a JSON object, or a table's row as JSON
+Row = dict[str, object]
+
 
 class Item(NamedTuple):
     """One item: `id` keys the ledger, `payload` goes to the worker, `identity` is hashed (a
     tuple: a million of them are made in a plan, and a frozen dataclass is slow to build)."""
 
     id: str
-    payload: Any
+    # a JSON value: an integer of a range, a list's entry, a glob's path, a file's row
+    payload: object
     identity: str
 
 
-def check(items: dict[str, Any]) -> list[tuple[str, str]]:
+def check(items: Mapping[str, object]) -> list[tuple[str, str]]:
     """Problems with an items mapping as (sub-key, message); empty when it is usable."""
     problems: list[tuple[str, str]] = []
     given = [k for k in items if k in SOURCES]
@@ -69,7 +73,7 @@ def check(items: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_file(value: Any, id_field: Any) -> list[tuple[str, str]]:
+def _check_file(value: object, id_field: object) -> list[tuple[str, str]]:
     if not isinstance(value, str):
         return [("file", f"= {value!r}: expected a path")]
     path = Path(value)
@@ -94,7 +98,7 @@ class ItemsError(Exception):
         self.key, self.message = key, message
 
 
-def _range_args(value: Any) -> tuple[int, ...] | None:
+def _range_args(value: object) -> tuple[int, ...] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return (0, value) if value > 0 else None
     if (
@@ -107,7 +111,7 @@ def _range_args(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-def load(items: dict[str, Any], digests: FileDigests | None = None) -> Iterator[Item]:
+def load(items: Mapping[str, object], digests: FileDigests | None = None) -> Iterator[Item]:
     """The items of a (checked) non-`from` source, in a stable order; `digests` remembers the
     content digests of `glob` files between runs."""
     if "range" in items:
@@ -117,14 +121,17 @@ def load(items: dict[str, Any], digests: FileDigests | None = None) -> Iterator[
             name = str(i)
             yield Item(name, i, name)
     elif "list" in items:
-        for i, value in enumerate(items["list"]):
+        values = items["list"]
+        assert isinstance(values, list)
+        for i, value in enumerate(values):
             yield Item(str(i), value, json.dumps(value, sort_keys=True, default=str))
     elif "glob" in items:
-        for path in sorted(globlib.glob(items["glob"], recursive=True)):
+        for path in sorted(globlib.glob(str(items["glob"]), recursive=True)):
             yield Item(path, path, f"{path}:{file_digest(Path(path), digests)}")
     else:
-        path = Path(items["file"])
-        yield from _file_items(items["file"], items.get("id"), *_stamp(path))
+        value, id_field = str(items["file"]), items.get("id")
+        assert id_field is None or isinstance(id_field, str)
+        yield from _file_items(value, id_field, *_stamp(Path(value)))
 
 
 class Columns(NamedTuple):
@@ -132,11 +139,11 @@ class Columns(NamedTuple):
     object per item beyond its id (and, for a `range`, its id is its identity)."""
 
     ids: list[str]
-    payloads: Sequence[Any]
+    payloads: Sequence[object]
     identities: list[str]
 
 
-def columns(items: dict[str, Any], digests: FileDigests | None = None) -> Columns:
+def columns(items: Mapping[str, object], digests: FileDigests | None = None) -> Columns:
     """`load`'s items as columns, in the same order."""
     if "range" in items:
         args = _range_args(items["range"])
@@ -177,7 +184,7 @@ def _file_items(value: str, id_field: str | None, size: int, mtime_ns: int) -> t
     return tuple(items)
 
 
-def _row_id(row: dict[str, Any], where: str, value: str, id_field: str) -> str:
+def _row_id(row: Row, where: str, value: str, id_field: str) -> str:
     """A row's id: a string or an integer that is there (a typo in `id:` must not renumber)."""
     from runner.spec import did_you_mean
 
@@ -202,7 +209,7 @@ def _row_id(row: dict[str, Any], where: str, value: str, id_field: str) -> str:
     return str(uid)
 
 
-def _records(path: Path, value: str) -> list[tuple[str, dict[str, Any]]]:
+def _records(path: Path, value: str) -> list[tuple[str, Row]]:
     """(where, row) for each row: `line N` of JSONL, `item N` of a JSON list, `row N` of a
     table (1-based, as an editor shows them)."""
     if path.suffix == ".jsonl":
@@ -223,7 +230,7 @@ def _records(path: Path, value: str) -> list[tuple[str, dict[str, Any]]]:
     return [(f"row {n}", row) for n, row in enumerate(_table(path, value), start=1)]
 
 
-def _json_row(line: str, where: str, value: str) -> dict[str, Any]:
+def _json_row(line: str, where: str, value: str) -> Row:
     try:
         row = json.loads(line)
     except ValueError as exc:
@@ -234,7 +241,7 @@ def _json_row(line: str, where: str, value: str) -> dict[str, Any]:
     return _object(row, where, value)
 
 
-def _object(row: Any, where: str, value: str) -> dict[str, Any]:
+def _object(row: object, where: str, value: str) -> Row:
     if not isinstance(row, dict):
         raise ItemsError(
             "file", f"= {value!r}: {where} is {row!r}, not an object; every item is an object"
@@ -242,7 +249,7 @@ def _object(row: Any, where: str, value: str) -> dict[str, Any]:
     return row
 
 
-def _table(path: Path, value: str) -> list[dict[str, Any]]:
+def _table(path: Path, value: str) -> list[Row]:
     import pandas as pd
 
     kind = "CSV" if path.suffix == ".csv" else "parquet"
@@ -253,5 +260,5 @@ def _table(path: Path, value: str) -> list[dict[str, Any]]:
     except Exception as exc:  # pandas and pyarrow raise many types for unreadable files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ItemsError("file", f"= {value!r}: cannot read as {kind}: {first}") from None
-    records: list[dict[str, Any]] = json.loads(frame.to_json(orient="records"))
+    records: list[Row] = json.loads(frame.to_json(orient="records"))
     return records

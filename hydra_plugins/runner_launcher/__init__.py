@@ -1,0 +1,1 @@
+"""The runner launcher for Hydra sweeps (`hydra/launcher=runner`)."""
