@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from runner import (
     cancel,
     completion,
     compose,
+    errors,
     hydra_job,
     procs,
     report,
@@ -83,20 +83,12 @@ def run_task(cfg: DictConfig) -> int:
         _quiet_stdout()
         return 128 + signal.SIGPIPE
     except RunnerError as exc:
-        return report_error(exc)
+        return errors.report(exc)
 
 
 def load_spec(cfg: DictConfig) -> Spec:
     """A composed config validated (a sweep's job too: Hydra's config of the job set first)."""
     return load(cfg, KINDS, _origins())
-
-
-def report_error(exc: RunnerError) -> int:
-    """Say what went wrong in one message (the traceback too with RUNNER_FULL_ERROR=1)."""
-    if os.environ.get("RUNNER_FULL_ERROR"):
-        traceback.print_exception(exc)
-    print(f"runner: error: {exc}", file=sys.stderr)
-    return exc.exit_code
 
 
 # the spec of a single run, validated before Hydra set up its directory (see `_check_first`)
@@ -115,7 +107,7 @@ def _check_first(config: DictConfig) -> None:
     try:
         _checked.append(load_spec(cfg))
     except RunnerError as exc:
-        raise SystemExit(report_error(exc)) from None
+        raise SystemExit(errors.report(exc)) from None
 
 
 def dispatch(spec: Spec) -> int:

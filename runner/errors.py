@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+
 
 class RunnerError(Exception):
     """Root of every error that is reported as one plain message, never a traceback."""
@@ -71,3 +75,12 @@ class SweepJobFailed(RunnerError):
     def __init__(self, job: str, code: int) -> None:
         self.exit_code = code
         super().__init__(f"sweep job {job} ended with exit {code} (see its run directory)")
+
+
+def report(exc: RunnerError) -> int:
+    """Say what went wrong in one message (the traceback too with RUNNER_FULL_ERROR=1); the
+    exit code it maps to."""
+    if os.environ.get("RUNNER_FULL_ERROR"):
+        traceback.print_exception(exc)
+    print(f"runner: error: {exc}", file=sys.stderr)
+    return exc.exit_code

@@ -29,8 +29,10 @@ import concurrent.futures as cf
 import copy
 import functools
 import logging
+import marshal
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +53,7 @@ from hydra.core.utils import (
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from runner import app_job, cli, procs, sweep
+from runner import app_job, errors, procs, sweep
 from runner import cluster as clusters
 from runner.cluster import RayNode
 from runner.errors import Interrupted, RunnerError, SweepJobFailed
@@ -66,20 +68,21 @@ from runner.spec import Spec
 from runner.store import RAY_PIDS, SUMMARY, hold
 
 if TYPE_CHECKING:
-    from ray._private.worker import RemoteFunction3
+    from ray._private.worker import RemoteFunction4
 
-    RemoteRun = RemoteFunction3[
-        JobReturn, DictConfig, HydraContext, TaskFunction, dict[object, object]
+    RemoteRun = RemoteFunction4[
+        JobReturn, DictConfig, HydraContext, TaskFunction, dict[object, object], str
     ]
 
     from hydra_plugins.runner_launcher.runner_launcher import RunnerLauncher
 
 log = logging.getLogger(__name__)
 
-# what a Hydra app's job takes into its Ray task beside its config
-Carried = tuple[HydraContext, TaskFunction, dict[object, object]]
+# what a Hydra app's job takes into its Ray task beside its config: the driver's Hydra
+# context, task, Hydra state and working directory
+Carried = tuple[HydraContext, TaskFunction, dict[object, object], str]
 
-# a finished app job's return value, by its overrides, in the sweep directory
+# a finished app job's return value, by its task and overrides, in the sweep directory
 KEPT = ".runner_sweep"
 # seconds a stopped app job has to end after its KeyboardInterrupt, before it is killed
 GRACE = 5.0
@@ -139,11 +142,19 @@ def launch(
     # the one directory they name, whose return both get
     first: dict[str, Job] = {}
     unique = [job for job in jobs if first.setdefault(job.key, job) is job]
-    if cli.is_pipeline(task):
+    if _is_pipeline(task):
         _pipelines(launcher, context, unique, sweep_dir)
     else:
         _apps(launcher, context, task, unique, sweep_dir)
     return [job.ret or _same_as(job, first[job.key]) for job in jobs]
+
+
+def _is_pipeline(task: TaskFunction) -> bool:
+    """Whether the sweep's task is the `runner` command's own. `runner.cli` is imported only
+    for it: importing it hooks the runner's spec checks into Hydra, which another app's
+    sweep must not meet."""
+    runner_cli = sys.modules.get("runner.cli")
+    return runner_cli is not None and bool(runner_cli.is_pipeline(task))
 
 
 def _same_as(job: Job, ran: Job) -> JobReturn:
@@ -175,7 +186,7 @@ def _side_by_side(
     try:
         lock = hold(pids.parent, "sweep directory", "set hydra.sweep.dir to another directory")
     except RunnerError as exc:  # one line, not Hydra's report of an exception
-        raise SystemExit(cli.report_error(exc)) from None
+        raise SystemExit(errors.report(exc)) from None
     try:
         _run_side_by_side(cluster, pids, jobs, max_parallel, run_one)
     finally:
@@ -211,6 +222,8 @@ def _pipelines(
 ) -> None:
     """Validate every job first (an invalid one fails alone, exit 2); plan, status, report,
     cancel and `cluster=sim` jobs need no Ray and run here at once; the others side by side."""
+    from runner import cli  # imported by the `runner` command already: no hooks added here
+
     running: list[Job] = []
     for job in jobs:
         job.ret = run_job(
@@ -282,17 +295,21 @@ def _loader(job: Job) -> TaskFunction:
     """The task `run_job` runs for a pipeline job before the sweep starts: its spec checked
     (Hydra has set up its directory, snapshot and config by then)."""
 
+    from runner import cli
+
     def load(cfg: DictConfig) -> None:
         try:
             job.spec = cli.load_spec(cfg)
         except RunnerError as exc:
-            cli.report_error(exc)
+            errors.report(exc)
             raise
 
     return load
 
 
 def _run_pipeline(job: Job, sweep: Sweep, objective: str | None) -> None:
+    from runner import cli
+
     assert job.spec is not None and job.ret is not None
     threading.current_thread().name = f"sweep-job-{job.idx}"
     sharing = Sharing(sweep.scheduler, sweep.nodes, sweep.caught, sweep.stop, f"[{job.name}] ")
@@ -302,7 +319,7 @@ def _run_pipeline(job: Job, sweep: Sweep, objective: str | None) -> None:
     except Interrupted as exc:
         code = exc.exit_code
     except RunnerError as exc:
-        code = cli.report_error(exc)
+        code = errors.report(exc)
     except Exception as exc:  # a fault of the runner's own: this job fails, the others go on
         log.exception("%s: failed", job.name)
         job.ret.status, job.ret.return_value = JobStatus.FAILED, exc
@@ -313,6 +330,8 @@ def _run_pipeline(job: Job, sweep: Sweep, objective: str | None) -> None:
 def _ended(job: Job, code: int, summary: dict[str, object] | None, objective: str | None) -> None:
     """A pipeline job's status and value: its summary (or its `objective` key), or the exit
     code as the failure."""
+    from runner import cli
+
     assert job.ret is not None and job.spec is not None
     cli.note_exit(code)
     if summary is None:
@@ -387,7 +406,8 @@ def _apps(
     jobs: list[Job],
     sweep_dir: Path,
 ) -> None:
-    kept = sweep_dir / KEPT
+    # keyed by the task too: two apps may share a sweep directory and their overrides
+    kept = sweep_dir / KEPT / _task_identity(task)
     to_run = []
     for job in jobs:
         job.ret = _kept(kept, job)
@@ -405,7 +425,7 @@ def _apps(
         num_cpus=launcher.num_cpus,
         num_gpus=launcher.num_gpus,
     )
-    carried: Carried = (context, task, Singleton.get_state())
+    carried: Carried = (context, task, Singleton.get_state(), os.getcwd())
 
     def run_one(job: Job, sweep: Sweep) -> None:
         job.ret = _run_app(job, sweep, resources, carried)
@@ -413,6 +433,15 @@ def _apps(
             _keep(kept, job)
 
     _side_by_side(cluster, sweep_dir / RAY_PIDS, to_run, launcher.max_parallel, run_one)
+
+
+def _task_identity(task: TaskFunction) -> str:
+    """The task function's dotted name (a callable object's: its class's) and a digest of its
+    code: a finished job's value is reused only while the code that made it is unchanged."""
+    named = task if hasattr(task, "__qualname__") else type(task)
+    code = getattr(task, "__code__", None)
+    made_by = digest(marshal.dumps(code).hex()) if code is not None else "object"
+    return f"{named.__module__}.{named.__qualname__}-{made_by}"
 
 
 def _app_resources(launcher: RunnerLauncher) -> Resources:
