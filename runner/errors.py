@@ -1,4 +1,5 @@
-"""The exceptions a user can meet, each mapped to the exit code the contract gives it."""
+"""The exceptions a user can meet, each mapped to the exit code the contract gives it, and
+the one line that reports one (`report`)."""
 
 from __future__ import annotations
 
