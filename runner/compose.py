@@ -158,6 +158,10 @@ def _bad(message: str) -> int:
 _installed = False
 
 
+# on the search path of the runner's own config (runner/conf/config.yaml), and no other app's
+RUNNER_SPECS = "pkg://runner.specs"
+
+
 def install(kinds: Mapping[str, KindSchema]) -> None:
     """Hook into Hydra's composition, once: `fill_defaults` (with the schemas of `kinds`, the
     stage kinds by name, read at each composition) between the defaults list and the
@@ -171,6 +175,9 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
     load = ConfigLoaderImpl._load_configuration_impl
 
     def apply(overrides: list[Override], cfg: DictConfig) -> None:
+        if RUNNER_SPECS not in (OmegaConf.select(cfg, "hydra.searchpath") or []):
+            apply_overrides(overrides, cfg)  # another Hydra app's config, in this process
+            return
         fill_defaults(cfg, overrides, kinds)
         for override in overrides:  # one at a time: each sees the keys the ones before added
             try:
