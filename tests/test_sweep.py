@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -173,16 +174,7 @@ def test_a_sweep_killed_with_sigkill_finishes_on_one_ray_when_run_again(tmp_path
         return [d for n in (30, 31) for d in tmp_path.glob(f"*items.range={n},*")]
 
     try:
-        wait_until(
-            lambda: (
-                len(job_dirs()) == 2
-                and all(
-                    any(r.state is UnitState.done for r in _rows_or_none(j)) for j in job_dirs()
-                )
-            ),
-            timeout=120,
-            what="both jobs running",
-        )
+        _wait_both_running(job_dirs)
     finally:
         proc.kill()
         proc.communicate(timeout=60)
@@ -200,6 +192,18 @@ def test_a_sweep_killed_with_sigkill_finishes_on_one_ray_when_run_again(tmp_path
     assert len(node_ids) <= 2, node_ids  # the killed sweep's Ray, and the rerun's one
     last = {r.node_id for job in jobs for r in _ledger_rows(job) if r.stage == "describe"}
     assert len(last) == 1, last
+
+
+def _wait_both_running(job_dirs: Callable[[], list[Path]]) -> None:
+    """Until both jobs of the sweep have their run directory and a unit done in it."""
+    wait_until(
+        lambda: (
+            len(job_dirs()) == 2
+            and all(any(r.state is UnitState.done for r in _rows_or_none(j)) for j in job_dirs())
+        ),
+        timeout=120,
+        what="both jobs running",
+    )
 
 
 def _rows_or_none(run_dir: Path) -> list[UnitRow]:
@@ -228,16 +232,7 @@ def test_ctrl_c_stops_every_job_of_a_sweep_and_exits_130(ray_session: str, tmp_p
         return [d for d in tmp_path.iterdir() if d.is_dir() and "items.range=" in d.name]
 
     try:
-        wait_until(
-            lambda: (
-                len(job_dirs()) == 2
-                and all(
-                    any(r.state is UnitState.done for r in _rows_or_none(j)) for j in job_dirs()
-                )
-            ),
-            timeout=120,
-            what="both jobs running",
-        )
+        _wait_both_running(job_dirs)
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
