@@ -28,8 +28,8 @@ def hashing() -> Iterator[Callable[[], tuple[int, str]]]:
     count = [0]
     admit = Scheduler.admit
 
-    def counted(self: Scheduler) -> list[object]:
-        granted = admit(self)
+    def counted(self: Scheduler, tenant: object = None) -> list[object]:
+        granted = admit(self, tenant)
         for t in granted:
             g = t.grant  # type: ignore[attr-defined]
             digest.update(f"{g.owner}|{g.node}|{g.since!r}\n".encode())

@@ -13,7 +13,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
@@ -25,8 +25,13 @@ class Dest:
 
     path: str
     carried: bool = False
-    # the name it gets on the task's node (made once, so `here` is stable)
-    stem: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # the name it gets on the task's node (made once, so `here` is stable): only a carried
+    # file has one, for a stem costs a random number per job launch
+    stem: str = ""
+
+    def __post_init__(self) -> None:
+        if self.carried and not self.stem:
+            object.__setattr__(self, "stem", uuid.uuid4().hex)
 
     def here(self) -> str:
         """Where the task writes it on its own node."""

@@ -29,8 +29,9 @@ import math
 import statistics
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import get_args
 
 from runner import cancel, saved_state
 from runner.backend import Backend, Began, Happened, Raised, Replied
@@ -53,6 +54,7 @@ from runner.verdicts import (
     DoneAll,
     End,
     Ended,
+    Fail,
     Failed,
     Launch,
     LeaseVerdict,
@@ -138,6 +140,12 @@ class Executor:
         self.tenant: object = self if shared else None
         self.gone: set[str] = set()
         self.clock, self.wall = backend.clock, backend.wall
+        self._appliers: dict[type, Callable[[Verdict], None]] = {
+            **dict.fromkeys(get_args(UnitVerdict), self._apply_unit),
+            **dict.fromkeys(get_args(LeaseVerdict), self._apply_lease),
+            **dict.fromkeys(get_args(SchedulerVerdict), self._apply_scheduler),
+            Fail: self._fail,
+        }
         self.outcomes: dict[str, StageOutcome] = {}
         self.live: dict[str, Live] = {}
         self.pending_stages = list(plan.stages)
@@ -268,17 +276,15 @@ class Executor:
             self._apply(verdict)
 
     def _apply(self, v: Verdict) -> None:
-        """Carry out one verdict of a kind: on its units, its leases or the scheduler."""
-        if isinstance(v, UnitVerdict):
-            self._apply_unit(v)
-        elif isinstance(v, LeaseVerdict):
-            self._apply_lease(v)
-        elif isinstance(v, SchedulerVerdict):
-            self._apply_scheduler(v)
-        else:
-            self.ctx.ledger.fail(v.error)
+        """Carry out one verdict of a kind: on its units, its leases or the scheduler (by its
+        type, looked up once: an `isinstance` against a union walks every member)."""
+        self._appliers[type(v)](v)
 
-    def _apply_unit(self, v: UnitVerdict) -> None:
+    def _fail(self, v: Verdict) -> None:
+        assert isinstance(v, Fail)
+        self.ctx.ledger.fail(v.error)
+
+    def _apply_unit(self, v: Verdict) -> None:
         """What happened to units: move them through their states and record them."""
         match v:
             case DoneAll(works, results, seconds, ends):
@@ -302,7 +308,7 @@ class Executor:
             case Note(work, kind, detail):
                 self.event(work, kind, detail)
 
-    def _apply_lease(self, v: LeaseVerdict) -> None:
+    def _apply_lease(self, v: Verdict) -> None:
         """Orders for a lease, carried out on the backend."""
         match v:
             case Send(lease, call):
@@ -320,7 +326,7 @@ class Executor:
             case RemoveGroup(group):
                 self.backend.remove_group(group)
 
-    def _apply_scheduler(self, v: SchedulerVerdict) -> None:
+    def _apply_scheduler(self, v: Verdict) -> None:
         """Orders for the scheduler: lend, withdraw, park or release a grant, set a quota."""
         match v:
             case Lend(ask, lender):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 _EPS = 1e-9
@@ -87,7 +88,7 @@ class Resources:
 
     def _combine(self, other: Resources, sign: float) -> Resources:
         if not self.custom and not other.custom:  # the scheduler's hot path: no dict to build
-            return Resources(
+            return _plain(
                 self.cpus + sign * other.cpus,
                 self.gpus + sign * other.gpus,
                 self.memory + sign * other.memory,
@@ -101,6 +102,36 @@ class Resources:
             self.memory + sign * other.memory,
             tuple(sorted(custom.items())),
         )
+
+
+def total(parts: Iterable[Resources]) -> Resources:
+    """The sum of `parts` (none: nothing), made once rather than one sum per part."""
+    cpus = gpus = memory = 0.0
+    custom: dict[str, float] | None = None
+    for p in parts:
+        cpus += p.cpus
+        gpus += p.gpus
+        memory += p.memory
+        if p.custom:
+            custom = custom if custom is not None else {}
+            for k, v in p.custom:
+                custom[k] = custom.get(k, 0.0) + v
+    if custom is None:
+        return _plain(cpus, gpus, memory)
+    return Resources(cpus, gpus, memory, tuple(sorted(custom.items())))
+
+
+_new = object.__new__
+
+
+def _plain(cpus: float, gpus: float, memory: float) -> Resources:
+    """`Resources(cpus, gpus, memory)`, at half the cost of a frozen dataclass's `__init__`
+    (one `object.__setattr__` per field): the scheduler makes one per placement, release and
+    preemption check."""
+    r: Resources = _new(Resources)
+    d = r.__dict__
+    d["cpus"], d["gpus"], d["memory"], d["custom"] = cpus, gpus, memory, ()
+    return r
 
 
 def gib(nbytes: float) -> str:

@@ -119,8 +119,10 @@ def run_plan(
     scheduler on the virtual backend (a benchmark times this alone, on a plan made once).
 
     Python's cyclic garbage collector is off meanwhile: a big simulation makes millions of
-    short-lived objects, and each collection walks every object of the plan again; the cycles
-    are collected once at the end."""
+    short-lived objects, and each collection walks every object of the plan again. At the end
+    the survivors are frozen before the collector is on again, then unfrozen into the oldest
+    generation: otherwise the first allocation after `gc.enable()` walks them all at once
+    (about a second at 100k units), and their cycles wait for the next full collection."""
     backend = VirtualBackend(LatencyOf(measured))
     scheduler = Scheduler(list(cluster.nodes), clock=backend.clock, metrics=Metrics(False))
     collecting = gc.isenabled()
@@ -147,7 +149,9 @@ def run_plan(
             store.close()
     finally:
         if collecting:
+            gc.freeze()
             gc.enable()
+            gc.unfreeze()
     return SimRun(plan, cluster, kinds, measured, executor, scheduler, outcomes, backend.now)
 
 

@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from runner.resources import Resources
+from runner.resources import Resources, total
 from runner.scheduler import policy as pol
 from runner.scheduler.capacity import FreeIndex
 from runner.scheduler.metrics import REGISTRY, Metrics
@@ -438,7 +438,7 @@ class Scheduler:
                     for g in (*running, *self._parked)
                     if g.request.pool == pool and g.lender is None  # a lent one: its lender's
                 ]
-                self._used[pool] = _sum(held)
+                self._used[pool] = total(held)
 
     def set_capacity(self, node: int, capacity: Resources) -> None:
         """A node's capacity changed (zero: it left the cluster); grants on it stay until
@@ -459,7 +459,7 @@ class Scheduler:
     def free(self) -> Resources:
         """What is not granted now, summed over nodes (parked groups count as granted)."""
         with self._lock:
-            return _sum([self._avail.total(), *(t.holding or Resources() for t in self._held)])
+            return total([self._avail.total(), *(t.holding or Resources() for t in self._held)])
 
     def waiting(self) -> int:
         with self._lock:
@@ -776,7 +776,7 @@ class Scheduler:
         if room is not None:
             parked = [g for g in self._parked if not self._promised(g, ticket)]
             pool_parked = [g.holds for g in parked if g.request.pool == request.pool]
-            if not request.resources.fits_in(_sum([room, *pool_parked])):
+            if not request.resources.fits_in(total([room, *pool_parked])):
                 return None
         for node in sorted(self._parked_at):
             if node == barred or not _may_use(request, node):
@@ -805,14 +805,14 @@ class Scheduler:
         free there with them holds it (and the pool's quota with those of its own pool);
         None when even all of them would not make room on the node."""
         free = self._avail[node]
-        if not need.fits_in(_sum([free, *(g.holds for g in here)])):
+        if not need.fits_in(total([free, *(g.holds for g in here)])):
             return None
         taken: list[Grant] = []
         for g in sorted(here, key=lambda g: -_size(g.holds)):
             quota_ok = room is None or need.fits_in(
-                _sum([room, *(t.holds for t in taken if t.request.pool == pool)])
+                total([room, *(t.holds for t in taken if t.request.pool == pool)])
             )
-            if quota_ok and need.fits_in(_sum([free, *(t.holds for t in taken)])):
+            if quota_ok and need.fits_in(total([free, *(t.holds for t in taken)])):
                 break
             taken.append(g)
         return taken
@@ -1088,12 +1088,12 @@ def _enough(
 
     def enough(victims: object) -> bool:
         chosen = list(victims)  # type: ignore[call-overload]
-        on_node = _sum([base, *(c.resources for c in chosen if c.node == node)])
+        on_node = total([base, *(c.resources for c in chosen if c.node == node)])
         if not need.fits_in(on_node):
             return False
         if room is None:
             return True
-        return need.fits_in(_sum([room, *(c.resources for c in chosen if c.pool == pool)]))
+        return need.fits_in(total([room, *(c.resources for c in chosen if c.pool == pool)]))
 
     return enough
 
@@ -1107,13 +1107,6 @@ def _within(need: Resources, free: Resources) -> Resources:
         max(0.0, min(need.memory, free.memory)),
         tuple((k, max(0.0, min(v, have.get(k, 0.0)))) for k, v in need.custom),
     )
-
-
-def _sum(parts: list[Resources]) -> Resources:
-    total = Resources()
-    for p in parts:
-        total = total + p
-    return total
 
 
 def _size(r: Resources) -> float:

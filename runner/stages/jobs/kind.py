@@ -128,7 +128,8 @@ class JobsRun(StageRun):
                 return
         self._show(work)
         paths = self._paths(work)
-        full = disk.full(Path(paths["stdout"]).parent, self.ctx.store.root)
+        root = self.ctx.store.root
+        full = None if self.ctx.virtual else disk.full(Path(paths["stdout"]).parent, root)
         if full is not None:  # its streams met a full disk: the run stops, one message; the
             yield Fail(full)  # job is not recorded done or failed (a rerun runs it)
             yield Stopped(lease)

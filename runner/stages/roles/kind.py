@@ -125,6 +125,9 @@ class RolesRun(StageRun):
         self.saves = {
             r.name: saves_state(r.actor.get("_target_", "")) for r in self.rp.roles.values()
         }
+        # replicas' requests by (role, elastic, reuse tag): a request is a value that tickets
+        # share, so a role's replicas ask with one rather than one each per ask
+        self._requests: dict[tuple[str, bool, str | None], Request] = {}
         self.step_seconds = self._step_seconds()
         self._restore_from_ledger()
 
@@ -237,10 +240,17 @@ class RolesRun(StageRun):
                 self.queue.remove(work)
                 self.dynamic.add(work)
                 reuse = self.groups.tag if self.rp.reuse and self.rp.dynamic_cap else None
-                request = replica_request(
-                    self.rp, role, self.index(work), self.saves[role.name], reuse
-                )
-                yield Ask(request, work)
+                yield Ask(self._request(work, reuse), work)
+
+    def _request(self, work: Work, reuse: str | None = None) -> Request:
+        """The replica's request (`replica_request`), one per role, elasticity and tag."""
+        role, index = self._replica[work]
+        key = (role.name, index >= role.min, reuse)
+        request = self._requests.get(key)
+        if request is None:
+            request = replica_request(self.rp, role, index, self.saves[role.name], reuse)
+            self._requests[key] = request
+        return request
 
     def _dynamic_turn(self, work: Work) -> bool:
         """Whether a replica of a dynamic role may ask now: while fewer than
@@ -266,8 +276,7 @@ class RolesRun(StageRun):
         """The replica runs in a free reserved group, on a grant of its own over the group's
         resources: preemptible by the normal rules like a replica on a dynamic group."""
         group.user = work
-        role = self.role(work)
-        request = replica_request(self.rp, role, self.index(work), self.saves[role.name])
+        request = self._request(work)
         ask = Ask(dataclasses.replace(request, resources=group.shape), work, group)
         assert group.lease is not None
         return Lend(ask, group.lease)
