@@ -19,7 +19,7 @@ from runner.lease import Lease
 from runner.placement import Started
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Began:
     """The lease's process really runs, there (`where`): an actor answered `ready()`, a task
     announced its start, a placement group is ready."""
@@ -28,7 +28,7 @@ class Began:
     where: Started
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Replied:
     """A call on the lease (or its task) answered `value`. `ref` is the call's key in
     `lease.calls`: the loop takes it out as it hands the reply on, so a kind counting its
@@ -40,7 +40,7 @@ class Replied:
     value: object
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Raised:
     """A call on the lease (or its task) raised: `cancelled` (it was asked to stop and did),
     `lost` (its worker or node died: `node_died` when the node did), else the unit's own

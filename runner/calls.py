@@ -5,6 +5,10 @@ A kind never calls Ray: it describes the actor or task to start and the calls to
 loop hands them to a backend. The Ray backend does them for real; the virtual backend
 (`cluster=sim`) answers each after the time the kind expects, with the reply the kind expects,
 so the same kind code runs in both.
+
+They are slotted dataclasses, not frozen ones, as are the backend's events (`backend.py`):
+one is made per launch, call and reply, a frozen dataclass's `__init__` costs three times a
+plain one's (`object.__setattr__` per field), and none is changed once made.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Expect:
     """How a call ends in virtual time: after `seconds`, answering `reply`. Asked to stop,
     a call that works in steps (`step` seconds each) ends at its next step, answering
@@ -39,7 +43,7 @@ class _NewGroup:
 NEW_GROUP = _NewGroup()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Remote:
     """Work to start on a lease's placement: an actor of class `target` built with `args`
     (`actor`), or a task, the function `target` called with `args`; with `target` None, only
@@ -58,7 +62,7 @@ class Remote:
     expect: Expectation | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """A method call on a lease's actor; its reply comes back to the kind with `tag`. A call
     that `interrupts` asks the actor's running call to stop (a replica's `cancel()`): in

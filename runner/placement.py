@@ -30,10 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Placement:
     """Where one grant runs: the node's id and IP as Ray names them, what it holds, and the
-    placement group that already holds it there, if any (the backend's handle)."""
+    placement group that already holds it there, if any (the backend's handle). Not frozen,
+    for one is made per grant (see `calls.py`); never changed once made."""
 
     node_id: str
     node_ip: str
@@ -51,9 +52,10 @@ class StartedFields(TypedDict):
     time: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Started:
-    """Sent by a unit's process as its first words: it really runs, here, since `time`."""
+    """Sent by a unit's process as its first words: it really runs, here, since `time`.
+    Never changed once made (not frozen, as `Placement`)."""
 
     node_id: str
     node_ip: str

@@ -917,7 +917,7 @@ class Scheduler:
                     g
                     for victims in self._node_victims.values()
                     for g in victims
-                    if _party_key(g) in reasons and (g.node == node or g.request.pool == pool)
+                    if g.request.party in reasons and (g.node == node or g.request.pool == pool)
                 ]
                 yield node, self._base(node), here
         else:
@@ -938,7 +938,7 @@ class Scheduler:
             if not kinds or (base, kinds) in seen:
                 continue
             seen.add((base, kinds))
-            yield node, base, [g for g in self._node_victims[node] if _party_key(g) in reasons]
+            yield node, base, [g for g in self._node_victims[node] if g.request.party in reasons]
 
     def _base(self, node: int) -> Resources:
         """What a preemptor could have on `node` before any victim: free and parked."""
@@ -954,7 +954,7 @@ class Scheduler:
     ) -> None:
         """Tell the chosen victims (counted by reason); the ticket holds `node` for itself."""
         for g in victims:
-            reason = reasons[_party_key(g)]
+            reason = reasons[g.request.party]
             g.preempted, g.preempted_at = reason, now
             g.preemptor = ticket
             if g.lender is not None:  # what it frees is its lender's, released with it
@@ -988,7 +988,7 @@ class Scheduler:
 
     def _preemptible(self, grant: Grant) -> None:
         """A grant with `on_preempt` was admitted: it may be chosen as a victim from now on."""
-        party = _party_key(grant)
+        party = grant.request.party
         if party not in self._party_of:
             request = grant.request
             self._party_of[party] = pol.Party(request.priority, request.pool, request.labels)
@@ -1011,7 +1011,7 @@ class Scheduler:
         if victims is None or grant not in victims:
             return
         del victims[grant]
-        self._parties[_party_key(grant)] -= 1
+        self._parties[grant.request.party] -= 1
         self._avail.dirty.add(grant.node)
         kinds, kind = self._node_kinds[grant.node], _victim_kind(grant)
         kinds[kind] -= 1
@@ -1060,18 +1060,13 @@ def _may_use(request: Request, node: int) -> bool:
     return request.nodes is None or node in request.nodes
 
 
-def _party_key(g: Grant) -> tuple[object, ...]:
-    r = g.request
-    return (r.priority, r.pool, tuple(sorted(r.labels.items())))
-
-
 def _victim_kind(g: Grant) -> tuple[object, ...]:
     """What tells victims apart when choosing (`_candidate`): grants of one kind on one node
     are interchangeable. Starts with the party key."""
     r = g.request
     lost_from = None if r.saves_state else g.since
     left_from = None if r.estimated is None else (r.estimated, g.since)  # work left ranks them
-    return (*_party_key(g), g.holds, r.elastic, lost_from, left_from)
+    return (*r.party, g.holds, r.elastic, lost_from, left_from)
 
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:

@@ -51,3 +51,10 @@ class Request:
     # the node to itself (SCNS's `exclusive`): admitted only on a node where nothing runs, and
     # nothing else is admitted there until it ends
     exclusive: bool = False
+    # what preemption rules match, as a key: (priority, pool, labels sorted); made once, for
+    # the scheduler counts and looks up victims by it at every grant, release and preemption
+    party: tuple[object, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        labels = tuple(sorted(self.labels.items()))
+        object.__setattr__(self, "party", (self.priority, self.pool, labels))
