@@ -7,7 +7,7 @@ import pytest
 
 from runner.resources import Resources
 from runner.scheduler import Request, Scheduler
-from runner.scheduler.core import Grant
+from runner.scheduler.core import Grant, Ticket
 from runner.scheduler.metrics import Metrics
 from runner.scheduler.policy import (
     THRESHOLDS,
@@ -354,6 +354,44 @@ def test_a_preemptor_takes_several_victims_at_once_and_each_is_counted_by_reason
             s.release(g)
     assert [t.owner for t in s.admit()] == ["train"]
     assert train.grant is not None and metrics.preempt_latency[0] == 3
+
+
+def test_alike_victims_on_nodes_with_different_room_are_chosen_for_each_node() -> None:
+    """The scheduler remembers a victim choice by what it depends on: the same victims on a
+    node with one CPU free need one victim fewer, and the choice made once is made again."""
+    told = Recorder()
+    s = Scheduler([Resources(cpus=4), Resources(cpus=5)], metrics=Metrics())
+    rollouts = [
+        ask(
+            s,
+            f"rollout{i}",
+            Resources(cpus=1),
+            1,
+            pool="a",
+            labels={"role": "rollout"},
+            on_preempt=told,
+            saves_state=True,
+        )
+        for i in range(8)
+    ]
+    s.admit()
+    assert sorted(t.grant.node for t in rollouts if t.grant) == [0] * 4 + [1] * 4
+
+    def train(name: str) -> Ticket:
+        ticket = ask(
+            s, name, Resources(cpus=3), 1, pool="a", labels={"role": "train"}, policy=Policy(RULES)
+        )
+        assert s.admit() == []
+        return ticket
+
+    first = train("train0")
+    assert len(told.told) == 2 and first.hold_node == 1  # 1 free + 2 victims, not 3 on node 0
+    for t in rollouts:
+        if t.grant is not None and (t.owner, "label") in told.told:
+            s.release(t.grant)
+    assert [t.owner for t in s.admit()] == ["train0"]
+    second = train("train1")
+    assert len(told.told) == 5 and second.hold_node == 0  # node 0: 3 of its 4
 
 
 def test_grants_of_requests_not_preemptible_are_never_victims() -> None:

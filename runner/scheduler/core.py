@@ -46,6 +46,8 @@ from runner.scheduler.request import Request
 
 # priority points a waiting request gains per second of waiting
 AGEING_PER_SECOND = 0.01
+# victim choices remembered (`Scheduler._choose`), forgotten all at once beyond this
+CHOICES_KEPT = 4096
 
 # called under the scheduler's lock: must only record, never block or call the scheduler
 Notify = Callable[["Grant", str], None]
@@ -253,6 +255,8 @@ class Scheduler:
     # shared by several loops (a sweep's jobs side by side): whose each ticket is, and the
     # tickets granted by one tenant's `admit` that are another's, until that one asks
     _tenant_of: dict[Ticket, object] = field(default_factory=dict, init=False)
+    # victim choices by what they depend on (`_choose`): positions among the candidates
+    _choices: dict[tuple[object, ...], list[int] | None] = field(default_factory=dict, init=False)
     _granted_for: dict[object, list[Ticket]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -877,19 +881,49 @@ class Scheduler:
         if not reasons:
             return False
         room = self._quota_room(request.pool)
-        best: tuple[tuple[object, ...], int, list[pol.Candidate]] | None = None
+        best: tuple[tuple[object, ...], int, list[Grant]] | None = None
         for node, base, here in self._victims_by_node(request, reasons, room):
-            enough = _enough(request.resources, node, base, room, request.pool)
-            chosen = pol.choose_victims([_candidate(g, now) for g in here], enough)
+            chosen = self._choose(request, node, base, here, room, now)
             if chosen is not None:
-                rank = (len(chosen), *pol.set_cost(chosen))
+                rank = (len(chosen), *pol.set_cost([_candidate(g, now) for g in chosen]))
                 if best is None or rank < best[0]:
                     best = (rank, node, chosen)
         if best is None:
             return False
-        _, node, chosen = best
-        self._evict(ticket, node, [c.key for c in chosen if isinstance(c.key, Grant)], reasons, now)
+        _, node, victims = best
+        self._evict(ticket, node, victims, reasons, now)
         return True
+
+    def _choose(
+        self,
+        request: Request,
+        node: int,
+        base: Resources,
+        here: list[Grant],
+        room: Resources | None,
+        now: float,
+    ) -> list[Grant] | None:
+        """The victims among `here` that free enough for `request` on `node`
+        (`pol.choose_victims`), remembered by what the choice depends on: the need, the
+        node's free resources with its parked groups, the pool's room, and each candidate's
+        kind in order (`_victim_kind`; with the time when a candidate's work lost or left
+        counts). Victims of one kind are interchangeable and are taken in order, so the same
+        kinds give the same positions: at scale thousands of preemptors meet a few looks."""
+        timed = any(g.request.estimated is not None or not g.request.saves_state for g in here)
+        kinds = tuple((_victim_kind(g), g.node == node) for g in here)
+        key = (request.resources, request.pool, base, room, kinds, now if timed else None)
+        if key in self._choices:
+            positions = self._choices[key]
+        else:
+            candidates = [_candidate(g, now) for g in here]
+            enough = _enough(request.resources, node, base, room, request.pool)
+            chosen = pol.choose_victims(candidates, enough)
+            index = {id(c): i for i, c in enumerate(candidates)}
+            positions = None if chosen is None else [index[id(c)] for c in chosen]
+            if len(self._choices) >= CHOICES_KEPT:
+                self._choices.clear()
+            self._choices[key] = positions
+        return None if positions is None else [here[i] for i in positions]
 
     def _reasons(self, request: Request) -> dict[tuple[object, ...], str]:
         """The parties (priority, pool, labels) with victims running that `request`'s policy
