@@ -155,7 +155,7 @@ def _frames(source: Path) -> list[Any]:
 def _commit_and_merge(frames: list[Any], root: Path) -> None:
     """The stage's checkpoint protocol: the task's write, the driver's `commit`, the merge."""
     from runner.plan import Unit
-    from runner.stages.shard.files import Files, commit
+    from runner.stages.shard.files import Files, commit, contract
     from runner.stages.shard.merge import Committed, merge, write_table
     from runner.stages.shard.ranges import Shard
 
@@ -164,7 +164,20 @@ def _commit_and_merge(frames: list[Any], root: Path) -> None:
     for n, frame in enumerate(frames):
         files = Files(root, f"shard-{n:04d}", "parquet", ".parquet")
         shard = Shard(n, int(frame["id"].iloc[0]), int(frame["id"].iloc[-1]), len(frame))
-        unit = Unit(shard.label, f"fp{n}", {"input": "rows.parquet"})
+        payload = {  # as the shard planner makes it, with the stage's default `outputs`
+            "input": "rows.parquet",
+            "id_column": "id",
+            "num_shards": len(frames),
+            "contract": contract(None, "subset"),
+            "index": n,
+            "low": shard.low,
+            "high": shard.high,
+            "rows": shard.rows,
+            "end": shard.end,
+            "ids": shard.ids,
+            "count": len(frames),
+        }
+        unit = Unit(shard.label, f"fp{n}", payload)
         write_table(frame, files.part)  # what the shard's Ray task writes
         assert commit(files, shard, unit, "id") is None
         shards.append(Committed(shard.label, unit.fingerprint, files.output, files.manifest))
