@@ -83,7 +83,7 @@ class Ask:
     tag: object = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """A grant in use: its placement, the calls in flight on it, and the units it carries.
 
