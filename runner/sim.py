@@ -149,10 +149,20 @@ def run_plan(
             store.close()
     finally:
         if collecting:
-            gc.freeze()
-            gc.enable()
-            gc.unfreeze()
+            _enable_collector()
     return SimRun(plan, cluster, kinds, measured, executor, scheduler, outcomes, backend.now)
+
+
+def _enable_collector() -> None:
+    """`gc.enable()`, with the run's survivors moved to the oldest generation first (frozen,
+    then unfrozen): not when the process keeps frozen objects of its own, which unfreezing
+    would hand back to the collector."""
+    if gc.get_freeze_count():
+        gc.enable()
+        return
+    gc.freeze()
+    gc.enable()
+    gc.unfreeze()
 
 
 def _stage(outcome: StageOutcome, kinds: Mapping[str, StageKind]) -> SimStage:

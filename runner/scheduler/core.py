@@ -255,9 +255,9 @@ class Scheduler:
     # shared by several loops (a sweep's jobs side by side): whose each ticket is, and the
     # tickets granted by one tenant's `admit` that are another's, until that one asks
     _tenant_of: dict[Ticket, object] = field(default_factory=dict, init=False)
+    _granted_for: dict[object, list[Ticket]] = field(default_factory=dict, init=False)
     # victim choices by what they depend on (`_choose`): positions among the candidates
     _choices: dict[tuple[object, ...], list[int] | None] = field(default_factory=dict, init=False)
-    _granted_for: dict[object, list[Ticket]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.nodes = list(self.nodes)
