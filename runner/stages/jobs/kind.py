@@ -56,6 +56,8 @@ class JobsRun(StageRun):
         self.cpu = 0.0
         # CPU-seconds and jobs run per SCNS `account`, for the summary
         self.accounts: dict[str, Usage] = {}
+        # requests by what a job asks (`ask_for`)
+        self.requests: dict[tuple[object, ...], Request] = {}
         # highest priority first also where `max_concurrent` holds asks back
         self.queue = deque(sorted(self.works, key=lambda w: -_job(w).priority))
         for work in self.works:
@@ -72,9 +74,15 @@ class JobsRun(StageRun):
 
     def ask_for(self, work: Work) -> Ask:
         """Its own resources at its own priority; a job that does not fit reserves its node,
-        and jobs behind it backfill only when their time limit ends them before it starts."""
+        and jobs behind it backfill only when their time limit ends them before it starts.
+        Jobs that ask alike (an array's) share one request, as tickets may."""
         job = _job(work)
-        return Ask(job_request(job, self._nodes_of(job.partition)), work)
+        nodes = self._nodes_of(job.partition)
+        key = (job.resources, job.priority, job.time_limit, job.exclusive, nodes)
+        request = self.requests.get(key)
+        if request is None:
+            request = self.requests[key] = job_request(job, nodes)
+        return Ask(request, work)
 
     def _nodes_of(self, partition: str | None) -> frozenset[int] | None:
         """The nodes a job of `partition` may run on: on a Ray cluster, those whose labels
