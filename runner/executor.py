@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import get_args
+from types import UnionType
 
 from runner import cancel, saved_state
 from runner.backend import Backend, Began, Happened, Raised, Replied
@@ -140,12 +140,8 @@ class Executor:
         self.tenant: object = self if shared else None
         self.gone: set[str] = set()
         self.clock, self.wall = backend.clock, backend.wall
-        self._appliers: dict[type, Callable[[Verdict], None]] = {
-            **dict.fromkeys(get_args(UnitVerdict), self._apply_unit),
-            **dict.fromkeys(get_args(LeaseVerdict), self._apply_lease),
-            **dict.fromkeys(get_args(SchedulerVerdict), self._apply_scheduler),
-            Fail: self._fail,
-        }
+        # which method applies each type of verdict (`_applier`)
+        self._appliers: dict[type, Callable[[Verdict], None]] = {}
         self.outcomes: dict[str, StageOutcome] = {}
         self.live: dict[str, Live] = {}
         self.pending_stages = list(plan.stages)
@@ -278,7 +274,24 @@ class Executor:
     def _apply(self, v: Verdict) -> None:
         """Carry out one verdict of a kind: on its units, its leases or the scheduler (by its
         type, looked up once: an `isinstance` against a union walks every member)."""
-        self._appliers[type(v)](v)
+        applier = self._appliers.get(type(v))
+        if applier is None:
+            applier = self._applier(type(v))
+        applier(v)
+
+    def _applier(self, kind: type) -> Callable[[Verdict], None]:
+        """The method that applies verdicts of type `kind` (a subclass of one too), found once."""
+        appliers: list[tuple[type | UnionType, Callable[[Verdict], None]]] = [
+            (UnitVerdict, self._apply_unit),
+            (LeaseVerdict, self._apply_lease),
+            (SchedulerVerdict, self._apply_scheduler),
+            (Fail, self._fail),
+        ]
+        for verdicts, applier in appliers:
+            if issubclass(kind, verdicts):
+                self._appliers[kind] = applier
+                return applier
+        raise TypeError(f"a kind handed the loop {kind.__name__}, which is not a verdict")
 
     def _fail(self, v: Verdict) -> None:
         assert isinstance(v, Fail)

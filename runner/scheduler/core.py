@@ -46,8 +46,9 @@ from runner.scheduler.request import Request
 
 # priority points a waiting request gains per second of waiting
 AGEING_PER_SECOND = 0.01
-# victim choices remembered (`Scheduler._choose`), forgotten all at once beyond this
-CHOICES_KEPT = 4096
+# victim choices remembered (`Scheduler._choose`), forgotten all at once beyond this; and the
+# most candidates a remembered choice was made among
+CHOICES_KEPT, CHOICE_CANDIDATES = 4096, 64
 
 # called under the scheduler's lock: must only record, never block or call the scheduler
 Notify = Callable[["Grant", str], None]
@@ -906,13 +907,18 @@ class Scheduler:
         """The victims among `here` that free enough for `request` on `node`
         (`pol.choose_victims`), remembered by what the choice depends on: the need, the
         node's free resources with its parked groups, the pool's room, and each candidate's
-        kind in order (`_victim_kind`; with the time when a candidate's work lost or left
-        counts). Victims of one kind are interchangeable and are taken in order, so the same
-        kinds give the same positions: at scale thousands of preemptors meet a few looks."""
+        kind in order (`_victim_kind`). Victims of one kind are interchangeable and are taken
+        in order, so the same kinds give the same positions: at scale thousands of preemptors
+        meet a few looks."""
+        # a choice that depends on the time (work lost or left) never repeats on a real
+        # clock, and a long list of candidates (a short quota's: the pool's victims on every
+        # node) makes a big key: those are chosen afresh and not kept
         timed = any(g.request.estimated is not None or not g.request.saves_state for g in here)
-        kinds = tuple((_victim_kind(g), g.node == node) for g in here)
-        key = (request.resources, request.pool, base, room, kinds, now if timed else None)
-        if key in self._choices:
+        key: tuple[object, ...] | None = None
+        if not timed and len(here) <= CHOICE_CANDIDATES:
+            kinds = tuple((_victim_kind(g), g.node == node) for g in here)
+            key = (request.resources, request.pool, base, room, kinds)
+        if key is not None and key in self._choices:
             positions = self._choices[key]
         else:
             candidates = [_candidate(g, now) for g in here]
@@ -920,9 +926,10 @@ class Scheduler:
             chosen = pol.choose_victims(candidates, enough)
             index = {id(c): i for i, c in enumerate(candidates)}
             positions = None if chosen is None else [index[id(c)] for c in chosen]
-            if len(self._choices) >= CHOICES_KEPT:
-                self._choices.clear()
-            self._choices[key] = positions
+            if key is not None:
+                if len(self._choices) >= CHOICES_KEPT:
+                    self._choices.clear()
+                self._choices[key] = positions
         return None if positions is None else [here[i] for i in positions]
 
     def _reasons(self, request: Request) -> dict[tuple[object, ...], str]:

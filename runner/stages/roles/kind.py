@@ -172,15 +172,14 @@ class RolesRun(StageRun):
     def _release_idle(self) -> Verdicts:
         """Reserved groups that no replica still to run could use are released to the pool:
         a later role that needs what they hold is not kept waiting to the stage's end."""
-        released: Counter[tuple[str, str]] = Counter()
-        for group in list(self.reserved):
-            if group.user is None and not self._wanted(group.spec):
-                released[(group.shape.describe(), group.spec.describe())] += 1
-                yield from self._let_go(group)
+        idle = [g for g in self.reserved if g.user is None and not self._wanted(g.spec)]
+        released = Counter((g.shape.describe(), g.spec.describe()) for g in idle)
         for (shape, spec), n in released.items():  # one line for alike groups (many at scale)
             groups = f"reserved group {shape}" if n == 1 else f"{n} reserved groups ({shape} each)"
             left = "no replica left to use " + ("it" if n == 1 else "them")
             log.info("%s: %s for %s released: %s", self.name, groups, spec, left)
+        for group in idle:
+            yield from self._let_go(group)
 
     def ended(self, work: Work) -> None:
         super().ended(work)
