@@ -326,25 +326,35 @@ class Recorder:
         self.told.append((grant.owner, reason))
 
 
+def rollout(s: Scheduler, owner: str, told: Recorder) -> Ticket:
+    """A 1-CPU rollout of pool "a" that saves its state: a victim train may take by label."""
+    return ask(
+        s,
+        owner,
+        Resources(cpus=1),
+        1,
+        pool="a",
+        labels={"role": "rollout"},
+        on_preempt=told,
+        saves_state=True,
+    )
+
+
+def training(s: Scheduler, owner: str) -> Ticket:
+    """A 3-CPU train request of pool "a" that preempts by the label rules."""
+    return ask(
+        s, owner, Resources(cpus=3), 1, pool="a", labels={"role": "train"}, policy=Policy(RULES)
+    )
+
+
 def test_a_preemptor_takes_several_victims_at_once_and_each_is_counted_by_reason() -> None:
     metrics, told = Metrics(), Recorder()
     s = Scheduler([Resources(cpus=4)], metrics=metrics)
     for i in range(4):
-        t = ask(
-            s,
-            f"rollout{i}",
-            Resources(cpus=1),
-            1,
-            pool="a",
-            labels={"role": "rollout"},
-            on_preempt=told,
-            saves_state=True,
-        )
+        t = rollout(s, f"rollout{i}", told)
         s.admit()
         assert t.grant is not None
-    train = ask(
-        s, "train", Resources(cpus=3), 1, pool="a", labels={"role": "train"}, policy=Policy(RULES)
-    )
+    train = training(s, "train")
     assert s.admit() == []
     assert len(told.told) == 3  # three of the four equal rollouts: no fewer would do
     assert {r for _, r in told.told} == {"label"}
@@ -361,26 +371,12 @@ def test_alike_victims_on_nodes_with_different_room_are_chosen_for_each_node() -
     node with one CPU free need one victim fewer, and the choice made once is made again."""
     told = Recorder()
     s = Scheduler([Resources(cpus=4), Resources(cpus=5)], metrics=Metrics())
-    rollouts = [
-        ask(
-            s,
-            f"rollout{i}",
-            Resources(cpus=1),
-            1,
-            pool="a",
-            labels={"role": "rollout"},
-            on_preempt=told,
-            saves_state=True,
-        )
-        for i in range(8)
-    ]
+    rollouts = [rollout(s, f"rollout{i}", told) for i in range(8)]
     s.admit()
     assert sorted(t.grant.node for t in rollouts if t.grant) == [0] * 4 + [1] * 4
 
     def train(name: str) -> Ticket:
-        ticket = ask(
-            s, name, Resources(cpus=3), 1, pool="a", labels={"role": "train"}, policy=Policy(RULES)
-        )
+        ticket = training(s, name)
         assert s.admit() == []
         return ticket
 
