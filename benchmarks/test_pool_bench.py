@@ -77,9 +77,15 @@ def run_pool(
 
 
 def runner_pool(
-    target: str, n: int, *args: str, times: list[list[tuple[float, float]]] | None = None
+    target: str,
+    n: int,
+    *args: str,
+    times: list[list[tuple[float, float]]] | None = None,
+    walls: list[float] | None = None,
 ) -> Callable[[], None]:
-    """One CLI run of the pool; with `times`, each run's ledger (started, ended) pairs."""
+    """One CLI run of the pool; with `times`, each run's ledger (started, ended) pairs; with
+    `walls`, each run's stage wall (summary.json: workers' start-up to the last item's end and
+    the workers' release, without the CLI's compose, plan and run artifacts)."""
 
     def run() -> None:
         run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -87,6 +93,9 @@ def runner_pool(
             run_pool(run_dir, target, n, *args)
             if times is not None:
                 times.append(ledger_times(run_dir))
+            if walls is not None:
+                summary = json.loads((run_dir / "summary.json").read_text())
+                walls.append(summary["stages"]["work"]["wall_s"])
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -143,15 +152,25 @@ def test_pool_trivial_items(compare: Callable[..., None], benchmark: Any) -> Non
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_pool_20ms_items(compare: Callable[..., None], benchmark: Any) -> None:
+def test_pool_20ms_items(
+    compare: Callable[..., None],
+    extra_row: Callable[[str, float, float], None],
+    benchmark: Any,
+) -> None:
+    """The table's row is the whole CLI; `[stage]` is the stage alone (its workers' start-up,
+    every item, its tail) against the same `ActorPool` run (its actors' start-up, every item,
+    their kill): the one-loop issue's "whole stage", where "steady" leaves start-up and tail
+    out."""
     n, seconds = 100, 0.02
     times: list[list[tuple[float, float]]] = []
+    walls: list[float] = []
     compare(
         runner_pool(
             "benchmarks.fns.Nap",
             n,
             f"+pipeline.stages.work.worker.seconds={seconds}",
             times=times,
+            walls=walls,
         ),
         raw_actor_pool(Nap, n, seconds),
         rounds=5,
@@ -161,7 +180,14 @@ def test_pool_20ms_items(compare: Callable[..., None], benchmark: Any) -> None:
     for run in times:
         count, span = middle([end for _, end in run])
         fractions.append(count / span / ideal)
-    benchmark.extra_info.update(steady_fraction_of_ideal=spread(fractions))
+    base = benchmark.extra_info["baseline_median_s"]
+    stage = statistics.median(walls)
+    benchmark.extra_info.update(
+        steady_fraction_of_ideal=spread(fractions),
+        stage_wall_s=spread(walls),
+        stage_ratio=stage / base,
+    )
+    extra_row(f"{benchmark.name}[stage]", stage, base)
 
 
 @pytest.mark.usefixtures("ray_session")
