@@ -321,6 +321,19 @@ def _ray_version() -> str:
         return "not installed"
 
 
+def _missing_config_dir(args: list[str]) -> str | None:
+    """The `--config-dir` (`-cd`) given on the command line when it is not a directory."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--config-dir", "-cd"):
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if value and not os.path.isdir(value):
+            return value
+    return None
+
+
 def command() -> int:
     """The `runner` command (`python -m runner` too): `main`, then the process ends with its
     exit code even when the embedded Ray died under the run (see `cluster.end_process`)."""
@@ -350,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     _codes.clear()
     _checked.clear()
+    missing = _missing_config_dir(sys.argv[1:])
+    if missing is not None:  # Hydra's own message ends in a hint at its traceback
+        print(f"runner: error: --config-dir {missing}: no such directory", file=sys.stderr)
+        return 2
     try:
         _hydra_main()
     except hydra_job.SetupFailed as exc:  # its message is out already

@@ -25,13 +25,13 @@ import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.hydra import Hydra
 from hydra.core.override_parser.types import Override
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.schema import ClusterConfig, RunConfig
-from runner.spec import KindSchema, unknown_key
+from runner.spec import KindSchema, did_you_mean, unknown_key
 
 
 def defaults_of(cls: type) -> dict[str, object]:
@@ -141,6 +141,22 @@ def yaml_error(exc: BaseException) -> str | None:
     return f"{_display(mark.name)}, line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
+def missing_option(exc: MissingConfigException, overrides: list[str]) -> str | None:
+    """`command line 'GROUP=NAME': no GROUP 'NAME'; did you mean ...? (available: ...)` for a
+    config group option that is on no search path (`pipeline=nope`; a defaults list's choice
+    is named as one), or None when `exc` is not one (Hydra's own message stands)."""
+    group, _, name = (exc.missing_cfg_file or "").rpartition("/")
+    if not group or exc.options is None:
+        return None
+    options = sorted(exc.options)
+    hint = did_you_mean(name, options)
+    known = f"(available: {', '.join(options)})" if options else f"(no {group} is defined)"
+    mine = f"one of your own: --config-dir DIR with DIR/{group}/{name}.yaml"
+    given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group]
+    where = f"command line '{given[-1]}'" if given else f"defaults list: {group}: {name}"
+    return f"{where}: no {group} '{name}'{hint} {known}; {mine}"
+
+
 def _display(name: str) -> str:
     path = Path(name)
     try:
@@ -211,6 +227,11 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
                     hint = "(built from run.dir and pipeline.name)"
                     raise SystemExit(_bad(f"{key} {hint}: cannot resolve: {what}")) from None
             return cfg
+        except MissingConfigException as exc:
+            message = missing_option(exc, overrides)
+            if message is None:
+                raise
+            raise SystemExit(_bad(message)) from None
         except Exception as exc:
             message = yaml_error(exc)
             if message is None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_SPECS, run_runner
+from tests.conftest import TEST_SPECS, run_runner, runner_in
 
 SPEC = "tests/specs/pipeline"
 
@@ -145,7 +145,53 @@ def test_full_error_env_shows_the_traceback() -> None:
     assert "unknown stage kind" in result.err
 
 
-def test_unknown_pipeline_is_a_usage_error() -> None:
-    result = run_runner("pipeline=no_such_pipeline")
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        pytest.param(
+            "pipeline=bad_kindd",
+            "runner: error: invalid spec: command line 'pipeline=bad_kindd': no pipeline "
+            "'bad_kindd'; did you mean 'bad_kind'? (available: ",
+            id="pipeline",
+        ),
+        pytest.param(
+            "cluster=nope",
+            "runner: error: invalid spec: command line 'cluster=nope': no cluster 'nope' "
+            "(available: local, ray, sim); one of your own: --config-dir DIR with "
+            "DIR/cluster/nope.yaml",
+            id="cluster",
+        ),
+    ],
+)
+def test_unknown_config_group_option_is_one_line(override: str, message: str) -> None:
+    """A pipeline or cluster on no search path: exit 2, one line naming the option given and
+    the ones there are (Hydra's own is a dozen lines ending in a hint at its traceback)."""
+    result = run_runner(override)
     assert result.code == 2
-    assert re.search(r"Could not find 'pipeline/no_such_pipeline'", result.err)
+    assert result.err.startswith(message), result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert "HYDRA_FULL_ERROR" not in result.err
+    if override.startswith("pipeline"):  # the test specs' own pipelines and the shipped ones
+        assert "bad_key" in result.err and "demo" in result.err
+
+
+def test_an_option_chosen_by_a_defaults_list_is_named_as_one() -> None:
+    from hydra.errors import MissingConfigException
+
+    from runner.compose import missing_option
+
+    exc = MissingConfigException("...", "cluster/big", ["local", "ray", "sim"])
+    assert missing_option(exc, ["run.dir=x"]) == (
+        "defaults list: cluster: big: no cluster 'big' (available: local, ray, sim); one of "
+        "your own: --config-dir DIR with DIR/cluster/big.yaml"
+    )
+    assert missing_option(MissingConfigException("primary config", "config"), []) is None
+
+
+@pytest.mark.parametrize("form", ["--config-dir", "--config-dir=", "-cd"])
+def test_a_config_dir_that_is_not_there_is_one_line(form: str, tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_dir"
+    args = [f"{form}{missing}"] if form.endswith("=") else [form, str(missing)]
+    result = runner_in(tmp_path, *args, "pipeline=demo", "mode=plan")
+    assert result.code == 2
+    assert result.err.strip() == f"runner: error: --config-dir {missing}: no such directory"
