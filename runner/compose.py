@@ -176,6 +176,8 @@ _installed = False
 
 # on the search path of the runner's own config (runner/conf/config.yaml), and no other app's
 RUNNER_SPECS = "pkg://runner.specs"
+# where that config is: on the loader's search path for the runner's compositions only
+RUNNER_CONF = "pkg://runner.conf"
 
 
 def install(kinds: Mapping[str, KindSchema]) -> None:
@@ -228,8 +230,9 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
                     raise SystemExit(_bad(f"{key} {hint}: cannot resolve: {what}")) from None
             return cfg
         except MissingConfigException as exc:
-            message = missing_option(exc, overrides)
-            if message is None:
+            ours = any(e.path == RUNNER_CONF for e in self.config_search_path.get_path())
+            message = missing_option(exc, overrides) if ours else None
+            if message is None:  # another Hydra app's (in this process), or not an option
                 raise
             raise SystemExit(_bad(message)) from None
         except Exception as exc:

@@ -195,3 +195,24 @@ def test_a_config_dir_that_is_not_there_is_one_line(form: str, tmp_path: Path) -
     result = runner_in(tmp_path, *args, "pipeline=demo", "mode=plan")
     assert result.code == 2
     assert result.err.strip() == f"runner: error: --config-dir {missing}: no such directory"
+
+
+def test_another_hydra_apps_missing_option_keeps_hydras_exception(tmp_path: Path) -> None:
+    """The runner's compose hooks are in Hydra's loader for the whole process: another Hydra
+    app composing in it (a launcher's test suite, a notebook) still gets Hydra's exception."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    import runner.cli  # noqa: F401  (installs the hooks, as running the runner does)
+
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "mysql.yaml").write_text("port: 3306\n")
+    (tmp_path / "app.yaml").write_text("defaults:\n  - db: mysql\n")
+    try:
+        with initialize_config_dir(str(tmp_path), version_base="1.3"):
+            assert compose("app")["db"]["port"] == 3306
+            with pytest.raises(MissingConfigException, match="db/nope"):
+                compose("app", overrides=["db=nope"])
+    finally:
+        GlobalHydra.instance().clear()
