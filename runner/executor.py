@@ -361,25 +361,40 @@ class Executor:
     # --- asking and granting -------------------------------------------------------------
 
     def _ask(self) -> None:
+        """Every stage's new asks, queued in the order asked: a run of asks that share one
+        request (an array's jobs, a role's replicas) goes to the scheduler as one batch."""
         for live in self.live.values():
+            alike: list[Ask] = []
             for ask in live.run.asks():
-                if isinstance(ask, Lend):
+                if isinstance(ask, Lend):  # granted at once: after the asks before it
+                    self._submit(live, alike)
+                    alike = []
                     self._apply(ask)
-                else:
-                    self.submit(live.run, ask)
+                    continue
+                if alike and ask.request is not alike[0].request:
+                    self._submit(live, alike)
+                    alike = []
+                alike.append(ask)
+            self._submit(live, alike)
 
-    def submit(self, run: StageRun, ask: Ask) -> Lease:
-        """Queue an ask with the scheduler; the lease starts when it is granted."""
-        lease = Lease(run, ask)
-        if ask.work is not None:
-            lease.work.append(ask.work)
-        owner = f"{run.name}/{ask.work.id if ask.work else 'worker'}"
-        (lease.ticket,) = self.scheduler.submit(ask.request, (owner,), self._flag, self.tenant)
-        self.waiting[lease.ticket] = lease
-        live = self.live[run.name]
-        live.asked += 1
-        live.shape = live.shape or ask.request.resources.describe()
-        return lease
+    def _submit(self, live: Live, asks: list[Ask]) -> None:
+        """Queue asks of one request with the scheduler, a ticket each in order; each lease
+        starts when its ticket is granted."""
+        if not asks:
+            return
+        run, request = live.run, asks[0].request
+        leases = [Lease(run, ask) for ask in asks]
+        owners = []
+        for lease, ask in zip(leases, asks, strict=True):
+            if ask.work is not None:
+                lease.work.append(ask.work)
+            owners.append(f"{run.name}/{ask.work.id if ask.work else 'worker'}")
+        tickets = self.scheduler.submit(request, owners, self._flag, self.tenant)
+        for lease, ticket in zip(leases, tickets, strict=True):
+            lease.ticket = ticket
+            self.waiting[ticket] = lease
+        live.asked += len(asks)
+        live.shape = live.shape or request.resources.describe()
 
     def lend(self, run: StageRun, ask: Ask, lender: Lease) -> Lease:
         """Run the ask's unit at once on what `lender` holds (a reserved placement group):
