@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from types import UnionType
+from typing import TypeVar, cast
 
 from runner import cancel, saved_state
 from runner.backend import Backend, Began, Happened, Raised, Replied
@@ -57,7 +57,6 @@ from runner.verdicts import (
     Fail,
     Failed,
     Launch,
-    LeaseVerdict,
     Lend,
     Lost,
     Note,
@@ -67,11 +66,9 @@ from runner.verdicts import (
     RemoveGroup,
     Requeue,
     Running,
-    SchedulerVerdict,
     Send,
     SetQuota,
     Stopped,
-    UnitVerdict,
     Verdict,
     Withdraw,
 )
@@ -140,8 +137,8 @@ class Executor:
         self.tenant: object = self if shared else None
         self.gone: set[str] = set()
         self.clock, self.wall = backend.clock, backend.wall
-        # which method applies each type of verdict (`_applier`)
-        self._appliers: dict[type, Callable[[Verdict], None]] = {}
+        # what the loop does for each type of verdict (`_verdicts`; a subclass's, once met)
+        self._appliers: dict[type, Callable[[Verdict], None]] = self._verdicts()
         self.outcomes: dict[str, StageOutcome] = {}
         self.live: dict[str, Live] = {}
         self.pending_stages = list(plan.stages)
@@ -272,91 +269,80 @@ class Executor:
             self._apply(verdict)
 
     def _apply(self, v: Verdict) -> None:
-        """Carry out one verdict of a kind: on its units, its leases or the scheduler (by its
-        type, looked up once: an `isinstance` against a union walks every member)."""
-        applier = self._appliers.get(type(v))
-        if applier is None:
-            applier = self._applier(type(v))
-        applier(v)
+        """Carry out one verdict of a kind, by its type's method (`_verdicts`), looked up once
+        per type: a `match` over the verdicts, or an `isinstance` against a union, walks every
+        member for each of the hundreds of thousands of verdicts of a big simulated run."""
+        apply = self._appliers.get(type(v))
+        if apply is None:
+            apply = self._applier(type(v))
+        apply(v)
 
     def _applier(self, kind: type) -> Callable[[Verdict], None]:
-        """The method that applies verdicts of type `kind` (a subclass of one too), found once."""
-        appliers: list[tuple[type | UnionType, Callable[[Verdict], None]]] = [
-            (UnitVerdict, self._apply_unit),
-            (LeaseVerdict, self._apply_lease),
-            (SchedulerVerdict, self._apply_scheduler),
-            (Fail, self._fail),
-        ]
-        for verdicts, applier in appliers:
-            if issubclass(kind, verdicts):
-                self._appliers[kind] = applier
-                return applier
+        """The method for verdicts of type `kind`, a subclass of a verdict too (found once)."""
+        for verdict, apply in self._verdicts().items():
+            if issubclass(kind, verdict):
+                self._appliers[kind] = apply
+                return apply
         raise TypeError(f"a kind handed the loop {kind.__name__}, which is not a verdict")
 
-    def _fail(self, v: Verdict) -> None:
-        assert isinstance(v, Fail)
-        self.ctx.ledger.fail(v.error)
+    def _verdicts(self) -> dict[type, Callable[[Verdict], None]]:
+        """What the loop does for each verdict: on units (their states and records), on leases
+        (on the backend) and on the scheduler (asks, grants, quotas)."""
+        return dict(
+            [
+                # units
+                _on(Done, self._done),
+                _on(DoneAll, lambda v: self.done_all(v.works, v.results, v.seconds, v.ends)),
+                _on(Running, lambda v: self.running_all(v.works, v.lease, v.at)),
+                _on(Failed, lambda v: self.failed(v.work, v.error, v.state)),
+                _on(Ended, self._ended),
+                _on(Lost, lambda v: self.lost(v.work, v.error, v.node_left)),
+                _on(Back, lambda v: self.back(v.work)),
+                _on(Requeue, lambda v: self.requeue_free(v.work, v.reason)),
+                _on(Record, lambda v: self._row(v.work)),
+                _on(Note, lambda v: self.event(v.work, v.kind, v.detail)),
+                _on(Fail, lambda v: self.ctx.ledger.fail(v.error)),
+                # leases
+                _on(Launch, self._launch),
+                _on(Send, self._send),
+                _on(Cancel, lambda v: self.backend.cancel(v.lease)),
+                _on(End, lambda v: self.end_lease(v.lease, v.kill)),
+                _on(Stopped, lambda v: self._stopped(v.lease)),
+                _on(RemoveGroup, lambda v: self.backend.remove_group(v.group)),
+                # the scheduler
+                _on(Lend, lambda v: self.lend(v.lender.run, v.ask, v.lender)),
+                _on(Withdraw, self._withdraw_ask),
+                _on(Park, self._park),
+                _on(Release, lambda v: self.scheduler.release(v.grant)),
+                _on(SetQuota, lambda v: self.scheduler.set_quota(v.pool, v.resources)),
+            ]
+        )
 
-    def _apply_unit(self, v: Verdict) -> None:
-        """What happened to units: move them through their states and record them."""
-        match v:
-            case DoneAll(works, results, seconds, ends):
-                self.done_all(works, results, seconds, ends)
-            case Done(work, result, started, ended):
-                self.finish(work, UnitState.done, result, None, started, ended)
-            case Running(works, lease, at):
-                self.running_all(works, lease, at)
-            case Failed(work, error, state):
-                self.failed(work, error, state)
-            case Ended(work, state, result, error, started, ended):
-                self.finish(work, state, result, error, started, ended)
-            case Lost(work, error, node_left):
-                self.lost(work, error, node_left)
-            case Back(work):
-                self.back(work)
-            case Requeue(work, reason):
-                self.requeue_free(work, reason)
-            case Record(work):
-                self._row(work)
-            case Note(work, kind, detail):
-                self.event(work, kind, detail)
+    def _done(self, v: Done) -> None:
+        self.finish(v.work, UnitState.done, v.result, None, v.started, v.ended)
 
-    def _apply_lease(self, v: Verdict) -> None:
-        """Orders for a lease, carried out on the backend."""
-        match v:
-            case Send(lease, call):
-                if not lease.closed:
-                    self.backend.call(lease, call)
-            case Launch(lease, remote):
-                lease.actor = remote.actor
-                self.backend.launch(lease, remote)
-            case Cancel(lease):
-                self.backend.cancel(lease)
-            case End(lease, kill):
-                self.end_lease(lease, kill)
-            case Stopped(lease):
-                self._stopped(lease)
-            case RemoveGroup(group):
-                self.backend.remove_group(group)
+    def _ended(self, v: Ended) -> None:
+        self.finish(v.work, v.state, v.result, v.error, v.started, v.ended)
 
-    def _apply_scheduler(self, v: Verdict) -> None:
-        """Orders for the scheduler: lend, withdraw, park or release a grant, set a quota."""
-        match v:
-            case Lend(ask, lender):
-                self.lend(lender.run, ask, lender)
-            case Withdraw(ask):
-                for lease in [x for x in self.waiting.values() if x.ask is ask]:
-                    self.withdraw(lease)
-                    lease.run.lease_ended(lease)
-            case Park(lease, tag, on_reclaim):
-                if lease.grant is not None:
-                    self.scheduler.park(lease.grant, tag, on_reclaim)
-                    self.by_grant.pop(lease.grant, None)
-                    lease.grant = None  # kept by the scheduler now, not released with it
-            case Release(grant):
-                self.scheduler.release(grant)
-            case SetQuota(pool, resources):
-                self.scheduler.set_quota(pool, resources)
+    def _send(self, v: Send) -> None:
+        if not v.lease.closed:
+            self.backend.call(v.lease, v.call)
+
+    def _launch(self, v: Launch) -> None:
+        v.lease.actor = v.remote.actor
+        self.backend.launch(v.lease, v.remote)
+
+    def _withdraw_ask(self, v: Withdraw) -> None:
+        for lease in [x for x in self.waiting.values() if x.ask is v.ask]:
+            self.withdraw(lease)
+            lease.run.lease_ended(lease)
+
+    def _park(self, v: Park) -> None:
+        lease = v.lease
+        if lease.grant is not None:
+            self.scheduler.park(lease.grant, v.tag, v.on_reclaim)
+            self.by_grant.pop(lease.grant, None)
+            lease.grant = None  # kept by the scheduler now, not released with it
 
     # --- asking and granting -------------------------------------------------------------
 
@@ -1159,3 +1145,11 @@ class Executor:
         if self.first_start is None or self.last_end is None:
             return 0.0
         return self.last_end - self.first_start
+
+
+_V = TypeVar("_V", bound=Verdict)
+
+
+def _on(kind: type[_V], apply: Callable[[_V], object]) -> tuple[type, Callable[[Verdict], None]]:
+    """A line of `Executor._verdicts`: `apply` is only ever called with verdicts of `kind`."""
+    return kind, cast(Callable[[Verdict], None], apply)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import pytest
+
 from runner.backends.virtual import VirtualBackend
 from runner.cluster import ClusterInfo, RayNode
 from runner.executor import START_TRIES, Executor
-from runner.kind import RunContext, StageKind, StageOutcome, StageRun
+from runner.kind import RunContext, StageKind, StageOutcome, StageRun, Verdicts
 from runner.lease import Lease, Work
 from runner.lifecycle import UnitState
 from runner.plan import StagePlan, make_plan
@@ -24,7 +26,9 @@ from runner.scheduler.core import Scheduler
 from runner.scheduler.metrics import Metrics
 from runner.spec import Pipeline
 from runner.store import RunStore
+from runner.verdicts import Done
 from tests.kinds.sleep.kind import KIND as SLEEP
+from tests.kinds.sleep.kind import SleepRun
 from tests.kinds.sleep.schema import SleepStage
 
 
@@ -66,12 +70,14 @@ def run_loop(
     cpus: list[float],
     during: list[During] = [],  # noqa: B006 (read only)
     latency: Callable[[Lease], float] = lambda lease: 0.0,
+    open_run: Callable[[StagePlan, RunContext], StageRun] = SLEEP.open,
 ) -> Ran:
-    """Plan `stages` (sleep stages) for nodes of `cpus` and run them to the end in virtual time."""
+    """Plan `stages` (sleep stages) for nodes of `cpus` and run them to the end in virtual time
+    (each stage's run made by `open_run`)."""
     runs: dict[str, StageRun] = {}
 
     def opened(stage: StagePlan, ctx: RunContext) -> StageRun:
-        runs[stage.name] = run = SLEEP.open(stage, ctx)
+        runs[stage.name] = run = open_run(stage, ctx)
         return run
 
     kinds: dict[str, StageKind] = {"sleep": dataclasses.replace(SLEEP, open=opened)}
@@ -111,6 +117,33 @@ def run_loop(
 
 def sleep(**keys: object) -> SleepStage:
     return SleepStage(kind="sleep", **keys)  # type: ignore[arg-type]
+
+
+class Finished(Done):
+    """A kind's own verdict: a subclass of `Done`."""
+
+
+class SaysFinished(SleepRun):
+    def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
+        for verdict in super().on_reply(lease, tag, value):
+            yield Finished(verdict.work, verdict.result) if isinstance(verdict, Done) else verdict
+
+
+class SaysNonsense(SleepRun):
+    def on_reply(self, lease: Lease, tag: object, value: object) -> Verdicts:
+        yield from super().on_reply(lease, tag, value)
+        yield "done, I think"  # type: ignore[misc]
+
+
+def test_a_kinds_own_subclass_of_a_verdict_is_carried_out_as_the_verdict(tmp_path: Path) -> None:
+    ran = run_loop(tmp_path, {"work": sleep(units=2, seconds=1)}, [2], open_run=SaysFinished)
+    assert {u: w.state for u, w in ran.units["work"].items()} == dict.fromkeys("01", UnitState.done)
+    assert ran.outcomes["work"].ok
+
+
+def test_a_kind_that_hands_the_loop_a_non_verdict_is_told_what_it_handed(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="a kind handed the loop str, which is not a verdict"):
+        run_loop(tmp_path, {"work": sleep(units=1, seconds=1)}, [1], open_run=SaysNonsense)
 
 
 def test_a_unit_that_fails_once_runs_again_and_the_stage_succeeds(tmp_path: Path) -> None:
