@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TypeVar, cast
 
 from runner import cancel, saved_state
-from runner.backend import Backend, Began, Happened, Raised, Replied
+from runner.backend import Backend, Began, Happened, Replied
 from runner.cluster import RayNode
 from runner.errors import StorageError
 from runner.kind import RunContext, StageKind, StageOutcome, StageRun
@@ -470,17 +470,19 @@ class Executor:
         return capacity - self.scheduler.free()
 
     def _deliver(self, happened: Happened) -> None:
+        """One thing that happened, to the kind or the loop (`isinstance` in order of how
+        often: a `match` on class patterns costs a look-up per field captured)."""
         lease = happened.lease
-        match happened:
-            case Began(_, where):
-                self._started(lease, where)
-            case Replied(_, ref, tag, value):
-                lease.calls.pop(ref, None)
-                if not lease.closed:
-                    self._apply_all(lease.run.on_reply(lease, tag, value))
-            case Raised(_, ref, tag, error, cancelled, lost, node_died):
-                lease.calls.pop(ref, None)
-                self._raised(lease, tag, error, cancelled, lost, node_died)
+        if isinstance(happened, Replied):
+            lease.calls.pop(happened.ref, None)
+            if not lease.closed:
+                self._apply_all(lease.run.on_reply(lease, happened.tag, happened.value))
+        elif isinstance(happened, Began):
+            self._started(lease, happened.where)
+        else:
+            lease.calls.pop(happened.ref, None)
+            h = happened
+            self._raised(lease, h.tag, h.error, h.cancelled, h.lost, h.node_died)
 
     def _raised(
         self, lease: Lease, tag: object, error: str, cancelled: bool, lost: bool, node_died: bool

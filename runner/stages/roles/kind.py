@@ -185,11 +185,11 @@ class RolesRun(StageRun):
         super().ended(work)
         self.unfinished_of[self.role(work).name] -= 1
 
-    def _take_reserved(self, work: Work) -> ReservedGroup | None:
-        """A free, ready reserved group that serves the replica (`pick_reserved`)."""
+    def _take_reserved(self, work: Work, free: list[ReservedGroup]) -> ReservedGroup | None:
+        """Which of the `free` (ready, unused) reserved groups serves the replica
+        (`pick_reserved`)."""
         role = self.role(work)
-        free = [g for g in self.reserved if g.ready and g.user is None and g.spec.serves(role)]
-        return pick_reserved(free, role)
+        return pick_reserved([g for g in free if g.spec.serves(role)], role)
 
     # --- arrivals and asks -----------------------------------------------------------------
 
@@ -224,6 +224,9 @@ class RolesRun(StageRun):
         self._arrive()
         if not self.queue:
             return
+        # the reserved groups free now (looked for once, not per queued replica: tens of
+        # thousands queue at once at scale), each taken by at most one replica of this turn
+        free = [g for g in self.reserved if g.ready and g.user is None]
         # highest priority first: the first to take a free group, or a dynamic group's turn
         for work in sorted(self.queue, key=lambda w: -self.role(w).priority):
             if work.state.final:
@@ -231,10 +234,11 @@ class RolesRun(StageRun):
                 continue
             role = self.role(work)
             self.asked_at.setdefault(work, self.ctx.clock())
-            free = self._take_reserved(work)
-            if free is not None:
+            taken = self._take_reserved(work, free) if free else None
+            if taken is not None:
+                free.remove(taken)
                 self.queue.remove(work)
-                yield self._lend(free, work)
+                yield self._lend(taken, work)
             elif role.pg == "dynamic" and self._dynamic_turn(work):
                 self.queue.remove(work)
                 self.dynamic.add(work)
