@@ -95,6 +95,8 @@ class Progress:
                 self._thread.start()
 
     def advance(self, stage: str, done: int = 0, failed: int = 0) -> None:
+        if self.mode == "off":  # nothing shows the counts (a simulated run ends 100,000s)
+            return
         with self._lock:
             s = self._stages[stage]
             s.done += done
@@ -104,6 +106,8 @@ class Progress:
     def ended(self, stage: str, state: UnitState) -> None:
         """One unit reached its final `state`: counted under its own name (a timed-out unit
         is `timed out`, not `failed`)."""
+        if self.mode == "off":
+            return
         with self._lock:
             s = self._stages[stage]
             counter = _ENDS.get(state.value, "failed")

@@ -60,9 +60,10 @@ class JobsRun(StageRun):
         self.requests: dict[tuple[object, ...], Request] = {}
         # highest priority first also where `max_concurrent` holds asks back
         self.queue = deque(sorted(self.works, key=lambda w: -_job(w).priority))
-        for work in self.works:
-            work.record = _job(work).record()
-            work.result = self._paths(work)
+        if not ctx.virtual:  # a simulated run writes no rows
+            for work in self.works:
+                work.record = _job(work).record()
+                work.result = self._paths(work)
         # follow: the jobs_file lines read so far, and whether its close line came
         self.follow = Follow(self.spec.follow and self.spec.jobs_file is not None)
         # the running jobs' .out/.err, followed onto the terminal with `show_output`

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # seconds to wait for a stubborn victim's state() before it is killed anyway
 STATE_TIMEOUT = 2.0
+# every replica's actor: two threads (`cancel()` and `state()` reach it while `run` works),
+# never restarted by Ray (a dead replica is the runner's to start again, with its state)
+HOST_OPTIONS: dict[str, object] = {"max_concurrency": 2, "max_restarts": 0}
 EVENTS = "events.jsonl"
 
 
@@ -128,6 +131,10 @@ class RolesRun(StageRun):
         # replicas' requests by (role, elastic, reuse tag): a request is a value that tickets
         # share, so a role's replicas ask with one rather than one each per ask
         self._requests: dict[tuple[str, bool, str | None], Request] = {}
+        # a role's actor options, when alike for all its replicas (`_actor_options`)
+        self._options: dict[str, dict[str, object]] = {}
+        # a fresh replica's run in virtual time, by role (`_expect`)
+        self._fresh_runs: dict[str, Expect] = {}
         self.step_seconds = self._step_seconds()
         self._restore_from_ledger()
 
@@ -327,10 +334,21 @@ class RolesRun(StageRun):
         role = self.role(work)
         waited = self.ctx.clock() - self.asked_at.pop(work, self.ctx.clock())
         self.stats.waited.setdefault(role.priority, []).append(waited)
-        options = {"max_concurrency": 2, "max_restarts": 0, **self._ray_options(work)}
+        options = self._actor_options(work)
         args = (role.actor, role.name, self.index(work), role.steps)
         yield Launch(lease, Remote(RoleHost, args, actor=True, options=options, group=group))
         self._event(work, "admitted", waited=round(waited, 3))
+
+    def _actor_options(self, work: Work) -> dict[str, object]:
+        """The replica's actor options: alike for every replica of a role without a `name`
+        (made once per role, 100,000s of replicas at scale), else its own (`_ray_options`)."""
+        role = self.role(work)
+        if "name" in role.ray_options:
+            return {**HOST_OPTIONS, **self._ray_options(work)}
+        options = self._options.get(role.name)
+        if options is None:
+            options = self._options[role.name] = {**HOST_OPTIONS, **role.ray_options}
+        return options
 
     def _ray_options(self, work: Work) -> dict[str, object]:
         """The role's own actor options; a `name` told apart by replica (when there are
@@ -402,15 +420,21 @@ class RolesRun(StageRun):
     def _expect(self, work: Work) -> Expect:
         """A replica's run in virtual time: its steps left times its step time (or its
         `estimated_duration`); asked to stop, it stops at its next step, keeping the steps it
-        finished when its actor has `state()`."""
+        finished when its actor has `state()`. One per role for replicas that start afresh
+        (the values are only read)."""
         role = self.role(work)
+        saved = work.saved
+        if isinstance(saved, dict) and "virtual_s" in saved:
+            return self._run_in_virtual_time(role, float(saved["virtual_s"]))
+        fresh = self._fresh_runs.get(role.name)
+        if fresh is None:
+            fresh = self._fresh_runs[role.name] = self._run_in_virtual_time(role, 0.0)
+        return fresh
+
+    def _run_in_virtual_time(self, role: RoleSpec, done: float) -> Expect:
+        """`_expect` for a replica of `role` that has `done` virtual seconds of its run."""
         step = self.step_seconds[role.name]
         total = role.estimated_duration or role.steps * step
-        done = (
-            float(work.saved["virtual_s"])
-            if isinstance(work.saved, dict) and "virtual_s" in work.saved
-            else 0.0
-        )
         left = max(total - done, min(step, total))
         saves = self.saves[role.name]
 
