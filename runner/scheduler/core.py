@@ -86,6 +86,8 @@ class Grant:
     # the ticket it was evicted for (or its lent grant was): what it frees on the node that
     # ticket holds is that ticket's, out of everyone else's view
     preemptor: Ticket | None = None
+    # what tells it apart from other victims (`_victim_kind`), made once: it never changes
+    kind: tuple[object, ...] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -1103,11 +1105,17 @@ def _may_use(request: Request, node: int) -> bool:
 
 def _victim_kind(g: Grant) -> tuple[object, ...]:
     """What tells victims apart when choosing (`_candidate`): grants of one kind on one node
-    are interchangeable. Starts with the party key."""
-    r = g.request
-    lost_from = None if r.saves_state else g.since
-    left_from = None if r.estimated is None else (r.estimated, g.since)  # work left ranks them
-    return (*r.party, g.holds, r.elastic, lost_from, left_from)
+    are interchangeable. Starts with the party key. Made once per grant, of plain values (what
+    it holds as numbers: a `Resources` hashes and compares by Python calls, and kinds are
+    hashed and compared each time victims are counted, chosen or looked at)."""
+    kind = g.kind
+    if kind is None:
+        r, h = g.request, g.holds
+        lost_from = None if r.saves_state else g.since
+        left_from = None if r.estimated is None else (r.estimated, g.since)  # work left ranks
+        holds = (h.cpus, h.gpus, h.memory, h.custom)
+        kind = g.kind = (*r.party, holds, r.elastic, lost_from, left_from)
+    return kind
 
 
 def _candidate(g: Grant, now: float) -> pol.Candidate:
