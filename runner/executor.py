@@ -532,7 +532,7 @@ class Executor:
         work.attempts += 1
         work.started, work.ended, work.error = at or where.time, None, None
         work.node_id, work.node_ip, work.worker = where.node_id, where.node_ip, where.worker
-        self._ran(work.stage, work.id, work.started)
+        self._ran(work, work.started)
         live = self.live.get(work.stage)
         if live is not None and live.run.running_rows:  # a coarse unit: on disk as it starts
             self._row(work)
@@ -558,16 +558,16 @@ class Executor:
         lease.work += works
         if self.starts is not None:
             for work in works:
-                self._ran(work.stage, work.id, at)
+                self._ran(work, at)
         elif self.first_start is None or at < self.first_start:
             self.first_start = at
 
-    def _ran(self, stage: str, unit: str, at: float) -> None:
+    def _ran(self, work: Work, at: float) -> None:
         """A unit started at `at` (for the makespan, and a small plan's order of starts)."""
         if self.first_start is None or at < self.first_start:
             self.first_start = at
         if self.starts is not None:
-            self.starts.append(f"{stage}/{unit}")
+            self.starts.append(f"{work.stage}/{work.id}")
 
     def done_all(
         self,

@@ -102,6 +102,9 @@ class RolesRun(StageRun):
         for work in self.works:
             name, index = replica_of(work.unit)
             self._replica[work] = (self.rp.roles[name], index)
+        # the order replicas ask in: highest priority first (a sort key, read per queued
+        # replica at each turn)
+        self._rank = {work: -role.priority for work, (role, _) in self._replica.items()}
         # replicas not arrived yet, by role; roles running (or with nothing to run)
         self.coming: dict[str, list[Work]] = defaultdict(list)
         for work in self.works:
@@ -235,7 +238,7 @@ class RolesRun(StageRun):
         # thousands queue at once at scale), each taken by at most one replica of this turn
         free = [g for g in self.reserved if g.ready and g.user is None]
         # highest priority first: the first to take a free group, or a dynamic group's turn
-        for work in sorted(self.queue, key=lambda w: -self.role(w).priority):
+        for work in sorted(self.queue, key=self._rank.__getitem__):
             if work.state.final:
                 self.queue.remove(work)
                 continue
