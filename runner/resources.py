@@ -104,6 +104,10 @@ class Resources:
         )
 
 
+# no resources: a default where none are held (the class is frozen, so one is shared)
+NOTHING = Resources()
+
+
 def total(parts: Iterable[Resources]) -> Resources:
     """The sum of `parts` (none: nothing), made once rather than one sum per part."""
     cpus = gpus = memory = 0.0

@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from runner.resources import Resources, total
+from runner.resources import NOTHING, Resources, total
 from runner.scheduler import policy as pol
 from runner.scheduler.capacity import FreeIndex
 from runner.scheduler.metrics import REGISTRY, Metrics
@@ -384,7 +384,7 @@ class Scheduler:
                 taker = grant.preemptor
                 if taker is not None and taker.hold_node == grant.node and taker in self._held:
                     # a victim's resources go to its preemptor, never through the free index
-                    taker.holding = (taker.holding or Resources()) + grant.holds
+                    taker.holding = (taker.holding or NOTHING) + grant.holds
                 else:
                     self._avail.give(grant.node, grant.holds)
                 pool = grant.request.pool
@@ -848,7 +848,7 @@ class Scheduler:
         by_shape = self._parked_by_tag.setdefault(grant.tag, {})
         by_shape.setdefault(grant.resources, {})[grant] = None
         self._parked_at.setdefault(grant.node, {})[grant] = None
-        self._parked_on[grant.node] = self._parked_on.get(grant.node, Resources()) + grant.holds
+        self._parked_on[grant.node] = self._parked_on.get(grant.node, NOTHING) + grant.holds
         self._avail.dirty.add(grant.node)
 
     def _parked_del(self, grant: Grant) -> None:
@@ -985,7 +985,7 @@ class Scheduler:
 
     def _base(self, node: int) -> Resources:
         """What a preemptor could have on `node` before any victim: free and parked."""
-        return self._avail[node] + self._parked_on.get(node, Resources())
+        return self._avail[node] + self._parked_on.get(node, NOTHING)
 
     def _evict(
         self,
@@ -1095,7 +1095,7 @@ class Scheduler:
         quota = self._quota.get(pool)
         if quota is None:
             return None
-        return quota - self._used.get(pool, Resources())
+        return quota - self._used.get(pool, NOTHING)
 
 
 def _may_use(request: Request, node: int) -> bool:

@@ -92,7 +92,10 @@ class DynamicGroups:
                 self._doomed.append(group)
 
     def sweep(self) -> list[Verdict]:
-        """Remove the groups whose resources were reclaimed."""
+        """Remove the groups whose resources were reclaimed (looked at before every launch:
+        none, mostly, seen without the lock; one told meanwhile is swept at the next look)."""
+        if not self._doomed:
+            return []
         with self._lock:
             doomed, self._doomed = self._doomed, []
         return [RemoveGroup(group) for group in doomed]

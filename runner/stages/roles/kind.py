@@ -321,26 +321,27 @@ class RolesRun(StageRun):
                 return
             yield from self._in_group(lease, group, first)
             return
-        yield from self._start_actor(lease, lease.group)
+        yield self._start_actor(lease, lease.group)
 
     def _in_group(self, lease: Lease, group: object, first: list[Verdict]) -> Verdicts:
         """Start the replica in its dynamic group: one it took over, or a new one (after what
         must happen first: an idle group removed to stay within `max_dynamic_pgs`)."""
         yield from first
         self._event(lease.work[0], "placement group", reused=group is not NEW_GROUP)
-        yield from self._start_actor(lease, group)
+        yield self._start_actor(lease, group)
         if group is NEW_GROUP:  # the backend made it as the actor was launched
             self.groups.made(lease)
 
-    def _start_actor(self, lease: Lease, group: object) -> Verdicts:
+    def _start_actor(self, lease: Lease, group: object) -> Launch:
+        """The replica's actor, admitted now (how long it waited is counted and logged)."""
         work = lease.work[0]
         role = self.role(work)
         waited = self.ctx.clock() - self.asked_at.pop(work, self.ctx.clock())
         self.stats.waited.setdefault(role.priority, []).append(waited)
         options = self._actor_options(work)
         args = (role.actor, role.name, self.index(work), role.steps)
-        yield Launch(lease, Remote(RoleHost, args, actor=True, options=options, group=group))
         self._event(work, "admitted", waited=round(waited, 3))
+        return Launch(lease, Remote(RoleHost, args, actor=True, options=options, group=group))
 
     def _actor_options(self, work: Work) -> dict[str, object]:
         """The replica's actor options: alike for every replica of a role without a `name`
