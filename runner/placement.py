@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -193,6 +194,8 @@ class Starts:
         self.came: dict[str, Started] = {}
         # the start files there at this turn's listing
         self.there: set[str] = set()
+        self.prefix, self.count = uuid.uuid4().hex[:16], itertools.count()
+        self.folder = str(root / STARTED_DIR)
 
     def turn(self) -> None:
         """Once per turn of the runner's loop: list the start files that are there (one
@@ -207,10 +210,11 @@ class Starts:
             self.there = set()
 
     def address(self) -> StartTo:
-        """A new place for one task to announce its start."""
-        key = uuid.uuid4().hex
+        """A new place for one task to announce its start: a key of this runner's own (made
+        random once) and a count, unique in the run directory across runner processes."""
+        key = f"{self.prefix}-{next(self.count)}"
         if self.shared_fs:
-            return StartTo(key, path=str(self.root / STARTED_DIR / f"{key}.json"))
+            return StartTo(key, path=f"{self.folder}/{key}.json")
         if self.inbox is None:
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -46,6 +46,9 @@ GROUP_READY = "group ready"
 WAIT_SECONDS = 0.1
 # how often Ray's node membership is read again
 NODES_EVERY = 2.0
+# how often the starts tasks announced are looked for (a task that has answered is heard at
+# once, `_deliver`): a look lists a directory or asks the inbox
+LISTEN_EVERY = 0.05
 # seconds a signal is given to end the embedded Ray's processes too, before Ray is asked anything
 SIGNAL_SETTLE = 0.3
 # seconds one clean-up call may wait on Ray once stopping (milliseconds when Ray is up)
@@ -69,6 +72,7 @@ class RayBackend:
         self.announced: dict[Lease, StartTo] = {}
         self.starts = Starts(run_dir, shared_fs)
         self.node_seen = -math.inf
+        self.listened = -math.inf
         # set once stopping met a Ray that is gone: no Ray call is made after that
         self.gone = False
         self.settled = False
@@ -229,9 +233,11 @@ class RayBackend:
                 happened.append(Replied(lease, ref, tag, value))
 
     def _listen(self, happened: list[Happened]) -> None:
-        """Hear the starts tasks announced since the last look."""
-        if not self.announced:
+        """Hear the starts tasks announced since the last look (at most every LISTEN_EVERY)."""
+        now = time.monotonic()
+        if not self.announced or now - self.listened < LISTEN_EVERY:
             return
+        self.listened = now
         self.starts.turn()
         for lease in list(self.announced):
             if lease.closed:

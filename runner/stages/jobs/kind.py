@@ -53,6 +53,10 @@ class JobsRun(StageRun):
         self.grace = self.spec.cancel_grace + CANCEL_WAIT
         self.cap = self.spec.max_concurrent
         self.logs = str(ctx.stage_dir(stage.name).resolve())
+        # the stream files an earlier run of this directory left in the stage's folder: a
+        # first attempt removes its own only when there is one (a removal that fails costs
+        # as much as one that does, per stream of every job)
+        self.earlier = _files_in(self.logs) if not ctx.virtual else set()
         self.cpu = 0.0
         # CPU-seconds and jobs run per SCNS `account`, for the summary
         self.accounts: dict[str, Usage] = {}
@@ -98,10 +102,12 @@ class JobsRun(StageRun):
         paths = self._paths(work)
         if not self.ctx.virtual:
             for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
-                with contextlib.suppress(FileNotFoundError):  # not an earlier attempt's lines
-                    os.unlink(paths[stream])
+                path = paths[stream]
+                if work.attempts or path in self.earlier or not path.startswith(self.logs):
+                    with contextlib.suppress(FileNotFoundError):  # not an earlier one's lines
+                        os.unlink(path)
                 if self.spec.show_output:
-                    self.tail.start(Path(paths[stream]), fresh=True)
+                    self.tail.start(Path(path), fresh=True)
         carried = not self.ctx.cluster.shared_fs
         spec = {
             **_job(work).task_spec(),
@@ -318,3 +324,11 @@ def _job(work: Work) -> Job:
 
 def open_run(stage: StagePlan, ctx: RunContext) -> JobsRun:
     return JobsRun(stage, ctx)
+
+
+def _files_in(folder: str) -> set[str]:
+    """The paths of the files in `folder` (none when it is not there)."""
+    try:
+        return {f"{folder}/{name}" for name in os.listdir(folder)}
+    except OSError:
+        return set()

@@ -208,11 +208,15 @@ GROUP = JobsGroup()
 
 
 def _start(spec: JobTask, out: str, err: str, group: int) -> subprocess.Popen[bytes]:
+    # the worker's environment as bytes, then the job's: `os.environ` would decode every
+    # variable and Popen encode it back (a sixth of a trivial job's own CPU time)
+    env = os.environb.copy()
+    env.update((os.fsencode(k), os.fsencode(v)) for k, v in spec["env"].items())
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         return subprocess.Popen(
             spec["argv"],
             cwd=spec["cwd"],
-            env={**os.environ, **spec["env"]},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
