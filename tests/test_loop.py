@@ -285,3 +285,18 @@ def test_two_preemptors_on_one_node_evict_only_what_each_needs(tmp_path: Path) -
     assert {(w.started, w.ended) for w in ran.units["high"].values()} == {(1.0, 3.0)}
     assert {w.state for w in ran.units["low"].values()} == {UnitState.done}
     assert all(o.ok for o in ran.outcomes.values())
+
+
+def test_every_verdict_has_its_line_in_the_loops_table() -> None:
+    """A verdict added to `verdicts.Verdict` and forgotten in `Executor._verdicts` would be
+    refused as "not a verdict" the first time a kind hands it over: caught here instead."""
+    import typing
+
+    from runner.verdicts import Verdict
+
+    def members(alias: object) -> set[type]:
+        args = typing.get_args(alias)
+        return set().union(*map(members, args)) if args else {typing.cast(type, alias)}
+
+    table = Executor._verdicts(Executor.__new__(Executor))
+    assert set(table) == members(Verdict)
