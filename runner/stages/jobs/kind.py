@@ -103,7 +103,7 @@ class JobsRun(StageRun):
         if not self.ctx.virtual:
             for stream in ("stdout", "stderr"):  # each attempt writes its files afresh
                 path = paths[stream]
-                if work.attempts or path in self.earlier or not path.startswith(self.logs):
+                if work.attempts or path in self.earlier or not path.startswith(self.logs + "/"):
                     with contextlib.suppress(FileNotFoundError):  # not an earlier one's lines
                         os.unlink(path)
                 if self.spec.show_output:
