@@ -279,7 +279,7 @@ class Executor:
 
     def _applier(self, kind: type) -> Callable[[Verdict], None]:
         """The method for verdicts of type `kind`, a subclass of a verdict too (found once)."""
-        for verdict, apply in self._verdicts().items():
+        for verdict, apply in list(self._appliers.items()):
             if issubclass(kind, verdict):
                 self._appliers[kind] = apply
                 return apply
