@@ -5,7 +5,7 @@ priority (a label rule lets train preempt rollouts) arrives as soon as the rollo
 its place, runs 2 steps; the rollout comes back and finishes its 10 steps.
 
 runner: the real CLI on `specs/pipeline/bench_preempt.yaml`. The victim is asked to stop
-(it stops within a step and saves its progress), its actor is killed, its placement group handed
+(it drops the step it is in and saves the steps it finished), its actor is killed, its placement group handed
 to train (or a new one made), train's actor started; the rollout is restored where it stopped.
 Baseline: what a raw Ray script does: `ray.kill` the rollout actor, start the train actor, wait
 until it is ready, run it, then start a new rollout that begins again from step 0 (raw Ray
@@ -14,9 +14,10 @@ ledger, summary, timeline picture). `extra_info` holds the latency the issue ask
 from the stage's recorded events (`<run>/rl/events.jsonl`): from train's arrival to the
 victim gone (`victim_gone_s`) and to train running (`preempt_to_running_s`), against the raw
 `ray.kill` + new actor ready (`raw_kill_to_ready_s`), medians over the rounds. The victim's
-cooperative stop is part of it: train arrives as the rollout begins its first step, so the
-rollout stops at that step's end (one `step_seconds`, which raw Ray's kill does not wait for,
-and loses the step's work); `gone_to_running_s` and `gone_to_running_ratio` are the rest, the
+cooperative stop is part of it: train arrives as the rollout begins its first step, and the
+example `Rollout` drops that step (`ctx.wait`, generated again after its restore), as raw
+Ray's kill loses it; a role that finishes its step (train, reward) would add up to one
+`step_seconds` here. `gone_to_running_s` and `gone_to_running_ratio` are the rest, the
 runner's own part (the victim's actor killed, its group handed over, train's actor started).
 """
 

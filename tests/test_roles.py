@@ -113,6 +113,41 @@ def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
     assert "skip      5  done" in again.out
 
 
+def test_a_stopped_rollout_drops_its_step_at_once_and_train_finishes_its_own() -> None:
+    """What a victim's host answers when asked to stop mid-step (no Ray: the host is what runs
+    in the replica's actor): a rollout cuts its step short (`ctx.wait`) and keeps the steps it
+    finished; train finishes the step it is in. A minute-long step shows which did which."""
+    from runner.stages.roles.host import RoleContext, RoleHost
+
+    class Watched(RoleContext):
+        looked = threading.Event()  # the run looked at `cancelled`: its first step is next
+
+        @property
+        def cancelled(self) -> bool:
+            self.looked.set()
+            return super().cancelled
+
+    def stopped_in_first_step(target: str, step_seconds: float) -> dict[str, Any]:
+        actor = {"_target_": f"runner.examples.rlhf.{target}", "step_seconds": step_seconds}
+        host = RoleHost(actor, target.lower(), 0, steps=3)
+        host.ctx = ctx = Watched(target.lower(), 0, 3, host._flag)
+        ctx.looked = threading.Event()
+        replies: list[dict[str, Any]] = []
+        worker = threading.Thread(target=lambda: replies.append(dict(host.run(None))))
+        worker.start()
+        assert ctx.looked.wait(timeout=30)
+        host.cancel()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), f"{target} did not stop"
+        return replies[0]
+
+    rollout = stopped_in_first_step("Rollout", 60)
+    assert rollout["cancelled"] is True
+    assert rollout["state"] == {"step": 0, "restored_from": []}  # the dropped step is not kept
+    train = stopped_in_first_step("Train", 0.2)
+    assert train["cancelled"] is True and train["state"]["step"] == 1  # its step finished
+
+
 def test_a_victim_that_ignores_cancel_is_killed_after_cancel_timeout_and_still_resumes(
     ray_session: str, cli, tmp_path: Path
 ) -> None:

@@ -1,8 +1,11 @@
 """Toy RLHF role actors for the `roles` stage: train, reward and rollout.
 
 Each runs `ctx.steps` steps of `step_seconds`, checks `ctx.cancelled` between steps, and keeps
-its progress in `state()` so a preempted replica resumes where it stopped (`restore`). The
-result records the steps done and where each restore resumed from.
+its progress in `state()` so a preempted replica resumes where it stopped (`restore`). A train
+or reward step is finished before it stops (an update half made is no state to keep); a
+rollout drops the step it is in (`ctx.wait`: its batch is generated again after restore), so
+its preemptor does not wait for it. The result records the steps done and where each restore
+resumed from.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class Context(Protocol):
 
     @property
     def cancelled(self) -> bool: ...
+
+    def wait(self, seconds: float) -> bool: ...
 
 
 class Progress(TypedDict):
@@ -40,6 +45,10 @@ class RoleActor:
     """A role replica that works in steps. `ignore_cancel` makes it a badly behaved one that
     never looks at `ctx.cancelled` (the runner then kills it after `cancel_timeout`)."""
 
+    #: a stop request drops the step in progress (done again after restore) instead of
+    #: waiting for its end
+    drops_step = False
+
     def __init__(self, step_seconds: float = 0.1, ignore_cancel: bool = False) -> None:
         self.step_seconds = step_seconds
         self.ignore_cancel = ignore_cancel
@@ -50,7 +59,11 @@ class RoleActor:
         while self.step < ctx.steps:
             if ctx.cancelled and not self.ignore_cancel:
                 break
-            time.sleep(self.step_seconds)
+            if self.drops_step and not self.ignore_cancel:
+                if ctx.wait(self.step_seconds):
+                    break
+            else:
+                time.sleep(self.step_seconds)
             self.step += 1
         return Progress(steps=self.step, restored_from=list(self.restored_from))
 
@@ -71,4 +84,7 @@ class Reward(RoleActor):
 
 
 class Rollout(RoleActor):
-    """Generation: lowest priority, elastic, first to give way."""
+    """Generation: lowest priority, elastic, first to give way: a stop drops the batch in
+    progress."""
+
+    drops_step = True

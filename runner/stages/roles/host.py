@@ -27,6 +27,12 @@ class RoleContext:
         """True once the runner asks the replica to stop (preemption or Ctrl-C)."""
         return self._flag.is_set()
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, cut short by a stop request; True when cut short. For work
+        a stop may drop (a rollout's batch, generated again after `restore`), so that a
+        preemptor does not wait for it: ScheduleMesh's advice that `cancel()` return at once."""
+        return self._flag.wait(seconds)
+
 
 @runtime_checkable
 class Role(Protocol):
