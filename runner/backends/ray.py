@@ -31,7 +31,7 @@ from runner.calls import NEW_GROUP, Call, Remote
 from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.lease import Lease
 from runner.placement import Placement, Started, Starts, StartTo
-from runner.remote import ActorKills, bounded, error_line, plain, remote
+from runner.remote import ActorKills, Made, bounded, error_line, plain, remote
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -78,6 +78,8 @@ class RayBackend:
         self.settled = False
         # actors of ended leases, killed once Ray has made them (`ActorKills`)
         self.kills = ActorKills()
+        # tasks with their options, by what makes the options (`_task`)
+        self.tasks: dict[tuple[object, ...], Made] = {}
 
     # --- time ------------------------------------------------------------------------------
 
@@ -99,10 +101,9 @@ class RayBackend:
         if work.target is None:  # a placement group alone: running once Ray has reserved it
             self._watch(lease, lease.group.ready(), GROUP_READY)  # type: ignore[attr-defined]
             return
-        options = {**_options(placement, lease.group), **work.options}
-        made = remote(work.target).options(**options)
         if work.actor:
-            lease.handle = made.remote(*work.args)
+            options = {**_options(placement, lease.group), **work.options}
+            lease.handle = remote(work.target).options(**options).remote(*work.args)
             self._watch(lease, lease.handle.ready.remote(), READY)  # type: ignore[attr-defined]
             return
         extra: dict[str, object] = {}
@@ -110,8 +111,29 @@ class RayBackend:
             to = self.starts.address()
             self.announced[lease] = to
             extra["started_to"] = plain(to)
-        lease.handle = made.remote(*work.args, **extra)
+        lease.handle = self._task(work, placement, lease.group).remote(*work.args, **extra)
         self._watch(lease, lease.handle, None)
+
+    def _task(self, work: Remote, placement: Placement, group: object) -> Made:
+        """`work`'s task with its options for `placement`, made once per node, resources and
+        options, not once per task: Ray checks every option of each `.options()` (a job
+        stage's tasks differ only in their arguments)."""
+        try:
+            key = (
+                work.target,
+                placement.node_id,
+                placement.resources,
+                group,
+                *work.options.items(),
+            )
+            made = self.tasks.get(key)
+        except TypeError:  # an option that is not hashable: made for this task alone
+            key, made = (), None
+        if made is None:
+            made = remote(work.target).options(**_options(placement, group), **work.options)
+            if key:
+                self.tasks[key] = made
+        return made
 
     def call(self, lease: Lease, call: Call) -> None:
         method = getattr(lease.handle, call.method)

@@ -115,7 +115,9 @@ class JobsRun(StageRun):
             "stdout": plain(Dest(paths["stdout"], carried)),
             "stderr": plain(Dest(paths["stderr"], carried)),
         }
-        options = {"max_retries": 0, "name": f"job {work.id}"}
+        # one name for the stage's tasks in Ray's dashboard (the ledger says which job ran
+        # where): options that differ per job would be made and checked by Ray for each one
+        options = {"max_retries": 0, "name": f"{self.name} job"}
         expect = partial(self._expect, work)
         yield Launch(lease, Remote(run_job, (spec,), options=options, announce=True, expect=expect))
 
