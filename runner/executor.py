@@ -265,17 +265,15 @@ class Executor:
     # --- verdicts ------------------------------------------------------------------------
 
     def _apply_all(self, verdicts: Iterable[Verdict]) -> None:
-        for verdict in verdicts:
-            self._apply(verdict)
-
-    def _apply(self, v: Verdict) -> None:
-        """Carry out one verdict of a kind, by its type's method (`_verdicts`), looked up once
+        """Carry out a kind's verdicts, each by its type's method (`_verdicts`), looked up once
         per type: a `match` over the verdicts, or an `isinstance` against a union, walks every
         member for each of the hundreds of thousands of verdicts of a big simulated run."""
-        apply = self._appliers.get(type(v))
-        if apply is None:
-            apply = self._applier(type(v))
-        apply(v)
+        appliers = self._appliers
+        for v in verdicts:
+            apply = appliers.get(type(v))
+            if apply is None:
+                apply = self._applier(type(v))
+            apply(v)
 
     def _applier(self, kind: type) -> Callable[[Verdict], None]:
         """The method for verdicts of type `kind`, a subclass of a verdict too (found once)."""
@@ -355,7 +353,7 @@ class Executor:
                 if isinstance(ask, Lend):  # granted at once: after the asks before it
                     self._submit(live, alike)
                     alike = []
-                    self._apply(ask)
+                    self._apply_all((ask,))
                     continue
                 if alike and ask.request is not alike[0].request:
                     self._submit(live, alike)
