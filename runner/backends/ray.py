@@ -117,21 +117,19 @@ class RayBackend:
     def _task(self, work: Remote, placement: Placement, group: object) -> Made:
         """`work`'s task with its options for `placement`, made once per node, resources and
         options, not once per task: Ray checks every option of each `.options()` (a job
-        stage's tasks differ only in their arguments)."""
-        try:
-            key = (
-                work.target,
-                placement.node_id,
-                placement.resources,
-                group,
-                *work.options.items(),
-            )
-            made = self.tasks.get(key)
-        except TypeError:  # an option that is not hashable: made for this task alone
-            key, made = (), None
+        stage's tasks differ only in their arguments). A task in a placement group of its
+        own, or with an option that does not hash, has its options made for it alone."""
+        key: tuple[object, ...] | None = None
+        made = None
+        if group is None:
+            try:
+                key = (work.target, placement.node_id, placement.resources, *work.options.items())
+                made = self.tasks.get(key)
+            except TypeError:
+                key = None
         if made is None:
             made = remote(work.target).options(**_options(placement, group), **work.options)
-            if key:
+            if key is not None:
                 self.tasks[key] = made
         return made
 
