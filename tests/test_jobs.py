@@ -437,8 +437,16 @@ def test_unreadable_time_limits_are_refused(text) -> None:
     assert duration_seconds(text) is None
 
 
-def scns_bodies(path: Path, cpus: float, memory: str, sleep: float = 0) -> Path:
-    """SCNS's own example: four concurrent jobs submitted with `curl -d '{job: ..., script}'`."""
+def scns_bodies(path: Path, cpus: float, memory: str, meet: Path | None = None) -> Path:
+    """SCNS's own example: four concurrent jobs submitted with `curl -d '{job: ..., script}'`.
+    With `meet`, each job then waits (20 s at most) until all four have come to that folder:
+    run at once, they overlap however slowly a busy machine starts them."""
+    wait = ""
+    if meet is not None:
+        wait = (
+            f"\ntouch {meet}/$RUNNER_JOB_NAME"
+            f"\nfor _ in $(seq 200); do [ $(ls {meet} | wc -l) -ge 4 ] && break; sleep 0.1; done"
+        )
     bodies = [
         {
             "job": {
@@ -449,7 +457,7 @@ def scns_bodies(path: Path, cpus: float, memory: str, sleep: float = 0) -> Path:
                 "cpus_per_task": cpus,
                 "memory_per_node": memory,
             },
-            "script": f'#!/bin/bash\necho "Job {i} is running"\nsleep {sleep}',
+            "script": f'#!/bin/bash\necho "Job {i} is running"{wait}',
         }
         for i in range(1, 5)
     ]
@@ -536,7 +544,9 @@ def test_scns_names_and_ours_for_one_setting_are_refused_together(tmp_path: Path
 def test_scns_example_scaled_runs_all_four_at_once_and_records_the_account(
     cli: Cli, tmp_path: Path, scratch: Path
 ) -> None:
-    bodies = scns_bodies(tmp_path / "submit.jsonl", cpus=0.5, memory="64M", sleep=1)
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    bodies = scns_bodies(tmp_path / "submit.jsonl", cpus=0.5, memory="64M", meet=meet)
     # job 4 is the lab's, burns some CPU, and names its own stdout file as SCNS lets it
     lines = bodies.read_text().splitlines()
     job4 = json.loads(lines[3])
