@@ -57,6 +57,9 @@ CLEANUP_BOUND = 1.0
 CLOSE_BOUND = 5.0
 # seconds between SIGTERM and SIGKILL for what a unit left running after the embedded Ray died
 ORPHAN_GRACE = 1.0
+# tasks with their options kept (`RayBackend._task`): a few per stage and node at most, unless
+# a kind names each task (a shard stage's)
+TASKS_KEPT = 1024
 # the label Ray gives every node: its id
 NODE_ID_LABEL = "ray.io/node-id"
 
@@ -130,6 +133,8 @@ class RayBackend:
         if made is None:
             made = remote(work.target).options(**_options(placement, group), **work.options)
             if key is not None:
+                if len(self.tasks) >= TASKS_KEPT:  # options that differ per task: none reused
+                    self.tasks.clear()
                 self.tasks[key] = made
         return made
 
