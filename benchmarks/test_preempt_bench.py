@@ -4,9 +4,10 @@ The scenario, on the 2-CPU Ray: a rollout replica holds both CPUs; a train repli
 priority (a label rule lets train preempt rollouts) arrives as soon as the rollout runs, takes
 its place, runs 2 steps; the rollout comes back and finishes its 10 steps.
 
-runner: the real CLI on `specs/pipeline/bench_preempt.yaml`. The victim is asked to stop
-(it drops the step it is in and saves the steps it finished), its actor is killed, its placement group handed
-to train (or a new one made), train's actor started; the rollout is restored where it stopped.
+runner: the real CLI on `specs/pipeline/bench_preempt.yaml`. The victim is asked to stop (it
+drops the step it is in and saves the steps it finished), its actor is killed, its placement
+group handed to train (or a new one made), train's actor started; the rollout is restored
+where it stopped.
 Baseline: what a raw Ray script does: `ray.kill` the rollout actor, start the train actor, wait
 until it is ready, run it, then start a new rollout that begins again from step 0 (raw Ray
 keeps no state). The table compares the whole scenario, CLI included (Hydra compose, plan,
