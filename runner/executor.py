@@ -42,7 +42,7 @@ from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
 from runner.placement import Placement, Started
 from runner.plan import Plan, PlanContext, StagePlan, units_digest
-from runner.resources import Resources
+from runner.resources import Resources, total
 from runner.scheduler.core import Grant, Scheduler, Ticket
 from runner.scheduler.metrics import REGISTRY
 from runner.spec import Pipeline
@@ -462,10 +462,7 @@ class Executor:
         (None on a real cluster: its utilization is measured from its processes)."""
         if not self.ctx.virtual:
             return None
-        capacity = Resources()
-        for node in self.scheduler.nodes:
-            capacity = capacity + node
-        return capacity - self.scheduler.free()
+        return total(self.scheduler.nodes) - self.scheduler.free()
 
     def _deliver(self, happened: Happened) -> None:
         """One thing that happened, to the kind or the loop (`isinstance` in order of how
@@ -1133,9 +1130,7 @@ class Executor:
         self.metrics_seen = now
         for name, live in self.live.items():
             REGISTRY.set_units(name, {s.value: n for s, n in live.run.counts().items()})
-        capacity = Resources()
-        for node in self.scheduler.nodes:
-            capacity = capacity + node
+        capacity = total(self.scheduler.nodes)
         REGISTRY.set_resources(capacity - self.scheduler.free(), capacity)
 
     # --- what the run did, for the simulated cluster's report ------------------------------
