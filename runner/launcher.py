@@ -64,6 +64,7 @@ from runner.resources import Resources
 from runner.scheduler import Scheduler
 from runner.scheduler.request import Request
 from runner.schema import ClusterConfig, Mode
+from runner.snapshot import latest_overrides
 from runner.spec import Spec
 from runner.store import RAY_PIDS, SUMMARY, hold
 
@@ -103,8 +104,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        hidden = self.config.hydra.job.config.override_dirname.exclude_keys
-        return sweep.job_name(filter_overrides(self.overrides), hidden) or f"#{self.idx}"
+        return _name(self.overrides, self.config) or f"#{self.idx}"
 
     @property
     def key(self) -> str:
@@ -282,12 +282,22 @@ def _side_by_side_pipelines(launcher: RunnerLauncher, jobs: list[Job], sweep_dir
             handler.close()
 
 
+def _name(overrides: list[str], config: DictConfig) -> str:
+    """A job as the sweep's summary and log lines name it: its overrides, those its
+    directory's name leaves out hidden (but the pipeline)."""
+    hidden = config.hydra.job.config.override_dirname.exclude_keys
+    return sweep.job_name(filter_overrides(overrides), hidden)
+
+
 def _summarize(sweep_dir: Path, jobs: list[Job]) -> None:
     """The sweep's summary: this batch's jobs (an invalid one too) and every job the sweep
     directory holds from earlier batches and attempts."""
     named = {Path(str(job.config.hydra.runtime.output_dir)).resolve(): job.name for job in jobs}
     for found in sorted(sweep_dir.resolve().glob(f"*/{SUMMARY}")):
-        named.setdefault(found.parent, found.parent.name)
+        if found.parent not in named:  # named as this batch's jobs are, from its overrides
+            ran = latest_overrides(found.parent)
+            name = _name(ran, jobs[0].config) if ran is not None and jobs else ""
+            named[found.parent] = name or found.parent.name
     sweep.summarize(sweep_dir, [(name, where) for where, name in named.items()])
 
 

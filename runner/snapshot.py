@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 # that the names sort as the attempts ran (see `sweep.snapshot_dir`)
 SNAPSHOTS = ".hydra"
 CONFIG = "config.yaml"
+OVERRIDES = "overrides.yaml"
 
 
 @dataclass(frozen=True)
@@ -42,4 +43,17 @@ def latest(run_dir: Path) -> Snapshot | None:
             continue
         if isinstance(name, str) and name:
             return Snapshot(path, name)
+    return None
+
+
+def latest_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides of the last attempt that saved them (Hydra's
+    `overrides.yaml`), or None: how a sweep names a job of an earlier batch."""
+    for path in sorted((run_dir / SNAPSHOTS).glob(f"*/{OVERRIDES}"), reverse=True):
+        try:
+            found = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(found, list):
+            return [str(o) for o in found]
     return None

@@ -52,6 +52,16 @@ def test_a_sweep_runs_each_job_in_its_own_dir_and_a_rerun_resumes(cli, tmp_path:
     rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
     assert len(rows) == 2 and all(float(r["items_per_s"]) > 0 for r in rows), rows
 
+    # a later sweep of one of them still names the other (an earlier batch's) as it was named:
+    # by its overrides, the pipeline shown, not by its directory's name
+    one = cli("-m", "pipeline=numbers", "pipeline.stages.scale.num_workers=1", args[-1])
+    assert one.code == 0, one.text
+    rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
+    assert {r["overrides"] for r in rows} == {
+        "pipeline=numbers pipeline.stages.scale.num_workers=1",
+        "pipeline=numbers pipeline.stages.scale.num_workers=2",
+    }, rows
+
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_failing_job_makes_the_sweep_exit_1_and_ranks_last(cli, tmp_path: Path) -> None:
