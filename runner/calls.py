@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class Expect:
     """How a call ends in virtual time: after `seconds`, answering `reply`. Asked to stop,
-    a call that works in steps (`step` seconds each) ends at its next step, answering
-    `stopped(seconds it ran)`; one without steps ends at once, cancelled."""
+    a call that works in steps (`step` seconds each) ends at its next step, or at once when
+    it `drops_step`, answering `stopped(seconds it ran)`; one without steps ends at once,
+    cancelled."""
 
     seconds: float
     reply: object = None
     step: float | None = None
     stopped: Callable[[float], object] | None = None
+    drops_step: bool = False
 
 
 # made only when a virtual backend asks (a real run never pays for it)

@@ -53,6 +53,36 @@ def test_the_rlhf_demo_simulated_on_two_cpus_preempts_as_the_real_run_does(cli) 
     assert "preemptions: label 1, same_pool 1, cross_pool 0; requeues 2" in line
 
 
+@pytest.mark.parametrize(
+    ("actor", "waited"),
+    [
+        # the example's Rollout drops the step it is in when stopped (`drops_step = True`)
+        pytest.param("Rollout", "0s", id="drops_its_step"),
+        # Reward's class finishes its step first: its preemptor waits for the step's end
+        pytest.param("Reward", "0.5s", id="finishes_its_step"),
+    ],
+)
+def test_a_simulated_victim_that_drops_its_step_leaves_at_once(
+    cli,  # type: ignore[no-untyped-def]
+    actor: str,
+    waited: str,
+) -> None:
+    """The rlhf example on `cluster=sim` with 2 s rollout steps: train arrives mid-step and
+    preempts a rollout. A rollout actor that says `drops_step` is out at once, as on Ray (its
+    `ctx.wait` cut short), so train waits for nothing; one that finishes its step keeps train
+    waiting until the step ends."""
+    res = cli(
+        "pipeline=rlhf",
+        "cluster=sim",
+        "cluster.nodes=[{cpus: 2}]",
+        "pipeline.stages.rlhf.roles.rollout.step_time=2",
+        f"pipeline.stages.rlhf.roles.rollout.actor._target_=runner.examples.rlhf.{actor}",
+    )
+    assert res.code == 0, res.text
+    assert "preemptions: label 1, same_pool 1, cross_pool 0" in res.out
+    assert f"priority 10: 2 admitted, mean wait {waited}" in res.out, res.out
+
+
 def test_64_nodes_of_8_gpus_with_thousands_of_replicas(cli) -> None:
     res = cli("pipeline=rlhf_large", "cluster=sim")
     assert res.code == 0, res.text

@@ -158,12 +158,15 @@ class VirtualBackend:
         self.events.add(end, partial(self._answer, process, call))
 
     def _interrupt(self, process: _Process, call: _Call) -> None:
-        """A running call asked to stop: at its next step, answering as stopped then."""
+        """A running call asked to stop: at its next step (now, when it drops the step in
+        progress), answering as stopped then."""
         step = call.expect.step
         stopped = call.expect.stopped
         if step is None or stopped is None or self.now < call.began:
             return
-        done = math.ceil((self.now - call.began) / step - STEP_EPSILON) * step
+        done = self.now - call.began
+        if not call.expect.drops_step:
+            done = math.ceil(done / step - STEP_EPSILON) * step
         end = call.began + min(done, call.expect.seconds)
         if end >= call.began + call.expect.seconds:
             return  # it ends anyway before it would look

@@ -46,7 +46,7 @@ class RoleActor:
     never looks at `ctx.cancelled` (the runner then kills it after `cancel_timeout`)."""
 
     #: a stop request drops the step in progress (done again after restore) instead of
-    #: waiting for its end
+    #: waiting for its end; the runner reads it too, so `cluster=sim` stops it at once
     drops_step = False
 
     def __init__(self, step_seconds: float = 0.1, ignore_cancel: bool = False) -> None:

@@ -91,9 +91,19 @@ class RoleHost:
 
 def saves_state(target: str) -> bool:
     """Whether the actor class has `state()` (its preemption then loses no work)."""
+    return hasattr(_actor_class(target), "state")
 
+
+def drops_step(target: str) -> bool:
+    """Whether the actor class says `drops_step = True`: asked to stop, it drops the step in
+    progress (`ctx.wait` cut short) rather than finishing it, which `cluster=sim` models."""
+    return getattr(_actor_class(target), "drops_step", False) is True
+
+
+def _actor_class(target: str) -> object:
+    """The class `target` names (None when it cannot be imported here)."""
     module, _, attr = target.rpartition(".")
     try:
-        return hasattr(getattr(importlib.import_module(module), attr), "state")
-    except (ImportError, AttributeError):
-        return False
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None

@@ -31,7 +31,7 @@ from runner.resources import Resources
 from runner.scheduler.policy import Party, preemption_reason
 from runner.scheduler.request import Request
 from runner.stages.roles.groups import DynamicGroups
-from runner.stages.roles.host import RoleHost, saves_state
+from runner.stages.roles.host import RoleHost, drops_step, saves_state
 from runner.stages.roles.planning import replica_of
 from runner.stages.roles.settings import Reserved, RoleSpec, RolesPlan
 from runner.verdicts import (
@@ -128,9 +128,9 @@ class RolesRun(StageRun):
         # looked up in `events` at each end (a walk over every event per replica)
         self.preempt_asks: Counter[Work] = Counter()
         self.stats = _Stats()
-        self.saves = {
-            r.name: saves_state(r.actor.get("_target_", "")) for r in self.rp.roles.values()
-        }
+        targets = {r.name: r.actor.get("_target_", "") for r in self.rp.roles.values()}
+        self.saves = {name: saves_state(target) for name, target in targets.items()}
+        self.drops = {name: drops_step(target) for name, target in targets.items()}
         # replicas' requests by (role, elastic, reuse tag): a request is a value that tickets
         # share, so a role's replicas ask with one rather than one each per ask
         self._requests: dict[tuple[str, bool, str | None], Request] = {}
@@ -423,9 +423,9 @@ class RolesRun(StageRun):
 
     def _expect(self, work: Work) -> Expect:
         """A replica's run in virtual time: its steps left times its step time (or its
-        `estimated_duration`); asked to stop, it stops at its next step, keeping the steps it
-        finished when its actor has `state()`. One per role for replicas that start afresh
-        (the values are only read)."""
+        `estimated_duration`); asked to stop, it stops at its next step (at once when its actor
+        `drops_step`), keeping the steps it finished when its actor has `state()`. One per
+        role for replicas that start afresh (the values are only read)."""
         role = self.role(work)
         saved = work.saved
         if isinstance(saved, dict) and "virtual_s" in saved:
@@ -448,7 +448,8 @@ class RolesRun(StageRun):
             return {"cancelled": True, "state": state, "result": None}
 
         finished = {"cancelled": False, "state": None, "result": {"steps": role.steps}}
-        return Expect(left, finished, step=min(step, left), stopped=stopped)
+        drops = self.drops[role.name]
+        return Expect(left, finished, step=min(step, left), stopped=stopped, drops_step=drops)
 
     # --- replies -----------------------------------------------------------------------------
 
