@@ -9,7 +9,7 @@ pool of four running `subprocess.run(["true"])`, output to /dev/null: the least 
 these commands can do, and what a user would write without one.
 
 The table's row is the whole CLI (Hydra's compose, the plan, the run artifacts included: fixed
-costs a user pays). Two more rows, against the same baseline, say where the stage itself is:
+costs a user pays). Three more rows, against the same baseline, say where the stage itself is:
 `[stage]` is the stage's wall from the run's summary.json, and `[ray tasks]` is Ray's own floor
 for one task per job, measured in the same test: 200 Ray tasks with the jobs' options (half a
 CPU, pinned to the node, no retries), four in flight, each a `subprocess.run(["true"])`.

@@ -52,7 +52,7 @@ def latest_overrides(run_dir: Path) -> list[str] | None:
     for path in sorted((run_dir / SNAPSHOTS).glob(f"*/{OVERRIDES}"), reverse=True):
         try:
             found = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, not YAML
             continue
         if isinstance(found, list):
             return [str(o) for o in found]

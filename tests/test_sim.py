@@ -54,23 +54,25 @@ def test_the_rlhf_demo_simulated_on_two_cpus_preempts_as_the_real_run_does(cli) 
 
 
 @pytest.mark.parametrize(
-    ("actor", "waited"),
+    ("actor", "waited", "makespan"),
     [
         # the example's Rollout drops the step it is in when stopped (`drops_step = True`)
-        pytest.param("Rollout", "0s", id="drops_its_step"),
+        pytest.param("Rollout", "0s", "81.5", id="drops_its_step"),
         # Reward's class finishes its step first: its preemptor waits for the step's end
-        pytest.param("Reward", "0.5s", id="finishes_its_step"),
+        pytest.param("Reward", "0.5s", "80.5", id="finishes_its_step"),
     ],
 )
 def test_a_simulated_victim_that_drops_its_step_leaves_at_once(
     cli,  # type: ignore[no-untyped-def]
     actor: str,
     waited: str,
+    makespan: str,
 ) -> None:
     """The rlhf example on `cluster=sim` with 2 s rollout steps: train arrives mid-step and
     preempts a rollout. A rollout actor that says `drops_step` is out at once, as on Ray (its
-    `ctx.wait` cut short), so train waits for nothing; one that finishes its step keeps train
-    waiting until the step ends."""
+    `ctx.wait` cut short), so train waits for nothing, and the dropped part of its step is done
+    again after it is restored (the run ends a second later); one that finishes its step keeps
+    train waiting until the step ends."""
     res = cli(
         "pipeline=rlhf",
         "cluster=sim",
@@ -81,6 +83,7 @@ def test_a_simulated_victim_that_drops_its_step_leaves_at_once(
     assert res.code == 0, res.text
     assert "preemptions: label 1, same_pool 1, cross_pool 0" in res.out
     assert f"priority 10: 2 admitted, mean wait {waited}" in res.out, res.out
+    assert f"makespan from the first unit's start: {makespan} virtual seconds" in res.out
 
 
 def test_64_nodes_of_8_gpus_with_thousands_of_replicas(cli) -> None:

@@ -57,10 +57,10 @@ def test_a_sweep_runs_each_job_in_its_own_dir_and_a_rerun_resumes(cli, tmp_path:
     one = cli("-m", "pipeline=numbers", "pipeline.stages.scale.num_workers=1", args[-1])
     assert one.code == 0, one.text
     rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
-    assert {r["overrides"] for r in rows} == {
+    assert sorted(r["overrides"] for r in rows) == [
         "pipeline=numbers pipeline.stages.scale.num_workers=1",
         "pipeline=numbers pipeline.stages.scale.num_workers=2",
-    }, rows
+    ], rows
 
 
 @pytest.mark.usefixtures("ray_session")

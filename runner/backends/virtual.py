@@ -4,8 +4,9 @@ each call is answered after the time its kind expects, as the kind expects.
 A clock moved by an event queue: a lease starts after the start-up latency a measured run saw
 (`cluster.sim_durations_from`, else none), a task answers after its `Expect`, an actor's calls
 are served one after another, and a call that works in steps stops at its next step when it is
-interrupted. The loop, the scheduler and the kinds are the real ones, so the simulated run
-makes the decisions the real one would, at hundreds of nodes, in seconds.
+interrupted (at once when it drops the step in progress). The loop, the scheduler and the kinds
+are the real ones, so the simulated run makes the decisions the real one would, at hundreds of
+nodes, in seconds.
 """
 
 from __future__ import annotations

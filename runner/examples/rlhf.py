@@ -46,7 +46,8 @@ class RoleActor:
     never looks at `ctx.cancelled` (the runner then kills it after `cancel_timeout`)."""
 
     #: a stop request drops the step in progress (done again after restore) instead of
-    #: waiting for its end; the runner reads it too, so `cluster=sim` stops it at once
+    #: waiting for its end; the runner reads it too, so `cluster=sim` stops it at once (the
+    #: simulation does not model `ignore_cancel`)
     drops_step = False
 
     def __init__(self, step_seconds: float = 0.1, ignore_cancel: bool = False) -> None:

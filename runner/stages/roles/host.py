@@ -6,12 +6,11 @@ The host is a two-thread actor so that `cancel()` and `state()` reach it while `
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Mapping
 from typing import Protocol, TypedDict, runtime_checkable
 
-from runner.build import build
+from runner.build import build, locate
 from runner.placement import Started, here
 
 
@@ -97,13 +96,12 @@ def saves_state(target: str) -> bool:
 def drops_step(target: str) -> bool:
     """Whether the actor class says `drops_step = True`: asked to stop, it drops the step in
     progress (`ctx.wait` cut short) rather than finishing it, which `cluster=sim` models."""
-    return getattr(_actor_class(target), "drops_step", False) is True
+    return bool(getattr(_actor_class(target), "drops_step", False))
 
 
 def _actor_class(target: str) -> object:
-    """The class `target` names (None when it cannot be imported here)."""
-    module, _, attr = target.rpartition(".")
+    """The class `target` names, found as the actor is built (None when it cannot be here)."""
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError):
+        return locate(target)
+    except Exception:  # not importable in the driver: the actor's own process says why
         return None

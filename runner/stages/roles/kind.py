@@ -8,7 +8,7 @@ its `state()` once more when it did not stop, killed, and queued again by the lo
 restored when admitted next. The stage's event log (`events.jsonl`) and its summary
 (preemptions by reason, requeues, waiting by priority, `pg_pool_stats`) are written from here.
 In virtual time (`cluster=sim`) a replica's run takes its steps' time and stops at its next
-step when asked.
+step when asked (at once when its actor class `drops_step`).
 """
 
 from __future__ import annotations
