@@ -155,11 +155,10 @@ def run_plan(
 
 def _enable_collector() -> None:
     """`gc.enable()`, with the run's survivors moved to the oldest generation first (frozen,
-    then unfrozen): not when the process keeps frozen objects of its own, which unfreezing
-    would hand back to the collector."""
-    if gc.get_freeze_count():
-        gc.enable()
-        return
+    then unfrozen). What the process froze itself (the `runner` command's imports) goes back
+    to the collector with them: at worst a full collection walks it again, where keeping the
+    survivors frozen would keep their cycles for the process's life (a sweep of simulations
+    runs many in one process)."""
     gc.freeze()
     gc.enable()
     gc.unfreeze()
