@@ -58,8 +58,10 @@ def test_startup_to_first_unit(compare: Callable[..., None], tmp_path: Path) -> 
         code = BASELINE.format(specs=ROOT / "runner" / "specs")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
 
-    # the goal (<= 1.1x) is near 1: enough rounds that the median can tell 1.1 from 1.13
-    compare(runner, baseline, rounds=5)
+    # the goal (<= 1.15x) is near 1, and `ray.init` alone takes either about 2.05 s or 3.05 s
+    # here (a second more in a quarter of runs, runner's and the floor's alike): enough rounds
+    # that each median is of the common case, not of whichever mode five rounds happened on
+    compare(runner, baseline, rounds=9)
 
 
 @pytest.mark.parametrize("units", [1_000, 10_000, 100_000])
