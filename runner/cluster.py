@@ -342,6 +342,24 @@ def ray_alive() -> bool:
     return all(procs.running(pid, started) for pid, started in _core)
 
 
+# The raylet starts its object store on a thread and connects to it at once, with Ray's client
+# retry: 10 tries a second apart. A connect that comes before the store listens costs the
+# start a whole second (in half the embedded starts on a busy 2-core machine); here the same
+# 10 s window in steps of 0.1 s. A user's own `RAY_<name>` for either is left to rule both.
+CONNECT_RETRY = {
+    "raylet_client_connect_timeout_milliseconds": 100,
+    "raylet_client_num_connect_attempts": 100,
+}
+
+
+def system_config() -> dict[str, int]:
+    """Ray's internal settings for the embedded Ray (`CONNECT_RETRY`), none where the user's
+    environment sets them."""
+    if any(f"RAY_{name}" in os.environ for name in CONNECT_RETRY):
+        return {}
+    return dict(CONNECT_RETRY)
+
+
 def _init_local(cfg: ClusterConfig, info: ClusterInfo) -> None:
     """Start this run's own embedded Ray. `address="local"` makes Ray ignore RAY_ADDRESS and
     any Ray already running on the host: cluster=local means a Ray of our own."""
@@ -366,6 +384,7 @@ def _init_local(cfg: ClusterConfig, info: ClusterInfo) -> None:
                 log_to_driver=cfg.log_to_driver,
                 logging_level=_ray_log_level(cfg.verbose),
                 configure_logging=True,
+                _system_config=system_config() or None,
             )
     except Exception as exc:  # Ray raises many types here; all mean "could not start"
         raise ClusterError(f"could not start a local Ray: {exc}") from exc

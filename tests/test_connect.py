@@ -100,6 +100,18 @@ def test_cluster_local_starts_its_own_ray_whatever_ray_address_says(
     assert asked["address"] == "local"
     assert asked["include_dashboard"] is False
     assert asked["logging_level"] == 40  # ERROR: Ray's start-up warnings hidden by default
+    # the raylet's connect to its own object store retried every 0.1 s, not every second
+    assert asked["_system_config"] == {
+        "raylet_client_connect_timeout_milliseconds": 100,
+        "raylet_client_num_connect_attempts": 100,
+    }
+
+
+def test_a_users_own_raylet_connect_retry_is_left_to_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`RAY_raylet_client_num_connect_attempts` (or the timeout) in the user's environment: the
+    embedded start sets neither, so Ray reads theirs (a `_system_config` would override it)."""
+    monkeypatch.setenv("RAY_raylet_client_num_connect_attempts", "30")
+    assert clusters.system_config() == {}
 
 
 # what tells Ray about tokens and addresses: each test sets its own
