@@ -6,6 +6,7 @@ fit, a run directory in use); `RUNNER_FULL_ERROR=1` adds the traceback.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import copy
 import dataclasses
 import gc
@@ -46,7 +47,7 @@ from runner.scheduler import metrics
 from runner.schema import Mode
 from runner.spec import READING, Origins, Spec, load
 from runner.stages.registry import KINDS
-from runner.store import RAY_PIDS, RunStore, read_ledger
+from runner.store import RAY_PIDS, Ledger, RunStore, read_ledger
 
 log = logging.getLogger("runner")
 
@@ -190,46 +191,63 @@ def run_spec(spec: Spec, sharing: Sharing | None = None) -> tuple[int, dict[str,
     store = RunStore(Path(spec.run.dir))
     ledger = store.open()
     try:
-        procs.reap_recorded(store.root / RAY_PIDS)
-        plan: Plan | None = None
-        if spec.cluster.kind == "local" and not clusters.ray_running_here():
-            # plan before Ray starts: a plan that cannot fit fails in a second, not after init
-            plan = make_plan(
-                spec.pipeline,
-                _planners(),
-                clusters.describe_local(spec.cluster),
-                ledger,
-                spec.run.fresh,
-            )
-        with clusters.connected(spec.cluster, store.root / RAY_PIDS) as info:
-            if plan is None:
-                plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
-            # the live nodes, with the ids the placements name
-            plan.cluster = dataclasses.replace(info, shared_fs=spec.cluster.shares_fs)
-            _announce(plan)
-            if spec.run.fresh:
-                # an interrupted fresh run must not be completed later with older results
-                ledger.supersede(plan.stages)
-            if metrics.REGISTRY.ray is None:  # Ray's metrics agent exports them where it runs
-                metrics.REGISTRY.export_to_ray()
-            if sharing is None:
-                metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
-            port = spec.cluster.metrics_port if sharing is None else None  # the sweep's
-            with metrics.serving(port):
-                code, summary = execute(
-                    plan,
-                    spec.pipeline,
-                    KINDS,
-                    store,
-                    ledger,
-                    spec.run.progress,
-                    spec.run.fresh,
-                    sharing,
-                )
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="runner-report") as drawing:
+            code, summary = _run_on_ray(spec, sharing, store, ledger, drawing)
         print(report.format_summary(summary, str(store.root)))
         return code, summary
     finally:
         store.close()
+
+
+def _run_on_ray(
+    spec: Spec,
+    sharing: Sharing | None,
+    store: RunStore,
+    ledger: Ledger,
+    drawing: cf.ThreadPoolExecutor,
+) -> tuple[int, dict[str, Any]]:
+    """The run on Ray; its report is drawn on `drawing` while the embedded Ray shuts down
+    (Ray's goodbye waits a second on its raylet, about what a big run's picture takes)."""
+    procs.reap_recorded(store.root / RAY_PIDS)
+    plan: Plan | None = None
+    if spec.cluster.kind == "local" and not clusters.ray_running_here():
+        # plan before Ray starts: a plan that cannot fit fails in a second, not after init
+        plan = make_plan(
+            spec.pipeline,
+            _planners(),
+            clusters.describe_local(spec.cluster),
+            ledger,
+            spec.run.fresh,
+        )
+    with clusters.connected(spec.cluster, store.root / RAY_PIDS) as info:
+        if plan is None:
+            plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
+        # the live nodes, with the ids the placements name
+        plan.cluster = dataclasses.replace(info, shared_fs=spec.cluster.shares_fs)
+        _announce(plan)
+        if spec.run.fresh:
+            # an interrupted fresh run must not be completed later with older results
+            ledger.supersede(plan.stages)
+        if metrics.REGISTRY.ray is None:  # Ray's metrics agent exports them where it runs
+            metrics.REGISTRY.export_to_ray()
+        if sharing is None:
+            metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
+        port = spec.cluster.metrics_port if sharing is None else None  # the sweep's
+        with metrics.serving(port):
+            executed = execute(
+                plan,
+                spec.pipeline,
+                KINDS,
+                store,
+                ledger,
+                spec.run.progress,
+                spec.run.fresh,
+                sharing,
+            )
+        if executed.caught is not None:  # raised in here: Ray may be half-stopped by the signal
+            return executed.finish()
+        finished = drawing.submit(executed.finish)
+    return finished.result()
 
 
 def is_pipeline(task: object) -> bool:

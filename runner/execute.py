@@ -1,4 +1,5 @@
-"""Run a plan: the executor under signal handling, then the summary and the pictures.
+"""Run a plan: the executor under signal handling, then (`Executed.finish`) the summary and
+the pictures.
 
 The executor (executor.py) runs every stage in one loop on this thread and looks at the stop
 event at least every 0.1 s, so SIGINT/SIGTERM are handled at once: admit nothing new, stop
@@ -69,6 +70,35 @@ class Sharing:
     label: str = ""
 
 
+@dataclass
+class Executed:
+    """A run that has ended, with its report still to write (`finish`): the `runner` command
+    writes it while the embedded Ray shuts down, which takes as long as a big run's picture."""
+
+    code: int
+    # of the whole run: every attempt of the run directory (`history`)
+    summary: dict[str, Any]
+    # the signal that stopped the run, if one did
+    caught: int | None
+    plan: Plan
+    store: RunStore
+    ledger: Ledger
+    # the plan is recorded for the report (else the last attempt's, which ran something, is kept)
+    record_plan: bool
+
+    def finish(self) -> tuple[int, dict[str, Any]]:
+        """Write the run's timeline, trace and report, then `summary.json` naming them; the
+        exit code and the summary (Interrupted where a signal stopped the run)."""
+        root = self.store.root
+        title = f"{self.plan.pipeline} {root}"
+        plan = self.plan if self.record_plan else None
+        self.summary.update(report.write_run_artifacts(self.ledger, title, root, plan))
+        write_json(root / SUMMARY, self.summary)
+        if self.caught is not None:
+            raise Interrupted(self.caught)
+        return self.code, self.summary
+
+
 def execute(
     plan: Plan,
     pipeline: Pipeline,
@@ -78,9 +108,8 @@ def execute(
     progress_mode: str,
     fresh: bool,
     sharing: Sharing | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """Run the plan; return (exit code, summary of the whole run) and write `summary.json`,
-    which describes every attempt of the run directory (`history`)."""
+) -> Executed:
+    """Run the plan and record its end in the ledger; the report is left to `finish`."""
     stop = threading.Event() if sharing is None else sharing.stop
     tables = any(kinds[stage.kind].shared_leases for stage in plan.stages.values())
     warm.start(warm.PICTURE + (warm.RESULTS if tables else ()))
@@ -116,12 +145,7 @@ def execute(
     )
     code = 128 + caught[0] if caught else 0 if all(o.ok for o in outcomes.values()) else 1
     ledger.end_run(run_started, code, attempt)  # before the report, which shows it
-    summary = history.whole_run(ledger)
     # an attempt that ran nothing keeps the plan of the one that did (the report shows it)
     keep = not history.ran_something(attempt) and (store.root / planfile.PLAN_FILE).exists()
-    title = f"{plan.pipeline} {store.root}"
-    summary.update(report.write_run_artifacts(ledger, title, store.root, None if keep else plan))
-    write_json(store.root / SUMMARY, summary)
-    if caught:
-        raise Interrupted(caught[0])
-    return code, summary
+    signal_ = caught[0] if caught else None
+    return Executed(code, history.whole_run(ledger), signal_, plan, store, ledger, not keep)
