@@ -77,6 +77,10 @@ log = logging.getLogger(__name__)
 
 # ledger rows are written at most this far apart (a SIGKILL loses at most this much work)
 FLUSH_SECONDS, FLUSH_ROWS = 0.2, 5000
+# ... and a coarse unit's start or end (a job, a shard, a replica) at most this late: one
+# transaction for all that started or ended meanwhile (one per turn was a seventh of the
+# driver's time per trivial job)
+URGENT_SECONDS = 0.05
 # how often the metrics gauges (units by state, resources granted) are brought up to date
 METRICS_EVERY = 1.0
 # the longest single wait on a real cluster: signals and deadlines are looked at this often
@@ -154,8 +158,7 @@ class Executor:
         # the ledger is written for a real run only (a simulated one has nothing to resume)
         self.keep_rows = not ctx.virtual
         self.last_flush = self.clock()
-        # rows of coarse units that started or ended this turn: written before the next turn
-        # launches anything (one transaction for all of them, not one per unit)
+        # rows of coarse units that started or ended since the last write (`URGENT_SECONDS`)
         self.urgent = False
         self.metrics_seen = -math.inf
         self.cancel_seen = -math.inf
@@ -455,6 +458,8 @@ class Executor:
         """The loop's clock time by which it must look again."""
         due = [x.deadline for x in self.leases if x.deadline is not None]
         due += [d for live in self.live.values() if (d := live.run.due()) is not None]
+        if self.urgent and self.keep_rows:
+            due.append(self.last_flush + URGENT_SECONDS)
         return min(due, default=math.inf)
 
     def _granted(self) -> Resources | None:
@@ -529,7 +534,7 @@ class Executor:
         work.node_id, work.node_ip, work.worker = where.node_id, where.node_ip, where.worker
         self._ran(work, work.started)
         live = self.live.get(work.stage)
-        if live is not None and live.run.running_rows:  # a coarse unit: on disk as it starts
+        if live is not None and live.run.running_rows:  # a coarse unit: on disk soon as it starts
             self._row(work)
             self.urgent = True
 
@@ -621,7 +626,7 @@ class Executor:
         if work.started is not None:
             self._ended_at(work.ended)
         self._row(work)
-        if live.run.running_rows:  # a coarse unit: its end is on disk before anything else
+        if live.run.running_rows:  # a coarse unit: its end is on disk soon (`_flush`)
             self.urgent = True
         self.ctx.progress.ended(work.stage, state)
 
@@ -1108,14 +1113,14 @@ class Executor:
 
     def _flush(self, force: bool = False) -> None:
         """Write the rows and events gathered so far: when `force`d (a stage closing, the run
-        ending), at the end of a turn in which a coarse unit started or ended (`urgent`: its
-        row is on disk before the next turn launches anything), else at most FLUSH_SECONDS
-        apart. The metrics gauges follow at most every METRICS_EVERY, or when forced."""
+        ending), at most URGENT_SECONDS after a coarse unit started or ended (`urgent`; the
+        loop's wait ends by then, `_next_due`), else at most FLUSH_SECONDS apart. The metrics
+        gauges follow at most every METRICS_EVERY, or when forced."""
         if not self.keep_rows:
             return
         now = self.clock()
-        due = now - self.last_flush >= FLUSH_SECONDS
-        if not (force or due or self.urgent or len(self.rows) >= FLUSH_ROWS):
+        due = now - self.last_flush >= (URGENT_SECONDS if self.urgent else FLUSH_SECONDS)
+        if not (force or due or len(self.rows) >= FLUSH_ROWS):
             return
         self.urgent = False
         if self.rows:

@@ -20,7 +20,7 @@ import pytest
 
 from runner.carry import Dest
 from runner.lifecycle import UnitState
-from runner.placement import StartTo
+from runner.placement import ANNOUNCE_AFTER, STARTED_KEY, StartTo
 from runner.quantities import duration_seconds, memory_bytes
 from runner.remote import plain
 from runner.stages.jobs.task import GROUP, JobsGroup, run_job
@@ -806,6 +806,46 @@ def test_what_a_finished_job_left_running_is_killed_and_the_next_job_shares_the_
     second = run_job(spec, started_to("b"))
     assert second["state"] == "done"
     assert (GROUP.ready(), GROUP.watcher) == (group, watcher)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_job_says_where_it_runs_once_it_has_run_a_moment_or_else_in_its_reply(
+    tmp_path: Path,
+) -> None:
+    """A job that ends at once writes no start file: its start comes in its reply (the Ray
+    backend takes it out first). One still running after `ANNOUNCE_AFTER` has said it in
+    the start file by then, and its reply carries no second copy."""
+    import ray
+
+    def spec(argv: list[str]) -> dict[str, Any]:
+        streams = {name: plain(Dest(str(tmp_path / f"{name}.log"))) for name in ("out", "err")}
+        return {
+            "argv": argv,
+            "env": {},
+            "cwd": str(tmp_path),
+            "time_limit": None,
+            "memory": 0,
+            "stdout": streams["out"],
+            "stderr": streams["err"],
+        }
+
+    def started_to(key: str) -> dict[str, Any]:
+        return plain(StartTo(key, path=str(tmp_path / "started" / f"{key}.json")))
+
+    quick = run_job(spec(["true"]), started_to("quick"))
+    assert quick["state"] == "done"
+    carried = quick[STARTED_KEY]
+    assert carried["pid"] == os.getpid()
+    assert carried["node_id"] == ray.get_runtime_context().get_node_id()
+    assert carried["time"] == quick["started"]
+    assert not (tmp_path / "started").exists()
+
+    wait = f"sleep {4 * ANNOUNCE_AFTER}; test -e {tmp_path / 'started' / 'slow.json'}"
+    slow = run_job(spec(["sh", "-c", wait]), started_to("slow"))
+    assert slow["state"] == "done", slow  # the file was there while the job ran
+    assert STARTED_KEY not in slow
+    said = json.loads((tmp_path / "started" / "slow.json").read_text())
+    assert said["time"] == slow["started"]
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from runner.backend import Began, Happened, Raised, Replied
 from runner.calls import NEW_GROUP, Call, Remote
 from runner.cluster import RayNode, live_nodes, ray_alive
 from runner.lease import Lease
-from runner.placement import Placement, Started, Starts, StartTo
+from runner.placement import STARTED_KEY, Placement, Started, Starts, StartTo
 from runner.remote import ActorKills, Made, bounded, error_line, plain, remote
 
 if TYPE_CHECKING:
@@ -227,35 +227,55 @@ class RayBackend:
         return happened
 
     def _deliver(self, ref: object, happened: list[Happened]) -> None:
-        import ray
-
         lease, tag = self.refs.pop(ref)
         if lease.closed:
             return
-        if lease in self.announced:  # it ended before its start was read: read it first
-            self._hear(lease, happened, ended=True)
+        value, raised = self._get(lease, ref, tag)
+        if lease in self.announced:  # it ended before its start was heard: its start first
+            self._ended_before_heard(lease, value, raised, happened)
+        if raised is not None:
+            happened.append(raised)
+        elif tag == GROUP_READY or isinstance(value, Started):
+            lease.calls.pop(ref, None)  # not a call of the kind's: its start
+            happened.append(Began(lease, value if isinstance(value, Started) else _now(lease)))
+        else:
+            happened.append(Replied(lease, ref, tag, value))
+
+    def _ended_before_heard(
+        self, lease: Lease, value: object, raised: Raised | None, happened: list[Happened]
+    ) -> None:
+        """The start of a task that answered before it was heard: carried in its reply (it
+        ended before it had to say it, `Announcement`), else announced (read now). A task
+        that raised, or lost its worker, without either ran all the same (it may be the job
+        that killed its worker): it started here, now, and its attempt counts."""
+        to = self.announced[lease]
+        carried = value.pop(STARTED_KEY, None) if isinstance(value, dict) else None
+        if carried is not None:
+            del self.announced[lease]
+            self.starts.forget(to)
+            happened.append(Began(lease, Started(**carried)))
+            return
+        self._hear(lease, happened, ended=True)
+        if lease in self.announced and raised is not None and not raised.cancelled:
+            del self.announced[lease]
+            self.starts.forget(to)
+            happened.append(Began(lease, _now(lease)))
+
+    @staticmethod
+    def _get(lease: Lease, ref: object, tag: object) -> tuple[object, Raised | None]:
+        """What a call answered, or how it failed."""
+        import ray
+
         try:
-            value = ray.get(cast("ObjectRef[object]", ref))
+            return ray.get(cast("ObjectRef[object]", ref)), None
         except ray.exceptions.TaskCancelledError as exc:
-            happened.append(Raised(lease, ref, tag, error_line(exc), cancelled=True))
+            return None, Raised(lease, ref, tag, error_line(exc), cancelled=True)
         except ray.exceptions.RayTaskError as exc:
-            happened.append(Raised(lease, ref, tag, error_line(exc)))
+            return None, Raised(lease, ref, tag, error_line(exc))
         except ray.exceptions.RayError as exc:  # its worker or node died
             died = isinstance(exc, ray.exceptions.NodeDiedError)
             why = f"its Ray worker died on {lease.node} ({type(exc).__name__}): {error_line(exc)}"
-            happened.append(Raised(lease, ref, tag, why, lost=True, node_died=died))
-        else:
-            if tag == GROUP_READY or isinstance(value, Started):
-                lease.calls.pop(ref, None)  # not a call of the kind's: its start
-                if isinstance(value, Started):
-                    where = value
-                else:
-                    assert lease.placement is not None
-                    place = lease.placement
-                    where = Started(place.node_id, place.node_ip, "", 0, time.time())
-                happened.append(Began(lease, where))
-            else:
-                happened.append(Replied(lease, ref, tag, value))
+            return None, Raised(lease, ref, tag, why, lost=True, node_died=died)
 
     def _listen(self, happened: list[Happened]) -> None:
         """Hear the starts tasks announced since the last look (at most every LISTEN_EVERY)."""
@@ -311,6 +331,13 @@ class RayBackend:
         self._on_ray(lambda: self.kills.close(0.0 if self.stop.is_set() else CLOSE_BOUND))
         if self.alive() and not bounded(self.starts.close, CLOSE_BOUND):
             log.warning("Ray did not answer while the run's inbox was removed")
+
+
+def _now(lease: Lease) -> Started:
+    """A start not said by the process itself: on the lease's node, now."""
+    assert lease.placement is not None
+    place = lease.placement
+    return Started(place.node_id, place.node_ip, "", 0, time.time())
 
 
 def _options(placement: Placement, group: object) -> dict[str, object]:

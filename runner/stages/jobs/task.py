@@ -9,11 +9,11 @@ need a delegated cgroup the runner may write, which Ray's workers do not have.""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource as rusage
 import select
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from runner.carry import Dest, DestFields, collect, discard
-from runner.placement import StartTo, StartToFields, announce
+from runner.placement import Announcement, StartToFields
 from runner.procs import kill_group, signal_name, tree_rss
 from runner.resources import gib
 
@@ -75,9 +75,10 @@ _SHELL = "sh"
 
 
 def run_job(spec: JobRun, started_to: StartToFields) -> dict[str, object]:
-    """Run one job to its end in the worker's jobs group: first say where it runs (a `Started`
-    sent to `started_to`, a `StartTo`'s fields), then return what happened, as the ledger keeps
-    it (with its logs, where they are carried back through Ray).
+    """Run one job to its end in the worker's jobs group and return what happened, as the
+    ledger keeps it (with its logs, where they are carried back through Ray). Where it runs (a
+    `Started` for `started_to`, a `StartTo`'s fields) is said once it has run a moment, or in
+    its reply if it ends sooner (`Announcement`).
 
     `spec` is the job's `Job.task_spec()` with its `grace` and where its streams go (`stdout`,
     `stderr`: a `Dest`'s fields): plain data, which Ray passes at a fraction of the cost of our
@@ -85,22 +86,22 @@ def run_job(spec: JobRun, started_to: StartToFields) -> dict[str, object]:
 
     A cancel from the runner arrives as KeyboardInterrupt; the group is stopped either way."""
     out, err = Dest(**spec["stdout"]), Dest(**spec["stderr"])
-    announce(StartTo(**started_to))
-    node = socket.gethostname()
-    started = time.time()
+    start = Announcement(started_to)
+    node = start.where.host
+    started = start.where.time
     cpu_before = _children_cpu()
     proc: subprocess.Popen[bytes] | None = None
     stop = Stop()
     with GROUP.turn() as group:
         try:
             proc = _start(spec, out.here(), err.here(), group)
-            stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, started)
+            stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, start)
             if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
                 kill_group(group, signal.SIGKILL)
         except OSError as exc:
             error = f"cannot start: {exc}"
             reply = {"state": "failed", "error": error, "node": node, "started": started}
-            return {**reply, "files": collect([out, err])}
+            return start.reply({**reply, "files": collect([out, err])})
         except BaseException:  # cancelled: no reply to carry its logs back in
             discard([out, err])
             raise
@@ -109,7 +110,7 @@ def run_job(spec: JobRun, started_to: StartToFields) -> dict[str, object]:
             _stop_group(group, proc, grace)
     assert proc is not None
     reply = _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
-    return {**reply, "files": collect([out, err])}
+    return start.reply({**reply, "files": collect([out, err])})
 
 
 class Watcher:
@@ -232,9 +233,11 @@ class Stop:
     rss: int = 0
 
 
-def _wait(proc: subprocess.Popen[bytes], limit: float | None, memory: int, started: float) -> Stop:
+def _wait(
+    proc: subprocess.Popen[bytes], limit: float | None, memory: int, start: Announcement
+) -> Stop:
     """Wait for the job's own process to exit, or its time limit, or its tree over `memory`
-    bytes (0: no memory limit).
+    bytes (0: no memory limit); say where it runs once it is due (`start`).
 
     The exit is seen the moment it happens through a pidfd (Linux), where Popen.wait(timeout)
     would sleep-poll in steps growing to 50 ms; the short bound keeps Ray's cancellation able
@@ -244,7 +247,7 @@ def _wait(proc: subprocess.Popen[bytes], limit: float | None, memory: int, start
     exits = _pidfd(proc.pid)
     try:
         while True:
-            left = None if limit is None else limit - (time.time() - started)
+            left = None if limit is None else limit - (time.time() - start.where.time)
             if left is not None and left <= 0:
                 stop.reason = "timeout"
                 return stop
@@ -253,7 +256,7 @@ def _wait(proc: subprocess.Popen[bytes], limit: float | None, memory: int, start
                 if stop.rss > memory:
                     stop.reason = "out_of_memory"
                     return stop
-            timeout = poll if left is None else min(left, poll)
+            timeout = min(poll, start.say_if_due(), math.inf if left is None else left)
             if exits is not None:
                 select.select([exits], [], [], timeout)  # readable once the process exited
                 if proc.poll() is not None:
