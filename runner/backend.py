@@ -22,10 +22,13 @@ from runner.placement import Started
 @dataclass(slots=True)
 class Began:
     """The lease's process really runs, there (`where`): an actor answered `ready()`, a task
-    announced its start, a placement group is ready."""
+    announced its start, a placement group is ready. Not `said`: a task that raised, or lost
+    its worker, before it said where it ran ran all the same (its start is when that was
+    heard: no start-up latency to measure)."""
 
     lease: Lease
     where: Started
+    said: bool = True
 
 
 @dataclass(slots=True)

@@ -8,8 +8,10 @@ a real run, virtual time for `cluster=sim`. It never imports Ray.
   `Lease` whose `Placement` names the node the scheduler chose, and the kind's `Remote` is
   started there, so the cluster runs it where the runner decided.
 - **running means running**: a unit is RUNNING when its process says so (`Began`), with the
-  node it really runs on. A lease the cluster does not start within its bound goes back to the
-  queue with the reason, without spending a retry.
+  node it really runs on (a job that ends at once says it in its reply; one that raised or
+  lost its worker before it said it ran all the same, and spends its attempt). A lease the
+  cluster does not start within its bound goes back to the queue with the reason, without
+  spending a retry.
 - **one wait**: `Backend.wait` over everything in flight, until the next deadline or the next
   time a stage asked to be woken; replies go to the kind.
 - **retries, lost workers, nodes that leave**: a unit whose worker died is queued again (a lost
@@ -478,7 +480,7 @@ class Executor:
             if not lease.closed:
                 self._apply_all(lease.run.on_reply(lease, happened.tag, happened.value))
         elif isinstance(happened, Began):
-            self._started(lease, happened.where)
+            self._started(lease, happened.where, happened.said)
         else:
             lease.calls.pop(happened.ref, None)
             h = happened
@@ -501,8 +503,9 @@ class Executor:
         elif not lease.closed:
             self._apply_all(lease.run.on_failure(lease, tag, error, False))
 
-    def _started(self, lease: Lease, where: Started) -> None:
-        """The lease's process really runs: its units run from now, on that node."""
+    def _started(self, lease: Lease, where: Started, said: bool = True) -> None:
+        """The lease's process really runs: its units run from now, on that node (`said`: by
+        the process itself, so the wait since the grant is a start-up latency)."""
         if lease.closed:
             return
         lease.started = where
@@ -510,17 +513,22 @@ class Executor:
             keys: list[Work | str] = list(lease.work) or [lease.run.name]
             for key in keys:
                 self.unstarted.pop(key, None)
+        if said:
+            self._measure_start(lease, where)
+        for work in lease.work:
+            self.running(work, where)
+        if lease.stopping is None:
+            lease.deadline = None
+            self._apply_all(lease.run.on_start(lease))
+
+    def _measure_start(self, lease: Lease, where: Started) -> None:
+        """The lease's start-up latency, for the summary and the simulator (`measured.py`)."""
         live = self.live[lease.run.name]
         latency = max(0.0, where.time - lease.granted_at)
         live.start_latencies.append(latency)
         by_unit = live.unit_latencies
         if len(lease.work) == 1 and (lease.work[0].id in by_unit or len(by_unit) < MEASURED_UNITS):
             by_unit.setdefault(lease.work[0].id, []).append(round(latency, 4))
-        for work in lease.work:
-            self.running(work, where)
-        if lease.stopping is None:
-            lease.deadline = None
-            self._apply_all(lease.run.on_start(lease))
 
     # --- how units move ------------------------------------------------------------------
 

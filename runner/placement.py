@@ -157,25 +157,30 @@ class Announcement:
         """Say it now (once)."""
         if self.said:
             return
-        self.said = True
         if self.to.inbox is not None:
             import ray
 
             ray.get(self.to.inbox.post.remote(self.to.key, self.where.fields()))
-            return
-        assert self.to.path is not None
-        _write_start(self.to.path, json.dumps(self.where.fields()).encode())
+        else:
+            assert self.to.path is not None
+            _write_start(self.to.path, json.dumps(self.where.fields()).encode())
+        self.said = True
 
     def say_if_due(self) -> float:
         """Say it if the task has run `ANNOUNCE_AFTER` seconds; the seconds until it is due
-        (infinite once said)."""
+        (infinite once said). A start that cannot be said (a full disk, the inbox gone) is
+        left to the reply: the job it is said for runs on."""
         if self.said:
             return math.inf
         left = self.due - time.time()
-        if left <= 0:
+        if left > 0:
+            return left
+        self.due = math.inf
+        try:
             self.say()
-            return math.inf
-        return left
+        except Exception as exc:  # an OSError, or Ray's error from the inbox
+            log.warning("cannot say where %s runs (%s): it says so when it ends", self.to.key, exc)
+        return math.inf
 
     def reply(self, value: dict[str, object]) -> dict[str, object]:
         """The task's reply, with its start in it when it was never said

@@ -20,7 +20,7 @@ import pytest
 
 from runner.carry import Dest
 from runner.lifecycle import UnitState
-from runner.placement import ANNOUNCE_AFTER, STARTED_KEY, StartTo
+from runner.placement import STARTED_KEY, StartTo
 from runner.quantities import duration_seconds, memory_bytes
 from runner.remote import plain
 from runner.stages.jobs.task import GROUP, JobsGroup, run_job
@@ -808,31 +808,34 @@ def test_what_a_finished_job_left_running_is_killed_and_the_next_job_shares_the_
     assert (GROUP.ready(), GROUP.watcher) == (group, watcher)
 
 
+def _job_spec(tmp_path: Path, argv: list[str]) -> dict[str, Any]:
+    """A `run_job` argument for `argv`, its streams under `tmp_path`."""
+    streams = {name: plain(Dest(str(tmp_path / f"{name}.log"))) for name in ("out", "err")}
+    return {
+        "argv": argv,
+        "env": {},
+        "cwd": str(tmp_path),
+        "time_limit": None,
+        "memory": 0,
+        "stdout": streams["out"],
+        "stderr": streams["err"],
+    }
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_a_job_says_where_it_runs_once_it_has_run_a_moment_or_else_in_its_reply(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A job that ends at once writes no start file: its start comes in its reply (the Ray
-    backend takes it out first). One still running after `ANNOUNCE_AFTER` has said it in
-    the start file by then, and its reply carries no second copy."""
+    """A job that ends before `ANNOUNCE_AFTER` writes no start file: its start comes in its
+    reply (the Ray backend takes it out first). One still running by then says it in the
+    start file, and its reply carries no second copy."""
     import ray
-
-    def spec(argv: list[str]) -> dict[str, Any]:
-        streams = {name: plain(Dest(str(tmp_path / f"{name}.log"))) for name in ("out", "err")}
-        return {
-            "argv": argv,
-            "env": {},
-            "cwd": str(tmp_path),
-            "time_limit": None,
-            "memory": 0,
-            "stdout": streams["out"],
-            "stderr": streams["err"],
-        }
 
     def started_to(key: str) -> dict[str, Any]:
         return plain(StartTo(key, path=str(tmp_path / "started" / f"{key}.json")))
 
-    quick = run_job(spec(["true"]), started_to("quick"))
+    monkeypatch.setattr("runner.placement.ANNOUNCE_AFTER", 600.0)  # ends long before
+    quick = run_job(_job_spec(tmp_path, ["true"]), started_to("quick"))
     assert quick["state"] == "done"
     carried = quick[STARTED_KEY]
     assert carried["pid"] == os.getpid()
@@ -840,12 +843,29 @@ def test_a_job_says_where_it_runs_once_it_has_run_a_moment_or_else_in_its_reply(
     assert carried["time"] == quick["started"]
     assert not (tmp_path / "started").exists()
 
-    wait = f"sleep {4 * ANNOUNCE_AFTER}; test -e {tmp_path / 'started' / 'slow.json'}"
-    slow = run_job(spec(["sh", "-c", wait]), started_to("slow"))
-    assert slow["state"] == "done", slow  # the file was there while the job ran
+    monkeypatch.setattr("runner.placement.ANNOUNCE_AFTER", 0.05)
+    said = tmp_path / "started" / "slow.json"  # the job waits for it, up to a minute
+    wait = f"for i in $(seq 600); do test -e {said} && exit 0; sleep 0.1; done; exit 1"
+    slow = run_job(_job_spec(tmp_path, ["sh", "-c", wait]), started_to("slow"))
+    assert slow["state"] == "done", slow
     assert STARTED_KEY not in slow
-    said = json.loads((tmp_path / "started" / "slow.json").read_text())
-    assert said["time"] == slow["started"]
+    assert json.loads(said.read_text())["time"] == slow["started"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_start_that_cannot_be_said_comes_in_the_reply_and_the_job_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its start file cannot be made (here: its directory's place is a file): the job is not
+    stopped for it, and its reply says where it ran."""
+    (tmp_path / "started").write_text("")  # not a directory
+    monkeypatch.setattr("runner.placement.ANNOUNCE_AFTER", 0.0)  # due at once
+    to = plain(StartTo("k", path=str(tmp_path / "started" / "k.json")))
+    reply = run_job(_job_spec(tmp_path, ["sh", "-c", "sleep 0.3; echo ran"]), to)
+    assert reply["state"] == "done", reply
+    assert (tmp_path / "out.log").read_text() == "ran\n"
+    assert reply[STARTED_KEY]["time"] == reply["started"]
+    assert "cannot say where k runs" in caplog.text
 
 
 @pytest.fixture

@@ -53,8 +53,24 @@ def test_units_start_and_finish_whether_or_not_the_nodes_share_the_run_directory
 
 
 def test_job_logs_come_back_through_ray(ray_session: str, cli: Cli, tmp_path: Path) -> None:
+    """Two jobs that end at once: their logs, and where they ran (said in their replies, not
+    to the inbox), come back with their replies."""
+    import ray
+
     res = cli("pipeline=carry_jobs", f"run.dir={tmp_path}", "cluster=ray")
     assert res.code == 0, res.text
+    ledger = read_ledger(tmp_path)
+    assert ledger is not None
+    try:
+        rows = sorted(ledger.rows("work"), key=lambda r: r.unit)
+    finally:
+        ledger.close()
+    here = ray.get_runtime_context().get_node_id()
+    assert [(r.unit, r.state, r.node_id) for r in rows] == [
+        ("a", UnitState.done, here),
+        ("b", UnitState.done, here),
+    ]
+    assert all(r.worker and r.worker.split(":")[1].isdigit() for r in rows), rows
     outs = sorted(tmp_path.rglob("*.out"))
     assert [p.read_text() for p in outs] == ["out-a\n", "out-b\n"]
     assert [p.read_text() for p in sorted(tmp_path.rglob("*.err"))] == ["err-a\n", "err-b\n"]

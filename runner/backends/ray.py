@@ -230,9 +230,9 @@ class RayBackend:
         lease, tag = self.refs.pop(ref)
         if lease.closed:
             return
-        value, raised = self._get(lease, ref, tag)
+        value, raised, ran = self._get(lease, ref, tag)
         if lease in self.announced:  # it ended before its start was heard: its start first
-            self._ended_before_heard(lease, value, raised, happened)
+            self._ended_before_heard(lease, value, raised is not None and ran, ran, happened)
         if raised is not None:
             happened.append(raised)
         elif tag == GROUP_READY or isinstance(value, Started):
@@ -242,12 +242,13 @@ class RayBackend:
             happened.append(Replied(lease, ref, tag, value))
 
     def _ended_before_heard(
-        self, lease: Lease, value: object, raised: Raised | None, happened: list[Happened]
+        self, lease: Lease, value: object, failed: bool, ran: bool, happened: list[Happened]
     ) -> None:
         """The start of a task that answered before it was heard: carried in its reply (it
-        ended before it had to say it, `Announcement`), else announced (read now). A task
-        that raised, or lost its worker, without either ran all the same (it may be the job
-        that killed its worker): it started here, now, and its attempt counts."""
+        ended before it had to say it, `Announcement`), else said (read now; waited for only
+        when the task ran). A task that `failed` (raised, or lost its worker under it) without
+        either ran all the same (it may be the job that killed its worker): it started here,
+        now, and its attempt counts."""
         to = self.announced[lease]
         carried = value.pop(STARTED_KEY, None) if isinstance(value, dict) else None
         if carried is not None:
@@ -255,27 +256,32 @@ class RayBackend:
             self.starts.forget(to)
             happened.append(Began(lease, Started(**carried)))
             return
-        self._hear(lease, happened, ended=True)
-        if lease in self.announced and raised is not None and not raised.cancelled:
+        self._hear(lease, happened, ended=ran)
+        if failed and lease in self.announced:
             del self.announced[lease]
             self.starts.forget(to)
-            happened.append(Began(lease, _now(lease)))
+            happened.append(Began(lease, _now(lease), said=False))
 
     @staticmethod
-    def _get(lease: Lease, ref: object, tag: object) -> tuple[object, Raised | None]:
-        """What a call answered, or how it failed."""
+    def _get(lease: Lease, ref: object, tag: object) -> tuple[object, Raised | None, bool]:
+        """What a call answered, or how it failed; and whether it ran (it answered, raised, or
+        its worker died under it: not cancelled, nor refused before it began, as a runtime
+        environment that could not be set up or a node that is gone)."""
         import ray
 
         try:
-            return ray.get(cast("ObjectRef[object]", ref)), None
+            return ray.get(cast("ObjectRef[object]", ref)), None, True
         except ray.exceptions.TaskCancelledError as exc:
-            return None, Raised(lease, ref, tag, error_line(exc), cancelled=True)
+            return None, Raised(lease, ref, tag, error_line(exc), cancelled=True), False
         except ray.exceptions.RayTaskError as exc:
-            return None, Raised(lease, ref, tag, error_line(exc))
+            return None, Raised(lease, ref, tag, error_line(exc)), True
         except ray.exceptions.RayError as exc:  # its worker or node died
             died = isinstance(exc, ray.exceptions.NodeDiedError)
             why = f"its Ray worker died on {lease.node} ({type(exc).__name__}): {error_line(exc)}"
-            return None, Raised(lease, ref, tag, why, lost=True, node_died=died)
+            ran = isinstance(
+                exc, ray.exceptions.WorkerCrashedError | ray.exceptions.OutOfMemoryError
+            )
+            return None, Raised(lease, ref, tag, why, lost=True, node_died=died), ran
 
     def _listen(self, happened: list[Happened]) -> None:
         """Hear the starts tasks announced since the last look (at most every LISTEN_EVERY)."""

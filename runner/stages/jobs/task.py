@@ -94,14 +94,15 @@ def run_job(spec: JobRun, started_to: StartToFields) -> dict[str, object]:
     stop = Stop()
     with GROUP.turn() as group:
         try:
-            proc = _start(spec, out.here(), err.here(), group)
+            try:
+                proc = _start(spec, out.here(), err.here(), group)
+            except OSError as exc:
+                error = f"cannot start: {exc}"
+                reply = {"state": "failed", "error": error, "node": node, "started": started}
+                return start.reply({**reply, "files": collect([out, err])})
             stop = _wait(proc, spec["time_limit"], spec.get("memory") or 0, start)
             if stop.reason == "out_of_memory":  # as the kernel's OOM killer would: no grace
                 kill_group(group, signal.SIGKILL)
-        except OSError as exc:
-            error = f"cannot start: {exc}"
-            reply = {"state": "failed", "error": error, "node": node, "started": started}
-            return start.reply({**reply, "files": collect([out, err])})
         except BaseException:  # cancelled: no reply to carry its logs back in
             discard([out, err])
             raise
