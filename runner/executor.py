@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 # ledger rows are written at most this far apart (a SIGKILL loses at most this much work)
 FLUSH_SECONDS, FLUSH_ROWS = 0.2, 5000
 # ... and a coarse unit's start or end (a job, a shard, a replica) at most this late: one
-# transaction for all that started or ended meanwhile (one per turn was a seventh of the
+# transaction for all that started or ended meanwhile (one per turn was a tenth of the
 # driver's time per trivial job)
 URGENT_SECONDS = 0.05
 # how often the metrics gauges (units by state, resources granted) are brought up to date
@@ -542,7 +542,7 @@ class Executor:
         work.node_id, work.node_ip, work.worker = where.node_id, where.node_ip, where.worker
         self._ran(work, work.started)
         live = self.live.get(work.stage)
-        if live is not None and live.run.running_rows:  # a coarse unit: on disk soon as it starts
+        if live is not None and live.run.running_rows:  # a coarse unit: on disk soon after
             self._row(work)
             self.urgent = True
 
