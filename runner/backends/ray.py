@@ -232,7 +232,7 @@ class RayBackend:
             return
         value, raised, ran = self._get(lease, ref, tag)
         if lease in self.announced:  # it ended before its start was heard: its start first
-            self._ended_before_heard(lease, value, raised is not None and ran, ran, happened)
+            self._ended_before_heard(lease, value, raised, ran, happened)
         if raised is not None:
             happened.append(raised)
         elif tag == GROUP_READY or isinstance(value, Started):
@@ -242,25 +242,28 @@ class RayBackend:
             happened.append(Replied(lease, ref, tag, value))
 
     def _ended_before_heard(
-        self, lease: Lease, value: object, failed: bool, ran: bool, happened: list[Happened]
+        self,
+        lease: Lease,
+        value: object,
+        raised: Raised | None,
+        ran: bool,
+        happened: list[Happened],
     ) -> None:
         """The start of a task that answered before it was heard: carried in its reply (it
         ended before it had to say it, `Announcement`), else said (read now; waited for only
-        when the task ran). A task that `failed` (raised, or lost its worker under it) without
+        when the task `ran`). A task that ran and raised (or lost its worker under it) without
         either ran all the same (it may be the job that killed its worker): it started here,
         now, and its attempt counts."""
-        to = self.announced[lease]
         carried = value.pop(STARTED_KEY, None) if isinstance(value, dict) else None
         if carried is not None:
-            del self.announced[lease]
-            self.starts.forget(to)
-            happened.append(Began(lease, Started(**carried)))
-            return
-        self._hear(lease, happened, ended=ran)
-        if failed and lease in self.announced:
-            del self.announced[lease]
-            self.starts.forget(to)
-            happened.append(Began(lease, _now(lease), said=False))
+            where, said = Started(**carried), True
+        else:
+            self._hear(lease, happened, ended=ran)
+            if lease not in self.announced or raised is None or not ran:
+                return
+            where, said = _now(lease), False
+        self.starts.forget(self.announced.pop(lease))
+        happened.append(Began(lease, where, said))
 
     @staticmethod
     def _get(lease: Lease, ref: object, tag: object) -> tuple[object, Raised | None, bool]:
