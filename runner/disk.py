@@ -22,7 +22,7 @@ from runner.store import storage_error
 FULL_BELOW = 64 << 10
 
 
-def full(where: Path, root: Path) -> StorageError | None:
+def full(where: str | Path, root: Path) -> StorageError | None:
     """The error to stop the run with when the file system holding `where` (a directory the
     unit wrote into, under the run directory `root`) is full; None while it has room."""
     try:
@@ -35,4 +35,4 @@ def full(where: Path, root: Path) -> StorageError | None:
     # the run directory's own disk is named as such; a disk mounted below it, by its path
     if os.stat(where).st_dev == os.stat(root).st_dev:
         return storage_error(root, exc)
-    return storage_error(root, exc, where)
+    return storage_error(root, exc, Path(where))

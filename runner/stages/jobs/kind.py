@@ -146,7 +146,7 @@ class JobsRun(StageRun):
         self._show(work)
         paths = self._paths(work)
         root = self.ctx.store.root
-        full = None if self.ctx.virtual else disk.full(Path(paths["stdout"]).parent, root)
+        full = None if self.ctx.virtual else disk.full(os.path.dirname(paths["stdout"]), root)
         if full is not None:  # its streams met a full disk: the run stops, one message; the
             yield Fail(full)  # job is not recorded done or failed (a rerun runs it)
             yield Stopped(lease)
