@@ -4,7 +4,9 @@ The benchmark's jobs row moves about ±5% from one whole run to the next on a sh
 machine, more than a change to the per-job path is worth, so a change is judged here: N rounds
 of the stage (its wall from summary.json) each followed by one of each floor
 (`test_jobs_bench.ray_tasks`, bare and told its command), after one round of warm-up. Run it
-before and after the change, on a quiet machine, and compare the ratios of medians.
+before and after the change, on a quiet machine, and compare the ratios of medians. Leave a few
+minutes between two runs: the run directories one removes slow the next one's log files on an
+ext4 without a journal (benchmarks/README.md, "The disk").
 
     python -m benchmarks.ab_jobs [ROUNDS]     # 12 rounds by default, about 25 s
 """
