@@ -2,20 +2,22 @@
 share a filesystem (`cluster.shared_fs: false`).
 
 With a shared filesystem a task writes straight into the run directory. Without one it
-writes on its own node, under its temporary directory, and hands the bytes back with its
+writes on its own node, in its process's scratch folder, and hands the bytes back with its
 reply; the runner writes them where they belong. A file is then complete once its unit has
-answered (not while it runs), and a task killed before it answers leaves nothing behind.
+answered (not while it runs), and a task killed before it answers leaves nothing behind: a
+cancelled task removes its copies, a killed worker's scratch folder is swept (`scratch`).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
+
+from runner import scratch
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Dest:
         """Where the task writes it on its own node."""
         if not self.carried:
             return self.path
-        return os.path.join(tempfile.gettempdir(), f"runner-{self.stem}-{Path(self.path).name}")
+        return os.path.join(scratch.folder(), f"{self.stem}-{Path(self.path).name}")
 
 
 class DestFields(TypedDict):

@@ -20,7 +20,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import DIST, gpus, procs, ray_auth
+from runner import DIST, gpus, procs, ray_auth, scratch
 from runner.errors import ClusterError, SpecError
 from runner.resources import Resources
 from runner.schema import ClusterConfig
@@ -283,6 +283,7 @@ def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInf
         _core.clear()
         if pids_file is not None:
             pids_file.unlink(missing_ok=True)
+        scratch.sweep()  # what the run's killed workers on this node left
 
 
 def _abandon() -> None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner import scratch
 from runner.backends.virtual import VirtualBackend
 from runner.cluster import ClusterInfo
 from runner.executor import Executor
@@ -128,8 +129,8 @@ def run_plan(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        with tempfile.TemporaryDirectory(prefix="runner-sim-") as scratch:
-            store = RunStore(Path(scratch))
+        with tempfile.TemporaryDirectory(prefix="sim-", dir=scratch.folder()) as folder:
+            store = RunStore(Path(folder))
             ledger = store.open()
             ctx = RunContext(
                 store,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -166,3 +168,12 @@ def cpus_free_again() -> bool:
     import ray
 
     return bool(ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"])
+
+
+def left_on_the_node(name: str, since: float) -> list[Path]:
+    """Files of the jobs whose names hold `name`, written on their node since `since` and
+    still in its temporary directory (in a scratch folder or anywhere else in it)."""
+    temp = Path(tempfile.gettempdir())
+    pattern = f"*{glob.escape(name)}*"
+    found = [*temp.glob(pattern), *temp.glob(f"runner-scratch-*/*/{pattern}")]
+    return [p for p in found if p.stat().st_mtime >= since]

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tests.conftest import (
     Result,
     attempt,
     cpus_free_again,
+    left_on_the_node,
     run_runner,
     runner_process,
     unit_states,
@@ -307,6 +309,7 @@ def start_resume_pipeline(
 def test_sigkill_of_the_runner_then_the_same_command_finishes_only_the_rest(
     ray_session: str, tmp_path: Path, scratch: Path
 ) -> None:
+    began = time.time()
     proc, args, started = start_resume_pipeline(tmp_path, scratch, ray_session)
     proc.kill()
     proc.communicate()
@@ -321,6 +324,8 @@ def test_sigkill_of_the_runner_then_the_same_command_finishes_only_the_rest(
     assert [marks(scratch, f"slow[{n}]") for n in (1, 2)] == [2, 2]
     assert attempt(tmp_path)["stages"]["work"]["skipped"] == 2
     wait_until(cpus_free_again, what="every job's CPU to be free")
+    # the killed jobs' logs, written on their node (no shared filesystem), went with them
+    assert not left_on_the_node("slow[", began)
 
 
 @pytest.mark.parametrize(

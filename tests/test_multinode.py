@@ -16,7 +16,7 @@ import pytest
 
 from runner.lifecycle import UnitState
 from runner.store import read_ledger
-from tests.conftest import Result, run_runner, runner_process, wait_until
+from tests.conftest import Result, left_on_the_node, run_runner, runner_process, wait_until
 
 
 class ThreeNodes:
@@ -156,6 +156,7 @@ def test_a_unit_larger_than_every_node_is_a_plan_error_even_when_the_total_fits(
 def test_a_node_that_leaves_mid_run_has_its_units_requeued_and_the_run_finishes(
     nodes: ThreeNodes, tmp_path: Path
 ) -> None:
+    began = time.time()
     doomed = nodes.cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
     nodes.cluster.wait_for_nodes()
     proc = runner_process(
@@ -185,6 +186,8 @@ def test_a_node_that_leaves_mid_run_has_its_units_requeued_and_the_run_finishes(
     assert {r.state for r in final.values()} == {UnitState.done}
     assert final[lost].node_id != doomed.node_id  # ran again on a node still there
     assert "left the cluster" in err
+    # what its job wrote on the node that left (no shared filesystem) is not left behind
+    assert not left_on_the_node(lost, began)
     time.sleep(0)  # keep the node list in the module cluster as it was for later tests
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from runner import scratch
+
 SCORE_SYNTAX = 0.0
 SCORE_FAILED = 0.3
 SCORE_PASSED = 1.0
@@ -136,7 +138,11 @@ class PyChecker:
     def _run(self, program: str) -> dict[str, object]:
         """Run candidate+tests in a child interpreter; never return with the child alive."""
         cpu_seconds = math.ceil(self.time_limit) + 1
-        with tempfile.TemporaryDirectory(prefix="pychecker-", ignore_cleanup_errors=True) as tmp:
+        # in the worker's scratch folder, swept should the worker be killed mid-check
+        here = scratch.folder()
+        with tempfile.TemporaryDirectory(
+            prefix="pychecker-", dir=here, ignore_cleanup_errors=True
+        ) as tmp:
             script = Path(tmp) / "check.py"
             script.write_text(program, encoding="utf-8")
             # stderr goes to a file, not a pipe: a chatty candidate cannot grow our

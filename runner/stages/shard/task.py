@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NotRequired, TextIO, TypedDict
 
-from runner import gpus, procs
+from runner import gpus, procs, scratch
 from runner.carry import pack, unpack
 from runner.placement import StartTo, StartToFields, announce
 from runner.stages.shard.merge import read_table, write_table
@@ -70,7 +70,7 @@ def run_shard(job: ShardJob, started_to: StartToFields) -> ShardReply:
     if job.get("carry_root") is None:
         return _run(job)
     # no shared filesystem: the shard's files live in a directory of this node while it runs
-    here = Path(tempfile.mkdtemp(prefix="runner-shard-"))
+    here = Path(tempfile.mkdtemp(prefix="shard-", dir=scratch.folder()))
     try:
         unpack(here, job["stage_in"])
         moved = _moved(job, job["carry_root"], str(here))
