@@ -21,8 +21,20 @@ from runner.procs import running, start_time
 
 
 def root() -> str:
-    """The folder that holds this user's processes' scratch folders on this node."""
-    return os.path.join(tempfile.gettempdir(), f"runner-scratch-{os.getuid()}")
+    """The folder that holds the scratch folders of this user's processes on this node, in
+    this pid namespace: containers that share a temporary directory see one another's pids
+    as gone, so each sweeps only its own."""
+    return os.path.join(tempfile.gettempdir(), f"runner-scratch-{os.getuid()}", _namespace())
+
+
+@functools.cache
+def _namespace() -> str:
+    """This process's pid namespace, as `pid-<inode>` (`pid` where it cannot be read)."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return "pid"
+    return "pid-" + "".join(c for c in link if c.isdigit())
 
 
 @functools.cache

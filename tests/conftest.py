@@ -175,5 +175,5 @@ def left_on_the_node(name: str, since: float) -> list[Path]:
     still in its temporary directory (in a scratch folder or anywhere else in it)."""
     temp = Path(tempfile.gettempdir())
     pattern = f"*{glob.escape(name)}*"
-    found = [*temp.glob(pattern), *temp.glob(f"runner-scratch-*/*/{pattern}")]
+    found = [*temp.glob(pattern), *temp.glob(f"runner-scratch-*/*/*/{pattern}")]
     return [p for p in found if p.stat().st_mtime >= since]
