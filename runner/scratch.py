@@ -5,7 +5,7 @@ time limit, the kernel's OOM killer) runs no `finally`, so what it made in the n
 temporary directory would stay there for good: a carried job log, a shard's files, a
 checker's candidate. So each process that needs scratch space writes in a folder named after
 itself (its pid and creation time, which `procs` uses to name one process), under one folder
-per user. A process that exits normally removes its own; the folders of processes that are
+per user and pid namespace (`root`). A process that exits normally removes its own; the folders of processes that are
 gone are removed by the next process on the node that takes a folder of its own, and by the
 runner when a run ends."""
 
