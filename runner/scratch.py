@@ -5,9 +5,12 @@ time limit, the kernel's OOM killer) runs no `finally`, so what it made in the n
 temporary directory would stay there for good: a carried job log, a shard's files, a
 checker's candidate. So each process that needs scratch space writes in a folder named after
 itself (its pid and creation time, which `procs` uses to name one process), under one folder
-per user and pid namespace (`root`). A process that exits normally removes its own; the folders of processes that are
-gone are removed by the next process on the node that takes a folder of its own, and by the
-runner when a run ends."""
+per user and pid namespace (`root`). A process that exits normally removes its own; the
+folders of processes that are gone are removed by the next process on the node that takes a
+folder of its own, and by the runner when a run ends.
+
+`procs` (psutil) is imported only where a folder is taken or swept: every pool worker imports
+this module through `carry`, and most never take one."""
 
 from __future__ import annotations
 
@@ -16,8 +19,6 @@ import functools
 import os
 import shutil
 import tempfile
-
-from runner.procs import running, start_time
 
 
 def root() -> str:
@@ -41,6 +42,8 @@ def _namespace() -> str:
 def folder() -> str:
     """This process's scratch folder (made on the first call, after a sweep of the gone),
     removed when the process exits normally."""
+    from runner.procs import start_time
+
     sweep()
     pid = os.getpid()
     created = start_time(pid)
@@ -77,6 +80,8 @@ def sweep() -> int:
 def _owner_runs(name: str) -> bool:
     """Whether the process a folder is named after (`<pid>-<creation time>`) still runs; a
     name of any other shape is not a scratch folder's and stays."""
+    from runner.procs import running
+
     pid, _, created = name.partition("-")
     try:
         return running(int(pid), float(created))
