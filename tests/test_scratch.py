@@ -14,7 +14,7 @@ from runner import scratch
 
 # a process that takes its scratch folder, writes a file there, says where, and waits
 _TAKE = """
-import sys, time
+import time
 from runner import scratch
 folder = scratch.folder()
 open(folder + "/half-written.out", "w").write("...")
@@ -65,8 +65,9 @@ def test_a_killed_process_s_folder_goes_with_the_next_one_taken_and_a_live_one_s
         assert (live_folder / "half-written.out").exists()
         assert unrelated.exists()
     finally:
-        live.kill()
-        live.wait()
+        for proc in (killed, live):  # by their ids, whatever failed
+            proc.kill()
+            proc.wait()
     # the runner's sweep at a run's end: the live one is gone now
     assert scratch.sweep() == 1
     assert [p.name for p in root.iterdir()] == ["notes"]
