@@ -63,8 +63,9 @@ def _remove(mine: str, pid: int) -> None:
 def sweep() -> int:
     """Remove the scratch folders of processes that are gone (a reused pid does not keep
     one: its creation time differs); how many were removed."""
+    top = root()
     try:
-        names = os.listdir(root())
+        names = os.listdir(top)
     except FileNotFoundError:
         return 0
     removed = 0
@@ -72,7 +73,7 @@ def sweep() -> int:
         if _owner_runs(name):
             continue
         # another sweep may be removing it too
-        shutil.rmtree(os.path.join(root(), name), ignore_errors=True)
+        shutil.rmtree(os.path.join(top, name), ignore_errors=True)
         removed += 1
     return removed
 
