@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,8 @@ from runner import (
     sweep,
 )
 from runner import cluster as clusters
-from runner.errors import RunnerError
-from runner.execute import Sharing, execute
+from runner.errors import Interrupted, RunnerError
+from runner.execute import Sharing, execute, stop_on_signals
 from runner.plan import Plan, StagePlanner, make_plan
 from runner.resources import Resources
 from runner.scheduler import metrics
@@ -209,6 +211,24 @@ def _run_on_ray(
     """The run on Ray; its report is drawn on `drawing` while the embedded Ray shuts down
     (Ray's goodbye waits a second on its raylet, about what a big run's picture takes)."""
     procs.reap_recorded(store.root / RAY_PIDS)
+    # signals are the run's from here: one while Ray starts stops the run once it runs
+    stop = threading.Event() if sharing is None else sharing.stop
+    signals: AbstractContextManager[list[int]] = (
+        stop_on_signals(stop) if sharing is None else nullcontext(sharing.caught)
+    )
+    with signals as caught:
+        return _plan_and_run(spec, sharing, store, ledger, drawing, stop, caught)
+
+
+def _plan_and_run(
+    spec: Spec,
+    sharing: Sharing | None,
+    store: RunStore,
+    ledger: Ledger,
+    drawing: cf.ThreadPoolExecutor,
+    stop: threading.Event,
+    caught: list[int],
+) -> tuple[int, dict[str, Any]]:
     plan: Plan | None = None
     if spec.cluster.kind == "local" and not clusters.ray_running_here():
         # plan before Ray starts: a plan that cannot fit fails in a second, not after init
@@ -219,7 +239,9 @@ def _run_on_ray(
             ledger,
             spec.run.fresh,
         )
-    with clusters.connected(spec.cluster, store.root / RAY_PIDS) as info:
+    if caught:  # while planning: Ray is not started for a run that is to stop
+        raise Interrupted(caught[0], "before any unit started")
+    with clusters.connected(spec.cluster, store.root / RAY_PIDS, caught) as info:
         if plan is None:
             plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
         # the live nodes, with the ids the placements name
@@ -242,6 +264,8 @@ def _run_on_ray(
                 ledger,
                 spec.run.progress,
                 spec.run.fresh,
+                stop,
+                caught,
                 sharing,
             )
         if executed.caught is not None:  # raised in here: Ray may be half-stopped by the signal

@@ -13,15 +13,16 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner import DIST, gpus, procs, ray_auth, scratch
-from runner.errors import ClusterError, SpecError
+from runner.errors import ClusterError, Interrupted, SpecError
 from runner.resources import Resources
 from runner.schema import ClusterConfig
 
@@ -247,43 +248,110 @@ def ray_running_here() -> bool:
 
 
 @contextmanager
-def connected(cfg: ClusterConfig, pids_file: Path | None) -> Iterator[ClusterInfo]:
+def connected(
+    cfg: ClusterConfig, pids_file: Path | None, caught: Sequence[int] = ()
+) -> Iterator[ClusterInfo]:
     """Ray for the length of a run: reuse one already initialized in this process (tests,
-    notebooks), else start an embedded one or connect to `RAY_ADDRESS` / `cluster.address`."""
+    notebooks), else start an embedded one or connect to `RAY_ADDRESS` / `cluster.address`.
+    `caught`: the signals the caller's handlers have noted so far (`_Starter`)."""
     import ray
 
     if ray.is_initialized():
         yield _live(cfg)
         return
-    if cfg.kind == "local":
-        _init_local(cfg, describe_local(cfg))
-        if pids_file is not None:
-            procs.record_children(pids_file)
-        _core.extend(_core_processes())
-    else:
-        _init_remote(cfg)
-    ended = False
+    local = cfg.kind == "local"
+    started = ended = False
+    starter = _Starter()
     try:
+        if local:
+            starter.start(lambda: _init_local(cfg, describe_local(cfg)), caught)
+            if pids_file is not None:
+                procs.record_children(pids_file)
+            _core.extend(_core_processes())
+        else:
+            starter.start(lambda: _init_remote(cfg), caught)
+        started = True
         yield _live(cfg)
         ended = True
     finally:
-        if not ended and _core:
-            # interrupted: a signal to the whole process group may have left Ray's own
-            # processes half-stopped, and Ray's graceful shutdown then waits on them forever
+        if not ended and local:
+            # interrupted (or its start failed): a signal to the whole process group may have
+            # left Ray's own processes half-stopped, and Ray's graceful shutdown then waits on
+            # them forever; a start cut short leaves them half-started
             left = []
             for pid in procs.descendants(os.getpid()):
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     left.append(pid)
             procs.wait_gone(left, KILL_WAIT)
-        if ray_alive():
+        if started and ray_alive():
             ray.shutdown()
-        elif _core:
+        elif started and _core:
             _abandon()
+        starter.close()
         _core.clear()
         if pids_file is not None:
             pids_file.unlink(missing_ok=True)
         scratch.sweep()  # what the run's killed workers on this node left
+
+
+class _Starter:
+    """Starts Ray (`ray.init`) such that a SIGINT or SIGTERM meanwhile is left to the
+    handlers the caller installed (`execute.stop_on_signals`: the first one stops the run once
+    Ray runs, before any unit starts; a second raises KeyboardInterrupt in `start`).
+
+    On the main thread `ray.init` puts in its own SIGTERM handler (`sys.exit`), and the
+    exception either signal raises inside it leaves a half-started driver: the interpreter
+    then crashed at exit (SIGSEGV, SIGABRT) and Ray's agents outlived the run. On a thread of
+    its own Ray sets no handler, while the main thread waits, free to run the caller's. That
+    thread stays until Ray is let go (`close`): Ray's GCS server and raylet are killed when the
+    thread that started them ends (`PR_SET_PDEATHSIG` follows the thread, not the process).
+    Once Ray runs, the Python handler of SIGTERM is put back in front of the one Ray's driver
+    installs in C++, which would first print a stack dump."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def start(self, init: Callable[[], None], caught: Sequence[int]) -> None:
+        """`init` on the starting thread, waited for here; given up once a signal was
+        `caught` and Ray's own processes died of it (one to the whole process group reaches
+        them: Ray's start would then wait a minute for its GCS)."""
+        if threading.current_thread() is not threading.main_thread():
+            init()
+            return
+        failed: list[BaseException] = []
+        ready = threading.Event()
+
+        def run() -> None:
+            try:
+                init()
+            except BaseException as exc:  # raised in `start`, on the caller's thread
+                failed.append(exc)
+            ready.set()
+            self.release.wait()
+
+        thread = threading.Thread(target=run, name="ray-start", daemon=True)
+        thread.start()
+        try:
+            while not ready.wait(JOIN_STEP):
+                if caught and _core_died():
+                    raise Interrupted(caught[0], "while Ray started")
+        except BaseException:  # given up, or forced out: the driver is half-made
+            _abandon()
+            raise
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+        if failed:
+            raise failed[0]
+
+    def close(self) -> None:
+        """Ray is let go (or never started): the thread that started it may end."""
+        self.release.set()
+
+
+# how often the main thread waiting for Ray's start looks up (a signal's handler runs at once)
+JOIN_STEP = 0.1
 
 
 def _abandon() -> None:
@@ -334,6 +402,12 @@ def _core_processes() -> list[tuple[int, float | None]]:
         if name in _CORE_NAMES:
             found.append((pid, procs.start_time(pid)))
     return found
+
+
+def _core_died() -> bool:
+    """Whether the GCS server or raylet this process started has exited (a zombie: the thread
+    that started it has not reaped it)."""
+    return any(not procs.running(pid, started) for pid, started in _core_processes())
 
 
 def ray_alive() -> bool:

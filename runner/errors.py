@@ -63,9 +63,9 @@ class StorageError(RunnerError):
 class Interrupted(RunnerError):
     """The run was stopped by a signal; the exit code follows the shell convention."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, what: str) -> None:
         self.exit_code = 128 + signum
-        super().__init__(f"interrupted by signal {signum}: running units were cancelled")
+        super().__init__(f"interrupted by signal {signum}: {what}")
 
 
 class SweepJobFailed(RunnerError):

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
-    """Turn the first SIGINT/SIGTERM into `stop`; a second one ends the process at once."""
+    """Turn the first SIGINT/SIGTERM into `stop`; a second one ends the process at once.
+    Yields the signals caught (the first decides the exit code)."""
     caught: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -85,6 +86,8 @@ class Executed:
     ledger: Ledger
     # the plan is recorded for the report (else the last attempt's, which ran something, is kept)
     record_plan: bool
+    # whether any stage started (a signal while Ray started stops the run before one does)
+    ran: bool = True
 
     def finish(self) -> tuple[int, dict[str, Any]]:
         """Write the run's timeline, trace and report, then `summary.json` naming them; the
@@ -95,7 +98,8 @@ class Executed:
         self.summary.update(report.write_run_artifacts(self.ledger, title, root, plan))
         write_json(root / SUMMARY, self.summary)
         if self.caught is not None:
-            raise Interrupted(self.caught)
+            what = "running units were cancelled" if self.ran else "before any unit started"
+            raise Interrupted(self.caught, what)
         return self.code, self.summary
 
 
@@ -107,10 +111,14 @@ def execute(
     ledger: Ledger,
     progress_mode: str,
     fresh: bool,
+    stop: threading.Event,
+    caught: list[int],
     sharing: Sharing | None = None,
 ) -> Executed:
-    """Run the plan and record its end in the ledger; the report is left to `finish`."""
-    stop = threading.Event() if sharing is None else sharing.stop
+    """Run the plan and record its end in the ledger; the report is left to `finish`. The
+    run stops once `stop` is set; `caught` holds the signal that set it (`stop_on_signals`,
+    installed by the caller before Ray started: a signal during its start stops the run
+    before any unit starts)."""
     tables = any(kinds[stage.kind].shared_leases for stage in plan.stages.values())
     warm.start(warm.PICTURE + (warm.RESULTS if tables else ()))
     backend = RayBackend(store.root, plan.cluster.shared_fs, stop)
@@ -129,15 +137,11 @@ def execute(
     # a ledger that cannot be written (full disk, read-only directory) stops the run
     ledger.on_failure = stop.set
     run_started = ledger.start_run()
-    signals: AbstractContextManager[list[int]] = (
-        stop_on_signals(stop) if sharing is None else nullcontext(sharing.caught)
-    )
-    with signals as caught:
-        try:
-            executor = Executor(plan, pipeline, kinds, ctx, scheduler, backend, sharing is not None)
-            outcomes = executor.run()
-        finally:
-            progress.close()
+    try:
+        executor = Executor(plan, pipeline, kinds, ctx, scheduler, backend, sharing is not None)
+        outcomes = executor.run()
+    finally:
+        progress.close()
     if ledger.failure is not None:
         raise ledger.failure
     attempt = history.attempt_summary(
@@ -148,4 +152,6 @@ def execute(
     # an attempt that ran nothing keeps the plan of the one that did (the report shows it)
     keep = not history.ran_something(attempt) and (store.root / planfile.PLAN_FILE).exists()
     signal_ = caught[0] if caught else None
-    return Executed(code, history.whole_run(ledger), signal_, plan, store, ledger, not keep)
+    # no stage started: stopped while Ray started
+    ran = bool(outcomes)
+    return Executed(code, history.whole_run(ledger), signal_, plan, store, ledger, not keep, ran)

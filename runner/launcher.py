@@ -202,7 +202,8 @@ def _run_side_by_side(
 ) -> None:
     procs.reap_recorded(pids)  # the Ray of a sweep that was SIGKILLed
     stop = threading.Event()
-    with clusters.connected(cluster, pids) as info, stop_on_signals(stop) as caught:
+    # signals first: one while Ray starts stops the sweep once it runs, before any job
+    with stop_on_signals(stop) as caught, clusters.connected(cluster, pids, caught) as info:
         nodes = info.ray_nodes()
         shared = Sweep(Scheduler([n.capacity for n in nodes]), nodes, stop, caught)
         workers = max(1, min(max_parallel or len(jobs), len(jobs)))

@@ -20,8 +20,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,13 @@ from runner import procs
 from runner.lifecycle import UnitState
 from runner.stages import registry
 from runner.store import UnitRow, read_ledger
-from tests.conftest import ROOT, TEST_SPECS, Result, run_runner, runner_process, wait_until
+from tests.conftest import (
+    Result,
+    embedded_runner,
+    run_runner,
+    runner_process,
+    wait_until,
+)
 
 Cli = Callable[..., Result]
 
@@ -167,29 +171,8 @@ class KindConformance:
     ) -> None:
         """What `timeout`, Slurm, systemd and Kubernetes do: signal the runner's whole group,
         the embedded Ray's processes included."""
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "runner",
-                "--config-dir",
-                str(TEST_SPECS),
-                "run.progress=log",
-                f"pipeline={self.spec}",
-                f"run.dir={tmp_path}",
-                "cluster=local",
-                "cluster.num_cpus=2",
-                "cluster.num_gpus=0",
-            ],
-            cwd=ROOT,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
+        args = (f"pipeline={self.spec}", f"run.dir={tmp_path}", "cluster=local")
+        with embedded_runner(*args, "cluster.num_cpus=2", "cluster.num_gpus=0") as proc:
             wait_until(
                 lambda: UnitState.running in states(tmp_path) or UnitState.done in states(tmp_path),
                 timeout=90,
@@ -198,10 +181,6 @@ class KindConformance:
             family = _descendants(proc.pid)
             os.killpg(proc.pid, sig)
             out, err = proc.communicate(timeout=60)  # a bound against hangs, not a timing claim
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         assert proc.returncode == code, out + err
         assert UnitState.running not in states(tmp_path)  # the ledger is true
         wait_until(

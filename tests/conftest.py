@@ -5,13 +5,16 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 from typing import Any
 
 import pytest
@@ -107,6 +110,30 @@ def runner_process(*args: str, env: dict[str, str] | None = None) -> subprocess.
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+@contextmanager
+def embedded_runner(*args: str, config_dir: Path | None = TEST_SPECS) -> Iterator[Popen[str]]:
+    """`python -m runner ARGS` on an embedded Ray of its own (RAY_ADDRESS left out), in a
+    session of its own, so that a test can signal its whole process group as `timeout`,
+    Slurm, systemd and a terminal do; SIGKILLed whole if the test leaves it running."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    where = ["--config-dir", str(config_dir)] if config_dir is not None else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", *where, "run.progress=log", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Result:

@@ -1,10 +1,13 @@
 """Stopping a run: Ctrl-C / SIGTERM exit 130 / 143 cleanly; SIGKILL then rerun finishes the rest.
 
 These run `python -m runner` as a user would, joined to the session's Ray with cluster=ray
-(a Ray start per test would cost seconds each)."""
+(a Ray start per test would cost seconds each), but for a signal while the embedded Ray
+starts."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -12,7 +15,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import attempt, cpus_free_again, run_runner, runner_process, wait_until
+from runner import procs
+from tests.conftest import (
+    attempt,
+    cpus_free_again,
+    embedded_runner,
+    run_runner,
+    runner_process,
+    wait_until,
+)
 
 
 def done_units(run_dir: Path) -> int:
@@ -80,3 +91,49 @@ def test_a_signal_cancels_running_units_and_exits_with_its_code(
     resumed = run_runner(*args, "mode=plan")
     assert "not finished last time" in resumed.out
     assert "skip" in resumed.out
+
+
+def _gcs_started(pid: int) -> bool:
+    """Whether the embedded Ray of runner `pid` has its GCS server: `ray.init` is under way
+    (the raylet, the agents and the driver's connection come after it)."""
+    for child in procs.descendants(pid):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == "gcs_server":
+                return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("sig", "group", "code"),
+    [
+        pytest.param(signal.SIGINT, False, 130, id="ctrl_c_to_the_runner"),
+        pytest.param(signal.SIGTERM, True, 143, id="term_to_the_process_group"),
+    ],
+)
+def test_a_signal_while_ray_starts_ends_the_run_cleanly(
+    ray_session: str, tmp_path: Path, sig: int, group: bool, code: int
+) -> None:
+    """A Ctrl-C or a SIGTERM in the seconds the embedded Ray takes to start: the shell's exit
+    code and the one message, no traceback, no crash of the interpreter (SIGSEGV, SIGABRT),
+    no Ray process left behind (its agents once were), and a rerun does the work."""
+    args = ("pipeline=misbehave", f"run.dir={tmp_path}", "pipeline.stages.work.items.range=4")
+    with embedded_runner(*args) as proc:
+        wait_until(lambda: _gcs_started(proc.pid), timeout=60, what="Ray starting")
+        family = [(p, procs.start_time(p)) for p in procs.descendants(proc.pid)]
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)  # a bound against hangs, not a timing claim
+    assert proc.returncode == code, out + err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"runner: error: interrupted by signal {sig}: "), err
+    wait_until(
+        lambda: not any(procs.running(p, t) for p, t in family),
+        timeout=20,
+        what="every process of the run's Ray to be gone",
+    )
+    again = run_runner(*args, "cluster=ray", env={"RAY_ADDRESS": ray_session})
+    assert again.code == 0, again.text
+    assert done_units(tmp_path) == 4

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import urllib.error
 from pathlib import Path
@@ -21,8 +19,8 @@ from runner.store import read_ledger
 from tests.conftest import (
     RLHF_ROLLOUT_STEPS,
     RLHF_UNHURRIED,
-    ROOT,
     cpus_free_again,
+    embedded_runner,
     run_runner,
     runner_process,
     summary,
@@ -400,27 +398,14 @@ def test_what_a_victim_frees_goes_to_the_request_that_evicted_it(
 def test_sigterm_to_the_rlhf_examples_process_group_ends_it_cleanly(tmp_path: Path) -> None:
     """What `timeout -s TERM` and Slurm do to the shipped example, with its reserved group:
     exit 143 (not a minute's stall on a GCS that is gone), the ledger true, nothing left."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "runner",
-            "run.progress=log",
-            "pipeline=rlhf",
-            f"run.dir={tmp_path}",
-            "cluster.num_cpus=2",
-            "pipeline.stages.rlhf.roles.rollout.steps=600",
-            "pipeline.stages.rlhf.roles.train.steps=300",
-        ],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+    args = (
+        "pipeline=rlhf",
+        f"run.dir={tmp_path}",
+        "cluster.num_cpus=2",
+        "pipeline.stages.rlhf.roles.rollout.steps=600",
+        "pipeline.stages.rlhf.roles.train.steps=300",
     )
-    try:
+    with embedded_runner(*args, config_dir=None) as proc:
         wait_until(
             lambda: "running" in {s for s, _ in ledger_or_empty(tmp_path, "rlhf").values()},
             timeout=90,
@@ -430,10 +415,6 @@ def test_sigterm_to_the_rlhf_examples_process_group_ends_it_cleanly(tmp_path: Pa
         os.killpg(proc.pid, signal.SIGTERM)
         # a bound against the stall (Ray's 60 s reconnect), not a timing claim
         out, err = proc.communicate(timeout=40)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 143, out + err
     assert "Failed to connect to GCS" not in err
     assert "running" not in {s for s, _ in ledger(tmp_path, "rlhf").values()}
