@@ -9,7 +9,9 @@ key is then overridable as `KEY=VALUE`, and `--cfg job` shows every effective va
 
 A YAML syntax error in a spec, and an override of a key that is not there (a misspelt
 `pipeline.stages.square.num_workrs=3`), are each reported as one line: the file, line and
-column, or the key with a did-you-mean among the keys that are there.
+column, or the key with a did-you-mean among the keys that are there. So are an override
+Hydra's grammar rejects (`KEY=[1`, `KEY` with no `=`) and a config group given what is not a
+name (`pipeline=3`): Hydra's own messages name no override, or end in a traceback.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.config_repository import IConfigRepository
 from hydra._internal.hydra import Hydra
 from hydra.core.override_parser.types import Override
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -150,11 +153,63 @@ def missing_option(exc: MissingConfigException, overrides: list[str]) -> str | N
         return None
     options = sorted(exc.options)
     hint = did_you_mean(name, options)
-    known = f"(available: {', '.join(options)})" if options else f"(no {group} is defined)"
     mine = f"one of your own: --config-dir DIR with DIR/{group}/{name}.yaml"
     given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group]
     where = f"command line '{given[-1]}'" if given else f"defaults list: {group}: {name}"
-    return f"{where}: no {group} '{name}'{hint} {known}; {mine}"
+    return f"{where}: no {group} '{name}'{hint} {_available(group, options)}; {mine}"
+
+
+def _available(group: str, options: list[str]) -> str:
+    """`(available: A, B)`: the options of config group `group`, for a message."""
+    return f"(available: {', '.join(sorted(options))})" if options else f"(no {group} is defined)"
+
+
+# how an override is written, for a message about one that is not (the grammar's own words
+# are ANTLR's: `no viable alternative at input`, `missing EQUAL at '<EOF>'`)
+_FORMS = "a list: KEY=[a,b]; a value with spaces, commas or brackets in quotes: KEY='...'"
+_LEXER = "LexerNoViableAltException: "
+
+
+def unparsable(exc: OverrideParseException) -> str:
+    """`command line 'TEXT': cannot be parsed: why; expected KEY=VALUE (...)` for an override
+    Hydra's grammar rejects (Hydra's own message does not say which one, and ends in a hint at
+    a traceback)."""
+    text = exc.override
+    lines = exc.message.splitlines() or [""]
+    if "=" not in text:
+        why = "no '=' in it"
+    elif lines[0].startswith(_LEXER) and len(lines) > 1 and "^" in lines[1]:
+        # Hydra marks the character the lexer stopped at with a caret under the override
+        column = lines[1].index("^") - len(_LEXER)
+        what = repr(text[column]) if 0 <= column < len(text) else "character"
+        why = f"unexpected {what} at column {column + 1}"
+    else:
+        why = lines[1] if lines[0].startswith("Error parsing override") else lines[0]
+        why = why.split(" expecting {")[0]  # the grammar's whole set of tokens tells no user
+    return f"command line '{text}': cannot be parsed: {why}; expected KEY=VALUE ({_FORMS})"
+
+
+def bad_override(overrides: list[Override], repo: IConfigRepository) -> str | None:
+    """Why one of `overrides` cannot be applied, when it is one Hydra fails on with a bare
+    ValueError (a traceback) or a message naming no override: one with no key (`=3`), or a
+    config group given what is not a name (`pipeline=3`, `pipeline=null`, `~cluster=1`); None
+    for any other (Hydra's own message stands)."""
+    for override in overrides:
+        given = override.input_line or ""
+        where = f"command line '{given}'"
+        if not override.key_or_group:
+            return f"{where}: no key before '='; expected KEY=VALUE, e.g. pipeline=demo"
+        value = override.value()
+        if override.is_sweep_override() or (value is None and override.is_delete()):
+            continue
+        if isinstance(value, str | dict) or (isinstance(value, list) and not override.is_delete()):
+            continue  # a name, a mapping (sets keys, not a choice), a list of names
+        group = override.key_or_group
+        if repo.group_exists(group):
+            typed = given.partition("=")[2]
+            options = _available(group, repo.get_group_options(group))
+            return f"{where}: {group} takes the name of a {group} file, not {typed} {options}"
+    return None
 
 
 def _display(name: str) -> str:
@@ -217,6 +272,7 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
         from_shell: bool = True,
         validate_sweep_overrides: bool = True,
     ) -> DictConfig:
+        ours = any(e.path == RUNNER_CONF for e in self.config_search_path.get_path())
         try:
             cfg = load(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
             # Hydra resolves its output directory (from run.dir, pipeline.name) outside any
@@ -230,13 +286,14 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
                     raise SystemExit(_bad(f"{key} {hint}: cannot resolve: {what}")) from None
             return cfg
         except MissingConfigException as exc:
-            ours = any(e.path == RUNNER_CONF for e in self.config_search_path.get_path())
             message = missing_option(exc, overrides) if ours else None
             if message is None:  # another Hydra app's (in this process), or not an option
                 raise
             raise SystemExit(_bad(message)) from None
         except Exception as exc:
             message = yaml_error(exc)
+            if message is None and ours:
+                message = _override_error(self, exc, config_name, overrides)
             if message is None:
                 raise
             raise SystemExit(_bad(message)) from None
@@ -244,6 +301,20 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
     ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[method-assign]
     ConfigLoaderImpl._load_configuration_impl = load_reporting_yaml  # type: ignore[method-assign]
     Hydra.get_mode = _get_mode  # type: ignore[method-assign]
+
+
+def _override_error(
+    loader: ConfigLoaderImpl, exc: Exception, config_name: str | None, overrides: list[str]
+) -> str | None:
+    """The override that `exc`, raised while `loader` composed the runner's config, is about,
+    with what is wrong with it and what it takes; None when it is about none of them."""
+    if isinstance(exc, OverrideParseException):
+        return unparsable(exc)
+    if not isinstance(exc, ValueError | ConfigCompositionException):
+        return None
+    # parsed once more, as Hydra did (a failed composition only: a run pays nothing for it)
+    parsed, repo = loader._parse_overrides_and_create_caching_repo(config_name, overrides)
+    return bad_override(parsed, repo)
 
 
 # Hydra's own `get_mode`, which `_get_mode` replaces

@@ -175,6 +175,91 @@ def test_unknown_config_group_option_is_one_line(override: str, message: str) ->
         assert "bad_key" in result.err and "demo" in result.err
 
 
+# the shipped pipelines, as a message lists them (`runner` run outside the repository)
+PIPELINES = "(available: continuation, continuation_gpu, demo, jobs, pychecker, rlhf, rlhf_large)"
+ERROR = "runner: error: invalid spec: "
+FORMS = "a list: KEY=[a,b]; a value with spaces, commas or brackets in quotes: KEY='...'"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ("pipeline=3",),
+            f"command line 'pipeline=3': pipeline takes the name of a pipeline file, not 3 "
+            f"{PIPELINES}",
+            id="pipeline_int",
+        ),
+        pytest.param(
+            ("cluster=1",),
+            "command line 'cluster=1': cluster takes the name of a cluster file, not 1 "
+            "(available: local, ray, sim)",
+            id="cluster_int",
+        ),
+        pytest.param(
+            ("pipeline=null",),
+            "command line 'pipeline=null': pipeline takes the name of a pipeline file, not null "
+            f"{PIPELINES}",
+            id="pipeline_null",
+        ),
+        pytest.param(
+            ("~pipeline=3",),
+            "command line '~pipeline=3': pipeline takes the name of a pipeline file, not 3 "
+            f"{PIPELINES}",
+            id="pipeline_deleted_by_an_int",
+        ),
+        pytest.param(
+            ("=3",),
+            "command line '=3': no key before '='; expected KEY=VALUE, e.g. pipeline=demo",
+            id="no_key",
+        ),
+        pytest.param(
+            ("pipeline.stages.square.num_workers=[1",),
+            "command line 'pipeline.stages.square.num_workers=[1': cannot be parsed: no viable "
+            f"alternative at input '[1'; expected KEY=VALUE ({FORMS})",
+            id="unclosed_list",
+        ),
+        pytest.param(
+            ("pipeline.stages.square.num_workers",),
+            "command line 'pipeline.stages.square.num_workers': cannot be parsed: no '=' in it; "
+            f"expected KEY=VALUE ({FORMS})",
+            id="no_equals",
+        ),
+    ],
+)
+def test_a_bad_override_is_one_line_and_leaves_nothing(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    """An override Hydra cannot use: exit 2, one line naming it as typed and what it takes
+    (Hydra's own is a traceback, or names no override and hints at its traceback), and
+    nothing written (no run directory, no `.hydra/`, no sweep directory)."""
+    result = runner_in(tmp_path, *args)
+    assert result.code == 2, result.text
+    assert result.err == f"{ERROR}{message}\n"
+    assert "Traceback" not in result.text and "HYDRA_FULL_ERROR" not in result.text
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "why"),
+    [
+        pytest.param("a b=1", "unexpected ' ' at column 2", id="lexer"),
+        pytest.param("a=(1", "extraneous input '('", id="parser_token_set_left_out"),
+    ],
+)
+def test_an_unparsable_override_says_where(override: str, why: str) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from runner.compose import unparsable
+
+    with pytest.raises(OverrideParseException) as caught:
+        OverridesParser.create().parse_overrides([override])
+    assert unparsable(caught.value) == (
+        f"command line '{override}': cannot be parsed: {why}; expected KEY=VALUE ({FORMS})"
+    )
+
+
 def test_an_option_chosen_by_a_defaults_list_is_named_as_one() -> None:
     from hydra.errors import MissingConfigException
 
