@@ -10,8 +10,9 @@ key is then overridable as `KEY=VALUE`, and `--cfg job` shows every effective va
 A YAML syntax error in a spec, and an override of a key that is not there (a misspelt
 `pipeline.stages.square.num_workrs=3`), are each reported as one line: the file, line and
 column, or the key with a did-you-mean among the keys that are there. So are an override
-Hydra's grammar rejects (`KEY=[1`, `KEY` with no `=`) and a config group given what is not a
-name (`pipeline=3`): Hydra's own messages name no override, or end in a traceback.
+Hydra's grammar rejects (`KEY=[1`, `KEY` with no `=`) and a config group given what is not one
+name (`pipeline=3`, `pipeline=[demo,jobs]`): Hydra's own messages name no override, or end in
+a traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.config_repository import IConfigRepository
 from hydra._internal.hydra import Hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
@@ -189,6 +191,34 @@ def unparsable(exc: OverrideParseException) -> str:
     return f"command line '{text}': cannot be parsed: {why}; expected KEY=VALUE ({_FORMS})"
 
 
+# the primary config's config groups that pick one file each (its help says so: "choose one
+# of each"): a list would merge several into one, which Hydra allows for any group
+ONE_NAME = frozenset({"pipeline", "cluster"})
+
+
+def listed_choices(overrides: list[str]) -> list[Override]:
+    """The overrides that give a group of ONE_NAME a list (`pipeline=[demo,jobs]`: Hydra
+    composes both files into one pipeline, in a run and in each job of a sweep alike). Only an
+    override of such a group with a bracket in it is parsed, so a run pays nothing for this."""
+    listed = [o for o in overrides if "[" in o and o.split("=", 1)[0].strip() in ONE_NAME]
+    if not listed:
+        return []
+    parsed = OverridesParser.create().parse_overrides(listed)
+    return [o for o in parsed if isinstance(o.value(), list)]
+
+
+def not_one_name(override: Override, options: list[str]) -> str:
+    """`command line 'pipeline=[demo,jobs]': pipeline takes one name, not a list (...)`."""
+    group = override.key_or_group
+    value = override.value()
+    names = ",".join(map(str, value)) if isinstance(value, list) else "A,B"
+    merged = f"a list would merge those files into one {group}"
+    each = f"to run each: runner -m {group}={names}"
+    where = f"command line '{override.input_line}'"
+    known = _available(group, options)
+    return f"{where}: {group} takes one name, not a list ({merged}); {each} {known}"
+
+
 def bad_override(overrides: list[Override], repo: IConfigRepository) -> str | None:
     """Why one of `overrides` cannot be applied, when it is one Hydra fails on with a bare
     ValueError (a traceback) or a message naming no override: one with no key (`=3`), or a
@@ -274,6 +304,11 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
     ) -> DictConfig:
         ours = any(e.path == RUNNER_CONF for e in self.config_search_path.get_path())
         try:
+            listed = listed_choices(overrides) if ours else []
+            if listed:  # Hydra would compose them all
+                _, repo = self._parse_overrides_and_create_caching_repo(config_name, overrides)
+                group = listed[0].key_or_group
+                raise SystemExit(_bad(not_one_name(listed[0], repo.get_group_options(group))))
             cfg = load(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
             # Hydra resolves its output directory (from run.dir, pipeline.name) outside any
             # error handling of ours: a bad interpolation there would end in a traceback

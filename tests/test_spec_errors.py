@@ -225,6 +225,20 @@ FORMS = "a list: KEY=[a,b]; a value with spaces, commas or brackets in quotes: K
             f"expected KEY=VALUE ({FORMS})",
             id="no_equals",
         ),
+        pytest.param(
+            ("pipeline=[demo,jobs]",),
+            "command line 'pipeline=[demo,jobs]': pipeline takes one name, not a list (a list "
+            "would merge those files into one pipeline); to run each: runner -m "
+            f"pipeline=demo,jobs {PIPELINES}",
+            id="pipeline_list",
+        ),
+        pytest.param(
+            ("-m", "pipeline=[demo,jobs]"),
+            "command line 'pipeline=[demo,jobs]': pipeline takes one name, not a list (a list "
+            "would merge those files into one pipeline); to run each: runner -m "
+            f"pipeline=demo,jobs {PIPELINES}",
+            id="pipeline_list_in_a_sweep",
+        ),
     ],
 )
 def test_a_bad_override_is_one_line_and_leaves_nothing(
@@ -238,6 +252,14 @@ def test_a_bad_override_is_one_line_and_leaves_nothing(
     assert result.err == f"{ERROR}{message}\n"
     assert "Traceback" not in result.text and "HYDRA_FULL_ERROR" not in result.text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_comma_sweep_of_pipelines_is_not_a_list(tmp_path: Path) -> None:
+    """`-m pipeline=demo,jobs` is a sweep, one job per pipeline, not the list `[demo,jobs]`."""
+    result = runner_in(tmp_path, "-m", "pipeline=demo,jobs", "mode=plan")
+    assert result.code == 0, result.text
+    assert "2 job(s)" in result.out, result.out
+    assert "plan for pipeline 'demo'" in result.out and "plan for pipeline 'jobs'" in result.out
 
 
 @pytest.mark.parametrize(
