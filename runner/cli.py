@@ -402,7 +402,12 @@ def command() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `runner` and `python -m runner`; returns the exit code."""
-    sys.argv = [sys.argv[0], *sweep.sweep_args(sys.argv[1:] if argv is None else argv)]
+    args = sys.argv[1:] if argv is None else argv
+    blank = sweep.blank_run_dir(args)
+    if blank is not None:  # checked before Hydra makes it the sweep directory
+        print(f"runner: error: invalid spec: {blank}", file=sys.stderr)
+        return 2
+    sys.argv = [sys.argv[0], *sweep.sweep_args(args)]
     if "--version" in sys.argv[1:]:  # Hydra's own flag would print Hydra's version
         print(f"runner {__version__} ({DIST}; Hydra {hydra.__version__}, Ray {_ray_version()})")
         return 0

@@ -5,10 +5,11 @@ states its keys in its package: `runner/stages/KIND/schema.py`).
 `spec.py` validates composed YAML against these dataclasses (gathering every problem at once,
 which OmegaConf's own merge cannot do); `compose.py` puts their defaults into the composed
 config, so `--cfg job` shows every key. Field metadata carries the limits:
-`ge`/`gt`/`le` for numbers, `choices` for strings, `resource: True` for settings that change
-how fast work runs but never its result, `policy: True` for how failures are handled (retries,
-timeouts, tolerated failures): both are left out of fingerprints, so changing them reruns no
-finished unit (the plan says "policy changed, kept").
+`ge`/`gt`/`le` for numbers, `choices` for strings, `nonempty: True` for a string that must not
+be blank, `resource: True` for settings that change how fast work runs but never its result,
+`policy: True` for how failures are handled (retries, timeouts, tolerated failures): both are
+left out of fingerprints, so changing them reruns no finished unit (the plan says "policy
+changed, kept").
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ class ClusterConfig:
 class RunConfig:
     """Where a run keeps its ledger and outputs, and how it resumes."""
 
-    # the run directory: ledger, summary.json, logs and one directory per stage
-    dir: str = MISSING
+    # the run directory: ledger, summary.json, logs and one directory per stage (empty would be
+    # the working directory, the run's files strewn among the user's)
+    dir: str = limited(MISSING, nonempty=True)
     # ignore what earlier runs finished and run every unit again
     fresh: bool = False
     # progress display: auto (a bar on a terminal, periodic lines otherwise), bar, log, off

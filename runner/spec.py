@@ -599,9 +599,11 @@ def _check_number(tp: object, value: object, limits: Mapping[str, object]) -> st
 
 
 def _check_str(value: object, limits: Mapping[str, object]) -> str | None:
-    """A string, one of the field's `choices` when it has them."""
+    """A string, one of the field's `choices` when it has them, not blank when `nonempty`."""
     if not isinstance(value, str):
         return "expected"
+    if limits.get("nonempty") and not value.strip():
+        return "must not be empty"
     choices = _choices(limits)
     if choices and value not in choices:
         hint = did_you_mean(value, choices)

@@ -71,6 +71,19 @@ def sweep_args(argv: list[str]) -> list[str]:
     ]
 
 
+def blank_run_dir(argv: list[str]) -> str | None:
+    """Why a sweep's `run.dir=` that names no directory is refused (worded as the spec's own
+    check words it in a single run), or None: `sweep_args` would make it Hydra's sweep
+    directory, and the jobs' directories would land in the working directory."""
+    if not {"-m", "--multirun"} & set(argv):
+        return None
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key == "run.dir" and value.strip() in ("", "''", '""'):
+            return f"command line '{arg}': run.dir: = {value!r}: must not be empty"
+    return None
+
+
 def job_name(overrides: Sequence[str], exclude_keys: Sequence[str]) -> str:
     """A sweep job as the summary names it: its overrides but those its directory's name
     leaves out (`hydra.job.config.override_dirname.exclude_keys`), the pipeline shown."""

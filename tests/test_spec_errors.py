@@ -239,6 +239,11 @@ FORMS = "a list: KEY=[a,b]; a value with spaces, commas or brackets in quotes: K
             f"pipeline=demo,jobs {PIPELINES}",
             id="pipeline_list_in_a_sweep",
         ),
+        pytest.param(
+            ("-m", "pipeline=demo,jobs", "run.dir="),
+            "command line 'run.dir=': run.dir: = '': must not be empty",
+            id="empty_run_dir_of_a_sweep",
+        ),
     ],
 )
 def test_a_bad_override_is_one_line_and_leaves_nothing(
@@ -251,6 +256,18 @@ def test_a_bad_override_is_one_line_and_leaves_nothing(
     assert result.code == 2, result.text
     assert result.err == f"{ERROR}{message}\n"
     assert "Traceback" not in result.text and "HYDRA_FULL_ERROR" not in result.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_run_dir_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """`run.dir=` would be the working directory: the run's ledger, lock, plan and report
+    among the user's files."""
+    result = runner_in(tmp_path, "pipeline=jobs", "run.dir=")
+    assert result.code == 2, result.text
+    assert result.err == (
+        "runner: error: invalid spec (1 problem):\n"
+        "  - command line 'run.dir=': run.dir: = '': must not be empty\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
