@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import traceback
 import types
 import typing
@@ -23,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from runner.build import HYDRA_KEYS
 from runner.errors import SpecError
 from runner.schema import ClusterConfig, Mode, PipelineSpec, RunConfig, StageSpec
 
@@ -205,10 +207,14 @@ def unknown_key(key: str, allowed: Iterable[str]) -> str:
     return f"unknown key{did_you_mean(key, allowed)} (allowed: {', '.join(allowed)})"
 
 
-def import_error(target: str) -> str | None:
-    """Why `pkg.mod.attr` (a spec's `_target_`) cannot be imported, or None when it can: a
-    module that fails on import is named with its file and line, a missing dependency with
-    the package to install."""
+# the keys beside a `_target_` that say how to build it, not arguments to build it with
+BUILD_KEYS = HYDRA_KEYS | {"_target_", "_partial_"}
+
+
+def import_target(target: str) -> tuple[object, str | None]:
+    """The object `pkg.mod.attr` (a spec's `_target_`) names and None, or None and why it
+    cannot be imported: a module that fails on import is named with its file and line, a
+    missing dependency with the package to install."""
     parts = target.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         module = ".".join(parts[:cut])
@@ -217,15 +223,93 @@ def import_error(target: str) -> str | None:
         except ModuleNotFoundError as exc:
             if exc.name and module.startswith(exc.name):
                 continue
-            return _failed_import(module, exc)
+            return None, _failed_import(module, exc)
         except Exception as exc:  # the module itself fails on import: say where and how
-            return _failed_import(module, exc)
+            return None, _failed_import(module, exc)
         for attr in parts[cut:]:
             if not hasattr(obj, attr):
-                return f"module {module!r} has no attribute {attr!r}"
+                return None, f"module {module!r} has no attribute {attr!r}"
             obj = getattr(obj, attr)
-        return None
-    return f"no module named {parts[0]!r}"
+        return obj, None
+    return None, f"no module named {parts[0]!r}"
+
+
+def check_target(
+    problems: Problems,
+    path: str,
+    spec: Mapping[str, object],
+    missing: str,
+    passed: Callable[[object], int] = lambda target: 0,
+) -> None:
+    """The `_target_` of the mapping at `path` is named, imports, and takes the keys given
+    beside it. Without the last check a misspelled keyword passes validation and fails only
+    when a Ray worker builds the target, after the run has started. `missing`: what to name
+    when there is no target; `passed(target)`: how many positional arguments the runner
+    itself gives the target when it calls it (an item, a DataFrame)."""
+    target = spec.get("_target_")
+    if not isinstance(target, str) or not target:
+        problems.add(f"{path}._target_", f"missing: {missing}")
+        return
+    found, error = import_target(target)
+    if error is not None:
+        problems.add(f"{path}._target_", f"= {target!r}: cannot import: {error}")
+        return
+    for key, message in _argument_problems(target, found, spec, passed(found)):
+        problems.add(f"{path}.{key}" if key else path, message)
+
+
+def _argument_problems(
+    name: str, target: object, spec: Mapping[str, object], passed: int
+) -> list[tuple[str, str]]:
+    """(key, message) for each key of `spec` that `target` cannot take, bound to its signature
+    (a class's constructor) after `spec`'s `_args_` and the `passed` positional arguments the
+    runner gives it; a key of "" for a call that cannot bind for another reason (too many
+    positional arguments). Nothing when the signature cannot be read (a builtin, a C
+    extension) or it takes **kwargs. A required argument left out is not looked for: a
+    `_partial_` target gets it later, from the caller, and a name the target cannot take is
+    the mistake a spec makes (a misspelling, a key left from another target)."""
+    args = spec.get("_args_", [])
+    try:
+        signature = inspect.signature(target)  # type: ignore[arg-type]  # any callable
+    except (ValueError, TypeError):
+        return []
+    params = list(signature.parameters.values())
+    if not isinstance(args, list | tuple) or any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    kwargs = {str(k): v for k, v in spec.items() if k not in BUILD_KEYS}
+    try:
+        signature.bind_partial(*args, *[None] * passed, **kwargs)
+    except TypeError as exc:
+        return _unbound(name, params, len(args), passed, kwargs) or [
+            ("", f"{name!r} cannot be called as the runner calls it: {exc}")
+        ]
+    return []
+
+
+def _unbound(
+    name: str, params: list[inspect.Parameter], given: int, passed: int, kwargs: Iterable[str]
+) -> list[tuple[str, str]]:
+    """The keys no parameter takes by keyword: unknown names, and names of parameters that
+    `_args_` (the first `given`) or the runner (the next `passed`) fill by position."""
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    by_args = positional[:given]
+    by_runner = positional[given : given + passed]
+    takes = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in by_args + by_runner
+    ]
+    allowed = f"(it takes: {', '.join(takes)})" if takes else "(it takes none)"
+    found = []
+    for key in kwargs:
+        if key in by_runner:
+            found.append((key, f"{name!r} is given {key!r} by the runner; leave it out {allowed}"))
+        elif key in by_args:
+            found.append((key, f"{name!r} is given {key!r} by _args_ already {allowed}"))
+        elif key not in takes:
+            hint = did_you_mean(key, takes)
+            found.append((key, f"{name!r} takes no argument {key!r}{hint} {allowed}"))
+    return found
 
 
 def _failed_import(module: str, exc: BaseException) -> str:

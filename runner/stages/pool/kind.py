@@ -42,7 +42,7 @@ from runner.resources import Resources
 from runner.scheduler.request import Request
 from runner.schema import StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
-from runner.spec import Problems, did_you_mean, import_error
+from runner.spec import Problems, check_target, did_you_mean
 from runner.stages.pool import items as itemsrc
 from runner.stages.pool.results import write_results
 from runner.stages.pool.schema import PoolStage
@@ -67,11 +67,13 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
     """Worker target importable; items source present; `from` names a stage (implies needs)."""
     assert isinstance(spec, PoolStage)
     path = f"pipeline.stages.{name}"
-    target = spec.worker.get("_target_")
-    if not isinstance(target, str) or not target:
-        problems.add(f"{path}.worker._target_", "missing: name the worker class, pkg.mod.Class")
-    elif (error := import_error(target)) is not None:
-        problems.add(f"{path}.worker._target_", f"= {target!r}: cannot import: {error}")
+    check_target(
+        problems,
+        f"{path}.worker",
+        spec.worker,
+        "name the worker class, pkg.mod.Class",
+        partial(_item_arguments, spec.worker),
+    )
     for key, message in itemsrc.check(spec.items):
         problems.add(f"{path}.items{'.' + key if key else ''}", message)
     upstream = spec.items.get("from")
@@ -85,6 +87,13 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
             )
         elif upstream not in spec.needs:
             spec.needs.append(upstream)
+
+
+def _item_arguments(worker: Mapping[str, object], target: object) -> int:
+    """The positional arguments the runner gives the worker target (as PoolActor builds it): a
+    class is built with the spec's keys alone, a function (or a `_partial_` target) is called
+    with each item."""
+    return 1 if worker.get("_partial_", not isinstance(target, type)) else 0
 
 
 def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:

@@ -13,7 +13,7 @@ from typing import TypeGuard
 from runner.quantities import MEMORY_HELP, memory_bytes
 from runner.scheduler.policy import ALIASES, THRESHOLDS, aggressiveness_level
 from runner.schema import StageSpec
-from runner.spec import Problems, find_cycle, import_error, unknown_key
+from runner.spec import Problems, check_target, find_cycle, unknown_key
 from runner.stages.roles.schedulemesh import ENV_PREFIX, canonical
 from runner.stages.roles.schema import RolesStage
 
@@ -169,15 +169,15 @@ def _check_role(
 
 
 def _check_actor(path: str, data: Mapping[object, object], problems: Problems) -> None:
-    """The role's actor class is named and can be imported."""
+    """The role's actor class is named, can be imported and takes the keys given beside it
+    (the host builds it with those alone)."""
     actor = data.get("actor")
-    target = actor.get("_target_") if isinstance(actor, Mapping) else None
-    if not isinstance(target, str) or not target:
-        problems.add(
-            f"{path}.actor._target_", "missing: name the role's actor class, pkg.mod.Class"
-        )
-    elif (error := import_error(target)) is not None:
-        problems.add(f"{path}.actor._target_", f"= {target!r}: cannot import: {error}")
+    check_target(
+        problems,
+        f"{path}.actor",
+        actor if isinstance(actor, Mapping) else {},
+        "name the role's actor class, pkg.mod.Class",
+    )
 
 
 def _check_start_after(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.schema import StageSpec
-from runner.spec import Problems, did_you_mean, import_error, unknown_key
+from runner.spec import Problems, check_target, did_you_mean, unknown_key
 from runner.stages.shard.schema import ShardStage
 
 PLACEHOLDERS = ("input", "output", "output_dir", "low", "high", "last", "gpus", "shard", "done")
@@ -77,11 +77,10 @@ def _check_work(spec: ShardStage, path: str, problems: Problems) -> None:
         for message in _command_problems(spec.command):
             problems.add(f"{path}.command", message)
     if spec.fn is not None:
-        target = spec.fn.get("_target_")
-        if not isinstance(target, str) or not target:
-            problems.add(f"{path}.fn._target_", "missing: name the function, pkg.mod.function")
-        elif (error := import_error(target)) is not None:
-            problems.add(f"{path}.fn._target_", f"= {target!r}: cannot import: {error}")
+        # the shard's task calls it with the shard's DataFrame, then the spec's keys
+        check_target(
+            problems, f"{path}.fn", spec.fn, "name the function, pkg.mod.function", lambda fn: 1
+        )
 
 
 def _command_problems(argv: list[str]) -> list[str]:
