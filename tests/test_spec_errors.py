@@ -340,3 +340,94 @@ def test_another_hydra_apps_missing_option_keeps_hydras_exception(tmp_path: Path
                 compose("app", overrides=["db=nope"])
     finally:
         GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("mode", ["run", "plan"])
+def test_a_keyword_the_target_does_not_take_is_named_before_anything_runs(
+    mode: str, tmp_path: Path
+) -> None:
+    """The user audit's spec: a misspelled worker keyword is one line at validation, not a
+    TypeError from every worker after Ray started and its items recorded as cancelled."""
+    run_dir = tmp_path / "run"
+    result = run_runner("pipeline=bad_kwarg", f"mode={mode}", f"run.dir={run_dir}")
+    assert result.code == 2, result.text
+    assert result.err == (
+        "runner: error: invalid spec (1 problem):\n"
+        f"  - {SPEC}/bad_kwarg.yaml: pipeline.stages.square.worker.exponnt: "
+        "'runner.examples.arith.Power' takes no argument 'exponnt'; did you mean 'exponent'? "
+        "(it takes: exponent)\n"
+    )
+    assert not run_dir.exists()
+
+
+ROLE = "pipeline.stages.work.roles.low.actor"
+SHARD = "pipeline.stages.generate.fn"
+WORKER = "pipeline.stages.work.worker"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param(
+            ("pipeline=order_roles", f"+{ROLE}.step_secnds=0.1"),
+            f"command line '+{ROLE}.step_secnds=0.1': {ROLE}.step_secnds: "
+            "'runner.examples.rlhf.Rollout' takes no argument 'step_secnds'; did you mean "
+            "'step_seconds'? (it takes: step_seconds, ignore_cancel)",
+            id="roles_actor",
+        ),
+        pytest.param(
+            ("pipeline=shard_fn", f"+{SHARD}.max_wrds=3"),
+            f"command line '+{SHARD}.max_wrds=3': {SHARD}.max_wrds: "
+            "'runner.examples.continuation.continue_frame' takes no argument 'max_wrds'; did "
+            "you mean 'max_words'? (it takes: seed, max_words, id_column, column)",
+            id="shard_fn",
+        ),
+        pytest.param(
+            ("pipeline=shard_fn", f"+{SHARD}.frame=3"),
+            f"command line '+{SHARD}.frame=3': {SHARD}.frame: "
+            "'runner.examples.continuation.continue_frame' is given 'frame' by the runner; "
+            "leave it out (it takes: seed, max_words, id_column, column)",
+            id="shard_fn_given_its_frame",
+        ),
+        pytest.param(
+            (
+                "pipeline=misbehave",
+                f"{WORKER}._target_=tests.workers.double",
+                f"+{WORKER}.item=1",
+            ),
+            f"command line '+{WORKER}.item=1': {WORKER}.item: 'tests.workers.double' is given "
+            "'item' by the runner; leave it out (it takes: plus)",
+            id="pool_function_given_its_item",
+        ),
+        pytest.param(
+            ("pipeline=numbers", "+pipeline.stages.describe.worker.scale=2"),
+            "command line '+pipeline.stages.describe.worker.scale=2': "
+            "pipeline.stages.describe.worker.scale: 'runner.examples.arith.Describe' takes no "
+            "argument 'scale' (it takes none)",
+            id="pool_class_without_arguments",
+        ),
+    ],
+)
+def test_a_key_the_target_cannot_take_is_named_with_what_it_takes(
+    cli, tmp_path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    """Each kind's target is bound as that kind calls it: a role's actor and a pool's class
+    with the spec's keys alone, a shard's function and a pool's function after the DataFrame
+    or item the runner passes it."""
+    run_dir = tmp_path / "run"
+    res = cli(*overrides, f"run.dir={run_dir}")
+    assert res.code == 2, res.text
+    assert res.err == f"runner: error: invalid spec (1 problem):\n  - {message}\n"
+    assert not run_dir.exists()
+
+
+def test_a_target_that_takes_any_keyword_is_not_second_guessed(cli) -> None:
+    """SlowStart passes the keys it does not know on to the rollout (`**rollout`): which ones
+    it accepts only it can say, so the spec check leaves them be."""
+    res = cli(
+        "pipeline=roles_stubborn",
+        "mode=plan",
+        "pipeline.stages.work.roles.rollout.actor._target_=tests.workers.SlowStart",
+        "+pipeline.stages.work.roles.rollout.actor.start_seconds=2",
+    )
+    assert res.code == 0, res.text
