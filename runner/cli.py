@@ -143,9 +143,10 @@ def _quiet_stdout() -> None:
 
 
 def _plan_only(spec: Spec) -> int:
-    ledger = read_ledger(Path(spec.run.dir))
+    run_dir = Path(spec.run.dir)
+    ledger = read_ledger(run_dir)
     info = clusters.describe(spec.cluster)
-    plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
+    plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh, run_dir)
     print(report.format_plan(plan))
     return 0
 
@@ -238,12 +239,13 @@ def _plan_and_run(
             clusters.describe_local(spec.cluster),
             ledger,
             spec.run.fresh,
+            store.root,
         )
     if caught:  # while planning: Ray is not started for a run that is to stop
         raise Interrupted(caught[0], "before any unit started")
     with clusters.connected(spec.cluster, store.root / RAY_PIDS, caught) as info:
         if plan is None:
-            plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh)
+            plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh, store.root)
         # the live nodes, with the ids the placements name
         plan.cluster = dataclasses.replace(info, shared_fs=spec.cluster.shares_fs)
         _announce(plan)

@@ -256,7 +256,8 @@ class Executor:
         spec = self.pipeline.stages[name]
         upstream = {n: self.plan.stages[n] for n in spec.needs}
         ledger = None if self.ctx.virtual else self.ctx.ledger
-        ctx = PlanContext(self.plan.cluster, ledger, self.ctx.fresh, upstream)
+        run_dir = None if self.ctx.virtual else self.ctx.store.root
+        ctx = PlanContext(self.plan.cluster, ledger, self.ctx.fresh, upstream, run_dir)
         stage: StagePlan = self.kinds[spec.kind].plan(name, spec, self.pipeline.raw[name], ctx)
         self.plan.stages[name] = stage
         return stage

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from itertools import repeat
+from pathlib import Path
 
 from runner.cluster import ClusterInfo
 from runner.errors import PlanError
@@ -167,6 +168,10 @@ class PlanContext:
     ledger: Ledger | None
     fresh: bool
     upstream: Mapping[str, StagePlan]
+    # the run directory, for a kind whose units leave files there (a shard's committed output):
+    # what is on disk decides a unit as the run will, so a plan says what the run then does;
+    # None where nothing was written (a simulated run)
+    run_dir: Path | None = None
 
 
 # how a stage kind plans one stage: (name, spec, raw keys, context) -> StagePlan
@@ -343,12 +348,15 @@ def make_plan(
     cluster: ClusterInfo,
     ledger: Ledger | None,
     fresh: bool,
+    run_dir: Path | None = None,
 ) -> Plan:
-    """Plan every stage in dependency order; raise PlanError for claims that can never fit."""
+    """Plan every stage in dependency order, against the ledger and the files in `run_dir`;
+    raise PlanError for claims that can never fit."""
     plans: dict[str, StagePlan] = {}
     with no_collection():
         for name, spec in pipeline.stages.items():
-            ctx = PlanContext(cluster, ledger, fresh, {n: plans[n] for n in spec.needs})
+            upstream = {n: plans[n] for n in spec.needs}
+            ctx = PlanContext(cluster, ledger, fresh, upstream, run_dir)
             plans[name] = planners[spec.kind](name, spec, pipeline.raw[name], ctx)
     problems = [
         f"pipeline.stages.{name}: one {c.label} needs {c.resources.describe()}, more than any "
