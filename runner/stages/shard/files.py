@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TypedDict, cast
 
 from runner.plan import Unit
-from runner.stages.shard.merge import read_table, write_table
+from runner.stages.shard.merge import Committed, read_table, write_table
 from runner.stages.shard.ranges import Shard
+from runner.stages.shard.schema import ShardStage
 from runner.store import write_json
 
 # log lines quoted when a shard fails for good
@@ -31,6 +32,8 @@ DATA_SUFFIXES = (".csv", ".parquet", ".jsonl")
 LINE_SUFFIXES = (".csv", ".jsonl")
 # the `outputs:` policies of the commit check
 OUTPUTS = ("one_per_id", "subset", "any")
+# the folder of a stage's shard files, in its stage directory
+SHARDS = "shards"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,22 @@ class Files:
     @property
     def out_dir_owner(self) -> Path:
         return self._at(".out.fingerprint")
+
+    def committed(self, label: str, fingerprint: str) -> Committed:
+        """Where the shard keeps its committed output and manifest, for `fingerprint`'s plan."""
+        return Committed(label, fingerprint, self.output, self.manifest)
+
+
+def output_format(spec: ShardStage) -> str:
+    """The format of a stage's shard outputs and merge (`merge.format`, parquet if unset)."""
+    return str(spec.merge.get("format", "parquet"))
+
+
+def shard_files(root: Path, spec: ShardStage, index: int, count: int) -> Files:
+    """The files of shard `index` of `count` in `root` (the stage's `SHARDS` folder): the
+    planner checks the committed ones, the run writes them, so both name them here."""
+    width = max(4, len(str(count - 1)))
+    return Files(root, f"shard-{index:0{width}d}", output_format(spec), Path(spec.input).suffix)
 
 
 class Contract(TypedDict):

@@ -19,12 +19,21 @@ from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
 from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
 from runner.output import Tail
-from runner.plan import StagePlan, Unit
+from runner.plan import StagePlan
 from runner.resources import Resources
 from runner.scheduler.request import Request
-from runner.stages.shard.files import Files, ShardPayload, commit, launch_values, payload_of, tail
-from runner.stages.shard.merge import Committed, manifest_of, merge, read_table, write_table
-from runner.stages.shard.planning import ShardSettings
+from runner.stages.shard.files import (
+    SHARDS,
+    ShardPayload,
+    commit,
+    launch_values,
+    output_format,
+    payload_of,
+    shard_files,
+    tail,
+)
+from runner.stages.shard.merge import merge, read_table, write_table
+from runner.stages.shard.planning import COMMITTED, ShardSettings
 from runner.stages.shard.ranges import Shard
 from runner.stages.shard.schema import ShardStage
 from runner.stages.shard.slots import GpuSlots
@@ -51,14 +60,18 @@ class ShardRun(StageRun):
         assert isinstance(stage.spec, ShardStage)
         self.spec = stage.spec
         self.ctx = ctx
-        self.root = ctx.stage_dir(stage.name) / "shards"
+        self.root = ctx.stage_dir(stage.name) / SHARDS
         if not ctx.virtual:
             self.root.mkdir(exist_ok=True)
         units = stage.units or []
         self.shards = {u.id: _shard(payload_of(u)) for u in units}
-        width = max(4, len(str(len(units) - 1)))
-        self.files = {u.id: self._files(self.shards[u.id], width) for u in units}
-        self.adopted = self._adopt_committed(stage)
+        self.files = {
+            u.id: shard_files(self.root, self.spec, self.shards[u.id].index, len(units))
+            for u in units
+        }
+        # shards the plan found committed by a run that died before its ledger write
+        self._adopted_units = [u for u in units if u.reason == COMMITTED]
+        self.adopted = len(self._adopted_units)
         super().__init__(stage, ctx)
         self.retries = self.spec.retries
         self.cap = self.spec.max_parallel
@@ -73,32 +86,7 @@ class ShardRun(StageRun):
 
     @property
     def fmt(self) -> str:
-        return str(self.spec.merge.get("format", "parquet"))
-
-    def _files(self, shard: Shard, width: int) -> Files:
-        stem = f"shard-{shard.index:0{width}d}"
-        return Files(self.root, stem, self.fmt, Path(self.spec.input).suffix)
-
-    def _committed(self, unit_id: str, fingerprint: str) -> Committed:
-        f = self.files[unit_id]
-        return Committed(self.shards[unit_id].label, fingerprint, f.output, f.manifest)
-
-    def _adopt_committed(self, stage: StagePlan) -> int:
-        """A done shard whose output vanished runs again; a shard committed by a run that died
-        before its ledger write is recorded done without running (not on a fresh run)."""
-        adopted: list[Unit] = []
-        if self.ctx.virtual:  # nothing was written, nothing is read
-            self._adopted_units = adopted
-            return 0
-        for unit in stage.units or []:
-            committed = manifest_of(self._committed(unit.id, unit.fingerprint)) is not None
-            if not unit.run and not committed:
-                unit.run, unit.reason = True, "output missing"
-            elif unit.run and committed and unit.reason != "fresh run":
-                unit.run, unit.reason = False, "committed"
-                adopted.append(unit)
-        self._adopted_units = adopted
-        return len(adopted)
+        return output_format(self.spec)
 
     def prepare(self) -> Verdicts:
         """Record adopted shards done; write each queued shard's slice of the input; record it
@@ -277,7 +265,10 @@ class ShardRun(StageRun):
         target = self.ctx.stage_dir(self.name) / f"merged.{self.fmt}"
         units = self.stage.units or []
         summary = merge(
-            [self._committed(u.id, u.fingerprint) for u in units], self.spec.id_column, keys, target
+            [self.files[u.id].committed(u.id, u.fingerprint) for u in units],
+            self.spec.id_column,
+            keys,
+            target,
         )
         outcome.outputs += [summary["output"], str(target.parent / "merge_summary.json")]
         outcome.extra = {

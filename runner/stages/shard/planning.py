@@ -1,5 +1,6 @@
-"""How a shard stage plans: one unit per id range, a claim per shard, and a GPU check against
-the cluster (and NVML, on a local cluster) before anything starts."""
+"""How a shard stage plans: one unit per id range, decided by the ledger and by the shard's
+committed files, a claim per shard, and a GPU check against the cluster (and NVML, on a local
+cluster) before anything starts."""
 
 from __future__ import annotations
 
@@ -23,9 +24,14 @@ from runner.plan import (
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
 from runner.schema import StageSpec
-from runner.stages.shard.files import contract
+from runner.stages.shard.files import SHARDS, contract, shard_files
+from runner.stages.shard.merge import manifest_of
 from runner.stages.shard.ranges import Shard, input_identity, recorded, split
 from runner.stages.shard.schema import ShardStage
+
+# why a shard's files overrule the ledger (see `_on_disk`)
+OUTPUT_MISSING = "output missing"
+COMMITTED = "committed"
 
 
 def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -> StagePlan:
@@ -69,6 +75,7 @@ def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -
         )
         for s in shards
     ]
+    _on_disk(name, spec, shards, units, ctx)
     notes, groups = _gpu_groups(name, spec, ctx)
     if len(shards) < spec.num_shards:
         notes.append(f"{name}: {len(shards)} shard(s): the input has only {len(shards)} ids")
@@ -80,6 +87,27 @@ def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -
     return StagePlan(
         name, "shard", spec, fp, config, units, [shard_claim], notes, settings=settings
     )
+
+
+def _on_disk(
+    name: str, spec: ShardStage, shards: list[Shard], units: list[Unit], ctx: PlanContext
+) -> None:
+    """A done shard whose committed output is gone runs again (`OUTPUT_MISSING`); a shard
+    committed by a run that died before its ledger write is done without running (`COMMITTED`,
+    the run records it; not on a fresh run, which runs every shard). Decided here rather than
+    when the stage starts, so `mode=plan` and the run's header say what the run then does. Only
+    each shard's manifest is read and its output's existence checked, never the data: a resume
+    stays cheap."""
+    if ctx.run_dir is None or ctx.fresh:
+        return
+    root = ctx.run_dir / name / SHARDS
+    for shard, unit in zip(shards, units, strict=True):
+        files = shard_files(root, spec, shard.index, len(shards))
+        committed = manifest_of(files.committed(unit.id, unit.fingerprint)) is not None
+        if not unit.run and not committed:
+            unit.run, unit.reason = True, OUTPUT_MISSING
+        elif unit.run and committed:
+            unit.run, unit.reason = False, COMMITTED
 
 
 @dataclass(frozen=True)
