@@ -4,6 +4,7 @@ merge, resume after SIGKILL, and bad specs."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 from itertools import combinations, pairwise
@@ -136,14 +137,32 @@ def test_the_merge_reads_only_this_plans_committed_shards(cli, tmp_path: Path) -
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_a_done_shard_whose_output_was_deleted_runs_again(cli, tmp_path: Path) -> None:
+def test_a_done_shard_whose_output_was_deleted_is_planned_and_run_again(
+    cli, tmp_path: Path
+) -> None:
+    """The plan, the run's header and the run agree: only the shard whose committed output
+    is gone runs again, and says why."""
     args = ("pipeline=shard_fn", f"run.dir={tmp_path}")
     assert cli(*args).code == 0
+    first = shard_rows(tmp_path, "generate")
     (tmp_path / "generate" / "shards" / "shard-0001.parquet").unlink()
-    assert cli(*args).code == 0
+    plan = cli(*args, "mode=plan")
+    assert plan.code == 0, plan.text
+    assert re.search(r"run +1 +output missing +\[400-799\]", plan.out), plan.out
+    assert re.search(r"skip +2 +done +\[0-399, 800-1199\]", plan.out), plan.out
+    assert "1 unit(s) to run" in plan.out
+    again = cli(*args)
+    assert again.code == 0, again.text
+    assert "generate: 1 unit(s) to run, 2 skipped" in again.text
     stage = attempt(tmp_path)["stages"]["generate"]
     assert (stage["done"], stage["skipped"]) == (1, 2)
-    assert merge_summary(tmp_path, "generate")["total_rows"] == PROMPTS
+    rows = shard_rows(tmp_path, "generate")
+    rerun = [u for u in rows if rows[u]["result"] != first[u]["result"]]
+    assert rerun == ["400-799"]
+    merged = pd.read_parquet(tmp_path / "generate" / "merged.parquet")
+    assert sorted(merged["id"]) == list(range(PROMPTS))
+    assert merge_summary(tmp_path, "generate")["missing_ranges"] == []
+    assert "skip      3  done" in cli(*args, "mode=plan").out
 
 
 def test_sigkill_mid_stage_then_rerun_runs_only_unfinished_shards_and_merges_the_same(
