@@ -46,19 +46,26 @@ def run_dir(default: str) -> str:
     return str(output_dir) if output_dir else default
 
 
-def output_dir(mode: str, run_dir: str) -> str:
-    """Hydra's output directory: the run directory when running; for plan, status and report
-    a scratch directory, so that looking at a run creates nothing in its directory."""
-    if mode == "run":
+def output_dir(mode: str, run_dir: str, cluster: str) -> str:
+    """Hydra's output directory: the run directory when running; for plan, status, report and
+    a simulated run (`cluster=sim`) a scratch directory, so that looking at a run, or
+    simulating one, creates nothing in its directory (a simulation's snapshot there would be
+    taken for the last attempt's config by `mode=status`)."""
+    if _attempt(mode, cluster):
         return run_dir
     return str(Path(tempfile.gettempdir()) / f"runner-{os.getuid()}" / mode)
 
 
-def snapshot_dir(mode: str) -> str | None:
+def snapshot_dir(mode: str, cluster: str) -> str | None:
     """Where Hydra keeps the composed config: one `.hydra/<time>/` per run attempt."""
-    if mode != "run":
+    if not _attempt(mode, cluster):
         return None
     return f"{SNAPSHOTS}/{datetime.now().strftime('%Y-%m-%d_%H-%M-%S_%f')}"
+
+
+def _attempt(mode: str, cluster: str) -> bool:
+    """Whether the command is an attempt of the run in its directory (a run on Ray)."""
+    return mode == "run" and cluster != "sim"
 
 
 def sweep_args(argv: list[str]) -> list[str]:

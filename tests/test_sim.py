@@ -158,17 +158,24 @@ def test_a_simulation_of_a_measured_run_preempts_alike_and_takes_about_as_long(
 ) -> None:
     """`cluster.sim_durations_from` replays a real run's unit times and start-up latencies:
     the same preemptions by reason (they follow from arrival order), and a makespan near the
-    real one (the band is wide here: the 15% check is a benchmark, on a quiet machine)."""
+    real one (the band is wide here: the 15% check is a benchmark, on a quiet machine). The
+    simulation, given the run's own directory, writes nothing there: `mode=status` still
+    names the real attempt's config."""
     real = cli("pipeline=rlhf", f"run.dir={tmp_path}", *RLHF_UNHURRIED)
     assert real.code == 0, real.text
+    (attempted,) = (tmp_path / ".hydra").glob("*/config.yaml")
     sim = cli(
         "pipeline=rlhf",
+        f"run.dir={tmp_path}",
         *RLHF_UNHURRIED,
         "cluster=sim",
         "cluster.nodes=[{cpus: 2}]",
         f"cluster.sim_durations_from={tmp_path}",
     )
     assert sim.code == 0, sim.text
+    assert list((tmp_path / ".hydra").glob("*/config.yaml")) == [attempted]
+    status = cli(f"run.dir={tmp_path}", "mode=status")
+    assert f"the last attempt's config: {attempted}" in status.out, status.text
     counts = re.search(
         r"preemptions: (label \d+, same_pool \d+, cross_pool \d+); requeues \d+", real.out
     )
