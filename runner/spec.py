@@ -102,6 +102,10 @@ class Problems:
         self.items: list[tuple[str, str]] = []
         # problems whose message should name the line of the file that set the key
         self.with_line: set[int] = set()
+        # the pipeline's stages as written, and those whose own spec is wrong (said already):
+        # a stage naming one of those names a stage that is there (`no_such_stage`)
+        self.stage_names: list[str] = []
+        self.invalid_stages: set[str] = set()
 
     def add(self, key: str, message: str, *, line: bool = False) -> None:
         if line:
@@ -436,11 +440,14 @@ def _pipeline(data: object, kinds: Mapping[str, KindSchema], problems: Problems)
         return None
     stages: dict[str, StageSpec] = {}
     raw: dict[str, dict[str, object]] = {}
+    problems.stage_names = [str(n) for n in stages_data]
     for name, stage_data in stages_data.items():
         anchor_paths(f"pipeline.stages.{name}", stage_data, problems.origins, kinds)
         built = _stage(str(name), stage_data, kinds, problems)
         if built is not None:
             stages[str(name)], raw[str(name)] = built
+        else:
+            problems.invalid_stages.add(str(name))
     for name, stage in stages.items():
         kinds[stage.kind].check(name, stage, problems, stages)
     _check_needs(stages, problems)
@@ -518,16 +525,26 @@ def _check_needs(stages: Mapping[str, StageSpec], problems: Problems) -> None:
             if need == name:
                 problems.add(f"pipeline.stages.{name}.needs", "a stage cannot need itself")
             elif need not in stages:
-                hint = did_you_mean(need, stages)
-                allowed = ", ".join(s for s in stages if s != name)
-                problems.add(
-                    f"pipeline.stages.{name}.needs",
-                    f"= {need!r}: no such stage{hint} (stages: {allowed})",
-                )
+                no_such_stage(problems, f"pipeline.stages.{name}.needs", need, name, stages)
     cycle = find_cycle({n: [d for d in s.needs if d in stages] for n, s in stages.items()})
     if cycle:
         first = cycle[0]
         problems.add(f"pipeline.stages.{first}.needs", f"dependency cycle: {' -> '.join(cycle)}")
+
+
+def no_such_stage(
+    problems: Problems, key: str, named: str, by: str, stages: Mapping[str, StageSpec]
+) -> None:
+    """Stage `by` names `named` at `key`, which is not one of the valid `stages`: a problem,
+    with the stages there are, unless `named` is a stage whose own spec is wrong (its problem
+    is said already; a second one here would send the user looking for a stage that exists)."""
+    if named in problems.invalid_stages:
+        return
+    others = [s for s in (problems.stage_names or stages) if s != by]
+    problems.add(
+        key,
+        f"= {named!r}: no such stage{did_you_mean(named, others)} (stages: {', '.join(others)})",
+    )
 
 
 def find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:

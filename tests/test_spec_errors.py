@@ -431,3 +431,30 @@ def test_a_target_that_takes_any_keyword_is_not_second_guessed(cli) -> None:
         "+pipeline.stages.work.roles.rollout.actor.start_seconds=2",
     )
     assert res.code == 0, res.text
+
+
+def test_a_stage_with_a_wrong_spec_is_not_also_said_to_be_missing(cli) -> None:  # type: ignore[no-untyped-def]
+    """In the demo, `total` reads `square`'s output: a wrong `square` is one problem, not a
+    second one saying `total` names a stage that is not there; a stage that is really not
+    there is still named, with the wrong one among those there are."""
+    wrong = "pipeline.stages.square.items=5"
+    res = cli("pipeline=demo", wrong, "mode=plan")
+    assert res.code == 2, res.text
+    assert "invalid spec (1 problem):" in res.err, res.err
+    assert "pipeline.stages.square.items: = 5: expected a mapping" in res.err
+    both = cli("pipeline=demo", wrong, "pipeline.stages.total.needs=[sqare]", "mode=plan")
+    assert both.code == 2, both.text
+    assert "invalid spec (2 problems):" in both.err, both.err
+    assert (
+        "pipeline.stages.total.needs: = 'sqare': no such stage; did you mean 'square'? "
+        "(stages: check, square, continue, inspect)"
+    ) in both.err
+
+
+def test_a_command_of_the_wrong_type_is_one_problem(cli) -> None:  # type: ignore[no-untyped-def]
+    """A job's `command` written as a string (it is a list; a string is `script`) is said
+    once, not again as a job that sets neither script nor command."""
+    res = cli("pipeline=jobs", "pipeline.stages.compute.jobs=[{name: b, command: echo hi}]")
+    assert res.code == 2, res.text
+    assert "invalid spec (1 problem):" in res.err, res.err
+    assert "pipeline.stages.compute.jobs.0.command: = 'echo hi': expected a list" in res.err

@@ -244,10 +244,12 @@ def _validated(data: object, report: Report) -> JobSpec | None:
     if job is None:
         return None
     ok = not found.items
+    # a script or command of the wrong type is said already, and left out of the job
+    said = {key.lstrip(".") for key, _ in found.items} & {"script", "command"}
     if not NAME.fullmatch(job.name):
         report("name", f"= {job.name!r}: use letters, digits, '_', '.' and '-' only")
         ok = False
-    if (job.script is None) == (job.command is None):
+    if not said and (job.script is None) == (job.command is None):
         both = "both" if job.script is not None else "neither"
         report("", f"job {job.name!r} sets {both} of script and command: set exactly one")
         ok = False

@@ -42,7 +42,7 @@ from runner.resources import Resources
 from runner.scheduler.request import Request
 from runner.schema import StageSpec
 from runner.sizing import cpus_per_worker, max_concurrency
-from runner.spec import Problems, check_target, did_you_mean
+from runner.spec import Problems, check_target, no_such_stage
 from runner.stages.pool import items as itemsrc
 from runner.stages.pool.results import write_results
 from runner.stages.pool.schema import PoolStage
@@ -79,12 +79,7 @@ def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, S
     upstream = spec.items.get("from")
     if isinstance(upstream, str):
         if upstream not in stages or upstream == name:
-            others = [s for s in stages if s != name]
-            hint = did_you_mean(upstream, others)
-            problems.add(
-                f"{path}.items.from",
-                f"= {upstream!r}: no such stage{hint} (stages: {', '.join(others)})",
-            )
+            no_such_stage(problems, f"{path}.items.from", upstream, name, stages)
         elif upstream not in spec.needs:
             spec.needs.append(upstream)
 
