@@ -72,7 +72,8 @@ class Progress:
     mode: str = "auto"  # auto | bar | log | off
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     log_every: float = 10.0
-    # put before each stage's name: a sweep's job (its overrides), whose lines mix with others'
+    # put before each stage's name and each output line: a sweep's job (its overrides), whose
+    # lines mix with others'
     label: str = ""
     _stages: dict[str, _Stage] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -129,7 +130,9 @@ class Progress:
 
     def print(self, text: str) -> None:
         """Print a line of a stage's output (a shard's, a job's) above the bars; without bars,
-        to stdout as it is."""
+        to stdout as it is. After the label, as the progress lines: a sweep's jobs print side
+        by side."""
+        text = self.label + text
         bars = self._bars
         if bars is not None and self._stdout_is_terminal():
             bars.console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -155,3 +155,12 @@ def test_units_that_timed_out_are_counted_as_timed_out_not_failed(
     final = [ln for ln in screen_lines(raw) if re.match(r"work \[#+\] 12/12 ", ln)]
     assert final, raw
     assert final[-1].endswith(" timed out 2") and "failed" not in final[-1]
+
+
+def test_a_sweep_jobs_output_lines_carry_its_label(capsys) -> None:
+    """In a sweep, jobs print side by side: a shard's or a job's output line says whose it
+    is, as the progress lines do."""
+    progress = Progress("log", label="[cpus_per_task=1] ")
+    progress.print("[shard 0-599] loaded 600 rows")
+    progress.close()
+    assert capsys.readouterr().out == "[cpus_per_task=1] [shard 0-599] loaded 600 rows\n"
