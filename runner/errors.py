@@ -73,9 +73,9 @@ class SweepJobFailed(RunnerError):
     this, which the sweeper raises once the batch has ended (the `runner` command says it in
     one line and exits with the highest code of its jobs)."""
 
-    def __init__(self, job: str, code: int) -> None:
+    def __init__(self, job: str, code: int, where: str) -> None:
         self.exit_code = code
-        super().__init__(f"sweep job {job} ended with exit {code} (see its run directory)")
+        super().__init__(f"sweep job {job} ended with exit {code} ({where})")
 
 
 def report(exc: RunnerError) -> int:

@@ -239,7 +239,8 @@ def _pipelines(
             error = job.ret._return_value
             code = error.exit_code if isinstance(error, RunnerError) else 1
             cli.note_exit(code)
-            job.ret.return_value = SweepJobFailed(job.name, code)
+            why = "its spec is invalid, as said above" if code == 2 else "as said above"
+            job.ret.return_value = SweepJobFailed(job.name, code, why)
             continue
         if job.spec.mode is Mode.run and job.spec.cluster.kind != "sim":
             running.append(job)
@@ -349,7 +350,7 @@ def _ended(job: Job, code: int, summary: dict[str, object] | None, objective: st
         summary = _stored_summary(Path(job.spec.run.dir))
     if code:
         job.ret.status = JobStatus.FAILED
-        job.ret.return_value = SweepJobFailed(job.name, code)
+        job.ret.return_value = SweepJobFailed(job.name, code, f"see {job.spec.run.dir}")
         return
     job.ret.status = JobStatus.COMPLETED
     job.ret.return_value = _objective(summary, objective) if summary is not None else None

@@ -157,6 +157,10 @@ def test_a_sweep_job_with_an_invalid_config_fails_alone_with_exit_2(cli, tmp_pat
     )
     assert res.code == 2, res.text
     assert "pipeline.stages.scale.num_workers" in res.err
+    assert (
+        "runner: error: sweep job pipeline=numbers pipeline.stages.scale.num_workers=0 ended "
+        "with exit 2 (its spec is invalid, as said above)"
+    ) in res.err
     good = tmp_path / "pipeline.stages.scale.num_workers=1"
     assert json.loads((good / "summary.json").read_text())["stages"]["scale"]["done"] == 50
     rows = {r["overrides"]: r for r in csv.DictReader((tmp_path / "sweep_summary.csv").open())}
