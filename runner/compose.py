@@ -70,7 +70,9 @@ def fill_defaults(
         for key, schema in (("run", RunConfig), ("cluster", ClusterConfig)):
             if isinstance(cfg.get(key), DictConfig):
                 _under(cfg[key], defaults_of(schema), key, added)
-        stages = OmegaConf.select(cfg, "pipeline.stages", throw_on_missing=False)
+        pipeline = cfg.get("pipeline")
+        # a pipeline file that is not a mapping (a list) is the spec check's to name
+        stages = pipeline.get("stages") if isinstance(pipeline, DictConfig) else None
         if not isinstance(stages, DictConfig):
             return
         for name, stage in stages.items_ex(resolve=False):
@@ -310,6 +312,8 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
                 group = listed[0].key_or_group
                 raise SystemExit(_bad(not_one_name(listed[0], repo.get_group_options(group))))
             cfg = load(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
+            if ours and isinstance(cfg.get("pipeline"), ListConfig):
+                raise SystemExit(_bad(not_a_mapping(cfg)))
             # Hydra resolves its output directory (from run.dir, pipeline.name) outside any
             # error handling of ours: a bad interpolation there would end in a traceback
             for key in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -336,6 +340,14 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
     ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[method-assign]
     ConfigLoaderImpl._load_configuration_impl = load_reporting_yaml  # type: ignore[method-assign]
     Hydra.get_mode = _get_mode  # type: ignore[method-assign]
+
+
+def not_a_mapping(cfg: DictConfig) -> str:
+    """`pipeline/NAME.yaml: ...` for a pipeline file that holds a list, which Hydra composes
+    as one, and whose first use (the output directory's `${pipeline.name}`) fails on."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.pipeline", default=None)
+    where = f"pipeline/{choice}.yaml" if choice else "pipeline"
+    return f"{where}: a pipeline holds a mapping (name: ..., stages: ...), not a list"
 
 
 def _override_error(

@@ -458,3 +458,17 @@ def test_a_command_of_the_wrong_type_is_one_problem(cli) -> None:  # type: ignor
     assert res.code == 2, res.text
     assert "invalid spec (1 problem):" in res.err, res.err
     assert "pipeline.stages.compute.jobs.0.command: = 'echo hi': expected a list" in res.err
+
+
+def test_a_pipeline_file_that_holds_a_list_is_named(tmp_path: Path) -> None:
+    """Hydra composes a pipeline file of a list as it is; its first use (the output
+    directory's `${pipeline.name}`) then failed in Hydra's words, naming no file."""
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "listed.yaml").write_text("- name: one\n- name: two\n")
+    result = runner_in(tmp_path, "--config-dir", str(tmp_path), "pipeline=listed", "mode=plan")
+    assert result.code == 2, result.text
+    assert result.err.strip() == (
+        "runner: error: invalid spec: pipeline/listed.yaml: a pipeline holds a mapping "
+        "(name: ..., stages: ...), not a list"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
