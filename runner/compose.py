@@ -18,6 +18,7 @@ a traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Mapping
@@ -159,8 +160,18 @@ def missing_option(exc: MissingConfigException, overrides: list[str]) -> str | N
     hint = did_you_mean(name, options)
     mine = f"one of your own: --config-dir DIR with DIR/{group}/{name}.yaml"
     given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group]
-    where = f"command line '{given[-1]}'" if given else f"defaults list: {group}: {name}"
+    where = f"command line '{given[-1]}'" if given else f"{_listing(exc)}: {group}: {name}"
     return f"{where}: no {group} '{name}'{hint} {_available(group, options)}; {mine}"
+
+
+def _listing(exc: MissingConfigException) -> str:
+    """`defaults list of pipeline/NAME.yaml`: the file whose defaults list chose the missing
+    option (Hydra's message opens with `In 'pipeline/NAME':`), or `defaults list` when it is
+    the runner's own config or not said."""
+    parent = re.match(r"In '([^']+)':", str(exc))
+    if parent is None or parent[1] == "config":
+        return "defaults list"
+    return f"defaults list of {parent[1].lstrip('/')}.yaml"
 
 
 def _available(group: str, options: list[str]) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_SPECS, run_runner, runner_in
+from tests.conftest import ROOT, TEST_SPECS, run_runner, runner_in
 
 SPEC = "tests/specs/pipeline"
 
@@ -310,6 +310,20 @@ def test_an_option_chosen_by_a_defaults_list_is_named_as_one() -> None:
         "your own: --config-dir DIR with DIR/cluster/big.yaml"
     )
     assert missing_option(MissingConfigException("primary config", "config"), []) is None
+
+
+def test_a_typo_in_a_pipelines_defaults_list_names_that_file(tmp_path: Path) -> None:
+    shipped = (ROOT / "runner" / "specs" / "pipeline" / "pychecker.yaml").read_text()
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "mine.yaml").write_text(shipped.replace(": pychecker", ": pychekcer"))
+    result = runner_in(tmp_path, "--config-dir", str(tmp_path), "pipeline=mine", "mode=plan")
+    assert result.code == 2
+    assert result.err.strip() == (
+        "runner: error: invalid spec: defaults list of pipeline/mine.yaml: stage: pychekcer: no "
+        "stage 'pychekcer'; did you mean 'pychecker'? (available: pychecker); one of your own: "
+        "--config-dir DIR with DIR/stage/pychekcer.yaml"
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("form", ["--config-dir", "--config-dir=", "-cd"])
