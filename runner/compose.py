@@ -232,22 +232,28 @@ def not_one_name(override: Override, options: list[str]) -> str:
     return f"{where}: {group} takes one name, not a list ({merged}); {each} {known}"
 
 
-def bad_override(overrides: list[Override], repo: IConfigRepository) -> str | None:
-    """Why one of `overrides` cannot be applied, when it is one Hydra fails on with a bare
-    ValueError (a traceback) or a message naming no override: one with no key (`=3`), or a
-    config group given what is not a name (`pipeline=3`, `pipeline=null`, `~cluster=1`); None
-    for any other (Hydra's own message stands)."""
+def bad_override(overrides: list[Override], repo: IConfigRepository, why: str = "") -> str | None:
+    """Why one of `overrides` cannot be applied, when it is one Hydra fails on (its message
+    `why`) with a bare ValueError (a traceback) or a message naming no override: one with no
+    key (`=3`), a config group given what is not a name (`pipeline=3`, `pipeline=null`,
+    `~cluster=1`), or a group the config chooses already given with `+` or `++`
+    (`+pipeline=jobs`, for which Hydra suggests a defaults-list line); None for any other
+    (Hydra's own message stands)."""
     for override in overrides:
         given = override.input_line or ""
         where = f"command line '{given}'"
         if not override.key_or_group:
             return f"{where}: no key before '='; expected KEY=VALUE, e.g. pipeline=demo"
         value = override.value()
+        group = override.key_or_group
+        chosen_twice = override.is_add() and why.startswith(f"Multiple values for {group}.")
+        if chosen_twice or (override.is_force_add() and repo.group_exists(group)):
+            chosen = f"{group} is chosen already; to choose another: {given.lstrip('+')}"
+            return f"{where}: {chosen} {_available(group, repo.get_group_options(group))}"
         if override.is_sweep_override() or (value is None and override.is_delete()):
             continue
         if isinstance(value, str | dict) or (isinstance(value, list) and not override.is_delete()):
             continue  # a name, a mapping (sets keys, not a choice), a list of names
-        group = override.key_or_group
         if repo.group_exists(group):
             typed = given.partition("=")[2]
             options = _available(group, repo.get_group_options(group))
@@ -372,7 +378,7 @@ def _override_error(
         return None
     # parsed once more, as Hydra did (a failed composition only: a run pays nothing for it)
     parsed, repo = loader._parse_overrides_and_create_caching_repo(config_name, overrides)
-    return bad_override(parsed, repo)
+    return bad_override(parsed, repo, str(exc))
 
 
 # Hydra's own `get_mode`, which `_get_mode` replaces

@@ -209,6 +209,18 @@ FORMS = "a list: KEY=[a,b]; a value with spaces, commas or brackets in quotes: K
             id="pipeline_deleted_by_an_int",
         ),
         pytest.param(
+            ("+pipeline=jobs",),
+            "command line '+pipeline=jobs': pipeline is chosen already; to choose another: "
+            f"pipeline=jobs {PIPELINES}",
+            id="pipeline_added",
+        ),
+        pytest.param(
+            ("++cluster=sim",),
+            "command line '++cluster=sim': cluster is chosen already; to choose another: "
+            "cluster=sim (available: local, ray, sim)",
+            id="cluster_force_added",
+        ),
+        pytest.param(
             ("=3",),
             "command line '=3': no key before '='; expected KEY=VALUE, e.g. pipeline=demo",
             id="no_key",
