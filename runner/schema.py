@@ -130,17 +130,3 @@ class PipelineSpec:
     name: str = MISSING
     # stages by name
     stages: dict[str, object] = field(default_factory=dict)
-
-
-@dataclass
-class RootConfig:
-    """The primary config, `conf/config.yaml`."""
-
-    # run | plan | status | report (redraw the last run's timeline.png, trace.json, report.html)
-    # | cancel (stop `units` of the run in progress, with their stage's grace)
-    mode: Mode = Mode.run
-    # mode=cancel: the units to cancel, by name
-    units: list[str] = field(default_factory=list)
-    run: RunConfig = field(default_factory=RunConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
