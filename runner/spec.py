@@ -173,8 +173,6 @@ class Spec:
     run: RunConfig
     cluster: ClusterConfig
     pipeline: Pipeline
-    # the composed config as plain data, for the run directory's record
-    composed: dict[str, object]
     # mode=cancel: the units to cancel in the running run
     units: list[str] = field(default_factory=list)
 
@@ -367,7 +365,6 @@ def load(cfg: DictConfig, kinds: Mapping[str, KindSchema], origins: Origins | No
         run=run,
         cluster=cluster,
         pipeline=pipeline,
-        composed=data,
         units=[str(u) for u in units],
     )
 
