@@ -30,8 +30,6 @@ TAIL_LINES = 15
 # what a command may write into {output_dir}; line formats can be resumed through {done}
 DATA_SUFFIXES = (".csv", ".parquet", ".jsonl")
 LINE_SUFFIXES = (".csv", ".jsonl")
-# the `outputs:` policies of the commit check
-OUTPUTS = ("one_per_id", "subset", "any")
 # the folder of a stage's shard files, in its stage directory
 SHARDS = "shards"
 
