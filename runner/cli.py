@@ -1,4 +1,5 @@
-"""The `runner` command: Hydra composes the spec, then validate → plan → run (or plan / status).
+"""The `runner` command: Hydra composes the spec, then validate → plan → run (or the modes
+plan, status, report and cancel).
 
 Errors a user can cause end as one message and exit code 2 (a bad spec, a plan that cannot
 fit, a run directory in use); `RUNNER_FULL_ERROR=1` adds the traceback.
