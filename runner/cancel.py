@@ -24,7 +24,7 @@ from typing import Protocol
 from runner.errors import RunnerError
 from runner.lifecycle import UnitState
 from runner.plan import StagePlan
-from runner.store import Ledger, read_ledger, write_json
+from runner.store import Ledger, in_use, read_ledger, write_json
 
 REQUESTS = "cancel-requests"
 # seconds the cancelling command waits for the runner to answer, and for the units to end
@@ -140,18 +140,35 @@ def cancel(run_dir: Path, units: list[str], pipeline: str) -> int:
     1 when some ended otherwise first."""
     if not units:
         raise CancelError("mode=cancel needs the units to cancel: units=[NAME,...]")
-    ledger = read_ledger(run_dir)
-    last = ledger.last_run() if ledger is not None else None
-    if ledger is None or last is None or last["ended"] is not None:
+    if not _in_progress(run_dir):
         raise CancelError(
             f"{run_dir}: no run in progress to cancel units of "
             f"(start one with `runner pipeline={pipeline}`)"
         )
+    known = _ask(run_dir, units)
+    ledger = read_ledger(run_dir)
+    if ledger is None:  # answered by a runner whose ledger is gone: nothing to wait for
+        raise CancelError(f"{run_dir}: the run's ledger is gone")
     try:
-        known = _ask(run_dir, units)
         return _await_end(ledger, known)
     finally:
         ledger.close()
+
+
+def _in_progress(run_dir: Path) -> bool:
+    """Whether a run of `run_dir` is in progress: its ledger's last run has not ended, or a
+    runner holds the directory (a run still starting: its attempt is recorded once Ray is up,
+    seconds later, and it answers requests from its first pass)."""
+    if in_use(run_dir):
+        return True
+    ledger = read_ledger(run_dir)
+    if ledger is None:
+        return False
+    try:
+        last = ledger.last_run()
+    finally:
+        ledger.close()
+    return last is not None and last["ended"] is None
 
 
 def _ask(run_dir: Path, units: list[str]) -> list[tuple[str, str]]:

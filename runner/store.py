@@ -810,6 +810,22 @@ def hold(root: Path, what: str, instead: str) -> int:
     return fd
 
 
+def in_use(root: Path) -> bool:
+    """Whether a runner holds `root`'s lock (a run starting or running), found by asking for a
+    shared lock without waiting, released at once."""
+    try:
+        fd = os.open(root / ".lock", os.O_RDONLY)
+    except OSError:
+        return False  # no run ever took it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the shared lock, if it was taken
+    return False
+
+
 class RunStore:
     """One run directory, held by one runner at a time."""
 

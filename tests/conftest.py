@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
@@ -134,6 +134,18 @@ def embedded_runner(*args: str, config_dir: Path | None = TEST_SPECS) -> Iterato
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def ray_starting(pid: int) -> bool:
+    """Whether the embedded Ray of runner `pid` has its GCS server: `ray.init` is under way
+    (the raylet, the agents and the driver's connection come after it)."""
+    from runner import procs
+
+    for child in procs.descendants(pid):
+        with suppress(OSError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == "gcs_server":
+                return True
+    return False
 
 
 def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Result:

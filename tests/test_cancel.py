@@ -5,8 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from runner.cancel import cancel as ask_to_cancel
 from runner.lifecycle import UnitState
-from tests.conftest import cpus_free_again, run_runner, runner_process, unit_states, wait_until
+from tests.conftest import (
+    cpus_free_again,
+    embedded_runner,
+    ray_starting,
+    run_runner,
+    runner_process,
+    unit_states,
+    wait_until,
+)
 
 
 def table_row(out: str, stage: str) -> dict[str, str]:
@@ -46,3 +57,26 @@ def test_an_id_of_two_stages_is_refused_and_stage_slash_id_cancels_one(
     assert (square["done"], square["cancelled"]) == ("5", "1")
     assert (cube["done"], cube["cancelled"]) == ("6", "0")
     wait_until(cpus_free_again, what="every worker's CPU to be free")
+
+
+def test_a_cancel_while_the_run_starts_waits_for_its_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mode=cancel` in the seconds an embedded Ray takes to start: the runner holds the run
+    directory but has not recorded its attempt yet. The request waits for the runner's first
+    pass (not "no run in progress"), and the named unit never runs."""
+    args = (
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.items.range=4",
+        "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
+    )
+    with embedded_runner(*args) as proc:
+        wait_until(lambda: ray_starting(proc.pid), timeout=60, what="Ray starting")
+        code = ask_to_cancel(tmp_path, ["work/2"], "misbehave")  # what `mode=cancel` runs, at once
+        out, err = proc.communicate(timeout=90)  # a bound against hangs, not a timing claim
+    assert code == 0
+    assert capsys.readouterr().out.strip() == "work/2: CANCELLED"
+    assert proc.returncode == 0, out + err
+    done, cancelled = UnitState.done, UnitState.cancelled
+    assert unit_states(tmp_path, "work") == {"0": done, "1": done, "2": cancelled, "3": done}

@@ -6,7 +6,6 @@ starts."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sqlite3
@@ -20,6 +19,7 @@ from tests.conftest import (
     attempt,
     cpus_free_again,
     embedded_runner,
+    ray_starting,
     run_runner,
     runner_process,
     wait_until,
@@ -93,16 +93,6 @@ def test_a_signal_cancels_running_units_and_exits_with_its_code(
     assert "skip" in resumed.out
 
 
-def _gcs_started(pid: int) -> bool:
-    """Whether the embedded Ray of runner `pid` has its GCS server: `ray.init` is under way
-    (the raylet, the agents and the driver's connection come after it)."""
-    for child in procs.descendants(pid):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{child}/comm").read_text().strip() == "gcs_server":
-                return True
-    return False
-
-
 @pytest.mark.parametrize(
     ("sig", "group", "code"),
     [
@@ -118,7 +108,7 @@ def test_a_signal_while_ray_starts_ends_the_run_cleanly(
     no Ray process left behind (its agents once were), and a rerun does the work."""
     args = ("pipeline=misbehave", f"run.dir={tmp_path}", "pipeline.stages.work.items.range=4")
     with embedded_runner(*args) as proc:
-        wait_until(lambda: _gcs_started(proc.pid), timeout=60, what="Ray starting")
+        wait_until(lambda: ray_starting(proc.pid), timeout=60, what="Ray starting")
         family = [(p, procs.start_time(p)) for p in procs.descendants(proc.pid)]
         if group:
             os.killpg(proc.pid, sig)
