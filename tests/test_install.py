@@ -34,18 +34,25 @@ def test_help_and_the_demo_plan_work_from_any_directory(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # a plan writes nothing, not even runs/
 
 
-def test_a_specs_data_paths_are_relative_to_its_spec_directory(tmp_path: Path) -> None:
+def my_specs(tmp_path: Path, stage: str) -> tuple[Path, Path]:
+    """A user's spec directory holding pipeline `mine` of one stage `work` (its keys as YAML
+    text, `stage`) and an empty `data/`, and another directory to run it from."""
     specs, elsewhere = tmp_path / "my_specs", tmp_path / "elsewhere"
     (specs / "pipeline").mkdir(parents=True)
     (specs / "data").mkdir()
     elsewhere.mkdir()
+    (specs / "pipeline" / "mine.yaml").write_text(f"name: mine\nstages:\n  work:\n    {stage}")
+    return specs, elsewhere
+
+
+def test_a_specs_data_paths_are_relative_to_its_spec_directory(tmp_path: Path) -> None:
+    specs, elsewhere = my_specs(
+        tmp_path,
+        "kind: pool\n    worker: {_target_: runner.examples.arith.Describe}\n"
+        "    items: {file: data/items.jsonl}\n",
+    )
     (specs / "data" / "items.jsonl").write_text(
         "".join(json.dumps({"id": f"i{n}", "x": n}) + "\n" for n in range(7))
-    )
-    (specs / "pipeline" / "mine.yaml").write_text(
-        "name: mine\nstages:\n  work:\n    kind: pool\n"
-        "    worker: {_target_: runner.examples.arith.Describe}\n"
-        "    items: {file: data/items.jsonl}\n"
     )
     res = runner_in(elsewhere, "--config-dir", str(specs), "pipeline=mine", "mode=plan")
     assert res.code == 0, res.text
@@ -70,6 +77,21 @@ def test_a_specs_data_paths_are_relative_to_its_spec_directory(tmp_path: Path) -
     )  # fmt: skip
     assert missing.code == 2
     assert f"= '{elsewhere / 'nope.jsonl'}': no such file" in missing.err
+
+
+def test_a_jobs_scns_working_directory_is_relative_to_its_spec_directory(tmp_path: Path) -> None:
+    """SCNS's `current_working_directory` is its name for `cwd`, flat or in its nested body:
+    relative, it is the spec directory's, as `cwd` is (it was the working directory's)."""
+    specs, elsewhere = my_specs(
+        tmp_path,
+        "kind: jobs\n    jobs:\n"
+        "      - {name: a, cwd: data, script: pwd}\n"
+        "      - {name: b, current_working_directory: data, script: pwd}\n"
+        "      - {job: {name: c, current_working_directory: data}, script: pwd}\n",
+    )
+    res = runner_in(elsewhere, "--config-dir", str(specs), "pipeline=mine", "mode=plan")
+    assert res.code == 0, res.text
+    assert "run       3  new" in res.out
 
 
 def test_shell_completion_offers_pipelines_and_every_schema_key(tmp_path: Path) -> None:

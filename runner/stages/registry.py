@@ -59,7 +59,16 @@ KINDS: dict[str, StageKind] = {
         jobs_planning.check,
         jobs_planning.plan,
         jobs_kind.open_run,
-        path_keys=(("jobs_file",), ("cwd",), ("jobs", "*", "cwd")),
+        # a job's cwd under either name (SCNS's `current_working_directory`), flat or in
+        # SCNS's nested body `{job: {...}, script}`
+        path_keys=(
+            ("jobs_file",),
+            ("cwd",),
+            ("jobs", "*", "cwd"),
+            ("jobs", "*", "current_working_directory"),
+            ("jobs", "*", "job", "cwd"),
+            ("jobs", "*", "job", "current_working_directory"),
+        ),
         noun="job",
         job_table=True,
     ),
