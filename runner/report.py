@@ -208,8 +208,9 @@ def _status_table(stages: list[StageRow], counts_of: dict[str, dict[str, int]]) 
         ended = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["ended"])) if s["ended"] else "-"
         )
-        states = ("done", "failed", "timeout", "cancelled")
-        rows.append((s["stage"], s["kind"], s["state"], *(counts.get(k, 0) for k in states), ended))
+        # counted as the summary counts them: an OUT_OF_MEMORY job is `failed` (it was in none)
+        tally = (sum(counts.get(k, 0) for k in states) for states in history.UNIT_COUNTS.values())
+        rows.append((s["stage"], s["kind"], s["state"], *tally, ended))
     return _table(header, rows)
 
 

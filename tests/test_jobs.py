@@ -623,6 +623,9 @@ def test_a_job_over_its_memory_is_out_of_memory_while_its_neighbour_completes(
     status = cli(*args, "mode=status")
     assert re.search(r"^hog\s+OUT_OF_MEMORY\s+SIGKILL\s", status.out, re.M), status.out
     assert "hog: OUT_OF_MEMORY: memory 100M exceeded: its processes held" in status.out
+    # the stage's row counts the hog as failed, as the end-of-run table does (it was in none)
+    assert re.search(r"^work\s+jobs\s+failed\s+1\s+1\s+0\s+0\s", status.out, re.M), status.out
+    assert re.search(r"^work\s+jobs\s+1\s+1\s+0\s+0\s+0\s", res.out, re.M), res.out
 
 
 @pytest.mark.usefixtures("ray_session")
