@@ -81,9 +81,12 @@ def _yaml_has(path: Path, dotted: str) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     for part in dotted.split(".") if dotted else []:
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]  # an entry of a list: `jobs.0.cwd`
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return False
-        node = node[part]
     return True
 
 
@@ -488,32 +491,37 @@ def anchor_paths(
     if not isinstance(data, dict) or (kind := kinds.get(str(data.get("kind")))) is None:
         return
     for keys in kind.path_keys:
-        for parent, key in _walk(data, keys):
+        for parent, key, where in _walk(data, keys, path):
             value = parent.get(key)
             if not isinstance(value, str) or not value:
                 continue
             expanded = Path(value).expanduser()
             if not expanded.is_absolute():
-                # an entry of a list (jobs[i].cwd) comes from the file that wrote the list
-                where = f"{path}.{'.'.join(keys).split('.*')[0]}"
+                # asked by the entry's own key (`jobs.0.cwd`): an override of another key of
+                # the list (`jobs.0.script=...`) leaves its paths the spec file's
                 base = origins.base(where) if origins else Path.cwd()
                 expanded = base / expanded
             parent[key] = str(expanded)
 
 
-def _walk(node: object, keys: tuple[str, ...]) -> Iterator[tuple[dict[str, object], str]]:
-    """The (mapping, key) pairs `keys` reaches in `node`; `*` stands for every list entry."""
+def _walk(
+    node: object, keys: tuple[str, ...], at: str
+) -> Iterator[tuple[dict[str, object], str, str]]:
+    """The (mapping, key, its dotted key path from `at`) triples `keys` reaches in `node`;
+    `*` stands for every list entry."""
     if not keys:
         return
     head, rest = keys[0], keys[1:]
-    children = node if head == "*" and isinstance(node, list) else []
+    children: list[tuple[object, object]] = []
+    if head == "*" and isinstance(node, list):
+        children = list(enumerate(node))
     if head != "*" and isinstance(node, dict):
         if not rest:
-            yield node, head
+            yield node, head, f"{at}.{head}"
             return
-        children = [node.get(head)]
-    for child in children:
-        yield from _walk(child, rest)
+        children = [(head, node.get(head))]
+    for step, child in children:
+        yield from _walk(child, rest, f"{at}.{step}")
 
 
 def _check_needs(stages: Mapping[str, StageSpec], problems: Problems) -> None:

@@ -94,6 +94,21 @@ def test_a_jobs_scns_working_directory_is_relative_to_its_spec_directory(tmp_pat
     assert "run       3  new" in res.out
 
 
+def test_overriding_one_key_of_a_job_leaves_its_cwd_the_spec_directorys(tmp_path: Path) -> None:
+    """An override of one job's script (`jobs.0.script=...`) is not one of its cwd: that
+    stays relative to the spec directory (it became the working directory's, exit 2)."""
+    specs, elsewhere = my_specs(
+        tmp_path, "kind: jobs\n    jobs:\n      - {name: a, cwd: data, script: pwd}\n"
+    )
+    args = ("--config-dir", str(specs), "pipeline=mine", "mode=plan")
+    res = runner_in(elsewhere, *args, "pipeline.stages.work.jobs.0.script=ls")
+    assert res.code == 0, res.text
+    # an override of the cwd itself is the working directory's, as any path on the line
+    res = runner_in(elsewhere, *args, "pipeline.stages.work.jobs.0.cwd=data")
+    assert res.code == 2
+    assert f"jobs.0.cwd: = '{elsewhere / 'data'}': no such directory" in res.err
+
+
 def test_shell_completion_offers_pipelines_and_every_schema_key(tmp_path: Path) -> None:
     install = runner_in(tmp_path, "--shell-completion", "install=bash")
     assert install.code == 0, install.text
