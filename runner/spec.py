@@ -640,11 +640,14 @@ def _given(
 
 
 def _coerce(tp: object, value: object) -> object:
-    """Numbers and booleans written as strings (`${oc.env:N}` gives strings) become typed, as
-    OmegaConf's structured configs would convert them."""
+    """Numbers and booleans written as strings (`${oc.env:N}` gives strings) become typed, and
+    numbers in a list of strings become strings (an argv `[--tp_size, 2]`, as R2R's flags are
+    written), as OmegaConf's structured configs would convert them."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if isinstance(value, list) and list[str] in options:
+        return [str(v) if _is_int(v) or isinstance(v, float) else v for v in value]
     if not isinstance(value, str):
         return value
-    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
     if bool in options and value.lower() in ("true", "false"):
         return value.lower() == "true"
     for kind in (int, float):
@@ -758,7 +761,7 @@ def _describe(tp: object, limits: Mapping[str, object] | None = None) -> str:
         elif option in names:
             parts.append(names[option])
         elif typing.get_origin(option) is list:
-            parts.append("a list")
+            parts.append("a list of strings" if option == list[str] else "a list")
         elif typing.get_origin(option) is dict:
             parts.append("a mapping")
         elif isinstance(option, type) and issubclass(option, Enum):

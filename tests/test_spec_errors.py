@@ -486,6 +486,21 @@ def test_a_command_of_the_wrong_type_is_one_problem(cli) -> None:  # type: ignor
     assert "pipeline.stages.compute.jobs.0.command: = 'echo hi': expected a list" in res.err
 
 
+def test_a_shard_command_with_a_number_runs_and_one_with_a_mapping_is_one_problem(  # type: ignore[no-untyped-def]
+    cli,
+) -> None:
+    """An argv's numbers are its strings (`[--tp_size, 2]`); an entry that is no string nor
+    number is said once, as a list of strings expected, not also as a stage without a
+    command (it said `expected a list` of a list, then 'give exactly one of command or fn')."""
+    args = ("pipeline=continuation", "mode=plan")
+    res = cli(*args, "pipeline.stages.generate.command.1=2")
+    assert res.code == 0, res.text
+    res = cli(*args, "pipeline.stages.generate.command.1={a: 1}")
+    assert res.code == 2, res.text
+    assert "invalid spec (1 problem):" in res.err, res.err
+    assert "expected a list of strings or null" in res.err, res.err
+
+
 def test_a_pipeline_file_that_holds_a_list_is_named(tmp_path: Path) -> None:
     """Hydra composes a pipeline file of a list as it is; its first use (the output
     directory's `${pipeline.name}`) then failed in Hydra's words, naming no file."""

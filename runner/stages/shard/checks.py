@@ -68,7 +68,9 @@ def _columns(source: Path) -> list[str]:
 
 
 def _check_work(spec: ShardStage, path: str, problems: Problems) -> None:
-    if (spec.command is None) == (spec.fn is None):
+    # a command or fn of the wrong type is said already, and left out of the spec
+    said = any(key in (f"{path}.command", f"{path}.fn") for key, _ in problems.items)
+    if not said and (spec.command is None) == (spec.fn is None):
         problems.add(
             f"{path}.command",
             "give exactly one of `command` (an argv list) or `fn` ({_target_: pkg.mod.function})",
