@@ -406,6 +406,21 @@ def test_bad_jobs_exit_2_naming_file_key_value_and_what_is_allowed(cli: Cli, mes
     assert f"  - {SPEC}/jobs_bad.yaml: {message}" in res.err
 
 
+def test_a_bad_line_of_a_jsonl_jobs_file_is_named_by_its_line(cli: Cli, tmp_path: Path) -> None:
+    """A JSONL file's problems name the line an editor shows (a blank line counts), as a
+    followed file's do; they were `job N`, the Nth job, which a blank line put off by one."""
+    file = tmp_path / "submit.jsonl"
+    file.write_text(
+        '{"job": {"name": "a"}, "script": "true"}\n\n'
+        '{"job": {"name": "b", "time_limit": "soon"}, "script": "true"}\n'
+        '{"job": {"name": "a"}, "script": "true"}\n'
+    )
+    res = cli("pipeline=jobs_file", f"pipeline.stages.work.jobs_file={file}", "mode=plan")
+    assert res.code == 2, res.text
+    assert f"{file} line 3.time_limit: = 'soon': expected a duration" in res.err, res.err
+    assert f"{file} line 4.name: = 'a': duplicate job name (also {file} line 1)" in res.err
+
+
 @pytest.mark.parametrize(
     ("text", "nbytes"),
     [

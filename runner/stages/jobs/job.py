@@ -153,8 +153,8 @@ def _entries(spec: JobsStage, path: str, problems: Problems) -> list[tuple[str, 
         if isinstance(rows, str):
             problems.add(f"{path}.jobs_file", f"= {spec.jobs_file!r}: {rows}")
             return entries
-        for n, data in enumerate(rows, start=1):
-            where = f"{spec.jobs_file} job {n}"
+        for at, data in rows:
+            where = f"{spec.jobs_file} {at}"
             entries.append((where, _file_reporter(problems, f"{path}.jobs_file", where), data))
     return entries
 
@@ -177,9 +177,11 @@ def complete_lines(text: str) -> list[str]:
     return text.split("\n")[:-1]
 
 
-def _read_jobs_file(value: str, follow: bool = False) -> list[object] | str:
-    """The job mappings of a YAML/JSON list or a JSONL file, or why they cannot be read (a
-    followed file may be empty; its close line and an unfinished last line are left out)."""
+def _read_jobs_file(value: str, follow: bool = False) -> list[tuple[str, object]] | str:
+    """The job mappings of a YAML/JSON list or a JSONL file, each with where it is (`line 3`
+    of a JSONL file, as an editor numbers it past blank lines; `job 3` of a list), or why
+    they cannot be read (a followed file may be empty; its close line and an unfinished last
+    line are left out)."""
     path = Path(value)
     if not path.is_file():
         return "no such file"
@@ -194,16 +196,7 @@ def _read_jobs_file(value: str, follow: bool = False) -> list[object] | str:
     if not text.strip() and not follow:
         return "the file is empty; expected a list of jobs ({name, script | command, ...})"
     if path.suffix == ".jsonl":
-        found: list[object] = []
-        for n, line in enumerate(complete_lines(text) if follow else text.splitlines(), 1):
-            if line.strip():
-                try:
-                    data = json.loads(line)
-                except ValueError as exc:
-                    return f"line {n} is not JSON ({exc}); expected one job object per line"
-                if not (follow and closes(data)):
-                    found.append(data)
-        return found
+        return _jsonl_jobs(complete_lines(text) if follow else text.splitlines(), follow)
     try:
         rows: object = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -213,7 +206,22 @@ def _read_jobs_file(value: str, follow: bool = False) -> list[object] | str:
         return f"{where}not valid YAML/JSON ({problem})"
     if not isinstance(rows, list) or not rows:
         return "expected a non-empty list of jobs ({name, script | command, ...})"
-    return rows
+    return [(f"job {n}", data) for n, data in enumerate(rows, start=1)]
+
+
+def _jsonl_jobs(lines: list[str], follow: bool) -> list[tuple[str, object]] | str:
+    """The jobs of a JSONL file's lines, each named by its line (blank lines are counted and
+    skipped; a followed file's close line is left out), or why a line cannot be read."""
+    found: list[tuple[str, object]] = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                data = json.loads(line)
+            except ValueError as exc:
+                return f"line {n} is not JSON ({exc}); expected one job object per line"
+            if not (follow and closes(data)):
+                found.append((f"line {n}", data))
+    return found
 
 
 def read_line(name: str, spec: JobsStage, data: object, where: str) -> tuple[list[Job], list[str]]:
