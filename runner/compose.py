@@ -104,8 +104,9 @@ def _under(
 
 def missing_key(override: Override, cfg: DictConfig) -> str | None:
     """Why `override` cannot set or delete its key, when a mapping on its path lacks the next
-    key: `command line 'TEXT': KEY: unknown key; did you mean ...? (allowed: ...)`, else None
-    (not a missing key: Hydra's own message stands)."""
+    key, or a mapping it gives (`KEY={a: 1}`) has a key the mapping at KEY lacks: `command
+    line 'TEXT': KEY: unknown key; did you mean ...? (allowed: ...)`, else None (not a missing
+    key: Hydra's own message stands)."""
     if override.is_add() or override.is_force_add():
         return None
     node: object = cfg
@@ -116,17 +117,47 @@ def missing_key(override: Override, cfg: DictConfig) -> str | None:
             continue
         if not isinstance(node, DictConfig):
             return None  # a value on the way, or a list without that entry: Hydra's message
-        keys = [str(k) for k in node if depth or k != "hydra"]
-        if part in keys:
-            node = node._get_node(part)
-            continue
-        where = ".".join(parts[:depth]) or "the config"
-        message = unknown_key(part, sorted(keys)) if keys else f"unknown key ({where} is empty)"
-        stage = depth == 3 and parts[:2] == ["pipeline", "stages"]
-        if not (stage or ".".join(parts[:depth]) in _SCHEMA_MAPPINGS or override.is_delete()):
-            message += f"; +{override.input_line} adds it"
-        return f"command line '{override.input_line}': {'.'.join(parts[: depth + 1])}: {message}"
+        if part not in _keys(node, parts[:depth]):
+            return _unknown(override, node, parts[: depth + 1], override.input_line or "")
+        node = node._get_node(part)
+    value = override.value()
+    if isinstance(value, dict) and isinstance(node, DictConfig) and not override.is_delete():
+        return _missing_inside(override, node, parts, value)
     return None
+
+
+def _missing_inside(
+    override: Override, node: DictConfig, parts: list[str], value: Mapping[str, object]
+) -> str | None:
+    """The first key of the mapping `value`, given to the mapping `node` at `parts`, that
+    `node` (or a mapping below it) lacks, named as `missing_key` names one."""
+    for key, inner in value.items():
+        path = [*parts, str(key)]
+        if str(key) not in _keys(node, parts):
+            return _unknown(override, node, path, f"{'.'.join(path)}=...")
+        child = node._get_node(str(key))
+        if isinstance(inner, dict) and isinstance(child, DictConfig):
+            found = _missing_inside(override, child, path, inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _keys(node: DictConfig, at: list[str]) -> list[str]:
+    """The keys of the mapping at `at`, as a user may override them (`hydra` is Hydra's)."""
+    return [str(k) for k in node if at or k != "hydra"]
+
+
+def _unknown(override: Override, node: DictConfig, path: list[str], added: str) -> str:
+    """`command line 'TEXT': KEY: unknown key ...` for the key at `path` that the mapping
+    `node` lacks; where the schema does not fix that mapping's keys, `+ADDED adds it`."""
+    at, keys = path[:-1], sorted(_keys(node, path[:-1]))
+    where = ".".join(at) or "the config"
+    message = unknown_key(path[-1], keys) if keys else f"unknown key ({where} is empty)"
+    stage = len(at) == 3 and at[:2] == ["pipeline", "stages"]
+    if not (stage or ".".join(at) in _SCHEMA_MAPPINGS or override.is_delete()):
+        message += f"; +{added} adds it"
+    return f"command line '{override.input_line}': {'.'.join(path)}: {message}"
 
 
 # the mappings whose keys the schema fixes (and every stage's own: `pipeline.stages.NAME`); a

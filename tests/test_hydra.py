@@ -53,6 +53,14 @@ def test_a_misspelt_key_still_gets_a_did_you_mean() -> None:
         ("pipeline.stages.scal.num_workers=3", "pipeline.stages.scal", "scale"),
         ("~pipeline.stages.scal", "pipeline.stages.scal", "scale"),
         ("pipeline.stages.scale.worker.factr=2", "pipeline.stages.scale.worker.factr", "factor"),
+        # a mapping given whole is merged key by key: its misspelt key is named the same way
+        ("pipeline={nme: x}", "pipeline.nme", "name"),
+        ("pipeline.stages.scale={retrys: 2}", "pipeline.stages.scale.retrys", "retries"),
+        (
+            "pipeline.stages.scale.worker={_target_: tests.workers.Echo, factr: 2}",
+            "pipeline.stages.scale.worker.factr",
+            "factor",
+        ),
     ],
 )
 def test_a_misspelt_key_path_gets_the_runners_one_line_with_a_did_you_mean(
@@ -72,6 +80,8 @@ def test_a_misspelt_key_path_gets_the_runners_one_line_with_a_did_you_mean(
 def test_only_a_free_form_mapping_is_offered_a_plus() -> None:
     worker = run_runner("pipeline=numbers", "mode=plan", "pipeline.stages.scale.worker.factr=2")
     assert "; +pipeline.stages.scale.worker.factr=2 adds it (RUNNER_FULL_ERROR" in worker.err
+    whole = run_runner("pipeline=numbers", "mode=plan", "pipeline.stages.scale.worker={factr: 2}")
+    assert "; +pipeline.stages.scale.worker.factr=... adds it (RUNNER_FULL_ERROR" in whole.err
     stage = run_runner("pipeline=numbers", "mode=plan", "pipeline.stages.scale.retrys=2")
     assert "adds it" not in stage.err
     full = run_runner(
