@@ -15,7 +15,8 @@ DURATION_HELP = (
     "Slurm's [D-]HH:MM:SS works too)"
 )
 
-_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+# 8G, 8GB, 8GiB and 8Gi (Kubernetes' spelling)
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B|(?<=[KMGT])i)?", re.IGNORECASE)
 _POWERS = {"K": 1, "M": 2, "G": 3, "T": 4}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])", re.IGNORECASE)
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -24,7 +25,8 @@ _CLOCK = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
 
 def memory_bytes(value: str | int | float) -> int | None:
-    """Bytes in `512M`, `8G`, `1.5GiB` or a bare number of megabytes; None when unreadable."""
+    """Bytes in `512M`, `8G`, `1.5GiB`, `8Gi` or a bare number of megabytes; None when
+    unreadable."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):

@@ -427,6 +427,7 @@ def test_a_bad_line_of_a_jsonl_jobs_file_is_named_by_its_line(cli: Cli, tmp_path
         ("512M", 512 << 20),
         ("8G", 8 << 30),
         ("1.5GiB", 3 << 29),
+        ("8Gi", 8 << 30),
         ("64k", 64 << 10),
         (100, 100 << 20),
     ],
