@@ -194,8 +194,9 @@ class TestOnTheSessionRay:
             {
                 "name": "part",
                 "array": "1-3",
-                "env": {"GREETING": "hello {index}"},
-                "script": "echo part {index} of $RUNNER_ARRAY_INDEX, $GREETING",
+                # values as the file wrote them: not Python's True / None
+                "env": {"GREETING": "hello {index}", "FLAG": True, "UNSET": None, "N": 3},
+                "script": "echo part {index} of $RUNNER_ARRAY_INDEX, $GREETING, $FLAG,$UNSET,$N",
             },
         ]
         file = tmp_path / "jobs.jsonl"
@@ -208,7 +209,7 @@ class TestOnTheSessionRay:
         )
         assert res.code == 0, res.text
         logs = tmp_path / "run" / "work"
-        assert (logs / "part[2].out").read_text() == "part 2 of 2, hello 2\n"
+        assert (logs / "part[2].out").read_text() == "part 2 of 2, hello 2, true,,3\n"
         assert sorted(rows(tmp_path / "run")) == ["gpu", "part[1]", "part[2]", "part[3]"]
         assert re.fullmatch(r"\d,\d\n", (logs / "gpu.out").read_text())
 

@@ -366,7 +366,7 @@ def _one(
     places: dict[str, Path],
 ) -> Job:
     merged = {**spec.env, **job.environment, **job.env}
-    env = {str(k): _fill(str(v), index) for k, v in merged.items()}
+    env = {str(k): _fill(_env_text(v), index) for k, v in merged.items()}
     given = _cwd(job)
     cwd = _fill(given if given is not None else spec.cwd or ".", index)
     where = places.get(cwd)
@@ -393,6 +393,14 @@ def _one(
 def _stream(path: str | None, cwd: Path, index: int | None) -> str | None:
     """A job's stream file as an absolute path, relative ones from its cwd (as SCNS does)."""
     return None if path is None else str(cwd / Path(_fill(path, index)).expanduser())
+
+
+def _env_text(value: object) -> str:
+    """An environment variable's text as the YAML wrote it: `true`/`false` for a boolean (not
+    Python's `True`), empty for null (not `None`), a number's digits."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
 
 
 def _fill(text: str, index: int | None) -> str:
