@@ -952,7 +952,6 @@ class Executor:
                 why = f"{work.stage}/{work.id} needs {need}, which nothing running will free"
                 why += f" (held: {held})" if held else " (no node holds it)"
                 log.error("%s; failed", why)
-                work.go(UnitState.running)
                 self.finish(work, UnitState.failed, error=f"cannot be admitted: {why}")
 
     def _no_progress(self) -> None:

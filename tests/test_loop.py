@@ -186,6 +186,24 @@ def test_units_of_a_node_that_leaves_run_again_elsewhere_without_spending_a_retr
     assert outcome.ok and outcome.done == 2
 
 
+def test_a_unit_that_no_node_left_can_hold_fails_naming_why(tmp_path: Path) -> None:
+    """Nodes of 1 and 2 CPUs; the 2-CPU unit runs on node1, which leaves at 3s: node0 can
+    never hold it, so it fails with the reason (and the stage with it), the 1-CPU unit done."""
+    ran = run_loop(
+        tmp_path,
+        {"big": sleep(seconds=10, cpus=2), "small": sleep(seconds=5, cpus=1)},
+        [1, 2],
+        during=[(3.0, lambda executor, cluster: cluster.leave("node1"))],
+    )
+    big, outcome = ran.units["big"]["0"], ran.outcomes["big"]
+    assert big.state is UnitState.failed
+    assert big.error == (
+        "cannot be admitted: big/0 needs 2 CPU, which nothing running will free (no node holds it)"
+    )
+    assert not outcome.ok and outcome.failed == 1
+    assert ran.units["small"]["0"].state is UnitState.done and ran.outcomes["small"].ok
+
+
 def test_a_higher_priority_unit_preempts_a_preemptible_one_which_comes_back(
     tmp_path: Path,
 ) -> None:
