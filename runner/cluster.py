@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner import DIST, gpus, procs, ray_auth, scratch
-from runner.errors import ClusterError, Interrupted, SpecError
+from runner.errors import ClusterError, ClusterLost, Interrupted, SpecError
 from runner.resources import Resources
 from runner.schema import ClusterConfig
 
@@ -286,10 +286,11 @@ def connected(
             procs.wait_gone(left, KILL_WAIT)
         if started and ray_alive():
             ray.shutdown()
-        elif started and _core:
+        elif started and (_core or _lost):
             _abandon()
         starter.close()
         _core.clear()
+        _lost.clear()
         if pids_file is not None:
             pids_file.unlink(missing_ok=True)
         scratch.sweep()  # what the run's killed workers on this node left
@@ -355,10 +356,10 @@ JOIN_STEP = 0.1
 
 
 def _abandon() -> None:
-    """The embedded Ray is dead (killed by the runner, or by a signal to the whole group): its
-    driver must not say goodbye to it. Ray's own exit hook would wait on the dead GCS (5 s,
-    and under load up to Ray's 60 s reconnect timeout, after which Ray ends the process with
-    exit 1 instead of 130/143)."""
+    """The embedded Ray is dead (killed by the runner, or by a signal to the whole group), or
+    the cluster was lost (`lose`): its driver must not say goodbye to it. Ray's own exit hook
+    would wait on the dead GCS (5 s, and under load up to Ray's 60 s reconnect timeout, after
+    which Ray ends the process with exit 1 instead of 130/143)."""
     import atexit
 
     import ray
@@ -412,9 +413,37 @@ def _core_died() -> bool:
 
 def ray_alive() -> bool:
     """False once the embedded Ray's GCS server or raylet is gone (a SIGTERM to the runner's
-    whole process group reaches them too): every Ray call would then hang, so the run ends
-    without them. A Ray this process did not start is taken as alive."""
-    return all(procs.running(pid, started) for pid, started in _core)
+    whole process group reaches them too), or the cluster was found `lost`: every Ray call
+    would then hang, so the run ends without them. A Ray this process did not start is taken
+    as alive until then."""
+    return not _lost and all(procs.running(pid, started) for pid, started in _core)
+
+
+def lose(why: str) -> ClusterLost:
+    """The cluster went away under the run (`why`: how it was seen): Ray is not to be asked
+    anything more (Ray ends the process a minute after its GCS went silent, exit 1 and a line of
+    its own, whatever the run was doing), and the run's Ray is let go without a goodbye. The
+    error that says so."""
+    import ray
+
+    if not _lost:
+        address = ray.get_runtime_context().gcs_address
+        _lost.append(
+            ClusterLost(
+                f"lost the Ray cluster at {address}: {why} (was it stopped?); the run stopped, "
+                "the ledger keeps what finished: run again to resume"
+            )
+        )
+    return _lost[0]
+
+
+def lost() -> ClusterLost | None:
+    """The error that ended the run's Ray, once the cluster was found gone (`lose`)."""
+    return _lost[0] if _lost else None
+
+
+# set once the cluster went away under the run
+_lost: list[ClusterLost] = []
 
 
 # The raylet starts its object store on a thread and connects to it at once, with Ray's client

@@ -53,6 +53,13 @@ class ClusterError(RunnerError):
     exit_code = 2
 
 
+class ClusterLost(ClusterError):
+    """The Ray cluster went away under the run (stopped, its head node down): the run stops,
+    and the ledger keeps every unit it had committed, so a rerun resumes once it is back."""
+
+    exit_code = 1
+
+
 class StorageError(RunnerError):
     """The run directory cannot be written (read-only, full disk): the run stops, and the
     ledger keeps every unit it had committed, so a rerun resumes once the cause is fixed."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from runner import history, planfile, report, warm
 from runner.backends.ray import RayBackend
-from runner.cluster import RayNode
+from runner.cluster import RayNode, lost
 from runner.errors import Interrupted
 from runner.executor import Executor
 from runner.kind import RunContext, StageKind
@@ -144,6 +144,9 @@ def execute(
         progress.close()
     if ledger.failure is not None:
         raise ledger.failure
+    gone = lost()
+    if gone is not None:  # the cluster went away: nothing more to ask it, one message
+        raise gone
     attempt = history.attempt_summary(
         plan, outcomes, time.monotonic() - started, ledger, run_started
     )

@@ -498,7 +498,7 @@ class Executor:
             self._stopped(lease)
         elif lost:  # its worker or node died
             self._refresh_nodes(force=True)  # a node that died takes its leases with it
-            if not lease.closed:
+            if not lease.closed and not self.ctx.stop.is_set():  # (the whole cluster: ended)
                 lease.node_left |= node_died
                 self._apply_all(lease.run.on_failure(lease, tag, error, True))
         elif not lease.closed:

@@ -12,13 +12,15 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
     from ray import ObjectRef
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class RemoteCall(Protocol):
@@ -89,6 +91,29 @@ def bounded(fn: Callable[[], object], seconds: float) -> bool:
     worker.start()
     worker.join(seconds)
     return not worker.is_alive()
+
+
+class Asked(Generic[T]):
+    """`fn` asked on a daemon thread, its answer taken once it has come (`answered`): for a
+    question to Ray's GCS while the run goes on, which blocks with no timeout of its own when
+    the GCS is gone (`ray.nodes()` waits out Ray's minute of reconnecting)."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self.value: T | None = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._ask, args=(fn,), name="asked", daemon=True).start()
+
+    def _ask(self, fn: Callable[[], T]) -> None:
+        try:
+            self.value = fn()
+        except Exception as exc:  # told to the asker, as the answer
+            self.error = exc
+        self.done.set()
+
+    def answered(self, wait: float = 0.0) -> bool:
+        """Whether the answer (or the error) has come, waiting at most `wait` seconds for it."""
+        return self.done.wait(wait) if wait > 0 else self.done.is_set()
 
 
 class ActorKills:

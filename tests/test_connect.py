@@ -13,17 +13,28 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import pytest
 
 from runner import cluster as clusters
 from runner import procs
+from runner.lifecycle import UnitState
 from runner.schema import ClusterConfig
-from tests.conftest import ROOT, TEST_SPECS, Result, run_runner, summary, wait_until
+from tests.conftest import (
+    ROOT,
+    TEST_SPECS,
+    Result,
+    run_runner,
+    summary,
+    unit_states,
+    wait_until,
+)
 
 
 def closed_port() -> int:
@@ -124,6 +135,22 @@ class Head:
 
     port: int
     home: Path
+    # the `ray start --block` process, above every process of the head node
+    pid: int = 0
+
+    def stop(self) -> None:
+        """Stop it as `ray stop` does, by the pids of its own processes (other Rays run on this
+        machine): its raylet first, then the others, its GCS server last."""
+        with suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(self.pid).children(recursive=True)
+            first = [p for p in tree if p.name() == "raylet"]
+            last = [p for p in tree if p.name() == "gcs_server"]
+            for bucket in (first, [p for p in tree if p not in first + last], last):
+                for p in bucket:
+                    with suppress(psutil.NoSuchProcess):
+                        p.terminate()
+                psutil.wait_procs(bucket, timeout=5)
+        procs.kill_tree(self.pid, grace=30)  # `ray start --block`, and whatever is left
 
     def env(self, home: Path | None = None, **more: str) -> dict[str, str]:
         """An environment as a user's shell on this machine has it (home: where Ray looks for
@@ -134,6 +161,13 @@ class Head:
 
 @pytest.fixture(scope="module")
 def stock_head() -> Iterator[Head]:
+    """`ray start --head --port=PORT` as a user starts it (`ray_head`), for the module."""
+    with ray_head() as head:
+        yield head
+
+
+@contextmanager
+def ray_head() -> Iterator[Head]:
     """`ray start --head --port=PORT` as a user starts it, on free ports and a temp dir of its
     own, on a machine where Ray ran before (so ~/.ray/auth_token exists and Ray 2.60 turns
     token authentication on). Its processes are stopped by their pids at the end (never
@@ -155,14 +189,15 @@ def stock_head() -> Iterator[Head]:
         )
     }
     log = home / "head.log"
-    head = Head(port, home)
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
              "--block", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
              f"--temp-dir={home / 't'}", *sorted(ports)],
-            env=head.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=Head(port, home).env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
+    head = Head(port, home, proc.pid)
     try:
         wait_until(
             lambda: "Ray runtime started" in log.read_text() or proc.poll() is not None,
@@ -173,7 +208,7 @@ def stock_head() -> Iterator[Head]:
         assert "Token authentication is enabled" in log.read_text()
         yield head
     finally:
-        procs.kill_tree(proc.pid, grace=30)  # `ray start --block` and every process under it
+        head.stop()
         proc.wait(timeout=30)
         shutil.rmtree(home, ignore_errors=True)
 
@@ -236,3 +271,45 @@ def test_a_stock_head_refuses_a_process_without_its_token_in_one_message(
         f"{head}authentication on, and RAY_AUTH_MODE=disabled sends no token: unset "
         "RAY_AUTH_MODE (or set it to token)\n"
     )
+
+
+def test_a_cluster_stopped_mid_run_ends_it_in_one_line_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """`ray stop` while jobs run on the cluster: the runner says so in one line and exits 1,
+    well before Ray's own minute of reconnecting (which ended the process with exit 1 and a
+    line of Ray's, or, by which of Ray's processes went first, failed the jobs or raised a
+    traceback); the jobs cut short are not failed, and a rerun runs just them."""
+    cwd, run_dir = tmp_path / "cwd", tmp_path / "run"
+    cwd.mkdir()
+    args = ("pipeline=jobs_resume", f"pipeline.stages.work.cwd={cwd}", f"run.dir={run_dir}")
+    with ray_head() as head:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", "--config-dir", str(TEST_SPECS),
+             "run.progress=log", "cluster=ray", *args],
+            cwd=ROOT, env=head.env(RAY_ADDRESS=f"127.0.0.1:{head.port}"), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: all((cwd / f"slow[{i}].pid").exists() for i in (1, 2)),
+                timeout=120,
+                what="the slow jobs to run",
+            )
+            head.stop()
+            out, err = proc.communicate(timeout=45)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, out + err
+    assert err.splitlines()[-1].startswith("runner: error: lost the Ray cluster at "), err
+    assert err.endswith(
+        " (was it stopped?); the run stopped, the ledger keeps what finished: run again to resume\n"
+    ), err
+    assert "Traceback" not in err
+    done, cut = UnitState.done, UnitState.cancelled
+    assert unit_states(run_dir, "work") == {
+        "quick[1]": done, "quick[2]": done, "slow[1]": cut, "slow[2]": cut
+    }  # fmt: skip
+    plan = run_runner(*args, "mode=plan", "cluster=local")
+    assert plan.code == 0, plan.text
+    assert "not finished last time   [slow[1], slow[2]]" in plan.out

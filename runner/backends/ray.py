@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, cast
 from runner import procs
 from runner.backend import Began, Happened, Raised, Replied
 from runner.calls import NEW_GROUP, Call, Remote
-from runner.cluster import RayNode, live_nodes, ray_alive
+from runner.cluster import RayNode, live_nodes, lose, ray_alive
 from runner.lease import Lease
 from runner.placement import STARTED_KEY, Placement, Started, Starts, StartTo
-from runner.remote import ActorKills, Made, bounded, error_line, plain, remote
+from runner.remote import ActorKills, Asked, Made, bounded, error_line, plain, remote
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -46,6 +46,11 @@ GROUP_READY = "group ready"
 WAIT_SECONDS = 0.1
 # how often Ray's node membership is read again
 NODES_EVERY = 2.0
+# seconds the loop waits for that answer (milliseconds when the GCS is up), and how long the
+# GCS may leave it unanswered before the cluster counts as lost: well within the minute after
+# which Ray ends the process itself (`gcs_rpc_server_reconnect_timeout_s`)
+NODES_WAIT = 0.5
+LOST_AFTER = 10.0
 # how often the starts tasks announced are looked for (a task that has answered is heard at
 # once, `_deliver`): a look lists a directory or asks the inbox
 LISTEN_EVERY = 0.05
@@ -75,6 +80,9 @@ class RayBackend:
         self.announced: dict[Lease, StartTo] = {}
         self.starts = Starts(run_dir, shared_fs)
         self.node_seen = -math.inf
+        # the question for the live nodes in flight, and since when none was answered
+        self.asking: Asked[list[RayNode]] | None = None
+        self.unanswered: float | None = None
         self.listened = -math.inf
         # set once stopping met a Ray that is gone: no Ray call is made after that
         self.gone = False
@@ -308,15 +316,38 @@ class RayBackend:
     # --- the cluster -----------------------------------------------------------------------
 
     def nodes(self, force: bool = False) -> list[RayNode] | None:
+        """The live nodes, asked on a thread of their own: a GCS that is gone (the cluster
+        stopped, its head node down) never answers, and Ray ends the process a minute later.
+        One that has answered nothing for LOST_AFTER seconds stops the run (`cluster.lose`)."""
         now = time.monotonic()
-        if now - self.node_seen < NODES_EVERY and not force:
+        if self.asking is None:
+            if now - self.node_seen < NODES_EVERY and not force:
+                return None
+            self.node_seen = now
+            self.asking = Asked(live_nodes)
+            answered = self.asking.answered(NODES_WAIT)
+        else:
+            answered = self.asking.answered()
+        asked = self.asking
+        if answered:
+            self.asking = None
+        if answered and asked.value:
+            self.unanswered = None
+            return asked.value
+        if answered and asked.error is None:  # not even the head node: the cluster stopped
+            self._lose("none of its nodes is alive")
             return None
-        self.node_seen = now
-        try:
-            return live_nodes()
-        except Exception as exc:  # GCS unreachable for a moment: try again later
-            log.debug("ray.nodes(): %s", exc)
-            return None
+        if asked.error is not None:  # GCS unreachable for a moment: try again later
+            log.debug("ray.nodes(): %s", asked.error)
+        self.unanswered = now if self.unanswered is None else self.unanswered
+        if now - self.unanswered >= LOST_AFTER:
+            self._lose(f"it has not answered for {now - self.unanswered:.0f} s")
+        return None
+
+    def _lose(self, why: str) -> None:
+        """The cluster is gone: the run stops without asking Ray anything more."""
+        lose(why)
+        self.stop.set()
 
     def alive(self) -> bool:
         """Whether Ray may still be asked anything. Once stopping, the first look lets a signal
