@@ -16,7 +16,17 @@ def test_help_explains_usage_modes_and_pipelines() -> None:
     assert "report (redraw timeline.png, trace.json, report.html)" in res.out
     assert "Exit codes: 0 success" in res.out
     assert "the run directory\ncannot be written" in res.out
-    assert "a run directory another runner\nholds" in res.out
+    assert "or a run directory another runner holds" in res.out
+    assert "or the Ray cluster went away (a rerun resumes)" in res.out
+
+
+def test_help_shows_how_to_sweep_where_its_jobs_go_and_how_to_see_them() -> None:
+    res = run_runner("--help")
+    assert res.code == 0
+    assert "Sweeps (-m, --multirun): the jobs run side by side on one Ray, each in" in res.out
+    assert "multirun/<pipeline>/<overrides>/ (its own ledger and report)" in res.out
+    assert "runner -m pipeline=demo pipeline.stages.square.worker.exponent=2,3,4\n" in res.out
+    assert "exponent=2,3,4 mode=status" in res.out
 
 
 def test_help_offers_only_config_groups_a_user_can_choose() -> None:
