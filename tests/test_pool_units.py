@@ -3,6 +3,7 @@ resume reruns what changed (code, input content) and never what only says how to
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -40,6 +41,22 @@ def test_a_result_that_cannot_be_stored_fails_its_item_alone(cli, tmp_path: Path
     assert (done["status"] == "done").all()
     # numpy values are stored as plain numbers
     assert [r["n"] for r in done["result"]] == [int(i) for i in done.index]
+
+
+def test_results_holding_empty_objects_are_written(cli, tmp_path: Path) -> None:
+    """Every item returns a dict with an empty dict in it: Parquet cannot hold a struct without
+    fields, so the results column is the JSON texts (the run used to crash writing it)."""
+    res = cli(
+        "pipeline=misbehave",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.worker._target_=tests.workers.Annotated",
+    )
+    assert res.code == 0, res.text
+    assert "Traceback" not in res.text
+    table = results(tmp_path)
+    assert [json.loads(r) for r in table["result"]] == [
+        {"score": i, "notes": {}} for i in range(12)
+    ]
 
 
 @pytest.mark.parametrize("shared_fs", ["true", "false"])

@@ -48,3 +48,22 @@ def test_a_column_of_results_reads_as_its_values_agree(values: list[Any]) -> Non
     expected = reference(values)
     assert column.type == expected.type
     assert repr(column.to_pylist()) == repr(expected.to_pylist())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[{}, {}], [{}, None], [{"score": 1, "notes": {}}], [[{}], []], [{"a": [{"b": {}}]}]],
+    ids=str,
+)
+def test_a_column_holding_empty_objects_is_written_as_json_texts(values: list[Any]) -> None:
+    """Parquet has no struct without fields: such values stay JSON text, and the table writes."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    texts = [None if v is None else json.dumps(v) for v in values]
+    column = _json_column(pa.chunked_array([pa.array(texts, pa.string())]))
+    out = io.BytesIO()
+    pq.write_table(pa.table({"result": column}), out)
+    read = pq.read_table(io.BytesIO(out.getvalue())).column("result").to_pylist()
+    assert [None if t is None else json.loads(t) for t in read] == values

@@ -170,6 +170,13 @@ class Returns:
         }[self.kind]()
 
 
+class Annotated:
+    """Return `{"score": item, "notes": {}}`: a result holding an empty object on every item."""
+
+    def __call__(self, item: int) -> dict[str, Any]:
+        return {"score": item, "notes": {}}
+
+
 class SlowStart:
     """A role actor (`runner.examples.rlhf.Rollout`) that takes `start_seconds` to be built,
     as one loading a model does: a replica granted meanwhile has not started yet."""

@@ -64,7 +64,25 @@ DECODE_ROWS = 100_000
 
 def _json_column(texts: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     """A column of JSON texts as native Arrow values where they agree on one type (numbers,
-    structs); else the JSON texts themselves.
+    structs) that Parquet can hold; else the JSON texts themselves.
+
+    Parquet has no struct without fields: values that are (or hold) an empty object, such as
+    `{"score": 1, "notes": {}}` on every row, would decode to one and fail the whole table's
+    write, so such a column stays JSON text."""
+    column = _decoded(texts)
+    return texts if _holds(column.type, _fieldless) else column
+
+
+def _fieldless(kind: pa.DataType) -> bool:
+    """A struct type without fields (`{}` decoded), which Parquet cannot write."""
+    import pyarrow as pa
+
+    return bool(pa.types.is_struct(kind)) and kind.num_fields == 0
+
+
+def _decoded(texts: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """The JSON texts decoded as native Arrow values where they agree on one type; else the
+    texts.
 
     Arrow's own JSON reader decodes the column in C++ (a third of the time of `json.loads`
     per value on a million results); where it cannot give what `pa.array` of the decoded
