@@ -104,6 +104,18 @@ def test_64_nodes_of_8_gpus_with_thousands_of_replicas(cli) -> None:
     assert again.out.split("simulated in")[0] == res.out.split("simulated in")[0]  # deterministic
 
 
+def test_a_pool_fed_from_another_stage_is_simulated_too(cli) -> None:
+    """`numbers`: 50 items on 2 workers (25 s at a second each), then `describe`, fed `from:`
+    them, 50 items on 1 worker (50 s). Its items are known only once `scale` has run; the
+    simulation gives it one per upstream unit, as a real run does, instead of none."""
+    res = cli("pipeline=numbers", "cluster=sim")
+    assert res.code == 0, res.text
+    assert stage_line(res.out, "describe").startswith(
+        "stage describe (pool): 1 worker(s), 1 admitted, 1 ran at once (0.5 CPU each)"
+    )
+    assert "makespan from the first unit's start: 75 virtual seconds" in res.out
+
+
 def test_a_group_that_can_never_fit_is_a_plan_error(cli) -> None:
     res = cli(
         "pipeline=rlhf_large", "cluster=sim", "pipeline.stages.rlhf.roles.train.resources.gpus=16"

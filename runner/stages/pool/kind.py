@@ -146,10 +146,16 @@ class PoolSettings:
 
 def _from_upstream(own: str, source: str, ctx: PlanContext) -> list[Unit] | None:
     """The upstream stage's committed outputs as units, once it has nothing left to run, in
-    the upstream's own order (a range's 0, 1, 2, ..., 10: not the ledger's text order)."""
+    the upstream's own order (a range's 0, 1, 2, ..., 10: not the ledger's text order).
+
+    Without a ledger (the simulated cluster, once the upstream stage has run there) an item
+    per upstream unit, its value unknown: what a real run gets when every upstream unit is
+    done, so the simulation times the stage instead of leaving it out."""
     upstream = ctx.upstream[source]
-    if upstream.units is None or upstream.to_run or ctx.ledger is None:
+    if upstream.units is None or upstream.to_run:
         return None
+    if ctx.ledger is None:
+        return [Unit(u.id, digest(own, u.fingerprint), None) for u in upstream.units]
     ids = [u.id for u in upstream.units]
     done = {r.unit: r for r in ctx.ledger.rows(source, ids) if r.state is UnitState.done}
     rows = [done[i] for i in ids if i in done]
