@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
@@ -46,6 +47,21 @@ class ClusterInfo:
     node_partitions: tuple[frozenset[str], ...] = ()
     # every node sees the run directory at the same path (`cluster.shared_fs`)
     shared_fs: bool = True
+    # a simulated cluster's GPU memory per GPU (GB), in the order of `nodes`, as its
+    # `cluster.nodes` declare it (`gpu_memory_gb`; inf where undeclared); empty elsewhere,
+    # where a shard's `min_gpu_memory_gb` is checked against what NVML finds
+    gpu_memory_gb: tuple[float, ...] = ()
+
+    def gpu_memory_nodes(self, gpus: float, gb: float) -> frozenset[int] | None:
+        """The nodes (indices) with `gpus` GPUs of at least `gb` GB each, where the cluster
+        declares its GPUs' memory (simulated); None where it does not (any node)."""
+        if not self.gpu_memory_gb or gb <= 0:
+            return None
+        return frozenset(
+            i
+            for i, (node, mem) in enumerate(zip(self.nodes, self.gpu_memory_gb, strict=True))
+            if node.gpus >= gpus and mem >= gb
+        )
 
     @property
     def total(self) -> Resources:
@@ -184,7 +200,7 @@ SIM_NODE_KEYS = ("count", "cpus", "gpus", "gpu_memory_gb", "memory")
 
 def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
     """The declared nodes of a simulated cluster (`cluster.nodes`, memory in GB)."""
-    problems, nodes = [], []
+    problems, nodes, gpu_memory = [], [], []
     if not cfg.nodes:
         problems.append(
             "cluster.nodes: missing: a simulated cluster needs nodes, e.g. "
@@ -204,14 +220,16 @@ def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
             gpus=_amount(entry, "gpus", 0),
             memory=_amount(entry, "memory", 0) * (1 << 30),
         )
-        nodes += [node] * int(_amount(entry, "count", 1))
+        count = int(_amount(entry, "count", 1))
+        nodes += [node] * count
+        gpu_memory += [_amount(entry, "gpu_memory_gb", math.inf)] * count
     if problems:
         raise SpecError(problems)
     if not nodes:
         raise SpecError(["cluster.nodes: every entry has count 0: no node to simulate"])
     total = ClusterInfo(tuple(nodes), "").total
     where = f"simulated cluster: {len(nodes)} node(s), {total.describe()}"
-    return ClusterInfo(tuple(nodes), where)
+    return ClusterInfo(tuple(nodes), where, gpu_memory_gb=tuple(gpu_memory))
 
 
 def describe(cfg: ClusterConfig) -> ClusterInfo:

@@ -125,6 +125,41 @@ def test_a_group_that_can_never_fit_is_a_plan_error(cli) -> None:
     assert "one train replica needs 32 CPU, 16 GPU" in res.err
 
 
+GPU_NODES_24GB = "{count: 2, cpus: 16, gpus: 8, gpu_memory_gb: 24}"
+
+
+def test_shards_wanting_more_gpu_memory_than_any_simulated_node_has_cannot_run(cli) -> None:
+    res = cli(
+        "pipeline=continuation_gpu",
+        "cluster=sim",
+        f"cluster.nodes=[{GPU_NODES_24GB}]",
+        "pipeline.stages.generate.min_gpu_memory_gb=80",
+    )
+    assert res.code == 2, res.text
+    assert (
+        "pipeline.stages.generate.gpus_per_shard: each shard needs 1 GPU(s) with at least 80 GB "
+        "(min_gpu_memory_gb); the simulated nodes' GPUs have at most 24 GB "
+        "(cluster.nodes: gpu_memory_gb)"
+    ) in res.err
+
+
+def test_shards_run_only_on_simulated_nodes_with_their_gpu_memory(cli) -> None:
+    """8 shards of a GPU each with 40 GB: only the node of 2 80-GB GPUs takes them, 2 at a
+    time (4 turns of a second), not the 8 GPUs of 24 GB beside it."""
+    res = cli(
+        "pipeline=continuation_gpu",
+        "cluster=sim",
+        "cluster.nodes=[{cpus: 16, gpus: 8, gpu_memory_gb: 24}, "
+        "{cpus: 16, gpus: 2, gpu_memory_gb: 80}]",
+        "pipeline.stages.generate.min_gpu_memory_gb=40",
+    )
+    assert res.code == 0, res.text
+    assert stage_line(res.out, "generate").startswith(
+        "stage generate (shard): 8 shard(s), 8 admitted, 2 ran at once"
+    )
+    assert "makespan from the first unit's start: 4 virtual seconds" in res.out
+
+
 def test_bad_simulated_nodes_name_the_key(cli) -> None:
     res = cli("pipeline=rlhf", "cluster=sim", "cluster.nodes=[{cpu: 2}]")
     assert res.code == 2

@@ -15,6 +15,7 @@ from typing import cast
 from runner import disk, procs
 from runner.calls import Expect, Remote
 from runner.carry import pack, under
+from runner.cluster import ClusterInfo
 from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
 from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
@@ -116,7 +117,7 @@ class ShardRun(StageRun):
 
     def ask_for(self, work: Work) -> Ask:
         if self.slots is None:
-            return Ask(shard_request(self.spec), work)
+            return Ask(shard_request(self.spec, self.ctx.cluster), work)
         group = self.slots.take()
         resources = self.slots.resources(group, self.spec.cpus_per_shard)
         return Ask(Request(resources, self.spec.priority), work, tag=group)
@@ -291,10 +292,13 @@ class ShardRun(StageRun):
         return outcome
 
 
-def shard_request(spec: ShardStage) -> Request:
+def shard_request(spec: ShardStage, cluster: ClusterInfo) -> Request:
     """A shard's CPUs and GPUs at the stage's priority (without GPU groups from the inventory:
-    Ray picks the node's GPUs)."""
-    return Request(Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard), spec.priority)
+    Ray picks the node's GPUs), on the nodes whose GPUs have `min_gpu_memory_gb` where the
+    cluster declares its GPUs' memory (simulated: a real node's is read by the shard's task)."""
+    nodes = cluster.gpu_memory_nodes(spec.gpus_per_shard, spec.min_gpu_memory_gb)
+    resources = Resources(cpus=spec.cpus_per_shard, gpus=spec.gpus_per_shard)
+    return Request(resources, spec.priority, nodes=nodes)
 
 
 def _shard(payload: ShardPayload) -> Shard:

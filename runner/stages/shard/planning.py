@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner import gpus
+from runner.cluster import ClusterInfo
 from runner.errors import PlanError
 from runner.identity import code_digest, digest
 from runner.plan import (
@@ -163,6 +164,7 @@ def _gpu_groups(name: str, spec: ShardStage, ctx: PlanContext) -> tuple[list[str
         return [note], indices
     have = ctx.cluster.largest.gpus
     if have >= need:
+        _declared_gpu_memory(key, spec, ctx.cluster)
         return [], []
     if ctx.cluster.total.gpus == 0:
         raise PlanError(
@@ -174,4 +176,21 @@ def _gpu_groups(name: str, spec: ShardStage, ctx: PlanContext) -> tuple[list[str
         )
     raise PlanError(
         [f"{key}: each shard needs {need:g} GPU(s); the largest node has {have:g} GPU(s)"]
+    )
+
+
+def _declared_gpu_memory(key: str, spec: ShardStage, cluster: ClusterInfo) -> None:
+    """Stop at plan time when no node of a cluster that declares its GPUs' memory (simulated:
+    `cluster.nodes`' `gpu_memory_gb`) has a shard's GPUs with `min_gpu_memory_gb` each, as a
+    real run's task would refuse every GPU it is given."""
+    nodes = cluster.gpu_memory_nodes(spec.gpus_per_shard, spec.min_gpu_memory_gb)
+    if nodes is None or nodes:
+        return
+    most = max(m for n, m in zip(cluster.nodes, cluster.gpu_memory_gb, strict=True) if n.gpus)
+    raise PlanError(
+        [
+            f"{key}: each shard needs {spec.gpus_per_shard:g} GPU(s) with at least "
+            f"{spec.min_gpu_memory_gb:g} GB (min_gpu_memory_gb); the simulated nodes' GPUs "
+            f"have at most {most:g} GB (cluster.nodes: gpu_memory_gb)"
+        ]
     )
