@@ -134,7 +134,7 @@ def _missing_inside(
     for key, inner in value.items():
         path = [*parts, str(key)]
         if str(key) not in _keys(node, parts):
-            return _unknown(override, node, path, f"{'.'.join(path)}=...")
+            return _unknown(override, node, path, f"{'.'.join(path)}=...", _replacing(override))
         child = node._get_node(str(key))
         if isinstance(inner, dict) and isinstance(child, DictConfig):
             found = _missing_inside(override, child, path, inner)
@@ -143,20 +143,32 @@ def _missing_inside(
     return None
 
 
+def _replacing(override: Override) -> str:
+    """`; KEY={...} merges into the mapping there, ~KEY '+KEY={...}' replaces it`: a mapping
+    given whole is merged key by key, so a pool's `items={range: 9}` keeps the spec's `file`
+    and its `worker={_target_: ...}` the spec's worker arguments; replacing it takes both."""
+    key = override.key_or_group
+    text = (override.input_line or "").split("=", 1)[-1]
+    return f"; {key}={{...}} merges into the mapping there, ~{key} '+{key}={text}' replaces it"
+
+
 def _keys(node: DictConfig, at: list[str]) -> list[str]:
     """The keys of the mapping at `at`, as a user may override them (`hydra` is Hydra's)."""
     return [str(k) for k in node if at or k != "hydra"]
 
 
-def _unknown(override: Override, node: DictConfig, path: list[str], added: str) -> str:
+def _unknown(
+    override: Override, node: DictConfig, path: list[str], added: str, replace: str = ""
+) -> str:
     """`command line 'TEXT': KEY: unknown key ...` for the key at `path` that the mapping
-    `node` lacks; where the schema does not fix that mapping's keys, `+ADDED adds it`."""
+    `node` lacks; where the schema does not fix that mapping's keys, `+ADDED adds it`, after
+    `replace` (how a mapping given whole replaces the one there) when given."""
     at, keys = path[:-1], sorted(_keys(node, path[:-1]))
     where = ".".join(at) or "the config"
     message = unknown_key(path[-1], keys) if keys else f"unknown key ({where} is empty)"
     stage = len(at) == 3 and at[:2] == ["pipeline", "stages"]
     if not (stage or ".".join(at) in _SCHEMA_MAPPINGS or override.is_delete()):
-        message += f"; +{added} adds it"
+        message += f"{replace}; +{added} adds it"
     return f"command line '{override.input_line}': {'.'.join(path)}: {message}"
 
 

@@ -77,6 +77,22 @@ def test_a_misspelt_key_path_gets_the_runners_one_line_with_a_did_you_mean(
     assert "HYDRA_FULL_ERROR" not in res.err and "not in struct" not in res.err
 
 
+def test_a_mapping_given_whole_is_told_how_to_replace_the_one_there(cli) -> None:
+    """`items={list: [1, 2]}` merges into the spec's `{range: 50}`: the message says so, and
+    the override it offers runs."""
+    res = cli("pipeline=numbers", "mode=plan", "pipeline.stages.scale.items={list: [1, 2]}")
+    assert res.code == 2, res.text
+    key = "pipeline.stages.scale.items"
+    assert (
+        f"{key}.list: unknown key (allowed: range); {key}={{...}} merges into the mapping there, "
+        f"~{key} '+{key}={{list: [1, 2]}}' replaces it; +{key}.list=... adds it"
+    ) in res.err
+    assert res.err.count("\n") == 1
+    offered = cli("pipeline=numbers", "mode=plan", f"~{key}", f"+{key}={{list: [1, 2]}}")
+    assert offered.code == 0, offered.text
+    assert "run       2  new                      [0, 1]" in offered.out
+
+
 def test_only_a_free_form_mapping_is_offered_a_plus() -> None:
     worker = run_runner("pipeline=numbers", "mode=plan", "pipeline.stages.scale.worker.factr=2")
     assert "; +pipeline.stages.scale.worker.factr=2 adds it (RUNNER_FULL_ERROR" in worker.err
