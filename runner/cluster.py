@@ -213,6 +213,8 @@ def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
                 problems.append(f"{path}: unknown key (allowed: {', '.join(SIM_NODE_KEYS)})")
             elif not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 problems.append(f"{path}: = {value!r}: expected a number >= 0")
+            elif key == "count" and value != int(value):  # 2.5 nodes were 2, silently
+                problems.append(f"{path}: = {value!r}: expected a whole number of nodes")
         if problems:
             continue
         node = Resources(

@@ -169,6 +169,12 @@ def test_bad_simulated_nodes_name_the_key(cli) -> None:
     )
 
 
+def test_a_fraction_of_a_simulated_node_is_refused(cli) -> None:
+    res = cli("pipeline=rlhf", "cluster=sim", "cluster.nodes=[{count: 2.5, cpus: 2}]")
+    assert res.code == 2
+    assert "cluster.nodes[0].count: = 2.5: expected a whole number of nodes" in res.err
+
+
 def stage_line(out: str, stage: str) -> str:
     return next(ln for ln in out.splitlines() if ln.startswith(f"stage {stage} "))
 
