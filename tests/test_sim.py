@@ -169,6 +169,17 @@ def test_bad_simulated_nodes_name_the_key(cli) -> None:
     )
 
 
+def test_simulated_items_longer_than_step_timeout_time_out(cli) -> None:
+    """pychecker's step_timeout is 3 s: items declared to take 5 s time out, as on Ray, and
+    the stage fails past its max_failures (10%); at 2 s each they run."""
+    slow = cli("pipeline=pychecker", "cluster=sim", "cluster.sim_unit_seconds=5")
+    assert slow.code == 1, slow.text
+    assert "problem: check: 60 item(s) failed or timed out; max_failures allows 6" in slow.out
+    quick = cli("pipeline=pychecker", "cluster=sim", "cluster.sim_unit_seconds=2")
+    assert quick.code == 0, quick.text
+    assert "makespan from the first unit's start: 30 virtual seconds" in quick.out
+
+
 def test_a_fraction_of_a_simulated_node_is_refused(cli) -> None:
     res = cli("pipeline=rlhf", "cluster=sim", "cluster.nodes=[{count: 2.5, cpus: 2}]")
     assert res.code == 2

@@ -331,14 +331,16 @@ class PoolRun(StageRun):
     def _expect(self, batch: list[Work]) -> Expect:
         """A batch in virtual time: each item takes what the measured run says, times the
         worker time per item time it measured; an item that overran its step timeout there
-        does so again, and stops the batch (its worker is then replaced)."""
+        does so again, and stops the batch (its worker is then replaced); so does one whose
+        declared time (`cluster.sim_unit_seconds`) is past `step_timeout`, as on Ray."""
         status: list[str] = []
         seconds: list[float] = []
+        limit = self.spec.step_timeout
         for work in batch:
             took = self.ctx.seconds(self.name, work.id)
-            if work.id in self.timed_out:
+            if work.id in self.timed_out or (limit is not None and took > limit):
                 status.append("timeout")
-                seconds.append(took)
+                seconds.append(took if limit is None else min(took, limit))
                 break
             status.append("done")
             seconds.append(took * self.scale)
