@@ -711,9 +711,20 @@ class Executor:
     def event(
         self, work: Work, kind: str, detail: str | None, started: float | None = None
     ) -> None:
+        """Record a moment of the unit's life on the node it is on: an attempt drawn without
+        its node would land on a node of its own, named after the worker's host."""
         if self.keep_rows:
             self.events.append(
-                Event(work.stage, work.id, kind, self.wall(), work.worker, detail, started)
+                Event(
+                    work.stage,
+                    work.id,
+                    kind,
+                    self.wall(),
+                    work.worker,
+                    detail,
+                    started,
+                    work.node_ip,
+                )
             )
 
     # --- leases ending -------------------------------------------------------------------

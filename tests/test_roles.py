@@ -104,6 +104,13 @@ def test_the_rlhf_example_preempts_by_the_rules_and_every_victim_finishes(
     assert preempted <= set(reasons)
     assert sorted(m.unit for m in view.moments if m.kind == "preempted") == sorted(reasons)
     assert (tmp_path / "timeline.png").exists()
+    # a replica is one lane on its node, its preempted attempt on it too (not a second node
+    # named after the host, with a second lane of the same name)
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    lanes = [e["args"]["name"] for e in trace if e["name"] == "thread_name"]
+    assert sorted(lanes) == sorted(f"rlhf/{unit}" for unit in rows)
+    nodes = [e["args"]["name"] for e in trace if e["name"] == "process_name"]
+    assert len([n for n in nodes if n.startswith("Node ")]) == 1, nodes
 
     wait_until(no_groups_left, what="every placement group to be removed")
     wait_until(cpus_free_again, what="every role actor to be gone")
