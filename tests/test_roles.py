@@ -299,6 +299,26 @@ def test_a_reserved_group_holding_what_the_role_it_waits_on_needs_is_a_plan_erro
     ) in result.err
 
 
+def test_no_dynamic_groups_for_a_role_no_reserved_group_serves_is_a_plan_error(cli) -> None:
+    """`max_dynamic_pgs: 0` with groups on: a dynamic role's replicas would wait for a group
+    for ever (the run hung at `1/5`); a role a reserved group serves runs in it."""
+    res = cli("pipeline=rlhf", "cluster=sim", "pipeline.stages.rlhf.pg_pool.max_dynamic_pgs=0")
+    assert res.code == 2, res.text
+    assert (
+        "pipeline.stages.rlhf.pg_pool.max_dynamic_pgs: = 0: no reserved group serves "
+        "rollout, train, rollout_burst (pg: dynamic), whose replicas would wait for a placement "
+        "group for ever; give max_dynamic_pgs >= 1, or enable_dynamic_pgs: false to run them "
+        "without groups"
+    ) in res.err
+    alone = cli(
+        "pipeline=rlhf",
+        "cluster=sim",
+        "pipeline.stages.rlhf.pg_pool.max_dynamic_pgs=0",
+        "+pipeline.stages.rlhf.pg_pool.enable_dynamic_pgs=false",
+    )
+    assert alone.code == 0, alone.text
+
+
 SIM_8_CPUS = ("pipeline=rlhf", "cluster=sim", "pipeline.stages.rlhf.autoscale_to_cluster=false")
 
 

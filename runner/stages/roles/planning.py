@@ -92,6 +92,7 @@ def _check_fit(name: str, rp: RolesPlan, ctx: PlanContext) -> None:
                 f"{role.resources.shortfall(rp.quota)}"
             )
     problems += _deadlocks(name, rp, ctx)
+    problems += _no_dynamic_groups(name, rp)
     if problems:
         raise PlanError(problems)
 
@@ -131,6 +132,27 @@ def _deadlocks(name: str, rp: RolesPlan, ctx: PlanContext) -> list[str]:
             f"could never finish (cycle: {path} → reserved groups → {role})"
         )
     return problems
+
+
+def _no_dynamic_groups(name: str, rp: RolesPlan) -> list[str]:
+    """`max_dynamic_pgs: 0` with dynamic groups on: a dynamic role that no reserved group
+    serves would wait for a group for ever (a run that hangs, with nothing said), where
+    `enable_dynamic_pgs: false` is what runs such roles without groups."""
+    if not (rp.groups and rp.dynamic_groups) or rp.max_dynamic_pgs > 0:
+        return []
+    stranded = [
+        r.name
+        for r in rp.roles.values()
+        if r.pg == "dynamic" and not any(g.serves(r) for g in rp.reserved)
+    ]
+    if not stranded:
+        return []
+    return [
+        f"pipeline.stages.{name}.pg_pool.max_dynamic_pgs: = 0: no reserved group serves "
+        f"{', '.join(stranded)} (pg: dynamic), whose replicas would wait for a placement group "
+        "for ever; give max_dynamic_pgs >= 1, or enable_dynamic_pgs: false to run them without "
+        "groups"
+    ]
 
 
 def _beside_reserved(name: str, rp: RolesPlan, ctx: PlanContext) -> list[str]:
