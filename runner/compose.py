@@ -17,6 +17,7 @@ a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -30,7 +31,7 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.config_repository import IConfigRepository
 from hydra._internal.hydra import Hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -102,11 +103,55 @@ def _under(
             node[key] = value
 
 
-def missing_key(override: Override, cfg: DictConfig) -> str | None:
+def declared_key(
+    override: Override, cfg: DictConfig, kinds: Mapping[str, KindSchema]
+) -> Override | None:
+    """`override` as an addition (`+KEY=VALUE`) when it sets a key that its mapping, a
+    free-form one of a stage (a role, a roles stage's `pg_pool`), lacks and that the stage's
+    kind declares for it (`mapping_keys`): a documented key the YAML leaves out; else None."""
+    if override.is_add() or override.is_force_add() or override.is_delete():
+        return None
+    parts = override.key_or_group.split(".")
+    node: object = cfg
+    for part in parts[:-1]:
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    if not isinstance(node, DictConfig) or parts[-1] in node:
+        return None
+    if parts[-1] not in (_declared(parts[:-1], cfg, kinds) or ()):
+        return None
+    return dataclasses.replace(override, type=OverrideType.ADD)
+
+
+def _declared(
+    at: list[str], cfg: DictConfig, kinds: Mapping[str, KindSchema]
+) -> tuple[str, ...] | None:
+    """The keys the mapping at `at` takes, where it is a free-form mapping of a stage whose
+    kind declares them (`mapping_keys`, `*` matching any name); else None."""
+    if len(at) < 4 or at[:2] != ["pipeline", "stages"]:
+        return None
+    stage = OmegaConf.select(cfg, f"pipeline.stages.{at[2]}", default=None)
+    kind = kinds.get(str(stage.get("kind"))) if isinstance(stage, DictConfig) else None
+    if kind is None:
+        return None
+    inner = at[3:]
+    for pattern, keys in kind.mapping_keys.items():
+        if len(pattern) != len(inner):
+            continue
+        if all(p in ("*", k) for p, k in zip(pattern, inner, strict=True)):
+            return keys
+    return None
+
+
+def missing_key(
+    override: Override, cfg: DictConfig, kinds: Mapping[str, KindSchema] | None = None
+) -> str | None:
     """Why `override` cannot set or delete its key, when a mapping on its path lacks the next
     key, or a mapping it gives (`KEY={a: 1}`) has a key the mapping at KEY lacks: `command
     line 'TEXT': KEY: unknown key; did you mean ...? (allowed: ...)`, else None (not a missing
-    key: Hydra's own message stands)."""
+    key: Hydra's own message stands). A stage's free-form mapping whose keys its kind (in
+    `kinds`) declares is named with those."""
     if override.is_add() or override.is_force_add():
         return None
     node: object = cfg
@@ -118,7 +163,9 @@ def missing_key(override: Override, cfg: DictConfig) -> str | None:
         if not isinstance(node, DictConfig):
             return None  # a value on the way, or a list without that entry: Hydra's message
         if part not in _keys(node, parts[:depth]):
-            return _unknown(override, node, parts[: depth + 1], override.input_line or "")
+            declared = _declared(parts[:depth], cfg, kinds) if kinds else None
+            line = override.input_line or ""
+            return _unknown(override, node, parts[: depth + 1], line, declared=declared)
         node = node._get_node(part)
     value = override.value()
     if isinstance(value, dict) and isinstance(node, DictConfig) and not override.is_delete():
@@ -158,11 +205,20 @@ def _keys(node: DictConfig, at: list[str]) -> list[str]:
 
 
 def _unknown(
-    override: Override, node: DictConfig, path: list[str], added: str, replace: str = ""
+    override: Override,
+    node: DictConfig,
+    path: list[str],
+    added: str,
+    replace: str = "",
+    declared: tuple[str, ...] | None = None,
 ) -> str:
     """`command line 'TEXT': KEY: unknown key ...` for the key at `path` that the mapping
     `node` lacks; where the schema does not fix that mapping's keys, `+ADDED adds it`, after
-    `replace` (how a mapping given whole replaces the one there) when given."""
+    `replace` (how a mapping given whole replaces the one there) when given; where its
+    stage's kind does (`declared`), those are the keys allowed."""
+    if declared is not None:
+        message = unknown_key(path[-1], declared)
+        return f"command line '{override.input_line}': {'.'.join(path)}: {message}"
     at, keys = path[:-1], sorted(_keys(node, path[:-1]))
     where = ".".join(at) or "the config"
     message = unknown_key(path[-1], keys) if keys else f"unknown key ({where} is empty)"
@@ -348,7 +404,11 @@ def install(kinds: Mapping[str, KindSchema]) -> None:
             try:
                 apply_overrides([override], cfg)
             except ConfigCompositionException:
-                message = missing_key(override, cfg)
+                added = declared_key(override, cfg, kinds)
+                if added is not None:  # a documented key the YAML left out
+                    apply_overrides([added], cfg)
+                    continue
+                message = missing_key(override, cfg, kinds)
                 if message is None:
                     raise
                 if os.environ.get("RUNNER_FULL_ERROR"):

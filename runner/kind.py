@@ -287,6 +287,9 @@ class StageKind:
     open: StageOpener
     # the spec's keys that hold paths, relative to the spec's directory (`*`: every item)
     path_keys: tuple[tuple[str, ...], ...] = ()
+    # the keys of its free-form mappings (by path in the stage, `*`: any name), so that one
+    # the YAML leaves out is still overridden as KEY=VALUE and a misspelt one is named
+    mapping_keys: Mapping[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict)
     # what its units are called in reports (a pool's leases are its workers)
     noun: str = "unit"
     # each unit drawn on a track of its own (a role replica), not packed into a worker's

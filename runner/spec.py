@@ -199,6 +199,10 @@ class KindSchema(Protocol):
     @property
     def path_keys(self) -> tuple[tuple[str, ...], ...]: ...
 
+    # the keys each of its free-form mappings takes, by path in the stage (`*`: any name)
+    @property
+    def mapping_keys(self) -> Mapping[tuple[str, ...], tuple[str, ...]]: ...
+
 
 def did_you_mean(word: str, allowed: Iterable[str]) -> str:
     """'; did you mean 'x'?' when a close match exists, else ''."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from runner import procs, spans
+from runner.stages.roles import checks as roles_checks
 from runner.store import read_ledger
 from tests.conftest import (
     RLHF_ROLLOUT_STEPS,
@@ -314,9 +315,38 @@ def test_no_dynamic_groups_for_a_role_no_reserved_group_serves_is_a_plan_error(c
         "pipeline=rlhf",
         "cluster=sim",
         "pipeline.stages.rlhf.pg_pool.max_dynamic_pgs=0",
-        "+pipeline.stages.rlhf.pg_pool.enable_dynamic_pgs=false",
+        "pipeline.stages.rlhf.pg_pool.enable_dynamic_pgs=false",
     )
     assert alone.code == 0, alone.text
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("pipeline.stages.rlhf.roles.train.estimated_duration=25", "run       5  new"),
+        ("pipeline.stages.rlhf.roles.train.ray_options={name: trainer}", "run       5  new"),
+        ("pipeline.stages.rlhf.pg_pool.enable_dynamic_pgs=false", "enable_dynamic_pgs is false"),
+        ("pipeline.stages.rlhf.preemption.enable_label_preemption=false", "run       5  new"),
+    ],
+)
+def test_a_roles_key_the_yaml_leaves_out_is_overridden_as_key_value(
+    cli, override: str, said: str
+) -> None:
+    """A role's, the pool's, `pg_pool`'s and `preemption`'s keys are documented keys: set on
+    the command line as any other key is (they were 'unknown key', with a list of 'allowed'
+    keys that left them out)."""
+    res = cli("pipeline=rlhf", "cluster=sim", "mode=plan", override)
+    assert res.code == 0, res.text
+    assert said in res.out
+
+
+def test_a_misspelt_roles_key_names_the_keys_the_mapping_takes(cli) -> None:
+    res = cli("pipeline=rlhf", "mode=plan", "pipeline.stages.rlhf.roles.train.estimated_duraton=2")
+    assert res.code == 2, res.text
+    allowed = ", ".join(roles_checks.ROLE_KEYS)
+    key = "pipeline.stages.rlhf.roles.train.estimated_duraton"
+    said = f"{key}: unknown key; did you mean 'estimated_duration'? (allowed: {allowed}) (RUNNER"
+    assert said in res.err and "adds it" not in res.err
 
 
 SIM_8_CPUS = ("pipeline=rlhf", "cluster=sim", "pipeline.stages.rlhf.autoscale_to_cluster=false")

@@ -45,6 +45,7 @@ KINDS: dict[str, StageKind] = {
         roles_kind.open_run,
         noun="replica",
         unit_tracks=True,
+        mapping_keys=roles_checks.MAPPING_KEYS,
     ),
     "shard": StageKind(
         ShardStage,

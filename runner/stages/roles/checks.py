@@ -14,7 +14,13 @@ from runner.quantities import MEMORY_HELP, memory_bytes
 from runner.scheduler.policy import ALIASES, THRESHOLDS, aggressiveness_level
 from runner.schema import StageSpec
 from runner.spec import Problems, check_target, find_cycle, unknown_key
-from runner.stages.roles.schedulemesh import ENV_PREFIX, canonical
+from runner.stages.roles.schedulemesh import (
+    ENV_PREFIX,
+    PG_POOL_NAMES,
+    PREEMPTION_NAMES,
+    RESOURCE_NAMES,
+    canonical,
+)
 from runner.stages.roles.schema import RolesStage
 
 ROLE_KEYS = (
@@ -60,6 +66,18 @@ PG_POOL_KEYS = (
     "enable_dynamic_pgs",
     "pg_creation_timeout",
 )
+
+# the keys of the stage's free-form mappings, ScheduleMesh's spellings too (the registry's
+# `mapping_keys`): a documented key the YAML leaves out is overridden as KEY=VALUE
+MAPPING_KEYS = {
+    ("roles", "*"): ROLE_KEYS,
+    ("roles", "*", "resources"): (*RESOURCE_KEYS, *RESOURCE_NAMES),
+    ("pool",): ("name", "resources"),
+    ("pool", "resources"): (*RESOURCE_KEYS, *RESOURCE_NAMES),
+    ("pg_pool",): (*PG_POOL_KEYS, *PG_POOL_NAMES, "high_priority_pg_specs"),
+    ("pg_pool_config",): (*PG_POOL_KEYS, *PG_POOL_NAMES, "high_priority_pg_specs"),
+    ("preemption",): (*PREEMPTION_KEYS, *PREEMPTION_NAMES),
+}
 
 
 def check(name: str, spec: StageSpec, problems: Problems, stages: Mapping[str, StageSpec]) -> None:
