@@ -439,11 +439,11 @@ def ray_alive() -> bool:
     return not _lost and all(procs.running(pid, started) for pid, started in _core)
 
 
-def lose(why: str) -> ClusterLost:
+def lose(why: str) -> None:
     """The cluster went away under the run (`why`: how it was seen): Ray is not to be asked
     anything more (Ray ends the process a minute after its GCS went silent, exit 1 and a line of
-    its own, whatever the run was doing), and the run's Ray is let go without a goodbye. The
-    error that says so."""
+    its own, whatever the run was doing), and the run's Ray is let go without a goodbye; the
+    error that says so is `lost()`."""
     import ray
 
     if not _lost:
@@ -454,7 +454,6 @@ def lose(why: str) -> ClusterLost:
                 "the ledger keeps what finished: run again to resume"
             )
         )
-    return _lost[0]
 
 
 def lost() -> ClusterLost | None:
