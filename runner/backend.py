@@ -1,11 +1,11 @@
 """What the unit loop needs of a cluster: start work on a placement, stop it, kill it, hear
 what happened, follow the nodes, tell the time.
 
-Two backends: `backends/ray.py` does it on Ray; `backends/virtual.py` answers in virtual time
-after the times the kinds expect (`cluster=sim`). The loop (`executor.py`) is the same for
-both, so a simulated run cannot drift from a real one. Like Ray's `ray.air.execution`
-resource managers, a backend never decides where anything runs: the lease's placement (the
-scheduler's grant) says so.
+`backends/ray.py` does it on Ray; `backends/virtual.py` answers in virtual time after the
+times the kinds expect (`cluster=sim`); `backends/idle.py` has no cluster, for a run that has
+nothing to launch. The loop (`executor.py`) is the same for all, so a simulated run cannot
+drift from a real one. Like Ray's `ray.air.execution` resource managers, a backend never
+decides where anything runs: the lease's placement (the scheduler's grant) says so.
 """
 
 from __future__ import annotations

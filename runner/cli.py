@@ -43,8 +43,8 @@ from runner import (
 )
 from runner import cluster as clusters
 from runner.errors import Interrupted, RunnerError
-from runner.execute import Sharing, execute, stop_on_signals
-from runner.plan import Plan, StagePlanner, make_plan
+from runner.execute import Executed, Sharing, execute, stop_on_signals
+from runner.plan import Plan, StagePlanner, launches_nothing, make_plan
 from runner.resources import Resources
 from runner.scheduler import metrics
 from runner.schema import Mode
@@ -244,37 +244,54 @@ def _plan_and_run(
         )
     if caught:  # while planning: Ray is not started for a run that is to stop
         raise Interrupted(caught[0], "before any unit started")
+    if plan is not None and launches_nothing(plan):
+        # every unit done last time: the rerun is answered from the ledger, no Ray started
+        return _execute(spec, plan, plan.cluster, sharing, store, ledger, stop, caught).finish()
     with clusters.connected(spec.cluster, store.root / RAY_PIDS, caught) as info:
         if plan is None:
             plan = make_plan(spec.pipeline, _planners(), info, ledger, spec.run.fresh, store.root)
-        # the live nodes, with the ids the placements name
-        plan.cluster = dataclasses.replace(info, shared_fs=spec.cluster.shares_fs)
-        _announce(plan)
-        if spec.run.fresh:
-            # an interrupted fresh run must not be completed later with older results
-            ledger.supersede(plan.stages)
-        if metrics.REGISTRY.ray is None:  # Ray's metrics agent exports them where it runs
-            metrics.REGISTRY.export_to_ray()
-        if sharing is None:
-            metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
-        port = spec.cluster.metrics_port if sharing is None else None  # the sweep's
-        with metrics.serving(port):
-            executed = execute(
-                plan,
-                spec.pipeline,
-                KINDS,
-                store,
-                ledger,
-                spec.run.progress,
-                spec.run.fresh,
-                stop,
-                caught,
-                sharing,
-            )
+        executed = _execute(spec, plan, info, sharing, store, ledger, stop, caught)
         if executed.caught is not None:  # raised in here: Ray may be half-stopped by the signal
             return executed.finish()
         finished = drawing.submit(executed.finish)
     return finished.result()
+
+
+def _execute(
+    spec: Spec,
+    plan: Plan,
+    info: clusters.ClusterInfo,
+    sharing: Sharing | None,
+    store: RunStore,
+    ledger: Ledger,
+    stop: threading.Event,
+    caught: list[int],
+) -> Executed:
+    """The plan run on `info`'s nodes (the live ones, with the ids placements name), serving
+    its metrics meanwhile."""
+    plan.cluster = dataclasses.replace(info, shared_fs=spec.cluster.shares_fs)
+    _announce(plan)
+    if spec.run.fresh:
+        # an interrupted fresh run must not be completed later with older results
+        ledger.supersede(plan.stages)
+    if metrics.REGISTRY.ray is None and clusters.ray_running_here():
+        metrics.REGISTRY.export_to_ray()  # Ray's metrics agent exports them where it runs
+    if sharing is None:
+        metrics.REGISTRY.set_resources(Resources(), plan.cluster.total)
+    port = spec.cluster.metrics_port if sharing is None else None  # the sweep's
+    with metrics.serving(port):
+        return execute(
+            plan,
+            spec.pipeline,
+            KINDS,
+            store,
+            ledger,
+            spec.run.progress,
+            spec.run.fresh,
+            stop,
+            caught,
+            sharing,
+        )
 
 
 def is_pipeline(task: object) -> bool:

@@ -19,12 +19,14 @@ from types import FrameType
 from typing import Any
 
 from runner import history, planfile, report, warm
+from runner.backend import Backend
+from runner.backends.idle import IdleBackend
 from runner.backends.ray import RayBackend
 from runner.cluster import RayNode, lost
 from runner.errors import Interrupted
 from runner.executor import Executor
 from runner.kind import RunContext, StageKind
-from runner.plan import Plan
+from runner.plan import Plan, launches_nothing
 from runner.progress import Progress
 from runner.scheduler import Scheduler
 from runner.spec import Pipeline
@@ -121,7 +123,11 @@ def execute(
     before any unit starts)."""
     tables = any(kinds[stage.kind].shared_leases for stage in plan.stages.values())
     warm.start(warm.PICTURE + (warm.RESULTS if tables else ()))
-    backend = RayBackend(store.root, plan.cluster.shared_fs, stop)
+    backend: Backend = (
+        IdleBackend(stop)
+        if launches_nothing(plan)
+        else RayBackend(store.root, plan.cluster.shared_fs, stop)
+    )
     if sharing is None:
         scheduler = Scheduler(list(plan.cluster.nodes), clock=backend.clock)
         progress = Progress(progress_mode)

@@ -2,7 +2,8 @@
 
 A kind is a `StageRun` whose hooks hand back verdicts (`verdicts.py`); the `Executor` owns the
 rest for all running stages at once, on one thread, against a backend (`backend.py`): Ray for
-a real run, virtual time for `cluster=sim`. It never imports Ray.
+a real run, virtual time for `cluster=sim`, none for a rerun with nothing to launch. It never
+imports Ray.
 
 - **asks → grants → placements**: a kind's `Ask` becomes a scheduler ticket; a grant becomes a
   `Lease` whose `Placement` names the node the scheduler chose, and the kind's `Remote` is

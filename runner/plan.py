@@ -142,6 +142,8 @@ class StagePlan:
     # worker that ran it: its kind's `StageKind.unit_tracks`, kept in `plan.json` for the
     # picture and the trace
     unit_tracks: bool = False
+    # units may arrive while it runs (a followed jobs_file): never known to have none to run
+    open_ended: bool = False
 
     @property
     def to_run(self) -> list[Unit]:
@@ -158,6 +160,14 @@ class Plan:
     pipeline: str
     cluster: ClusterInfo
     stages: dict[str, StagePlan]
+
+
+def launches_nothing(plan: Plan) -> bool:
+    """Whether the run has nothing to start: every stage's units known, none to run, none
+    open-ended (a rerun with nothing to do, answered from the ledger without a cluster)."""
+    return all(
+        s.units is not None and not s.open_ended and not s.to_run for s in plan.stages.values()
+    )
 
 
 @dataclass

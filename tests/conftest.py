@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,18 @@ def unit_states(run_dir: Path, stage: str) -> dict[str, Any]:
         return {r.unit: r.state for r in ledger.rows(stage)}
     finally:
         ledger.close()
+
+
+def ledger_states(run_dir: Path) -> dict[str, str]:
+    """Each unit's state as the ledger holds it now, read while a run writes it (nothing yet:
+    empty)."""
+    try:
+        db = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+        rows = db.execute("SELECT unit, state FROM units").fetchall()
+        db.close()
+    except sqlite3.Error:
+        return {}
+    return dict(rows)
 
 
 def attempt(run_dir: Path) -> dict[str, Any]:

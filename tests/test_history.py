@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import cpus_free_again, run_runner, runner_process, summary, wait_until
+from tests.conftest import (
+    cpus_free_again,
+    ledger_states,
+    run_runner,
+    runner_process,
+    summary,
+    wait_until,
+)
 
 ARTIFACTS = ("summary.json", "report.html", "trace.json", "timeline.png", "work/events.jsonl")
 
@@ -68,14 +75,28 @@ def test_a_rerun_with_nothing_to_do_changes_only_the_attempts_list(
     assert records(tmp_path) == after  # mode=report draws the same whole run
 
 
-def ledger_states(run_dir: Path) -> dict[str, str]:
-    try:
-        db = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
-        rows = db.execute("SELECT unit, state FROM units").fetchall()
-        db.close()
-    except sqlite3.Error:
-        return {}
-    return dict(rows)
+def test_a_rerun_with_nothing_to_do_starts_no_ray(ray_session: str, cli, tmp_path: Path) -> None:
+    """The shipped continuation example, done, run again by a user: the answer comes from the
+    ledger (its merge made again) without an embedded Ray, which would have written its session
+    under RAY_TMPDIR."""
+    run_dir = tmp_path / "run"
+    first = cli("pipeline=continuation", f"run.dir={run_dir}")
+    assert first.code == 0, first.text
+    merged = (run_dir / "generate" / "merged.csv").read_bytes()
+
+    # Ray's socket paths must stay short: not under pytest's tmp_path
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:
+        ray_tmp = Path(short) / "ray"
+        env = {"RAY_TMPDIR": str(ray_tmp)}
+        again = run_runner("pipeline=continuation", f"run.dir={run_dir}", env=env)
+        assert again.code == 0, again.text
+        assert not ray_tmp.exists()  # no Ray session was started
+    assert "generate: 0 unit(s) to run, 4 skipped (done)" in again.text
+    assert "attempt 2 of this run" in again.out
+    assert (run_dir / "generate" / "merged.csv").read_bytes() == merged
+    last = summary(run_dir)["attempts"][-1]
+    assert last["exit_code"] == 0 and last["units_run"] == 0
+    assert last["stages"]["generate"]["skipped"] == 4
 
 
 def test_ctrl_c_then_resume_keeps_every_attempt_in_the_records(

@@ -30,6 +30,7 @@ from tests.conftest import (
     Result,
     attempt,
     cpus_free_again,
+    ledger_states,
     left_on_the_node,
     run_runner,
     runner_process,
@@ -739,7 +740,10 @@ def test_mode_cancel_stops_one_running_job_and_one_waiting_while_the_rest_comple
 def test_a_followed_jobs_file_runs_lines_appended_after_the_start_until_close(
     ray_session: str, tmp_path: Path, scratch: Path
 ) -> None:
+    """SCNS's queue worker, restarted with every job so far done: it has nothing to run yet,
+    and follows the file all the same."""
     file = tmp_path / "submit.jsonl"
+    run_dir = tmp_path / "run"
 
     def submit(line: dict[str, object]) -> None:
         with file.open("a") as f:
@@ -749,28 +753,42 @@ def test_a_followed_jobs_file_runs_lines_appended_after_the_start_until_close(
     args = (
         "pipeline=jobs_scns",
         "cluster=ray",
-        f"run.dir={tmp_path / 'run'}",
+        f"run.dir={run_dir}",
         f"pipeline.stages.work.cwd={scratch}",
         f"pipeline.stages.work.jobs_file={file}",
         "+pipeline.stages.work.follow=true",
     )
     env = {"RAY_ADDRESS": ray_session}
     proc = runner_process(*args, env=env)
-    wait_until(lambda: (scratch / "first.marks").exists(), timeout=60, what="the first job")
+    wait_until(
+        lambda: ledger_states(run_dir).get("first") == "done", timeout=60, what="the first job done"
+    )
+    assert proc.poll() is None  # still following
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+
+    proc = runner_process(*args, env=env)
+    log = run_dir / "runner.log"
+    wait_until(
+        lambda: "work: 0 unit(s) to run, 1 skipped (done)" in log.read_text(),
+        timeout=60,
+        what="the restarted run's plan",
+    )
     submit({"job": {"name": "later", "cpus_per_task": 0.5}, "script": "echo 1 >> later.marks"})
     wait_until(lambda: (scratch / "later.marks").exists(), timeout=60, what="the appended job")
     assert proc.poll() is None  # still following
     submit({"close": True})
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
-    assert {u: r.state for u, r in rows(tmp_path / "run").items()} == {
+    assert {u: r.state for u, r in rows(run_dir).items()} == {
         "first": UnitState.done,
         "later": UnitState.done,
     }
     again = run_runner(*args, env=env)
     assert again.code == 0, again.text
     assert [marks(scratch, j) for j in ("first", "later")] == [1, 1]
-    assert attempt(tmp_path / "run")["stages"]["work"]["skipped"] == 2
+    assert attempt(run_dir)["stages"]["work"]["skipped"] == 2
     wait_until(cpus_free_again, what="every job's CPU to be free")
 
 

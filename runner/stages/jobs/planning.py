@@ -89,7 +89,16 @@ def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -
     settings = JobsSettings(tuple(upstream))
     sizing = StageSizing.by_unit({j.id: j.resources for j in jobs})
     return StagePlan(
-        name, "jobs", spec, fingerprint, config, units, claims, settings=settings, sizing=sizing
+        name,
+        "jobs",
+        spec,
+        fingerprint,
+        config,
+        units,
+        claims,
+        settings=settings,
+        sizing=sizing,
+        open_ended=spec.follow and spec.jobs_file is not None,
     )
 
 
