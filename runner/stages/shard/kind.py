@@ -83,6 +83,8 @@ class ShardRun(StageRun):
         # the GPU groups to ask for by name, where the cluster names its GPUs (else Ray picks)
         groups = stage.settings.gpu_groups if isinstance(stage.settings, ShardSettings) else None
         self.slots = GpuSlots.of(groups, self.spec.gpus_per_shard, ctx.cluster.nodes)
+        # without named GPUs every shard asks alike: one request, shared as tickets may share
+        self.request = shard_request(self.spec, ctx.cluster)
         self.requeued: Counter[str] = Counter()
 
     @property
@@ -117,7 +119,7 @@ class ShardRun(StageRun):
 
     def ask_for(self, work: Work) -> Ask:
         if self.slots is None:
-            return Ask(shard_request(self.spec, self.ctx.cluster), work)
+            return Ask(self.request, work)
         group = self.slots.take()
         resources = self.slots.resources(group, self.spec.cpus_per_shard)
         return Ask(Request(resources, self.spec.priority), work, tag=group)
