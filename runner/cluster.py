@@ -196,11 +196,15 @@ def _default_memory() -> float:
 
 
 SIM_NODE_KEYS = ("count", "cpus", "gpus", "gpu_memory_gb", "memory")
+# the most nodes a simulated cluster may declare: fifty times Ray's largest tested cluster
+MAX_SIM_NODES = 100_000
 
 
 def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
     """The declared nodes of a simulated cluster (`cluster.nodes`, memory in GB)."""
-    problems, nodes, gpu_memory = [], [], []
+    problems: list[str] = []
+    nodes: list[Resources] = []
+    gpu_memory: list[float] = []
     if not cfg.nodes:
         problems.append(
             "cluster.nodes: missing: a simulated cluster needs nodes, e.g. "
@@ -223,6 +227,13 @@ def describe_sim(cfg: ClusterConfig) -> ClusterInfo:
             memory=_amount(entry, "memory", 0) * (1 << 30),
         )
         count = int(_amount(entry, "count", 1))
+        if len(nodes) + count > MAX_SIM_NODES:  # a node is an object: 10^8 of them never end
+            raise SpecError(
+                [
+                    f"cluster.nodes[{i}].count: = {count}: the simulator takes at most "
+                    f"{MAX_SIM_NODES:,} nodes in all"
+                ]
+            )
         nodes += [node] * count
         gpu_memory += [_amount(entry, "gpu_memory_gb", math.inf)] * count
     if problems:

@@ -186,6 +186,15 @@ def test_a_fraction_of_a_simulated_node_is_refused(cli) -> None:
     assert "cluster.nodes[0].count: = 2.5: expected a whole number of nodes" in res.err
 
 
+def test_more_simulated_nodes_than_the_simulator_takes_is_refused_at_once(cli) -> None:
+    """A typo's 10^8 nodes: one message, before a list of them is made."""
+    nodes = "cluster.nodes=[{count: 60000, cpus: 8}, {count: 100000000, cpus: 8}]"
+    res = cli("pipeline=rlhf", "cluster=sim", nodes)
+    assert res.code == 2
+    expected = "cluster.nodes[1].count: = 100000000: the simulator takes at most 100,000 nodes"
+    assert expected in res.err
+
+
 def stage_line(out: str, stage: str) -> str:
     return next(ln for ln in out.splitlines() if ln.startswith(f"stage {stage} "))
 
