@@ -264,10 +264,20 @@ class Executor:
         return stage
 
     def _blocked(self, name: str, failed: list[str]) -> None:
+        """A stage whose needs did not succeed: it runs nothing, and its state in the ledger
+        says why, so `mode=status` and report.html list it as the run's summary does."""
         stage = self.plan.stages[name]
         message = f"not run: needs {', '.join(failed)}, which did not succeed"
         log.error("stage %s %s", name, message)
         self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, message=message)
+        if self.keep_rows:
+            # started now, after its needs (the ledger lists stages by start); the config of
+            # an earlier record is kept, as `_open` keeps it, to explain the next plan's reruns
+            record = self.ctx.ledger.stage(name)
+            config = record.config if record else stage.config
+            self.ctx.ledger.save_stage(
+                name, stage.kind, stage.fingerprint, config, message, self.wall()
+            )
 
     # --- verdicts ------------------------------------------------------------------------
 

@@ -191,9 +191,12 @@ def format_status(
     if gone is not None:
         lines.append(gone)
     jobs = {
-        s["stage"]: sum(counts_of[s["stage"]].values())
+        s["stage"]: count
         for s in stages
-        if (kind := kinds.get(s["kind"])) is not None and kind.job_table
+        if (kind := kinds.get(s["kind"])) is not None
+        and kind.job_table
+        # a stage that never ran (its needs failed) has no job to list
+        and (count := sum(counts_of[s["stage"]].values()))
     }
     lines += _jobs_tables(ledger, jobs, run_dir)
     lines += _not_done(ledger, counts_of, run_dir, limit)

@@ -156,7 +156,7 @@ def _stages_table(
                 name,
                 st["kind"],
                 st["state"],
-                _pairs(sorted(ledger.counts(name).items())),
+                _pairs(sorted(ledger.counts(name).items())) or "-",
                 str(whole.get("requeues", 0)),
                 _pairs(json_object(whole.get("preemptions")).items()) or "-",
                 _pairs(

@@ -81,3 +81,27 @@ def test_a_followed_run_is_read_without_its_follow_override(cli, tmp_path: Path)
     status = cli(*args, "mode=status")  # without +...follow=true: the close line is not a job
     assert status.code == 0, status.text
     assert status.out.splitlines()[2].split()[:4] == ["work", "jobs", "done", "1"]
+
+
+def test_a_stage_whose_need_failed_is_listed_everywhere_saying_why_it_did_not_run(
+    cli, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = ("pipeline=needs_failed", f"run.dir={run_dir}")
+    ran = cli(*args)
+    assert ran.code == 1, ran.text
+    wait_until(cpus_free_again, what="the jobs' CPUs to be free")
+    why = "not run: needs first, which did not succeed"
+    assert ran.out.splitlines()[2].split()[:7] == ["second", "jobs", "0", "0", "0", "0", "0"]
+    assert f"second: {why}" in ran.out.splitlines()
+    second = json.loads((run_dir / "summary.json").read_text())["stages"]["second"]
+    assert (second["ok"], second["message"], second["done"]) == (False, why, 0)
+
+    status = cli("mode=status", f"run.dir={run_dir}")
+    assert status.code == 0, status.text
+    rows = [line.split(None, 2) for line in status.out.splitlines()[1:4]]
+    assert [r[:2] for r in rows] == [["stage", "kind"], ["first", "jobs"], ["second", "jobs"]]
+    assert rows[2][2].startswith(f"{why}  0 ")
+    assert "jobs of stage first:" in status.out and "jobs of stage second" not in status.out
+    page = (run_dir / "report.html").read_text()
+    assert f"<tr><td>second</td><td>jobs</td><td>{why}</td><td>-</td>" in page
