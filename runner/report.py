@@ -157,20 +157,22 @@ def format_summary(summary: Mapping[str, object], run_dir: str) -> str:
 
 def requeue_line(stage: Mapping[str, object]) -> str:
     """'preemptions: label 1, same_pool 1, cross_pool 0; requeues 2; mean wait by priority
-    10: 0.01s, ...' for a stage whose units were queued again or waited by priority, else ''."""
+    10: 0.01s, ...' for a stage whose units were queued again or waited by priority, else ''.
+    Each part only where it has something to say: units retried after a failure, never
+    preempted, are 'requeues 1' without a line of zero preemptions."""
     preemptions = json_object(stage.get("preemptions"))
     waits = json_object(stage.get("waiting_s_by_priority"))
-    if not (stage.get("requeues") or any(preemptions.values()) or waits):
-        return ""
-    reasons = [*REASONS, *(r for r in preemptions if r not in REASONS)]
-    line = f"preemptions: {', '.join(f'{r} {preemptions.get(r, 0)}' for r in reasons)}"
-    line += f"; requeues {stage.get('requeues', 0)}"
+    parts = []
+    if any(preemptions.values()):
+        reasons = [*REASONS, *(r for r in preemptions if r not in REASONS)]
+        parts.append(f"preemptions: {', '.join(f'{r} {preemptions.get(r, 0)}' for r in reasons)}")
+    if stage.get("requeues"):
+        parts.append(f"requeues {stage['requeues']}")
     if waits:
         by_priority = sorted(waits.items(), key=lambda w: float(w[0]), reverse=True)
-        line += "; mean wait by priority " + ", ".join(
-            f"{p}: {json_number(json_object(w).get('mean_s')):.2f}s" for p, w in by_priority
-        )
-    return line
+        means = (f"{p}: {json_number(json_object(w).get('mean_s')):.2f}s" for p, w in by_priority)
+        parts.append(f"mean wait by priority {', '.join(means)}")
+    return "; ".join(parts)
 
 
 def format_status(

@@ -112,6 +112,16 @@ def test_a_failing_shard_is_retried_then_reported_with_its_log_and_missing_range
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_a_retried_shard_is_a_requeue_in_the_end_of_run_output_without_zero_preemptions(
+    cli, tmp_path: Path
+) -> None:
+    res = cli("pipeline=shard_fail", f"run.dir={tmp_path}")
+    assert res.code == 1, res.text
+    assert "copy: requeues 1" in res.out.splitlines()
+    assert "preemptions" not in res.out
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_the_merge_reads_only_this_plans_committed_shards(cli, tmp_path: Path) -> None:
     shards = tmp_path / "generate" / "shards"
     shards.mkdir(parents=True)
