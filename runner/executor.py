@@ -774,15 +774,16 @@ class Executor:
         if lease.closed:
             return
         why = lease.stopping or "cancelled"
-        saved = lease.run.saved_state(lease) if lease.preempted else None
+        saved = lease.run.saved_state(lease)
         self.end_lease(lease, kill=True)
         for work in lease.work:
             if work.state.final:
                 continue
             if lease.preempted and not self.ctx.stop.is_set():
                 self.preempted(work, why, saved)
-            else:
-                self.finish(work, UnitState.cancelled, error="cancelled")
+            else:  # stopped for good (Ctrl-C, mode=cancel): what it saved, the next run restores
+                kept = saved_state.as_result(work.stage, work.id, saved)
+                self.finish(work, UnitState.cancelled, kept, error="cancelled")
 
     def _preemptions(self) -> None:
         flagged, self.flagged = self.flagged, []
@@ -1114,7 +1115,11 @@ class Executor:
                 self._deliver(happened)
             now = self.clock()
             for lease in list(self.leases):
-                if lease.deadline is not None and now > lease.deadline:
+                if lease.deadline is None or now <= lease.deadline or lease.closed:
+                    continue
+                if self.backend.alive():  # its kind's last call first: a replica's state()
+                    self._late(lease, now)
+                else:
                     self._stopped(lease)
             self._flush()
             if not self.backend.alive():

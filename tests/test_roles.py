@@ -238,6 +238,43 @@ def test_ctrl_c_leaves_no_actor_and_no_placement_group(ray_session: str, tmp_pat
     assert "cancelled" in status.out
 
 
+@pytest.mark.parametrize("ignore_cancel", [False, True], ids=["stops", "stubborn"])
+def test_ctrl_c_keeps_a_replicas_state_and_the_rerun_resumes_from_it(
+    ray_session: str, tmp_path: Path, ignore_cancel: bool
+) -> None:
+    """What a replica's state() says when Ctrl-C stops it (in its stop reply, or asked once
+    more before a stubborn one is killed after cancel_timeout) is kept, as a preempted one's."""
+    args = (
+        "pipeline=roles_stubborn",
+        f"run.dir={tmp_path}",
+        "~pipeline.stages.work.roles.train",
+        "pipeline.stages.work.roles.rollout.steps=200",
+        "pipeline.stages.work.roles.rollout.actor.step_seconds=0.05",
+        f"pipeline.stages.work.roles.rollout.actor.ignore_cancel={ignore_cancel}",
+        "cluster=ray",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(
+        lambda: ledger_or_empty(tmp_path).get("rollout/0", ("",))[0] == "running",
+        timeout=90,
+        what="the rollout running",
+    )
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    step = saved_step(tmp_path, "rollout/0")
+    assert step is not None  # how far it got depends on the machine's speed
+    wait_until(cpus_free_again, what="the rollout's actor to be gone")
+
+    again = run_runner(*args, env=env)
+    assert again.code == 0, again.text
+    assert "work: rollout/0 resumes from the state it saved last time" in again.err
+    state, result = ledger(tmp_path, "work")["rollout/0"]
+    assert state == "done"
+    assert result["steps"] == 200 and result["restored_from"] == [step]
+
+
 def ledger_or_empty(run_dir: Path, stage: str = "work") -> dict[str, tuple[str, Any]]:
     try:
         return ledger(run_dir, stage)
