@@ -426,6 +426,19 @@ def test_memory_of_quotas_and_roles_reads_like_a_jobs(
         assert error in res.err
 
 
+def test_a_pool_quota_limits_only_what_it_names(cli) -> None:
+    """The rlhf example's quota, `{cpus: 8}`, says nothing of memory or GPUs: a train that asks
+    for them runs as it did without them (it was '0M available', '0 GPU' of the quota)."""
+    res = cli(
+        *SIM_8_CPUS,
+        "cluster.nodes=[{cpus: 8, gpus: 1, memory: 16}]",
+        "+pipeline.stages.rlhf.roles.train.resources.memory=4G",
+        "+pipeline.stages.rlhf.roles.train.resources.gpus=1",
+    )
+    assert res.code == 0, res.text
+    assert "preemptions: label 1, same_pool 1, cross_pool 0; requeues 2" in res.out
+
+
 def test_bad_memory_and_aggressiveness_name_the_key_and_what_is_allowed(cli) -> None:
     res = cli(
         *SIM_8_CPUS,

@@ -35,6 +35,9 @@ def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -
         roles_plan, note = autoscale(roles_plan, ctx)
         if note:
             notes.append(f"{name}: {note}")
+    if roles_plan.quota is not None:
+        quota = _bounded(roles_plan.quota, ctx.cluster.total)
+        roles_plan = dataclasses.replace(roles_plan, quota=quota)
     config = result_config(spec, raw)
     config["roles"] = roles_config = {
         r: {"actor": d.get("actor"), "steps": d.get("steps", 1)}
@@ -234,6 +237,17 @@ def _groups_said(name: str, rp: RolesPlan) -> list[str]:
     return notes
 
 
+def _bounded(quota: Resources, total: Resources) -> Resources:
+    """The quota with what it leaves unlimited (infinite) at `total` (the cluster's; zero:
+    the quota as the spec names it)."""
+    return Resources(
+        total.cpus if math.isinf(quota.cpus) else quota.cpus,
+        total.gpus if math.isinf(quota.gpus) else quota.gpus,
+        total.memory if math.isinf(quota.memory) else quota.memory,
+        quota.custom,
+    )
+
+
 def _least(a: Resources, b: Resources) -> Resources:
     return Resources(min(a.cpus, b.cpus), min(a.gpus, b.gpus), min(a.memory, b.memory))
 
@@ -243,7 +257,7 @@ def autoscale(rp: RolesPlan, ctx: PlanContext) -> tuple[RolesPlan, str]:
 
     The spec's size is the pool quota when it declares one, else every role at its maximum;
     each replica must also fit on the largest node."""
-    size = rp.quota
+    size = None if rp.quota is None else _bounded(rp.quota, Resources())
     if size is None:
         size = Resources()
         for role in rp.roles.values():
@@ -280,10 +294,13 @@ def autoscale(rp: RolesPlan, ctx: PlanContext) -> tuple[RolesPlan, str]:
 
 
 def _scaled(r: Resources, factor: float) -> Resources:
-    """`r` times `factor`, floored to hundredths; GPUs above one stay whole (Ray's rule)."""
-    cpus = max(0.01, math.floor(r.cpus * factor * 100) / 100) if r.cpus else 0.0
+    """`r` times `factor`, floored to hundredths; GPUs above one stay whole (Ray's rule); what
+    a quota leaves unlimited (infinite) stays so."""
+    cpus = max(0.01, math.floor(r.cpus * factor * 100) / 100) if 0 < r.cpus < math.inf else r.cpus
     gpus = r.gpus * factor
-    gpus = float(math.floor(gpus)) if gpus >= 1 else math.floor(gpus * 100) / 100 if gpus else 0.0
-    if r.gpus and not gpus:
-        gpus = 0.01
-    return Resources(cpus, gpus, math.floor(r.memory * factor), r.custom)
+    if gpus < math.inf:
+        gpus = float(math.floor(gpus)) if gpus >= 1 else math.floor(gpus * 100) / 100
+        if r.gpus and not gpus:
+            gpus = 0.01
+    memory = math.floor(r.memory * factor) if r.memory < math.inf else r.memory
+    return Resources(cpus, gpus, memory, r.custom)

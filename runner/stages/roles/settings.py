@@ -6,6 +6,7 @@ keeps them in the plan; the driver and the simulated cluster read the same objec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TypedDict, cast
 
@@ -202,6 +203,18 @@ def _resources(data: ResourcesData) -> Resources:
     )
 
 
+def _quota(data: ResourcesData) -> Resources:
+    """A pool's quota limits what it names: a resource it leaves out (`{cpus: 8}` says
+    nothing of memory) is not limited, infinite here until the plan bounds it by the cluster
+    (`planning.plan`)."""
+    given = _resources(data)
+    return Resources(
+        given.cpus if "cpus" in data else math.inf,
+        given.gpus if "gpus" in data else math.inf,
+        given.memory if "memory" in data or "memory_gb" in data else math.inf,
+    )
+
+
 def _replicas(value: int | ReplicaRange) -> tuple[int, int]:
     if isinstance(value, dict):
         low = int(value.get("min", 1))
@@ -245,7 +258,7 @@ def parse(name: str, spec: RolesStage) -> RolesPlan:
     quota = checked.pool.get("resources")
     return RolesPlan(
         str(checked.pool.get("name", name)),
-        _resources(quota) if quota else None,
+        _quota(quota) if quota else None,
         policy,
         _reserved(pg.get("reserved", []), roles),
         int(pg.get("max_dynamic_pgs", 8)),
