@@ -68,6 +68,15 @@ def _attempt(mode: str, cluster: str) -> bool:
     return mode == "run" and cluster != "sim"
 
 
+def recorded(config: DictConfig) -> bool:
+    """Whether a sweep (its composed config) is saved as its directory's `multirun.yaml`,
+    Hydra's record of the sweep: only one that runs its jobs. A look at them (plan, status,
+    report, cancel) or a simulation leaves the record of the sweep that ran as it was."""
+    mode = OmegaConf.select(config, "mode", default="run")
+    cluster = OmegaConf.select(config, "cluster.kind", default="local")
+    return _attempt(str(mode), str(cluster))
+
+
 def sweep_args(argv: list[str]) -> list[str]:
     """A sweep (`-m`) with an explicit `run.dir=DIR` runs each job in `DIR/<overrides>`, never
     in one shared directory: `run.dir=DIR` becomes Hydra's sweep directory."""
@@ -106,8 +115,9 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # an unwritable sweep directory (read-only, full): one message and exit 1, not Hydra's
-        # traceback
-        hydra_job.prepare_sweep(config)
+        # traceback; a look at the sweep's jobs writes no record of its own
+        if recorded(config):
+            hydra_job.prepare_sweep(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = HydraConfig.get()

@@ -64,6 +64,27 @@ def test_a_sweep_runs_each_job_in_its_own_dir_and_a_rerun_resumes(cli, tmp_path:
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_looking_at_a_sweep_leaves_its_multirun_yaml_as_the_sweep_wrote_it(
+    cli, tmp_path: Path
+) -> None:
+    """`multirun.yaml` is Hydra's record of the sweep that ran in the directory: plan, status,
+    report and a simulation of its jobs leave it as it was (each wrote its own over it); a
+    sweep that runs them again records itself."""
+    args = ("-m", "pipeline=numbers", "pipeline.stages.scale.items.range=5,6")
+    ran = cli(*args, f"hydra.sweep.dir={tmp_path}")
+    assert ran.code == 0, ran.text
+    record = tmp_path / "multirun.yaml"
+    written = record.read_text()
+    for look in ("mode=status", "mode=report", "mode=plan", "cluster=sim"):
+        looked = cli(*args, look, f"hydra.sweep.dir={tmp_path}")
+        assert looked.code == 0, looked.text
+        assert record.read_text() == written, f"{look} rewrote the sweep's record"
+    again = cli(*args, "hydra.launcher.max_parallel=1", f"hydra.sweep.dir={tmp_path}")
+    assert again.code == 0, again.text
+    assert "- hydra.launcher.max_parallel=1" in record.read_text()
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_a_failing_job_makes_the_sweep_exit_1_and_ranks_last(cli, tmp_path: Path) -> None:
     res = cli(
         "-m",
