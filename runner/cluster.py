@@ -458,13 +458,7 @@ def lose(why: str) -> None:
     import ray
 
     if not _lost:
-        address = ray.get_runtime_context().gcs_address
-        _lost.append(
-            ClusterLost(
-                f"lost the Ray cluster at {address}: {why} (was it stopped?); the run stopped, "
-                "the ledger keeps what finished: run again to resume"
-            )
-        )
+        _lost.append(ClusterLost(ray.get_runtime_context().gcs_address, why))
 
 
 def lost() -> ClusterLost | None:

@@ -59,6 +59,20 @@ class ClusterLost(ClusterError):
 
     exit_code = 1
 
+    def __init__(self, address: str, why: str, sweep: bool = False) -> None:
+        self.address, self.why = address, why
+        after = (
+            "the sweep stopped, each job's ledger keeps what finished: run the sweep again to "
+            "resume"
+            if sweep
+            else "the run stopped, the ledger keeps what finished: run again to resume"
+        )
+        super().__init__(f"lost the Ray cluster at {address}: {why} (was it stopped?); {after}")
+
+    def of_sweep(self) -> ClusterLost:
+        """The same loss said once for a sweep, whose jobs all ran on that cluster."""
+        return ClusterLost(self.address, self.why, sweep=True)
+
 
 class StorageError(RunnerError):
     """The run directory cannot be written (read-only, full disk): the run stops, and the

@@ -56,7 +56,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from runner import app_job, errors, procs, sweep
 from runner import cluster as clusters
 from runner.cluster import RayNode
-from runner.errors import Interrupted, RunnerError, SweepJobFailed
+from runner.errors import ClusterLost, Interrupted, RunnerError, SweepJobFailed
 from runner.execute import Sharing, stop_on_signals
 from runner.identity import digest
 from runner.quantities import memory_bytes
@@ -211,6 +211,9 @@ def _run_side_by_side(
             pending = {pool.submit(run_one, job, shared) for job in jobs}
             while pending:  # short waits: the main thread stays free for the signal handler
                 _, pending = cf.wait(pending, timeout=POLL)
+        gone = clusters.lost()
+        if gone is not None:  # every job's cluster: one line for the sweep, not one a job
+            errors.report(gone.of_sweep())
     if caught:
         raise SystemExit(128 + caught[0])
 
@@ -326,22 +329,33 @@ def _run_pipeline(job: Job, sweep: Sweep, objective: str | None) -> None:
     threading.current_thread().name = f"sweep-job-{job.idx}"
     sharing = Sharing(sweep.scheduler, sweep.nodes, sweep.caught, sweep.stop, f"[{job.name}] ")
     summary: dict[str, object] | None = None
+    why = None
     try:
+        if (gone := clusters.lost()) is not None:  # lost while this job waited its turn
+            raise gone
         code, summary = cli.run_spec(job.spec, sharing)
     except Interrupted as exc:
         code = exc.exit_code
+    except ClusterLost as exc:  # every job's: said once for the sweep (`_run_side_by_side`)
+        code, why = exc.exit_code, "the sweep lost its Ray cluster, as said above"
     except RunnerError as exc:
         code = errors.report(exc)
     except Exception as exc:  # a fault of the runner's own: this job fails, the others go on
         log.exception("%s: failed", job.name)
         job.ret.status, job.ret.return_value = JobStatus.FAILED, exc
         return
-    _ended(job, code, summary, objective)
+    _ended(job, code, summary, objective, why)
 
 
-def _ended(job: Job, code: int, summary: dict[str, object] | None, objective: str | None) -> None:
+def _ended(
+    job: Job,
+    code: int,
+    summary: dict[str, object] | None,
+    objective: str | None,
+    why: str | None = None,
+) -> None:
     """A pipeline job's status and value: its summary (or its `objective` key), or the exit
-    code as the failure."""
+    code as the failure (`why`: what the failure's line adds; by default the run directory)."""
     from runner import cli
 
     assert job.ret is not None and job.spec is not None
@@ -350,7 +364,7 @@ def _ended(job: Job, code: int, summary: dict[str, object] | None, objective: st
         summary = _stored_summary(Path(job.spec.run.dir))
     if code:
         job.ret.status = JobStatus.FAILED
-        job.ret.return_value = SweepJobFailed(job.name, code, f"see {job.spec.run.dir}")
+        job.ret.return_value = SweepJobFailed(job.name, code, why or f"see {job.spec.run.dir}")
         return
     job.ret.status = JobStatus.COMPLETED
     job.ret.return_value = _objective(summary, objective) if summary is not None else None

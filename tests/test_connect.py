@@ -313,3 +313,60 @@ def test_a_cluster_stopped_mid_run_ends_it_in_one_line_and_a_rerun_resumes(tmp_p
     plan = run_runner(*args, "mode=plan", "cluster=local")
     assert plan.code == 0, plan.text
     assert "not finished last time   [slow[1], slow[2]]" in plan.out
+
+
+def test_a_cluster_stopped_mid_sweep_is_one_line_for_the_sweep(tmp_path: Path) -> None:
+    """`ray stop` while two jobs of a sweep run on the cluster and a third waits its turn
+    (`max_parallel=2`): the loss is said once, for the sweep, and the waiting job does not
+    start (before: each running job said it, without its label, and the waiting one started
+    on the lost cluster: 'no live nodes', exit 2); the jobs cut short are not failed, and the
+    sweep exits 1."""
+    sweep_dir = tmp_path / "sweep"
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    with ray_head() as head:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", "-m", "--config-dir", str(TEST_SPECS),
+             "run.progress=log", "cluster=ray", "pipeline=jobs_resume",
+             "pipeline.stages.work.cpus_per_task=0.5", "pipeline.stages.work.cwd=a,b,c",
+             "hydra.launcher.max_parallel=2", f"hydra.sweep.dir={sweep_dir}"],
+            cwd=tmp_path, env=head.env(RAY_ADDRESS=f"127.0.0.1:{head.port}"), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+        def running() -> list[str]:
+            return [
+                n for n in "abc" if all((tmp_path / n / f"slow[{i}].pid").exists() for i in (1, 2))
+            ]
+
+        try:
+            wait_until(lambda: len(running()) == 2, timeout=120, what="two jobs' slow jobs")
+            head.stop()
+            out, err = proc.communicate(timeout=45)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in err and "no live nodes" not in err, err
+    (lost,) = [line for line in err.splitlines() if "lost the Ray cluster" in line]
+    assert lost.startswith("runner: error: lost the Ray cluster at "), err
+    assert lost.endswith(
+        " (was it stopped?); the sweep stopped, each job's ledger keeps what finished: run the "
+        "sweep again to resume"
+    ), err
+    assert err.splitlines()[-1].endswith(
+        "ended with exit 1 (the sweep lost its Ray cluster, as said above)"
+    ), err
+    jobs = {
+        n: sweep_dir
+        / f"cluster=ray,pipeline.stages.work.cpus_per_task=0.5,pipeline.stages.work.cwd={n}"
+        for n in "abc"
+    }
+    done, cut = UnitState.done, UnitState.cancelled
+    for name in running():
+        assert unit_states(jobs[name], "work") == {
+            "quick[1]": done, "quick[2]": done, "slow[1]": cut, "slow[2]": cut
+        }  # fmt: skip
+    (waited,) = set("abc") - set(running())
+    assert not (jobs[waited] / "ledger.sqlite").exists()
