@@ -248,13 +248,27 @@ def _pipelines(
         if job.spec.mode is Mode.run and job.spec.cluster.kind != "sim":
             running.append(job)
         else:
-            HydraConfig.instance().set_config(job.config)
-            _ended(job, cli.dispatch(job.spec), None, launcher.objective)
+            _at_once(job, launcher.objective)
     try:
         _side_by_side_pipelines(launcher, running, sweep_dir)
     finally:
         if running or any(job.spec is None for job in jobs):  # not for plan / status alone
             _summarize(sweep_dir, jobs)
+
+
+def _at_once(job: Job, objective: str | None) -> None:
+    """A job that needs no Ray (plan, status, report, cancel, `cluster=sim`), run here; an
+    error of its own (a plan that cannot fit, no run to cancel) is its one line, as in a
+    single run."""
+    from runner import cli
+
+    assert job.spec is not None
+    HydraConfig.instance().set_config(job.config)
+    try:
+        code, why = cli.dispatch(job.spec), None
+    except RunnerError as exc:
+        code, why = errors.report(exc), "as said above"
+    _ended(job, code, None, objective, why)
 
 
 def _side_by_side_pipelines(launcher: RunnerLauncher, jobs: list[Job], sweep_dir: Path) -> None:

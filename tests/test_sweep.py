@@ -189,6 +189,29 @@ def test_a_sweep_job_with_an_invalid_config_fails_alone_with_exit_2(cli, tmp_pat
     assert rows["pipeline=numbers pipeline.stages.scale.num_workers=1"]["ok"] == "True"
 
 
+def test_a_sweep_job_whose_plan_cannot_fit_is_one_line_not_a_traceback(cli, tmp_path: Path) -> None:
+    """A job that needs no Ray (here `mode=plan`) and fails as a single run does: its one
+    line, exit 2 (before: a traceback out of the launcher, and the other jobs never ran)."""
+    res = cli(
+        "-m",
+        "pipeline=too_big",
+        "mode=plan",
+        "pipeline.stages.check.items.range=3,4",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert res.code == 2, res.text
+    assert "Traceback" not in res.text
+    said = (
+        "runner: error: plan cannot run on this cluster (1 problem):\n  - pipeline.stages.check: "
+        "one worker needs 64 CPU, more than any node has"
+    )
+    assert res.err.count(said) == 2, res.err
+    assert res.err.splitlines()[-1] == (
+        "runner: error: sweep job pipeline=too_big pipeline.stages.check.items.range=3 ended "
+        "with exit 2 (as said above)"
+    )
+
+
 def test_a_sweep_killed_with_sigkill_finishes_on_one_ray_when_run_again(tmp_path: Path) -> None:
     """SIGKILL of the sweep's driver mid-run, then the same sweep again: every job finishes,
     nothing lost (each item's result once), and the rerun's jobs all ran on one Ray (one node
