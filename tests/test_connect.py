@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +273,21 @@ def test_a_stock_head_refuses_a_process_without_its_token_in_one_message(
     )
 
 
+def stopped_mid_run(
+    head: Head, proc: subprocess.Popen[str], running: Callable[[], bool], what: str
+) -> tuple[str, str]:
+    """The cluster stopped (`ray stop`, by its pids) once `running`; what the runner then
+    said, on its way out (killed if it does not go within 45 s)."""
+    try:
+        wait_until(running, timeout=120, what=what)
+        head.stop()
+        return proc.communicate(timeout=45)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def test_a_cluster_stopped_mid_run_ends_it_in_one_line_and_a_rerun_resumes(tmp_path: Path) -> None:
     """`ray stop` while jobs run on the cluster: the runner says so in one line and exits 1,
     well before Ray's own minute of reconnecting (which ended the process with exit 1 and a
@@ -288,18 +303,11 @@ def test_a_cluster_stopped_mid_run_ends_it_in_one_line_and_a_rerun_resumes(tmp_p
             cwd=ROOT, env=head.env(RAY_ADDRESS=f"127.0.0.1:{head.port}"), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        try:
-            wait_until(
-                lambda: all((cwd / f"slow[{i}].pid").exists() for i in (1, 2)),
-                timeout=120,
-                what="the slow jobs to run",
-            )
-            head.stop()
-            out, err = proc.communicate(timeout=45)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+
+        def running() -> bool:
+            return all((cwd / f"slow[{i}].pid").exists() for i in (1, 2))
+
+        out, err = stopped_mid_run(head, proc, running, "the slow jobs to run")
     assert proc.returncode == 1, out + err
     assert err.splitlines()[-1].startswith("runner: error: lost the Ray cluster at "), err
     assert err.endswith(
@@ -339,14 +347,7 @@ def test_a_cluster_stopped_mid_sweep_is_one_line_for_the_sweep(tmp_path: Path) -
                 n for n in "abc" if all((tmp_path / n / f"slow[{i}].pid").exists() for i in (1, 2))
             ]
 
-        try:
-            wait_until(lambda: len(running()) == 2, timeout=120, what="two jobs' slow jobs")
-            head.stop()
-            out, err = proc.communicate(timeout=45)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        out, err = stopped_mid_run(head, proc, lambda: len(running()) == 2, "two jobs' slow jobs")
     assert proc.returncode == 1, out + err
     assert "Traceback" not in err and "no live nodes" not in err, err
     (lost,) = [line for line in err.splitlines() if "lost the Ray cluster" in line]
