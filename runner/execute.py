@@ -162,5 +162,5 @@ def execute(
     keep = not history.ran_something(attempt) and (store.root / planfile.PLAN_FILE).exists()
     signal_ = caught[0] if caught else None
     # no stage started: stopped while Ray started
-    ran = bool(outcomes)
+    ran = any(o.started for o in outcomes.values())
     return Executed(code, history.whole_run(ledger), signal_, plan, store, ledger, not keep, ran)

@@ -206,9 +206,8 @@ class Executor:
     def _start_stages(self) -> bool:
         """Start every stage whose needs have finished; True while any stage is still to run."""
         for name in list(self.pending_stages):
-            if self.ctx.stop.is_set():
-                self.pending_stages.remove(name)
-                continue
+            if self.ctx.stop.is_set():  # none starts: those left are told at the shutdown
+                break
             needs = self.pipeline.stages[name].needs
             if any(n in self.pending_stages or n in self.live for n in needs):
                 continue
@@ -270,14 +269,22 @@ class Executor:
         message = f"not run: needs {', '.join(failed)}, which did not succeed"
         log.error("stage %s %s", name, message)
         self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, message=message)
-        if self.keep_rows:
-            # started now, after its needs (the ledger lists stages by start); the config of
-            # an earlier record is kept, as `_open` keeps it, to explain the next plan's reruns
-            record = self.ctx.ledger.stage(name)
-            config = record.config if record else stage.config
-            self.ctx.ledger.save_stage(
-                name, stage.kind, stage.fingerprint, config, message, self.wall()
-            )
+        self._not_run(name, message)
+
+    def _not_run(self, name: str, why: str, unless_recorded: bool = False) -> None:
+        """A stage that runs nothing this attempt, recorded with `why` as its state (where its
+        ledger has no record, with `unless_recorded`), so `mode=status` and report.html list
+        it as the run's summary does."""
+        if not self.keep_rows:
+            return
+        record = self.ctx.ledger.stage(name)
+        if record is not None and unless_recorded:
+            return
+        stage = self.plan.stages[name]
+        # started now, after its needs (the ledger lists stages by start); the config of an
+        # earlier record is kept, as `_open` keeps it, to explain the next plan's reruns
+        config = record.config if record else stage.config
+        self.ctx.ledger.save_stage(name, stage.kind, stage.fingerprint, config, why, self.wall())
 
     # --- verdicts ------------------------------------------------------------------------
 
@@ -1099,7 +1106,11 @@ class Executor:
             self._close_stage(name, interrupted=True)
         for name in self.pending_stages:
             stage = self.plan.stages[name]
-            self.outcomes[name] = StageOutcome(name, stage.kind, ok=False, interrupted=True)
+            why = "not started: the run was stopped first"
+            self.outcomes[name] = StageOutcome(
+                name, stage.kind, ok=False, interrupted=True, started=False, message=why
+            )
+            self._not_run(name, why, unless_recorded=True)  # listed, if never run before
         self.pending_stages = []
         self._flush(force=True)
         self.backend.close()

@@ -83,6 +83,8 @@ class StageOutcome:
     cpu_seconds: float = 0.0
     ok: bool = True
     interrupted: bool = False
+    # False: the run was stopped before the stage started
+    started: bool = True
     message: str = ""
     outputs: list[str] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)

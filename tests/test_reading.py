@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cpus_free_again, wait_until
+from tests.conftest import (
+    ROOT,
+    cpus_free_again,
+    ledger_states,
+    run_runner,
+    runner_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -103,5 +111,34 @@ def test_a_stage_whose_need_failed_is_listed_everywhere_saying_why_it_did_not_ru
     assert [r[:2] for r in rows] == [["stage", "kind"], ["first", "jobs"], ["second", "jobs"]]
     assert rows[2][2].startswith(f"{why}  0 ")
     assert "jobs of stage first:" in status.out and "jobs of stage second" not in status.out
+    page = (run_dir / "report.html").read_text()
+    assert f"<tr><td>second</td><td>jobs</td><td>{why}</td><td>-</td>" in page
+
+
+def test_a_stage_a_signal_kept_from_starting_is_listed_saying_so(
+    ray_session: str, tmp_path: Path
+) -> None:
+    """Ctrl-C while the first stage runs: the second, which needs it, never started; status
+    and report.html list it all the same, saying why."""
+    run_dir = tmp_path / "run"
+    args = (
+        "pipeline=needs_failed",
+        f"run.dir={run_dir}",
+        "pipeline.stages.first.jobs.0.command=[sleep, '60']",
+        "cluster=ray",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(lambda: ledger_states(run_dir).get("fails") == "running", what="the first stage")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    wait_until(cpus_free_again, what="the job's CPU to be free")
+
+    why = "not started: the run was stopped first"
+    status = run_runner(*args, "mode=status", env=env)
+    assert status.code == 0, status.text
+    rows = [line.split(None, 2) for line in status.out.splitlines() if line.startswith("second")]
+    assert rows and rows[0][2].startswith(f"{why}  0 "), status.out
     page = (run_dir / "report.html").read_text()
     assert f"<tr><td>second</td><td>jobs</td><td>{why}</td><td>-</td>" in page
