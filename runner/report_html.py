@@ -158,7 +158,9 @@ def _stages_table(
                 st["state"],
                 _pairs(sorted(ledger.counts(name).items())) or "-",
                 str(whole.get("requeues", 0)),
-                _pairs(json_object(whole.get("preemptions")).items()) or "-",
+                # reasons that chose a victim (zeros say nothing)
+                _pairs((r, n) for r, n in json_object(whole.get("preemptions")).items() if n)
+                or "-",
                 _pairs(
                     (p, f"{w['mean_s']:.2f}s mean, {w['max_s']:.2f}s max, {w['units']} units")
                     for p, w in _waits(whole)
