@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypedDict, cast
 
+from runner.remote import error_line
 from runner.resources import Resources
 
 if TYPE_CHECKING:
@@ -313,7 +314,7 @@ class Starts:
         try:
             box = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the inbox died (Ray going down): made anew
-            log.warning("the run's inbox of task starts is gone: %s", exc)
+            log.warning("the run's inbox of task starts is gone: %s", error_line(exc))
             self.inbox = None
             return
         for key, where in box.items():
