@@ -103,3 +103,31 @@ def test_touching_a_shard_input_reruns_nothing_and_reads_no_rows(cli, tmp_path) 
     edited = cli(*args, "mode=plan").out
     assert "run       2  new                      [0-600, 601-999999]" in edited  # new ranges
     assert "skip" not in edited
+
+
+ITEMS = '{"id": "a", "x": 1}\n{"id": "b", "x": 2}\n'
+
+
+@pytest.mark.parametrize(
+    ("items", "pool"),
+    [
+        pytest.param(ITEMS.replace('"x": 1', '"x": 9'), "run       1  input changed", id="edited"),
+        pytest.param(ITEMS + '{"id": "c", "x": 3}\n', "run       1  new", id="added"),
+    ],
+)
+def test_a_stage_that_needs_a_pool_runs_again_when_the_pools_items_change(
+    cli, tmp_path, items, pool
+) -> None:
+    source = tmp_path / "items.jsonl"
+    source.write_text(ITEMS)
+    args = (
+        "pipeline=items_then_jobs",
+        f"run.dir={tmp_path / 'run'}",
+        f"pipeline.stages.work.items.file={source}",
+    )
+    assert cli(*args).code == 0
+    source.write_text(items)
+    plan = cli(*args, "mode=plan").out
+    assert pool in plan
+    # the job reads every item's result: its input changed too
+    assert "run       1  input changed            [rows]" in plan, plan

@@ -36,6 +36,7 @@ from runner.plan import (
     kept_keys,
     result_config,
     stage_config,
+    units_digest,
 )
 from runner.plan import stage_fingerprint as fingerprint_of
 from runner.resources import Resources
@@ -105,7 +106,10 @@ def plan(name: str, spec: StageSpec, raw: dict[str, object], ctx: PlanContext) -
     source = spec.items.get("from")
     if source is None:
         ids, payloads, identities = itemsrc.columns(spec.items, ctx.ledger)
-        units = decide.units(ids, list(map(digester(own), identities)), payloads)
+        fingerprints = list(map(digester(own), identities))
+        units = decide.units(ids, fingerprints, payloads)
+        # the items are the stage's input: a stage that needs this one reads their results
+        fp = digest(fp, units_digest(ids, fingerprints))
     else:
         units = _from_upstream(own, str(source), ctx)
         units = [decide(u) for u in units] if units is not None else None
