@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -130,7 +131,14 @@ def test_failures_beyond_max_failures_exit_1_after_all_other_work(cli, tmp_path)
         "+pipeline.stages.work.worker.fail=[2,4]",
     )
     assert res.code == 1
-    assert "2 item(s) failed or timed out; max_failures allows 0" in res.text
+    # the first failure (of two workers: 2 or 4) is said where the run ends, with where the
+    # others are
+    assert re.search(
+        r"work: 2 item\(s\) failed or timed out; max_failures allows 0; the first: ([24]): "
+        r"ValueError: bad item \1 \(mode=status lists all; tracebacks in "
+        + re.escape(f"{tmp_path}/work/logs/)"),
+        res.text,
+    ), res.text
     table = results(tmp_path, "work").set_index("id")
     error = table.loc["2", "error"].splitlines()
     assert error[0] == "ValueError: bad item 2"

@@ -349,9 +349,12 @@ class PoolRun(StageRun):
             status.append("done")
             seconds.append(took * self.scale)
         busy = sum(seconds)
+        values: list[object] = [None] * len(status)
+        if status and status[-1] == "timeout":  # the error a worker gives it on Ray
+            values[-1] = "step_timeout " + (f"{limit:g}s exceeded" if limit else "exceeded")
         reply = BatchReply(
             status=status,
-            values=[None] * len(status),
+            values=values,
             seconds=seconds,
             busy=busy,
             cpu=0.0,
@@ -476,11 +479,24 @@ class PoolRun(StageRun):
             outcome.ok = False
             outcome.message = (
                 f"{failures} item(s) failed or timed out; max_failures allows {allowed}"
+                f"{self._first_failure()}"
             )
         if not self.ctx.virtual:
             path = write_results(self.ctx, self.stage)
             outcome.outputs.append(str(path))
         return outcome
+
+    def _first_failure(self) -> str:
+        """`; the first: ID: Type: message (...)`: the failure to fix first, said where the run
+        ends, and where the others and the whole tracebacks are."""
+        if not self.bad:
+            return ""
+        first = self.bad[0]
+        error = (first.error or first.state.value).split("\n", 1)[0]
+        if self.ctx.virtual:
+            return f"; the first: {first.id}: {error}"
+        logs = self.ctx.stage_dir(self.name) / LOGS
+        return f"; the first: {first.id}: {error} (mode=status lists all; tracebacks in {logs}/)"
 
 
 def end_to_end(seconds: Sequence[float], last: float) -> list[float]:
