@@ -261,10 +261,27 @@ def check_target(
         return
     found, error = import_target(target)
     if error is not None:
+        if error == f"no module named {target.split('.')[0]!r}":
+            error += _path_hint(target.split(".")[0], problems.origins)
         problems.add(f"{path}._target_", f"= {target!r}: cannot import: {error}")
         return
     for key, message in _argument_problems(target, found, spec, passed(found)):
         problems.add(f"{path}.{key}" if key else path, message)
+
+
+def _path_hint(module: str, origins: Origins | None) -> str:
+    """Where Python looked for a top-level module it did not find, or, for a module in the
+    user's spec directory (a `--config-dir`, not on Python's path), how to put it there."""
+    for root in origins.roots if origins else []:
+        for there in (root / f"{module}.py", root / module / "__init__.py"):
+            if there.is_file():
+                where = _display(root)
+                return (
+                    f": {_display(there)} is in the spec directory, which is not on Python's "
+                    f"path: run with PYTHONPATH={where} (or move the module to the working "
+                    "directory)"
+                )
+    return f" in the working directory ({Path.cwd()}), on PYTHONPATH or among installed packages"
 
 
 def _argument_problems(

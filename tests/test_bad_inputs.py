@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, TEST_SPECS
+from tests.conftest import ROOT, TEST_SPECS, runner_in
 
 ITEMS = "pipeline.stages.work.items.file"
 JOBS = "pipeline.stages.work.jobs_file"
@@ -248,6 +248,52 @@ def test_a_worker_module_that_cannot_import_names_module_line_and_cause(
     expected = f"{key}: = '{module}.Work': cannot import: " + message.format(f=path)
     assert expected in res.err
     assert "Traceback" not in res.text
+
+
+MINE = """\
+name: mine
+stages:
+  score:
+    kind: pool
+    worker: {_target_: scorer.Score}
+    items: {range: 3}
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        pytest.param(
+            "scorer.Score",
+            "no module named 'scorer': my_specs/scorer.py is in the spec directory, which is not "
+            "on Python's path: run with PYTHONPATH=my_specs (or move the module to the working "
+            "directory)",
+            id="beside_the_spec",
+        ),
+        pytest.param(
+            "scorr.Score",
+            "no module named 'scorr' in the working directory ({cwd}), on PYTHONPATH or among "
+            "installed packages",
+            id="nowhere",
+        ),
+    ],
+)
+def test_a_worker_module_python_cannot_find_says_where_it_looked(
+    tmp_path: Path, target: str, message: str
+) -> None:
+    specs = tmp_path / "my_specs"
+    (specs / "pipeline").mkdir(parents=True)
+    (specs / "pipeline" / "mine.yaml").write_text(MINE.replace("scorer.Score", target))
+    (specs / "scorer.py").write_text(
+        "class Score:\n    def __call__(self, item):\n        return 1\n"
+    )
+    res = runner_in(tmp_path, "--config-dir", "my_specs", "pipeline=mine", "mode=plan")
+    assert res.code == 2, res.text
+    assert res.err == (
+        "runner: error: invalid spec (1 problem):\n  - my_specs/pipeline/mine.yaml: "
+        f"pipeline.stages.score.worker._target_: = '{target}': cannot import: "
+        f"{message.format(cwd=tmp_path)}\n"
+    )
 
 
 @pytest.mark.parametrize(
