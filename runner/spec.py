@@ -237,7 +237,11 @@ def import_target(target: str) -> tuple[object, str | None]:
             return None, _failed_import(module, exc)
         for attr in parts[cut:]:
             if not hasattr(obj, attr):
-                return None, f"module {module!r} has no attribute {attr!r}"
+                names = [n for n in dir(obj) if not n.startswith("_")]
+                return (
+                    None,
+                    f"module {module!r} has no attribute {attr!r}{did_you_mean(attr, names)}",
+                )
             obj = getattr(obj, attr)
         return obj, None
     return None, f"no module named {parts[0]!r}"

@@ -310,7 +310,7 @@ def test_every_mistake_in_a_roles_stage_is_reported_at_once(cli) -> None:
         "pipeline.stages.rl.pg_pool.reserved[0].role: = 'critic': no such role",
         "pipeline.stages.rl.preemption.aggressiveness: = 'extreme': not one of high, medium, low",
         "pipeline.stages.rl.preemption.label_rules: = {'role': 'train'}: expected",
-        "module 'runner.examples.rlhf' has no attribute 'Trainer'",
+        "module 'runner.examples.rlhf' has no attribute 'Trainer'; did you mean 'Train'?",
     ]
     for line in expected:
         assert line in res.err
