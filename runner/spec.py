@@ -556,7 +556,10 @@ def _check_needs(stages: Mapping[str, StageSpec], problems: Problems) -> None:
                 problems.add(f"pipeline.stages.{name}.needs", "a stage cannot need itself")
             elif need not in stages:
                 no_such_stage(problems, f"pipeline.stages.{name}.needs", need, name, stages)
-    cycle = find_cycle({n: [d for d in s.needs if d in stages] for n, s in stages.items()})
+    # a stage that needs itself is said above, not again as a cycle of one
+    cycle = find_cycle(
+        {n: [d for d in s.needs if d in stages and d != n] for n, s in stages.items()}
+    )
     if cycle:
         first = cycle[0]
         problems.add(f"pipeline.stages.{first}.needs", f"dependency cycle: {' -> '.join(cycle)}")

@@ -116,6 +116,16 @@ def test_a_bad_override_is_named_as_the_command_line() -> None:
     ) in result.err
 
 
+def test_a_stage_that_needs_itself_is_one_problem(cli) -> None:
+    res = cli("pipeline=numbers", "mode=plan", "pipeline.stages.scale.needs=[scale]")
+    assert res.code == 2
+    assert res.err == (
+        "runner: error: invalid spec (1 problem):\n"
+        "  - command line 'pipeline.stages.scale.needs=[scale]': pipeline.stages.scale.needs: "
+        "a stage cannot need itself\n"
+    )
+
+
 def test_a_key_set_twice_is_named_by_the_override_that_won(cli) -> None:
     res = cli("pipeline=numbers", "mode=plan", "mode=stauts")
     assert res.code == 2
