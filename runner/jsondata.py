@@ -6,6 +6,7 @@ not as `Any`: a checker sees where code assumes more than that.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import TypeAlias
 
@@ -32,3 +33,11 @@ def json_list(value: object) -> list[object]:
 def json_number(value: object) -> float:
     """`value` as a number (0 when it is not one)."""
     return float(value) if isinstance(value, int | float) else 0.0
+
+
+def line_error(exc: ValueError) -> str:
+    """Why one line of a JSONL file is not JSON, with its column: the decoder's own `line 2
+    column 1` counts past the line's newline, which names a line the file does not have."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"at column {exc.colno}: {exc.msg}"
+    return str(exc)

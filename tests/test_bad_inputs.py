@@ -47,9 +47,9 @@ CASES = [
         *items(
             "rows.jsonl",
             b'{"id": "a"}\n{"id": "b",\n',
-            "command line '{key}={f}': {key}: = '{f}': line 2 is not JSON (Expecting property "
-            "name enclosed in double quotes: line 2 column 1 (char 12)); expected one JSON "
-            "object per line",
+            "command line '{key}={f}': {key}: = '{f}': line 2 is not JSON at column 12: "
+            "Expecting property name enclosed in double quotes; expected one JSON object per "
+            "line",
         ),
         id="items_jsonl_corrupt",
     ),
@@ -138,8 +138,8 @@ CASES = [
         *jobs(
             "jobs.jsonl",
             b'{"name": "a", "script": "echo a"}\n{"name": \n',
-            "command line '{key}={f}': {key}: = '{f}': line 2 is not JSON (Expecting value: "
-            "line 1 column 10 (char 9)); expected one job object per line",
+            "command line '{key}={f}': {key}: = '{f}': line 2 is not JSON at column 10: "
+            "Expecting value; expected one job object per line",
         ),
         id="jobs_file_corrupt_jsonl",
     ),

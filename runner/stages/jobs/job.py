@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from runner.jsondata import line_error
 from runner.quantities import DURATION_HELP, MEMORY_HELP, duration_seconds, memory_bytes
 from runner.resources import Resources
 from runner.spec import Problems
@@ -216,9 +217,9 @@ def _jsonl_jobs(lines: list[str], follow: bool) -> list[tuple[str, object]] | st
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                data = json.loads(line)
+                data = json.loads(line.rstrip("\r\n"))
             except ValueError as exc:
-                return f"line {n} is not JSON ({exc}); expected one job object per line"
+                return f"line {n} is not JSON {line_error(exc)}; expected one job object per line"
             if not (follow and closes(data)):
                 found.append((f"line {n}", data))
     return found

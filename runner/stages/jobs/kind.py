@@ -18,6 +18,7 @@ from runner import disk
 from runner.calls import Expect, Remote
 from runner.carry import Dest
 from runner.identity import digest
+from runner.jsondata import line_error
 from runner.kind import RunContext, StageOutcome, StageRun, Verdicts
 from runner.lease import Ask, Lease, Work
 from runner.lifecycle import UnitState
@@ -189,9 +190,9 @@ class JobsRun(StageRun):
             if not lines[n].strip():
                 continue
             try:
-                data = json.loads(lines[n])
+                data = json.loads(lines[n].rstrip("\r\n"))
             except ValueError as exc:
-                log.warning("%s: %s is not JSON (%s); skipped", self.name, where, exc)
+                log.warning("%s: %s is not JSON %s; skipped", self.name, where, line_error(exc))
                 continue
             if closes(data):
                 self.follow.closed = True

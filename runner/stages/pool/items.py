@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from runner.identity import FileDigests, file_digest
+from runner.jsondata import line_error
 
 SOURCES = ("range", "list", "glob", "file", "from")
 OPTIONS = ("id",)
@@ -232,11 +233,12 @@ def _records(path: Path, value: str) -> list[tuple[str, Row]]:
 
 def _json_row(line: str, where: str, value: str) -> Row:
     try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))
     except ValueError as exc:
         raise ItemsError(
             "file",
-            f"= {value!r}: {where} is not JSON ({exc}); expected one JSON object per line",
+            f"= {value!r}: {where} is not JSON {line_error(exc)}; expected one JSON object per "
+            "line",
         ) from None
     return _object(row, where, value)
 
