@@ -100,9 +100,18 @@ class Executed:
         self.summary.update(report.write_run_artifacts(self.ledger, title, root, plan))
         write_json(root / SUMMARY, self.summary)
         if self.caught is not None:
-            what = "running units were cancelled" if self.ran else "before any unit started"
-            raise Interrupted(self.caught, what)
+            raise Interrupted(self.caught, self._kept() if self.ran else "before any unit started")
         return self.code, self.summary
+
+    def _kept(self) -> str:
+        """What a user needs after Ctrl-C: that the finished units are kept, and how to
+        resume (the whole run's units done, every attempt's)."""
+        stages = self.summary.get("stages", {})
+        done = sum(int(s.get("done", 0)) for s in stages.values() if isinstance(s, dict))
+        return (
+            f"running units were cancelled; the {done} unit(s) done are kept in "
+            f"{self.store.root}: run the same command again to resume"
+        )
 
 
 def execute(

@@ -7,6 +7,7 @@ starts."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 from pathlib import Path
@@ -83,7 +84,14 @@ def test_a_signal_cancels_running_units_and_exits_with_its_code(
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, out + err
-    assert "interrupted by signal" in err
+    said = re.search(
+        rf"runner: error: interrupted by signal {sig}: running units were cancelled; the "
+        rf"(\d+) unit\(s\) done are kept in {re.escape(str(tmp_path))}: run the same "
+        "command again to resume",
+        err,
+    )
+    assert said, err
+    assert int(said[1]) == done_units(tmp_path)
     wait_until(cpus_free_again, what="every actor of the run to be gone")
     status = run_runner("pipeline=misbehave", f"run.dir={tmp_path}", "mode=status")
     assert "interrupted" in status.out
