@@ -294,26 +294,50 @@ def _argument_problems(
     """(key, message) for each key of `spec` that `target` cannot take, bound to its signature
     (a class's constructor) after `spec`'s `_args_` and the `passed` positional arguments the
     runner gives it; a key of "" for a call that cannot bind for another reason (too many
-    positional arguments). Nothing when the signature cannot be read (a builtin, a C
-    extension) or it takes **kwargs. A required argument left out is not looked for: a
-    `_partial_` target gets it later, from the caller, and a name the target cannot take is
-    the mistake a spec makes (a misspelling, a key left from another target)."""
+    positional arguments) or that leaves a required argument out. Nothing when the signature
+    cannot be read (a builtin, a C extension); no key is second-guessed when it takes
+    **kwargs. A required argument is not looked for in a `_partial_` target: it gets the rest
+    later, from the caller."""
     args = spec.get("_args_", [])
     try:
         signature = inspect.signature(target)  # type: ignore[arg-type]  # any callable
     except (ValueError, TypeError):
         return []
     params = list(signature.parameters.values())
-    if not isinstance(args, list | tuple) or any(p.kind is p.VAR_KEYWORD for p in params):
+    if not isinstance(args, list | tuple):
         return []
     kwargs = {str(k): v for k, v in spec.items() if k not in BUILD_KEYS}
-    try:
-        signature.bind_partial(*args, *[None] * passed, **kwargs)
-    except TypeError as exc:
-        return _unbound(name, params, len(args), passed, kwargs) or [
-            ("", f"{name!r} cannot be called as the runner calls it: {exc}")
-        ]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        try:
+            signature.bind_partial(*args, *[None] * passed, **kwargs)
+        except TypeError as exc:
+            return _unbound(name, params, len(args), passed, kwargs) or [
+                ("", f"{name!r} cannot be called as the runner calls it: {exc}")
+            ]
+    missing = [] if "_partial_" in spec else _unfilled(params, len(args) + passed, kwargs)
+    if missing:
+        takes = ", ".join(
+            f"**{p.name}" if p.kind is p.VAR_KEYWORD else p.name
+            for p in params
+            if p.kind is not p.VAR_POSITIONAL
+        )
+        needs = ", ".join(missing)
+        return [("", f"{name!r} needs {needs}, which the spec leaves out (it takes: {takes})")]
     return []
+
+
+def _unfilled(params: list[inspect.Parameter], positional: int, kwargs: Iterable[str]) -> list[str]:
+    """The required parameters that neither the first `positional` arguments nor `kwargs`
+    fill: a class built with the spec's keys alone fails in every worker, after Ray started."""
+    by_position = {p.name for p in params[:positional] if p.kind is not p.KEYWORD_ONLY}
+    return [
+        p.name
+        for p in params
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in by_position
+        and p.name not in kwargs
+    ]
 
 
 def _unbound(

@@ -457,6 +457,39 @@ def test_a_key_the_target_cannot_take_is_named_with_what_it_takes(
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param(
+            ("pipeline=misbehave", f"{WORKER}._target_=tests.workers.Faulty"),
+            f"command line '{WORKER}._target_=tests.workers.Faulty': {WORKER}: "
+            "'tests.workers.Faulty' needs fail, which the spec leaves out (it takes: fail)",
+            id="pool_class",
+        ),
+        pytest.param(
+            (
+                "pipeline=roles_stubborn",
+                "pipeline.stages.work.roles.rollout.actor._target_=tests.workers.SlowStart",
+            ),
+            "command line 'pipeline.stages.work.roles.rollout.actor._target_="
+            "tests.workers.SlowStart': pipeline.stages.work.roles.rollout.actor: "
+            "'tests.workers.SlowStart' needs start_seconds, which the spec leaves out (it "
+            "takes: start_seconds, **rollout)",
+            id="roles_actor",
+        ),
+    ],
+)
+def test_a_required_argument_the_spec_leaves_out_is_named_before_anything_runs(
+    cli, tmp_path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    """Not a TypeError from every worker once Ray has started, its items cancelled."""
+    run_dir = tmp_path / "run"
+    res = cli(*overrides, f"run.dir={run_dir}")
+    assert res.code == 2, res.text
+    assert res.err == f"runner: error: invalid spec (1 problem):\n  - {message}\n"
+    assert not run_dir.exists()
+
+
 def test_a_target_that_takes_any_keyword_is_not_second_guessed(cli) -> None:
     """SlowStart passes the keys it does not know on to the rollout (`**rollout`): which ones
     it accepts only it can say, so the spec check leaves them be."""
