@@ -660,6 +660,9 @@ class Executor:
     def failed(self, work: Work, error: str, state: UnitState = UnitState.failed) -> None:
         """The unit's own failure: run it again while retries last, else it ends `state`."""
         run = self.live[work.stage].run
+        if work.state is UnitState.granted:  # before its process said it started
+            self._failed_unstarted(work, error, state)
+            return
         if work.attempts <= run.retries and not self.ctx.stop.is_set():
             log.warning(
                 "%s: %s failed (%s); retrying (attempt %d of %d)",
@@ -673,6 +676,27 @@ class Executor:
             self._pending(work, error)
             return
         self.finish(work, state, error=error)
+
+    def _failed_unstarted(self, work: Work, error: str, state: UnitState) -> None:
+        """A unit that failed before its process said it started (an actor whose constructor
+        raises, a runtime environment Ray cannot set up): such a try spends no retry, so it is
+        tried `START_TRIES` times in a row, then ends `state`, instead of for ever."""
+        self.unstarted[work] += 1
+        tries = self.unstarted[work]
+        if tries >= START_TRIES or self.ctx.stop.is_set():
+            del self.unstarted[work]
+            self.finish(work, state, error=f"{error} (before it started, {tries} time(s))")
+            return
+        log.warning(
+            "%s: %s failed before it started (%s); trying again (%d of %d)",
+            work.stage,
+            work.id,
+            error,
+            tries + 1,
+            START_TRIES,
+        )
+        self.event(work, "retry", error)
+        self._pending(work, error)
 
     def lost(self, work: Work, error: str, node_left: bool = False) -> None:
         """Its worker or node died: queued again without spending a retry when its node left;
@@ -992,9 +1016,10 @@ class Executor:
             if not left or (not self.ctx.virtual and live.run.leases):
                 continue
             shown = ", ".join(w.id for w in left[:5]) + (" ..." if len(left) > 5 else "")
-            self._close_stage(
-                name, message=f"{len(left)} {live.run.noun}(s) can never start: {shown}"
-            )
+            message = f"{len(left)} {live.run.noun}(s) can never start: {shown}"
+            # what failed first is most likely why (a role that waits on one that failed)
+            failed = live.run.failure_budget()
+            self._close_stage(name, message=f"{failed}; {message}" if failed else message)
 
     # --- stages ending ---------------------------------------------------------------------
 

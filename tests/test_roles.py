@@ -176,6 +176,29 @@ def test_a_victim_that_ignores_cancel_is_killed_after_cancel_timeout_and_still_r
     wait_until(no_groups_left, what="every placement group to be removed")
 
 
+def test_a_role_whose_actor_cannot_be_built_fails_after_three_tries_naming_why(
+    ray_session: str, cli, tmp_path: Path
+) -> None:
+    """Its constructor raises in every try, before the replica ever runs: such a try spends no
+    retry, and once was tried for ever; the role that waits on it is named after the cause."""
+    actor = "pipeline.stages.work.roles.rollout.actor"
+    res = cli(
+        "pipeline=roles_stubborn",
+        f"run.dir={tmp_path}",
+        f"{actor}._target_=tests.workers.BrokenInit",
+        f"~{actor}.step_seconds",
+        f"~{actor}.ignore_cancel",
+    )
+    assert res.code == 1, res.text
+    assert res.text.count("rollout/0 failed before it started") == 2
+    assert ("work: 1 replica(s) did not complete: rollout/0 (its Ray worker died on ") in res.text
+    assert (
+        "FileNotFoundError: model.bin not found (before it started, 3 time(s))); "
+        "1 replica(s) can never start: train/0"
+    ) in res.text
+    wait_until(no_groups_left, what="every placement group to be removed")
+
+
 def saved_step(run_dir: Path, unit: str) -> int | None:
     """The step a preempted replica saved, as its ledger row keeps it (None: nothing yet)."""
     state, result = ledger_or_empty(run_dir).get(unit, ("", None))
