@@ -17,6 +17,7 @@ a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -257,10 +258,30 @@ def missing_option(exc: MissingConfigException, overrides: list[str]) -> str | N
         return None
     options = sorted(exc.options)
     hint = did_you_mean(name, options)
-    mine = f"one of your own: --config-dir DIR with DIR/{group}/{name}.yaml"
+    here = _nearby(group, name)
+    mine = (
+        f"{here / group / name}.yaml is there: add --config-dir {here}"
+        if here is not None
+        else f"one of your own: --config-dir DIR with DIR/{group}/{name}.yaml"
+    )
     given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group]
     where = f"command line '{given[-1]}'" if given else f"{_listing(exc)}: {group}: {name}"
     return f"{where}: no {group} '{name}'{hint} {_available(group, options)}; {mine}"
+
+
+def _nearby(group: str, name: str) -> Path | None:
+    """The working directory, or a directory in it, that holds `GROUP/NAME.yaml` (as it is
+    written on the command line): the spec the user wrote, without the `--config-dir` that
+    names where it is."""
+    try:
+        places = [Path("."), *sorted(Path(".").iterdir())]
+    except OSError:  # a working directory that cannot be listed: no hint
+        return None
+    for place in places:
+        with contextlib.suppress(OSError):  # a directory this user may not read
+            if (place / group / f"{name}.yaml").is_file():
+                return place
+    return None
 
 
 def _listing(exc: MissingConfigException) -> str:

@@ -334,6 +334,27 @@ def test_an_option_chosen_by_a_defaults_list_is_named_as_one() -> None:
     assert missing_option(MissingConfigException("primary config", "config"), []) is None
 
 
+@pytest.mark.parametrize(
+    ("where", "config_dir"),
+    [
+        pytest.param("my_specs", "my_specs", id="a_directory_here"),
+        pytest.param(".", ".", id="here"),
+    ],
+)
+def test_a_pipeline_of_your_own_without_config_dir_says_which_to_add(
+    tmp_path: Path, where: str, config_dir: str
+) -> None:
+    """The newcomer's first mistake: `runner pipeline=mine` beside my_specs/pipeline/mine.yaml."""
+    (tmp_path / where / "pipeline").mkdir(parents=True)
+    (tmp_path / where / "pipeline" / "mine.yaml").write_text("name: mine\nstages: {}\n")
+    result = runner_in(tmp_path, "pipeline=mine", "mode=plan")
+    assert result.code == 2
+    assert result.err == (
+        f"{ERROR}command line 'pipeline=mine': no pipeline 'mine' {PIPELINES}; "
+        f"{Path(where) / 'pipeline' / 'mine.yaml'} is there: add --config-dir {config_dir}\n"
+    )
+
+
 def test_a_typo_in_a_pipelines_defaults_list_names_that_file(tmp_path: Path) -> None:
     shipped = (ROOT / "runner" / "specs" / "pipeline" / "pychecker.yaml").read_text()
     (tmp_path / "pipeline").mkdir()
