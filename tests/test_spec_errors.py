@@ -126,6 +126,37 @@ def test_a_stage_that_needs_itself_is_one_problem(cli) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        pytest.param(
+            "{fil: x.jsonl}",
+            "pipeline.stages.scale.items.fil: unknown key; did you mean 'file'? (allowed: range, "
+            "list, glob, file, from, id)",
+            id="a_misspelt_source",
+        ),
+        pytest.param(
+            "{id: x}",
+            "pipeline.stages.scale.items: no item source: give exactly one of range, list, glob, "
+            "file, from",
+            id="no_source",
+        ),
+    ],
+)
+def test_an_items_mapping_without_its_source_is_one_problem(cli, items: str, message: str) -> None:
+    res = cli(
+        "pipeline=numbers",
+        "mode=plan",
+        "~pipeline.stages.scale.items",
+        f"+pipeline.stages.scale.items={items}",
+    )
+    assert res.code == 2
+    assert res.err == (
+        "runner: error: invalid spec (1 problem):\n"
+        f"  - command line '+pipeline.stages.scale.items={items}': {message}\n"
+    )
+
+
 def test_a_key_set_twice_is_named_by_the_override_that_won(cli) -> None:
     res = cli("pipeline=numbers", "mode=plan", "mode=stauts")
     assert res.code == 2

@@ -49,8 +49,10 @@ def check(items: Mapping[str, object]) -> list[tuple[str, str]]:
             allowed = ", ".join((*SOURCES, *OPTIONS))
             problems.append((key, f"unknown key{did_you_mean(key, SOURCES)} (allowed: {allowed})"))
     if len(given) != 1:
-        what = "no item source" if not given else f"several sources ({', '.join(given)})"
-        problems.append(("", f"{what}: give exactly one of {', '.join(SOURCES)}"))
+        # none beside an unknown key: that key is the source, misspelt, and said already
+        if given or not problems:
+            what = "no item source" if not given else f"several sources ({', '.join(given)})"
+            problems.append(("", f"{what}: give exactly one of {', '.join(SOURCES)}"))
         return problems
     source, value = given[0], items[given[0]]
     if source == "range":
