@@ -105,6 +105,13 @@ def test_a_failing_shard_is_retried_then_reported_with_its_log_and_missing_range
     assert done(tmp_path, "copy") == {"0-299", "300-599", "900-1199"}
     assert "shard 600-899 failed after 2 attempt(s): command exited with code 1" in res.text
     assert "boom: cannot continue range 600" in res.text
+    # its log's lines from the last attempt on: the first attempt's would pass for the last's
+    said = res.text.split("last lines of ")[1].splitlines()
+    assert said[1].startswith("    --- runner: attempt 2 of shard 600-899 on "), res.text
+    assert said[2:4] == [
+        "    boom: cannot continue range 600",
+        "    --- runner: command exited with code 1",
+    ]
     report = merge_summary(tmp_path, "copy")
     assert report["missing_ranges"] == ["600-899"]
     assert report["total_rows"] == 900

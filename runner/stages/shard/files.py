@@ -27,6 +27,8 @@ from runner.store import write_json
 
 # log lines quoted when a shard fails for good
 TAIL_LINES = 15
+# how the task opens each attempt's lines in the shard's log (`task.py`)
+ATTEMPT_LINE = "--- runner: attempt "
 # what a command may write into {output_dir}; line formats can be resumed through {done}
 DATA_SUFFIXES = (".csv", ".parquet", ".jsonl")
 LINE_SUFFIXES = (".csv", ".jsonl")
@@ -218,10 +220,14 @@ def _resumable_ids(path: Path, id_column: str) -> Iterable[object]:
 
 
 def tail(path: Path) -> list[str]:
+    """The last lines of a shard's log from its latest attempt on: the log keeps every
+    attempt's lines, earlier runs' too, which would pass for this failure's."""
     try:
-        return path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return []
+    starts = [n for n, line in enumerate(lines) if line.startswith(ATTEMPT_LINE)]
+    return lines[starts[-1] if starts else 0 :][-TAIL_LINES:]
 
 
 def commit(files: Files, shard: Shard, unit: Unit, id_column: str) -> str | None:
