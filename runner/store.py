@@ -835,8 +835,10 @@ class RunStore:
         self.ledger: Ledger | None = None
 
     def open(self) -> Ledger:
-        """Create the directory, take the lock (or fail at once), open the ledger."""
+        """Create the directory, take the lock (or fail at once), clear what a killed runner
+        left half-written (`sweep_temporaries`), open the ledger."""
         self._lock_fd = hold(self.root, "run directory", "set run.dir to another directory")
+        sweep_temporaries(self.root)
         try:
             self.ledger = Ledger(self.root / LEDGER)
         except OSError as exc:
@@ -873,7 +875,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     The block only writes the temporary file, so an `OSError` in it (a full disk, a read-only
     directory) is the output's own: it ends as one `StorageError` naming `path`, the earlier
-    `path` (if any) untouched, the temporary file removed."""
+    `path` (if any) untouched, the temporary file removed. A writer killed meanwhile (SIGKILL,
+    the OOM killer) leaves it behind: the next run of the directory removes it
+    (`sweep_temporaries`)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -885,6 +889,49 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+# `atomic_path`'s temporary file: `.NAME.tmp-PID`, PID its writer's
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+# how deep under the run directory outputs are written: `<stage>/shards/<file>`
+_OUTPUT_DEPTH = 2
+
+
+def sweep_temporaries(root: Path) -> list[Path]:
+    """Remove the temporary files of `atomic_path` that a killed writer (a runner, or a task
+    of its run, SIGKILLed mid-write) left in the run directory `root`, down to the stages'
+    folders; the paths removed. Called with the directory's lock held, before anything of the
+    run starts: no writer of this run is at work, and a file whose writer still runs on this
+    host (another runner's, in a run directory nested in this one) is left alone."""
+    removed: list[Path] = []
+    folders = [root]
+    for depth in range(_OUTPUT_DEPTH + 1):
+        below: list[Path] = []
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    below.append(Path(entry.path))
+                elif (found := _TEMPORARY.match(entry.name)) and not _alive(int(found[1])):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+        folders = below if depth < _OUTPUT_DEPTH else []
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a pid we may not signal runs too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: Path, data: object) -> None:

@@ -36,6 +36,30 @@ def test_a_failed_write_leaves_no_output(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_opening_a_run_directory_removes_temporary_files_whose_writer_is_gone(
+    tmp_path: Path,
+) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    shards = tmp_path / "continue" / "shards"
+    shards.mkdir(parents=True)
+    left = [
+        tmp_path / f".summary.json.tmp-{gone.pid}",
+        tmp_path / "continue" / f".merged.csv.tmp-{gone.pid}",
+        shards / f".shard-0002.input.csv.tmp-{gone.pid}",
+    ]
+    # a writer still at work: the runner of a run directory nested in this one
+    busy = tmp_path / "nested" / f".summary.json.tmp-{os.getpid()}"
+    busy.parent.mkdir()
+    for path in [*left, busy]:
+        path.write_text("half")
+    store = RunStore(tmp_path)
+    store.open()
+    store.close()
+    assert [p for p in left if p.exists()] == []
+    assert busy.exists()
+
+
 def test_recorded_leftovers_are_ended_and_nothing_else(tmp_path: Path) -> None:
     ours = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
