@@ -240,10 +240,12 @@ class Starts:
 
     With a shared filesystem a start is a file under `<run.dir>/.started/`, read each turn;
     without one (`cluster.shared_fs: false`) it comes back through Ray, from the `Inbox` actor
-    made on the runner's node at the first task that needs it."""
+    made on the runner's node at the first task that needs it. Start files no runner will read
+    (an earlier runner's, killed before it read them) are removed as the run begins."""
 
     def __init__(self, root: Path, shared_fs: bool) -> None:
         self.root, self.shared_fs = root, shared_fs
+        _clear_starts(root / STARTED_DIR)
         self.inbox: InboxHandle | None = None
         self.taking: ObjectRef[dict[str, StartedFields]] | None = None
         self.came: dict[str, Started] = {}
@@ -329,6 +331,18 @@ class Starts:
             if isinstance(self.inbox, ActorHandle):  # it is: made by `address`
                 ray.kill(self.inbox)
             self.inbox = self.taking = None
+
+
+def _clear_starts(folder: Path) -> None:
+    """Remove the start files in `folder`: each is named by the key of the runner that was to
+    read it, and the run directory is this runner's alone now (its lock)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no task of an earlier run announced here
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(folder / name)
 
 
 def _read_start(path: str) -> Started | None:

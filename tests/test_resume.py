@@ -1,5 +1,6 @@
 """Resume after the worst: a fresh run SIGKILLed half way, then a plain rerun, never mixes two
-runs' results, and status meanwhile says the run was interrupted, not running."""
+runs' results, and status meanwhile says the run was interrupted, not running; what the killed
+runner left half-written is gone once the rerun has run."""
 
 from __future__ import annotations
 
@@ -131,3 +132,39 @@ def test_a_stage_that_needs_a_pool_runs_again_when_the_pools_items_change(
     assert pool in plan
     # the job reads every item's result: its input changed too
     assert "run       1  input changed            [rows]" in plan, plan
+
+
+def test_a_rerun_removes_what_a_sigkilled_runner_left_half_written(
+    ray_session: str, tmp_path: Path
+) -> None:
+    """SIGKILLed while it wrote an output (a temporary file beside it, renamed once whole) and
+    before it read a task's start (a file under `.started/`), a runner leaves both behind;
+    after the rerun the run directory holds whole outputs only."""
+    run = tmp_path / "run"
+    args = (
+        "pipeline=misbehave",
+        "cluster=ray",
+        f"run.dir={run}",
+        "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
+        "+pipeline.stages.work.worker.seconds=0.5",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(lambda: len(done_units(run)) >= 2, timeout=60, what="some finished items")
+    proc.kill()
+    proc.communicate()
+    wait_until(cpus_free_again, what="the killed runner's actors to be gone")
+    # as the killed runner named them: `atomic_path`'s temporary file, a task's start file
+    half = run / "work" / f".results.parquet.tmp-{proc.pid}"
+    half.write_bytes(b"PAR1 half a table")
+    (run / ".started").mkdir(exist_ok=True)
+    (run / ".started" / "0123456789abcdef-7.json").write_text('{"node_id": "0a1b')
+
+    again = run_runner(*args, env=env)
+
+    assert again.code == 0, again.text
+    assert not half.exists()
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    assert not list((run / ".started").iterdir())
+    table = pd.read_parquet(run / "work" / "results.parquet")
+    assert sorted(table["id"]) == sorted(str(i) for i in range(12))
