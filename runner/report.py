@@ -200,9 +200,22 @@ def format_status(
         # a stage that never ran (its needs failed) has no job to list
         and (count := sum(counts_of[s["stage"]].values()))
     }
-    lines += _jobs_tables(ledger, jobs, run_dir)
-    lines += _not_done(ledger, counts_of, run_dir, limit)
+    lines += _jobs_tables(ledger, jobs, run_dir, gone is not None)
+    lines += _not_done(ledger, counts_of, run_dir, limit, gone is not None)
     return "\n".join(lines)
+
+
+# the states in which a runner that died (SIGKILL, a lost machine) leaves the units it had
+# started: they run no more, and the next run starts them again
+_CUT_SHORT = frozenset({UnitState.granted, UnitState.running})
+
+
+def _state(row: UnitRow, gone: bool, label: bool = False) -> str:
+    """A unit's state as status shows it (`label`: Slurm's names, for a jobs table); one
+    its runner's death cut short (`gone`) is interrupted, not running."""
+    if gone and row.state in _CUT_SHORT:
+        return "INTERRUPTED" if label else "interrupted"
+    return row.state.label if label else row.state.value
 
 
 def _status_table(stages: list[StageRow], counts_of: dict[str, dict[str, int]]) -> list[str]:
@@ -220,7 +233,7 @@ def _status_table(stages: list[StageRow], counts_of: dict[str, dict[str, int]]) 
 
 
 def _not_done(
-    ledger: Ledger, counts_of: dict[str, dict[str, int]], run_dir: str, limit: int
+    ledger: Ledger, counts_of: dict[str, dict[str, int]], run_dir: str, limit: int, gone: bool
 ) -> list[str]:
     """The units not done, the first `limit` of them (counted and read by SQLite: a stage of a
     million units shows a page), and where their stages' whole stories are."""
@@ -238,7 +251,7 @@ def _not_done(
     lines = ["", f"units not done ({total}):"]
     lines += _table(
         ("stage", "unit", "state", "attempts", "error"),
-        [(r.stage, r.unit, r.state.value, r.attempts, _first_line(r.error)[:80]) for r in bad],
+        [(r.stage, r.unit, _state(r, gone), r.attempts, _first_line(r.error)[:80]) for r in bad],
     )
     if total > limit:
         lines.append(f"... and {total - limit} more")
@@ -279,11 +292,12 @@ def _where_to_look(stages: list[str], root: Path) -> list[str]:
 
 
 def _jobs_tables(
-    ledger: Ledger, stages: dict[str, int], run_dir: str, limit: int = 50
+    ledger: Ledger, stages: dict[str, int], run_dir: str, gone: bool, limit: int = 50
 ) -> list[str]:
     """One table per stage of jobs (name → its count of jobs), as Slurm users read a queue:
     state, exit code or signal, start, end, node and where the job's stdout/stderr are
-    (relative to the run directory); the first `limit` jobs by start."""
+    (relative to the run directory); the first `limit` jobs by start. `gone`: the run's
+    runner died without ending it."""
     lines: list[str] = []
     root = Path(run_dir).resolve()
     for stage, count in stages.items():
@@ -291,7 +305,7 @@ def _jobs_tables(
         lines += ["", f"jobs of stage {stage}:"]
         lines += _table(
             ("job", "state", "exit", "start", "end", "node", "stdout", "stderr"),
-            [_job_row(r, root) for r in rows],
+            [_job_row(r, root, gone) for r in rows],
         )
         if count > limit:
             lines.append(f"... and {count - limit} more")
@@ -303,12 +317,12 @@ def _jobs_tables(
     return lines
 
 
-def _job_row(row: UnitRow, root: Path) -> tuple[str, ...]:
+def _job_row(row: UnitRow, root: Path, gone: bool) -> tuple[str, ...]:
     result = row.result if isinstance(row.result, dict) else {}
     code, sig = result.get("exit_code"), result.get("signal")
     return (
         row.unit,
-        row.state.label,
+        _state(row, gone, label=True),
         str(code) if code is not None else sig or "-",
         _clock(row.started),
         _clock(row.ended),

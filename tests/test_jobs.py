@@ -330,6 +330,28 @@ def test_sigkill_of_the_runner_then_the_same_command_finishes_only_the_rest(
     assert not left_on_the_node("slow[", began)
 
 
+def test_status_after_a_sigkill_of_the_runner_shows_its_running_jobs_interrupted(
+    ray_session: str, tmp_path: Path, scratch: Path
+) -> None:
+    """The killed runner left its jobs RUNNING in the ledger; their processes are gone, so
+    status says they were interrupted, as it says of their stage."""
+    proc, _, started = start_resume_pipeline(tmp_path, scratch, ray_session)
+    proc.kill()
+    proc.communicate()
+    for pid in started:
+        wait_until(lambda pid=pid: not alive(pid), what=f"process {pid} of the killed runner's job")
+
+    status = run_runner("pipeline=jobs_resume", f"run.dir={tmp_path}", "mode=status")
+
+    assert status.code == 0, status.text
+    for n in (1, 2):
+        assert re.search(rf"^slow\[{n}\]\s+INTERRUPTED\s", status.out, re.M), status.out
+        assert re.search(rf"^work\s+slow\[{n}\]\s+interrupted\s+1$", status.out, re.M)
+    assert "RUNNING" not in status.out
+    assert "running" not in status.out
+    wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
 @pytest.mark.parametrize(
     ("sig", "code"),
     [pytest.param(signal.SIGINT, 130, id="ctrl_c"), pytest.param(signal.SIGTERM, 143, id="term")],
