@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from runner import procs
 from runner.errors import RunnerError
 from runner.lifecycle import UnitState
 from runner.plan import StagePlan
@@ -156,9 +157,11 @@ def cancel(run_dir: Path, units: list[str], pipeline: str) -> int:
 
 
 def _in_progress(run_dir: Path) -> bool:
-    """Whether a run of `run_dir` is in progress: its ledger's last run has not ended, or a
-    runner holds the directory (a run still starting: its attempt is recorded once Ray is up,
-    seconds later, and it answers requests from its first pass)."""
+    """Whether a run of `run_dir` is in progress: its ledger's last run has not ended and its
+    runner still lives, or a runner holds the directory (a run still starting: its attempt is
+    recorded once Ray is up, seconds later, and it answers requests from its first pass). A
+    runner that died without ending its run (SIGKILL, the OOM killer) answers nothing: its
+    run is the interrupted one `mode=status` names."""
     if in_use(run_dir):
         return True
     ledger = read_ledger(run_dir)
@@ -168,7 +171,10 @@ def _in_progress(run_dir: Path) -> bool:
         last = ledger.last_run()
     finally:
         ledger.close()
-    return last is not None and last["ended"] is None
+    if last is None or last["ended"] is not None:
+        return False
+    runner = last["pid"]
+    return runner is None or procs.alive_since(int(runner), float(last["started"]))
 
 
 def _ask(run_dir: Path, units: list[str]) -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ from runner.lifecycle import UnitState
 from tests.conftest import (
     cpus_free_again,
     embedded_runner,
+    ledger_states,
     ray_starting,
     run_runner,
     runner_process,
@@ -57,6 +58,36 @@ def test_an_id_of_two_stages_is_refused_and_stage_slash_id_cancels_one(
     assert (square["done"], square["cancelled"]) == ("5", "1")
     assert (cube["done"], cube["cancelled"]) == ("6", "0")
     wait_until(cpus_free_again, what="every worker's CPU to be free")
+
+
+def test_a_cancel_after_the_runner_was_sigkilled_says_there_is_no_run_in_progress(
+    ray_session: str, tmp_path: Path
+) -> None:
+    """The killed runner's attempt never ended in the ledger, but nobody is left to answer:
+    `mode=cancel` says so, as `mode=status` calls the run interrupted, instead of waiting for
+    an answer that cannot come."""
+    args = (
+        "pipeline=misbehave",
+        "cluster=ray",
+        f"run.dir={tmp_path}",
+        "pipeline.stages.work.worker._target_=tests.workers.Sleepy",
+        "+pipeline.stages.work.worker.seconds=0.5",
+    )
+    env = {"RAY_ADDRESS": ray_session}
+    proc = runner_process(*args, env=env)
+    wait_until(lambda: "done" in ledger_states(tmp_path).values(), timeout=60, what="an item")
+    proc.kill()
+    proc.communicate()
+    wait_until(cpus_free_again, what="the killed runner's workers to be gone")
+
+    res = run_runner(*args, "mode=cancel", "units=[work/11]", env=env)
+
+    assert res.code == 2, res.text
+    assert res.err.strip().splitlines()[-1] == (
+        f"runner: error: {tmp_path}: no run in progress to cancel units of "
+        "(start one with `runner pipeline=misbehave`)"
+    )
+    assert not list((tmp_path / "cancel-requests").glob("*"))
 
 
 def test_a_cancel_while_the_run_starts_waits_for_its_answer(
