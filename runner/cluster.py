@@ -18,8 +18,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from runner import DIST, gpus, procs, ray_auth, scratch
@@ -294,16 +295,11 @@ def connected(
     started = ended = False
     starter = _Starter()
     try:
-        if local:
-            starter.start(lambda: _init_local(cfg, describe_local(cfg)), caught)
-            if pids_file is not None:
-                procs.record_children(pids_file)
-            _core.extend(_core_processes())
-        else:
-            starter.start(lambda: _init_remote(cfg), caught)
-        started = True
-        yield _live(cfg)
-        ended = True
+        with procs.marked(pids_file) if local and pids_file else nullcontext():
+            _start(cfg, starter, caught, pids_file)
+            started = True
+            yield _live(cfg)
+            ended = True
     finally:
         if not ended and local:
             # interrupted (or its start failed): a signal to the whole process group may have
@@ -327,6 +323,32 @@ def connected(
         scratch.sweep()  # what the run's killed workers on this node left
 
 
+def _start(
+    cfg: ClusterConfig, starter: _Starter, caught: Sequence[int], pids_file: Path | None
+) -> None:
+    """Start the embedded Ray (`cluster=local`), its processes recorded in `pids_file` while it
+    starts (its agents are up a second before `ray.init` returns: a runner SIGKILLed meanwhile
+    leaves them to the next run) and once it runs; or connect to the cluster."""
+    if cfg.kind != "local":
+        starter.start(lambda: _init_remote(cfg), caught)
+        return
+    if pids_file is None:
+        starter.start(lambda: _init_local(cfg, describe_local(cfg)), caught)
+    else:
+        starter.start(
+            lambda: _init_local(cfg, describe_local(cfg)), caught, partial(_record, pids_file)
+        )
+        procs.record_children(pids_file)
+    _core.extend(_core_processes())
+
+
+def _record(pids_file: Path) -> None:
+    """The processes of a Ray still starting, recorded (a full disk is met, and said, by the
+    record made once it runs)."""
+    with suppress(OSError):
+        procs.record_children(pids_file)
+
+
 class _Starter:
     """Starts Ray (`ray.init`) such that a SIGINT or SIGTERM meanwhile is left to the
     handlers the caller installed (`execute.stop_on_signals`: the first one stops the run once
@@ -344,10 +366,16 @@ class _Starter:
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def start(self, init: Callable[[], None], caught: Sequence[int]) -> None:
-        """`init` on the starting thread, waited for here; given up once a signal was
-        `caught` and Ray's own processes died of it (one to the whole process group reaches
-        them: Ray's start would then wait a minute for its GCS)."""
+    def start(
+        self,
+        init: Callable[[], None],
+        caught: Sequence[int],
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
+        """`init` on the starting thread, waited for here (calling `meanwhile` every
+        `JOIN_STEP`); given up once a signal was `caught` and Ray's own processes died of it
+        (one to the whole process group reaches them: Ray's start would then wait a minute for
+        its GCS)."""
         if threading.current_thread() is not threading.main_thread():
             init()
             return
@@ -366,6 +394,8 @@ class _Starter:
         thread.start()
         try:
             while not ready.wait(JOIN_STEP):
+                if meanwhile is not None:
+                    meanwhile()
                 if caught and _core_died():
                     raise Interrupted(caught[0], "while Ray started")
         except BaseException:  # given up, or forced out: the driver is half-made

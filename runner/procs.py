@@ -2,8 +2,10 @@
 
 When a runner that started a local Ray is killed with SIGKILL, some Ray agents outlive it and
 ignore SIGTERM. The runner records the processes it started (pid + creation time, so a reused
-pid is never mistaken for ours) and a resumed run ends the leftovers, and nothing else. A job's
-whole process tree is ended with `kill_tree`, which also finds children that `setsid` away.
+pid is never mistaken for ours; while Ray starts too), and the mark in the environment that
+the processes started later inherit (`marked`: Ray's workers, what they run), and a resumed run
+ends the leftovers, and nothing else. A job's whole process tree is ended with
+`kill_tree`, which also finds children that `setsid` away.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import os
 import signal
 import socket
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -78,30 +82,76 @@ def tree_rss(root: int) -> int:
     return total
 
 
+# the environment variable whose value marks the processes an embedded Ray of one run starts
+MARK = "RUNNER_RAY_MARK"
+
+
+@contextlib.contextmanager
+def marked(path: Path) -> Iterator[None]:
+    """While Ray starts and runs: a new mark in this process's environment, recorded in `path`
+    first, which the processes Ray starts inherit: its workers (one still starting when the
+    runner is SIGKILLed outlives it by half a minute), what they run. Ray's agents write their
+    title over theirs: they are found by the record made while Ray starts (`record_children`).
+    A later run ends what carries the mark (`reap_recorded`)."""
+    before = os.environ.get(MARK)
+    os.environ[MARK] = uuid.uuid4().hex
+    with contextlib.suppress(OSError):  # a full disk is met, and said, by the ledger
+        _record(path, [])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MARK, None)
+        else:
+            os.environ[MARK] = before
+
+
 def record_children(path: Path) -> None:
-    """Write the processes this process started (pid, creation time) to `path`."""
-    entries = [(pid, t) for pid in descendants(os.getpid()) if (t := start_time(pid)) is not None]
+    """Write the processes this process started (pid, creation time) to `path`, with the mark
+    they carry (`marked`)."""
+    _record(path, [(p, t) for p in descendants(os.getpid()) if (t := start_time(p)) is not None])
+
+
+def _record(path: Path, entries: list[tuple[int, float]]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries))
+    tmp.write_text(json.dumps({"mark": os.environ.get(MARK), "processes": entries}))
     tmp.replace(path)
 
 
 def reap_recorded(path: Path) -> int:
-    """SIGKILL the still-running processes recorded in `path` by an earlier run; how many."""
+    """SIGKILL the still-running processes an earlier run recorded in `path`, and those that
+    carry its mark; how many."""
     try:
-        entries = json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return 0
+    if isinstance(found, list):  # an older runner wrote the list of processes alone
+        found = {"processes": found, "mark": None}
+    entries, mark = found["processes"], found["mark"]
+    left = {pid for pid, started in entries if _is(pid, started)}
+    if mark:
+        left |= set(_carrying(mark))
+    left -= {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     killed = 0
-    for pid, started in entries:
-        if _is(pid, started):
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                psutil.Process(pid).kill()
-                killed += 1
+    for pid in left:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            psutil.Process(pid).kill()
+            killed += 1
     path.unlink(missing_ok=True)
     if killed:
         log.info("ended %d leftover Ray process(es) of an earlier run of this directory", killed)
     return killed
+
+
+def _carrying(mark: str) -> Iterator[int]:
+    """The live processes whose environment holds `mark` (`marked`), read as the kernel keeps
+    it: psutil's reading stops at the first empty entry, which a process that wrote its title
+    over its command line may leave there."""
+    wanted = f"\0{MARK}={mark}\0".encode()
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as block:
+            if wanted in b"\0" + block.read():
+                yield pid
 
 
 def kill_tree(pid: int, grace: float = 3.0) -> list[int]:

@@ -6,17 +6,23 @@ starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from runner import procs
+from runner.store import RAY_PIDS
 from tests.conftest import (
+    ROOT,
+    TEST_SPECS,
     attempt,
     cpus_free_again,
     embedded_runner,
@@ -135,3 +141,66 @@ def test_a_signal_while_ray_starts_ends_the_run_cleanly(
     again = run_runner(*args, "cluster=ray", env={"RAY_ADDRESS": ray_session})
     assert again.code == 0, again.text
     assert done_units(tmp_path) == 4
+
+
+# `runner ARGS` whose embedded Ray has started its processes but whose start has not returned
+# (they are up a second before `ray.init` returns): it touches the file argv[1] then and waits
+SLOW_START = """
+import sys, time
+from pathlib import Path
+from runner import cli, cluster
+
+started, up = cluster._init_local, Path(sys.argv[1])
+
+def slowly(*args):
+    started(*args)
+    up.touch()
+    time.sleep(600)
+
+cluster._init_local = slowly
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_runner_sigkilled_while_ray_starts_leaves_no_ray_process_past_the_rerun(
+    ray_session: str, tmp_path: Path
+) -> None:
+    """SIGKILL of the runner alone (not its process group) while its embedded Ray starts: Ray's
+    GCS and raylet die with it, its agents do not (for a minute). The rerun ends them."""
+    up = tmp_path / "ray-is-up"
+    run = tmp_path / "run"
+    args = ("pipeline=misbehave", f"run.dir={run}", "pipeline.stages.work.items.range=4")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-c", SLOW_START, str(up), "--config-dir", str(TEST_SPECS), *args]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        wait_until(up.exists, timeout=90, what="the embedded Ray's processes")
+        family = [(p, procs.start_time(p)) for p in procs.descendants(proc.pid)]
+        wait_until(  # the runner records them every tenth of a second while Ray starts
+            lambda: {p for p, t in family if procs.running(p, t)} <= recorded(run / RAY_PIDS),
+            what="the runner to record its Ray's processes",
+        )
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    again = run_runner(*args, "cluster=ray", env={"RAY_ADDRESS": ray_session})
+
+    assert again.code == 0, again.text
+    wait_until(  # a bound: left alone, the agents outlive the runner by a minute
+        lambda: not any(procs.running(p, t) for p, t in family),
+        timeout=10,
+        what="every process of the killed runner's Ray to be gone",
+    )
+    assert done_units(run) == 4
+
+
+def recorded(path: Path) -> set[int]:
+    """The processes a runner recorded as its Ray's (`ray-processes.json`)."""
+    try:
+        return {pid for pid, _ in json.loads(path.read_text())["processes"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()

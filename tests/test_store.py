@@ -68,9 +68,10 @@ def test_recorded_leftovers_are_ended_and_nothing_else(tmp_path: Path) -> None:
     try:
         record = tmp_path / "ray-processes.json"
         procs.record_children(record)
-        entries = json.loads(record.read_text())
+        found = json.loads(record.read_text())
         # keep only `ours` as if it alone were started by the earlier run
-        record.write_text(json.dumps([e for e in entries if e[0] == ours.pid]))
+        ours_only = [e for e in found["processes"] if e[0] == ours.pid]
+        record.write_text(json.dumps({**found, "processes": ours_only}))
         assert procs.reap_recorded(record) == 1
         ours.wait(timeout=10)
         time.sleep(0.1)
@@ -78,6 +79,28 @@ def test_recorded_leftovers_are_ended_and_nothing_else(tmp_path: Path) -> None:
         assert not record.exists()
     finally:
         for p in (ours, bystander):
+            p.kill()
+            p.wait()
+
+
+def test_a_process_started_after_the_record_is_ended_by_its_mark_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """A Ray worker started after the runner recorded its Ray's processes (one still starting
+    when the runner was SIGKILLed) is not in the record: it carries the run's mark."""
+    record = tmp_path / "ray-processes.json"
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with procs.marked(record):
+        late = subprocess.Popen(sleep, start_new_session=True)
+    bystander = subprocess.Popen(sleep)
+    try:
+        assert procs.reap_recorded(record) == 1
+        late.wait(timeout=10)
+        time.sleep(0.1)
+        assert bystander.poll() is None
+        assert not record.exists()
+    finally:
+        for p in (late, bystander):
             p.kill()
             p.wait()
 
