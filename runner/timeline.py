@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.spans import RunView
+from runner.store import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -153,8 +154,10 @@ def draw(view: RunView, title: str, path: Path, max_rows: int = MAX_ROWS) -> Dra
     bottom.set_xlabel("time (local clock)")
     _margins(fig, height, rows, [str(h.get_label()) for h in handles], list(view.usage))
     path.parent.mkdir(parents=True, exist_ok=True)
-    # zlib level 1: a fifth of the default level's time, for a few percent larger file
-    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 1})
+    # zlib level 1: a fifth of the default level's time, for a few percent larger file; written
+    # aside and renamed, as every output is: a kill or a full disk never leaves half a picture
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
     marks = sum(1 for m in view.moments if (m.node, m.track) in index)
     return Drawing(path, lanes, rows, len(view.slices), marks)
 
