@@ -34,6 +34,7 @@ from runner import (
     completion,
     compose,
     errors,
+    history,
     hydra_job,
     procs,
     report,
@@ -50,7 +51,7 @@ from runner.scheduler import metrics
 from runner.schema import Mode
 from runner.spec import READING, Origins, Spec, load
 from runner.stages.registry import KINDS
-from runner.store import RAY_PIDS, Ledger, RunStore, read_ledger
+from runner.store import RAY_PIDS, SUMMARY, Ledger, RunStore, read_ledger, write_json
 
 log = logging.getLogger("runner")
 
@@ -164,13 +165,18 @@ def _status(run_dir: Path, name: str, last: snapshot.Snapshot | None) -> int:
 
 
 def _report(run_dir: Path, name: str) -> int:
-    """Redraw the last run's timeline, trace and report.html from its ledger."""
+    """Redraw the last run's timeline, trace and report.html from its ledger, and write its
+    `summary.json` naming them, as the run's end does (a runner killed between the ledger's
+    record of its end and its report left none)."""
     ledger = read_ledger(run_dir)
     written = report.write_run_artifacts(ledger, f"{name} {run_dir}", run_dir) if ledger else {}
-    if not any(written.values()):
+    if ledger is None or not any(written.values()):
         print(f"{run_dir}: no run to draw yet (run `runner pipeline={name}` first)")
         return 0
-    for path in written.values():
+    summary = history.whole_run(ledger)
+    summary.update(written)
+    write_json(run_dir / SUMMARY, summary)
+    for path in [*written.values(), str(run_dir / SUMMARY)]:
         if path:
             print(f"wrote {path}")
     return 0

@@ -13,7 +13,7 @@ def test_help_explains_usage_modes_and_pipelines() -> None:
     assert res.code == 0
     assert "Usage: runner [pipeline=NAME] [mode=run|plan|status|report|cancel]" in res.out
     assert "pipeline: " in res.out and "demo" in res.out and "pychecker" in res.out
-    assert "report (redraw timeline.png, trace.json, report.html)" in res.out
+    assert "report (redraw timeline.png, trace.json, report.html,\nsummary.json)" in res.out
     assert "Exit codes: 0 success" in res.out
     assert "the run directory\ncannot be written" in res.out
     assert "or a run directory another runner holds" in res.out

@@ -70,6 +70,9 @@ def test_a_rerun_with_nothing_to_do_changes_only_the_attempts_list(
     assert "3 unit attempts over" in new_page
     assert "attempt 2 of this run" in again.out
 
+    # a runner killed once the ledger has the attempt's end left no summary.json: mode=report
+    # writes it again, with everything else, the same as the run's end did
+    (tmp_path / "summary.json").unlink()
     redrawn = cli("pipeline=roles_stubborn", f"run.dir={tmp_path}", "mode=report")
     assert redrawn.code == 0, redrawn.text
     assert records(tmp_path) == after  # mode=report draws the same whole run
