@@ -1102,3 +1102,16 @@ def test_nothing_runs_beside_an_exclusive_job_on_its_node(
     # behind it by priority: kept off its node while it waited, though they fitted beside `first`
     assert found["beside-a"].started >= alone.ended and found["beside-b"].started >= alone.ended
     wait_until(cpus_free_again, what="every job's CPU to be free")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_failed_jobs_error_ends_with_the_last_line_it_wrote_to_stderr(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """'exit code 127' alone leaves the user to open the .err file: the error says why."""
+    script = "pipeline.stages.first.jobs.0.command=[sh, -c, 'echo loading >&2; nosuchcmd --x']"
+    res = cli("pipeline=needs_failed", f"run.dir={tmp_path}", script)
+    assert res.code == 1, res.text
+    line = "first: 1 job(s) did not complete: fails (exit code 127: sh: 1: nosuchcmd: not found)"
+    assert line in res.out.splitlines(), res.out
+    wait_until(cpus_free_again, what="the jobs' CPUs to be free")

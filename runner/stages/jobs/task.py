@@ -111,7 +111,26 @@ def run_job(spec: JobRun, started_to: StartToFields) -> dict[str, object]:
             _stop_group(group, proc, grace)
     assert proc is not None
     reply = _outcome(proc, stop, node, started, _children_cpu() - cpu_before, spec)
+    if reply["state"] == "failed" and (said := _last_line(err.here())):
+        reply["error"] = f"{reply['error']}: {said}"  # 'exit code 127' says less than its why
     return start.reply({**reply, "files": collect([out, err])})
+
+
+# how much of a failed job's stderr is read for its last line, and how much of that line is kept
+TAIL_BYTES, LINE_CHARS = 4096, 200
+
+
+def _last_line(path: str) -> str | None:
+    """The last line a job wrote to its stderr (`sh: 1: nosuchcmd: not found`), from the file's
+    tail, cut to LINE_CHARS; None when it wrote none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:LINE_CHARS] if lines else None
 
 
 class Watcher:
