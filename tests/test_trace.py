@@ -100,8 +100,8 @@ def stage_summary(run_dir: Path, stage: str) -> dict[str, Any]:
 
 def stage_row(page: str, stage: str, kind: str, requeues: int, reasons: dict[str, int]) -> str:
     """The start of a stage's row in report.html: state, units by state, requeues and
-    preemptions by reason, as summary.json gives them."""
-    by_reason = ", ".join(f"{r}: {n}" for r, n in reasons.items())
+    preemptions by reason, as summary.json gives them (the reasons that chose a victim)."""
+    by_reason = ", ".join(f"{r}: {n}" for r, n in reasons.items() if n) or "-"
     found = re.search(
         f"<tr><td>{stage}</td><td>{kind}</td><td>done</td><td>done: (\\d+)</td>"
         f'<td class="n">{requeues}</td><td>{by_reason}</td>',
