@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,18 @@ from tests.conftest import (
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return closed_ports(1)[0]
+
+
+def closed_ports(n: int) -> list[int]:
+    """`n` distinct ports nothing listens on: each socket is held until all are bound (a port
+    closed at once may be handed out again by the next bind: `ray start` then refuses two
+    components on one port)."""
+    with ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def test_an_unreachable_cluster_gives_up_after_connect_timeout(tmp_path: Path) -> None:
@@ -175,19 +184,17 @@ def ray_head() -> Iterator[Head]:
     home = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-    port = closed_port()
-    ports = {
-        f"--{flag}={closed_port()}"
-        for flag in (
-            "dashboard-port",
-            "node-manager-port",
-            "object-manager-port",
-            "dashboard-agent-grpc-port",
-            "dashboard-agent-listen-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-        )
-    }
+    flags = (
+        "dashboard-port",
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-grpc-port",
+        "dashboard-agent-listen-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
+    port, *others = closed_ports(1 + len(flags))
+    ports = {f"--{flag}={p}" for flag, p in zip(flags, others, strict=True)}
     log = home / "head.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
